@@ -1,0 +1,167 @@
+"""The adapter interface: one view of a model's decomposable weights, whatever its class.
+
+An adapter names every weight the way TransformerLens does (``blocks.1.attn.W_Q``, shape
+[n_heads, d_model, d_head]) and knows, for each, how to read it, how to substitute it in a
+functional forward pass (exact engine), and which activations carry its input and its
+output (fast engine). It never copies or re-wraps the user's model, and every hook it adds
+is removed before it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+TOKENS = "<tokens>"
+POSITIONS = "<positions>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One decomposable weight and how it is used: ``out = in (x) W`` summed over positions.
+
+    ``modes`` name the axes of the TransformerLens-shaped tensor. The per-sample gradient is
+    sum over positions of the product of the input activation (axes ``in_modes``) and the
+    output gradient (axes ``out_modes``); a mode in both is elementwise (LayerNorm scale).
+    ``input`` / ``output`` are capture-point keys (``TOKENS`` / ``POSITIONS`` mean a one-hot
+    of the token ids or of the positions; ``input=None`` for a bias).
+    """
+
+    name: str
+    kind: str
+    layer: Optional[int]
+    modes: tuple[str, ...]
+    shape: tuple[int, ...]
+    in_modes: tuple[str, ...] = ()
+    out_modes: tuple[str, ...] = ()
+    input: Optional[str] = None
+    output: Optional[str] = None
+
+    @property
+    def fast(self) -> bool:
+        return self.output is not None
+
+    @property
+    def is_bias(self) -> bool:
+        return self.input is None and self.output is not None
+
+
+class Adapter:
+    """Base class: a model plus its sites. Subclasses fill ``sites`` and the native maps."""
+
+    kind: str = "module"
+    is_language_model: bool = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sites: dict[str, Site] = {}
+        self._param_path: dict[str, str] = {}
+        self._to_native: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._from_native: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._capture: dict[str, tuple[nn.Module, str]] = {}
+
+    # --- description -------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return 0
+
+    @property
+    def n_heads(self) -> int:
+        return 0
+
+    @property
+    def d_mlp(self) -> int:
+        return 0
+
+    @property
+    def n_ctx(self) -> Optional[int]:
+        return None
+
+    @property
+    def d_vocab(self) -> Optional[int]:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        p = next(iter(self.model.parameters()), None)
+        return p.dtype if p is not None else torch.float32
+
+    # --- weights -----------------------------------------------------------------------
+    def native_parameter(self, name: str) -> nn.Parameter:
+        return self.model.get_parameter(self._param_path[name])
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight in TransformerLens layout (a detached tensor, not a copy where a view works)."""
+        return self._from_native[name](self.native_parameter(name).detach())
+
+    def to_native(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return self._to_native[name](value)
+
+    def functional_forward(self, overrides: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """Forward with some weights replaced by TL-layout tensors (keyed by module-tree path)."""
+        native = {self._param_path[n]: self._to_native[n](v) for n, v in overrides.items()}
+        return self._output(functional_call(self.model, native, (inputs,), strict=False, tie_weights=False))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._output(self.model(inputs))
+
+    @staticmethod
+    def _output(out: object) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        raise TypeError(f"the model returned {type(out).__name__}; l3d_lens needs a tensor of outputs (logits)")
+
+    def capture_point(self, key: str) -> tuple[nn.Module, str]:
+        """(module, "in" | "out"): the module whose first input or whose output is the activation."""
+        return self._capture[key]
+
+    def fingerprint(self, names: list[str]) -> dict[str, object]:
+        """Shapes and a SHA-256 of the decomposed weights, to check a saved result's model."""
+        h = hashlib.sha256()
+        shapes = {}
+        for n in sorted(names):
+            w = self.weight(n).detach().to("cpu").contiguous()
+            shapes[n] = list(w.shape)
+            h.update(n.encode())
+            h.update(w.to(torch.float64).numpy().tobytes())
+        return {"shapes": shapes, "sha256": h.hexdigest()}
+
+    # --- lifecycle ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Eval mode for the duration (no dropout), then every module's mode restored and
+        every hook this library added removed, even if the body raises."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    @contextlib.contextmanager
+    def forward_hooks(self, hooks: Mapping[nn.Module, Callable]) -> Iterator[None]:
+        """Attach PyTorch forward hooks (fn(module, args, output) -> output) for the body only."""
+        handles = []
+        try:
+            for module, fn in hooks.items():
+                handles.append(module.register_forward_hook(fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,173 @@
+"""Adapter for TransformerLens 3.x/4.x ``TransformerBridge`` (raw or compatibility mode).
+
+The bridge keeps weights in the wrapped modules (``blocks.i.attn.q`` as nn.Linear [out, in],
+or HF Conv1D [in, out]). This adapter exposes them in TransformerLens layout
+(``W_Q`` [n_heads, d_model, d_head], ...), converts back for functional calls, and checks
+its conversion against the bridge's own ``W_Q``-style views where the bridge has them.
+Parameters are addressed by module-tree path, never by the bridge's aliased names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .base import POSITIONS, TOKENS, Adapter, Site
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+class BridgeAdapter(Adapter):
+    kind = "transformer_bridge"
+    is_language_model = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.cfg = model.cfg
+        self._paths = {id(m): n for n, m in model.named_modules()}
+        self._hooks = model.hook_dict
+        cfg = self.cfg
+        h, dh = cfg.n_heads, cfg.d_head
+
+        self._linear_site("embed.W_E", "W_E", None, model.embed, "weight", ("d_vocab", "d_model"),
+                          ("d_vocab",), ("d_model",), TOKENS, "embed.hook_out", layout="same")
+        if hasattr(model, "pos_embed"):
+            self._linear_site("pos_embed.W_pos", "W_pos", None, model.pos_embed, "weight", ("n_ctx", "d_model"),
+                              ("n_ctx",), ("d_model",), POSITIONS, "pos_embed.hook_out", layout="same")
+        for i, block in enumerate(model.blocks):
+            b = f"blocks.{i}"
+            attn = getattr(block, "attn", None)
+            for x in "qkv":
+                comp = getattr(attn, x, None) if attn is not None else None
+                if comp is None:
+                    continue
+                X = x.upper()
+                self._linear_site(f"{b}.attn.W_{X}", f"W_{X}", i, comp, "weight", ("head", "d_model", "d_head"),
+                                  ("d_model",), ("head", "d_head"), f"{b}.attn.{x}.hook_in", f"{b}.attn.{x}.hook_out",
+                                  layout="split_out", heads=(h, dh))
+                self._linear_site(f"{b}.attn.b_{X}", f"b_{X}", i, comp, "bias", ("head", "d_head"), (),
+                                  ("head", "d_head"), None, f"{b}.attn.{x}.hook_out", layout="split_bias", heads=(h, dh))
+            o = getattr(attn, "o", None) if attn is not None else None
+            if o is not None:
+                self._linear_site(f"{b}.attn.W_O", "W_O", i, o, "weight", ("head", "d_head", "d_model"),
+                                  ("head", "d_head"), ("d_model",), f"{b}.attn.o.hook_in", f"{b}.attn.o.hook_out",
+                                  layout="split_in", heads=(h, dh))
+                self._linear_site(f"{b}.attn.b_O", "b_O", i, o, "bias", ("d_model",), (), ("d_model",), None,
+                                  f"{b}.attn.o.hook_out", layout="same")
+            mlp = getattr(block, "mlp", None)
+            for attr, tl, modes in (("in", "W_in", ("d_model", "d_mlp")), ("gate", "W_gate", ("d_model", "d_mlp")),
+                                    ("out", "W_out", ("d_mlp", "d_model"))):
+                comp = getattr(mlp, attr, None) if mlp is not None else None
+                if comp is None or not isinstance(comp, nn.Module):
+                    continue
+                self._linear_site(f"{b}.mlp.{tl}", tl, i, comp, "weight", modes, modes[:1], modes[1:],
+                                  f"{b}.mlp.{attr}.hook_in", f"{b}.mlp.{attr}.hook_out", layout="linear")
+                bias_tl = "b_" + tl[2:]
+                self._linear_site(f"{b}.mlp.{bias_tl}", bias_tl, i, comp, "bias", modes[1:], (), modes[1:], None,
+                                  f"{b}.mlp.{attr}.hook_out", layout="same")
+            for ln in ("ln1", "ln2"):
+                comp = getattr(block, ln, None)
+                if comp is not None:
+                    self._norm_sites(f"{b}.{ln}", i, comp)
+        if hasattr(model, "ln_final"):
+            self._norm_sites("ln_final", None, model.ln_final)
+        self._linear_site("unembed.W_U", "W_U", None, model.unembed, "weight", ("d_model", "d_vocab"),
+                          ("d_model",), ("d_vocab",), "unembed.hook_in", "unembed.hook_out", layout="linear")
+        self._linear_site("unembed.b_U", "b_U", None, model.unembed, "bias", ("d_vocab",), (), ("d_vocab",), None,
+                          "unembed.hook_out", layout="same")
+        self._check_against_bridge_views()
+
+    # --- construction helpers ------------------------------------------------------------
+    def _native(self, comp: nn.Module) -> nn.Module:
+        return getattr(comp, "original_component", None) or getattr(comp, "_original_component", None) or comp
+
+    def _linear_site(self, name, kind, layer, comp, attr, modes, in_modes, out_modes, input, output, layout,
+                     heads: Optional[tuple[int, int]] = None):
+        native = self._native(comp)
+        param = getattr(native, attr, None)
+        if not isinstance(param, nn.Parameter):
+            return
+        conv = _is_conv1d(native)
+        to_tl, to_nat = _layout(layout, conv, heads)
+        shape = tuple(to_tl(param.detach()).shape)
+        fast = all(k in (None, TOKENS, POSITIONS) or k in self._hooks for k in (input, output))
+        self.sites[name] = Site(name, kind, layer, modes, shape, in_modes, out_modes,
+                                input if fast else None, output if fast else None)
+        self._param_path[name] = f"{self._paths[id(native)]}.{attr}"
+        self._from_native[name] = to_tl
+        self._to_native[name] = to_nat
+        if fast:
+            for key in (input, output):
+                if key not in (None, TOKENS, POSITIONS):
+                    self._capture[key] = (self._hooks[key], "out")
+
+    def _norm_sites(self, prefix: str, layer: Optional[int], comp: nn.Module) -> None:
+        normalized = f"{prefix}.hook_normalized"
+        self._linear_site(f"{prefix}.w", "ln_w", layer, comp, "weight", ("d_model",), ("d_model",), ("d_model",),
+                          normalized, f"{prefix}.hook_out", layout="same")
+        self._linear_site(f"{prefix}.b", "ln_b", layer, comp, "bias", ("d_model",), (), ("d_model",), None,
+                          f"{prefix}.hook_out", layout="same")
+
+    def _check_against_bridge_views(self) -> None:
+        """Compare our layout conversion with the bridge's own W_Q/W_O/W_in views."""
+        for name, site in self.sites.items():
+            if site.layer is None or site.kind not in ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"):
+                continue
+            parent = self.model.blocks[site.layer].attn if site.kind.startswith("W_") and site.kind[2] in "QKVO" \
+                else self.model.blocks[site.layer].mlp
+            try:
+                view = getattr(parent, site.kind)
+            except Exception:
+                continue
+            if isinstance(view, torch.Tensor) and view.shape == self.weight(name).shape:
+                if not torch.equal(view.detach(), self.weight(name)):
+                    raise RuntimeError(f"l3d_lens: layout conversion of {name} disagrees with the bridge's own view")
+
+    # --- description -----------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.cfg.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        return getattr(self.cfg, "d_mlp", 0) or 0
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cfg.n_ctx
+
+    @property
+    def d_vocab(self) -> int:
+        return self.cfg.d_vocab
+
+
+def _layout(layout: str, conv: bool, heads: Optional[tuple[int, int]]) -> tuple[Callable, Callable]:
+    """(native -> TL, TL -> native) for one parameter; ``conv``: HF Conv1D stores [in, out]."""
+    if layout == "same":
+        return (lambda t: t), (lambda t: t)
+    if layout == "linear":  # TL [in, out]; Linear [out, in]
+        if conv:
+            return (lambda t: t), (lambda t: t)
+        return (lambda t: t.T), (lambda t: t.T)
+    h, dh = heads
+    if layout == "split_bias":  # TL [h, d_head]; native [h*d_head]
+        return (lambda t: t.reshape(h, dh)), (lambda t: t.reshape(h * dh))
+    if layout == "split_out":  # TL [h, d_model, d_head]; Linear [h*d_head, d_model]
+        if conv:
+            return (lambda t: t.reshape(t.shape[0], h, dh).permute(1, 0, 2)), \
+                (lambda t: t.permute(1, 0, 2).reshape(t.shape[1], h * dh))
+        return (lambda t: t.reshape(h, dh, t.shape[-1]).permute(0, 2, 1)), \
+            (lambda t: t.permute(0, 2, 1).reshape(h * dh, t.shape[1]))
+    if layout == "split_in":  # TL [h, d_head, d_model]; Linear [d_model, h*d_head]
+        if conv:
+            return (lambda t: t.reshape(h, dh, t.shape[-1])), (lambda t: t.reshape(h * dh, t.shape[-1]))
+        return (lambda t: t.T.reshape(h, dh, t.shape[0])), (lambda t: t.reshape(h * dh, t.shape[-1]).T)
+    raise ValueError(layout)

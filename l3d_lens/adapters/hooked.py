@@ -1,0 +1,88 @@
+"""Adapter for TransformerLens 2.x/3.x ``HookedTransformer``: its Parameters already are the
+TransformerLens-layout weights, so names map one to one and no layout change is needed."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import POSITIONS, TOKENS, Adapter, Site
+
+
+def _identity(t):
+    return t
+
+
+class HookedAdapter(Adapter):
+    kind = "hooked_transformer"
+    is_language_model = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.cfg
+        self.cfg = cfg
+        params = dict(model.named_parameters())
+        fast_qkv = not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
+
+        def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True):
+            if name not in params:
+                return
+            shape = tuple(params[name].shape)
+            self.sites[name] = Site(name, kind, layer, modes, shape, in_modes, out_modes,
+                                    input if fast else None, output if fast else None)
+            self._param_path[name] = name
+            self._to_native[name] = _identity
+            self._from_native[name] = _identity
+            for key in (input, output):
+                if fast and key is not None and key not in (TOKENS, POSITIONS):
+                    self._capture[key] = (model.get_submodule(key), "out")
+
+        add("embed.W_E", "W_E", None, ("d_vocab", "d_model"), ("d_vocab",), ("d_model",), TOKENS, "hook_embed")
+        add("pos_embed.W_pos", "W_pos", None, ("n_ctx", "d_model"), ("n_ctx",), ("d_model",), POSITIONS, "hook_pos_embed")
+        for i in range(cfg.n_layers):
+            b = f"blocks.{i}"
+            for ln, out in (("ln1", f"{b}.ln1"), ("ln2", f"{b}.ln2")):
+                add(f"{b}.{ln}.w", "ln_w", i, ("d_model",), ("d_model",), ("d_model",), f"{b}.{ln}.hook_normalized", out)
+                add(f"{b}.{ln}.b", "ln_b", i, ("d_model",), (), ("d_model",), None, out)
+            for x in "QKV":
+                hook = f"{b}.attn.hook_{x.lower()}"
+                add(f"{b}.attn.W_{x}", f"W_{x}", i, ("head", "d_model", "d_head"), ("d_model",), ("head", "d_head"),
+                    f"{b}.ln1", hook, fast_qkv)
+                add(f"{b}.attn.b_{x}", f"b_{x}", i, ("head", "d_head"), (), ("head", "d_head"), None, hook)
+            add(f"{b}.attn.W_O", "W_O", i, ("head", "d_head", "d_model"), ("head", "d_head"), ("d_model",),
+                f"{b}.attn.hook_z", f"{b}.hook_attn_out")
+            add(f"{b}.attn.b_O", "b_O", i, ("d_model",), (), ("d_model",), None, f"{b}.hook_attn_out")
+            gated = getattr(cfg, "gated_mlp", False)
+            add(f"{b}.mlp.W_in", "W_in", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.ln2",
+                f"{b}.mlp.hook_pre_linear" if gated else f"{b}.mlp.hook_pre")
+            add(f"{b}.mlp.W_gate", "W_gate", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.ln2",
+                f"{b}.mlp.hook_pre")
+            add(f"{b}.mlp.b_in", "b_in", i, ("d_mlp",), (), ("d_mlp",), None,
+                f"{b}.mlp.hook_pre_linear" if gated else f"{b}.mlp.hook_pre")
+            add(f"{b}.mlp.W_out", "W_out", i, ("d_mlp", "d_model"), ("d_mlp",), ("d_model",), f"{b}.mlp.hook_post",
+                f"{b}.hook_mlp_out")
+            add(f"{b}.mlp.b_out", "b_out", i, ("d_model",), (), ("d_model",), None, f"{b}.hook_mlp_out")
+        add("ln_final.w", "ln_w", None, ("d_model",), ("d_model",), ("d_model",), "ln_final.hook_normalized", "ln_final")
+        add("ln_final.b", "ln_b", None, ("d_model",), (), ("d_model",), None, "ln_final")
+        add("unembed.W_U", "W_U", None, ("d_model", "d_vocab"), ("d_model",), ("d_vocab",), "unembed.hook_in",
+            "unembed.hook_out")
+        add("unembed.b_U", "b_U", None, ("d_vocab",), (), ("d_vocab",), None, "unembed.hook_out")
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.cfg.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        return self.cfg.d_mlp or 0
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cfg.n_ctx
+
+    @property
+    def d_vocab(self) -> int:
+        return self.cfg.d_vocab

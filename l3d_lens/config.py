@@ -1,0 +1,163 @@
+"""L3DConfig: every setting of one decomposition, frozen and validated on construction.
+
+The defaults follow the paper's language-model setting (token samples, a random other
+sample as reference, KL divergence, k = 0.1) except where marked "auto", which resolves
+against the model at ``decompose`` time (language model vs. plain regression module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+
+Rank = Union[int, float, Mapping[str, Union[int, float, Sequence[int]]]]
+
+DIVERGENCES = ("auto", "kl", "mse")
+SAMPLES = ("auto", "token", "sequence")
+REFERENCES = ("random", "mean", "uniform", "paired")
+ENGINES = ("fast", "exact")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class L3DConfig:
+    """Settings of an L3D decomposition.
+
+    components: TransformerLens-style selectors ("blocks.3.attn", "blocks.*.mlp",
+        "blocks.1.attn.W_Q", "blocks.0.attn[0,2]" for heads, "blocks.0.mlp[0:64]" for
+        neurons, "embed", "unembed"); for a plain nn.Module, parameter-name patterns.
+    rank: Tucker rank per mode: an int (clipped to each mode's size), a fraction of each
+        mode's size in (0, 1), or a dict weight-name -> int | fraction | tuple per mode.
+    top_k: fraction of the batch's (sample, subnetwork) coefficients kept; 1.0 keeps all.
+    sample: "token" (every sequence position is a sample, the paper's setting),
+        "sequence" (one sample per sequence, the divergence at ``position``), or "auto".
+    position: for sample="sequence": an int position or "all" (sum over positions).
+    reference: "random" (another sample of the batch), "mean", "uniform", or "paired"
+        (reference data passed to ``decompose``: contrastive pairs).
+    """
+
+    components: Union[str, Sequence[str]]
+    n_subnetworks: int = 20
+    rank: Rank = 0.1
+    top_k: float = 0.1
+    divergence: Union[str, Callable[..., torch.Tensor]] = "auto"
+    sample: str = "auto"
+    position: Union[int, str] = -1
+    reference: str = "random"
+    include_biases: bool = True
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    lr_decay: float = 0.8
+    lr_step: int = 10
+    seed: int = 0
+    device: Union[str, None] = None
+    dtype: str = "float32"
+    engine: str = "fast"
+
+    def __post_init__(self) -> None:
+        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
+        if not comps or not all(isinstance(c, str) and c.strip() for c in comps):
+            raise ValueError(
+                "components must be a non-empty selector or list of selectors, e.g. "
+                "'blocks.0.attn', ['blocks.*.mlp', 'blocks.1.attn.W_Q'], 'blocks.0.attn[0,2]'"
+            )
+        object.__setattr__(self, "components", comps)
+        if isinstance(self.rank, Mapping):
+            object.__setattr__(self, "rank", dict(self.rank))
+        if isinstance(self.dtype, torch.dtype):
+            inverse = {v: k for k, v in DTYPES.items()}
+            _choice("dtype", self.dtype, list(DTYPES.values()))
+            object.__setattr__(self, "dtype", inverse[self.dtype])
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.n_subnetworks, int) or self.n_subnetworks < 1:
+            raise ValueError(f"n_subnetworks must be an int >= 1, got {self.n_subnetworks!r}")
+        if not isinstance(self.top_k, (int, float)) or not 0 < self.top_k <= 1:
+            raise ValueError(f"top_k must be a fraction in (0, 1] (1.0 keeps every coefficient), got {self.top_k!r}")
+        _check_rank(self.rank)
+        if not callable(self.divergence):
+            _choice("divergence", self.divergence, DIVERGENCES + ("<a callable (output, reference) -> per-sample tensor>",))
+        _choice("sample", self.sample, SAMPLES)
+        if not (isinstance(self.position, int) and not isinstance(self.position, bool)) and self.position != "all":
+            raise ValueError(f"position must be an int (e.g. -1 for the last token) or 'all', got {self.position!r}")
+        _choice("reference", self.reference, REFERENCES)
+        _choice("engine", self.engine, ENGINES)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        for name in ("epochs", "batch_size", "lr_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes: Any) -> "L3DConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; a callable divergence is stored by its qualified name."""
+        d = dataclasses.asdict(self)
+        d["components"] = list(self.components)
+        if callable(self.divergence):
+            d["divergence"] = "callable:" + getattr(self.divergence, "__qualname__", repr(self.divergence))
+        if isinstance(self.rank, dict):
+            d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], divergence: Union[Callable, None] = None) -> "L3DConfig":
+        d = dict(d)
+        if isinstance(d.get("divergence"), str) and d["divergence"].startswith("callable:"):
+            if divergence is None:
+                raise ValueError(
+                    f"this decomposition used a custom divergence ({d['divergence'][9:]}); pass it again as divergence="
+                )
+            d["divergence"] = divergence
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(known)}")
+        return cls(**d)
+
+
+def _check_rank(rank: Rank) -> None:
+    def one(r: Any, where: str) -> None:
+        if isinstance(r, bool):
+            raise ValueError(f"rank{where} must be an int >= 1, a fraction in (0, 1) or a tuple per mode, got {r!r}")
+        if isinstance(r, int):
+            if r < 1:
+                raise ValueError(f"rank{where} must be >= 1, got {r}")
+        elif isinstance(r, float):
+            if not 0 < r < 1:
+                raise ValueError(f"rank{where} as a fraction must be in (0, 1), got {r}; use an int for absolute ranks")
+        elif isinstance(r, (list, tuple)) and where:
+            if not r or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in r):
+                raise ValueError(f"rank{where} as a tuple must list one int >= 1 per mode, got {r!r}")
+        else:
+            raise ValueError(f"rank{where} must be an int >= 1, a fraction in (0, 1) or (per weight) a tuple, got {r!r}")
+
+    if isinstance(rank, dict):
+        if not rank:
+            raise ValueError("rank as a dict must name at least one weight (use 'default' for the rest)")
+        for k, v in rank.items():
+            one(v, f"[{k!r}]")
+    else:
+        one(rank, "")

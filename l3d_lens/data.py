@@ -1,0 +1,93 @@
+"""Input data: validation (before any expensive work) and batching.
+
+Data is a tensor (token ids [n, seq] for a language model, floats [n, ...] for a plain
+module) or a re-iterable of such batches; with ``reference='paired'``, a tensor of the same
+shape (or batches of (data, reference) pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Optional, Union
+
+import torch
+
+from .adapters import Adapter
+
+Data = Union[torch.Tensor, Iterable]
+
+
+def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor (or an iterable of tensors), got {type(x).__name__}")
+    if x.numel() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)})")
+    if adapter.is_language_model:
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"{what} must hold token ids (an integer tensor [n, seq]), got dtype {x.dtype}; "
+                            f"tokenize text first, e.g. model.to_tokens(...)")
+        if x.dim() != 2:
+            raise ValueError(f"{what} must be token ids of shape [n, seq], got shape {tuple(x.shape)}")
+        if adapter.n_ctx is not None and x.shape[1] > adapter.n_ctx:
+            raise ValueError(f"{what} has sequences of length {x.shape[1]}, longer than the model's n_ctx={adapter.n_ctx}")
+        if adapter.d_vocab is not None and (x.min() < 0 or x.max() >= adapter.d_vocab):
+            raise ValueError(f"{what} holds token ids outside [0, {adapter.d_vocab}) (d_vocab of the model)")
+        return x.long()
+    if not x.is_floating_point():
+        raise TypeError(f"{what} for a non-language model must be a float tensor [n, ...], got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{what} must have a sample axis and a feature axis [n, d], got shape {tuple(x.shape)}")
+    return x
+
+
+def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_mode: bool) -> None:
+    """Validate data (and reference data) up front; for iterables, the first batch."""
+    if paired_mode and reference is None and isinstance(data, torch.Tensor):
+        raise ValueError("reference='paired' needs reference data: decompose(model, data, cfg, reference=<tensor like data>)")
+    if reference is not None and not paired_mode:
+        raise ValueError("reference data was given but cfg.reference is not 'paired'; set reference='paired'")
+    if isinstance(data, torch.Tensor):
+        check_batch(adapter, data)
+        if reference is not None:
+            ref = check_batch(adapter, reference, "reference")
+            if ref.shape != data.shape:
+                raise ValueError(f"reference has shape {tuple(ref.shape)}, data has {tuple(data.shape)}; they must match")
+        return
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"data must be a tensor or an iterable of tensor batches, got {type(data).__name__}")
+    if iter(data) is data:
+        raise TypeError("data is a one-shot iterator; pass a list or another re-iterable of batches (training makes "
+                        "several passes)")
+    first = next(iter(data), None)
+    if first is None:
+        raise ValueError("data is empty (the iterable yields no batch)")
+    if paired_mode:
+        if not (isinstance(first, (tuple, list)) and len(first) == 2):
+            raise TypeError("with reference='paired', an iterable must yield (data, reference) pairs")
+        check_batch(adapter, first[0])
+        check_batch(adapter, first[1], "reference")
+    else:
+        check_batch(adapter, first)
+
+
+def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,
+            generator: Optional[torch.Generator], min_batch: int = 1) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(inputs, paired reference or None) per batch; tensors are shuffled when a generator is given.
+    A last batch smaller than ``min_batch`` joins the one before."""
+    if isinstance(data, torch.Tensor):
+        n = data.shape[0]
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        starts = list(range(0, n, batch_size))
+        if len(starts) > 1 and n - starts[-1] < min_batch:
+            starts.pop()
+        for i, a in enumerate(starts):
+            b = starts[i + 1] if i + 1 < len(starts) else n
+            idx = order[a:b]
+            x = check_batch(adapter, data[idx])
+            yield x, (check_batch(adapter, reference[idx], "reference") if reference is not None else None)
+        return
+    for item in data:
+        if reference is None and isinstance(item, (tuple, list)) and len(item) == 2:
+            yield check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
+        else:
+            yield check_batch(adapter, item), None

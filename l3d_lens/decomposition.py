@@ -1,0 +1,167 @@
+"""``decompose`` (the entry point) and ``Decomposition`` (the thin stateful shell around the
+learned factors: read subnetworks, compute coefficients and errors on new data, save)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import nn
+
+from .adapters import Adapter, make_adapter
+from .config import L3DConfig
+from .data import Data, batches, check_data
+from .engine import batch_stats
+from .objective import sample_errors, topk_mask
+from .selection import select
+from .subnetworks import Factors, dense, gram, resolve_ranks
+from .task import Task
+
+
+def resolve_config(adapter: Adapter, cfg: L3DConfig) -> L3DConfig:
+    """Fill in "auto" fields for this model and reject settings it cannot use."""
+    if not isinstance(cfg, L3DConfig):
+        raise TypeError(f"cfg must be an l3d_lens.L3DConfig, got {type(cfg).__name__}")
+    lm = adapter.is_language_model
+    sample = cfg.sample if cfg.sample != "auto" else ("token" if lm else "sequence")
+    divergence = cfg.divergence if cfg.divergence != "auto" else ("kl" if lm else "mse")
+    if not lm and sample == "token":
+        raise ValueError("sample='token' needs a language model; for a plain module every row is a sample "
+                         "(use sample='sequence' or 'auto')")
+    return cfg.replace(sample=sample, divergence=divergence)
+
+
+def build_task(model: nn.Module, cfg: L3DConfig) -> Task:
+    adapter = make_adapter(model)
+    cfg = resolve_config(adapter, cfg)
+    selected = select(adapter, tuple(cfg.components), cfg.include_biases)
+    resolve_ranks(selected, cfg.rank)
+    if cfg.engine == "fast":
+        slow = [s.name for s in selected if not s.site.fast]
+        if slow:
+            raise ValueError(f"engine='fast' cannot decompose {slow}: their input/output activations are not "
+                             f"exposed by this model; use engine='exact' or leave them out")
+    return Task(adapter, selected, cfg)
+
+
+def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Optional[Data] = None,
+              progress: bool = True) -> "Decomposition":
+    """Learn ``cfg.n_subnetworks`` low-rank subnetworks of the selected weights of ``model``
+    whose few active ones reconstruct each sample's gradient of divergence from its reference.
+
+    data: token ids [n, seq] (language model), floats [n, ...] (plain module), or a
+    re-iterable of batches. reference: paired reference data for ``cfg.reference='paired'``.
+    The model is left exactly as it was: same weights, same mode, no hooks.
+    """
+    from .training import train
+
+    task = build_task(model, cfg)
+    check_data(task.adapter, data, reference, task.cfg.reference == "paired")
+    factors, history = train(task, data, reference, progress)
+    return Decomposition(task, factors, history)
+
+
+class Decomposition:
+    """The result of ``decompose``: subnetworks of the selected weights and how they were found."""
+
+    def __init__(self, task: Task, factors: Factors, history: list[dict[str, Any]]):
+        self._task = task
+        self._factors = factors
+        self.history = history
+
+    @property
+    def cfg(self) -> L3DConfig:
+        return self._task.cfg
+
+    @property
+    def model(self) -> nn.Module:
+        return self._task.adapter.model
+
+    @property
+    def adapter(self) -> Adapter:
+        return self._task.adapter
+
+    @property
+    def weight_names(self) -> list[str]:
+        return [s.name for s in self._task.selected]
+
+    @property
+    def factors(self) -> Factors:
+        """The raw Tucker factors ("in|out/<weight>/core|U<m>"), read-only use."""
+        return self._factors
+
+    @property
+    def n_subnetworks(self) -> int:
+        return self.cfg.n_subnetworks
+
+    def _dense(self, side: str) -> dict[str, torch.Tensor]:
+        return {s.name: s.scatter(dense(self._factors, side, s), offset=1) for s in self._task.selected}
+
+    def subnetworks(self) -> dict[str, Float[torch.Tensor, "k ..."]]:
+        """V_out per weight, [n_subnetworks, *weight shape] in TransformerLens layout; each
+        subnetwork has unit norm over all weights together (zero outside a head/neuron slice)."""
+        return self._dense("out")
+
+    def encoders(self) -> dict[str, Float[torch.Tensor, "k ..."]]:
+        """V_in per weight, same shapes as ``subnetworks()``."""
+        return self._dense("in")
+
+    @property
+    def fraction_active(self) -> Float[torch.Tensor, " k"]:
+        """P_act per subnetwork over the last training epoch."""
+        return torch.tensor(self.history[-1]["p_act"]) if self.history else torch.zeros(self.n_subnetworks)
+
+    def _stats(self, data: Data, reference: Optional[Data], seed: Optional[int]):
+        task = self._task
+        paired = task.cfg.reference == "paired"
+        check_data(task.adapter, data, reference, paired)
+        gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
+        min_batch = 1 if task.token_mode or task.cfg.reference != "random" else 2
+        with torch.no_grad():
+            for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, min_batch):
+                x = x.to(task.adapter.device)
+                ref = ref.to(task.adapter.device) if ref is not None else None
+                yield batch_stats(task, self._factors, x, gen, ref)
+
+    def coefficients(self, data: Data, reference: Optional[Data] = None, *,
+                     seed: Optional[int] = None) -> Float[torch.Tensor, "n_samples k"]:
+        """V_in . g per sample, [n_samples, n_subnetworks] (token mode: sequence-major
+        (sequence, position) samples). References are drawn from ``seed`` (default cfg.seed)
+        unless paired ``reference`` data is given, which makes the result deterministic."""
+        return torch.cat([st.A for st in self._stats(data, reference, seed)])
+
+    def gradient_norms(self, data: Data, reference: Optional[Data] = None, *, seed: Optional[int] = None) -> torch.Tensor:
+        """||g_i||^2 per sample, as used by the loss."""
+        return torch.cat([st.gsq for st in self._stats(data, reference, seed)])
+
+    def reconstruction_error(self, data: Data, reference: Optional[Data] = None, *, seed: Optional[int] = None,
+                             top_k: Optional[float] = None) -> float:
+        """sum_i ||g_i - V_out c_i||^2 / sum_i ||g_i||^2 with batch top-k as in training."""
+        k = self.cfg.top_k if top_k is None else top_k
+        G = gram(self._factors, self._task.selected)
+        num = den = 0.0
+        for st in self._stats(data, reference, seed):
+            num += sample_errors(st.A, st.B, st.gsq, G, topk_mask(st.A, k)).sum().item()
+            den += st.gsq.sum().item()
+        return num / den
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:  # noqa: F821
+        """Write ``path/`` with factors.safetensors and decomposition.json (no pickles)."""
+        from .io import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module, *, divergence=None, check_weights: bool = True) -> "Decomposition":
+        """Load a saved decomposition onto ``model``; fails clearly if its weights' shapes (or,
+        with check_weights, values) differ from those it was computed on."""
+        from .io import load
+
+        return load(path, model, divergence=divergence, check_weights=check_weights)
+
+    def __repr__(self) -> str:
+        last = self.history[-1] if self.history else {}
+        return (f"Decomposition({self.n_subnetworks} subnetworks of {len(self.weight_names)} weights, "
+                f"sample={self.cfg.sample!r}, loss={last.get('loss', float('nan')):.4f}, "
+                f"dead={last.get('n_dead', '?')})")

@@ -1,0 +1,103 @@
+"""Fast engine, capture half: one batched forward and one backward give, for every decomposed
+weight, its input activations and the per-sample gradients at its output.
+
+For a weight used as ``out_t = in_t (x) W`` the per-sample gradient is
+``sum_t in_t (x) dout_t``, so these two tensors determine everything L3D needs without ever
+materialising a per-sample gradient. Sequence mode: one backward of sum_i D_i (samples are
+independent sequences). Token mode: one backward per target position, batched with
+``is_grads_batched`` (autograd only walks the graph above the lowest decomposed weight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ..adapters import POSITIONS, TOKENS
+from ..task import Task
+
+
+@dataclasses.dataclass
+class Captured:
+    """Per batch: inputs[key] [n, pos, ...] and douts[key] [n, (target,) pos, ...]."""
+
+    inputs: dict[str, torch.Tensor]
+    douts: dict[str, torch.Tensor]
+    tokens: Optional[torch.Tensor]
+    divergence: torch.Tensor
+
+
+def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generator],
+            paired: Optional[torch.Tensor] = None) -> Captured:
+    adapter = task.adapter
+    sites = [s.site for s in task.selected]
+    slow = [s.name for s in sites if not s.fast]
+    if slow:
+        raise ValueError(f"engine='fast' cannot decompose {slow} (their input/output activations are not exposed); "
+                         f"use engine='exact' or leave them out")
+    in_keys = {s.input for s in sites if s.input not in (None, TOKENS, POSITIONS)}
+    out_keys = {s.output for s in sites}
+    store_in: dict[str, torch.Tensor] = {}
+    store_out: dict[str, list[torch.Tensor]] = {}
+    hooks = {}
+    by_module: dict[int, list[tuple[str, str]]] = {}
+    modules = {}
+    for key in in_keys | out_keys:
+        module, role = adapter.capture_point(key)
+        by_module.setdefault(id(module), []).append((key, role))
+        modules[id(module)] = module
+
+    def make_hook(entries):
+        def hook(module, args, output):
+            for key, role in entries:
+                if role == "in" and key not in store_in:
+                    store_in[key] = args[0].detach()
+            if any(role == "out" and key in out_keys for key, role in entries) and not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            for key, role in entries:
+                if role == "out":
+                    if key in in_keys and key not in store_in:
+                        store_in[key] = output.detach()
+                    if key in out_keys:
+                        store_out.setdefault(key, []).append(output)
+            return output
+        return hook
+
+    for mid, entries in by_module.items():
+        hooks[modules[mid]] = make_hook(entries)
+
+    with adapter.session(), torch.enable_grad():
+        paired_outputs = None
+        if paired is not None:
+            with torch.no_grad():
+                paired_outputs = adapter.forward(paired)
+        with adapter.forward_hooks(hooks):
+            outputs = adapter.forward(inputs)
+        missing = sorted((in_keys - store_in.keys()) | (out_keys - store_out.keys()))
+        if missing:
+            raise RuntimeError(f"capture points {missing} did not fire during the forward pass; use engine='exact'")
+        refs = task.references(outputs, generator, paired_outputs)
+        d = task.divergence(task.view(outputs), refs)
+        keys = sorted(out_keys)
+        tensors = [t for k in keys for t in store_out[k]]
+        if task.token_mode:
+            n, t = d.shape
+            eye = torch.eye(t, dtype=d.dtype, device=d.device)
+            cot = eye[:, None, :].expand(t, n, t)
+            grads = torch.autograd.grad(d, tensors, grad_outputs=cot, is_grads_batched=True, allow_unused=True)
+            grads = [torch.zeros((t, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+                     for g, x in zip(grads, tensors)]
+            grads = [g.movedim(0, 1) for g in grads]
+        else:
+            grads = torch.autograd.grad(d.sum(), tensors, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, tensors)]
+    # a module called several times on the same activation (TL 3.x applies ln1 once each for
+    # q, k and v) gets the sum of the gradients at its outputs
+    douts, i = {}, 0
+    for k in keys:
+        parts = grads[i: i + len(store_out[k])]
+        i += len(parts)
+        douts[k] = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    return Captured(store_in, douts, inputs if adapter.is_language_model else None, d.detach())

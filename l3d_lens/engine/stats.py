@@ -1,0 +1,116 @@
+"""What L3D's loss needs from a batch, as functions of the factors (differentiable):
+
+- ``A`` [S, K]: coefficients V_in[k] . g_i
+- ``B`` [S, K]: V_out[k] . g_i
+- ``gsq`` [S]: ||g_i||^2
+
+``from_captured`` contracts Tucker factors directly with captured inputs and output
+gradients (the fast engine, opt_einsum picks per weight between a position Gram and
+materialising); ``from_gradients`` uses materialised per-sample gradients (the exact engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from jaxtyping import Float
+
+from ..adapters import POSITIONS, TOKENS
+from ..selection import Selected
+from ..subnetworks import Factors, _letters, contract, dense, factors_of
+from ..task import Task
+from .fast import Captured
+
+
+@dataclasses.dataclass
+class Stats:
+    A: Float[torch.Tensor, "s k"]
+    B: Float[torch.Tensor, "s k"]
+    gsq: Float[torch.Tensor, " s"]
+
+
+def _stacked(f: Factors, s: Selected) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    core_in, us_in = factors_of(f, "in", s)
+    core_out, us_out = factors_of(f, "out", s)
+    return torch.cat([core_in, core_out]), [torch.cat([a, b]) for a, b in zip(us_in, us_out)]
+
+
+def _sizes(s: Selected, modes: tuple[str, ...]) -> list[int]:
+    return [s.site.shape[s.site.modes.index(m)] for m in modes]
+
+
+def site_terms(task: Task, s: Selected, cap: Captured, dtype: torch.dtype):
+    """Per weight: the activation operands with their einsum labels, and the one-hot input kind."""
+    site = s.site
+    big, _ = _letters(len(site.modes))
+    label = dict(zip(site.modes, big))
+    token = task.token_mode
+    y = cap.douts[site.output].to(dtype)
+    n = y.shape[0]
+    y = y.reshape(n, *((y.shape[1],) if token else ()), -1, *_sizes(s, site.out_modes))
+    x = None
+    if site.input not in (None, TOKENS, POSITIONS):
+        x = cap.inputs[site.input].to(dtype)
+        x = x.reshape(n, -1, *_sizes(s, site.in_modes))
+    sl = s.mode_slice
+    if sl is not None:
+        mode, idx = sl
+        if mode in site.out_modes:
+            y = y.index_select(y.dim() - len(site.out_modes) + site.out_modes.index(mode), idx.to(y.device))
+        if x is not None and mode in site.in_modes:
+            x = x.index_select(2 + site.in_modes.index(mode), idx.to(x.device))
+    u = "u" if token else ""
+    x_lab = "".join(label[m] for m in site.in_modes)
+    y_lab = "".join(label[m] for m in site.out_modes)
+    return x, y, x_lab, y_lab, u
+
+
+def from_captured(task: Task, f: Factors, cap: Captured) -> Stats:
+    K = next(iter(f.values())).shape[0]
+    dtype = next(iter(f.values())).dtype
+    coef = 0.0
+    gsq = 0.0
+    for s in task.selected:
+        site = s.site
+        x, y, x_lab, y_lab, u = site_terms(task, s, cap, dtype)
+        core, us = _stacked(f, s)
+        big, small = _letters(len(us))
+        ops, terms = [], []
+        sq_ops, sq_terms = [y, y], [f"n{u}s{y_lab}", f"n{u}S{y_lab}"]
+        if x is not None:
+            ops.append(x), terms.append(f"ns{x_lab}")
+            sq_ops += [x, x]
+            sq_terms += [f"ns{x_lab}", f"nS{x_lab}"]
+        ops.append(y), terms.append(f"n{u}s{y_lab}")
+        ops.append(core), terms.append("k" + small)
+        for m, (b, r) in enumerate(zip(big, small)):
+            um = us[m]
+            if m == 0 and site.input == TOKENS:
+                ops.append(um[:, cap.tokens]), terms.append(f"kns{r}")
+            elif m == 0 and site.input == POSITIONS:
+                ops.append(um[:, : y.shape[2 if u else 1]]), terms.append(f"ks{r}")
+            else:
+                ops.append(um), terms.append(f"k{b}{r}")
+        if site.input == TOKENS:
+            tok = cap.tokens
+            sq_ops.append((tok[:, :, None] == tok[:, None, :]).to(dtype)), sq_terms.append("nsS")
+        elif site.input == POSITIONS:
+            t = y.shape[2 if u else 1]
+            sq_ops.append(torch.eye(t, dtype=dtype, device=y.device)), sq_terms.append("sS")
+        coef = coef + contract(",".join(terms) + f"->n{u}k", *ops)
+        gsq = gsq + contract(",".join(sq_terms) + f"->n{u}", *sq_ops)
+    coef = coef.reshape(-1, 2 * K)
+    return Stats(coef[:, :K], coef[:, K:], gsq.reshape(-1))
+
+
+def from_gradients(task: Task, f: Factors, grads: dict[str, torch.Tensor]) -> Stats:
+    A = B = gsq = 0.0
+    for s in task.selected:
+        g = grads[s.name].to(next(iter(f.values())).dtype)
+        big, _ = _letters(g.dim() - 1)
+        eq = f"S{big},k{big}->Sk"
+        A = A + contract(eq, g, dense(f, "in", s))
+        B = B + contract(eq, g, dense(f, "out", s))
+        gsq = gsq + g.reshape(g.shape[0], -1).pow(2).sum(-1)
+    return Stats(A, B, gsq)

@@ -1,0 +1,33 @@
+"""L3D's objective: batch top-k on the coefficients, then the normalised L2 error of
+reconstructing each sample's gradient from the kept coefficients,
+sum_i ||g_i - V_out c_i||^2 / sum_i ||g_i||^2, expanded so that no g_i is ever needed:
+||g||^2 - 2 c.(V_out^T g) + c^T (V_out^T V_out) c.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+
+
+def topk_mask(coef: Float[torch.Tensor, "s k"], top_k: float) -> Bool[torch.Tensor, "s k"]:
+    """Keep the top_k fraction of |coefficients| over the whole batch and all subnetworks."""
+    numel = coef.numel()
+    keep = numel if top_k >= 1 else max(1, int(round(top_k * numel)))
+    if keep >= numel:
+        return torch.ones_like(coef, dtype=torch.bool)
+    idx = coef.detach().abs().flatten().topk(keep).indices
+    return torch.zeros(numel, dtype=torch.bool, device=coef.device).index_fill_(0, idx, True).view_as(coef)
+
+
+def sample_errors(A: Float[torch.Tensor, "s k"], B: Float[torch.Tensor, "s k"], gsq: Float[torch.Tensor, " s"],
+                  G: Float[torch.Tensor, "k k"], mask: Bool[torch.Tensor, "s k"]) -> Float[torch.Tensor, " s"]:
+    """||g_i - V_out c_i||^2 per sample, with c = A masked."""
+    c = A * mask
+    return gsq - 2 * (c * B).sum(-1) + ((c @ G) * c).sum(-1)
+
+
+def l3d_loss(A, B, gsq, G, top_k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised reconstruction loss, top-k mask)."""
+    mask = topk_mask(A, top_k)
+    return sample_errors(A, B, gsq, G, mask).sum() / gsq.sum(), mask

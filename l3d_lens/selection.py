@@ -1,0 +1,151 @@
+"""Component selection: TransformerLens-style selectors -> the weights (or head/neuron slices)
+to decompose.
+
+Grammar: a glob over TransformerLens weight names, matching a weight or any weight under a
+prefix (``blocks.3`` = the whole block, ``blocks.*.mlp``, ``blocks.3.attn.W_Q``, ``embed``,
+``unembed``), optionally followed by ``[i,j,a:b]``: heads of attention weights, or neurons
+(d_mlp) of MLP weights. Weights without that axis (b_O, b_out) drop out of a sliced selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from typing import Optional
+
+import torch
+
+from .adapters import Adapter, Site
+
+_SUBSET = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[0-9,:\s]+)\]$")
+_LAYER = re.compile(r"^blocks\.(\d+)(\.|$)")
+_BIAS_KINDS = ("bias", "ln_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    """A decomposed weight: the whole tensor, or its slice along one mode (heads or neurons)."""
+
+    site: Site
+    axis: Optional[int] = None
+    indices: Optional[tuple[int, ...]] = None
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.site.shape)
+        if self.axis is not None:
+            shape[self.axis] = len(self.indices)
+        return tuple(shape)
+
+    @property
+    def mode_slice(self) -> Optional[tuple[str, torch.Tensor]]:
+        if self.axis is None:
+            return None
+        return self.site.modes[self.axis], torch.tensor(self.indices, dtype=torch.long)
+
+    def take(self, full: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The selected part of a full TL-shaped tensor (``offset`` leading batch axes)."""
+        if self.axis is None:
+            return full
+        idx = torch.tensor(self.indices, dtype=torch.long, device=full.device)
+        return full.index_select(offset + self.axis, idx)
+
+    def scatter(self, part: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """A full TL-shaped tensor, zero outside the selection."""
+        if self.axis is None:
+            return part
+        shape = list(part.shape)
+        shape[offset + self.axis] = self.site.shape[self.axis]
+        out = part.new_zeros(shape)
+        idx = torch.tensor(self.indices, dtype=torch.long, device=part.device)
+        return out.index_copy(offset + self.axis, idx, part)
+
+
+def _is_bias(site: Site) -> bool:
+    return site.kind.startswith("b_") or site.kind in _BIAS_KINDS
+
+
+def _parse_items(text: str, selector: str) -> list[int]:
+    out: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if ":" in item:
+            a, _, b = item.partition(":")
+            if not a.strip().isdigit() or not b.strip().isdigit() or int(b) <= int(a):
+                raise ValueError(f"selector {selector!r}: bad range {item!r}; write start:stop with stop > start")
+            out.extend(range(int(a), int(b)))
+        else:
+            out.append(int(item))
+    if not out:
+        raise ValueError(f"selector {selector!r}: empty index list")
+    return out
+
+
+def available(adapter: Adapter) -> str:
+    """Compact list of decomposable weight names, layers folded to a range."""
+    seen: dict[str, None] = {}
+    n = adapter.n_layers
+    for name in adapter.sites:
+        folded = _LAYER.sub(lambda m: f"blocks.{{0..{n - 1}}}" + m.group(2), name) if n else name
+        seen[folded] = None
+    return ", ".join(seen)
+
+
+def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = True) -> list[Selected]:
+    """Resolve selectors to the list of decomposed weights, in model order."""
+    chosen: dict[str, Optional[set[int]]] = {}
+    for selector in selectors:
+        sel = selector.strip()
+        m = _SUBSET.match(sel)
+        pattern, items = (m.group("pattern"), _parse_items(m.group("items"), sel)) if m else (sel, None)
+        layer = _LAYER.match(pattern)
+        if layer and adapter.n_layers and int(layer.group(1)) >= adapter.n_layers:
+            raise ValueError(
+                f"selector {selector!r}: layer {layer.group(1)} out of range; the model has {adapter.n_layers} "
+                f"layers (0..{adapter.n_layers - 1})"
+            )
+        matched = [s for s in adapter.sites.values() if fnmatch.fnmatchcase(s.name, pattern)
+                   or fnmatch.fnmatchcase(s.name, pattern + ".*")]
+        exact = [s for s in matched if s.name == pattern]
+        if not include_biases:
+            matched = [s for s in matched if not _is_bias(s) or s in exact]
+        if not matched:
+            raise ValueError(f"selector {selector!r} matches no weight; available: {available(adapter)}")
+        if items is not None:
+            matched = [s for s in matched if "head" in s.modes or "d_mlp" in s.modes]
+            if not matched:
+                raise ValueError(
+                    f"selector {selector!r}: an index list [..] selects heads of attention weights or neurons of "
+                    f"MLP weights, and none of the matched weights has either axis"
+                )
+        for s in matched:
+            if items is None:
+                chosen[s.name] = None
+                continue
+            mode = "head" if "head" in s.modes else "d_mlp"
+            size = s.shape[s.modes.index(mode)]
+            bad = [i for i in items if i >= size]
+            if bad:
+                what = "head" if mode == "head" else "neuron"
+                raise ValueError(f"selector {selector!r}: {what} {bad[0]} out of range for {s.name}; valid: 0..{size - 1}")
+            if s.name in chosen and chosen[s.name] is None:
+                continue
+            chosen[s.name] = (chosen.get(s.name) or set()) | set(items)
+    out = []
+    for name, site in adapter.sites.items():
+        if name not in chosen:
+            continue
+        idx = chosen[name]
+        if idx is None or len(idx) == site.shape[site.modes.index("head" if "head" in site.modes else "d_mlp")]:
+            out.append(Selected(site))
+        else:
+            axis = site.modes.index("head" if "head" in site.modes else "d_mlp")
+            out.append(Selected(site, axis, tuple(sorted(idx))))
+    return out

@@ -1,0 +1,60 @@
+"""A Task ties a model adapter, the decomposed weights and the resolved config together, and
+defines what a *sample* is: its output view, its reference and its divergence.
+
+Samples: ``token`` mode, every (sequence, position) -> D of shape [n, pos]; ``sequence``
+mode, one per sequence -> D of shape [n] (the divergence at ``position``, or summed over
+positions for "all"); a plain module -> one per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from .adapters import Adapter
+from .config import L3DConfig
+from .divergence import divergence_fn, target_space
+from .references import references
+from .selection import Selected
+
+
+@dataclasses.dataclass
+class Task:
+    adapter: Adapter
+    selected: list[Selected]
+    cfg: L3DConfig
+
+    @property
+    def token_mode(self) -> bool:
+        return self.adapter.is_language_model and self.cfg.sample == "token"
+
+    def view(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Outputs restricted to what the divergence sees: [n, pos, V], [n, V] or [n, d]."""
+        if not self.adapter.is_language_model or self.token_mode or self.cfg.position == "all":
+            return outputs
+        return outputs[:, self.cfg.position]
+
+    def divergence(self, view: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        d = divergence_fn(self.cfg.divergence)(view, refs)
+        if self.adapter.is_language_model and not self.token_mode and self.cfg.position == "all":
+            d = d.sum(-1)
+        return d
+
+    def references(self, outputs: torch.Tensor, generator: Optional[torch.Generator],
+                   paired_outputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reference targets shaped like ``view(outputs)`` (detached)."""
+        view = target_space(self.view(outputs.detach()), self.cfg.divergence)
+        paired = None
+        if paired_outputs is not None:
+            paired = target_space(self.view(paired_outputs.detach()), self.cfg.divergence)
+        if self.token_mode:
+            n, t = view.shape[:2]
+            flat = view.reshape(n * t, *view.shape[2:])
+            paired_flat = None if paired is None else paired.reshape(n * t, *paired.shape[2:])
+            return references(flat, self.cfg.reference, self.cfg.divergence, generator, paired_flat).reshape(view.shape)
+        return references(view, self.cfg.reference, self.cfg.divergence, generator, paired)
+
+    def n_samples(self, inputs: torch.Tensor) -> int:
+        return inputs.shape[0] * inputs.shape[1] if self.token_mode else inputs.shape[0]
