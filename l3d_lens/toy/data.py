@@ -1,0 +1,88 @@
+"""Seeded data for the toy models, as in the paper: every feature is active with probability
+``p_active`` (0.05) and then takes a value uniform in [0, 1] (in [-1, 1] for the x^2 model);
+rows where nothing is active carry no signal and are dropped, and sampling continues until
+``n`` rows are left. Everything random comes from one ``torch.Generator`` seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from jaxtyping import Bool, Float
+
+
+def _keep_nonzero(draw, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Call ``draw(m, gen)`` for chunks of rows and keep the rows that are not all zero, until
+    there are ``n`` of them (the paper drops all-zero rows and tops the data set up again)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    kept, total = [], 0
+    while total < n:
+        x = draw(max(n, 64), gen)
+        x = x[(x != 0).any(-1)]
+        kept.append(x)
+        total += x.shape[0]
+    return torch.cat(kept)[:n]
+
+
+def _check(p_active: float, n_features: int) -> None:
+    if not 0 < p_active <= 1:
+        raise ValueError(f"p_active must be in (0, 1], got {p_active}")
+    if n_features < 1:
+        raise ValueError(f"n_features must be >= 1, got {n_features}")
+
+
+def sparse_features(n: int, n_features: int, p_active: float = 0.05, seed: int = 0,
+                    signed: bool = False) -> Float[torch.Tensor, "n n_features"]:
+    """TMS / TMCS inputs: each feature independently active with probability ``p_active``,
+    value uniform in [0, 1] (``signed=True``: in [-1, 1], the x^2 model); no all-zero rows."""
+    _check(p_active, n_features)
+
+    def draw(m: int, gen: torch.Generator) -> torch.Tensor:
+        value = torch.rand(m, n_features, generator=gen)
+        if signed:
+            value = 2 * value - 1
+        return value * (torch.rand(m, n_features, generator=gen) < p_active)
+
+    return _keep_nonzero(draw, n, torch.Generator().manual_seed(seed))
+
+
+def grouped_features(n: int, n_features: int = 25, group_size: int = 5, p_active: float = 0.05,
+                     seed: int = 0) -> Float[torch.Tensor, "n n_features"]:
+    """Higher-rank circuits inputs: features come in consecutive groups of ``group_size`` whose
+    activity is tied (a group is active with probability ``p_active``; then each of its
+    features takes its own value uniform in [0, 1]); no all-zero rows."""
+    _check(p_active, n_features)
+    if group_size < 1 or n_features % group_size:
+        raise ValueError(f"n_features={n_features} must be a multiple of group_size={group_size}")
+    n_groups = n_features // group_size
+
+    def draw(m: int, gen: torch.Generator) -> torch.Tensor:
+        value = torch.rand(m, n_features, generator=gen)
+        active = (torch.rand(m, n_groups, generator=gen) < p_active).repeat_interleave(group_size, dim=1)
+        return value * active
+
+    return _keep_nonzero(draw, n, torch.Generator().manual_seed(seed))
+
+
+def circuit_matrix(n_in: int, n_out: int, max_coefficient: float = 3.0,
+                   seed: int = 0) -> Float[torch.Tensor, "n_out n_in"]:
+    """TMCS's ground truth A (y = A x): entries uniform in [0, max_coefficient]."""
+    return torch.rand(n_out, n_in, generator=torch.Generator().manual_seed(seed)) * max_coefficient
+
+
+def active_features(x: Float[torch.Tensor, "n f"], group_size: int = 1) -> Bool[torch.Tensor, "n g"]:
+    """Which features (or groups of ``group_size`` consecutive features) are active per row."""
+    nz = x != 0
+    if group_size == 1:
+        return nz
+    return nz.view(x.shape[0], -1, group_size).any(-1)
+
+
+def single_feature_rows(x: Float[torch.Tensor, "n f"], group_size: int = 1,
+                        feature: Optional[int] = None) -> Bool[torch.Tensor, " n"]:
+    """Rows in which exactly one feature (group) is active, optionally only that ``feature``."""
+    act = active_features(x, group_size)
+    one = act.sum(-1) == 1
+    return one if feature is None else one & act[:, feature]

@@ -1,0 +1,87 @@
+"""The paper's four toy models, built from ``nn.Linear`` layers so that every weight gets the
+fast engine, with readable parameter names (``encoder.weight``, ``decoder.bias``, ``layers.2.weight``).
+
+- ``SuperpositionModel``: x -> ReLU(W_out W_in x + b). With 5 inputs, 2 hidden and 5 outputs it
+  is TMS (toy model of superposition, trained to reproduce x); with 10 -> 5 -> 10 trained on
+  x -> A x it is TMCS (circuit superposition); with 25 grouped inputs it is the higher-rank
+  circuits model. Unlike Anthropic's TMS the decoder is not tied to the encoder (the paper writes
+  W_out W_in; tying would make one weight serve two layers, which the fast engine cannot see).
+- ``SquareMLP``: a GeLU MLP (4 hidden layers of 5 by default) trained on x_i -> x_i^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from jaxtyping import Float
+from torch import nn
+
+
+def _seeded_init_(module: nn.Module, seed: int) -> None:
+    """Re-initialise every ``nn.Linear`` of ``module`` from one generator (PyTorch's default
+    Kaiming-uniform scheme), so a model depends on ``seed`` only and not on the global RNG."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / layer.in_features ** 0.5
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                if layer.bias is not None:
+                    layer.bias.uniform_(-bound, bound, generator=gen)
+
+
+class SuperpositionModel(nn.Module):
+    """x -> ReLU(decoder(encoder(x))): ``encoder.weight`` is W_in [hidden, in] (no bias),
+    ``decoder.weight`` is W_out [out, hidden] and ``decoder.bias`` is b [out].
+
+    One class serves TMS, TMCS and the higher-rank model: they differ only in sizes and data.
+    """
+
+    def __init__(self, n_in: int = 5, n_hidden: int = 2, n_out: Optional[int] = None, seed: int = 0):
+        super().__init__()
+        self.encoder = nn.Linear(n_in, n_hidden, bias=False)
+        self.decoder = nn.Linear(n_hidden, n_in if n_out is None else n_out)
+        _seeded_init_(self, seed)
+
+    def forward(self, x: Float[torch.Tensor, "batch n_in"]) -> Float[torch.Tensor, "batch n_out"]:
+        return torch.relu(self.decoder(self.encoder(x)))
+
+
+class SquareMLP(nn.Module):
+    """x -> layers[-1](GeLU(... GeLU(layers[0](x)))): an MLP whose hidden layers all have the
+    same width, trained to square each input feature (the paper's "complex loss landscape"
+    model). Parameters are ``layers.<i>.weight`` / ``layers.<i>.bias``."""
+
+    def __init__(self, n_features: int = 5, hidden: Sequence[int] = (5, 5, 5, 5), seed: int = 0):
+        super().__init__()
+        dims = [n_features, *hidden, n_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        _seeded_init_(self, seed)
+
+    def forward(self, x: Float[torch.Tensor, "batch n_features"]) -> Float[torch.Tensor, "batch n_features"]:
+        for layer in self.layers[:-1]:
+            x = nn.functional.gelu(layer(x))
+        return self.layers[-1](x)
+
+
+def tms(seed: int = 0) -> SuperpositionModel:
+    """TMS: 5 features squeezed through 2 hidden dimensions and decoded back."""
+    return SuperpositionModel(5, 2, 5, seed=seed)
+
+
+def tmcs(seed: int = 0) -> SuperpositionModel:
+    """TMCS: 10 inputs, 5 hidden, 10 outputs; trained on x -> A x (see ``data.circuit_matrix``)."""
+    return SuperpositionModel(10, 5, 10, seed=seed)
+
+
+def higher_rank(seed: int = 0, n_in: int = 25, n_hidden: int = 5, n_out: int = 10) -> SuperpositionModel:
+    """The higher-rank circuits model: TMCS's shape with 25 inputs whose activity is tied in
+    groups of 5 (the grouping lives in the data, ``data.grouped_features``)."""
+    return SuperpositionModel(n_in, n_hidden, n_out, seed=seed)
+
+
+def square_mlp(seed: int = 0, n_features: int = 5, width: int = 5, depth: int = 4) -> SquareMLP:
+    """The x -> x^2 GeLU MLP: ``depth`` hidden layers of ``width`` units."""
+    return SquareMLP(n_features, (width,) * depth, seed=seed)

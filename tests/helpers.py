@@ -1,0 +1,70 @@
+"""Test helpers: tiny models of every adapter kind available in this TransformerLens
+generation (HookedTransformer exists in 2.x/3.x only; TransformerBridge in 3.x/4.x)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+TL_VERSION = importlib.metadata.version("transformer-lens")
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: F401
+
+    HAS_HOOKED = True
+except ImportError:
+    HAS_HOOKED = False
+
+LM_KINDS = (["hooked"] if HAS_HOOKED else []) + ["bridge", "bridge_compat"]
+
+
+def tiny_lm(kind: str, dtype=torch.float64, seed: int = 0, attn_only: bool = False, normalization: str = "LN",
+            n_layers: int = 2, d_vocab: int = 20, n_ctx: int = 8):
+    common = dict(n_layers=n_layers, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab, n_ctx=n_ctx,
+                  act_fn="gelu", normalization_type=normalization, seed=seed, attn_only=attn_only)
+    if kind == "hooked":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model = HookedTransformer(HookedTransformerConfig(**common, dtype=dtype))
+        with torch.no_grad():  # non-zero biases so their gradients are exercised
+            for n, p in model.named_parameters():
+                if ".b_" in n or n.endswith(".b"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+        return model.eval()
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(seed)
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**common), dtype=dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    if kind == "bridge_compat":
+        model.enable_compatibility_mode()
+    return model
+
+
+class TinyMLP(nn.Module):
+    """A plain regression MLP, like the paper's toy models, plus one non-Linear parameter."""
+
+    def __init__(self, d_in=5, d_hidden=4, d_out=5, seed=0, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1 = nn.Linear(d_in, d_hidden).to(dtype)
+        self.fc2 = nn.Linear(d_hidden, d_out).to(dtype)
+        self.scale = nn.Parameter(torch.ones(d_out, dtype=dtype))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.7)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x))) * self.scale
+
+
+def tokens(n=4, seq=6, d_vocab=20, seed=1):
+    return torch.randint(0, d_vocab, (n, seq), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,138 @@
+"""Every gradient path against the independent torch.func oracle (tests/reference.py).
+
+Tolerance: 1e-5 relative (max abs difference / max abs value) for coefficients, ||g||^2,
+the loss and its gradients w.r.t. every factor. Models are float64, so the observed error is
+round-off (about 1e-15 for HookedTransformer; the TL 4 bridge computes some ops in float32
+internally, about 1e-8).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import l3d_lens
+from l3d_lens.decomposition import Decomposition, build_task
+from l3d_lens.engine import batch_stats
+from l3d_lens.objective import l3d_loss
+from l3d_lens.subnetworks import gram, init_factors, resolve_ranks
+
+from .helpers import TinyMLP, tiny_lm, tokens
+from .reference import loss_and_coefficients, per_sample_grads
+
+RTOL = 1e-5
+
+COMPONENTS = {
+    "attn": ["blocks.0.attn"],
+    "mlp": ["blocks.1.mlp"],
+    "embed_unembed": ["embed", "pos_embed", "unembed"],
+    "heads_neurons": ["blocks.1.attn[1]", "blocks.0.mlp[3:9,20]"],
+    "layernorm": ["blocks.0.ln1", "blocks.1.ln2", "ln_final"],
+    "single_weight": ["blocks.1.attn.W_O"],
+}
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def setup(model, components, sample, engine, position=-1, top_k=0.3, rank=2, k=4):
+    cfg = l3d_lens.L3DConfig(components=components, n_subnetworks=k, rank=rank, sample=sample, position=position,
+                             reference="paired", engine=engine, dtype="float64", top_k=top_k)
+    task = build_task(model, cfg)
+    f = init_factors(task.selected, resolve_ranks(task.selected, cfg.rank), k, torch.Generator().manual_seed(3),
+                     torch.float64, torch.device("cpu"))
+    return task, f
+
+
+def library(task, f, x, ref):
+    f = {n: t.clone().requires_grad_(True) for n, t in f.items()}
+    st = batch_stats(task, f, x, None, ref)
+    loss, _ = l3d_loss(st.A, st.B, st.gsq, gram(f, task.selected), task.cfg.top_k)
+    grads = torch.autograd.grad(loss, list(f.values()))
+    return st, loss, dict(zip(f, grads))
+
+
+def oracle(task, f, model, x, ref, position=-1):
+    names = [s.name for s in task.selected]
+    g = per_sample_grads(model, names, x, ref, task.cfg.sample, position, task.cfg.divergence)
+    for s in task.selected:  # keep only the selected heads / neurons
+        if s.axis is not None:
+            keep = torch.zeros(g[s.name].shape[1 + s.axis], dtype=torch.bool)
+            keep[list(s.indices)] = True
+            g[s.name] = g[s.name] * keep.view(-1, *([1] * (g[s.name].dim() - 2 - s.axis))).to(g[s.name].dtype)
+    f = {n: t.clone().requires_grad_(True) for n, t in f.items()}
+    dec = Decomposition(task, f, [])
+    coef, loss = loss_and_coefficients(g, dec.encoders(), dec.subnetworks(), task.cfg.top_k)
+    gsq = sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in g.values())
+    grads = torch.autograd.grad(loss, list(f.values()))
+    return coef.detach(), gsq, loss.detach(), dict(zip(f, grads))
+
+
+def check(task, f, model, x, ref, position=-1):
+    st, loss, grads = library(task, f, x, ref)
+    coef, gsq, loss_ref, grads_ref = oracle(task, f, model, x, ref, position)
+    assert rel(st.A, coef) < RTOL, "coefficients V_in.g"
+    assert rel(st.gsq, gsq) < RTOL, "||g||^2"
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < RTOL, "loss"
+    # gradients that vanish analytically (b_K: softmax is shift-invariant) are round-off, so
+    # each tensor is compared relative to itself plus 1e-9 of the largest gradient anywhere
+    scale = max(g.abs().max().item() for g in grads_ref.values())
+    for name, g in grads_ref.items():
+        err = (grads[name] - g).abs().max().item()
+        assert err <= RTOL * g.abs().max().item() + 1e-9 * scale, f"d loss / d {name}: {err}"
+
+
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+@pytest.mark.parametrize("sample", ["token", "sequence"])
+@pytest.mark.parametrize("which", list(COMPONENTS))
+def test_lm_matches_oracle(lm_kind, engine, sample, which):
+    model = tiny_lm(lm_kind)
+    x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+    task, f = setup(model, COMPONENTS[which], sample, engine)
+    check(task, f, model, x, ref)
+
+
+@pytest.mark.parametrize("position", [2, "all"])
+def test_sequence_positions(lm_kind, position):
+    model = tiny_lm(lm_kind)
+    x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+    task, f = setup(model, ["blocks.0.attn", "blocks.1.mlp.W_out"], "sequence", "fast", position=position)
+    check(task, f, model, x, ref, position)
+
+
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_module_matches_oracle(engine):
+    model = TinyMLP()
+    x = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    task, f = setup(model, ["fc1", "fc2"], "auto", engine)
+    check(task, f, model, x, ref)
+
+
+def test_exact_engine_covers_non_linear_parameters():
+    model = TinyMLP()
+    x = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    task, f = setup(model, ["fc2.weight", "scale"], "auto", "exact")
+    check(task, f, model, x, ref)
+    with pytest.raises(ValueError, match="engine='exact'"):
+        setup(model, ["scale"], "auto", "fast")
+
+
+@pytest.mark.parametrize("reference", ["random", "mean", "uniform"])
+@pytest.mark.parametrize("sample", ["token", "sequence"])
+def test_fast_equals_exact_unpaired_references(lm_kind, reference, sample):
+    """Both engines draw the same references from the same generator state."""
+    model = tiny_lm(lm_kind)
+    x = tokens(4, 6, seed=1)
+    out = {}
+    for engine in ("fast", "exact"):
+        cfg = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.mlp"], n_subnetworks=4, rank=2, sample=sample,
+                                 reference=reference, engine=engine, dtype="float64")
+        task = build_task(model, cfg)
+        f = init_factors(task.selected, resolve_ranks(task.selected, 2), 4, torch.Generator().manual_seed(3),
+                         torch.float64, torch.device("cpu"))
+        out[engine] = batch_stats(task, f, x, torch.Generator().manual_seed(7))
+    for field in ("A", "B", "gsq"):
+        assert rel(getattr(out["fast"], field), getattr(out["exact"], field)) < RTOL, field
