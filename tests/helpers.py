@@ -23,8 +23,8 @@ LM_KINDS = (["hooked"] if HAS_HOOKED else []) + ["bridge", "bridge_compat"]
 
 
 def tiny_lm(kind: str, dtype=torch.float64, seed: int = 0, attn_only: bool = False, normalization: str = "LN",
-            n_layers: int = 2, d_vocab: int = 20, n_ctx: int = 8):
-    common = dict(n_layers=n_layers, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=d_vocab, n_ctx=n_ctx,
+            n_layers: int = 2, d_vocab: int = 20, n_ctx: int = 8, d_mlp: int = 32):
+    common = dict(n_layers=n_layers, d_model=16, n_heads=2, d_head=8, d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=n_ctx,
                   act_fn="gelu", normalization_type=normalization, seed=seed, attn_only=attn_only)
     if kind == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -46,7 +46,9 @@ def tiny_lm(kind: str, dtype=torch.float64, seed: int = 0, attn_only: bool = Fal
                 p.normal_(0, 0.1)
     if kind == "bridge_compat":
         model.enable_compatibility_mode()
-    return model
+    with torch.no_grad():  # the bridge installs some of its own hooks lazily on a first forward
+        model(torch.zeros(1, 2, dtype=torch.long))
+    return model.eval()
 
 
 class TinyMLP(nn.Module):
