@@ -146,6 +146,29 @@ class Decomposition:
             den += st.gsq.sum().item()
         return num / den
 
+    def attribution(self):
+        """pandas DataFrame: each subnetwork's squared-norm share per head, neuron or weight
+        (columns subnetwork, weight, kind, layer, head, neuron, share; sums to 1 per subnetwork)."""
+        from .analysis import attribution
+
+        return attribution(self.subnetworks(), self.adapter.sites)
+
+    def head_attribution(self, as_tensor: bool = False):
+        """Shares on attention heads: a DataFrame (subnetwork, layer, head, kind W_Q/W_K/W_V/W_O
+        or bias, share), or with ``as_tensor`` a [n_subnetworks, n_layers, n_heads] tensor."""
+        from .analysis import head_attribution, head_tensor
+
+        df = self.attribution()
+        if as_tensor:
+            return head_tensor(df, self.n_subnetworks, self.adapter.n_layers, self.adapter.n_heads)
+        return head_attribution(df)
+
+    def neuron_attribution(self):
+        """Shares on MLP neurons (W_in, b_in and W_out together): subnetwork, layer, neuron, share."""
+        from .analysis import neuron_attribution
+
+        return neuron_attribution(self.attribution())
+
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:  # noqa: F821
         """Write ``path/`` with factors.safetensors and decomposition.json (no pickles)."""
         from .io import save

@@ -1,0 +1,160 @@
+"""The embedded default model: a 2-layer attention-only transformer trained here on repeated
+random word sequences, so that it solves the second half with an induction circuit
+(previous-token head in layer 0, induction head in layer 1). Small, known circuit, shipped
+in TransformerLens layout and loadable as a HookedTransformer (TL 2/3) or a
+TransformerBridge (TL 3/4).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Int
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ASSET = "induction"
+WORDS = (
+    "the a cat dog sat ran on in big small red blue tree house bird fish sun moon day night happy sad "
+    "old new girl boy king queen road river stone cloud rain snow green gold fast slow up down left right "
+    "apple bread milk tea book pen door wall ship star hill lake bell song car box cup hat key map"
+).split()
+BOS = "<bos>"
+VOCAB = (BOS, *WORDS)  # 64 tokens
+HALF = 12  # random words per half: sequences are [BOS, w_1..w_12, w_1..w_12]
+CONFIG = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=len(VOCAB), n_ctx=2 * HALF + 1,
+              act_fn="relu", normalization_type="LN", attn_only=True, d_mlp=None)
+
+
+def repeated_sequences(n: int, seed: int = 0, half: int = HALF) -> Int[torch.Tensor, "n seq"]:
+    """[BOS, w_1..w_half, w_1..w_half] with words drawn uniformly (the second half is predictable
+    only by looking back: the induction task)."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(1, len(VOCAB), (n, half), generator=g)
+    return torch.cat([torch.zeros(n, 1, dtype=torch.long), words, words], 1)
+
+
+def to_str_tokens(ids: torch.Tensor) -> list[str]:
+    return [VOCAB[i] for i in ids.tolist()]
+
+
+def _asset_dir() -> Path:
+    return Path(str(resources.files("l3d_lens") / "assets" / ASSET))
+
+
+def _hooked_cfg(dtype: torch.dtype):
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(**{k: v for k, v in CONFIG.items() if k != "d_mlp"}, dtype=dtype, seed=0)
+
+
+def build(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An untrained model of the default architecture: "hooked" (HookedTransformer) or
+    "bridge" (TransformerBridge.boot_native); None picks HookedTransformer where it exists."""
+    if kind is None:
+        try:
+            from transformer_lens import HookedTransformer  # noqa: F401
+
+            kind = "hooked"
+        except ImportError:
+            kind = "bridge"
+    if kind == "hooked":
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer(_hooked_cfg(dtype)).eval()
+    if kind == "bridge":
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        cfg = TransformerBridgeConfig(**{k: v for k, v in CONFIG.items() if k != "d_mlp"}, seed=0)
+        model = TransformerBridge.boot_native(cfg, dtype=dtype)
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long))
+        return model.eval()
+    raise ValueError(f"kind={kind!r}; choose 'hooked', 'bridge' or None")
+
+
+def state_dict_tl(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight in TransformerLens layout, keyed by TL name."""
+    from ..adapters import make_adapter
+
+    adapter = make_adapter(model)
+    return {name: adapter.weight(name).detach().clone().contiguous() for name in adapter.sites}
+
+
+def load_tl_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Write TL-layout weights into any supported model (in place)."""
+    from ..adapters import make_adapter
+
+    adapter = make_adapter(model)
+    missing = sorted(set(adapter.sites) - set(weights))
+    if missing:
+        raise ValueError(f"weights missing for {missing}")
+    with torch.no_grad():
+        for name in adapter.sites:
+            param = adapter.native_parameter(name)
+            param.copy_(adapter.to_native(name, weights[name].to(param.dtype)))
+    return model
+
+
+def train(steps: int = 3000, batch: int = 64, lr: float = 1e-3, seed: int = 0, kind: Optional[str] = None,
+          log_every: int = 500) -> nn.Module:
+    """Train the default model on the induction task (about a minute on one CPU thread)."""
+    torch.manual_seed(seed)
+    model = build(kind)
+    model.train()
+    # the unembedding bias stays zero: TransformerLens 4's native model has none
+    params = [p for n, p in model.named_parameters() if not n.endswith("b_U") and not n.endswith("unembed.bias")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        x = repeated_sequences(batch, seed=seed * 1_000_003 + step)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log_every and step % log_every == 0:
+            print(f"step {step}: loss {loss.item():.3f}")
+    return model.eval()
+
+
+def induction_loss(model: nn.Module, n: int = 64, seed: int = 12345) -> tuple[float, float]:
+    """(mean loss on the first half, on the repeated second half) of fresh sequences."""
+    x = repeated_sequences(n, seed)
+    with torch.no_grad():
+        logits = model(x)
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, x[:, 1:, None])[..., 0]
+    return -lp[:, :HALF].mean().item(), -lp[:, HALF + 1:].mean().item()
+
+
+def save(model: nn.Module, path: Union[str, Path, None] = None) -> Path:
+    path = Path(path) if path is not None else _asset_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_tl(model), str(path / "model.safetensors"))
+    probe = repeated_sequences(4, seed=7)
+    with torch.no_grad():
+        logits = model(probe)
+    first, second = induction_loss(model)
+    meta = {"config": CONFIG, "vocab": list(VOCAB), "half": HALF, "format_version": 1,
+            "probe_tokens": probe.tolist(), "probe_logits_sum": float(logits.double().sum()),
+            "probe_logits_first": logits[0, -1].tolist(), "loss_first_half": first, "loss_second_half": second}
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The shipped trained default model as a HookedTransformer (TL 2/3) or TransformerBridge."""
+    path = _asset_dir()
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
+        raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's default architecture")
+    return load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
+
+
+def metadata() -> dict:
+    return json.loads((_asset_dir() / "meta.json").read_text())

@@ -1,0 +1,32 @@
+"""The README's quickstart runs as written and prints what it says it prints (shapes)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def test_quickstart_runs_and_matches_the_documented_shapes():
+    code = blocks("python")[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README quickstart", "exec"), {})
+    printed = out.getvalue().splitlines()
+    documented = blocks("text")[0].splitlines()
+    assert printed[0].startswith("Decomposition(8 subnetworks of 8 weights, sample='token', loss=")
+    assert printed[1] == documented[1]  # subnetwork shapes are exact
+    assert printed[-1] == documented[-1] == "torch.Size([50, 8])"
+
+
+def test_readme_has_exactly_the_two_commands():
+    assert "l3d-lens demo" in README
+    marker = README.index("<!-- test-command -->")
+    assert 'python -m pytest -q' in README[marker: marker + 80]
