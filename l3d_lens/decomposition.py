@@ -169,6 +169,56 @@ class Decomposition:
 
         return neuron_attribution(self.attribution())
 
+    def impact(self, data: Data, n_references: int = 10, reference: Optional[Data] = None, seed: int = 0):
+        """Mean |V_in . g| over ``n_references`` random references (the paper's impact):
+        [n, pos, n_subnetworks] in token mode, [n, n_subnetworks] otherwise."""
+        from .analysis.impact import impact
+
+        return impact(self, data, n_references, reference, seed)
+
+    def top_samples(self, data, subnetwork: int, k: int = 10, *, impacts=None, to_str=None, context: int = 8):
+        """DataFrame of the k (sequence, position) samples where ``subnetwork`` matters most,
+        with their token context (``to_str``: ids -> list of strings, e.g. model.to_str_tokens)."""
+        from .analysis.impact import top_samples
+
+        return top_samples(self, data, subnetwork, k, impacts, to_str, context)
+
+    def top_logits(self, data, subnetwork: int, k: int = 10, *, to_str=None, positions=None):
+        """DataFrame of the k logits most moved along ``subnetwork`` (forward-mode derivative)."""
+        from .analysis.impact import top_logits
+
+        return top_logits(self, data, subnetwork, k, to_str, positions)
+
+    def intervene(self, model: Optional[nn.Module] = None, subnetwork=0, delta=1.0, *, ablate: bool = False):
+        """Context manager: the model's weights at W0 + sum_j delta_j v_j (or, with ``ablate``,
+        with span{v_j} projected out) inside the block; restored bit-exactly on exit, even on error.
+
+            with dec.intervene(subnetwork=3, delta=-2.0):
+                logits = model(tokens)
+        """
+        from .interventions import check_deltas, check_subnetworks, edit_weights, weight_changes
+
+        ks = check_subnetworks(subnetwork, self.n_subnetworks)
+        deltas = None if ablate else check_deltas(delta, len(ks))
+        adapter = self.adapter
+        if model is not None and model is not self.model:
+            from .adapters import make_adapter
+
+            adapter = make_adapter(model)
+            fp = adapter.fingerprint(self.weight_names)["shapes"]
+            mine = self.adapter.fingerprint(self.weight_names)["shapes"]
+            if fp != mine:
+                raise ValueError(f"model's decomposed weights have shapes {fp}, the decomposition's are {mine}")
+        return edit_weights(adapter, weight_changes(adapter, self.subnetworks(), ks, deltas))
+
+    def intervention_curve(self, data, subnetwork: int, deltas=(-4, -2, -1, -0.5, 0.5, 1, 2, 4), *,
+                           top_fraction: float = 0.1, impacts=None):
+        """DataFrame (delta, change_top, change_rest, selectivity): output change on the
+        subnetwork's top-impact samples vs the rest when moving the weights along it."""
+        from .analysis.impact import intervention_curve
+
+        return intervention_curve(self, data, subnetwork, deltas, top_fraction, impacts)
+
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:  # noqa: F821
         """Write ``path/`` with factors.safetensors and decomposition.json (no pickles)."""
         from .io import save

@@ -1,0 +1,118 @@
+"""What a subnetwork does: on which samples it matters (impact), which logits it moves
+(a forward-mode derivative along it), and how selective moving the weights along it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch.func import jvp
+
+from ..interventions import check_subnetworks, perturbed_forward, weight_changes
+
+
+def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[torch.Tensor] = None,
+           seed: int = 0) -> Float[torch.Tensor, "n *pos k"]:
+    """Mean over references of |V_in . g| (the paper's impact), [n, pos, K] in token mode,
+    [n, K] otherwise. Paired, mean and uniform references are single, so averaged once."""
+    if not isinstance(n_references, int) or n_references < 1:
+        raise ValueError(f"n_references must be an int >= 1, got {n_references!r}")
+    repeats = n_references if dec.cfg.reference == "random" and reference is None else 1
+    total = sum(dec.coefficients(data, reference, seed=seed + r).abs() for r in range(repeats)) / repeats
+    if dec._task.token_mode:
+        return total.reshape(data.shape[0], data.shape[1], -1)
+    return total
+
+
+def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: Optional[torch.Tensor] = None,
+                to_str: Optional[Callable[[torch.Tensor], list[str]]] = None, context: int = 8) -> pd.DataFrame:
+    """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
+    tokens leading up to that position."""
+    check_subnetworks(subnetwork, dec.n_subnetworks)
+    imp = impact(dec, data) if impacts is None else impacts
+    imp = imp[..., subnetwork]
+    token = imp.dim() == 2
+    flat = imp.reshape(-1)
+    order = torch.argsort(flat, descending=True)[:k]
+    rows = []
+    for idx in order.tolist():
+        seq, pos = divmod(idx, imp.shape[1]) if token else (idx, None)
+        row = {"sequence": seq, "position": pos, "impact": float(flat[idx])}
+        if dec.adapter.is_language_model:
+            end = (pos if pos is not None else (dec.cfg.position if dec.cfg.position != "all" else -1) % data.shape[1])
+            ids = data[seq, max(0, end - context + 1): end + 1]
+            row["context"] = " ".join(to_str(ids)) if to_str else " ".join(map(str, ids.tolist()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def output_derivative(dec, data: torch.Tensor, subnetwork: int) -> torch.Tensor:
+    """d/d delta f(x; W0 + delta v_k) at delta = 0, for every output (forward mode, one JVP)."""
+    check_subnetworks(subnetwork, dec.n_subnetworks)
+    adapter = dec.adapter
+    subs = dec.subnetworks()
+    base = {n: adapter.weight(n) for n in subs}
+    tangent = {n: subs[n][subnetwork].to(base[n].dtype) for n in subs}
+    with adapter.session(), torch.no_grad():
+        _, dout = jvp(lambda p: adapter.functional_forward(p, data.to(adapter.device)), (base,), (tangent,))
+    return dout
+
+
+def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
+               to_str: Optional[Callable[[torch.Tensor], list[str]]] = None,
+               positions: Optional[Sequence[int]] = None) -> pd.DataFrame:
+    """The k output logits that moving along ``subnetwork`` changes most (mean |d logit / d delta|
+    over the samples and positions given), with the signed mean; signs are relative (v ~ -v)."""
+    d = output_derivative(dec, data, subnetwork)
+    if d.dim() == 3:
+        d = d[:, list(positions)] if positions is not None else d
+        d = d.reshape(-1, d.shape[-1])
+    mean_abs, mean = d.abs().mean(0), d.mean(0)
+    order = torch.argsort(mean_abs, descending=True)[:k]
+    tokens = to_str(order) if to_str else [str(i) for i in order.tolist()]
+    return pd.DataFrame({"token_id": order.tolist(), "token": tokens, "mean_abs_dlogit": mean_abs[order].tolist(),
+                         "mean_dlogit": mean[order].tolist()})
+
+
+def output_change(before: torch.Tensor, after: torch.Tensor, language_model: bool) -> torch.Tensor:
+    """Per sample: KL(before || after) of next-token distributions, or squared error."""
+    if language_model:
+        lp0, lp1 = before.log_softmax(-1), after.log_softmax(-1)
+        return (lp0.exp() * (lp0 - lp1)).sum(-1)
+    return (after - before).pow(2).sum(-1)
+
+
+def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Sequence[float],
+                       top_fraction: float = 0.1, impacts: Optional[torch.Tensor] = None) -> pd.DataFrame:
+    """Selectivity across delta: mean output change on the subnetwork's top-impact samples over
+    the mean change on the rest, running the model at W0 + delta v_k."""
+    check_subnetworks(subnetwork, dec.n_subnetworks)
+    if not 0 < top_fraction < 1:
+        raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    deltas = [float(x) for x in deltas]
+    if not deltas or not all(torch.isfinite(torch.tensor(deltas))):
+        raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas!r}")
+    imp = (impact(dec, data) if impacts is None else impacts)[..., subnetwork]
+    adapter = dec.adapter
+    x = data.to(adapter.device)
+    with adapter.session(), torch.no_grad():
+        before = adapter.forward(x)
+    view = dec._task.view  # for position="all" the changes are summed over positions below
+    n_top = max(1, int(round(top_fraction * imp.numel())))
+    top = torch.zeros(imp.numel(), dtype=torch.bool)
+    top[torch.argsort(imp.reshape(-1), descending=True)[:n_top]] = True
+    subs = dec.subnetworks()
+    rows = []
+    for delta in deltas:
+        after = perturbed_forward(adapter, weight_changes(adapter, subs, [subnetwork], [delta]), x)
+        change = output_change(view(before), view(after), adapter.is_language_model)
+        if change.dim() > imp.dim():
+            change = change.sum(-1)
+        change = change.reshape(-1).cpu()
+        on, off = change[top].mean().item(), change[~top].mean().item()
+        rows.append({"delta": delta, "change_top": on, "change_rest": off,
+                     "selectivity": on / off if off > 0 else float("inf")})
+    return pd.DataFrame(rows)
