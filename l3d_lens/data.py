@@ -71,22 +71,28 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
 
 
 def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,
-            generator: Optional[torch.Generator], min_batch: int = 1) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(inputs, paired reference or None) per batch; tensors are shuffled when a generator is given.
-    A last batch smaller than ``min_batch`` joins the one before."""
+            order: Optional[torch.Tensor] = None, min_batch: int = 1,
+            skip: int = 0) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(inputs, paired reference or None) per batch, skipping the first ``skip`` batches.
+    Tensors are taken in ``order`` (default: as stored); a last batch smaller than
+    ``min_batch`` joins the one before. Iterables are read as they come."""
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        order = torch.arange(n) if order is None else order
         starts = list(range(0, n, batch_size))
         if len(starts) > 1 and n - starts[-1] < min_batch:
             starts.pop()
         for i, a in enumerate(starts):
+            if i < skip:
+                continue
             b = starts[i + 1] if i + 1 < len(starts) else n
             idx = order[a:b]
             x = check_batch(adapter, data[idx])
             yield x, (check_batch(adapter, reference[idx], "reference") if reference is not None else None)
         return
-    for item in data:
+    for i, item in enumerate(data):
+        if i < skip:
+            continue
         if reference is None and isinstance(item, (tuple, list)) and len(item) == 2:
             yield check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
         else:

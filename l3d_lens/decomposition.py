@@ -46,19 +46,25 @@ def build_task(model: nn.Module, cfg: L3DConfig) -> Task:
 
 
 def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Optional[Data] = None,
-              progress: bool = True) -> "Decomposition":
+              progress: bool = True, checkpoint: Union[str, "os.PathLike[str]", None] = None,  # noqa: F821
+              checkpoint_every: int = 0) -> "Decomposition":
     """Learn ``cfg.n_subnetworks`` low-rank subnetworks of the selected weights of ``model``
     whose few active ones reconstruct each sample's gradient of divergence from its reference.
 
     data: token ids [n, seq] (language model), floats [n, ...] (plain module), or a
     re-iterable of batches. reference: paired reference data for ``cfg.reference='paired'``.
-    The model is left exactly as it was: same weights, same mode, no hooks.
+    checkpoint: a folder for atomic checkpoints (every ``checkpoint_every`` steps and at each
+    epoch end); if it holds one of the same run, training resumes from it, bit-identically.
+    Launched with torchrun (torch.distributed initialised), each rank trains on its shard of
+    every global batch. The model is left exactly as it was: same weights, same mode, no hooks.
     """
     from .training import train
 
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
-    factors, history = train(task, data, reference, progress)
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
+    factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
     return Decomposition(task, factors, history)
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from . import distributed
 from .adapters import Adapter
 from .config import L3DConfig
 from .divergence import divergence_fn, target_space
@@ -25,6 +26,7 @@ class Task:
     adapter: Adapter
     selected: list[Selected]
     cfg: L3DConfig
+    sharded: bool = False  # training under torch.distributed: each rank holds a shard of the batch
 
     @property
     def token_mode(self) -> bool:
@@ -44,17 +46,19 @@ class Task:
 
     def references(self, outputs: torch.Tensor, generator: Optional[torch.Generator],
                    paired_outputs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Reference targets shaped like ``view(outputs)`` (detached)."""
+        """Reference targets shaped like ``view(outputs)`` (detached). Under torch.distributed
+        they are drawn over the global batch gathered from every rank."""
         view = target_space(self.view(outputs.detach()), self.cfg.divergence)
-        paired = None
+        n_lead = 2 if self.token_mode else 1
+        flat = view.reshape(-1, *view.shape[n_lead:])
+        gather = distributed.gather_cat if self.sharded else (lambda t: (t, slice(0, t.shape[0])))
+        flat_all, local = gather(flat)
+        paired_all = None
         if paired_outputs is not None:
             paired = target_space(self.view(paired_outputs.detach()), self.cfg.divergence)
-        if self.token_mode:
-            n, t = view.shape[:2]
-            flat = view.reshape(n * t, *view.shape[2:])
-            paired_flat = None if paired is None else paired.reshape(n * t, *paired.shape[2:])
-            return references(flat, self.cfg.reference, self.cfg.divergence, generator, paired_flat).reshape(view.shape)
-        return references(view, self.cfg.reference, self.cfg.divergence, generator, paired)
+            paired_all = gather(paired.reshape(-1, *paired.shape[n_lead:]))[0]
+        refs = references(flat_all, self.cfg.reference, self.cfg.divergence, generator, paired_all)
+        return refs[local].reshape(view.shape)
 
     def n_samples(self, inputs: torch.Tensor) -> int:
         return inputs.shape[0] * inputs.shape[1] if self.token_mode else inputs.shape[0]

@@ -1,25 +1,79 @@
 """The training loop: Adam on the Tucker factors of V_in and V_out (the model never
 changes), step decay of the learning rate per epoch, V_out renormalised after every step,
 P_act and dead counts per epoch. Everything random comes from one generator seeded by
-``cfg.seed``, so the same seed and data give a bit-identical result on CPU.
+``cfg.seed``, so the same seed and data give a bit-identical result on CPU; with
+``checkpoint`` set, an interrupted run resumes to the same bit-identical result. Under
+torch.distributed, each rank trains on its shard of every global batch (see distributed.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
+from . import distributed
 from .data import Data, batches
 from .engine import NonFiniteGradient, batch_stats
-from .objective import l3d_loss
+from .objective import sample_errors, topk_mask
 from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
 
 
-def train(task: Task, data: Data, reference: Optional[Data], progress: bool = True) -> tuple[Factors, list[dict[str, Any]]]:
+@dataclasses.dataclass
+class EpochSums:
+    """Running sums over the batches of the current epoch."""
+
+    active: torch.Tensor
+    n_seen: int = 0
+    loss_num: float = 0.0
+    loss_den: float = 0.0
+
+
+def data_fingerprint(data: Data) -> str:
+    if isinstance(data, torch.Tensor):
+        return f"tensor:{list(data.shape)}:" + hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return f"iterable:{type(data).__name__}"
+
+
+def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
+         gen: torch.Generator, sums: EpochSums, step_index: int, epoch: int) -> None:
+    """One optimisation step on one global batch (this rank's shard of it)."""
     cfg = task.cfg
+    x, paired = distributed.shard(x), distributed.shard(paired)
+    try:
+        stats = batch_stats(task, f, x, gen, paired)
+    except NonFiniteGradient as e:
+        raise FloatingPointError(
+            f"non-finite (NaN/inf) per-sample gradient for weight {e.name} at step {step_index} (epoch {epoch}); "
+            f"check the model's outputs and the data of this batch") from None
+    coef_all, local = distributed.gather_cat(stats.A.detach())
+    mask = topk_mask(coef_all, cfg.top_k)[local]
+    den = distributed.sum_scalar(stats.gsq.detach().sum().item())
+    num = sample_errors(stats.A, stats.B, stats.gsq, gram(f, task.selected), mask).sum()
+    opt.zero_grad(set_to_none=True)
+    (num / den).backward()
+    if distributed.active():
+        distributed.all_reduce_(*[t.grad for t in f.values() if t.grad is not None])
+    opt.step()
+    normalize_(f, task.selected, "out")
+    counts = mask.sum(0).double().cpu()
+    distributed.all_reduce_(counts)
+    sums.active += counts
+    sums.n_seen += coef_all.shape[0]
+    sums.loss_num += distributed.sum_scalar(num.item())
+    sums.loss_den += den
+
+
+def train(task: Task, data: Data, reference: Optional[Data], progress: bool = True,
+          checkpoint: Union[str, Path, None] = None, checkpoint_every: int = 0) -> tuple[Factors, list[dict[str, Any]]]:
+    cfg = task.cfg
+    task = dataclasses.replace(task, sharded=distributed.active())
     device = torch.device(cfg.device) if cfg.device else task.adapter.device
     gen = torch.Generator().manual_seed(cfg.seed)
     ranks = resolve_ranks(task.selected, cfg.rank)
@@ -30,39 +84,62 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_decay)
     history: list[dict[str, Any]] = []
     min_batch = 1 if task.token_mode or cfg.reference != "random" else 2
-    step = 0
-    bar = tqdm(range(cfg.epochs), desc="L3D", disable=not progress, unit="epoch")
+    n_steps, start_epoch, skip, order = 0, 0, 0, None
+    sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64))
+    identity = {"config": cfg.to_dict(), "data": data_fingerprint(data), "world": distributed.world()}
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and (saved := ckpt.load(path)) is not None:
+        state, tensors = saved
+        if state["identity"] != identity:
+            raise ValueError(f"checkpoint in {path} belongs to another run (config, data or world size differ); "
+                             f"use a fresh checkpoint folder")
+        with torch.no_grad():
+            for k, t in f.items():
+                t.copy_(tensors[f"factor/{k}"])
+        ckpt.restore_optimizer(opt, tensors, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(tensors["rng"])
+        order = tensors.get("order")
+        n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
+        sums = EpochSums(tensors["active"].double(), state["n_seen"], state["loss_num"], state["loss_den"])
+
+    def save_checkpoint(epoch: int, batch: int) -> None:
+        if path is None or distributed.rank() != 0:
+            return
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
+        tensors = {**{f"factor/{k}": v for k, v in f.items()}, **opt_tensors, "rng": gen.get_state(),
+                   "active": sums.active}
+        if order is not None:
+            tensors["order"] = order
+        ckpt.save(path, {"identity": identity, "step": n_steps, "epoch": epoch, "batch": batch, "history": history,
+                         "n_seen": sums.n_seen, "loss_num": sums.loss_num, "loss_den": sums.loss_den,
+                         "optimizer": opt_meta, "scheduler": sched.state_dict()}, tensors)
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="L3D", disable=not progress or distributed.rank() != 0,
+               unit="epoch", initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
-        active = torch.zeros(cfg.n_subnetworks, dtype=torch.float64)
-        n_seen = 0
-        loss_num = loss_den = 0.0
+        if skip == 0:
+            order = torch.randperm(data.shape[0], generator=gen) if isinstance(data, torch.Tensor) else None
         lr = opt.param_groups[0]["lr"]
-        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, gen, min_batch):
+        batch_index = skip
+        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, min_batch, skip):
             x = x.to(task.adapter.device)
             paired = paired.to(task.adapter.device) if paired is not None else None
-            try:
-                stats = batch_stats(task, f, x, gen, paired)
-            except NonFiniteGradient as e:
-                raise FloatingPointError(
-                    f"non-finite (NaN/inf) per-sample gradient for weight {e.name} at step {step} (epoch {epoch}); "
-                    f"check the model's outputs and the data of this batch") from None
-            loss, mask = l3d_loss(stats.A, stats.B, stats.gsq, gram(f, task.selected), cfg.top_k)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            normalize_(f, task.selected, "out")
-            step += 1
-            active += mask.sum(0).double().cpu()
-            n_seen += mask.shape[0]
-            den = stats.gsq.detach().sum().item()
-            loss_num += loss.item() * den
-            loss_den += den
+            step(task, f, opt, x, paired, gen, sums, n_steps, epoch)
+            n_steps += 1
+            batch_index += 1
+            if checkpoint_every and n_steps % checkpoint_every == 0:
+                save_checkpoint(epoch, batch_index)
+        skip = 0
         sched.step()
-        p_act = active / max(n_seen, 1)
-        record = {"epoch": epoch, "loss": loss_num / max(loss_den, 1e-300), "lr": lr, "steps": step,
+        p_act = sums.active / max(sums.n_seen, 1)
+        record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum())}
         history.append(record)
+        sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64))
         bar.set_postfix(loss=f"{record['loss']:.4f}", dead=record["n_dead"])
+        if path is not None:
+            save_checkpoint(epoch + 1, 0)
     for t in f.values():
         t.requires_grad_(False)
     return f, history

@@ -1,0 +1,73 @@
+"""Data-parallel L3D with torch.distributed (launched by torchrun, any backend).
+
+Every rank holds the same factors and draws the same global batch (same seed); each
+computes the statistics of its contiguous shard. What makes the result equal to one process
+on the global batch: references are drawn over the gathered global batch, batch top-k runs on
+the gathered coefficients, the loss is normalised by the global sum of ||g||^2, and factor
+gradients are summed over ranks before the (identical) Adam step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of n items (earlier ranks get the extra)."""
+    r, w = rank(), world()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def shard(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None or not active():
+        return x
+    a, b = shard_bounds(x.shape[0])
+    return x[a:b]
+
+
+def gather_cat(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every rank's tensor concatenated along dim 0 in rank order (sizes may differ), and the
+    rows of the result that are this rank's."""
+    if not active():
+        return x, slice(0, x.shape[0])
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
+    biggest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((biggest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded.contiguous())
+    start = int(sum(s.item() for s in sizes[: rank()]))
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]), slice(start, start + x.shape[0])
+
+
+def all_reduce_(*tensors: torch.Tensor) -> None:
+    """In-place sum over ranks."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def sum_scalar(value: float, dtype: torch.dtype = torch.float64) -> float:
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=dtype)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()

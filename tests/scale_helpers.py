@@ -1,0 +1,59 @@
+"""Module-level helpers for the scale-out tests (run in subprocesses and spawned ranks)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import l3d_lens
+
+from .helpers import tiny_lm, tokens
+
+
+def slow_kl(out, ref):
+    """KL(reference || model); sleeps when L3D_TEST_SLOW is set so a run can be killed mid-way."""
+    if os.environ.get("L3D_TEST_SLOW"):
+        time.sleep(0.05)
+    return (ref.exp() * (ref - out.log_softmax(-1))).sum(-1)
+
+
+def resume_setup():
+    model = tiny_lm("bridge", dtype=torch.float32)
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.mlp"], n_subnetworks=4, rank=2, epochs=4,
+                             batch_size=8, lr=0.02, lr_step=2, divergence=slow_kl, sample="sequence")
+    return model, tokens(40, 6), cfg
+
+
+def run_with_checkpoint(path: str) -> None:
+    torch.set_num_threads(1)
+    model, data, cfg = resume_setup()
+    l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=path, checkpoint_every=1)
+
+
+def ddp_setup(sample: str):
+    model = tiny_lm("bridge", dtype=torch.float64)
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.mlp"], n_subnetworks=4, rank=2, epochs=2,
+                             batch_size=8, lr=0.02, top_k=0.2, dtype="float64", sample=sample)
+    return model, tokens(27, 6), cfg  # 27: the last global batch is uneven across 2 ranks
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, data, cfg = ddp_setup(sample)
+        dec = l3d_lens.decompose(model, data, cfg, progress=False)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in dec.factors.items()}, out)
+            with open(out + ".history", "w") as fh:
+                import json
+
+                json.dump(dec.history, fh)
+    finally:
+        dist.destroy_process_group()
