@@ -42,6 +42,8 @@ class L3DConfig:
     position: for sample="sequence": an int position or "all" (sum over positions).
     reference: "random" (another sample of the batch), "mean", "uniform", or "paired"
         (reference data passed to ``decompose``: contrastive pairs).
+    dtype: of the factors (and of the contractions); autocast: run the model's forward and
+        backward under torch.autocast in "bf16" or "fp16" (GPU), factors stay in ``dtype``.
     """
 
     components: Union[str, Sequence[str]]
@@ -62,6 +64,7 @@ class L3DConfig:
     device: Union[str, None] = None
     dtype: str = "float32"
     engine: str = "fast"
+    autocast: Union[str, None] = None
 
     def __post_init__(self) -> None:
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
@@ -93,6 +96,9 @@ class L3DConfig:
         _choice("reference", self.reference, REFERENCES)
         _choice("engine", self.engine, ENGINES)
         _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("autocast", self.autocast, (None, "bf16", "fp16"))
+        if self.autocast is not None and self.engine != "fast":
+            raise ValueError("autocast applies to the model's forward/backward in engine='fast'; use engine='fast'")
         for name in ("epochs", "batch_size", "lr_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -62,10 +62,23 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
 
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
+    check_memory(task, data)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
     factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
     return Decomposition(task, factors, history)
+
+
+def check_memory(task: Task, data: Data) -> None:
+    """Fail before training if the estimated peak memory exceeds what the device has."""
+    from . import distributed, memory
+
+    first = data if isinstance(data, torch.Tensor) else next(iter(data))
+    first = first[0] if isinstance(first, (tuple, list)) else first
+    seq_len = first.shape[1] if task.adapter.is_language_model else 1
+    batch = min(task.cfg.batch_size, first.shape[0]) if isinstance(data, torch.Tensor) else first.shape[0]
+    device = torch.device(task.cfg.device) if task.cfg.device else task.adapter.device
+    memory.check(task, max(1, batch // distributed.world()), seq_len, device)
 
 
 class Decomposition:

@@ -1,0 +1,86 @@
+"""A peak-memory estimate made before training starts, so that a selection that cannot fit
+fails at once with the numbers, instead of after minutes (or an OOM kill).
+
+The estimate adds: factors with their gradients and Adam moments; the captured activations
+and output gradients (token mode: one output gradient per target position); the model's own
+forward/backward activations (token mode: the backward is batched over positions); and, for
+the exact engine, the materialised per-sample gradients. It is an order-of-magnitude guide.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .adapters import POSITIONS, TOKENS
+from .subnetworks import resolve_ranks
+from .task import Task
+
+GiB = 1024**3
+
+
+def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
+    """Bytes per component of one training step's peak."""
+    cfg = task.cfg
+    fbytes = torch.finfo(cfg.torch_dtype).bits // 8
+    abytes = torch.finfo(task.adapter.model_dtype).bits // 8 if task.adapter.model_dtype.is_floating_point else 4
+    ranks = resolve_ranks(task.selected, cfg.rank)
+    n_factor = 0
+    for s in task.selected:
+        r = ranks[s.name]
+        n_factor += math.prod(r) + sum(i * ri for i, ri in zip(s.shape, r))
+    factors = 2 * cfg.n_subnetworks * n_factor * fbytes * 4
+    lm = task.adapter.is_language_model
+    tokens = batch_size * (seq_len if lm else 1)
+    per_target = seq_len if task.token_mode else 1
+    keys_in, keys_out = {}, {}
+    for s in task.selected:
+        site = s.site
+        size = dict(zip(site.modes, site.shape))
+        if site.input not in (None, TOKENS, POSITIONS):
+            keys_in[site.input] = math.prod(size[m] for m in site.in_modes)
+        keys_out[site.output] = math.prod(size[m] for m in site.out_modes)
+    captured = tokens * abytes * (sum(keys_in.values()) + per_target * sum(keys_out.values()))
+    # contraction intermediates: about one more captured-size tensor per factor side
+    contraction = 2 * tokens * fbytes * per_target * cfg.n_subnetworks * max(1, max(
+        (max(ranks[s.name]) for s in task.selected), default=1))
+    model = 0
+    if lm:
+        c = task.adapter.cfg
+        d_mlp = getattr(c, "d_mlp", None) or 0
+        per_token = c.n_layers * (16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp) + 2 * c.d_vocab
+        model = tokens * per_token * abytes * (1 + per_target)
+    exact = 0
+    if cfg.engine == "exact":
+        n_samples = batch_size * (seq_len if task.token_mode else 1)
+        exact = n_samples * sum(math.prod(s.shape) for s in task.selected) * fbytes * 2
+    return {"factors and Adam state": factors, "captured activations and gradients": captured,
+            "contractions": contraction, "model forward/backward": model, "per-sample gradients (exact)": exact}
+
+
+def available(device: torch.device) -> Optional[int]:
+    """Free bytes on the device (CUDA) or available RAM (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check(task: Task, batch_size: int, seq_len: int, device: torch.device) -> None:
+    parts = estimate(task, batch_size, seq_len)
+    need = sum(parts.values())
+    free = available(device)
+    if free is not None and need > free:
+        biggest = max(parts, key=parts.get)
+        detail = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in parts.items() if v)
+        raise MemoryError(
+            f"this decomposition needs about {need / GiB:.1f} GiB at its peak but {free / GiB:.1f} GiB is available "
+            f"on {device} ({detail}); the largest part is {biggest}: reduce batch_size, n_subnetworks, rank or the "
+            f"selection, or use sample='sequence' / engine='fast'")
