@@ -26,6 +26,15 @@ def test_quickstart_runs_and_matches_the_documented_shapes():
     assert printed[-1] == documented[-1] == "torch.Size([50, 8])"
 
 
+def test_reading_section_runs_after_the_quickstart():
+    ns: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for code in blocks("python")[:2]:
+            exec(compile(code, "README", "exec"), ns)
+    assert ns["imp"].shape == (64, 25, 8)
+    assert ns["logits"].shape == (4, 25, 64)
+
+
 def test_readme_has_exactly_the_two_commands():
     assert "l3d-lens demo" in README
     marker = README.index("<!-- test-command -->")
