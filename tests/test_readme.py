@@ -32,7 +32,7 @@ def test_reading_section_runs_after_the_quickstart():
         for code in blocks("python")[:2]:
             exec(compile(code, "README", "exec"), ns)
     assert ns["imp"].shape == (64, 25, 8)
-    assert ns["logits"].shape == (4, 25, 64)
+    assert ns["logits"].shape == (4, 25, len(ns["induction"].VOCAB))
 
 
 def test_readme_has_exactly_the_two_commands():

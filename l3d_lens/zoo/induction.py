@@ -24,7 +24,7 @@ WORDS = (
     "apple bread milk tea book pen door wall ship star hill lake bell song car box cup hat key map"
 ).split()
 BOS = "<bos>"
-VOCAB = (BOS, *WORDS)  # 64 tokens
+VOCAB = (BOS, *WORDS)  # 63 tokens
 HALF = 12  # random words per half: sequences are [BOS, w_1..w_12, w_1..w_12]
 CONFIG = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=len(VOCAB), n_ctx=2 * HALF + 1,
               act_fn="relu", normalization_type="LN", attn_only=True, d_mlp=None)
