@@ -44,6 +44,10 @@ class L3DConfig:
         (reference data passed to ``decompose``: contrastive pairs).
     dtype: of the factors (and of the contractions); autocast: run the model's forward and
         backward under torch.autocast in "bf16" or "fp16" (GPU), factors stay in ``dtype``.
+    aux_coef: weight of an auxiliary loss that revives dead subnetworks (0: off, as in the
+        paper): subnetworks outside every batch top-k for ``dead_steps`` steps are trained to
+        reconstruct the residual g - g_hat with their own top-k coefficients (AuxK, as for
+        top-k sparse autoencoders).
     """
 
     components: Union[str, Sequence[str]]
@@ -65,6 +69,8 @@ class L3DConfig:
     dtype: str = "float32"
     engine: str = "fast"
     autocast: Union[str, None] = None
+    aux_coef: float = 0.0
+    dead_steps: int = 20
 
     def __post_init__(self) -> None:
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
@@ -107,6 +113,10 @@ class L3DConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not isinstance(self.aux_coef, (int, float)) or self.aux_coef < 0:
+            raise ValueError(f"aux_coef must be >= 0 (0 turns the dead-subnetwork loss off), got {self.aux_coef!r}")
+        if not isinstance(self.dead_steps, int) or self.dead_steps < 1:
+            raise ValueError(f"dead_steps must be an int >= 1, got {self.dead_steps!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

@@ -31,3 +31,16 @@ def l3d_loss(A, B, gsq, G, top_k: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised reconstruction loss, top-k mask)."""
     mask = topk_mask(A, top_k)
     return sample_errors(A, B, gsq, G, mask).sum() / gsq.sum(), mask
+
+
+
+def aux_errors(A: Float[torch.Tensor, "s k"], B: Float[torch.Tensor, "s k"], errors: Float[torch.Tensor, " s"],
+               G_frozen: Float[torch.Tensor, "k k"], G: Float[torch.Tensor, "k k"], mask: Bool[torch.Tensor, "s k"],
+               aux_mask: Bool[torch.Tensor, "s k"]) -> Float[torch.Tensor, " s"]:
+    """AuxK: ||e_i - V_out c_aux_i||^2 per sample, where e_i = g_i - V_out c_i is the main
+    residual (held fixed) and c_aux keeps the top coefficients of the dead subnetworks.
+    V_out^T e = B - c G_frozen, with G_frozen[l, j] = <V_l (fixed), V_j>."""
+    c = (A * mask).detach()
+    c_aux = A * aux_mask
+    v_dot_e = B - c @ G_frozen
+    return errors.detach() - 2 * (c_aux * v_dot_e).sum(-1) + ((c_aux @ G) * c_aux).sum(-1)

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .data import Data, batches
 from .engine import NonFiniteGradient, batch_stats
-from .objective import sample_errors, topk_mask
+from .objective import aux_errors, sample_errors, topk_mask
 from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
 
@@ -30,6 +30,7 @@ class EpochSums:
     """Running sums over the batches of the current epoch."""
 
     active: torch.Tensor
+    last_active: torch.Tensor  # step at which each subnetwork was last in a batch top-k
     n_seen: int = 0
     loss_num: float = 0.0
     loss_den: float = 0.0
@@ -53,17 +54,30 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
             f"non-finite (NaN/inf) per-sample gradient for weight {e.name} at step {step_index} (epoch {epoch}); "
             f"check the model's outputs and the data of this batch") from None
     coef_all, local = distributed.gather_cat(stats.A.detach())
-    mask = topk_mask(coef_all, cfg.top_k)[local]
+    mask_all = topk_mask(coef_all, cfg.top_k)
+    mask = mask_all[local]
     den = distributed.sum_scalar(stats.gsq.detach().sum().item())
-    num = sample_errors(stats.A, stats.B, stats.gsq, gram(f, task.selected), mask).sum()
+    G = gram(f, task.selected)
+    errors = sample_errors(stats.A, stats.B, stats.gsq, G, mask)
+    num = errors.sum()
+    loss = num / den
+    dead = (step_index - sums.last_active) >= cfg.dead_steps
+    if cfg.aux_coef > 0 and dead.any():
+        dead_cols = dead.to(coef_all.device)
+        aux_mask = topk_mask(coef_all * dead_cols, cfg.top_k * int(dead.sum()) / dead.numel())[local] & dead_cols
+        frozen = {"frozen" + k[3:]: v.detach() for k, v in f.items() if k.startswith("out/")}
+        G_frozen = gram({**f, **frozen}, task.selected, "frozen", "out")
+        aux = aux_errors(stats.A, stats.B, errors, G_frozen, G, mask, aux_mask).sum()
+        aux_den = distributed.sum_scalar(errors.detach().sum().item())
+        loss = loss + cfg.aux_coef * aux / max(aux_den, 1e-30)
     opt.zero_grad(set_to_none=True)
-    (num / den).backward()
+    loss.backward()
     if distributed.active():
         distributed.all_reduce_(*[t.grad for t in f.values() if t.grad is not None])
     opt.step()
     normalize_(f, task.selected, "out")
-    counts = mask.sum(0).double().cpu()
-    distributed.all_reduce_(counts)
+    counts = mask_all.sum(0).double().cpu()
+    sums.last_active[counts > 0] = step_index + 1
     sums.active += counts
     sums.n_seen += coef_all.shape[0]
     sums.loss_num += distributed.sum_scalar(num.item())
@@ -85,7 +99,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     history: list[dict[str, Any]] = []
     min_batch = 1 if task.token_mode or cfg.reference != "random" else 2
     n_steps, start_epoch, skip, order = 0, 0, 0, None
-    sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64))
+    sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64), torch.zeros(cfg.n_subnetworks))
     identity = {"config": cfg.to_dict(), "data": data_fingerprint(data), "world": distributed.world()}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and (saved := ckpt.load(path)) is not None:
@@ -101,14 +115,15 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         gen.set_state(tensors["rng"])
         order = tensors.get("order")
         n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
-        sums = EpochSums(tensors["active"].double(), state["n_seen"], state["loss_num"], state["loss_den"])
+        sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
+                         state["loss_den"])
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         if path is None or distributed.rank() != 0:
             return
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
         tensors = {**{f"factor/{k}": v for k, v in f.items()}, **opt_tensors, "rng": gen.get_state(),
-                   "active": sums.active}
+                   "active": sums.active, "last_active": sums.last_active}
         if order is not None:
             tensors["order"] = order
         ckpt.save(path, {"identity": identity, "step": n_steps, "epoch": epoch, "batch": batch, "history": history,
@@ -136,7 +151,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum())}
         history.append(record)
-        sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64))
+        sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64), sums.last_active)
         bar.set_postfix(loss=f"{record['loss']:.4f}", dead=record["n_dead"])
         if path is not None:
             save_checkpoint(epoch + 1, 0)
