@@ -53,6 +53,10 @@ class Site:
         return self.input is None and self.output is not None
 
 
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class Adapter:
     """Base class: a model plus its sites. Subclasses fill ``sites`` and the native maps."""
 
@@ -165,3 +169,33 @@ class Adapter:
         finally:
             for h in handles:
                 h.remove()
+
+
+class TransformerLensAdapter(Adapter):
+    """Shared by the TransformerLens adapters: sizes come from the model's ``cfg``."""
+
+    is_language_model = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.cfg = model.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.cfg.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        return getattr(self.cfg, "d_mlp", 0) or 0
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cfg.n_ctx
+
+    @property
+    def d_vocab(self) -> int:
+        return self.cfg.d_vocab

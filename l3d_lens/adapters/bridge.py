@@ -14,20 +14,18 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .base import POSITIONS, TOKENS, Adapter, Site
+from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, identity
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-class BridgeAdapter(Adapter):
+class BridgeAdapter(TransformerLensAdapter):
     kind = "transformer_bridge"
-    is_language_model = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.cfg = model.cfg
         self._paths = {id(m): n for n, m in model.named_modules()}
         self._hooks = model.hook_dict
         cfg = self.cfg
@@ -128,34 +126,15 @@ class BridgeAdapter(Adapter):
                     raise RuntimeError(f"l3d_lens: layout conversion of {name} disagrees with the bridge's own view")
 
     # --- description -----------------------------------------------------------------------
-    @property
-    def n_layers(self) -> int:
-        return self.cfg.n_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.cfg.n_heads
-
-    @property
-    def d_mlp(self) -> int:
-        return getattr(self.cfg, "d_mlp", 0) or 0
-
-    @property
-    def n_ctx(self) -> int:
-        return self.cfg.n_ctx
-
-    @property
-    def d_vocab(self) -> int:
-        return self.cfg.d_vocab
 
 
 def _layout(layout: str, conv: bool, heads: Optional[tuple[int, int]]) -> tuple[Callable, Callable]:
     """(native -> TL, TL -> native) for one parameter; ``conv``: HF Conv1D stores [in, out]."""
     if layout == "same":
-        return (lambda t: t), (lambda t: t)
+        return identity, identity
     if layout == "linear":  # TL [in, out]; Linear [out, in]
         if conv:
-            return (lambda t: t), (lambda t: t)
+            return identity, identity
         return (lambda t: t.T), (lambda t: t.T)
     h, dh = heads
     if layout == "split_bias":  # TL [h, d_head]; native [h*d_head]

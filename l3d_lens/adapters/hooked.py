@@ -5,21 +5,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import POSITIONS, TOKENS, Adapter, Site
+from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, identity
 
 
-def _identity(t):
-    return t
-
-
-class HookedAdapter(Adapter):
+class HookedAdapter(TransformerLensAdapter):
     kind = "hooked_transformer"
-    is_language_model = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         cfg = model.cfg
-        self.cfg = cfg
         params = dict(model.named_parameters())
         fast_qkv = not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
 
@@ -30,8 +24,8 @@ class HookedAdapter(Adapter):
             self.sites[name] = Site(name, kind, layer, modes, shape, in_modes, out_modes,
                                     input if fast else None, output if fast else None)
             self._param_path[name] = name
-            self._to_native[name] = _identity
-            self._from_native[name] = _identity
+            self._to_native[name] = identity
+            self._from_native[name] = identity
             for key in (input, output):
                 if fast and key is not None and key not in (TOKENS, POSITIONS):
                     self._capture[key] = (model.get_submodule(key), "out")
@@ -66,23 +60,3 @@ class HookedAdapter(Adapter):
         add("unembed.W_U", "W_U", None, ("d_model", "d_vocab"), ("d_model",), ("d_vocab",), "unembed.hook_in",
             "unembed.hook_out")
         add("unembed.b_U", "b_U", None, ("d_vocab",), (), ("d_vocab",), None, "unembed.hook_out")
-
-    @property
-    def n_layers(self) -> int:
-        return self.cfg.n_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.cfg.n_heads
-
-    @property
-    def d_mlp(self) -> int:
-        return self.cfg.d_mlp or 0
-
-    @property
-    def n_ctx(self) -> int:
-        return self.cfg.n_ctx
-
-    @property
-    def d_vocab(self) -> int:
-        return self.cfg.d_vocab

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, Site
-
-
-def _identity(t):
-    return t
+from .base import Adapter, Site, identity
 
 
 class ModuleAdapter(Adapter):
@@ -42,5 +38,5 @@ class ModuleAdapter(Adapter):
                 site = Site(name, "parameter", None, tuple(f"dim{j}" for j in range(p.dim())), shape)
             self.sites[name] = site
             self._param_path[name] = name
-            self._to_native[name] = _identity
-            self._from_native[name] = _identity
+            self._to_native[name] = identity
+            self._from_native[name] = identity
