@@ -47,13 +47,26 @@ def resolve_ranks(selected: Sequence[Selected], rank) -> dict[str, tuple[int, ..
                 if ri > dim:
                     raise ValueError(f"rank {ri} for mode {m} ({s.site.modes[m]}) of {s.name} is above its size {dim}")
             out[s.name] = tuple(int(x) for x in r)
-        elif isinstance(r, float):
-            out[s.name] = tuple(max(1, math.ceil(r * dim)) for dim in s.shape)
+            continue
+        if isinstance(r, float):
+            ranks = [max(1, math.ceil(r * dim)) for dim in s.shape]
         else:
             if s.name in per and r > max(s.shape):
                 raise ValueError(f"rank {r} for {s.name} is above all its dimensions {s.shape}")
-            out[s.name] = tuple(min(int(r), dim) for dim in s.shape)
+            ranks = [min(int(r), dim) for dim in s.shape]
+        out[s.name] = _trim(ranks)
     return out
+
+
+def _trim(ranks: list[int]) -> tuple[int, ...]:
+    """Drop Tucker ranks that add parameters but no expressivity: a mode's rank above the
+    product of the others' (a vector needs rank 1: any vector is U[:, 0] * core)."""
+    if len(ranks) == 1:
+        return (1,)
+    out = list(ranks)
+    for m in range(len(out)):
+        out[m] = min(out[m], math.prod(out[:m] + out[m + 1:]))
+    return tuple(out)
 
 
 def init_factors(selected: Sequence[Selected], ranks: Mapping[str, tuple[int, ...]], n_subnetworks: int,
