@@ -1,5 +1,5 @@
 """Small models shipped with l3d_lens (trained here), with their data generators."""
 
-from . import induction
+from . import induction, two_tasks
 
-__all__ = ["induction"]
+__all__ = ["induction", "two_tasks"]

@@ -1,0 +1,627 @@
+"""L3D head to head with activation patching and attribution patching.
+
+``compare_with_patching(model, clean, corrupted, metric)`` runs three attributions of the
+same behaviour on the same (clean, corrupted) token pairs and puts them side by side:
+
+- **activation patching** (``transformer_lens.patching``): the metric after replacing one
+  head's output ``hook_z`` (all positions) -- or one MLP's output ``hook_mlp_out``, or one
+  neuron's ``mlp.hook_post`` -- by its value on the other input of the pair;
+- **attribution patching**: its first-order estimate, ``sum grad(metric) * (act_other -
+  act_base)`` over batch, positions and the unit's activation, with the gradient taken at the
+  base run (computed here: TransformerLens has no built-in; works on HookedTransformer and
+  TransformerBridge alike, through the same hook names);
+- **contrastive L3D**: ``decompose(model, base, cfg, reference=other)`` with
+  ``reference="paired"`` (the other input's output is each sample's reference; no top-k, a
+  few subnetworks), reduced to one score per head (see ``l3d_scores``).
+
+Direction. ``direction="noise"`` (default) patches the *corrupted* activation into the
+*clean* run, takes the attribution gradient at the clean run, and decomposes the clean inputs
+with the corrupted outputs as references: all three methods then look at the same point (the
+clean run) and ask which component, changed toward the corrupted input, changes the
+behaviour. ``direction="denoise"`` is the mirror image (TransformerLens's usual use: clean
+activations into the corrupted run; L3D on the corrupted inputs with the clean outputs as
+references). Effects are ``metric(patched base run) - metric(base run)``; methods are ranked
+by ``|effect|``, ``|estimate|`` and the (non-negative) L3D score, rank 1 = most important.
+
+The model is left exactly as it was: same weights, train/eval mode restored, every hook this
+module adds removed (even on error); bad input fails before any expensive work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .adapters import Adapter, make_adapter
+from .config import L3DConfig
+from .data import check_batch
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+Units = Union[bool, Iterable]
+METHODS = ("patching", "attribution", "l3d")
+DIRECTIONS = ("noise", "denoise")
+MLP_KINDS = ("W_in", "W_gate", "W_out", "b_in", "b_gate", "b_out")
+
+
+# --- statistics (no scipy / sklearn) ---------------------------------------------------------
+
+
+def _vector(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A flat CPU copy of a tensor, array or sequence."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", dtype).flatten().clone()
+    return torch.tensor(np.array(x, dtype=np.float64 if dtype == torch.float64 else bool)).to(dtype).flatten()
+
+
+def rankdata(x: Sequence[float]) -> torch.Tensor:
+    """Ascending ranks 1..n, ties sharing their average rank (like scipy's 'average')."""
+    x = _vector(x)
+    if torch.isnan(x).any():
+        raise ValueError("cannot rank NaN scores")
+    order = torch.argsort(x, stable=True)
+    xs = x[order]
+    ranks = torch.empty_like(x)
+    i, n = 0, len(xs)
+    while i < n:
+        j = i
+        while j + 1 < n and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1  # positions i..j hold ranks i+1..j+1
+        i = j + 1
+    return ranks
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for recovering ``labels`` (True = positive):
+    the probability that a random positive scores above a random negative, ties counting
+    one half (Mann-Whitney U from average ranks)."""
+    s = _vector(scores)
+    y = _vector(labels, torch.bool)
+    if s.shape != y.shape:
+        raise ValueError(f"auroc: {s.numel()} scores but {y.numel()} labels")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"auroc needs at least one positive and one negative, got {n_pos} and {n_neg}")
+    r = rankdata(s)
+    u = r[y].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN if either is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.shape != rb.shape:
+        raise ValueError(f"spearman: {ra.numel()} vs {rb.numel()} values")
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
+    return float("nan") if den == 0 else (ra * rb).sum().item() / den.item()
+
+
+def top_k_indices(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the k largest scores; ties broken by position (the earlier unit first)."""
+    s = _vector(scores)
+    order = sorted(range(len(s)), key=lambda i: (-s[i].item(), i))
+    return order[:k]
+
+
+def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
+    """|top-k(a) & top-k(b)| / k."""
+    return len(set(top_k_indices(a, k)) & set(top_k_indices(b, k))) / k
+
+
+# --- the result -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PatchingComparison:
+    """Per-unit scores of the three methods and how much they agree.
+
+    heads / mlp / neurons: DataFrames with the unit's index columns (layer, head | layer |
+    layer, neuron), ``patching`` (signed effect of patching it), ``attribution`` (signed
+    first-order estimate of that effect), ``l3d`` (L3D score, >= 0), ``rank_<method>`` (1 =
+    most important, ties averaged) and, with a ground truth, ``ground_truth`` (bool).
+    agreement: one row per (level, method pair): Spearman correlation and top-k overlap.
+    auroc: method -> AUROC of head recovery (None without ``ground_truth``).
+    """
+
+    heads: Optional[pd.DataFrame]
+    mlp: Optional[pd.DataFrame]
+    neurons: Optional[pd.DataFrame]
+    agreement: pd.DataFrame
+    auroc: Optional[dict[str, float]]
+    metric_clean: float
+    metric_corrupted: float
+    direction: str
+    top_k: int
+    decomposition: Any = dataclasses.field(repr=False, default=None)
+    cfg: Optional[L3DConfig] = dataclasses.field(repr=False, default=None)
+
+    def summary(self) -> str:
+        lines = [f"metric clean {self.metric_clean:.4f}, corrupted {self.metric_corrupted:.4f} "
+                 f"(direction={self.direction!r})"]
+        if self.auroc:
+            lines.append("AUROC: " + ", ".join(f"{m} {v:.3f}" for m, v in self.auroc.items()))
+        lines.append(self.agreement.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        if self.heads is not None:
+            lines.append(self.heads.sort_values("rank_patching").head(self.top_k).to_string(
+                index=False, float_format=lambda v: f"{v:.4g}"))
+        return "\n".join(lines)
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str]) -> list[tuple[int, int]]:
+    """True -> every (a, b); False/None -> []; an iterable of (a, b) pairs -> validated list."""
+    n_a, n_b = sizes
+    if value is True:
+        return list(itertools.product(range(n_a), range(n_b)))
+    if value is False or value is None:
+        return []
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be True/False or an iterable of ({what[0]}, {what[1]}) pairs, "
+                        f"got {type(value).__name__}")
+    out = []
+    for item in value:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(_is_int(i) for i in item)):
+            raise TypeError(f"{name}: each entry must be a ({what[0]}, {what[1]}) pair of ints, got {item!r}")
+        a, b = item
+        if not (0 <= a < n_a and 0 <= b < n_b):
+            raise ValueError(f"{name}: ({what[0]} {a}, {what[1]} {b}) does not exist; the model has {n_a} "
+                             f"{what[0]}s of {n_b} {what[1]}s")
+        if (a, b) not in out:
+            out.append((a, b))
+    if not out:
+        raise ValueError(f"{name} is empty; pass True for all, False for none, or some ({what[0]}, {what[1]}) pairs")
+    return sorted(out)
+
+
+def _layers(value: Units, n_layers: int) -> list[int]:
+    if value is True:
+        return list(range(n_layers))
+    if value is False or value is None:
+        return []
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
+        raise TypeError(f"mlp must be True/False or an iterable of layer indices, got {type(value).__name__}")
+    out = sorted(set(value))
+    for layer in out:
+        if not _is_int(layer) or not 0 <= layer < n_layers:
+            raise ValueError(f"mlp: layer {layer!r} does not exist; the model has {n_layers} layers")
+    if not out:
+        raise ValueError("mlp is empty; pass True for all layers, False for none, or some layer indices")
+    return out
+
+
+def _check_tokens(adapter: Adapter, clean: Any, corrupted: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    clean = check_batch(adapter, clean, "clean")
+    corrupted = check_batch(adapter, corrupted, "corrupted")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean has shape {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)}; patching "
+                         f"needs pairs of the same shape (same number of sequences and positions)")
+    if torch.equal(clean, corrupted):
+        raise ValueError("clean and corrupted are identical: there is nothing to patch")
+    device = adapter.device
+    return clean.to(device), corrupted.to(device)
+
+
+def _metric_value(metric: Metric, logits: torch.Tensor, what: str) -> torch.Tensor:
+    try:
+        value = metric(logits)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise type(e)(f"metric failed on the model's logits of shape {tuple(logits.shape)} ({what} run): {e}") from e
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"metric must return a torch.Tensor (a scalar), got {type(value).__name__}; e.g. "
+                        f"lambda logits: logits[:, -1, a].mean() - logits[:, -1, b].mean()")
+    if value.dim() != 0:
+        raise ValueError(f"metric must return a scalar (0-dim) tensor, averaged over the batch, got shape "
+                         f"{tuple(value.shape)}; reduce it, e.g. with .mean()")
+    if not value.is_floating_point():
+        raise TypeError(f"metric must return a floating-point scalar, got dtype {value.dtype}")
+    if not torch.isfinite(value):
+        raise ValueError(f"metric returned {value.item()} on the {what} run; it must be finite")
+    return value
+
+
+def _check_metric(adapter: Adapter, metric: Metric, clean: torch.Tensor,
+                  corrupted: torch.Tensor) -> tuple[float, float]:
+    """Two plain forwards: the metric is a finite scalar on both, and differentiable."""
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable logits -> scalar tensor, got {type(metric).__name__}")
+    with torch.no_grad():
+        logits_clean = adapter.forward(clean)
+        logits_corr = adapter.forward(corrupted)
+    m_clean = _metric_value(metric, logits_clean, "clean")
+    m_corr = _metric_value(metric, logits_corr, "corrupted")
+    with torch.enable_grad():
+        probe = logits_clean.detach().clone().requires_grad_(True)
+        value = metric(probe)
+        if not value.requires_grad:
+            raise ValueError("metric is not differentiable in the logits (its result does not require grad); "
+                             "attribution patching needs gradients: avoid .item(), argmax or detaching inside it")
+        (grad,) = torch.autograd.grad(value, probe, allow_unused=True)
+    if grad is None or not torch.isfinite(grad).all():
+        raise ValueError("metric's gradient with respect to the logits is missing or not finite")
+    return m_clean.item(), m_corr.item()
+
+
+# --- model hygiene --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the body; afterwards every module's mode restored and every hook added
+    meanwhile removed (TransformerLens handles and raw torch hooks), even on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    hook_points = dict(getattr(model, "hook_dict", {}) or {})
+    lens_before = {id(hp): ({id(h) for h in getattr(hp, "fwd_hooks", [])},
+                            {id(h) for h in getattr(hp, "bwd_hooks", [])}) for hp in hook_points.values()}
+    torch_before = {id(m): (set(m._forward_hooks), set(m._forward_pre_hooks), set(m._backward_hooks))
+                    for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for hp in hook_points.values():
+            fwd, bwd = lens_before.get(id(hp), (set(), set()))
+            for attr, keep in (("fwd_hooks", fwd), ("bwd_hooks", bwd)):
+                handles = getattr(hp, attr, None)
+                if handles is None:
+                    continue
+                for h in [h for h in handles if id(h) not in keep]:
+                    h.hook.remove()
+                setattr(hp, attr, [h for h in handles if id(h) in keep])
+        for m in model.modules():
+            before = torch_before.get(id(m))
+            if before is None:
+                continue
+            for store, keep in zip((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks), before):
+                for key in [k for k in store if k not in keep]:
+                    del store[key]
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _quiet(progress: bool) -> Iterator[None]:
+    """Silence TransformerLens's per-patch tqdm bars unless progress was asked for (tqdm reads
+    its TQDM_* environment at import, so the bar factory of transformer_lens.patching is
+    swapped for a pass-through for the duration, and put back even on error)."""
+    from transformer_lens import patching
+
+    if progress or not hasattr(patching, "tqdm"):
+        yield
+        return
+    original = patching.tqdm
+    patching.tqdm = lambda iterable=None, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        patching.tqdm = original
+
+
+# --- activation patching (TransformerLens) ----------------------------------------------------
+
+
+def _hook_names(heads, mlp_layers, neurons) -> list[str]:
+    names = {f"blocks.{layer}.attn.hook_z" for layer, _ in heads}
+    names |= {f"blocks.{layer}.hook_mlp_out" for layer in mlp_layers}
+    names |= {f"blocks.{layer}.mlp.hook_post" for layer, _ in neurons}
+    return sorted(names)
+
+
+def _whole_activation(corrupted_activation, index, clean_activation):
+    return clean_activation.clone()  # a copy: later in-place ops must not reach the cache
+
+
+def _neuron_setter(corrupted_activation, index, clean_activation):
+    n = int(index[1])
+    corrupted_activation[..., n] = clean_activation[..., n]
+    return corrupted_activation
+
+
+def activation_patching(model: nn.Module, base: torch.Tensor, source_cache, metric: Metric, heads, mlp_layers,
+                        neurons) -> dict[str, torch.Tensor]:
+    """metric(base run with one unit's activation taken from ``source_cache``) per unit, with
+    transformer_lens.patching: heads via get_act_patch_attn_head_out_all_pos ("z"), MLPs and
+    neurons via generic_activation_patch ("mlp_out" / "post", all positions)."""
+    from transformer_lens import patching
+
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if heads:
+            index = pd.DataFrame(heads, columns=["layer", "head"])
+            out["heads"] = patching.get_act_patch_attn_head_out_all_pos(model, base, source_cache, metric,
+                                                                        index_axis_names=None, index_df=index)
+        if mlp_layers:
+            index = pd.DataFrame({"layer": mlp_layers})
+            out["mlp"] = patching.generic_activation_patch(model, base, source_cache, metric, _whole_activation,
+                                                           "mlp_out", None, index)
+        if neurons:
+            index = pd.DataFrame(neurons, columns=["layer", "neuron"])
+            out["neurons"] = patching.generic_activation_patch(model, base, source_cache, metric, _neuron_setter,
+                                                               "post", None, index)
+    return {k: v.detach().to("cpu", torch.float64).flatten() for k, v in out.items()}
+
+
+# --- attribution patching (ours) ------------------------------------------------------------
+
+
+def _run_with_probes(adapter: Adapter, tokens: torch.Tensor, names: Sequence[str], metric: Metric):
+    """Forward with a zero probe added at each hook point; returns (metric value, activations
+    at the hook points, d metric / d activation). The probes carry the gradient, so nothing is
+    accumulated in the model's .grad and frozen parameters do not matter."""
+    acts: dict[str, torch.Tensor] = {}
+    probes: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def hook(act, hook):
+            if name in probes:  # an aliased HookPoint may call us again in one forward: pass through
+                return act
+            probe = torch.zeros_like(act, requires_grad=True)
+            acts[name] = act.detach().clone()
+            probes[name] = probe
+            return act + probe
+        return hook
+
+    with torch.enable_grad(), adapter.model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
+        value = metric(adapter.forward(tokens))
+        missing = [n for n in names if n not in probes]
+        if missing:
+            raise RuntimeError(f"hook points {missing} did not fire in the forward pass of this model")
+        grads = torch.autograd.grad(value, [probes[n] for n in names], allow_unused=True)
+    grads = {n: (g if g is not None else torch.zeros_like(acts[n])).detach() for n, g in zip(names, grads)}
+    return value.detach(), acts, grads
+
+
+def attribution_patching(model: Union[nn.Module, Adapter], base: torch.Tensor, source: torch.Tensor, metric: Metric,
+                         heads=(), mlp_layers=(), neurons=()) -> dict[str, torch.Tensor]:
+    """First-order estimate of every activation-patching effect from one forward and backward:
+    sum over batch and positions (and the unit's dims) of grad_base(metric) * (act_source - act_base).
+    heads / neurons: lists of (layer, head) / (layer, neuron); mlp_layers: list of layers."""
+    adapter = model if isinstance(model, Adapter) else make_adapter(model)
+    names = _hook_names(heads, mlp_layers, neurons)
+    with torch.no_grad():
+        source_acts = _capture(adapter, source, names)
+    _, base_acts, grads = _run_with_probes(adapter, base, names, metric)
+    prod = {n: (grads[n].double() * (source_acts[n].double() - base_acts[n].double())) for n in names}
+    out: dict[str, torch.Tensor] = {}
+    if heads:  # z: [batch, pos, head, d_head]
+        out["heads"] = torch.stack([prod[f"blocks.{layer}.attn.hook_z"][:, :, h].sum() for layer, h in heads])
+    if mlp_layers:
+        out["mlp"] = torch.stack([prod[f"blocks.{layer}.hook_mlp_out"].sum() for layer in mlp_layers])
+    if neurons:
+        out["neurons"] = torch.stack([prod[f"blocks.{layer}.mlp.hook_post"][..., n].sum() for layer, n in neurons])
+    return {k: v.to("cpu") for k, v in out.items()}
+
+
+def _capture(adapter: Adapter, tokens: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    acts: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def hook(act, hook):
+            acts.setdefault(name, act.detach().clone())
+        return hook
+
+    with adapter.model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
+        adapter.forward(tokens)
+    return acts
+
+
+# --- contrastive L3D ------------------------------------------------------------------------
+
+
+def default_l3d_config(model: nn.Module, n_pairs: int, *, mlp: bool = False, **overrides: Any) -> L3DConfig:
+    """The contrastive-L3D settings ``compare_with_patching`` uses unless given a cfg: the
+    attention weights of every layer (plus every MLP with ``mlp``), no biases, reference =
+    the paired input's output, one sample per pair with the KL summed over all positions
+    (``position="all"``: the metric may read any position), no top-k (``top_k=1.0``; a
+    contrast targets one behaviour), 4 subnetworks of Tucker rank max(4, n_heads) (full rank
+    over the head mode for small models), about 150 Adam steps with the learning rate
+    decayed x0.8 five times, in the model's dtype."""
+    adapter = make_adapter(model)
+    batch = max(1, min(32, n_pairs))
+    steps_per_epoch = math.ceil(n_pairs / batch)
+    epochs = int(min(150, max(10, math.ceil(150 / steps_per_epoch))))
+    dtype = "float64" if adapter.model_dtype == torch.float64 else "float32"
+    settings = dict(components=["blocks.*.attn"] + (["blocks.*.mlp"] if mlp else []), n_subnetworks=4,
+                    rank=max(4, adapter.n_heads), top_k=1.0, sample="sequence", position="all", reference="paired",
+                    include_biases=False, epochs=epochs, batch_size=batch, lr=0.01, lr_decay=0.8,
+                    lr_step=max(1, epochs // 5), seed=0, dtype=dtype)
+    settings.update(overrides)
+    return L3DConfig(**settings)
+
+
+def _check_l3d_coverage(task, heads, mlp_layers, neurons) -> None:
+    """Every unit asked for must lie in a decomposed weight, or its L3D score would be a silent 0."""
+    covered_heads, covered_neurons, covered_mlp = set(), set(), set()
+    for s in task.selected:
+        site = s.site
+        if site.layer is None:
+            continue
+        if "head" in site.modes:
+            axis = site.modes.index("head")
+            idx = s.indices if s.axis == axis else range(site.shape[axis])
+            covered_heads |= {(site.layer, h) for h in idx}
+        if site.kind in MLP_KINDS:
+            covered_mlp.add(site.layer)
+            if "d_mlp" in site.modes:
+                axis = site.modes.index("d_mlp")
+                idx = s.indices if s.axis == axis else range(site.shape[axis])
+                covered_neurons |= {(site.layer, n) for n in idx}
+    for what, wanted, covered in (("heads", heads, covered_heads), ("MLP layers", mlp_layers, covered_mlp),
+                                  ("neurons", neurons, covered_neurons)):
+        missing = [u for u in wanted if u not in covered]
+        if missing:
+            raise ValueError(f"cfg.components {list(task.cfg.components)} do not cover the {what} {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}; add them (e.g. 'blocks.*.attn', 'blocks.*.mlp')"
+                             f" or leave cfg=None")
+
+
+def l3d_scores(dec, data: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One L3D score per head, MLP layer and neuron from a contrastive decomposition:
+
+        score(u) = sum_k  mean_i |c_ik|  *  share_k(u)
+
+    c_ik = V_in[k] . g_i is subnetwork k's coefficient on pair i (how much of pair i's
+    gradient of divergence it carries), and share_k(u) is the fraction of subnetwork k's
+    squared norm on unit u (``Decomposition.attribution``: a head's W_Q/W_K/W_V/W_O slices; an
+    MLP layer's weights; a neuron's W_in column, W_out row and bias). A unit scores high when
+    subnetworks that are strongly active on the pairs live on it. Returns [n_layers, n_heads],
+    [n_layers] and [n_layers, d_mlp] tensors (zeros where nothing was decomposed)."""
+    weight = dec.coefficients(data, reference).abs().mean(0).double().cpu()  # [k]
+    df = dec.attribution()
+    adapter = dec.adapter
+    n_layers, n_heads, d_mlp = adapter.n_layers, adapter.n_heads, adapter.d_mlp
+    heads = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    mlp = torch.zeros(n_layers, dtype=torch.float64)
+    neurons = torch.zeros(n_layers, max(d_mlp, 1), dtype=torch.float64)
+    for row in df.itertuples(index=False):
+        if pd.isna(row.layer):
+            continue
+        w = weight[int(row.subnetwork)].item() * float(row.share)
+        if not pd.isna(row.head):
+            heads[int(row.layer), int(row.head)] += w
+        if row.kind in MLP_KINDS:
+            mlp[int(row.layer)] += w
+            if not pd.isna(row.neuron):
+                neurons[int(row.layer), int(row.neuron)] += w
+    return {"heads": heads, "mlp": mlp, "neurons": neurons}
+
+
+# --- the comparison -------------------------------------------------------------------------
+
+
+def _frame(index: pd.DataFrame, scores: dict[str, torch.Tensor], truth: Optional[set]) -> pd.DataFrame:
+    df = index.copy()
+    for m in METHODS:
+        df[m] = scores[m].numpy()
+    for m in METHODS:
+        key = df[m].abs() if m != "l3d" else df[m]
+        df[f"rank_{m}"] = len(df) + 1 - rankdata(key.to_numpy()).numpy()
+    if truth is not None:
+        df["ground_truth"] = [tuple(int(v) for v in row) in truth for row in index.itertuples(index=False)]
+    return df
+
+
+def _agreement(level: str, df: pd.DataFrame, k: int) -> list[dict[str, Any]]:
+    rows = []
+    keys = {m: (df[m].abs() if m != "l3d" else df[m]).to_numpy() for m in METHODS}
+    for a, b in itertools.combinations(METHODS, 2):
+        rows.append({"level": level, "method_a": a, "method_b": b, "spearman": spearman(keys[a], keys[b]),
+                     "top_k": k, "top_k_overlap": top_k_overlap(keys[a], keys[b], k)})
+    return rows
+
+
+def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric, *,
+                          cfg: Optional[L3DConfig] = None, heads: Units = True, mlp: Units = False,
+                          neurons: Units = False, ground_truth: Optional[Iterable] = None, top_k: int = 5,
+                          direction: str = "noise", progress: bool = False) -> PatchingComparison:
+    """Activation patching, attribution patching and contrastive L3D on the same (clean,
+    corrupted) pairs, per head (and per MLP layer / neuron when asked).
+
+    model: a HookedTransformer or TransformerBridge. clean, corrupted: token ids [n, seq] of
+    the same shape. metric: logits [n, seq, d_vocab] -> scalar tensor (averaged over the
+    batch; differentiable). cfg: an L3DConfig with reference="paired" (default:
+    ``default_l3d_config``). heads / neurons: True, False or a list of (layer, head) /
+    (layer, neuron); mlp: True, False or a list of layers. ground_truth: a set of (layer,
+    head) the behaviour is known to use; gives each method's AUROC for recovering it.
+    top_k: k of the top-k overlaps (at most the number of units of each level). direction:
+    "noise" (default) or "denoise" (see the module docstring).
+    """
+    adapter = make_adapter(model)
+    if adapter.kind not in ("hooked_transformer", "transformer_bridge"):
+        raise TypeError(f"compare_with_patching needs a HookedTransformer or TransformerBridge (activation patching "
+                        f"works on hook points), got {type(model).__name__}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; choose 'noise' (corrupted activations into the clean run) or "
+                         f"'denoise' (clean activations into the corrupted run)")
+    clean, corrupted = _check_tokens(adapter, clean, corrupted)
+    n_layers, n_heads, d_mlp = adapter.n_layers, adapter.n_heads, adapter.d_mlp
+    head_list = _pairs(heads, "heads", (n_layers, n_heads), ("layer", "head"))
+    if (mlp is not False and mlp is not None) or (neurons is not False and neurons is not None):
+        if not d_mlp or not any(s.kind == "W_in" for s in adapter.sites.values()):
+            raise ValueError("mlp/neurons were asked for but this model has no MLPs (attention-only)")
+    mlp_layers = _layers(mlp, n_layers)
+    neuron_list = _pairs(neurons, "neurons", (n_layers, d_mlp), ("layer", "neuron")) if d_mlp else []
+    if not (head_list or mlp_layers or neuron_list):
+        raise ValueError("nothing to compare: heads, mlp and neurons are all off")
+    truth = None
+    if ground_truth is not None:
+        if not head_list:
+            raise ValueError("ground_truth is a set of (layer, head) but heads=False")
+        truth = set(_pairs(list(ground_truth), "ground_truth", (n_layers, n_heads), ("layer", "head")))
+        outside = truth - set(head_list)
+        if outside:
+            raise ValueError(f"ground_truth heads {sorted(outside)} are not among the compared heads")
+        if len(truth) == len(head_list):
+            raise ValueError("ground_truth contains every compared head; AUROC needs at least one negative")
+    if not _is_int(top_k) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if cfg is None:
+        cfg = default_l3d_config(model, clean.shape[0], mlp=bool(mlp_layers or neuron_list))
+    if not isinstance(cfg, L3DConfig):
+        raise TypeError(f"cfg must be an l3d_lens.L3DConfig, got {type(cfg).__name__}")
+    if cfg.reference != "paired":
+        raise ValueError(f"cfg.reference={cfg.reference!r}; contrastive L3D needs reference='paired' (the other "
+                         f"input of each pair is the reference)")
+    from .decomposition import build_task, decompose
+
+    _check_l3d_coverage(build_task(model, cfg), head_list, mlp_layers, neuron_list)
+
+    base, source = (clean, corrupted) if direction == "noise" else (corrupted, clean)
+    with _untouched(model), _quiet(progress):
+        m_clean, m_corr = _check_metric(adapter, metric, clean, corrupted)
+        m_base = m_clean if direction == "noise" else m_corr
+        # (a) activation patching
+        names = _hook_names(head_list, mlp_layers, neuron_list)
+        with torch.no_grad():
+            _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
+        patched = activation_patching(model, base, source_cache, metric, head_list, mlp_layers, neuron_list)
+        del source_cache
+        effects = {k: v - m_base for k, v in patched.items()}
+        # (b) attribution patching
+        estimates = attribution_patching(adapter, base, source, metric, head_list, mlp_layers, neuron_list)
+        # (c) contrastive L3D
+        dec = decompose(model, base, cfg, reference=source, progress=progress)
+        l3d = l3d_scores(dec, base, source)
+
+    frames: dict[str, Optional[pd.DataFrame]] = {"heads": None, "mlp": None, "neurons": None}
+    rows: list[dict[str, Any]] = []
+    if head_list:
+        idx = pd.DataFrame(head_list, columns=["layer", "head"])
+        sc = torch.stack([l3d["heads"][lay, h] for lay, h in head_list])
+        frames["heads"] = _frame(idx, {"patching": effects["heads"], "attribution": estimates["heads"], "l3d": sc},
+                                 truth)
+        rows += _agreement("head", frames["heads"], min(top_k, len(head_list)))
+    if mlp_layers:
+        idx = pd.DataFrame({"layer": mlp_layers})
+        sc = torch.stack([l3d["mlp"][lay] for lay in mlp_layers])
+        frames["mlp"] = _frame(idx, {"patching": effects["mlp"], "attribution": estimates["mlp"], "l3d": sc}, None)
+        rows += _agreement("mlp", frames["mlp"], min(top_k, len(mlp_layers)))
+    if neuron_list:
+        idx = pd.DataFrame(neuron_list, columns=["layer", "neuron"])
+        sc = torch.stack([l3d["neurons"][lay, n] for lay, n in neuron_list])
+        frames["neurons"] = _frame(idx, {"patching": effects["neurons"], "attribution": estimates["neurons"],
+                                         "l3d": sc}, None)
+        rows += _agreement("neuron", frames["neurons"], min(top_k, len(neuron_list)))
+    aurocs = None
+    if truth is not None:
+        df = frames["heads"]
+        aurocs = {m: auroc((df[m].abs() if m != "l3d" else df[m]).to_numpy(), df["ground_truth"].to_numpy())
+                  for m in METHODS}
+    return PatchingComparison(heads=frames["heads"], mlp=frames["mlp"], neurons=frames["neurons"],
+                              agreement=pd.DataFrame(rows), auroc=aurocs, metric_clean=m_clean,
+                              metric_corrupted=m_corr, direction=direction, top_k=top_k, decomposition=dec, cfg=cfg)
