@@ -164,7 +164,8 @@ def identify_induction(model) -> tuple[set, pd.DataFrame, list[str]]:
         rows.append({"layer": layer, "head": h, "prev-token attn": prev, "look-back attn (i-11)": look,
                      "BOS attn": bos, "mean-ablation drop (nats)": drop})
     table = pd.DataFrame(rows)
-    truth = {(int(r.layer), int(r.head)) for r in table.itertuples() if r[6] > 0.05}
+    truth = {(int(r.layer), int(r.head)) for r in table.itertuples()
+             if (r.layer == 0 and r[3] > 0.5) or (r.layer == 1 and r[4] > 0.5)}
     notes = []
     for half in (12, 10, 8, 6):
         xs = induction.repeated_sequences(256, seed=999, half=half)
@@ -376,15 +377,13 @@ def main() -> None:
         "",
         md_table(ident, "{:.3f}"),
         "",
-        f"Ground truth (mean-ablation drop > 0.05 nats): {sorted(truth)}. Loss (nats) on the second half of "
-        f"repeats of other periods: {'; '.join(notes)} (chance: {torch.log(torch.tensor(63.0)).item():.2f}). "
-        "**The shipped model does not implement the previous-token + induction-head circuit its docstring "
-        "describes**: three layer-0 heads attend by position to i-11 (a fixed-offset look-back that only works "
-        "because every training sequence has period 12), no head attends to the previous token, and layer 1 "
-        "does nothing measurable. The ground truth above is therefore these three heads. For the same reason "
-        "the pairs corrupt the *first* half (fresh words; the look-back then copies the wrong word): "
-        "replacing the second half instead leaves this model's prediction of the clean continuation intact, "
-        "since it never reads the current token to find the earlier copy.",
+        f"Ground truth (attention patterns: previous-token attention > 0.5 in layer 0, look-back attention "
+        f"> 0.5 in layer 1): {sorted(truth)}. Loss (nats) on the second half of repeats of other periods: "
+        f"{'; '.join(notes)} (chance: {torch.log(torch.tensor(63.0)).item():.2f}). The model (trained on "
+        "periods 3-12, no LayerNorm) has a previous-token head and four induction heads. The induction heads "
+        "are redundant: mean-ablating one of them costs little (last column), so *noising* a single head "
+        "barely moves the metric and every single-head method scores low in the `noise` rows; *denoising* "
+        "(clean head output into the corrupted run) isolates each head's contribution.",
         "",
     ]
     res = results[("noise", 0)]

@@ -2,7 +2,7 @@
 
     python scripts/train_default_model.py
 
-One CPU thread, about a minute; prints the induction losses it reaches."""
+One CPU thread, a few minutes; prints the induction losses it reaches."""
 
 import torch
 

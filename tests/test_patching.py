@@ -351,24 +351,24 @@ def induction_pairs(n=64):
     return clean, corrupted, metric
 
 
-def mean_ablation_heads(model, tokens, metric, threshold=0.05):
-    """Heads whose mean-ablation (hook_z replaced by its mean over sequences) lowers the metric
-    by more than ``threshold``: the ground truth, found independently of the three methods."""
-    with torch.no_grad():
-        base = metric(model(tokens)).item()
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    z = cache(model, tokens, names)
-    found = set()
-    for layer, h in itertools.product(range(model.cfg.n_layers), range(model.cfg.n_heads)):
-        name = f"blocks.{layer}.attn.hook_z"
+def circuit_heads(model, tokens, threshold=0.5):
+    """The induction circuit from attention patterns alone (independent of the three methods):
+    layer-0 heads attending to the previous token, layer-1 heads attending to the token after
+    the earlier copy (i - 11 in the repeated half)."""
+    from l3d_lens.zoo import induction
 
-        def hook(act, hook, h=h, name=name):
-            act = act.clone()
-            act[:, :, h] = z[name][:, :, h].mean(0)
-            return act
-        with torch.no_grad(), model.hooks(fwd_hooks=[(name, hook)]):
-            if base - metric(model(tokens)).item() > threshold:
-                found.add((layer, h))
+    H = induction.HALF
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(2)]
+    pats = cache(model, tokens, names)
+    found = set()
+    for h in range(model.cfg.n_heads):
+        p0, p1 = pats[names[0]][:, h], pats[names[1]][:, h]
+        prev = torch.stack([p0[:, i, i - 1] for i in range(1, tokens.shape[1])], -1).mean()
+        look = torch.stack([p1[:, i, i - H + 1] for i in range(H + 1, tokens.shape[1])], -1).mean()
+        if prev > threshold:
+            found.add((0, h))
+        if look > threshold:
+            found.add((1, h))
     return found
 
 
@@ -378,46 +378,33 @@ def induction_result():
 
     model = induction.load()
     clean, corrupted, metric = induction_pairs()
-    truth = mean_ablation_heads(model, clean, metric)
-    return truth, compare_with_patching(model, clean, corrupted, metric, ground_truth=truth, top_k=len(truth))
+    truth = circuit_heads(model, clean)
+    return truth, compare_with_patching(model, clean, corrupted, metric, ground_truth=truth, top_k=len(truth),
+                                        direction="denoise")
 
 
 def test_induction_ground_truth(induction_result):
-    """The shipped model's circuit, identified by mean ablation: three layer-0 heads; layer 1
-    does nothing measurable (see BENCHMARKS.md: a fixed-offset look-back, not a
-    previous-token + induction head pair)."""
+    """The shipped model's circuit: one previous-token head (L0H2) and four induction heads."""
     truth, _ = induction_result
-    assert truth == {(0, 0), (0, 1), (0, 2)}
+    assert truth == {(0, 2), (1, 0), (1, 1), (1, 2), (1, 3)}
 
 
 def test_induction_patching_ranks_known_heads_first(induction_result):
+    """Denoising (clean head outputs into the corrupted run) recovers the circuit; the four
+    induction heads are redundant, so noising one of them alone barely matters."""
     truth, res = induction_result
     h = res.heads
     assert res.auroc["patching"] == 1.0
     assert set(map(tuple, h[h["rank_patching"] <= len(truth)][["layer", "head"]].values.tolist())) == truth
-    assert (h["patching"] < 0).all()  # noising only hurts
-    assert res.metric_clean > -0.01 and res.metric_corrupted < -10
+    assert res.auroc["attribution"] >= 0.9
+    assert res.metric_clean > -0.2 and res.metric_corrupted < -5
 
 
-def test_induction_l3d_and_attribution_partial(induction_result):
-    """What holds for L3D and attribution patching: their top head is a circuit head and every
-    circuit head ranks above every layer-1 head; but each ranks the inert head (0, 3) above a
-    circuit head (AUROC 14/15 and 13/15), see the strict xfail below."""
-    truth, res = induction_result
-    h = res.heads
-    for m in ("l3d", "attribution"):
-        top = h.loc[h[f"rank_{m}"].idxmin()]
-        assert (int(top.layer), int(top["head"])) in truth
-        assert h[h.ground_truth][f"rank_{m}"].max() < h[h.layer == 1][f"rank_{m}"].min()
-    assert res.auroc["l3d"] == pytest.approx(13 / 15)
-    assert res.auroc["attribution"] == pytest.approx(14 / 15)
-
-
-@pytest.mark.xfail(strict=True, reason="contrastive L3D ranks the inert head (0, 3) above the circuit head (0, 1) "
-                                       "on the induction model (BENCHMARKS.md, Circuit recovery)")
+@pytest.mark.xfail(strict=True, reason="contrastive L3D puts its mass on layer 0, whose weights carry the largest "
+                                       "gradients, and ranks the induction heads last (BENCHMARKS.md)")
 def test_induction_l3d_ranks_known_heads_first(induction_result):
     _, res = induction_result
-    assert res.auroc["l3d"] == 1.0
+    assert res.auroc["l3d"] >= 0.9
 
 
 @pytest.fixture(scope="module")

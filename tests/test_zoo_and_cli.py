@@ -25,7 +25,7 @@ def test_default_model_reproduces_its_training_logits(kind):
         logits = model(torch.tensor(meta["probe_tokens"]))
     assert torch.allclose(logits[0, -1], torch.tensor(meta["probe_logits_first"]), atol=1e-4)
     first, second = induction.induction_loss(model)
-    assert second < 0.05 < 3.0 < first  # it does induction, and nothing else
+    assert second < 0.1 < 3.0 < first  # it predicts the repeated half, and nothing else
 
 
 def test_attribution_shares_sum_to_one_and_agree_across_layouts():

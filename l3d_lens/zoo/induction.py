@@ -1,6 +1,7 @@
-"""The embedded default model: a 2-layer attention-only transformer trained here on repeated
-random word sequences, so that it solves the second half with an induction circuit
-(previous-token head in layer 0, induction head in layer 1). Small, known circuit, shipped
+"""The embedded default model: a 2-layer attention-only transformer trained here on random
+word sequences that repeat with a period varying from sequence to sequence, so that it
+predicts repeats with an induction circuit (previous-token head in layer 0, induction head in
+layer 1) rather than a fixed positional look-back. Small, known circuit, shipped
 in TransformerLens layout and loadable as a HookedTransformer (TL 2/3) or a
 TransformerBridge (TL 3/4).
 """
@@ -27,7 +28,7 @@ BOS = "<bos>"
 VOCAB = (BOS, *WORDS)  # 63 tokens
 HALF = 12  # random words per half: sequences are [BOS, w_1..w_12, w_1..w_12]
 CONFIG = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=len(VOCAB), n_ctx=2 * HALF + 1,
-              act_fn="relu", normalization_type="LN", attn_only=True, d_mlp=None)
+              act_fn="relu", normalization_type=None, attn_only=True, d_mlp=None)
 
 
 def repeated_sequences(n: int, seed: int = 0, half: int = HALF) -> Int[torch.Tensor, "n seq"]:
@@ -36,6 +37,18 @@ def repeated_sequences(n: int, seed: int = 0, half: int = HALF) -> Int[torch.Ten
     g = torch.Generator().manual_seed(seed)
     words = torch.randint(1, len(VOCAB), (n, half), generator=g)
     return torch.cat([torch.zeros(n, 1, dtype=torch.long), words, words], 1)
+
+
+def periodic_sequences(n: int, seed: int = 0, periods: tuple[int, ...] = tuple(range(3, HALF + 1)),
+                       length: int = 2 * HALF + 1) -> Int[torch.Tensor, "n seq"]:
+    """[BOS, w_1..w_P, w_1..w_P, w_1..] repeated with a period P drawn per sequence: the
+    training data. Mixed periods rule out a fixed-offset look-back; only an induction circuit
+    (previous-token head + induction head) predicts every repeat."""
+    g = torch.Generator().manual_seed(seed)
+    period = torch.tensor(periods)[torch.randint(0, len(periods), (n,), generator=g)]
+    words = torch.randint(1, len(VOCAB), (n, max(periods)), generator=g)
+    index = torch.arange(length - 1)[None, :] % period[:, None]
+    return torch.cat([torch.zeros(n, 1, dtype=torch.long), words.gather(1, index)], 1)
 
 
 def to_str_tokens(ids: torch.Tensor) -> list[str]:
@@ -101,22 +114,27 @@ def load_tl_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Mo
     return model
 
 
-def train(steps: int = 3000, batch: int = 64, lr: float = 1e-3, seed: int = 0, kind: Optional[str] = None,
-          log_every: int = 500) -> nn.Module:
-    """Train the default model on the induction task (about a minute on one CPU thread)."""
+def train(steps: int = 8000, batch: int = 64, lr: float = 1e-3, seed: int = 0, kind: Optional[str] = None,
+          log_every: int = 1000) -> nn.Module:
+    """Train the default model on periodic sequences (a few minutes on one CPU thread).
+
+    No LayerNorm: with it, this small model learned diffuse, period-specific attention; without
+    it, a previous-token head (L0H2) and four induction heads (layer 1) form."""
     torch.manual_seed(seed)
     model = build(kind)
     model.train()
     # the unembedding bias stays zero: TransformerLens 4's native model has none
     params = [p for n, p in model.named_parameters() if not n.endswith("b_U") and not n.endswith("unembed.bias")]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     for step in range(steps):
-        x = repeated_sequences(batch, seed=seed * 1_000_003 + step)
+        x = periodic_sequences(batch, seed=seed * 1_000_003 + step)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if log_every and step % log_every == 0:
             print(f"step {step}: loss {loss.item():.3f}")
     return model.eval()
