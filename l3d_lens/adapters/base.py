@@ -62,6 +62,8 @@ class Adapter:
 
     kind: str = "module"
     is_language_model: bool = False
+    head_point: Optional[str] = None  # capture key of the unembedding's input (token-mode backward)
+    logits_point: Optional[str] = None  # capture key of the logits
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -175,6 +177,8 @@ class TransformerLensAdapter(Adapter):
     """Shared by the TransformerLens adapters: sizes come from the model's ``cfg``."""
 
     is_language_model = True
+    head_point = "unembed.hook_in"
+    logits_point = "unembed.hook_out"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

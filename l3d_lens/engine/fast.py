@@ -48,6 +48,14 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
                          f"use engine='exact' or leave them out")
     in_keys = {s.input for s in sites if s.input not in (None, TOKENS, POSITIONS)}
     out_keys = {s.output for s in sites}
+    # token mode: start the per-position backward at the unembedding's input (the divergence
+    # at position u depends on it at u only), not at the [pos, batch, pos, d_vocab] logits
+    head = adapter.head_point if task.token_mode else None
+    if head is not None and any(adapter.capture_point(k)[0] is adapter.capture_point(head)[0]
+                                or k == adapter.logits_point for k in out_keys):
+        head = None
+    if head is not None:
+        out_keys = out_keys | {head}
     store_in: dict[str, torch.Tensor] = {}
     store_out: dict[str, list[torch.Tensor]] = {}
     hooks = {}
@@ -89,9 +97,23 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
             raise RuntimeError(f"capture points {missing} did not fire during the forward pass; use engine='exact'")
         refs = task.references(outputs, generator, paired_outputs)
         d = task.divergence(task.view(outputs), refs)
+        if head is not None:
+            head_tensor = store_out[head][-1]
+            out_keys = out_keys - {head}
         keys = sorted(out_keys)
         tensors = [t for k in keys for t in store_out[k]]
-        if task.token_mode:
+        if head is not None:
+            n, t = d.shape
+            (g_head,) = torch.autograd.grad(d.sum(), head_tensor, retain_graph=True)
+            cot = torch.zeros((t, *g_head.shape), dtype=g_head.dtype, device=g_head.device)
+            idx = torch.arange(t, device=g_head.device)
+            cot[idx, :, idx] = g_head.transpose(0, 1)
+            grads = torch.autograd.grad(head_tensor, tensors, grad_outputs=cot, is_grads_batched=True,
+                                        allow_unused=True)
+            grads = [torch.zeros((t, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+                     for g, x in zip(grads, tensors)]
+            grads = [g.movedim(0, 1) for g in grads]
+        elif task.token_mode:
             n, t = d.shape
             eye = torch.eye(t, dtype=d.dtype, device=d.device)
             cot = eye[:, None, :].expand(t, n, t)
