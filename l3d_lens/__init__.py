@@ -10,6 +10,8 @@ sample's gradient of divergence from a reference output.
 from .config import L3DConfig
 from .decomposition import Decomposition, decompose
 from .patching import PatchingComparison, compare_with_patching
+from .viz import report, show
 
 __version__ = "0.1.0"
-__all__ = ["L3DConfig", "Decomposition", "decompose", "compare_with_patching", "PatchingComparison", "__version__"]
+__all__ = ["L3DConfig", "Decomposition", "decompose", "compare_with_patching", "PatchingComparison", "report",
+           "show", "__version__"]

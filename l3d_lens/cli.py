@@ -1,28 +1,400 @@
-"""The ``l3d-lens`` command. User errors print one line and exit 2, not a traceback."""
+"""The ``l3d-lens`` command: ``demo``, ``decompose``, ``report`` and ``compare``.
+
+User errors (bad flags, missing files, a model that cannot be loaded, invalid settings)
+print one line ``l3d-lens <command>: error: ...`` and exit 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
+EMBEDDED = ("induction", "default")
+RECORD = "cli_inputs.json"  # written next to a saved decomposition: how to rebuild model and data
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def _has_hooked() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_model(spec: str, model_class: str = "auto", device: Optional[str] = None) -> torch.nn.Module:
+    """``induction`` (the embedded default model), a local Hugging Face directory, or a
+    TransformerLens model name. model_class: auto | hooked | bridge."""
+    if model_class not in ("auto", "hooked", "bridge"):
+        raise UserError(f"--model-class {model_class!r}: choose auto, hooked or bridge")
+    if model_class == "hooked" and not _has_hooked():
+        raise UserError("--model-class hooked: this TransformerLens has no HookedTransformer (removed in 4.0); "
+                        "use --model-class bridge")
+    if spec in EMBEDDED:
+        from .zoo import induction
+
+        kind = None if model_class == "auto" else model_class
+        model = induction.load(kind)
+        model._l3d_embedded = True  # marks the embedded task's data and vocabulary
+    elif Path(spec).exists():
+        path = Path(spec)
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(f"{spec} is not a Hugging Face model directory (needs config.json)")
+        model = _load_local(path, model_class)
+    else:
+        if "/" in spec and (spec.startswith((".", "~")) or spec.startswith(os.sep)):
+            raise UserError(f"model directory {spec} does not exist")
+        model = _load_named(spec, model_class)
+    if device:
+        model = model.to(device)
+    return model.eval()
+
+
+def _load_local(path: Path, model_class: str) -> torch.nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _boot_local(path, model_class)
+    except (OSError, ValueError, KeyError, AttributeError, ImportError) as e:
+        raise UserError(f"could not load the model in {path}: {_first_line(e)}") from None
+
+
+def _boot_local(path: Path, model_class: str) -> torch.nn.Module:
+    if model_class == "hooked":  # TL 3: the manual route works offline (from_pretrained wants a hub name)
+        from transformer_lens import HookedTransformer
+        from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        cfg = get_pretrained_model_config(str(path), hf_cfg=hf.config.to_dict(), fold_ln=True)
+        model = HookedTransformer(cfg, tokenizer)
+        model.load_and_process_state_dict(get_pretrained_state_dict(str(path), cfg, hf), fold_ln=True)
+        return model
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(str(path))
+
+
+def _load_named(name: str, model_class: str) -> torch.nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer is deprecated in TL 3.x
+            if model_class == "hooked" or (model_class == "auto" and _has_hooked()):
+                from transformer_lens import HookedTransformer
+
+                return HookedTransformer.from_pretrained(name)
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return TransformerBridge.boot_transformers(name)
+    except Exception as e:  # noqa: BLE001 - hub, network and name errors all become one line
+        why = _first_line(e).split(". Valid official model names")[0]
+        raise UserError(f"could not load model {name!r}: {why} (a TransformerLens model name needs the Hugging Face "
+                        f"hub or its cache; offline, pass a local model directory)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) < 300 else line[:297] + "..."
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def _tokenizer(model: torch.nn.Module):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise UserError("this model has no tokenizer, so text data cannot be used; pass token ids (.pt) instead")
+    return tok
+
+
+def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences: int) -> torch.Tensor:
+    """Tokenize, join documents with the end-of-text token and cut into sequences of
+    ``seq_len`` tokens, each starting with BOS when the tokenizer has one."""
+    tok = _tokenizer(model)
+    bos = getattr(tok, "bos_token_id", None)
+    eos = getattr(tok, "eos_token_id", None)
+    body = seq_len - (1 if bos is not None else 0)
+    if body < 1:
+        raise UserError(f"--seq-len {seq_len} is too short")
+    stream: list[int] = []
+    for text in texts:
+        if not text:
+            continue
+        ids = tok(text)["input_ids"]
+        stream.extend(int(i) for i in ids)
+        if eos is not None:
+            stream.append(int(eos))
+        if len(stream) >= body * max_sequences:
+            break
+    n = min(max_sequences, len(stream) // body)
+    if n == 0:
+        raise UserError(f"the data give {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    x = torch.tensor(stream[: n * body], dtype=torch.long).reshape(n, body)
+    if bos is not None:
+        x = torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), x], 1)
+    return x
+
+
+def _texts_from_dataset(path: Path, column: str, split: Optional[str]):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("reading a saved Hugging Face dataset needs the datasets package: pip install datasets") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: not a dataset saved with save_to_disk ({_first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            split = "train" if "train" in ds else sorted(ds)[0]
+        if split not in ds:
+            raise UserError(f"{path}: no split {split!r}; it has {sorted(ds)}")
+        ds = ds[split]
+    for ids_col in ("input_ids", "tokens"):
+        if column == ids_col or (column not in ds.column_names and ids_col in ds.column_names):
+            return None, ds[ids_col]
+    if column not in ds.column_names:
+        raise UserError(f"{path}: no column {column!r}; it has {ds.column_names} (choose one with --text-column)")
+    return ds[column], None
+
+
+def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int], max_sequences: int,
+              text_column: str = "text", split: Optional[str] = None, seed: int = 0) -> torch.Tensor:
+    """Token ids [n, seq] from: nothing (the embedded model's own task), .pt files of token
+    ids, text files (.txt/.md/...), .jsonl (``text_column``), or Hugging Face datasets saved
+    with ``save_to_disk`` (a text column, or an ``input_ids``/``tokens`` column)."""
+    from .adapters import make_adapter
+
+    adapter = make_adapter(model)
+    n_ctx = adapter.n_ctx or 1024
+    if seq_len is not None and not 2 <= seq_len <= n_ctx:
+        raise UserError(f"--seq-len must be between 2 and the model's n_ctx={n_ctx}, got {seq_len}")
+    if not paths:
+        if _is_embedded(model):
+            from .zoo import induction
+
+            return induction.repeated_sequences(max_sequences, seed=seed)
+        raise UserError("--data is required for this model (text files, .jsonl, .pt token ids or a saved dataset)")
+    seq_len = seq_len or min(32, n_ctx)
+    texts: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise UserError(f"data {p} does not exist")
+        if path.is_dir():
+            col, ids = _texts_from_dataset(path, text_column, split)
+            if col is not None:
+                texts.extend(str(t) for t in col)
+            else:
+                rows = [list(r)[:seq_len] for r in ids if len(r) >= seq_len]
+                if not rows:
+                    raise UserError(f"{path}: no token row has {seq_len} tokens (lower --seq-len)")
+                tensors.append(torch.tensor(rows, dtype=torch.long))
+        elif path.suffix == ".pt":
+            try:
+                t = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"{path}: cannot read token ids ({_first_line(e)})") from None
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point():
+                raise UserError(f"{path}: expected an integer tensor of token ids [n, seq]")
+            tensors.append(t.long())
+        elif path.suffix == ".jsonl":
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    try:
+                        texts.append(str(json.loads(line)[text_column]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{path}:{i + 1}: not a JSON object with a {text_column!r} field") from None
+        else:
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .pt token ids or a saved dataset)") from None
+    if texts:
+        tensors.append(_pack(model, texts, seq_len, max_sequences))
+    lengths = {t.shape[1] for t in tensors}
+    if len(lengths) > 1:
+        raise UserError(f"the data give sequences of different lengths {sorted(lengths)}; use one kind of data")
+    x = torch.cat(tensors)[:max_sequences]
+    if adapter.d_vocab is not None and (x.min() < 0 or x.max() >= adapter.d_vocab):
+        raise UserError(f"the data hold token ids outside [0, {adapter.d_vocab}) (the model's vocabulary)")
+    if x.shape[1] > n_ctx:
+        raise UserError(f"the data have sequences of {x.shape[1]} tokens, more than the model's n_ctx={n_ctx}")
+    return x
+
+
+def _is_embedded(model: torch.nn.Module) -> bool:
+    return getattr(model, "_l3d_embedded", False) is True
+
+
+def to_str_for(model: torch.nn.Module):
+    """Token strings for reports: the embedded vocabulary (words with a leading space), or
+    the model's tokenizer one token at a time, or the ids."""
+    if _is_embedded(model):
+        from .zoo import induction
+
+        return lambda ids: [w if w == induction.BOS else " " + w for w in induction.to_str_tokens(ids.reshape(-1))]
+    return None
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+CONFIG_FLAGS = ("components", "n_subnetworks", "rank", "top_k", "divergence", "sample", "position", "epochs",
+                "batch_size", "lr", "lr_decay", "lr_step", "seed", "device", "dtype", "engine")
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _position(text: str):
+    return "all" if text == "all" else _number(text)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError("YAML config files need PyYAML: pip install pyyaml (or write the config as JSON)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: invalid YAML ({_first_line(e)})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping of L3DConfig fields")
+    return data
+
+
+def build_config(args: argparse.Namespace):
+    from .config import L3DConfig
+
+    settings: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    for name in CONFIG_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    if args.no_biases:
+        settings["include_biases"] = False
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: write FIELD=VALUE, e.g. --set aux_coef=0.1")
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key.strip()] = raw
+    if "components" not in settings:
+        raise UserError("no components to decompose: pass --components (e.g. blocks.0.attn) or a config file")
+    return L3DConfig.from_dict(settings)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+
+
+def _report_path(path: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"report path must end in .html, got {path}")
+    return p
+
+
+def _patching_available() -> tuple[bool, str]:
+    try:
+        from .patching import compare_with_patching  # noqa: F401
+    except ImportError as e:
+        return False, f"activation-patching comparison skipped: l3d_lens.patching is not available ({e})"
+    return True, ""
+
+
+def induction_pairs(n: int, seed: int):
+    """Clean repeated sequences and corrupted ones whose first half is different words (the
+    second half can no longer be predicted by looking back), and a metric: the mean log
+    probability of the clean second-half tokens that induction predicts."""
+    from .zoo import induction
+
+    half = induction.HALF
+    clean = induction.repeated_sequences(n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    corrupted = clean.clone()
+    corrupted[:, 1 : half + 1] = torch.randint(1, len(induction.VOCAB), (n, half), generator=g)
+    targets = clean[:, half + 2 :]
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        lp = logits[:, half + 1 : -1].log_softmax(-1)
+        return lp.gather(-1, targets[..., None].to(lp.device)).mean()
+
+    return clean, corrupted, metric
+
+
+def _summary_table(dec, data: torch.Tensor, half: Optional[int] = None) -> list[str]:
+    heads = dec.head_attribution(as_tensor=True)
+    p_act = dec.fraction_active
+    lines = [f"{'subnet':>6} {'P_act':>6}  {'top heads (share of squared norm)':<40}"
+             + (f" {'|c| repeated/first half':>24}" if half else "")]
+    ratio = None
+    if half:
+        probe = data[: min(64, len(data))]
+        coef = dec.coefficients(probe).abs().reshape(len(probe), probe.shape[1], -1)
+        ratio = coef[:, half + 1 :].mean((0, 1)) / coef[:, 1 : half + 1].mean((0, 1)).clamp_min(1e-12)
+    for k in torch.argsort(p_act, descending=True, stable=True).tolist():
+        flat = heads[k].flatten()
+        top = torch.argsort(flat, descending=True, stable=True)[:3].tolist()
+        desc = ", ".join(f"L{i // heads.shape[2]}H{i % heads.shape[2]} {flat[i]:.2f}" for i in top)
+        lines.append(f"{k:>6} {p_act[k]:>6.3f}  {desc:<40}" + (f" {ratio[k].item():>24.1f}" if ratio is not None else ""))
+    return lines
+
 
 def _demo(args: argparse.Namespace) -> int:
-    """Decompose the embedded induction model and print what each subnetwork is."""
-    import transformer_lens  # noqa: F401
-
+    """Decompose the embedded induction model, compare with patching, write the report."""
     from importlib.metadata import version
 
     from . import L3DConfig, decompose
     from .zoo import induction
 
-    torch.set_num_threads(args.threads)
+    _threads(args)
     start = time.perf_counter()
+    out = Path(args.out)
     model = induction.load()
-    half = induction.HALF
+    model._l3d_embedded = True
     data = induction.repeated_sequences(args.n_sequences, seed=args.seed)
     print(f"l3d-lens demo: {type(model).__name__} (transformer-lens {version('transformer-lens')}), "
           f"2-layer attention-only model trained on repeated random words; torch threads: {args.threads}")
@@ -32,52 +404,296 @@ def _demo(args: argparse.Namespace) -> int:
                     top_k=0.1, sample="token", epochs=args.epochs, batch_size=32, lr=0.01, lr_step=4,
                     include_biases=False, seed=args.seed)
     dec = decompose(model, data, cfg, progress=not args.quiet)
-    out = Path(args.out)
     dec.save(out / "decomposition")
-
-    heads = dec.head_attribution(as_tensor=True)
-    probe = data[: min(64, len(data))]
-    coef = dec.coefficients(probe).abs().reshape(len(probe), probe.shape[1], -1)
-    first_half = coef[:, 1 : half + 1].mean((0, 1))
-    repeated = coef[:, half + 1 :].mean((0, 1))
-    p_act = dec.fraction_active
+    _write_record(out / "decomposition", {"model": "induction", "model_class": "auto", "data": [],
+                                          "seed": args.seed, "max_sequences": args.n_sequences})
     print(f"\nreconstruction error {dec.history[-1]['loss']:.3f}, dead subnetworks {dec.history[-1]['n_dead']}"
           f"/{dec.n_subnetworks}")
-    print(f"{'subnet':>6} {'P_act':>6}  {'top heads (share of squared norm)':<40} {'|c| repeated/first half':>24}")
-    for k in torch.argsort(p_act, descending=True).tolist():
-        flat = heads[k].flatten()
-        top = torch.argsort(flat, descending=True)[:3].tolist()
-        desc = ", ".join(f"L{i // heads.shape[2]}H{i % heads.shape[2]} {flat[i]:.2f}" for i in top)
-        ratio = (repeated[k] / first_half[k].clamp_min(1e-12)).item()
-        print(f"{k:>6} {p_act[k]:>6.3f}  {desc:<40} {ratio:>24.1f}")
-    print(f"\nsaved to {out / 'decomposition'} (safetensors + JSON); wall time {time.perf_counter() - start:.1f} s")
+    print("\n".join(_summary_table(dec, data, induction.HALF)))
+    print(f"\nsaved to {out / 'decomposition'} (safetensors + JSON)")
+
+    comparison = None
+    if not args.no_compare:
+        ok, why = _patching_available()
+        if not ok:
+            print(why)
+        else:
+            from .patching import compare_with_patching
+
+            clean, corrupted, metric = induction_pairs(args.n_pairs, seed=args.seed + 100)
+            print(f"\nactivation patching vs attribution patching vs contrastive L3D on {args.n_pairs} (clean, "
+                  f"corrupted-first-half) pairs, metric: log p(repeated token)")
+            comparison = compare_with_patching(model, clean, corrupted, metric, direction="denoise",
+                                               progress=not args.quiet)
+            print(comparison.summary())
+            comparison.heads.to_csv(out / "comparison_heads.csv", index=False)
+    if not args.no_report:
+        from .viz import report
+
+        held_out = induction.repeated_sequences(args.report_sequences, seed=args.seed + 1)
+        path = report(dec, held_out, out / "report.html", comparison=comparison, to_str=to_str_for(model),
+                      progress=not args.quiet, title="L3D report: the embedded induction model")
+        print(f"\nreport: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
+    print(f"wall time {time.perf_counter() - start:.1f} s")
     return 0
 
 
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    path = folder / RECORD
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON") from None
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    from . import decompose
+
+    _threads(args)
+    start = time.perf_counter()
+    cfg = build_config(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    model = load_model(args.model, args.model_class, args.device)
+    data = load_data(model, args.data, seq_len=args.seq_len, max_sequences=args.max_sequences,
+                     text_column=args.text_column, split=args.split, seed=args.data_seed)
+    if not args.quiet:
+        print(f"l3d-lens decompose: {type(model).__name__}, data {tuple(data.shape)}, components "
+              f"{list(cfg.components)}, {cfg.n_subnetworks} subnetworks")
+    dec = decompose(model, data, cfg, progress=not args.quiet)
+    dec.save(out)
+    _write_record(out, {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+                        "model_class": args.model_class, "data": [str(Path(p).resolve()) for p in args.data],
+                        "seq_len": args.seq_len, "max_sequences": args.max_sequences, "text_column": args.text_column,
+                        "split": args.split, "seed": args.data_seed})
+    last = dec.history[-1]
+    print(f"reconstruction loss {last['loss']:.4f}, dead {last['n_dead']}/{dec.n_subnetworks}; saved to {out}")
+    if dec.adapter.n_heads:
+        print("\n".join(_summary_table(dec, data)))
+    if args.report:
+        from .viz import report
+
+        path = report(dec, data, _report_path(args.report), to_str=to_str_for(model), progress=not args.quiet)
+        print(f"report: {path}")
+    if not args.quiet:
+        print(f"wall time {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _load_saved(args: argparse.Namespace):
+    """Model, decomposition and data for ``report`` / ``compare``, defaulting to what
+    ``decompose`` recorded next to the decomposition."""
+    from .decomposition import Decomposition
+
+    folder = Path(args.decomposition)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder holding a saved decomposition")
+    record = _read_record(folder)
+    spec = args.model or record.get("model")
+    if not spec:
+        raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
+    model = load_model(spec, args.model_class or record.get("model_class", "auto"), args.device)
+    dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights)
+    paths = args.data if args.data else record.get("data", [])
+    seed = record.get("seed", 0) + (1 if not args.data and not paths else 0)  # embedded task: fresh sequences
+    data = load_data(model, paths, seq_len=args.seq_len or record.get("seq_len"), max_sequences=args.max_sequences,
+                     text_column=args.text_column or record.get("text_column") or "text",
+                     split=args.split or record.get("split"), seed=seed)
+    return model, dec, data
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .viz import report
+
+    _threads(args)
+    out = _report_path(args.out)
+    model, dec, data = _load_saved(args)
+    comparison = None
+    if args.compare:
+        comparison = _comparison(model, data, args)
+    path = report(dec, data, out, comparison=comparison, to_str=to_str_for(model), progress=not args.quiet,
+                  n_references=args.n_references, title=args.title)
+    print(f"report: {path}")
+    return 0
+
+
+def _comparison(model, data: torch.Tensor, args: argparse.Namespace):
+    ok, why = _patching_available()
+    if not ok:
+        raise UserError(why)
+    from .patching import compare_with_patching
+
+    if _is_embedded(model):
+        clean, corrupted, metric = induction_pairs(args.n_pairs, seed=getattr(args, "seed", 0) + 100)
+    else:
+        raise UserError("compare needs (clean, corrupted) pairs and a metric; from the command line this is "
+                        "available for the embedded model only -- use l3d_lens.patching.compare_with_patching "
+                        "from Python for other models")
+    return compare_with_patching(model, clean, corrupted, metric, direction="denoise", progress=not args.quiet)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    _threads(args)
+    model = load_model(args.model, args.model_class, args.device)
+    comparison = _comparison(model, None, args)
+    print(comparison.summary())
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("heads", "mlp", "neurons", "agreement"):
+            frame = getattr(comparison, name, None)
+            if frame is not None:
+                frame.to_csv(out / f"{name}.csv", index=False)
+        print(f"tables written to {out}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small models)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _model_args(p: argparse.ArgumentParser, default_class: Optional[str] = "auto") -> None:
+    p.add_argument("--model-class", choices=("auto", "hooked", "bridge"), default=default_class,
+                   help="HookedTransformer (TransformerLens 2/3) or TransformerBridge (3/4); auto: the bridge for "
+                        "local directories and on TransformerLens 4, HookedTransformer for model names on 3")
+    p.add_argument("--device", default=None, help="torch device for the model (default: where it loads)")
+
+
+def _data_args(p: argparse.ArgumentParser, max_sequences: int, required_help: str, text_column: Optional[str]) -> None:
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                   help=f"text files, .jsonl, .pt token ids [n, seq] or Hugging Face datasets saved with "
+                        f"save_to_disk; {required_help}")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence for text data (default min(32, n_ctx))")
+    p.add_argument("--max-sequences", type=int, default=max_sequences,
+                   help=f"use at most this many sequences (default {max_sequences})")
+    p.add_argument("--text-column", default=text_column,
+                   help="text field of .jsonl / dataset rows (default text)")
+    p.add_argument("--split", default=None, help="dataset split (default train, else the first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l3d-lens", description="Local Loss Landscape Decomposition for "
-                                     "TransformerLens models: parameter-space circuits.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="decompose the embedded default model (no download) and summarise it")
+    parser = argparse.ArgumentParser(
+        prog="l3d-lens", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Local Loss Landscape Decomposition (L3D) for TransformerLens models: find the low-rank "
+                    "parameter-space subnetworks (circuits) a model uses, and look at them.",
+        epilog="examples:\n"
+               "  l3d-lens demo                                  # embedded model, no download, ~1-2 min\n"
+               "  l3d-lens decompose ./my-gpt2 --data corpus.txt --components blocks.0.attn --out dec/\n"
+               "  l3d-lens report dec/ --out report.html         # model and data as recorded by decompose\n"
+               "  l3d-lens compare induction                     # patching vs L3D on the embedded model\n"
+               "user errors print one line and exit with status 2")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="decompose the embedded default model (no download), compare with activation "
+                          "patching, write an HTML report and print a summary",
+                          description="Decompose the embedded 2-layer induction model, compare with activation "
+                                      "patching, write OUT/report.html and OUT/decomposition/.")
     demo.add_argument("--out", default="l3d_demo_out", help="output folder (default: l3d_demo_out)")
     demo.add_argument("--n-sequences", type=int, default=512, help="number of training sequences (default 512)")
-    demo.add_argument("--n-subnetworks", type=int, default=8)
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--n-subnetworks", type=int, default=8, help="default 8")
+    demo.add_argument("--epochs", type=int, default=10, help="default 10")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small models)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--n-pairs", type=int, default=32, help="(clean, corrupted) pairs for the patching comparison")
+    demo.add_argument("--report-sequences", type=int, default=128, help="held-out sequences in the report (default 128)")
+    demo.add_argument("--no-compare", action="store_true", help="skip the activation-patching comparison")
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    _common(demo)
     demo.set_defaults(func=_demo)
+
+    dec = sub.add_parser("decompose", help="decompose a model on your data and save the decomposition",
+                         description="Decompose MODEL (a TransformerLens model name, a local Hugging Face model "
+                                     "directory, or 'induction' for the embedded model) on --data and save the "
+                                     "result to --out (safetensors + JSON). Settings come from --config (YAML/JSON "
+                                     "with L3DConfig fields), then the flags below, then --set.")
+    dec.add_argument("model", help="TransformerLens model name, local HF model directory, or 'induction'")
+    dec.add_argument("--out", required=True, help="folder to save the decomposition in")
+    _data_args(dec, 2048, "required except for the embedded model", "text")
+    dec.add_argument("--data-seed", type=int, default=0, help="seed of the embedded model's generated data")
+    dec.add_argument("--config", help="YAML or JSON file of L3DConfig fields")
+    g = dec.add_argument_group("L3D settings (override --config)")
+    g.add_argument("--components", nargs="+", help="selectors: blocks.0.attn, 'blocks.*.mlp', blocks.1.attn.W_Q, "
+                                                   "'blocks.0.attn[0,2]' (heads), 'blocks.0.mlp[0:64]' (neurons)")
+    g.add_argument("--n-subnetworks", type=int)
+    g.add_argument("--rank", type=_number, help="Tucker rank: an int, or a fraction of each mode in (0, 1)")
+    g.add_argument("--top-k", type=float, help="fraction of coefficients kept per batch (1.0 keeps all)")
+    g.add_argument("--divergence", choices=("auto", "kl", "mse"))
+    g.add_argument("--sample", choices=("auto", "token", "sequence"))
+    g.add_argument("--position", type=_position, help="for --sample sequence: a position or 'all'")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-decay", type=float)
+    g.add_argument("--lr-step", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--engine", choices=("fast", "exact"))
+    g.add_argument("--dtype", choices=("float32", "float64"))
+    g.add_argument("--no-biases", action="store_true", help="leave biases out of the decomposition")
+    g.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any other L3DConfig field (VALUE parsed as JSON), e.g. --set aux_coef=0.1; repeatable")
+    dec.add_argument("--report", metavar="HTML", help="also write the HTML report here")
+    _model_args(dec)
+    _common(dec)
+    dec.set_defaults(func=_decompose)
+
+    rep = sub.add_parser("report", help="write the HTML report of a saved decomposition",
+                         description="Load a decomposition saved by 'decompose' or 'demo' with its model and data "
+                                     "(by default those recorded when it was saved) and write one self-contained "
+                                     "HTML file (works offline).")
+    rep.add_argument("decomposition", help="folder of a saved decomposition")
+    rep.add_argument("--out", default="l3d_report.html", help="HTML file to write (default l3d_report.html)")
+    rep.add_argument("--model", help="model (default: the one recorded with the decomposition)")
+    _data_args(rep, 128, "default: the data recorded with the decomposition", None)
+    rep.add_argument("--n-references", type=int, default=4, help="references averaged for impact (default 4)")
+    rep.add_argument("--title", default=None)
+    rep.add_argument("--compare", action="store_true", help="add the activation-patching comparison (embedded model)")
+    rep.add_argument("--n-pairs", type=int, default=32, help="pairs for --compare (default 32)")
+    rep.add_argument("--no-check-weights", action="store_true",
+                     help="load even if the model's weights differ from those decomposed")
+    _model_args(rep, default_class=None)
+    _common(rep)
+    rep.set_defaults(func=_report)
+
+    cmp_ = sub.add_parser("compare", help="activation patching vs attribution patching vs contrastive L3D",
+                          description="Run l3d_lens.patching.compare_with_patching on (clean, corrupted) pairs. "
+                                      "From the command line: the embedded model's induction task (clean repeated "
+                                      "sequences vs a different first half); other models: use the Python API.")
+    cmp_.add_argument("model", nargs="?", default="induction", help="'induction' (default)")
+    cmp_.add_argument("--n-pairs", type=int, default=32, help="(clean, corrupted) pairs (default 32)")
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--out", help="folder for heads.csv, agreement.csv, ...")
+    _model_args(cmp_)
+    _common(cmp_)
+    cmp_.set_defaults(func=_compare)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FloatingPointError)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
-        print(f"l3d-lens {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"l3d-lens {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"l3d-lens {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def run_cli(*args):
 
 
 def test_demo_runs(tmp_path):
-    res = run_cli("demo", "--out", str(tmp_path), "--n-sequences", "64", "--epochs", "1", "--quiet")
+    res = run_cli("demo", "--out", str(tmp_path), "--n-sequences", "64", "--epochs", "1", "--quiet", "--no-compare",
+                  "--no-report")
     assert res.returncode == 0, res.stderr
     assert "reconstruction error" in res.stdout and "top heads" in res.stdout
     assert (tmp_path / "decomposition" / "factors.safetensors").is_file()

@@ -1,0 +1,457 @@
+"""Assemble the report: an overview of the decomposition, one section per live subnetwork
+(where it lives, where it acts, what it does to the outputs) and, when given, the
+activation-patching comparison. Every number is computed here from the Decomposition's
+public API; rendering goes through ``html``, ``charts`` and ``tables``."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import charts, tables
+from .attention import head_patterns
+from .html import Views, esc, fragment, page
+
+ToStr = Callable[[torch.Tensor], list[str]]
+
+DELTAS = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclasses.dataclass
+class Options:
+    max_sequences: int = 128
+    n_references: int = 4
+    n_top: int = 4
+    n_heads: int = 4
+    n_logits: int = 10
+    n_neurons: int = 16
+    subnetworks: Optional[Sequence[int]] = None
+    deltas: Sequence[float] = DELTAS
+    title: Optional[str] = None
+
+
+def default_to_str(model: torch.nn.Module) -> ToStr:
+    """Decode one token at a time with the model's tokenizer, or print the ids."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "decode"):
+        return lambda ids: [tokenizer.decode([int(i)]) for i in ids.reshape(-1).tolist()]
+    return lambda ids: [str(int(i)) for i in ids.reshape(-1).tolist()]
+
+
+def checked_to_str(to_str: ToStr) -> ToStr:
+    def wrapped(ids: torch.Tensor) -> list[str]:
+        out = to_str(ids)
+        if isinstance(out, str) or len(out) != ids.numel():
+            raise ValueError(f"to_str must return one string per token id: got {type(out).__name__} of length "
+                             f"{len(out)} for {ids.numel()} ids")
+        return [str(t) for t in out]
+
+    return wrapped
+
+
+def report_data(dec, data: Any, max_sequences: int) -> torch.Tensor:
+    """The report's samples: the first ``max_sequences`` of a tensor or of concatenated batches."""
+    if not isinstance(max_sequences, int) or max_sequences < 1:
+        raise ValueError(f"max_sequences must be an int >= 1, got {max_sequences!r}")
+    if isinstance(data, torch.Tensor):
+        x = data[:max_sequences]
+    else:
+        if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+            raise TypeError(f"data must be a tensor or an iterable of tensor batches, got {type(data).__name__}")
+        parts, n = [], 0
+        for batch in data:
+            batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(batch, torch.Tensor):
+                raise TypeError(f"data batches must be tensors, got {type(batch).__name__}")
+            parts.append(batch[: max_sequences - n])
+            n += parts[-1].shape[0]
+            if n >= max_sequences:
+                break
+        if not parts:
+            raise ValueError("data is empty (the iterable yields no batch)")
+        x = torch.cat(parts)
+    from ..data import check_batch
+
+    return check_batch(dec.adapter, x).cpu()
+
+
+class Builder:
+    """Computes and renders the sections for one (decomposition, data) pair."""
+
+    def __init__(self, dec, data: Any, *, comparison: Any = None, to_str: Optional[ToStr] = None,
+                 impacts: Optional[torch.Tensor] = None, reference: Any = None, options: Options = Options(),
+                 progress: bool = False, prefix: str = "l3d-cv-"):
+        from ..decomposition import Decomposition
+
+        if not isinstance(dec, Decomposition):
+            raise TypeError(f"dec must be an l3d_lens.Decomposition, got {type(dec).__name__}")
+        if comparison is not None and not hasattr(comparison, "heads"):
+            raise TypeError(f"comparison must have a .heads DataFrame (from l3d_lens.patching.compare_with_patching), "
+                            f"got {type(comparison).__name__}")
+        self.dec = dec
+        self.opt = options
+        self.lm = dec.adapter.is_language_model
+        self.token_mode = dec.cfg.sample == "token"
+        self.x = report_data(dec, data, options.max_sequences)
+        if dec.cfg.reference == "paired" and reference is None:
+            raise ValueError("this decomposition uses paired references: pass reference= (data like data)")
+        self.reference = report_data(dec, reference, options.max_sequences) if reference is not None else None
+        if self.reference is not None and self.reference.shape != self.x.shape:
+            raise ValueError(f"reference has shape {tuple(self.reference.shape)} after taking max_sequences, data "
+                             f"has {tuple(self.x.shape)}; they must match")
+        self.to_str = checked_to_str(to_str if to_str is not None else default_to_str(dec.model))
+        self.comparison = comparison
+        self.progress = progress
+        self.views = Views(prefix)
+        n, K = self.x.shape[0], dec.n_subnetworks
+        if impacts is None:
+            impacts = dec.impact(self.x, n_references=options.n_references, reference=self.reference)
+        else:
+            impacts = impacts[:n]
+        want = (n, self.x.shape[1], K) if self.token_mode else (n, K)
+        if tuple(impacts.shape) != want:
+            raise ValueError(f"impacts has shape {tuple(impacts.shape)}; for these data it must be {want}")
+        self.impacts = impacts.detach().to("cpu", torch.float64)
+        self.order_impacts = torch.nan_to_num(self.impacts, nan=0.0, posinf=1e30, neginf=0.0)
+        self.p_act = dec.fraction_active.double()
+        self.heads = dec.head_attribution(as_tensor=True) if dec.adapter.n_heads else None
+        attribution = dec.attribution()
+        self.attribution = attribution
+        self.neurons = dec.neuron_attribution() if attribution["neuron"].notna().any() else None
+        live = [k for k in range(K) if self.p_act[k] > 0] or list(range(K))
+        if options.subnetworks is not None:
+            from ..interventions import check_subnetworks
+
+            live = check_subnetworks(list(options.subnetworks), K)
+        self.shown = sorted(live, key=lambda k: (-float(self.p_act[k]), k))
+        self.summary: dict[int, dict[str, Any]] = {}
+
+    @property
+    def title(self) -> str:
+        return self.opt.title or f"L3D report: {type(self.dec.model).__name__}, {self.dec.n_subnetworks} subnetworks"
+
+    # --- helpers -----------------------------------------------------------------------------
+    def head_label(self, layer: int, head: int) -> str:
+        return f"L{layer}H{head}"
+
+    def top_heads(self, k: int, n: int, min_share: float = 0.02) -> list[tuple[int, int, float]]:
+        if self.heads is None:
+            return []
+        flat = self.heads[k].flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:n].tolist()
+        H = self.heads.shape[2]
+        out = [(i // H, i % H, float(flat[i])) for i in order if float(flat[i]) >= min_share]
+        return out
+
+    def top_sequences(self, k: int) -> list[tuple[int, Optional[int], float]]:
+        """(sequence, peak position or None, peak impact) of the n_top sequences."""
+        imp = self.order_impacts[..., k]
+        if imp.dim() == 2:
+            peak, pos = imp.max(1)
+            order = torch.argsort(peak, descending=True, stable=True)[: self.opt.n_top].tolist()
+            return [(i, int(pos[i]), float(self.impacts[i, int(pos[i]), k])) for i in order]
+        order = torch.argsort(imp, descending=True, stable=True)[: self.opt.n_top].tolist()
+        return [(i, None, float(self.impacts[i, k])) for i in order]
+
+    def sample_position(self) -> Optional[int]:
+        pos = self.dec.cfg.position
+        return pos % self.x.shape[1] if isinstance(pos, int) else None
+
+    # --- sections ----------------------------------------------------------------------------
+    def subnet_section(self, k: int) -> str:
+        dec, opt = self.dec, self.opt
+        info: dict[str, Any] = {"subnetwork": k, "P_act": float(self.p_act[k])}
+        out = [f'<section class="subnet" id="subnet-{k}">',
+               f"<h2>Subnetwork {k} <span class=\"muted\">P_act {float(self.p_act[k]):.4f}</span></h2>"]
+
+        # where it lives
+        out.append('<div class="row">')
+        if self.heads is not None and self.heads[k].sum() > 0:
+            L, H = self.heads.shape[1:]
+            out.append("<div><h3>Share of squared norm per head</h3>" + charts.heatmap(
+                self.heads[k].tolist(), [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)]) + "</div>")
+        if self.neurons is not None:
+            nk = self.neurons[self.neurons["subnetwork"] == k].sort_values(["share", "layer", "neuron"],
+                                                                          ascending=[False, True, True], kind="stable")
+            nk = nk.head(opt.n_neurons)
+            if len(nk) and nk["share"].max() > 0:
+                labels = [f"L{int(r.layer)} N{int(r.neuron)}" for r in nk.itertuples()]
+                out.append(f"<div><h3>Top {len(nk)} MLP neurons (share)</h3>"
+                           + charts.bar_chart(labels, nk["share"].tolist(), width=360) + "</div>")
+                top = nk.iloc[0]
+                info["top neuron"] = f"L{int(top.layer)} N{int(top.neuron)} {float(top.share):.2f}"
+        per_weight = (self.attribution[self.attribution["subnetwork"] == k].groupby("weight", sort=False)["share"]
+                      .sum().sort_values(ascending=False, kind="stable"))
+        per_weight = per_weight[per_weight > 1e-4].head(12)
+        out.append("<div><h3>Share per weight</h3>" + tables.table(
+            ["weight", "share"], [[w, float(s)] for w, s in per_weight.items()]) + "</div>")
+        out.append("</div>")
+        heads = self.top_heads(k, 3)
+        info["top heads"] = ", ".join(f"{self.head_label(l_, h)} {s:.2f}" for l_, h, s in heads)
+
+        # where it acts
+        top = self.top_sequences(k)
+        info["peak impact"] = top[0][2] if top else float("nan")
+        if dec.cfg.reference == "random":
+            how = f"mean |V_in &middot; g| over {opt.n_references} random references"
+        else:
+            how = f"|V_in &middot; g| against the {esc(dec.cfg.reference)} reference"
+        unit = "per token" if self.token_mode else "per sequence"
+        out.append(f'<h3>Top samples <span class="muted">(impact {unit}: {how}; colour scale 0 to the '
+                   "subnetwork's largest impact here)</span></h3>")
+        if self.lm:
+            vmax = float(self.order_impacts[..., k].clamp(max=1e30).max()) if self.impacts.numel() else 1.0
+            for seq, pos, value in top:
+                ids = self.x[seq]
+                toks = self.to_str(ids)
+                if pos is not None:
+                    values = self.impacts[seq, :, k].tolist()
+                    where = f"peak at position {pos} (token {esc(repr(toks[pos]))})"
+                else:
+                    p = self.sample_position()
+                    values = [value if (p is None or i == p) else 0.0 for i in range(len(toks))]
+                    where = "divergence at " + (f"position {p}" if p is not None else "all positions")
+                out.append(f'<div class="sample"><div class="muted">sequence {seq}: {where}, impact {value:.4g}</div>'
+                           + self.views.colored_tokens(toks, values, 0.0, vmax) + "</div>")
+            ctx = dec.top_samples(self.x, k, 10, impacts=self.impacts.to(torch.float32), to_str=self.to_str)
+            out.append(tables.dataframe(ctx, caption="top (sequence, position) samples with the tokens up to them"))
+        else:
+            out.append(tables.table(["sample", "impact"], [[s, v] for s, _, v in top]))
+
+        # attention of its top heads on its top sample
+        if self.lm and top:
+            heads_a = self.top_heads(k, opt.n_heads)
+            seq = top[0][0]
+            patterns = head_patterns(dec, self.x[seq], [(l_, h) for l_, h, _ in heads_a]) if heads_a else None
+            if patterns is not None:
+                names = [f"{self.head_label(l_, h)} (share {s:.2f})" for l_, h, s in heads_a]
+                toks = self.to_str(self.x[seq])
+                note = (' <span class="muted">(in this view &lt; and &gt; in tokens are drawn as &#x2039; and '
+                        "&#x203a;)</span>") if any(c in t for t in toks for c in "<>") else ""
+                out.append(f"<h3>Attention patterns of its top heads on sequence {seq}{note}</h3>"
+                           + self.views.attention_heads(patterns, toks, names))
+
+        # what it does to the outputs
+        out.append(self.logits_html(k, top))
+        curve = dec.intervention_curve(self.x, k, list(opt.deltas), impacts=self.impacts.to(torch.float32))
+        one = curve[curve["delta"] == 1.0]
+        info["selectivity (delta=1)"] = float(one["selectivity"].iloc[0]) if len(one) else float("nan")
+        out.append('<h3>Intervention curve <span class="muted">(output change when the weights move to W0 + delta '
+                   "v_k: its top 10% impact samples vs the rest)</span></h3>")
+        ylab = "mean KL(before || after)" if self.lm else "mean squared change"
+        out.append('<div class="row"><div>' + charts.line_chart(
+            curve["delta"].tolist(), {"top samples": curve["change_top"].tolist(),
+                                      "other samples": curve["change_rest"].tolist()},
+            x_label="delta", y_label=ylab) + "</div><div>" + tables.dataframe(curve) + "</div></div>")
+        out.append("</section>\n")
+        self.summary[k] = info
+        return "\n".join(out)
+
+    def logits_html(self, k: int, top: list[tuple[int, Optional[int], float]]) -> str:
+        """Most affected outputs at the top samples: d output / d delta along v_k (forward mode)."""
+        from ..analysis.impact import output_derivative
+
+        if not top:
+            return ""
+        seqs = [s for s, _, _ in top]
+        d = output_derivative(self.dec, self.x[seqs], k).detach().to("cpu", torch.float64)
+        if d.dim() == 3:
+            if top[0][1] is not None:
+                d = torch.stack([d[i, pos] for i, (_, pos, _) in enumerate(top)])
+            else:
+                p = self.sample_position()
+                d = d[:, p] if p is not None else d.mean(1)
+        d = torch.nan_to_num(d, nan=0.0)
+        mean_abs, mean = d.abs().mean(0), d.mean(0)
+        order = torch.argsort(mean_abs, descending=True, stable=True)[: self.opt.n_logits]
+        names = self.to_str(order) if self.lm else [str(i) for i in order.tolist()]
+        what = "logits" if self.lm else "outputs"
+        rows = [[int(i), name, float(mean_abs[i]), float(mean[i])] for i, name in zip(order.tolist(), names)]
+        self.summary.setdefault(k, {})
+        return (f"<h3>Most affected {what} at its top samples <span class=\"muted\">(d {what[:-1]} / d delta at "
+                f"delta = 0, forward mode; the sign is relative: v and -v are equivalent)</span></h3>"
+                + tables.table(["id", "token" if self.lm else "output", "mean |d/d delta|", "mean d/d delta"], rows))
+
+    def overview_html(self) -> str:
+        dec = self.dec
+        last = dec.history[-1] if dec.history else {}
+        error = dec.reconstruction_error(self.x, self.reference)
+        try:
+            tl = metadata.version("transformer-lens")
+        except metadata.PackageNotFoundError:
+            tl = "unknown"
+        n_dead = last.get("n_dead", int((self.p_act == 0).sum()))
+        cards = [("reconstruction error (report data)", f"{error:.4f}"),
+                 ("final training loss", f"{last['loss']:.4f}" if "loss" in last else "&ndash;"),
+                 ("subnetworks", str(dec.n_subnetworks)), ("dead", str(n_dead)),
+                 ("samples in report", f"{self.x.shape[0]}" + (f" &times; {self.x.shape[1]}" if self.token_mode else ""))]
+        out = ['<section id="overview"><h2>Overview</h2>',
+               f"<p>{esc(type(dec.model).__name__)} (transformer-lens {esc(tl)}); decomposed weights: "
+               f"<code>{esc(', '.join(dec.weight_names[:24]))}{' ...' if len(dec.weight_names) > 24 else ''}</code></p>",
+               '<div class="cards">' + "".join(f'<div class="card"><span class="muted">{esc(a)}</span><strong>{b}</strong></div>'
+                                               for a, b in cards) + "</div>",
+               '<div class="row">']
+        if dec.history:
+            epochs = [h.get("epoch", i) for i, h in enumerate(dec.history)]
+            out.append("<div>" + charts.line_chart(epochs, {"loss": [h["loss"] for h in dec.history]},
+                                                   x_label="epoch", y_label="reconstruction loss",
+                                                   title="Training loss") + "</div>")
+        colors = ["#0969da" if p > 0 else "#afb8c1" for p in self.p_act.tolist()]
+        out.append("<div>" + charts.bar_chart([f"subnet {k}" for k in range(dec.n_subnetworks)], self.p_act.tolist(),
+                                              colors=colors, title="P_act per subnetwork (grey: dead)") + "</div>")
+        out.append("</div>")
+        cfg = {k: v for k, v in dec.cfg.to_dict().items()}
+        out.append("<details><summary>Configuration and training history</summary>"
+                   + tables.table(["setting", "value"], [[k, str(v)] for k, v in cfg.items()])
+                   + tables.table(["epoch", "loss", "lr", "dead"],
+                                  [[h.get("epoch"), h.get("loss"), h.get("lr"), h.get("n_dead")] for h in dec.history])
+                   + "</details>")
+        rows = []
+        for k in self.shown:
+            s = self.summary.get(k, {})
+            rows.append([f"{k}", s.get("P_act", float(self.p_act[k])), s.get("top heads", ""), s.get("top neuron", ""),
+                         s.get("peak impact", float("nan")), s.get("selectivity (delta=1)", float("nan"))])
+        cols = ["subnetwork", "P_act", "top heads (share)", "top neuron (share)", "peak impact", "selectivity (delta=1)"]
+        keep = [i for i, c in enumerate(cols) if any(r[i] not in ("", None) for r in rows)]
+        body = tables.table([cols[i] for i in keep], [[r[i] for i in keep] for r in rows])
+        links = " ".join(f'<a href="#subnet-{k}">{k}</a>' for k in self.shown)
+        out.append(f"<h3>Subnetworks shown, by P_act</h3>{body}<p>Jump to: {links}</p></section>")
+        return "\n".join(out)
+
+    def comparison_html(self) -> str:
+        """Any comparison object: its DataFrames as tables (``heads`` first, with a [layer x
+        head] heat map per score column when it has layer and head columns), its scalar and
+        dict-of-scalar attributes as a small table. Nothing else about it is assumed."""
+        import pandas as pd
+
+        c = self.comparison
+        if dataclasses.is_dataclass(c):
+            names = [f.name for f in dataclasses.fields(c)]
+        else:
+            names = sorted(vars(c)) if hasattr(c, "__dict__") else []
+        names = ["heads"] + [n for n in names if n != "heads" and not n.startswith("_")]
+        out = ['<section id="comparison"><h2>Comparison with activation patching</h2>',
+               f'<p class="muted">{esc(type(c).__name__)}</p>']
+        scalars = []
+        for name in names:
+            value = getattr(c, name, None)
+            if isinstance(value, (bool, int, float, str)):
+                scalars.append([name, value])
+            elif isinstance(value, dict) and value and all(isinstance(v, (bool, int, float, str)) for v in value.values()):
+                scalars.extend([f"{name}: {k}", v] for k, v in value.items())
+        if scalars:
+            out.append(tables.table(["property", "value"], scalars))
+        for name in names:
+            value = getattr(c, name, None)
+            if not isinstance(value, pd.DataFrame):
+                continue
+            out.append(f"<h3>{esc(name)}</h3>")
+            if name == "heads":
+                out.append(self.head_maps(value))
+            out.append(tables.dataframe(value))
+        out.append("</section>")
+        return "\n".join(out)
+
+    def head_maps(self, df) -> str:
+        """A heat map per numeric score column of a (layer, head) table (colour: |value|)."""
+        import pandas as pd
+
+        if not {"layer", "head"} <= set(df.columns) or not len(df):
+            return ""
+        try:
+            layers = df["layer"].astype(int)
+            heads = df["head"].astype(int)
+        except (TypeError, ValueError):
+            return ""
+        L, H = int(layers.max()) + 1, int(heads.max()) + 1
+        if L * H > 4096 or layers.min() < 0 or heads.min() < 0:
+            return ""
+        maps = []
+        for col in df.columns:
+            if col in ("layer", "head") or str(col).startswith("rank_") or not pd.api.types.is_float_dtype(df[col]):
+                continue
+            grid = [[0.0] * H for _ in range(L)]
+            for lay, h, v in zip(layers, heads, df[col]):
+                grid[lay][h] = float(v)
+            maps.append("<div>" + charts.heatmap(grid, [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)],
+                                                 title=str(col), signed=True) + "</div>")
+        return '<div class="row">' + "".join(maps) + "</div>" if maps else ""
+
+    def body(self) -> str:
+        """Sections in reading order (subnetwork sections are computed first: the overview
+        summarises them)."""
+        sections = []
+        items = self.shown
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, desc="report", unit="subnetwork")
+        for k in items:
+            sections.append(self.subnet_section(k))
+        dead = [k for k in range(self.dec.n_subnetworks) if k not in self.shown]
+        head = [f"<h1>{esc(self.title)}</h1>",
+                '<p class="muted">Local Loss Landscape Decomposition (Chrisman, Bushnaq &amp; Sharkey, arXiv:2504.00194): '
+                "each subnetwork is a low-rank direction in parameter space; a few of them reconstruct each sample's "
+                "gradient of divergence from a reference output.</p>", self.overview_html()]
+        if self.comparison is not None:
+            head.append(self.comparison_html())
+        if dead:
+            head.append(f"<p class=\"muted\">Not shown (dead or not selected): {esc(', '.join(map(str, dead)))}</p>")
+        return '<div class="l3d-report">\n' + "\n".join(head + sections) + "\n</div>\n"
+
+
+class Report:
+    """A built report: ``html`` is the full self-contained page, ``save(path)`` writes it,
+    and ``_repr_html_`` gives the same views for inline display in Jupyter (the bundle
+    inlined, nothing fetched: CircuitsVis' own ``_repr_html_`` probes the internet)."""
+
+    def __init__(self, body: str, title: str, summary: list[dict[str, Any]], inline_body: Optional[str] = None):
+        self.body = body
+        self.title = title
+        self.summary = summary
+        self._inline_body = inline_body or body
+
+    @property
+    def html(self) -> str:
+        return page(self.title, self.body)
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        if path.suffix.lower() not in (".html", ".htm"):
+            raise ValueError(f"report path must end in .html, got {str(path)!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.html, encoding="utf-8")
+        return path
+
+    def _repr_html_(self) -> str:
+        return fragment(self._inline_body)
+
+    def __repr__(self) -> str:
+        return f"<l3d_lens report {self.title!r}: {len(self.summary)} subnetworks shown>"
+
+
+_inline_counter = itertools.count(1)
+
+
+def build(dec, data, *, comparison=None, to_str: Optional[ToStr] = None, impacts: Optional[torch.Tensor] = None,
+          reference: Any = None, progress: bool = False, inline: bool = False, **options: Any) -> Report:
+    """Compute every view of the report; see ``l3d_lens.report`` for the arguments. With
+    ``inline`` the mount-point ids get a per-process number, so several reports can share
+    one notebook page."""
+    valid = sorted(f.name for f in dataclasses.fields(Options))
+    unknown = set(options) - set(valid)
+    if unknown:
+        raise TypeError(f"unknown report option(s) {sorted(unknown)}; valid: {valid}")
+    opt = Options(**options)
+    prefix = f"l3d-{next(_inline_counter)}-cv-" if inline else "l3d-cv-"
+    b = Builder(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, options=opt,
+                progress=progress, prefix=prefix)
+    body = b.body()
+    summary = [b.summary[k] for k in b.shown if k in b.summary]
+    return Report(body, b.title, summary)
