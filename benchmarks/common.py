@@ -1,0 +1,380 @@
+"""Shared helpers for the benchmarks: model builders, one L3D training step built from the
+package's own functions, interleaved timing in one process, and peak-memory measurement in a
+fresh subprocess.
+
+Timing: every candidate of a comparison runs in the SAME process, round-robin (plain, l3d,
+plain, l3d, ...), and the reported ratio is the median of the per-round ratios, so slow drift
+of a shared, noisy machine hits numerator and denominator alike. Both the CPU time of the
+process (``time.process_time``; with one intra-op thread this is what the step would take on
+an idle core) and the wall time are recorded: the benchmark machine is shared with other jobs
+(load 2-4 on 2 cores was seen), so wall time includes waiting for a core and CPU time is the
+primary number.
+
+Memory: ``tracemalloc`` does not see torch's CPU allocations, and torch has no CPU
+``max_memory_allocated``. We measure the process's resident set instead, in a fresh
+subprocess per measurement, with glibc's mmap threshold pinned to 64 KiB
+(``MALLOC_MMAP_THRESHOLD_=65536``) so that every tensor buffer above 64 KiB is its own mmap and
+goes back to the OS when freed: RSS then follows live tensor memory closely instead of
+keeping freed blocks in malloc arenas. The subprocess builds the model and the data, records
+``VmRSS`` (the *model-loaded baseline*), builds the step's own state (factors, Adam), runs one
+warm-up step, resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), runs the
+measured step and reads ``VmHWM``. Reported: absolute peak RSS, and the *increment* = peak -
+model-loaded baseline, i.e. everything the step needs on top of the loaded model (plain: the
+parameter gradients and the activations; L3D: factors, their gradients and Adam state,
+captured activations, contraction intermediates). Ratios are of increments.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --- environment -------------------------------------------------------------------------
+
+
+def setup_threads(n: int = 1) -> int:
+    """Set torch's intra-op thread count explicitly (2 threads is pathologically slow on the
+    2-core benchmark machine) and return it."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    return torch.get_num_threads()
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"unknown CPU, {os.cpu_count()} cores"
+
+
+def code_version() -> str:
+    """git commit of the checkout, '+dirty' when l3d_lens/ has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "l3d_lens"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    mem = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) / 2**20
+    return {"machine": f"{machine()}, {mem:.0f} GiB", "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformer_lens": _version("transformer-lens"),
+            "opt_einsum": _version("opt_einsum"), "python": sys.version.split()[0], "l3d_lens": code_version()}
+
+
+# --- models and data ---------------------------------------------------------------------
+
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    # TinyStories-8M (GPT-Neo-like); LN unfolded because the weights are random
+    "tinystories-8m": dict(n_layers=8, d_model=256, n_heads=16, d_head=16, d_mlp=1024, d_vocab=50257,
+                           n_ctx=2048, act_fn="gelu_new", normalization_type="LN"),
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
+                       n_ctx=1024, act_fn="gelu_new", normalization_type="LN"),
+}
+
+TINYSTORIES_ATTN = ["blocks.4.attn.W_Q", "blocks.4.attn.W_K", "blocks.4.attn.W_V", "blocks.4.attn.W_O",
+                    "blocks.4.attn.b_O"]
+WHOLE_MODEL = ["blocks.*.attn", "blocks.*.mlp"]
+# the paper's tiny-stories setting: 100 subnetworks, rank 25, k = 0.1, random reference, KL
+PAPER = dict(components=TINYSTORIES_ATTN, n_subnetworks=100, rank=25, top_k=0.1, divergence="kl",
+             reference="random", lr=0.005)
+
+
+def build_model(name: str, seed: int = 0, **overrides: Any):
+    """A HookedTransformer (transformer-lens 3.x) with seeded random weights."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    shape = {**MODEL_SHAPES[name], **overrides}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(HookedTransformerConfig(**shape, seed=seed))
+    model.eval()
+    return model
+
+
+def random_tokens(n: int, seq: int, d_vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, d_vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the steps being compared ------------------------------------------------------------
+
+
+class PlainStep:
+    """Plain training forward+backward of the same model and batch: logits, next-token
+    cross-entropy, backward into every parameter; gradients freed at the end (so that they
+    count inside the step's memory)."""
+
+    def __init__(self, model):
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def __call__(self, tokens: torch.Tensor) -> float:
+        logits = self.model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 tokens[:, 1:].reshape(-1))
+        loss.backward()
+        value = loss.item()
+        self.model.zero_grad(set_to_none=True)
+        return value
+
+
+class L3DStep:
+    """One iteration of the training loop: ``l3d_lens.training.step`` itself (batch_stats,
+    batch top-k, gram, sample_errors, optional AuxK, backward, Adam, normalize_, P_act
+    bookkeeping), on state initialised as ``training.train`` does (``init_factors`` from a
+    generator seeded by cfg.seed, Adam at cfg.lr).
+
+    With ``phases`` (a dict to which per-phase CPU seconds are added) or ``log``, the step runs
+    a replica of ``training.step``'s body (single process, AuxK off) with a clock between the
+    phases, and the fast engine's ``batch_stats`` split into its parts (capture, finiteness
+    check, from_captured). Every function is looked up on its module at call time, so the
+    prototypes in ``benchmarks/prototypes.py`` can patch them."""
+
+    def __init__(self, model, cfg):
+        import dataclasses
+
+        from l3d_lens import distributed, training
+        from l3d_lens.decomposition import build_task
+        from l3d_lens.subnetworks import init_factors, resolve_ranks
+
+        task = build_task(model, cfg)
+        self.task = dataclasses.replace(task, sharded=distributed.active())
+        self.cfg = self.task.cfg
+        device = torch.device(self.cfg.device) if self.cfg.device else self.task.adapter.device
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        ranks = resolve_ranks(self.task.selected, self.cfg.rank)
+        self.f = init_factors(self.task.selected, ranks, self.cfg.n_subnetworks, self.gen, self.cfg.torch_dtype,
+                              device)
+        for t in self.f.values():
+            t.requires_grad_(True)
+        self.opt = torch.optim.Adam(list(self.f.values()), lr=self.cfg.lr)
+        K = self.cfg.n_subnetworks
+        self.sums = training.EpochSums(torch.zeros(K, dtype=torch.float64), torch.zeros(K))
+        self.n_steps = 0
+
+    def n_factor_floats(self) -> int:
+        return sum(t.numel() for t in self.f.values())
+
+    def __call__(self, x: torch.Tensor, phases: Optional[dict[str, float]] = None,
+                 log: Optional[Callable[[str], None]] = None) -> None:
+        from l3d_lens import training
+
+        if phases is None and log is None:
+            training.step(self.task, self.f, self.opt, x, None, self.gen, self.sums, self.n_steps, 0)
+        else:
+            self._phased(x, _Clock(phases, log))
+        self.n_steps += 1
+
+    def _phased(self, x: torch.Tensor, clock: "_Clock") -> None:
+        import l3d_lens.engine as engine
+        from l3d_lens import training
+
+        task, f, cfg = self.task, self.f, self.cfg
+        assert cfg.aux_coef == 0, "the phased replica of training.step covers aux_coef=0 only"
+        if cfg.engine != "fast":
+            stats = engine.batch_stats(task, f, x, self.gen, None)
+            clock("batch_stats")
+        else:
+            cap = engine.capture(task, x, self.gen, None)
+            clock("capture (fwd+bwd)")
+            for s in task.selected:
+                site = s.site
+                tensors = [cap.douts[site.output]] + ([cap.inputs[site.input]] if site.input in cap.inputs else [])
+                if not all(torch.isfinite(t).all() for t in tensors):
+                    raise engine.NonFiniteGradient(s.name)
+            clock("finite check")
+            stats = engine.from_captured(task, f, cap)
+            del cap
+            clock("contractions (A, B, gsq)")
+        mask = training.topk_mask(stats.A.detach(), cfg.top_k)
+        den = stats.gsq.detach().sum().item()
+        clock("top-k")
+        G = training.gram(f, task.selected)
+        clock("gram")
+        errors = training.sample_errors(stats.A, stats.B, stats.gsq, G, mask)
+        num = errors.sum()
+        loss = num / den
+        clock("loss")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clock("loss backward")
+        self.opt.step()
+        clock("adam")
+        training.normalize_(f, task.selected, "out")
+        clock("normalize_")
+        counts = mask.sum(0).double().cpu()
+        self.sums.last_active[counts > 0] = self.n_steps + 1
+        self.sums.active += counts
+        self.sums.n_seen += mask.shape[0]
+        self.sums.loss_num += num.item()
+        self.sums.loss_den += den
+        clock("bookkeeping")
+
+
+class _Clock:
+    def __init__(self, phases, log):
+        self.phases, self.log = phases, log
+        self.c, self.t = time.process_time(), time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        c, t = time.process_time(), time.perf_counter()
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + c - self.c
+        if self.log is not None:
+            self.log(f"{name}: cpu {c - self.c:.2f} s, wall {t - self.t:.2f} s, rss {rss_mib():.0f} MiB, "
+                     f"peak {peak_rss_mib():.0f} MiB")
+        self.c, self.t = c, t
+
+
+# --- specs: one description builds the same step for timing and for memory -----------------
+
+
+def l3d_cfg(spec: dict[str, Any]):
+    from l3d_lens import L3DConfig
+
+    cfg = {**PAPER, **spec.get("cfg", {})}
+    cfg.setdefault("batch_size", spec["batch"])
+    return L3DConfig(**cfg)
+
+
+def make_step(spec: dict[str, Any], model=None):
+    """spec = {"model": name, "batch": n, "seq": t, "kind": "plain" | "l3d", "cfg": {...L3DConfig overrides},
+    "model_overrides": {...}, "patch": {...prototype flags}} -> (step callable, tokens, model)."""
+    model = model if model is not None else build_model(spec["model"], **spec.get("model_overrides", {}))
+    tokens = random_tokens(spec["batch"], spec["seq"], model.cfg.d_vocab)
+    step = PlainStep(model) if spec["kind"] == "plain" else L3DStep(model, l3d_cfg(spec))
+    if spec.get("patch"):  # a prototype from benchmarks/prototypes.py, applied around every call
+        from benchmarks.prototypes import patched
+
+        inner = step
+
+        def step(x, *args, **kwargs):
+            with patched(**spec["patch"]):
+                return inner(x, *args, **kwargs)
+
+        step.inner = inner
+    return step, tokens, model
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5,
+                warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(CPU seconds, wall seconds) per call of each function, measured round-robin in this process."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - t)
+    return cpu, wall
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median of the per-round ratios (robust to drift between rounds)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+# --- memory -----------------------------------------------------------------------------
+
+
+def _status(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def rss_mib() -> float:
+    return _status("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    return _status("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _memory_main(spec: dict[str, Any]) -> dict[str, Any]:
+    setup_threads(spec.get("threads", 1))
+    model = build_model(spec["model"], **spec.get("model_overrides", {}))
+    tokens = random_tokens(spec["batch"], spec["seq"], model.cfg.d_vocab)
+    gc.collect()
+    base = rss_mib()
+    step, _, _ = make_step(spec, model)
+    for _ in range(spec.get("warmup", 1)):
+        step(tokens)
+    gc.collect()
+    before = rss_mib()
+    reset_peak_rss()
+    c = time.process_time()
+    step(tokens)
+    seconds = time.process_time() - c
+    peak = peak_rss_mib()
+    return {"model_loaded_mib": base, "before_step_mib": before, "peak_mib": peak,
+            "increment_mib": peak - base, "step_cpu_s": seconds}
+
+
+def measure_memory(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Peak RSS of one step, in a fresh subprocess (see the module docstring)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(spec.get("threads", 1)),
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.common", json.dumps(spec)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_memory_main(json.loads(sys.argv[1]))))

@@ -1,0 +1,22 @@
+"""The paper's four toy models with known answers, seeded data and training, ground-truth
+recovery metrics, and a sweep helper for k / rank / number of subnetworks.
+
+    from l3d_lens import decompose
+    from l3d_lens.toy import make_toy, paper_config, evaluate
+
+    toy = make_toy("tms", seed=0)                       # trained model + data + ground truth
+    dec = decompose(toy.model, toy.l3d_data, paper_config("tms"))
+    evaluate(toy, dec)                                  # error, |cos| per feature, dead, ...
+
+Modules: ``models`` (nn.Linear toy models), ``data`` (seeded sparse inputs), ``train``
+(seeded training, ``make_toy``), ``metrics`` (usable on any Decomposition with a known
+answer), ``reproduce`` (the paper's L3D settings and per-toy scoring), ``sweep``.
+"""
+
+from . import data, metrics, models, sweep
+from .models import SquareMLP, SuperpositionModel
+from .reproduce import PAPER_SHAPES, evaluate, paper_config
+from .train import DEFAULT_EPOCHS, TOY_NAMES, Toy, fit, fit_tms, make_toy
+
+__all__ = ["data", "metrics", "models", "sweep", "SquareMLP", "SuperpositionModel", "PAPER_SHAPES", "evaluate", "paper_config",
+           "DEFAULT_EPOCHS", "TOY_NAMES", "Toy", "fit", "fit_tms", "make_toy"]

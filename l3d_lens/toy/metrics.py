@@ -1,0 +1,314 @@
+"""Ground-truth recovery metrics for a ``Decomposition`` of a model whose answer is known.
+
+Every function takes plain tensors or a ``Decomposition`` and knows nothing of how the model
+was trained, so any model with a known answer can use them:
+
+- ``reconstruction_error``: L3D's own normalised error on held-out data.
+- ``cosine_matrix`` / ``mean_max_cosine``: |cos| between subnetworks and the true per-feature
+  parameter directions (subnetwork signs are arbitrary), scored as APD/SPD score TMS.
+- ``assign``: the one-to-one matching of features to subnetworks that maximises a score.
+- ``output_effects`` / ``coefficient_r2``: recover TMCS's A from subnetworks and score it.
+- ``feature_activity``, ``group_of_subnetworks``, ``live_per_group``, ``dead_fraction``.
+- ``perturbed`` (weights at W0 + delta * v, restored bit-identically), ``intervention_change``
+  and ``selectivity``: does moving along a subnetwork change only its own outputs?
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Bool, Float
+from torch import nn
+
+Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
+
+
+# --- reconstruction and activity ------------------------------------------------------------
+
+def reconstruction_error(dec, data: torch.Tensor, seed: Optional[int] = None) -> float:
+    """sum_i ||g_i - g_hat_i||^2 / sum_i ||g_i||^2 on ``data`` with the decomposition's top-k
+    (random references drawn from ``seed``): the paper's reported "reconstruction error"."""
+    return float(dec.reconstruction_error(data, seed=seed))
+
+
+def dead_fraction(dec) -> float:
+    """Fraction of subnetworks never in the top-k set over the last training epoch (P_act = 0)."""
+    return float((dec.fraction_active == 0).double().mean())
+
+
+def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
+                     seed: Optional[int] = None) -> Float[torch.Tensor, "g k"]:
+    """Share of each subnetwork in the mean |coefficient| of the rows where exactly one feature
+    (or group of ``group_size`` features) is active: row g sums to 1 (NaN if no such row).
+    A clean decomposition has one dominant subnetwork per row."""
+    from .data import active_features
+
+    coef = dec.coefficients(x, seed=seed).abs().double()
+    act = active_features(x, group_size)
+    single = act.sum(-1) == 1
+    rows = []
+    for g in range(act.shape[1]):
+        sel = single & act[:, g]
+        mean = coef[sel].mean(0) if sel.any() else torch.full((coef.shape[1],), float("nan"), dtype=coef.dtype)
+        rows.append(mean / mean.sum())
+    return torch.stack(rows)
+
+
+# --- directions in parameter space ---------------------------------------------------------
+
+def _flat(directions: Directions, names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([directions[n].detach().double().reshape(directions[n].shape[0], -1) for n in names], dim=1)
+
+
+def cosine_matrix(truth: Directions, subnetworks: Directions) -> Float[torch.Tensor, "f k"]:
+    """|cos| between every true feature direction and every subnetwork, over the weights named
+    in ``truth`` (subnetworks restricted to them). ``truth[name]`` is [n_features, *shape],
+    ``subnetworks[name]`` is [n_subnetworks, *shape] (e.g. ``dec.subnetworks()``)."""
+    names = list(truth)
+    missing = [n for n in names if n not in subnetworks]
+    if missing:
+        raise KeyError(f"weights {missing} are not in the decomposition (it has {sorted(subnetworks)})")
+    t = _flat(truth, names)
+    s = _flat(subnetworks, names)
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return (t @ s.T).abs()
+
+
+def mean_max_cosine(truth: Directions, subnetworks: Directions) -> tuple[float, Float[torch.Tensor, " f"]]:
+    """(mean over features of the best |cos| any subnetwork reaches, per-feature best |cos|)."""
+    best = cosine_matrix(truth, subnetworks).max(dim=1).values
+    return float(best.mean()), best
+
+
+def masked_weights(model: nn.Module, masks: Mapping[str, Bool[torch.Tensor, "f ..."]]) -> dict[str, torch.Tensor]:
+    """Per-feature true directions from the model's own weights W0: ``masks[name]`` is
+    [n_features, *shape] and selects which entries of weight ``name`` belong to each feature."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach()[None] * m.to(params[n].dtype) for n, m in masks.items()}
+
+
+def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows: bool = False) -> dict[str, torch.Tensor]:
+    """True per-feature directions of a ``SuperpositionModel``: feature i's columns of W_in
+    (``encoder.weight[:, i]``, or a group's columns) and, with ``decoder_rows`` (TMS, where output
+    i decodes feature i), row i of W_out. The bias is left out: its share of a feature's
+    gradient depends on the feature's value, so it has no fixed true direction."""
+    w_in = model.get_parameter("encoder.weight")
+    n_in = w_in.shape[1]
+    if n_in % group_size:
+        raise ValueError(f"{n_in} inputs are not a multiple of group_size={group_size}")
+    n_feat = n_in // group_size
+    cols = torch.zeros(n_feat, *w_in.shape, dtype=torch.bool)
+    for f in range(n_feat):
+        cols[f, :, f * group_size:(f + 1) * group_size] = True
+    masks = {"encoder.weight": cols}
+    if decoder_rows:
+        w_out = model.get_parameter("decoder.weight")
+        if w_out.shape[0] != n_feat:
+            raise ValueError(f"decoder_rows needs one output per feature; W_out has {w_out.shape[0]} rows, {n_feat} features")
+        rows = torch.zeros(n_feat, *w_out.shape, dtype=torch.bool)
+        for f in range(n_feat):
+            rows[f, f] = True
+        masks["decoder.weight"] = rows
+    return masked_weights(model, masks)
+
+
+def assign(score: Float[torch.Tensor, "f k"]) -> list[int]:
+    """The one-to-one assignment feature -> subnetwork maximising the total score (exact
+    dynamic programme over feature subsets for up to 16 features, greedy beyond). Needs k >= f."""
+    f, k = score.shape
+    if k < f:
+        raise ValueError(f"cannot assign {f} features to {k} subnetworks one-to-one")
+    s = score.double().nan_to_num(-1e300).tolist()
+    if f > 16:
+        taken, out = set(), [-1] * f
+        for v, i, j in sorted(((s[i][j], i, j) for i in range(f) for j in range(k)), reverse=True):
+            if out[i] < 0 and j not in taken:
+                out[i] = j
+                taken.add(j)
+        return out
+    # best[mask] after deciding the first j subnetworks: max score with features in mask assigned
+    neg = -math.inf
+    best = {0: (0.0, ())}
+    for j in range(k):
+        nxt = dict(best)
+        for mask, (val, pairs) in best.items():
+            for i in range(f):
+                if not mask >> i & 1:
+                    m2, v2 = mask | 1 << i, val + s[i][j]
+                    if v2 > nxt.get(m2, (neg,))[0]:
+                        nxt[m2] = (v2, pairs + ((i, j),))
+        best = nxt
+    out = [-1] * f
+    for i, j in best[(1 << f) - 1][1]:
+        out[i] = j
+    return out
+
+
+# --- recovering coefficients (TMCS) --------------------------------------------------------
+
+def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Tensor, "n d_in"],
+                   which: Optional[Sequence[int]] = None) -> Float[torch.Tensor, "k n d_out"]:
+    """First-order change of the outputs along each subnetwork, d/d delta f(x; W0 + delta v_k)
+    at delta = 0 (a forward-mode JVP; the model's weights are not touched)."""
+    from torch.func import functional_call, jvp
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = [n for n in subnetworks if n in params]
+    ks = range(next(iter(subnetworks.values())).shape[0]) if which is None else which
+    out = []
+    for k in ks:
+        tangent = tuple(subnetworks[n][k].to(params[n].dtype) for n in names)
+
+        def f(*ws):
+            return functional_call(model, {**params, **dict(zip(names, ws))}, (x,))
+
+        out.append(jvp(f, tuple(params[n] for n in names), tangent)[1])
+    return torch.stack(out)
+
+
+def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tensor, "f d"]) -> float:
+    """r^2 of recovered coefficient vectors against the true ones, after giving each recovered
+    vector its least-squares scale (subnetworks have unit norm and no sign): 1 - SS_res / SS_tot
+    over all entries, SS_tot about the mean of the true entries."""
+    t, r = true.double(), recovered.double()
+    scale = (t * r).sum(1, keepdim=True) / (r * r).sum(1, keepdim=True).clamp_min(1e-300)
+    res = (t - scale * r).pow(2).sum()
+    tot = (t - t.mean()).pow(2).sum()
+    return float(1 - res / tot)
+
+
+def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.Tensor, "d_out d_in"],
+                     group_size: int = 1) -> dict[str, Any]:
+    """Match each input feature of a circuit-superposition model to a subnetwork (one-to-one,
+    by |cos| with the feature's W_in columns) and score how well the matched subnetworks give
+    back A (y = A x): ``r2`` uses each subnetwork's first-order effect on the outputs of the
+    input with only that feature at 1 (``output_effects``); ``r2_decoder`` uses its W_out part
+    applied to the feature's hidden embedding, V_k[W_out] @ W_in[:, i]."""
+    truth = superposition_directions(model, group_size)
+    cos = cosine_matrix(truth, subnetworks)
+    match = assign(cos)
+    n_in = A.shape[1]
+    eye = torch.eye(n_in, dtype=next(model.parameters()).dtype)
+    jvp_cols, dec_cols = [], []
+    w_in = model.get_parameter("encoder.weight").detach()
+    for i, k in enumerate(match):
+        jvp_cols.append(output_effects(model, subnetworks, eye[i:i + 1], [k])[0, 0])
+        dec_cols.append(subnetworks["decoder.weight"][k].to(w_in.dtype) @ w_in[:, i])
+    true = A.T  # [features, outputs]
+    return {"match": match, "match_cos": cos[torch.arange(len(match)), match],
+            "r2": coefficient_r2(true, torch.stack(jvp_cols)),
+            "r2_decoder": coefficient_r2(true, torch.stack(dec_cols))}
+
+
+# --- higher-rank circuits -------------------------------------------------------------------
+
+def group_of_subnetworks(subnetworks: Directions, group_size: int, weight: str = "encoder.weight"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, purity) per subnetwork: the group of input columns of ``weight`` holding most of
+    the subnetwork's squared norm there, and that group's share of it."""
+    w = subnetworks[weight].detach().double()  # [k, hidden, in]
+    mass = w.pow(2).sum(1).view(w.shape[0], -1, group_size).sum(-1)  # [k, groups]
+    share = mass / mass.sum(1, keepdim=True).clamp_min(1e-300)
+    purity, group = share.max(1)
+    return group, purity
+
+
+def live_per_group(dec, group_size: int, weight: str = "encoder.weight") -> dict[str, Any]:
+    """Live (P_act > 0) subnetworks per input group, which group each live one belongs to and
+    how purely: the higher-rank target is exactly one live subnetwork per group, rest dead."""
+    subs = dec.subnetworks()
+    group, purity = group_of_subnetworks(subs, group_size, weight)
+    live = dec.fraction_active > 0
+    n_groups = subs[weight].shape[-1] // group_size
+    counts = torch.zeros(n_groups, dtype=torch.long)
+    for g in group[live].tolist():
+        counts[g] += 1
+    return {"live_per_group": counts.tolist(), "n_live": int(live.sum()), "n_dead": int((~live).sum()),
+            "group": group.tolist(), "purity": purity.tolist(), "p_act": dec.fraction_active.tolist(),
+            "one_per_group": bool((counts == 1).all())}
+
+
+# --- interventions --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def perturbed(model: nn.Module, direction: Mapping[str, torch.Tensor], delta: float) -> Iterator[nn.Module]:
+    """Run the body with the model's weights at W0 + delta * direction (``direction[name]`` has
+    the weight's shape); every touched weight is restored bit-identically afterwards, also when
+    the body (or the perturbation itself) raises."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in direction if n not in params]
+    if unknown:
+        raise KeyError(f"direction names weights {unknown} that the model does not have")
+    for n, d in direction.items():
+        if tuple(d.shape) != tuple(params[n].shape):
+            raise ValueError(f"direction for {n} has shape {tuple(d.shape)}, the weight {tuple(params[n].shape)}")
+    saved = {n: params[n].detach().clone() for n in direction}
+    try:
+        with torch.no_grad():
+            for n, d in direction.items():
+                params[n].add_(d.to(device=params[n].device, dtype=params[n].dtype), alpha=delta)
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+
+
+def subnetwork(subnetworks: Directions, k: int) -> dict[str, torch.Tensor]:
+    """Subnetwork ``k`` as {weight name: tensor of the weight's shape}."""
+    return {n: v[k] for n, v in subnetworks.items()}
+
+
+@torch.no_grad()
+def intervention_change(model: nn.Module, direction: Mapping[str, torch.Tensor], x: torch.Tensor,
+                        deltas: Sequence[float]) -> Float[torch.Tensor, "delta n d_out"]:
+    """|f(x; W0 + delta * v) - f(x; W0)| for every delta."""
+    base = model(x)
+    out = []
+    for d in deltas:
+        with perturbed(model, direction, d):
+            out.append((model(x) - base).abs())
+    return torch.stack(out)
+
+
+def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Float[torch.Tensor, "n d_in"],
+                relevant: Bool[torch.Tensor, "n d_out"], fraction: float = 0.5,
+                deltas: Optional[Sequence[float]] = None) -> dict[str, Any]:
+    """Mean change of the relevant outputs over mean change of all other (sample, output)
+    entries when running the model at W0 + delta * v, at the smallest |delta| (either sign: v
+    has none) where the relevant outputs have changed by ``fraction`` of their mean |value|.
+    If no delta on the grid gets there, the largest relevant change found is used and
+    ``reached`` is False."""
+    if deltas is None:
+        deltas = torch.logspace(-3, 2, 251).tolist()
+    grid = sorted(abs(d) for d in deltas)
+    with torch.no_grad():
+        base = model(x)
+    target = fraction * base[relevant].abs().mean().item()
+    best: Optional[dict[str, Any]] = None
+    fallback: Optional[dict[str, Any]] = None
+    for sign in (1.0, -1.0):
+        change = intervention_change(model, direction, x, [sign * d for d in grid])
+        rel = change[:, relevant].mean(1)
+        other = change[:, ~relevant].mean(1)
+        hit = (rel >= target).nonzero()
+        if len(hit):
+            i = int(hit[0])
+            cand = {"delta": sign * grid[i], "relevant_change": float(rel[i]), "other_change": float(other[i]),
+                    "reached": True}
+            if best is None or abs(cand["delta"]) < abs(best["delta"]):
+                best = cand
+        i = int(rel.argmax())
+        cand = {"delta": sign * grid[i], "relevant_change": float(rel[i]), "other_change": float(other[i]),
+                "reached": False}
+        if fallback is None or cand["relevant_change"] > fallback["relevant_change"]:
+            fallback = cand
+    out = best if best is not None else fallback
+    out["selectivity"] = out["relevant_change"] / max(out["other_change"], 1e-300)
+    out["target_change"] = target
+    return out

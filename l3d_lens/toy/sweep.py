@@ -1,0 +1,51 @@
+"""Sweep L3D's top-k fraction, rank and number of subnetworks on one model (the paper fixes k
+and rank for every model and names this as a weakness). Each grid point is a full
+``decompose``; the result is one row per point with the held-out reconstruction error, the
+dead fraction, the run time and whatever ``score`` returns.
+
+Not toy-specific: it works on any model and data ``decompose`` accepts (it lives here because
+the toy models are where a sweep is cheap enough to run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from ..config import L3DConfig
+from ..decomposition import Decomposition, decompose
+
+
+def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Sequence[Any] = (),
+          n_subnetworks: Sequence[int] = (), seeds: Sequence[int] = (), eval_data=None,
+          score: Optional[Callable[[Decomposition], dict[str, Any]]] = None,
+          progress: bool = False) -> list[dict[str, Any]]:
+    """Decompose ``model`` once per combination of the given values (an empty sequence keeps
+    ``cfg``'s value) and return one dict per run: the settings, ``error`` (reconstruction error
+    on ``eval_data``, default ``data``), ``train_error`` (last epoch), ``dead_fraction``,
+    ``seconds`` and the entries of ``score(dec)`` if given."""
+    axes = {"top_k": list(top_k) or [cfg.top_k], "rank": list(rank) or [cfg.rank],
+            "n_subnetworks": list(n_subnetworks) or [cfg.n_subnetworks], "seed": list(seeds) or [cfg.seed]}
+    rows = []
+    for values in itertools.product(*axes.values()):
+        settings = dict(zip(axes, values))
+        run_cfg = cfg.replace(**settings)
+        start = time.perf_counter()
+        dec = decompose(model, data, run_cfg, progress=progress)
+        row = dict(settings, seconds=time.perf_counter() - start,
+                   error=dec.reconstruction_error(data if eval_data is None else eval_data),
+                   train_error=dec.history[-1]["loss"] if dec.history else float("nan"),
+                   dead_fraction=float((dec.fraction_active == 0).double().mean()))
+        if score is not None:
+            row.update(score(dec))
+        rows.append(row)
+    return rows
+
+
+def best(rows: Sequence[dict[str, Any]], key: str = "error", minimize: bool = True) -> dict[str, Any]:
+    """The row with the lowest (``minimize``) or highest value of ``key``."""
+    if not rows:
+        raise ValueError("no sweep rows")
+    return (min if minimize else max)(rows, key=lambda r: r[key])

@@ -1,0 +1,240 @@
+"""Toy models, their data, the ground-truth recovery metrics and a short L3D run on each toy.
+
+The L3D runs are short (tens of epochs on a few hundred samples), so they assert recovery
+*well above* what the untrained decomposition (the same run with a vanishing learning rate)
+gets on the same metric: a broken gradient, top-k or normalisation would fail them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import l3d_lens
+from l3d_lens.toy import data, metrics, models
+from l3d_lens.toy.reproduce import evaluate, paper_config
+from l3d_lens.toy.sweep import best, sweep
+from l3d_lens.toy.train import fit, fit_tms, make_toy
+
+torch.set_num_threads(1)
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def test_sparse_features_are_seeded_sparse_and_never_all_zero():
+    x = data.sparse_features(4000, 5, p_active=0.05, seed=3)
+    assert x.shape == (4000, 5)
+    assert torch.equal(x, data.sparse_features(4000, 5, p_active=0.05, seed=3))
+    assert not torch.equal(x, data.sparse_features(4000, 5, p_active=0.05, seed=4))
+    assert (x != 0).any(1).all()
+    assert x.min() >= 0 and x.max() <= 1
+    # P(active | row not all zero) = 0.05 / (1 - 0.95^5)
+    expected = 0.05 / (1 - 0.95 ** 5)
+    assert abs((x != 0).double().mean().item() - expected) < 0.02
+    s = data.sparse_features(4000, 5, seed=3, signed=True)
+    assert s.min() < -0.5 and s.max() > 0.5 and s.abs().max() <= 1
+
+
+def test_grouped_features_tie_activity_within_groups():
+    x = data.grouped_features(3000, 25, 5, seed=1)
+    nz = (x != 0).view(3000, 5, 5)
+    assert (nz.all(-1) == nz.any(-1)).all()  # a group is either fully active or fully silent
+    assert nz.any(-1).any(-1).all()
+    with pytest.raises(ValueError):
+        data.grouped_features(10, 24, 5)
+    single = data.single_feature_rows(x, 5, feature=2)
+    assert single.any() and (data.active_features(x, 5)[single].sum(-1) == 1).all()
+
+
+def test_circuit_matrix_range_and_seed():
+    A = data.circuit_matrix(10, 7, seed=2)
+    assert A.shape == (7, 10) and A.min() >= 0 and A.max() <= 3
+    assert torch.equal(A, data.circuit_matrix(10, 7, seed=2))
+
+
+# --- models --------------------------------------------------------------------------------
+
+def test_models_are_linear_layers_with_readable_names():
+    names = dict(models.tms().named_parameters())
+    assert set(names) == {"encoder.weight", "decoder.weight", "decoder.bias"}
+    assert names["encoder.weight"].shape == (2, 5)
+    assert dict(models.higher_rank().named_parameters())["encoder.weight"].shape == (5, 25)
+    sq = models.square_mlp()
+    assert [n for n, _ in sq.named_parameters()][:2] == ["layers.0.weight", "layers.0.bias"]
+    assert sum(isinstance(m, nn.Linear) for m in sq.modules()) == 5
+    assert torch.equal(models.tmcs(4).encoder.weight, models.tmcs(4).encoder.weight)
+    x = torch.rand(3, 5)
+    assert (models.tms()(x) >= 0).all()
+
+
+def test_fit_reduces_loss_and_tms_is_returned_untied():
+    x = data.sparse_features(1000, 5, seed=0)
+    m = models.tmcs(0)
+    y = x.repeat(1, 2) @ data.circuit_matrix(10, 10).T
+    losses = fit(m, x.repeat(1, 2), y, epochs=15, seed=0)
+    assert losses[-1] < 0.7 * losses[0]
+    model, tl = fit_tms(x, epochs=6, seed=0, restarts=2, probe_epochs=3)
+    assert len(tl) == 6
+    assert torch.equal(model.decoder.weight, model.encoder.weight.T)
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+def test_cosine_matrix_ignores_sign_and_scale():
+    truth = {"w": torch.eye(3).view(3, 3, 1)}
+    subs = {"w": torch.tensor([[0, -2.0, 0], [0.6, 0, 0.8], [0, 0, 1]]).view(3, 3, 1)}
+    cos = metrics.cosine_matrix(truth, subs)
+    assert torch.allclose(cos, torch.tensor([[0, 0.6, 0], [1.0, 0, 0], [0, 0.8, 1]], dtype=cos.dtype))
+    mean, best_ = metrics.mean_max_cosine(truth, subs)
+    assert best_.tolist() == pytest.approx([0.6, 1.0, 1.0])
+    with pytest.raises(KeyError):
+        metrics.cosine_matrix({"v": truth["w"]}, subs)
+
+
+def test_assign_is_the_optimal_one_to_one_matching():
+    gen = torch.Generator().manual_seed(0)
+    for f, k in [(3, 3), (4, 6), (5, 5)]:
+        score = torch.rand(f, k, generator=gen)
+        match = metrics.assign(score)
+        assert len(set(match)) == f
+        total = sum(score[i, j] for i, j in enumerate(match))
+        brute = max(sum(score[i, p[i]] for i in range(f)) for p in itertools.permutations(range(k), f))
+        assert total == pytest.approx(float(brute))
+
+
+def test_coefficient_r2_is_scale_and_sign_free():
+    A = torch.rand(4, 6)
+    rec = A * torch.tensor([[2.0], [-0.5], [1.0], [-3.0]])
+    assert metrics.coefficient_r2(A, rec) == pytest.approx(1.0)
+    assert metrics.coefficient_r2(A, torch.rand(4, 6)) < 0.9
+
+
+def test_superposition_directions_mask_the_model_weights():
+    m = models.tms(1)
+    d = metrics.superposition_directions(m, decoder_rows=True)
+    assert torch.equal(d["encoder.weight"][2][:, 2], m.encoder.weight[:, 2].detach())
+    assert d["encoder.weight"][2][:, [0, 1, 3, 4]].abs().sum() == 0
+    assert torch.equal(d["decoder.weight"][4][4], m.decoder.weight[4].detach())
+    g = metrics.superposition_directions(models.higher_rank(), group_size=5)
+    assert g["encoder.weight"].shape == (5, 5, 25)
+
+
+def test_perturbed_restores_weights_bit_identically_even_on_error():
+    m = models.square_mlp(2)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    direction = {n: torch.randn_like(p) / 3 for n, p in m.named_parameters()}
+    x = torch.rand(4, 5)
+    with metrics.perturbed(m, direction, 0.7):
+        changed = m(x)
+        assert not torch.equal(m.layers[0].weight, before["layers.0.weight"])
+    assert not torch.allclose(changed, m(x))
+    with pytest.raises(RuntimeError, match="boom"):
+        with metrics.perturbed(m, direction, 1e-3):
+            raise RuntimeError("boom")
+    with pytest.raises(ValueError):  # bad shape: rejected before anything is touched
+        with metrics.perturbed(m, {"layers.0.weight": torch.ones(5, 5), "layers.1.weight": torch.ones(2)}, 1.0):
+            pass
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n  # bit-identical
+
+
+def test_selectivity_separates_targeted_from_global_directions():
+    m = models.SuperpositionModel(3, 3, 3, seed=0)
+    with torch.no_grad():
+        m.encoder.weight.copy_(torch.eye(3))
+        m.decoder.weight.copy_(torch.eye(3))
+        m.decoder.bias.zero_()
+    x = torch.rand(50, 3) + 0.1
+    relevant = torch.zeros(50, 3, dtype=torch.bool)
+    relevant[:, 0] = True
+    only_out0 = {"decoder.weight": torch.zeros(3, 3), "decoder.bias": torch.tensor([1.0, 0, 0])}
+    s = metrics.selectivity(m, only_out0, x, relevant)
+    assert s["reached"] and s["selectivity"] > 1e6
+    everywhere = {"decoder.bias": torch.ones(3)}
+    s2 = metrics.selectivity(m, everywhere, x, relevant)
+    assert s2["reached"] and s2["selectivity"] == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(m.decoder.weight, torch.eye(3))
+
+
+def test_output_effects_match_finite_differences():
+    m = models.square_mlp(1)
+    direction = {n: torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(0))
+                 for n, p in m.named_parameters()}
+    x = data.sparse_features(8, 5, seed=0, signed=True)
+    jvp = metrics.output_effects(m, direction, x)
+    eps = 1e-3
+    for k in range(2):
+        with torch.no_grad(), metrics.perturbed(m, metrics.subnetwork(direction, k), eps):
+            up = m(x)
+        with torch.no_grad(), metrics.perturbed(m, metrics.subnetwork(direction, k), -eps):
+            down = m(x)
+        assert torch.allclose(jvp[k], (up - down) / (2 * eps), atol=2e-3)
+
+
+# --- short L3D runs against the untrained decomposition ------------------------------------
+
+def _pair(toy, name, epochs, **kw):
+    """(trained, untrained) decompositions: same init and data, lr 1e-12 for the untrained."""
+    cfg = paper_config(name, epochs=epochs, lr_step=max(1, epochs // 5), **kw)
+    trained = l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False)
+    untrained = l3d_lens.decompose(toy.model, toy.l3d_data, cfg.replace(epochs=1, lr=1e-12), progress=False)
+    return trained, untrained
+
+
+@pytest.fixture(scope="module")
+def tms_toy():
+    return make_toy("tms", 0, epochs=15, n_train=2000, n_l3d=320, n_eval=500)
+
+
+def test_tms_recovers_feature_directions(tms_toy):
+    trained, untrained = _pair(tms_toy, "tms", 40)
+    rt, ru = evaluate(tms_toy, trained), evaluate(tms_toy, untrained)
+    assert rt["error"] < 0.6 and rt["error"] < ru["error"] - 0.3
+    # at least 3 of 5 features found almost exactly; random directions reach none
+    assert sum(c > 0.95 for c in rt["cos"]) >= 3
+    assert sum(c > 0.95 for c in ru["cos"]) == 0
+    assert rt["mmcs"] > ru["mmcs"] + 0.25
+
+
+def test_tmcs_subnetworks_align_with_input_features():
+    toy = make_toy("tmcs", 0, epochs=20, n_train=2000, n_l3d=640, n_eval=500)
+    trained, untrained = _pair(toy, "tmcs", 40)
+    rt, ru = evaluate(toy, trained), evaluate(toy, untrained)
+    assert rt["error"] < ru["error"] - 0.4
+    mt, mu = sum(rt["match_cos"]) / 10, sum(ru["match_cos"]) / 10
+    assert mt > mu + 0.15
+    assert rt["r2_decoder"] > ru["r2_decoder"] + 1.0
+
+
+def test_higher_rank_subnetworks_own_groups():
+    toy = make_toy("higher_rank", 0, epochs=20, n_train=2000, n_l3d=640, n_eval=500)
+    trained, untrained = _pair(toy, "higher_rank", 40)
+    lt, lu = metrics.live_per_group(trained, 5), metrics.live_per_group(untrained, 5)
+    assert sum(c >= 1 for c in lt["live_per_group"]) >= 3
+    assert max(p for p, a in zip(lt["purity"], lt["p_act"]) if a > 0) > 0.95
+    assert max(lu["purity"]) < 0.6  # random subnetworks spread over all groups
+    share_t = metrics.feature_activity(trained, toy.eval_data, 5).max(1).values.mean()
+    share_u = metrics.feature_activity(untrained, toy.eval_data, 5).max(1).values.mean()
+    assert share_t > share_u + 0.3
+
+
+def test_square_subnetworks_specialise_on_features():
+    toy = make_toy("square", 0, epochs=8, n_train=2000, n_l3d=320, n_eval=500)
+    trained, untrained = _pair(toy, "square", 25)
+    st = metrics.feature_activity(trained, toy.eval_data)
+    su = metrics.feature_activity(untrained, toy.eval_data)
+    assert st.max(1).values.mean() > su.max(1).values.mean() + 0.15
+    assert trained.history[-1]["loss"] < untrained.history[-1]["loss"] - 0.2
+
+
+def test_sweep_reports_each_setting_and_dense_topk_reconstructs_better(tms_toy):
+    cfg = paper_config("tms", epochs=8, lr_step=2)
+    rows = sweep(tms_toy.model, tms_toy.l3d_data, cfg, top_k=[0.1, 1.0], eval_data=tms_toy.eval_data,
+                 score=lambda dec: {"n_sub": dec.n_subnetworks})
+    assert [r["top_k"] for r in rows] == [0.1, 1.0]
+    assert all(r["n_sub"] == 5 and 0 <= r["error"] < 2 for r in rows)
+    assert rows[1]["error"] < rows[0]["error"]  # keeping every coefficient can only help
+    assert best(rows)["top_k"] == 1.0
