@@ -57,17 +57,24 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     mask_all = topk_mask(coef_all, cfg.top_k)
     mask = mask_all[local]
     den = distributed.sum_scalar(stats.gsq.detach().sum().item())
-    G = gram(f, task.selected)
-    errors = sample_errors(stats.A, stats.B, stats.gsq, G, mask)
+    dead = (step_index - sums.last_active) >= cfg.dead_steps
+    use_aux = cfg.aux_coef > 0 and bool(dead.any())
+    # only subnetworks active somewhere in the global batch (or, for the aux loss, dead ones)
+    # meet the Gram matrix: the rest are multiplied by zero, in the loss and its gradient
+    cols = mask_all.any(0) | (dead.to(mask_all.device) if use_aux else False)
+    idx = cols.nonzero().squeeze(1)
+    f_out = {k: v.index_select(0, idx) for k, v in f.items() if k.startswith("out/")}
+    A, B, kept = stats.A.index_select(1, idx), stats.B.index_select(1, idx), mask.index_select(1, idx)
+    G = gram(f_out, task.selected)
+    errors = sample_errors(A, B, stats.gsq, G, kept)
     num = errors.sum()
     loss = num / den
-    dead = (step_index - sums.last_active) >= cfg.dead_steps
-    if cfg.aux_coef > 0 and dead.any():
+    if use_aux:
         dead_cols = dead.to(coef_all.device)
         aux_mask = topk_mask(coef_all * dead_cols, cfg.top_k * int(dead.sum()) / dead.numel())[local] & dead_cols
-        frozen = {"frozen" + k[3:]: v.detach() for k, v in f.items() if k.startswith("out/")}
-        G_frozen = gram({**f, **frozen}, task.selected, "frozen", "out")
-        aux = aux_errors(stats.A, stats.B, errors, G_frozen, G, mask, aux_mask).sum()
+        frozen = {"frozen" + k[3:]: v.detach() for k, v in f_out.items()}
+        G_frozen = gram({**f_out, **frozen}, task.selected, "frozen", "out")
+        aux = aux_errors(A, B, errors, G_frozen, G, kept, aux_mask.index_select(1, idx)).sum()
         aux_den = distributed.sum_scalar(errors.detach().sum().item())
         loss = loss + cfg.aux_coef * aux / max(aux_den, 1e-30)
     opt.zero_grad(set_to_none=True)
