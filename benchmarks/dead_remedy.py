@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--aux-coef", type=float, default=1.0)
     ap.add_argument("--dead-steps", type=int, default=20)
+    ap.add_argument("--runs", nargs="+", default=["plain", "aux"], choices=["plain", "aux"])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,8 +44,9 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             toy = make_toy(name, seed)
             cfg = paper_config(name, epochs=args.epochs, lr_step=max(1, args.epochs // 10), seed=seed)
-            for label, run_cfg in (("plain", cfg), ("aux", cfg.replace(aux_coef=args.aux_coef,
-                                                                          dead_steps=args.dead_steps))):
+            runs = {"plain": cfg, "aux": cfg.replace(aux_coef=args.aux_coef, dead_steps=args.dead_steps)}
+            for label in args.runs:
+                run_cfg = runs[label]
                 start = time.perf_counter()
                 dec = decompose(toy.model, toy.l3d_data, run_cfg, progress=False)
                 r = evaluate(toy, dec, seed=seed)

@@ -367,8 +367,10 @@ def induction_pairs(n: int, seed: int):
 
 def _summary_table(dec, data: torch.Tensor, half: Optional[int] = None) -> list[str]:
     heads = dec.head_attribution(as_tensor=True)
+    effects = torch.nan_to_num(dec.head_effects(as_tensor=True), nan=0.0)
+    effects = effects / effects.flatten(1).sum(1).clamp_min(1e-300).view(-1, 1, 1)
     p_act = dec.fraction_active
-    lines = [f"{'subnet':>6} {'P_act':>6}  {'top heads (share of squared norm)':<40}"
+    lines = [f"{'subnet':>6} {'P_act':>6}  {'top heads (share of squared norm)':<40} {'top heads (share of output effect)':<40}"
              + (f" {'|c| repeated/first half':>24}" if half else "")]
     ratio = None
     if half:
@@ -379,7 +381,11 @@ def _summary_table(dec, data: torch.Tensor, half: Optional[int] = None) -> list[
         flat = heads[k].flatten()
         top = torch.argsort(flat, descending=True, stable=True)[:3].tolist()
         desc = ", ".join(f"L{i // heads.shape[2]}H{i % heads.shape[2]} {flat[i]:.2f}" for i in top)
-        lines.append(f"{k:>6} {p_act[k]:>6.3f}  {desc:<40}" + (f" {ratio[k].item():>24.1f}" if ratio is not None else ""))
+        eff = effects[k].flatten()
+        top_e = torch.argsort(eff, descending=True, stable=True)[:3].tolist()
+        desc_e = ", ".join(f"L{i // heads.shape[2]}H{i % heads.shape[2]} {eff[i]:.2f}" for i in top_e)
+        lines.append(f"{k:>6} {p_act[k]:>6.3f}  {desc:<40} {desc_e:<40}"
+                     + (f" {ratio[k].item():>24.1f}" if ratio is not None else ""))
     return lines
 
 

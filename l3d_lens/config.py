@@ -17,7 +17,7 @@ Rank = Union[int, float, Mapping[str, Union[int, float, Sequence[int]]]]
 
 DIVERGENCES = ("auto", "kl", "mse")
 SAMPLES = ("auto", "token", "sequence")
-REFERENCES = ("random", "mean", "uniform", "paired")
+REFERENCES = ("random", "mean", "uniform", "zero", "paired")
 ENGINES = ("fast", "exact")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -40,8 +40,10 @@ class L3DConfig:
     sample: "token" (every sequence position is a sample, the paper's setting),
         "sequence" (one sample per sequence, the divergence at ``position``), or "auto".
     position: for sample="sequence": an int position or "all" (sum over positions).
-    reference: "random" (another sample of the batch), "mean", "uniform", or "paired"
-        (reference data passed to ``decompose``: contrastive pairs).
+    reference: "random" (another sample of the batch), "mean", "uniform" (KL only), "zero"
+        (MSE only: y_r = 0, so g = J^T f(x); the reference of the paper's toy-model code, see
+        BENCHMARKS.md "Toy models"), or "paired" (reference data passed to ``decompose``:
+        contrastive pairs).
     dtype: of the factors (and of the contractions); autocast: run the model's forward and
         backward under torch.autocast in "bf16" or "fp16" (GPU), factors stay in ``dtype``.
     aux_coef: weight of an auxiliary loss that revives dead subnetworks (0: off, as in the
@@ -100,6 +102,9 @@ class L3DConfig:
         if not (isinstance(self.position, int) and not isinstance(self.position, bool)) and self.position != "all":
             raise ValueError(f"position must be an int (e.g. -1 for the last token) or 'all', got {self.position!r}")
         _choice("reference", self.reference, REFERENCES)
+        for ref, needs in (("uniform", "kl"), ("zero", "mse")):
+            if self.reference == ref and isinstance(self.divergence, str) and self.divergence not in ("auto", needs):
+                raise ValueError(f"reference={ref!r} needs divergence={needs!r}, got divergence={self.divergence!r}")
         _choice("engine", self.engine, ENGINES)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("autocast", self.autocast, (None, "bf16", "fp16"))

@@ -188,6 +188,55 @@ class Decomposition:
 
         return neuron_attribution(self.attribution())
 
+    def effects(self) -> dict[str, torch.Tensor]:
+        """Signed effect of each subnetwork through each unit's output, e_k(u) = <v_k|u, W0|u>
+        (``analysis.effects``): ``heads`` [k, n_layers, n_heads], ``mlp`` [k, n_layers],
+        ``neurons`` [k, n_layers, d_mlp]; NaN where the unit's output weights are not decomposed."""
+        from .analysis.effects import scaling_effects
+
+        subs = self.subnetworks()
+        a = self.adapter
+        return scaling_effects(subs, {n: a.weight(n) for n in subs}, a.sites, a.n_layers, a.n_heads, a.d_mlp)
+
+    def _unit_effects(self, unit: str, data: Optional[Data], reference: Optional[Data], seed: Optional[int]):
+        from .analysis.effects import weighted
+
+        e = self.effects()[unit]
+        if data is None:
+            return e.abs()
+        coef = self.coefficients(data, reference, seed=seed)
+        return weighted(e, coef.reshape(-1, coef.shape[-1]))
+
+    def head_effects(self, data: Optional[Data] = None, reference: Optional[Data] = None, *,
+                     seed: Optional[int] = None, as_tensor: bool = False):
+        """What each subnetwork does through each head's output (``analysis.effects``):
+        |e_k(layer, head)|, or with ``data`` mean_i |c_ik| * |e_k| on those samples. A DataFrame
+        (subnetwork, layer, head, effect) or, with ``as_tensor``, [n_subnetworks, n_layers,
+        n_heads]. Unlike ``head_attribution`` (where the norm lies) this follows the unit's
+        output, so it is comparable with activation patching."""
+        t = self._unit_effects("heads", data, reference, seed)
+        if as_tensor:
+            return t
+        k, n_layers, n_heads = t.shape
+        idx = torch.cartesian_prod(torch.arange(k), torch.arange(n_layers), torch.arange(n_heads))
+        import pandas as pd
+
+        return pd.DataFrame({"subnetwork": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "head": idx[:, 2].numpy(),
+                             "effect": t.reshape(-1).numpy()})
+
+    def neuron_effects(self, data: Optional[Data] = None, reference: Optional[Data] = None, *,
+                       seed: Optional[int] = None):
+        """What each subnetwork does through each MLP neuron's output (its W_out row): a
+        DataFrame (subnetwork, layer, neuron, effect) for the layers whose W_out is decomposed."""
+        import pandas as pd
+
+        t = self._unit_effects("neurons", data, reference, seed)
+        k, n_layers, d_mlp = t.shape
+        idx = torch.cartesian_prod(torch.arange(k), torch.arange(n_layers), torch.arange(d_mlp))
+        df = pd.DataFrame({"subnetwork": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "neuron": idx[:, 2].numpy(),
+                           "effect": t.reshape(-1).numpy()})
+        return df.dropna(subset=["effect"]).reset_index(drop=True)
+
     def impact(self, data: Data, n_references: int = 10, reference: Optional[Data] = None, seed: int = 0):
         """Mean |V_in . g| over ``n_references`` random references (the paper's impact):
         [n, pos, n_subnetworks] in token mode, [n, n_subnetworks] otherwise."""

@@ -12,7 +12,8 @@ same behaviour on the same (clean, corrupted) token pairs and puts them side by 
   TransformerBridge alike, through the same hook names);
 - **contrastive L3D**: ``decompose(model, base, cfg, reference=other)`` with
   ``reference="paired"`` (the other input's output is each sample's reference; no top-k, a
-  few subnetworks), reduced to one score per head (see ``l3d_scores``).
+  few subnetworks), reduced to one score per head: the subnetworks' effect through the head's
+  output (see ``l3d_scores`` and ``analysis.effects``).
 
 Direction. ``direction="noise"`` (default) patches the *corrupted* activation into the
 *clean* run, takes the attribution gradient at the clean run, and decomposes the clean inputs
@@ -127,10 +128,12 @@ class PatchingComparison:
 
     heads / mlp / neurons: DataFrames with the unit's index columns (layer, head | layer |
     layer, neuron), ``patching`` (signed effect of patching it), ``attribution`` (signed
-    first-order estimate of that effect), ``l3d`` (L3D score, >= 0), ``rank_<method>`` (1 =
-    most important, ties averaged) and, with a ground truth, ``ground_truth`` (bool).
+    first-order estimate of that effect), ``l3d`` (L3D score, >= 0: the subnetworks' effect
+    through the unit's output, see ``l3d_scores``), ``l3d_share`` (their squared-norm share on
+    the unit, for reference; not ranked), ``rank_<method>`` (1 = most important, ties averaged)
+    and, with a ground truth, ``ground_truth`` (bool).
     agreement: one row per (level, method pair): Spearman correlation and top-k overlap.
-    auroc: method -> AUROC of head recovery (None without ``ground_truth``).
+    auroc: method -> AUROC of head recovery, plus ``l3d_share`` (None without ``ground_truth``).
     """
 
     heads: Optional[pd.DataFrame]
@@ -445,17 +448,18 @@ def default_l3d_config(model: nn.Module, n_pairs: int, *, mlp: bool = False, **o
 
 
 def _check_l3d_coverage(task, heads, mlp_layers, neurons) -> None:
-    """Every unit asked for must lie in a decomposed weight, or its L3D score would be a silent 0."""
+    """Every unit asked for must have its output weights decomposed (a head's W_V or W_O, an
+    MLP's W_out), or its L3D score (``analysis.effects``) would be undefined."""
     covered_heads, covered_neurons, covered_mlp = set(), set(), set()
     for s in task.selected:
         site = s.site
         if site.layer is None:
             continue
-        if "head" in site.modes:
+        if site.kind in ("W_V", "W_O"):
             axis = site.modes.index("head")
             idx = s.indices if s.axis == axis else range(site.shape[axis])
             covered_heads |= {(site.layer, h) for h in idx}
-        if site.kind in MLP_KINDS:
+        if site.kind == "W_out":
             covered_mlp.add(site.layer)
             if "d_mlp" in site.modes:
                 axis = site.modes.index("d_mlp")
@@ -465,23 +469,32 @@ def _check_l3d_coverage(task, heads, mlp_layers, neurons) -> None:
                                   ("neurons", neurons, covered_neurons)):
         missing = [u for u in wanted if u not in covered]
         if missing:
-            raise ValueError(f"cfg.components {list(task.cfg.components)} do not cover the {what} {missing[:8]}"
+            raise ValueError(f"cfg.components {list(task.cfg.components)} do not cover the output weights "
+                             f"({'W_V or W_O' if what == 'heads' else 'W_out'}) of the {what} {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}; add them (e.g. 'blocks.*.attn', 'blocks.*.mlp')"
                              f" or leave cfg=None")
 
 
 def l3d_scores(dec, data: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One L3D score per head, MLP layer and neuron from a contrastive decomposition:
+    """One L3D score per head, MLP layer and neuron from a contrastive decomposition: the
+    reconstructed gradient's effect through the unit's output (``analysis.effects``),
 
-        score(u) = sum_k  mean_i |c_ik|  *  share_k(u)
+        score(u) = mean_i | sum_k c_ik e_k(u) |,   e_k(u) = <v_k|u, W0|u>,
 
-    c_ik = V_in[k] . g_i is subnetwork k's coefficient on pair i (how much of pair i's
-    gradient of divergence it carries), and share_k(u) is the fraction of subnetwork k's
-    squared norm on unit u (``Decomposition.attribution``: a head's W_Q/W_K/W_V/W_O slices; an
-    MLP layer's weights; a neuron's W_in column, W_out row and bias). A unit scores high when
-    subnetworks that are strongly active on the pairs live on it. Returns [n_layers, n_heads],
-    [n_layers] and [n_layers, d_mlp] tensors (zeros where nothing was decomposed)."""
-    weight = dec.coefficients(data, reference).abs().mean(0).double().cpu()  # [k]
+    c_ik = V_in[k] . g_i on pair i; for a head, u is its W_O (and W_V, b_V) slice, for a neuron
+    its W_out row, for an MLP layer its W_out and b_out. This is the parameter-space analogue
+    of attribution patching a zero-ablation, read through the subnetworks. Also returned, as
+    ``<unit>_share``: sum_k mean_i |c_ik| * share_k(u), the subnetworks' squared-norm share on
+    the unit (``Decomposition.attribution``), which follows gradient size rather than the unit's
+    output (BENCHMARKS.md compares the two). Tensors [n_layers, n_heads], [n_layers],
+    [n_layers, d_mlp]; NaN / 0 where nothing was decomposed."""
+    from .analysis.effects import combined
+
+    coef = dec.coefficients(data, reference).double().cpu()
+    coef = coef.reshape(-1, coef.shape[-1])
+    effects = dec.effects()
+    out = {unit: combined(effects[unit], coef) for unit in ("heads", "mlp", "neurons")}
+    weight = coef.abs().mean(0)  # [k]
     df = dec.attribution()
     adapter = dec.adapter
     n_layers, n_heads, d_mlp = adapter.n_layers, adapter.n_heads, adapter.d_mlp
@@ -498,7 +511,8 @@ def l3d_scores(dec, data: torch.Tensor, reference: torch.Tensor) -> dict[str, to
             mlp[int(row.layer)] += w
             if not pd.isna(row.neuron):
                 neurons[int(row.layer), int(row.neuron)] += w
-    return {"heads": heads, "mlp": mlp, "neurons": neurons}
+    out.update(heads_share=heads, mlp_share=mlp, neurons_share=neurons)
+    return out
 
 
 # --- the comparison -------------------------------------------------------------------------
@@ -508,6 +522,7 @@ def _frame(index: pd.DataFrame, scores: dict[str, torch.Tensor], truth: Optional
     df = index.copy()
     for m in METHODS:
         df[m] = scores[m].numpy()
+    df["l3d_share"] = scores["l3d_share"].numpy()
     for m in METHODS:
         key = df[m].abs() if m != "l3d" else df[m]
         df[f"rank_{m}"] = len(df) + 1 - rankdata(key.to_numpy()).numpy()
@@ -603,25 +618,30 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     if head_list:
         idx = pd.DataFrame(head_list, columns=["layer", "head"])
         sc = torch.stack([l3d["heads"][lay, h] for lay, h in head_list])
-        frames["heads"] = _frame(idx, {"patching": effects["heads"], "attribution": estimates["heads"], "l3d": sc},
-                                 truth)
+        share = torch.stack([l3d["heads_share"][lay, h] for lay, h in head_list])
+        frames["heads"] = _frame(idx, {"patching": effects["heads"], "attribution": estimates["heads"], "l3d": sc,
+                                       "l3d_share": share}, truth)
         rows += _agreement("head", frames["heads"], min(top_k, len(head_list)))
     if mlp_layers:
         idx = pd.DataFrame({"layer": mlp_layers})
         sc = torch.stack([l3d["mlp"][lay] for lay in mlp_layers])
-        frames["mlp"] = _frame(idx, {"patching": effects["mlp"], "attribution": estimates["mlp"], "l3d": sc}, None)
+        share = torch.stack([l3d["mlp_share"][lay] for lay in mlp_layers])
+        frames["mlp"] = _frame(idx, {"patching": effects["mlp"], "attribution": estimates["mlp"], "l3d": sc,
+                                     "l3d_share": share}, None)
         rows += _agreement("mlp", frames["mlp"], min(top_k, len(mlp_layers)))
     if neuron_list:
         idx = pd.DataFrame(neuron_list, columns=["layer", "neuron"])
         sc = torch.stack([l3d["neurons"][lay, n] for lay, n in neuron_list])
+        share = torch.stack([l3d["neurons_share"][lay, n] for lay, n in neuron_list])
         frames["neurons"] = _frame(idx, {"patching": effects["neurons"], "attribution": estimates["neurons"],
-                                         "l3d": sc}, None)
+                                         "l3d": sc, "l3d_share": share}, None)
         rows += _agreement("neuron", frames["neurons"], min(top_k, len(neuron_list)))
     aurocs = None
     if truth is not None:
         df = frames["heads"]
         aurocs = {m: auroc((df[m].abs() if m != "l3d" else df[m]).to_numpy(), df["ground_truth"].to_numpy())
                   for m in METHODS}
+        aurocs["l3d_share"] = auroc(df["l3d_share"].to_numpy(), df["ground_truth"].to_numpy())
     return PatchingComparison(heads=frames["heads"], mlp=frames["mlp"], neurons=frames["neurons"],
                               agreement=pd.DataFrame(rows), auroc=aurocs, metric_clean=m_clean,
                               metric_corrupted=m_corr, direction=direction, top_k=top_k, decomposition=dec, cfg=cfg)

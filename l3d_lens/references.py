@@ -2,8 +2,10 @@
 
 Samples are the leading axis of a "sample view" of the outputs (see ``samples``); a
 reference is drawn per sample from the same batch ("random": a uniformly drawn *other*
-sample, the paper's choice), or is the batch mean, the uniform distribution, or the output
-of paired reference data (contrastive: same position of the paired input).
+sample, the paper's choice), or is the batch mean, the uniform distribution (KL), zero (MSE:
+the divergence is then the output's own squared norm, so a sample's gradient involves only its
+own active features), or the output of paired reference data (contrastive: same position of
+the paired input).
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def references(targets: torch.Tensor, mode: str, divergence, generator: Optional
         if divergence != "kl":
             raise ValueError("reference='uniform' is defined for divergence='kl' only; use 'random', 'mean' or 'paired'")
         return torch.full_like(targets, -torch.log(torch.tensor(float(targets.shape[-1]))).item())
+    if mode == "zero":
+        if divergence == "kl":
+            raise ValueError("reference='zero' is defined for divergence='mse' (or a callable) only; for KL use "
+                             "'uniform', 'random', 'mean' or 'paired'")
+        return torch.zeros_like(targets)
     if mode == "paired":
         if paired is None:
             raise ValueError("reference='paired' needs reference data: decompose(model, data, cfg, reference=...)")
         return paired.detach()
-    raise ValueError(f"unknown reference {mode!r}; choose 'random', 'mean', 'uniform' or 'paired'")
+    raise ValueError(f"unknown reference {mode!r}; choose 'random', 'mean', 'uniform', 'zero' or 'paired'")

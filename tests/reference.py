@@ -58,13 +58,13 @@ def _out(o):
     return o if isinstance(o, torch.Tensor) else o.logits
 
 
-def per_sample_grads(model, names, inputs, ref_inputs, sample: str, position=-1, divergence="kl"):
+def per_sample_grads(model, names, inputs, ref_inputs, sample: str, position=-1, divergence="kl", ref_outputs=None):
     """{TL name: [n_samples, *TL shape]} with paired references (reference output = the
-    model's output on ref_inputs at the same position)."""
+    model's output on ref_inputs at the same position), or the given ``ref_outputs``."""
     natives = {n: native_of(model, n) for n in names}
     params = {path: model.get_parameter(path).detach().clone() for path, _ in natives.values()}
     with torch.no_grad():
-        ref_out = _out(model(ref_inputs))
+        ref_out = _out(model(ref_inputs)) if ref_outputs is None else ref_outputs
 
     def div(out, ref):
         if divergence == "kl":

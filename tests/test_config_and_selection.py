@@ -18,7 +18,7 @@ from .helpers import TinyMLP, tiny_lm
     (dict(n_subnetworks=0), "n_subnetworks must be an int >= 1"),
     (dict(divergence="l1"), "divergence='l1' is not valid; choose one of 'auto', 'kl', 'mse'"),
     (dict(sample="tokens"), "choose one of 'auto', 'token', 'sequence'"),
-    (dict(reference="other"), "choose one of 'random', 'mean', 'uniform', 'paired'"),
+    (dict(reference="other"), "choose one of 'random', 'mean', 'uniform', 'zero', 'paired'"),
     (dict(engine="turbo"), "choose one of 'fast', 'exact'"),
     (dict(rank=0), "rank must be >= 1"),
     (dict(rank=1.5), r"fraction must be in \(0, 1\)"),

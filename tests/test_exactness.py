@@ -120,6 +120,40 @@ def test_exact_engine_covers_non_linear_parameters():
         setup(model, ["scale"], "auto", "fast")
 
 
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_zero_reference_matches_oracle(engine):
+    """reference='zero' (MSE): g_i is the gradient of 0.5 ||f(x_i)||^2, checked against the
+    oracle given an all-zero reference output."""
+    model = TinyMLP()
+    x = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = l3d_lens.L3DConfig(components=["fc1", "fc2"], n_subnetworks=4, rank=2, reference="zero", engine=engine,
+                             dtype="float64", top_k=0.3)
+    task = build_task(model, cfg)
+    f = init_factors(task.selected, resolve_ranks(task.selected, 2), 4, torch.Generator().manual_seed(3),
+                     torch.float64, torch.device("cpu"))
+    st = batch_stats(task, f, x, torch.Generator().manual_seed(7))
+    names = [s.name for s in task.selected]
+    with torch.no_grad():
+        zeros = torch.zeros_like(model(x))
+    g = per_sample_grads(model, names, x, None, "sequence", divergence="mse", ref_outputs=zeros)
+    dec = Decomposition(task, f, [])
+    coef, _ = loss_and_coefficients(g, dec.encoders(), dec.subnetworks(), 1.0)
+    gsq = sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in g.values())
+    assert rel(st.A, coef) < RTOL
+    assert rel(st.gsq, gsq) < RTOL
+
+
+def test_zero_and_uniform_references_need_their_divergence(lm_kind):
+    with pytest.raises(ValueError, match="reference='zero' needs divergence='mse'"):
+        l3d_lens.L3DConfig(components="*", reference="zero", divergence="kl")
+    with pytest.raises(ValueError, match="reference='uniform' needs divergence='kl'"):
+        l3d_lens.L3DConfig(components="*", reference="uniform", divergence="mse")
+    with pytest.raises(ValueError, match="reference='zero' needs divergence='mse', got divergence='kl'"):
+        l3d_lens.decompose(tiny_lm(lm_kind), tokens(4, 6, seed=1),
+                           l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=2, rank=1, reference="zero",
+                                              epochs=1))
+
+
 @pytest.mark.parametrize("reference", ["random", "mean", "uniform"])
 @pytest.mark.parametrize("sample", ["token", "sequence"])
 def test_fast_equals_exact_unpaired_references(lm_kind, reference, sample):

@@ -5,7 +5,7 @@ recovery metrics, and a sweep helper for k / rank / number of subnetworks.
     from l3d_lens.toy import make_toy, paper_config, evaluate
 
     toy = make_toy("tms", seed=0)                       # trained model + data + ground truth
-    dec = decompose(toy.model, toy.l3d_data, paper_config("tms"))
+    dec = decompose(toy.model, toy.l3d_data, paper_config("tms"))   # or recommended_config("tms")
     evaluate(toy, dec)                                  # error, |cos| per feature, dead, ...
 
 Modules: ``models`` (nn.Linear toy models), ``data`` (seeded sparse inputs), ``train``
@@ -15,8 +15,9 @@ answer), ``reproduce`` (the paper's L3D settings and per-toy scoring), ``sweep``
 
 from . import data, metrics, models, sweep
 from .models import SquareMLP, SuperpositionModel
-from .reproduce import PAPER_SHAPES, evaluate, paper_config
+from .reproduce import PAPER_SHAPES, evaluate, paper_config, recommended_config
 from .train import DEFAULT_EPOCHS, TOY_NAMES, Toy, fit, fit_tms, make_toy
 
 __all__ = ["data", "metrics", "models", "sweep", "SquareMLP", "SuperpositionModel", "PAPER_SHAPES", "evaluate", "paper_config",
+           "recommended_config",
            "DEFAULT_EPOCHS", "TOY_NAMES", "Toy", "fit", "fit_tms", "make_toy"]

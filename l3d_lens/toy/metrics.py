@@ -182,6 +182,15 @@ def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tens
     return float(1 - res / tot)
 
 
+def model_circuit_matrix(model: nn.Module) -> Float[torch.Tensor, "d_out d_in"]:
+    """The matrix a trained circuit-superposition model actually computes, column i =
+    f(e_i) - f(0): the most any decomposition of this model can give back of A."""
+    n_in = model.get_parameter("encoder.weight").shape[1]
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        return (model(torch.eye(n_in, dtype=dtype)) - model(torch.zeros(1, n_in, dtype=dtype))).T
+
+
 def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.Tensor, "d_out d_in"],
                      group_size: int = 1) -> dict[str, Any]:
     """Match each input feature of a circuit-superposition model to a subnetwork (one-to-one,

@@ -121,6 +121,12 @@ class Builder:
         self.order_impacts = torch.nan_to_num(self.impacts, nan=0.0, posinf=1e30, neginf=0.0)
         self.p_act = dec.fraction_active.double()
         self.heads = dec.head_attribution(as_tensor=True) if dec.adapter.n_heads else None
+        self.head_effects = None
+        if dec.adapter.n_heads:
+            eff = torch.nan_to_num(dec.head_effects(as_tensor=True), nan=0.0)
+            total = eff.flatten(1).sum(1)
+            if (total > 0).any():
+                self.head_effects = eff / total.clamp_min(1e-300).view(-1, 1, 1)
         attribution = dec.attribution()
         self.attribution = attribution
         self.neurons = dec.neuron_attribution() if attribution["neuron"].notna().any() else None
@@ -176,6 +182,13 @@ class Builder:
             L, H = self.heads.shape[1:]
             out.append("<div><h3>Share of squared norm per head</h3>" + charts.heatmap(
                 self.heads[k].tolist(), [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)]) + "</div>")
+        if self.head_effects is not None and self.head_effects[k].sum() > 0:
+            L, H = self.head_effects.shape[1:]
+            out.append("<div><h3>Share of effect through each head's output</h3>" + charts.heatmap(
+                self.head_effects[k].tolist(), [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)]) + "</div>")
+            flat = self.head_effects[k].flatten()
+            i = int(torch.argmax(flat))
+            info["top head by output effect"] = f"{self.head_label(i // H, i % H)} {float(flat[i]):.2f}"
         if self.neurons is not None:
             nk = self.neurons[self.neurons["subnetwork"] == k].sort_values(["share", "layer", "neuron"],
                                                                           ascending=[False, True, True], kind="stable")
