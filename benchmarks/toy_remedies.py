@@ -2,10 +2,11 @@
 sweep (l3d_lens.toy.sweep); writes the "## Toy models: remedies and sweep" section of
 BENCHMARKS.md (other sections are kept).
 
-    python benchmarks/toy_remedies.py            # seed 0, 300 L3D epochs, 2 jobs
+    python benchmarks/toy_remedies.py            # seeds 0 1 2, 300 L3D epochs, 2 jobs
 
 Factor grid on TMS, TMCS and the higher-rank model: reference random (the paper) or zero,
-AuxK off (the paper) or aux_coef 0.03; everything else is ``paper_config``. Sweep on TMCS
+AuxK off (the paper) or aux_coef 0.03 (in every epoch, or in the first third only);
+everything else is ``paper_config``. Sweep on TMCS
 with the recommended settings: top_k in (0.05, 0.1, 0.2) x rank in (1, 2).
 """
 
@@ -34,8 +35,9 @@ from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config  #
 from l3d_lens.toy.sweep import sweep  # noqa: E402
 
 SECTION = "## Toy models: remedies and sweep"
-FACTORS = [("random", 0.0), ("random", 0.03), ("zero", 0.0), ("zero", 0.03)]
-KEY = {"tms": ("min_cos_encoder", "min |cos| W_in"), "tmcs": ("r2_decoder_vs_model", "r² of own matrix"),
+FACTORS = [("random", 0.0, None), ("random", 0.03, None), ("zero", 0.0, None), ("zero", 0.03, None),
+           ("zero", 0.03, 1 / 3)]
+KEY = {"tms": ("min_cos_encoder", "min \\|cos\\| W_in"), "tmcs": ("r2_decoder_vs_model", "r² of own matrix"),
        "higher_rank": ("n_live", "live (want 5; one per group)")}
 
 
@@ -43,12 +45,13 @@ def factor_run(name: str, seed: int, epochs: int) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     toy = make_toy(name, seed)
     rows = []
-    for reference, aux in FACTORS:
+    for reference, aux, aux_share in FACTORS:
+        aux_epochs = None if aux_share is None else max(1, round(aux_share * epochs))
         cfg = paper_config(name, seed=seed, epochs=epochs, lr_step=max(1, epochs // 10), reference=reference,
-                           aux_coef=aux)
+                           aux_coef=aux, aux_epochs=aux_epochs)
         dec = decompose(toy.model, toy.l3d_data, cfg, progress=False)
         r = evaluate(toy, dec, seed=seed)
-        r.update(toy=name, reference=reference, aux_coef=aux)
+        r.update(toy=name, seed=seed, reference=reference, aux_coef=aux, aux_epochs=aux_epochs)
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}, default=str), flush=True)
     return rows
@@ -73,18 +76,21 @@ def section(factors, sweeps, args, seconds: float) -> str:
     lines = [SECTION, "",
              f"Command: `python benchmarks/toy_remedies.py` ({args.jobs} jobs, one thread each); machine: "
              f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch "
-             f"{torch.__version__}; total {seconds / 60:.1f} min. Seed {args.seed}, {args.epochs} L3D epochs, "
-             "metrics on 2,000 held-out samples.", "",
+             f"{torch.__version__}; total {seconds / 60:.1f} min. Seeds {', '.join(map(str, args.seeds))} (sweep: "
+             f"{args.sweep_seed}), {args.epochs} L3D epochs, metrics on 2,000 held-out samples.", "",
              "One change at a time (everything else as `paper_config`):", "",
-             "| toy | reference | aux_coef | reconstruction error | dead subnetworks | key metric | value |",
-             "|---|---|---|---|---|---|---|"]
+             "| toy | seed | reference | aux_coef | aux_epochs | reconstruction error | dead subnetworks | key metric | value |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in factors:
         key, label = KEY[r["toy"]]
         n = {"tms": 5, "tmcs": 10, "higher_rank": 10}[r["toy"]]
         value = r[key] if not isinstance(r[key], float) else f"{r[key]:.3f}"
         if r["toy"] == "higher_rank":
-            value = f"{r['n_live']} live, per group {r['live_per_group']}"
-        lines.append(f"| {r['toy']} | {r['reference']} | {r['aux_coef']:g} | {100 * r['error']:.1f}% | "
+            value = (f"{r['n_live']} live, per group {r['live_per_group']}; 5 most active live and one per group: "
+                     f"{'yes' if r['most_active_one_per_group'] else 'no'} (largest P_act of the rest "
+                     f"{r['others_max_p_act']:.3f})")
+        lines.append(f"| {r['toy']} | {r['seed']} | {r['reference']} | {r['aux_coef']:g} | {(r['aux_epochs'] or 'all') if r['aux_coef'] else '–'} | "
+                     f"{100 * r['error']:.1f}% | "
                      f"{round(n * r['dead_fraction'])} of {n} | {label} | {value} |")
     lines += ["", "Sweep on TMCS (`recommended_config`: zero reference, AuxK 0.03), `l3d_lens.toy.sweep.sweep`:", "",
               "| top_k | rank | reconstruction error | dead fraction | r² of A | r² of the model's own matrix | seconds |",
@@ -105,15 +111,16 @@ def write_section(path: Path, text: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the factor grid")
+    ap.add_argument("--sweep-seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        f_jobs = [pool.submit(factor_run, name, args.seed, args.epochs) for name in KEY]
-        s_jobs = [pool.submit(sweep_run, args.seed, args.epochs, k) for k in (0.05, 0.1, 0.2)]
+        f_jobs = [pool.submit(factor_run, name, seed, args.epochs) for name in KEY for seed in args.seeds]
+        s_jobs = [pool.submit(sweep_run, args.sweep_seed, args.epochs, k) for k in (0.05, 0.1, 0.2)]
         factors = [r for f in f_jobs for r in f.result()]
         sweeps = [r for f in s_jobs for r in f.result()]
     write_section(args.out, section(factors, sweeps, args, time.perf_counter() - start))

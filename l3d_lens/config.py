@@ -49,7 +49,8 @@ class L3DConfig:
     aux_coef: weight of an auxiliary loss that revives dead subnetworks (0: off, as in the
         paper): subnetworks outside every batch top-k for ``dead_steps`` steps are trained to
         reconstruct the residual g - g_hat with their own top-k coefficients (AuxK, as for
-        top-k sparse autoencoders).
+        top-k sparse autoencoders). aux_epochs: apply it in the first ``aux_epochs`` epochs
+        only (None: all), so that subnetworks revived early but not needed die again.
     """
 
     components: Union[str, Sequence[str]]
@@ -73,6 +74,7 @@ class L3DConfig:
     autocast: Union[str, None] = None
     aux_coef: float = 0.0
     dead_steps: int = 20
+    aux_epochs: Union[int, None] = None
 
     def __post_init__(self) -> None:
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
@@ -122,6 +124,9 @@ class L3DConfig:
             raise ValueError(f"aux_coef must be >= 0 (0 turns the dead-subnetwork loss off), got {self.aux_coef!r}")
         if not isinstance(self.dead_steps, int) or self.dead_steps < 1:
             raise ValueError(f"dead_steps must be an int >= 1, got {self.dead_steps!r}")
+        if self.aux_epochs is not None and (not isinstance(self.aux_epochs, int) or isinstance(self.aux_epochs, bool)
+                                            or self.aux_epochs < 1):
+            raise ValueError(f"aux_epochs must be None (all epochs) or an int >= 1, got {self.aux_epochs!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

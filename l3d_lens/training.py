@@ -58,7 +58,7 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     mask = mask_all[local]
     den = distributed.sum_scalar(stats.gsq.detach().sum().item())
     dead = (step_index - sums.last_active) >= cfg.dead_steps
-    use_aux = cfg.aux_coef > 0 and bool(dead.any())
+    use_aux = cfg.aux_coef > 0 and (cfg.aux_epochs is None or epoch < cfg.aux_epochs) and bool(dead.any())
     # only subnetworks active somewhere in the global batch (or, for the aux loss, dead ones)
     # meet the Gram matrix: the rest are multiplied by zero, in the loss and its gradient
     cols = mask_all.any(0) | (dead.to(mask_all.device) if use_aux else False)

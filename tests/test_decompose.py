@@ -243,3 +243,9 @@ def test_aux_loss_revives_dead_subnetworks():
     assert revived.history[-1]["n_dead"] <= plain.history[-1]["n_dead"] - 3
     # the aux loss only starts once subnetworks have been dead for dead_steps steps
     assert revived.history[0] == plain.history[0]
+    # aux_epochs=2: identical to the full AuxK run for two epochs, then different
+    warm = decompose(model, data, base.replace(aux_coef=0.25, aux_epochs=2, epochs=4), progress=False)
+    full = decompose(model, data, base.replace(aux_coef=0.25, epochs=4), progress=False)
+    assert warm.history[:2] == full.history[:2] and warm.history[2:] != full.history[2:]
+    with pytest.raises(ValueError, match="aux_epochs must be None"):
+        base.replace(aux_epochs=0)
