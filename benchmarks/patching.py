@@ -199,8 +199,7 @@ def unsupervised_induction(model, truth) -> tuple[pd.DataFrame, str]:
     probe = induction.repeated_sequences(64, seed=7)
     coef = dec.coefficients(probe).abs().double().reshape(64, probe.shape[1], -1)
     ratio = coef[:, H + 1:].mean((0, 1)) / coef[:, 1:H + 1].mean((0, 1)).clamp_min(1e-12)
-    eff = torch.nan_to_num(dec.head_effects(as_tensor=True), nan=0.0)
-    eff = eff / eff.flatten(1).sum(1).view(-1, 1, 1)
+    eff = dec.head_effects(as_tensor=True, share=True)
     labels = [(layer, h) in truth for layer in range(2) for h in range(4)]
     rows = []
     for k in range(cfg.n_subnetworks):
@@ -243,8 +242,7 @@ def token_mode_separation(model) -> tuple[pd.DataFrame, dict[str, Any], str]:
     imp = dec.impact(xt, n_references=5)  # [n, pos, k]
     tid = two_tasks.task_ids(xt)
     share = dec.head_attribution(as_tensor=True)[:, 0]  # [k, heads]
-    effect = torch.nan_to_num(dec.head_effects(as_tensor=True)[:, 0], nan=0.0)
-    effect = effect / effect.sum(1, keepdim=True).clamp_min(1e-300)
+    effect = dec.head_effects(as_tensor=True, share=True)[:, 0]  # one layer: shares over its heads
     first_heads = [h for _, h in two_tasks.TASK_HEADS["first"]]
     last_heads = [h for _, h in two_tasks.TASK_HEADS["last"]]
     rows = []
@@ -410,8 +408,7 @@ def main() -> None:
     dec = res.decomposition
     w = dec.coefficients(*induction_pairs(N_PAIRS, 0)[:2]).abs().mean(0)
     H = dec.head_attribution(as_tensor=True)
-    E = dec.head_effects(as_tensor=True)
-    E = E / E.flatten(1).sum(1).view(-1, 1, 1)
+    E = dec.head_effects(as_tensor=True, share=True)
     rows = []
     for k in range(dec.n_subnetworks):
         for label, T in (("norm share", H), ("output-effect share", E)):

@@ -367,8 +367,7 @@ def induction_pairs(n: int, seed: int):
 
 def _summary_table(dec, data: torch.Tensor, half: Optional[int] = None) -> list[str]:
     heads = dec.head_attribution(as_tensor=True)
-    effects = torch.nan_to_num(dec.head_effects(as_tensor=True), nan=0.0)
-    effects = effects / effects.flatten(1).sum(1).clamp_min(1e-300).view(-1, 1, 1)
+    effects = dec.head_effects(as_tensor=True, share=True)
     p_act = dec.fraction_active
     lines = [f"{'subnet':>6} {'P_act':>6}  {'top heads (share of squared norm)':<40} {'top heads (share of output effect)':<40}"
              + (f" {'|c| repeated/first half':>24}" if half else "")]

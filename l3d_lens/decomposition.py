@@ -207,34 +207,35 @@ class Decomposition:
         coef = self.coefficients(data, reference, seed=seed)
         return weighted(e, coef.reshape(-1, coef.shape[-1]))
 
-    def head_effects(self, data: Optional[Data] = None, reference: Optional[Data] = None, *,
-                     seed: Optional[int] = None, as_tensor: bool = False):
-        """What each subnetwork does through each head's output (``analysis.effects``):
-        |e_k(layer, head)|, or with ``data`` mean_i |c_ik| * |e_k| on those samples. A DataFrame
-        (subnetwork, layer, head, effect) or, with ``as_tensor``, [n_subnetworks, n_layers,
-        n_heads]. Unlike ``head_attribution`` (where the norm lies) this follows the unit's
-        output, so it is comparable with activation patching."""
-        t = self._unit_effects("heads", data, reference, seed)
-        if as_tensor:
-            return t
-        k, n_layers, n_heads = t.shape
-        idx = torch.cartesian_prod(torch.arange(k), torch.arange(n_layers), torch.arange(n_heads))
+    @staticmethod
+    def _effect_frame(t: torch.Tensor, unit: str):
+        """[k, n_layers, n_units] -> DataFrame (subnetwork, layer, <unit>, effect)."""
         import pandas as pd
 
-        return pd.DataFrame({"subnetwork": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "head": idx[:, 2].numpy(),
+        idx = torch.cartesian_prod(*(torch.arange(n) for n in t.shape))
+        return pd.DataFrame({"subnetwork": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), unit: idx[:, 2].numpy(),
                              "effect": t.reshape(-1).numpy()})
+
+    def head_effects(self, data: Optional[Data] = None, reference: Optional[Data] = None, *,
+                     seed: Optional[int] = None, as_tensor: bool = False, share: bool = False):
+        """What each subnetwork does through each head's output (``analysis.effects``):
+        |e_k(layer, head)|, or with ``data`` mean_i |c_ik| * |e_k| on those samples; with
+        ``share``, as a fraction of the subnetwork's total over heads. A DataFrame (subnetwork,
+        layer, head, effect) or, with ``as_tensor``, [n_subnetworks, n_layers, n_heads]. Unlike
+        ``head_attribution`` (where the norm lies) this follows the unit's output, so it is
+        comparable with activation patching."""
+        from .analysis.effects import shares
+
+        t = self._unit_effects("heads", data, reference, seed)
+        if share:
+            t = shares(t)
+        return t if as_tensor else self._effect_frame(t, "head")
 
     def neuron_effects(self, data: Optional[Data] = None, reference: Optional[Data] = None, *,
                        seed: Optional[int] = None):
         """What each subnetwork does through each MLP neuron's output (its W_out row): a
         DataFrame (subnetwork, layer, neuron, effect) for the layers whose W_out is decomposed."""
-        import pandas as pd
-
-        t = self._unit_effects("neurons", data, reference, seed)
-        k, n_layers, d_mlp = t.shape
-        idx = torch.cartesian_prod(torch.arange(k), torch.arange(n_layers), torch.arange(d_mlp))
-        df = pd.DataFrame({"subnetwork": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "neuron": idx[:, 2].numpy(),
-                           "effect": t.reshape(-1).numpy()})
+        df = self._effect_frame(self._unit_effects("neurons", data, reference, seed), "neuron")
         return df.dropna(subset=["effect"]).reset_index(drop=True)
 
     def impact(self, data: Data, n_references: int = 10, reference: Optional[Data] = None, seed: int = 0):

@@ -108,6 +108,10 @@ def test_decomposition_head_and_neuron_effects(lm_kind):
     on_data = dec.head_effects(x, seed=0, as_tensor=True)
     scale = dec.coefficients(x, seed=0).abs().double().mean(0)
     assert on_data[:, 1] == pytest.approx(raw[:, 1] * scale[:, None], rel=1e-12)
+    share = dec.head_effects(as_tensor=True, share=True)
+    assert share.flatten(1).sum(1) == pytest.approx(torch.ones(3, dtype=torch.float64), rel=1e-12)
+    assert share[:, 1] == pytest.approx(raw[:, 1] / raw[:, 1].sum(1, keepdim=True), rel=1e-12)
+    assert (share[:, 0] == 0).all()  # NaN (no output route) counts as no effect
     df = dec.head_effects()
     assert list(df.columns) == ["subnetwork", "layer", "head", "effect"] and len(df) == 3 * 2 * model.cfg.n_heads
     neurons = dec.neuron_effects()

@@ -49,10 +49,11 @@ def scaling_effects(subnetworks: Mapping[str, Float[torch.Tensor, "k ..."]], wei
     for layer in range(n_layers):
         routes = []
         for kinds in HEAD_ROUTES.values():
+            if (layer, kinds[0]) not in names:  # a route needs its weight, not just a bias
+                continue
             present = [names[(layer, kind)] for kind in kinds if (layer, kind) in names]
-            if present and present[0].endswith(kinds[0]):  # a route needs its weight, not just a bias
-                routes.append(sum(_inner(subnetworks[n].cpu(), weights[n], sites[n].modes.index("head"))
-                                  for n in present))
+            routes.append(sum(_inner(subnetworks[n].cpu(), weights[n], sites[n].modes.index("head"))
+                              for n in present))
         if routes:
             heads[:, layer] = sum(routes) / len(routes)
         if (layer, "W_out") in names:
@@ -65,6 +66,13 @@ def scaling_effects(subnetworks: Mapping[str, Float[torch.Tensor, "k ..."]], wei
                 total = total + _inner(subnetworks[b].cpu()[:, None], weights[b][None], 0)[:, 0]
             mlp[:, layer] = total
     return {"heads": heads, "mlp": mlp, "neurons": neurons}
+
+
+def shares(effects: torch.Tensor) -> torch.Tensor:
+    """|e_k(u)| as a share of subnetwork k's total over all units of ``effects`` [k, ...]
+    (each row sums to 1; NaN units count as 0; a subnetwork with no effect stays all 0)."""
+    e = torch.nan_to_num(effects.abs(), nan=0.0)
+    return e / e.flatten(1).sum(1).clamp_min(1e-300).view(-1, *([1] * (e.dim() - 1)))
 
 
 def weighted(effects: torch.Tensor, coefficients: Float[torch.Tensor, "n k"]) -> torch.Tensor:

@@ -238,16 +238,15 @@ def live_per_group(dec, group_size: int, weight: str = "encoder.weight") -> dict
     for g in group[live].tolist():
         counts[g] += 1
     # a weaker, descriptive check: are the n_groups most active subnetworks live, one per group?
-    top = torch.argsort(dec.fraction_active, descending=True, stable=True)[:n_groups]
+    order = torch.argsort(dec.fraction_active, descending=True, stable=True)
+    top, rest = order[:n_groups], order[n_groups:]
     top_groups = sorted(group[top].tolist()) if bool(live[top].all()) else []
     return {"live_per_group": counts.tolist(), "n_live": int(live.sum()), "n_dead": int((~live).sum()),
             "group": group.tolist(), "purity": purity.tolist(), "p_act": dec.fraction_active.tolist(),
             "one_per_group": bool((counts == 1).all()),
             "most_active_one_per_group": top_groups == list(range(n_groups)),
             "most_active_min_purity": float(purity[top].min()),
-            "others_max_p_act": float(dec.fraction_active[
-                torch.argsort(dec.fraction_active, descending=True, stable=True)[n_groups:]].max())
-            if len(group) > n_groups else 0.0}
+            "others_max_p_act": float(dec.fraction_active[rest].max()) if len(rest) else 0.0}
 
 
 # --- interventions --------------------------------------------------------------------------

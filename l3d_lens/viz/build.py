@@ -121,12 +121,7 @@ class Builder:
         self.order_impacts = torch.nan_to_num(self.impacts, nan=0.0, posinf=1e30, neginf=0.0)
         self.p_act = dec.fraction_active.double()
         self.heads = dec.head_attribution(as_tensor=True) if dec.adapter.n_heads else None
-        self.head_effects = None
-        if dec.adapter.n_heads:
-            eff = torch.nan_to_num(dec.head_effects(as_tensor=True), nan=0.0)
-            total = eff.flatten(1).sum(1)
-            if (total > 0).any():
-                self.head_effects = eff / total.clamp_min(1e-300).view(-1, 1, 1)
+        self.head_effects = dec.head_effects(as_tensor=True, share=True) if dec.adapter.n_heads else None
         attribution = dec.attribution()
         self.attribution = attribution
         self.neurons = dec.neuron_attribution() if attribution["neuron"].notna().any() else None
