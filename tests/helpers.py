@@ -4,6 +4,7 @@ generation (HookedTransformer exists in 2.x/3.x only; TransformerBridge in 3.x/4
 from __future__ import annotations
 
 import importlib.metadata
+import zlib
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ def tiny_lm(kind: str, dtype=torch.float64, seed: int = 0, attn_only: bool = Fal
         with torch.no_grad():  # non-zero biases so their gradients are exercised
             for n, p in model.named_parameters():
                 if ".b_" in n or n.endswith(".b"):
-                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+                    # zlib.crc32, not hash(): str hashes change with every process (PYTHONHASHSEED)
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()) % 1000 + seed))
         return model.eval()
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
