@@ -23,5 +23,6 @@ try:
     if dist.get_rank() == 0:
         dec.save("l3d_ddp_out")
         print(dec)
+    dist.barrier()  # every rank is done with its collectives and files before gloo/NCCL is torn down
 finally:
     dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 
@@ -43,7 +44,8 @@ def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str) -> 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model, data, cfg = ddp_setup(sample)
         dec = l3d_lens.decompose(model, data, cfg, progress=False)
@@ -55,5 +57,6 @@ def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str) -> 
                 import json
 
                 json.dump(dec.history, fh)
+        dist.barrier()  # no rank tears gloo down while another still sends or writes (a SIGABRT in CI)
     finally:
         dist.destroy_process_group()
