@@ -229,17 +229,17 @@ def test_public_api_names():
 
 
 def test_aux_loss_revives_dead_subnetworks():
-    """16 subnetworks at k = 0.05 on the induction model: most die without the AuxK loss."""
+    """16 subnetworks at k = 0.05 on the induction model's tokens: more than half die without the
+    AuxK loss, which brings most of them back."""
     from l3d_lens.zoo import induction
 
     model = induction.load()
     data = induction.repeated_sequences(256, seed=1)
     base = L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=16, rank=2, top_k=0.05, epochs=6,
-                     batch_size=32, lr=0.02, lr_step=4, include_biases=False, dead_steps=8, sample="sequence",
-                     position="all")
+                     batch_size=32, lr=0.02, lr_step=4, include_biases=False, dead_steps=8, sample="token")
     plain = decompose(model, data, base, progress=False)
     revived = decompose(model, data, base.replace(aux_coef=0.25), progress=False)
-    assert plain.history[-1]["n_dead"] >= 10
+    assert plain.history[-1]["n_dead"] >= 8
     assert revived.history[-1]["n_dead"] <= plain.history[-1]["n_dead"] - 3
     # the aux loss only starts once subnetworks have been dead for dead_steps steps
     assert revived.history[0] == plain.history[0]

@@ -361,47 +361,35 @@ def induction_pairs(n=64):
     return clean, corrupted, metric
 
 
-def circuit_heads(model, tokens, threshold=0.5):
-    """The induction circuit from attention patterns alone (independent of the three methods):
-    layer-0 heads attending to the previous token, layer-1 heads attending to the token after
-    the earlier copy (i - 11 in the repeated half)."""
-    from l3d_lens.zoo import induction
-
-    H = induction.HALF
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(2)]
-    pats = cache(model, tokens, names)
-    found = set()
-    for h in range(model.cfg.n_heads):
-        p0, p1 = pats[names[0]][:, h], pats[names[1]][:, h]
-        prev = torch.stack([p0[:, i, i - 1] for i in range(1, tokens.shape[1])], -1).mean()
-        look = torch.stack([p1[:, i, i - H + 1] for i in range(H + 1, tokens.shape[1])], -1).mean()
-        if prev > threshold:
-            found.add((0, h))
-        if look > threshold:
-            found.add((1, h))
-    return found
-
-
 @pytest.fixture(scope="module")
 def induction_result():
     from l3d_lens.zoo import induction
 
     model = induction.load()
     clean, corrupted, metric = induction_pairs()
-    truth = circuit_heads(model, clean)
+    truth, _ = induction.identify_circuit(model)
     return truth, compare_with_patching(model, clean, corrupted, metric, ground_truth=truth, top_k=len(truth),
                                         direction="denoise")
 
 
 def test_induction_ground_truth(induction_result):
-    """The shipped model's circuit: one previous-token head (L0H2) and four induction heads."""
+    """The shipped model's circuit, from attention patterns and mean-ablation alone: one
+    previous-token head (L0H2) and one induction head (L1H0); every other head writes nothing."""
+    from l3d_lens.zoo import induction
+
     truth, _ = induction_result
-    assert truth == {(0, 2), (1, 0), (1, 1), (1, 2), (1, 3)}
+    assert truth == {(0, 2), (1, 0)}
+    _, table = induction.identify_circuit(induction.load())
+    inside = table[table["in circuit"]]
+    outside = table[~table["in circuit"]]
+    assert (inside["mean-ablation drop (nats)"] > 1.0).all()
+    assert (outside["mean-ablation drop (nats)"].abs() < 1e-3).all()
+    assert inside.set_index("layer").loc[0, "prev-token attn"] > 0.4
+    assert inside.set_index("layer").loc[1, "look-back attn"] > 0.7
 
 
 def test_induction_patching_ranks_known_heads_first(induction_result):
-    """Denoising (clean head outputs into the corrupted run) recovers the circuit; the four
-    induction heads are redundant, so noising one of them alone barely matters."""
+    """Denoising (clean head outputs into the corrupted run) recovers the circuit."""
     truth, res = induction_result
     h = res.heads
     assert res.auroc["patching"] == 1.0
@@ -412,11 +400,34 @@ def test_induction_patching_ranks_known_heads_first(induction_result):
 
 def test_induction_l3d_ranks_known_heads_first(induction_result):
     """Contrastive L3D, read through the heads' outputs (analysis.effects), puts the
-    previous-token head and the four induction heads first."""
+    previous-token head and the induction head first."""
     truth, res = induction_result
     h = res.heads
     assert set(map(tuple, h[h["rank_l3d"] <= len(truth)][["layer", "head"]].values.tolist())) == truth
     assert res.auroc["l3d"] == 1.0
+
+
+def test_unsupervised_l3d_finds_the_induction_circuit():
+    """Unsupervised L3D (token mode, random references; the demo's settings, shorter): the
+    subnetwork whose |coefficients| concentrate most on the repeated half acts through the
+    previous-token and induction heads, by output effect and by where its norm lies."""
+    from l3d_lens.patching import auroc
+    from l3d_lens.zoo import induction
+
+    H = induction.HALF
+    model = induction.load()
+    truth, _ = induction.identify_circuit(model)
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=8, rank=4, top_k=0.1,
+                             sample="token", epochs=6, batch_size=32, lr=0.01, lr_step=3, include_biases=False, seed=0)
+    dec = l3d_lens.decompose(model, induction.repeated_sequences(256, seed=0), cfg, progress=False)
+    probe = induction.repeated_sequences(64, seed=7)
+    coef = dec.coefficients(probe).abs().reshape(64, probe.shape[1], -1)
+    ratio = coef[:, H + 1:].mean((0, 1)) / coef[:, 1:H + 1].mean((0, 1))
+    k = int(ratio.argmax())
+    labels = [(layer, h) in truth for layer in range(2) for h in range(4)]
+    assert ratio[k] > 3
+    assert auroc(dec.head_effects(as_tensor=True)[k].flatten().tolist(), labels) == 1.0
+    assert auroc(dec.head_attribution(as_tensor=True)[k].flatten().tolist(), labels) == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,23 @@ from .helpers import HAS_HOOKED
 KINDS = (["hooked"] if HAS_HOOKED else []) + ["bridge"]
 
 
+@pytest.mark.parametrize("variant", sorted(induction.VARIANTS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_default_model_reproduces_its_training_logits(kind):
-    meta = induction.metadata()
-    model = induction.load(kind)
+def test_default_model_reproduces_its_training_logits(kind, variant):
+    meta = induction.metadata(variant)
+    model = induction.load(kind, variant=variant)
     with torch.no_grad():
         logits = model(torch.tensor(meta["probe_tokens"]))
     assert torch.allclose(logits[0, -1], torch.tensor(meta["probe_logits_first"]), atol=1e-4)
     first, second = induction.induction_loss(model)
     assert second < 0.1 < 3.0 < first  # it predicts the repeated half, and nothing else
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ValueError, match=r"variant='sparse'; choose one of \['default', 'redundant'\]"):
+        induction.load(variant="sparse")
+    with pytest.raises(ValueError, match="head_sparsity must be >= 0"):
+        induction.train(steps=1, head_sparsity=-1.0)
 
 
 def test_attribution_shares_sum_to_one_and_agree_across_layouts():

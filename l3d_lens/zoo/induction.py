@@ -8,6 +8,7 @@ TransformerBridge (TL 3/4).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,9 @@ from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-ASSET = "induction"
+# shipped variants: "default" was trained with head_sparsity=0.1 (one previous-token head, one
+# induction head), "redundant" without it (one previous-token head, four redundant induction heads)
+VARIANTS = {"default": "induction", "redundant": "induction_redundant"}
 WORDS = (
     "the a cat dog sat ran on in big small red blue tree house bird fish sun moon day night happy sad "
     "old new girl boy king queen road river stone cloud rain snow green gold fast slow up down left right "
@@ -55,8 +58,10 @@ def to_str_tokens(ids: torch.Tensor) -> list[str]:
     return [VOCAB[i] for i in ids.tolist()]
 
 
-def _asset_dir() -> Path:
-    return Path(str(resources.files("l3d_lens") / "assets" / ASSET))
+def _asset_dir(variant: str = "default") -> Path:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; choose one of {sorted(VARIANTS)}")
+    return Path(str(resources.files("l3d_lens") / "assets" / VARIANTS[variant]))
 
 
 def _hooked_cfg(dtype: torch.dtype):
@@ -115,22 +120,40 @@ def load_tl_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Mo
 
 
 def train(steps: int = 8000, batch: int = 64, lr: float = 1e-3, seed: int = 0, kind: Optional[str] = None,
-          log_every: int = 1000) -> nn.Module:
-    """Train the default model on periodic sequences (a few minutes on one CPU thread).
+          head_sparsity: float = 0.1, log_every: int = 1000) -> nn.Module:
+    """Train the default model on periodic sequences (about 4 minutes on one CPU thread).
 
-    No LayerNorm: with it, this small model learned diffuse, period-specific attention; without
-    it, a previous-token head (L0H2) and four induction heads (layer 1) form."""
+    No LayerNorm: with it, this small model learned diffuse, period-specific attention.
+    ``head_sparsity`` adds head_sparsity * sum over heads of sqrt(mean ||z_h W_O[h]||) (ramped in
+    over the first fifth of training): a concave penalty on each head's output norm, so the model
+    computes with as few heads as it can. With 0.1 the circuit is one previous-token head (L0H2)
+    and one induction head (L1H0) and the other six heads write nothing; with 0 the model spreads
+    the induction step over four redundant layer-1 heads (see BENCHMARKS.md). Needs
+    ``kind="hooked"`` (a HookedTransformer) when the penalty is on."""
+    if head_sparsity < 0:
+        raise ValueError(f"head_sparsity must be >= 0 (0 turns the penalty off), got {head_sparsity!r}")
     torch.manual_seed(seed)
     model = build(kind)
+    if head_sparsity and not hasattr(model, "blocks"):
+        raise ValueError("head_sparsity > 0 needs kind='hooked' (a HookedTransformer); use head_sparsity=0 "
+                         "to train a TransformerBridge")
     model.train()
     # the unembedding bias stays zero: TransformerLens 4's native model has none
     params = [p for n, p in model.named_parameters() if not n.endswith("b_U") and not n.endswith("unembed.bias")]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    z: dict[int, torch.Tensor] = {}
+    hooks = [(f"blocks.{layer}.attn.hook_z", lambda act, hook: z.__setitem__(hook.layer(), act))
+             for layer in range(CONFIG["n_layers"])] if head_sparsity else []
     for step in range(steps):
         x = periodic_sequences(batch, seed=seed * 1_000_003 + step)
-        logits = model(x)
+        with model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():
+            logits = model(x)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        if head_sparsity:
+            penalty = sum((torch.einsum("bphd,hdm->bphm", z[layer], model.blocks[layer].attn.W_O)
+                           .norm(dim=-1).mean((0, 1)) + 1e-4).sqrt().sum() for layer in z)
+            loss = loss + head_sparsity * min(1.0, step / (0.2 * steps)) * penalty
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -150,8 +173,61 @@ def induction_loss(model: nn.Module, n: int = 64, seed: int = 12345) -> tuple[fl
     return -lp[:, :HALF].mean().item(), -lp[:, HALF + 1:].mean().item()
 
 
-def save(model: nn.Module, path: Union[str, Path, None] = None) -> Path:
-    path = Path(path) if path is not None else _asset_dir()
+def identify_circuit(model: nn.Module, n: int = 256, seed: int = 12345, pattern: float = 0.3,
+                     ablation: float = 0.1) -> tuple[set[tuple[int, int]], "pd.DataFrame"]:  # noqa: F821
+    """The induction circuit found without L3D or patching: per head, its mean attention to the
+    previous token, to the token after the earlier copy (look-back, i - HALF + 1 in the repeated
+    half) and to BOS, and the drop of the mean log-prob of the repeated tokens when its ``hook_z``
+    is replaced by its mean over the batch. A head is in the circuit when its pattern score
+    (previous-token in layer 0, look-back in layer 1) exceeds ``pattern`` and its drop is at least
+    ``ablation`` times the largest drop in its layer: an attention pattern alone also marks
+    silent heads. Returns ({(layer, head)}, DataFrame of the scores)."""
+    import pandas as pd
+
+    x = repeated_sequences(n, seed=seed)
+    T, H = x.shape[1], HALF
+    acts: dict[str, torch.Tensor] = {}
+    names = [f"blocks.{layer}.attn.hook_{k}" for layer in range(CONFIG["n_layers"]) for k in ("pattern", "z")]
+
+    def keep(name):
+        def hook(act, hook):
+            acts[name] = act.detach().clone()
+        return hook
+
+    def repeat_logprob(logits) -> float:
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        return logits[:, H:-1].log_softmax(-1).gather(-1, x[:, H + 1:, None])[..., 0].mean().item()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, keep(name)) for name in names]):
+        base = repeat_logprob(model(x))
+    rows = []
+    for layer in range(CONFIG["n_layers"]):
+        z = acts[f"blocks.{layer}.attn.hook_z"]
+        for h in range(CONFIG["n_heads"]):
+            pat = acts[f"blocks.{layer}.attn.hook_pattern"][:, h]
+
+            def mean_ablate(act, hook, h=h, z=z):
+                act = act.clone()
+                act[:, :, h] = z[:, :, h].mean(0)
+                return act
+
+            with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", mean_ablate)]):
+                drop = base - repeat_logprob(model(x))
+            rows.append({"layer": layer, "head": h,
+                         "prev-token attn": torch.stack([pat[:, i, i - 1] for i in range(1, T)]).mean().item(),
+                         "look-back attn": torch.stack([pat[:, i, i - H + 1] for i in range(H + 1, T)]).mean().item(),
+                         "BOS attn": pat[:, 1:, 0].mean().item(), "mean-ablation drop (nats)": drop})
+    table = pd.DataFrame(rows)
+    score = table["prev-token attn"].where(table.layer == 0, table["look-back attn"])
+    drop = table["mean-ablation drop (nats)"]
+    table["in circuit"] = (score > pattern) & (drop >= ablation * drop.groupby(table.layer).transform("max"))
+    return {(int(r.layer), int(r.head)) for r in table[table["in circuit"]].itertuples()}, table
+
+
+def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "default") -> Path:
+    """Write the model and a probe of its logits (checked on load) to ``path`` or the variant's
+    asset folder."""
+    path = Path(path) if path is not None else _asset_dir(variant)
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_tl(model), str(path / "model.safetensors"))
     probe = repeated_sequences(4, seed=7)
@@ -165,14 +241,16 @@ def save(model: nn.Module, path: Union[str, Path, None] = None) -> Path:
     return path
 
 
-def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The shipped trained default model as a HookedTransformer (TL 2/3) or TransformerBridge."""
-    path = _asset_dir()
+def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default") -> nn.Module:
+    """A shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge: the default
+    one (one previous-token head L0H2, one induction head L1H0, six silent heads) or, with
+    ``variant="redundant"``, the one trained without the head penalty (four induction heads)."""
+    path = _asset_dir(variant)
     meta = json.loads((path / "meta.json").read_text())
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
         raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's default architecture")
     return load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
 
 
-def metadata() -> dict:
-    return json.loads((_asset_dir() / "meta.json").read_text())
+def metadata(variant: str = "default") -> dict:
+    return json.loads((_asset_dir(variant) / "meta.json").read_text())
