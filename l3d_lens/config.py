@@ -51,6 +51,13 @@ class L3DConfig:
         reconstruct the residual g - g_hat with their own top-k coefficients (AuxK, as for
         top-k sparse autoencoders). aux_epochs: apply it in the first ``aux_epochs`` epochs
         only (None: all), so that subnetworks revived early but not needed die again.
+    resample_epochs: epochs (each in 1..epochs-1) at whose start every dead subnetwork (outside
+        every batch top-k for ``dead_steps`` steps) is re-initialised toward what the live ones
+        fail to reconstruct: the residual g - g_hat of a high-error sample of that epoch's first
+        batch, with fresh Adam state (resampling, as for sparse autoencoders). Resampling only
+        early in training lets the ones that are not needed die again. () turns it off.
+        resample_max: at most this many dead subnetworks per resampling (lowest index first);
+        None: all of them.
     """
 
     components: Union[str, Sequence[str]]
@@ -75,6 +82,8 @@ class L3DConfig:
     aux_coef: float = 0.0
     dead_steps: int = 20
     aux_epochs: Union[int, None] = None
+    resample_epochs: tuple[int, ...] = ()
+    resample_max: Union[int, None] = None
 
     def __post_init__(self) -> None:
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
@@ -86,6 +95,8 @@ class L3DConfig:
         object.__setattr__(self, "components", comps)
         if isinstance(self.rank, Mapping):
             object.__setattr__(self, "rank", dict(self.rank))
+        if isinstance(self.resample_epochs, (list, tuple)):
+            object.__setattr__(self, "resample_epochs", tuple(self.resample_epochs))
         if isinstance(self.dtype, torch.dtype):
             inverse = {v: k for k, v in DTYPES.items()}
             _choice("dtype", self.dtype, list(DTYPES.values()))
@@ -127,6 +138,11 @@ class L3DConfig:
         if self.aux_epochs is not None and (not isinstance(self.aux_epochs, int) or isinstance(self.aux_epochs, bool)
                                             or self.aux_epochs < 1):
             raise ValueError(f"aux_epochs must be None (all epochs) or an int >= 1, got {self.aux_epochs!r}")
+        _check_resample_epochs(self.resample_epochs, self.epochs)
+        if self.resample_max is not None and (not isinstance(self.resample_max, int)
+                                              or isinstance(self.resample_max, bool) or self.resample_max < 1):
+            raise ValueError(f"resample_max must be None (every dead subnetwork) or an int >= 1, "
+                             f"got {self.resample_max!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
@@ -146,6 +162,7 @@ class L3DConfig:
             d["divergence"] = "callable:" + getattr(self.divergence, "__qualname__", repr(self.divergence))
         if isinstance(self.rank, dict):
             d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
+        d["resample_epochs"] = list(self.resample_epochs)
         return d
 
     @classmethod
@@ -162,6 +179,18 @@ class L3DConfig:
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(known)}")
         return cls(**d)
+
+
+def _check_resample_epochs(epochs_list: Any, epochs: int) -> None:
+    """Resampling happens at the start of an epoch after the first (before it nothing can be
+    dead) and before the end of training, each epoch once."""
+    valid = (isinstance(epochs_list, tuple)
+             and all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e < epochs for e in epochs_list)
+             and list(epochs_list) == sorted(set(epochs_list)))
+    if not valid:
+        span = f"1..{epochs - 1}" if epochs > 1 else "none: epochs=1 leaves no epoch to resample at"
+        raise ValueError(f"resample_epochs must be a tuple of increasing, distinct epochs in {span} "
+                         f"(e.g. (25, 50, 75)), or () for no resampling; got {epochs_list!r}")
 
 
 def _check_rank(rank: Rank) -> None:

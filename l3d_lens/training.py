@@ -4,6 +4,8 @@ P_act and dead counts per epoch. Everything random comes from one generator seed
 ``cfg.seed``, so the same seed and data give a bit-identical result on CPU; with
 ``checkpoint`` set, an interrupted run resumes to the same bit-identical result. Under
 torch.distributed, each rank trains on its shard of every global batch (see distributed.py).
+With ``cfg.resample_epochs``, dead subnetworks are re-initialised at the start of those epochs
+(``resampling.resample_dead``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from . import distributed
 from .data import Data, batches
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, sample_errors, topk_mask
+from .resampling import resample_dead
 from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
 
@@ -34,6 +37,7 @@ class EpochSums:
     n_seen: int = 0
     loss_num: float = 0.0
     loss_den: float = 0.0
+    n_resampled: int = 0  # dead subnetworks re-initialised at the start of this epoch
 
 
 def data_fingerprint(data: Data) -> str:
@@ -123,7 +127,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         order = tensors.get("order")
         n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
         sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
-                         state["loss_den"])
+                         state["loss_den"], state.get("n_resampled", 0))
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         if path is None or distributed.rank() != 0:
@@ -135,8 +139,10 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             tensors["order"] = order
         ckpt.save(path, {"identity": identity, "step": n_steps, "epoch": epoch, "batch": batch, "history": history,
                          "n_seen": sums.n_seen, "loss_num": sums.loss_num, "loss_den": sums.loss_den,
+                         "n_resampled": sums.n_resampled,
                          "optimizer": opt_meta, "scheduler": sched.state_dict()}, tensors)
 
+    resample_at = set(cfg.resample_epochs)
     bar = tqdm(range(start_epoch, cfg.epochs), desc="L3D", disable=not progress or distributed.rank() != 0,
                unit="epoch", initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
@@ -147,6 +153,8 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, min_batch, skip):
             x = x.to(task.adapter.device)
             paired = paired.to(task.adapter.device) if paired is not None else None
+            if batch_index == 0 and epoch in resample_at:
+                sums.n_resampled = resample_dead(task, f, opt, x, paired, gen, sums.last_active, n_steps)
             step(task, f, opt, x, paired, gen, sums, n_steps, epoch)
             n_steps += 1
             batch_index += 1
@@ -156,7 +164,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         sched.step()
         p_act = sums.active / max(sums.n_seen, 1)
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
-                  "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum())}
+                  "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum()), "n_resampled": sums.n_resampled}
         history.append(record)
         sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64), sums.last_active)
         bar.set_postfix(loss=f"{record['loss']:.4f}", dead=record["n_dead"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -27,6 +29,12 @@ from .helpers import TinyMLP, tiny_lm
     (dict(epochs=0), "epochs must be an int >= 1"),
     (dict(lr=-1.0), "lr must be > 0"),
     (dict(dtype="float16"), "choose one of 'float32', 'float64'"),
+    (dict(resample_epochs=(0, 5)), r"resample_epochs must be a tuple of increasing, distinct epochs in 1\.\.9"),
+    (dict(resample_epochs=(5, 10)), r"epochs in 1\.\.9 \(e\.g\. \(25, 50, 75\)\), or \(\) for no resampling"),
+    (dict(resample_epochs=(6, 3)), "increasing, distinct"),
+    (dict(resample_epochs=5), r"got 5"),
+    (dict(resample_epochs=(1,), epochs=1), "none: epochs=1 leaves no epoch to resample at"),
+    (dict(resample_max=0), r"resample_max must be None \(every dead subnetwork\) or an int >= 1"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -44,6 +52,10 @@ def test_config_is_frozen_and_round_trips():
         cfg.top_k = 0.5
     again = l3d_lens.L3DConfig.from_dict(cfg.to_dict())
     assert again.components == cfg.components and again.to_dict() == cfg.to_dict()
+    resampled = cfg.replace(resample_epochs=[2, 5])  # a list (as read back from JSON) becomes a tuple
+    assert resampled.resample_epochs == (2, 5) and resampled.to_dict()["resample_epochs"] == [2, 5]
+    loaded = l3d_lens.L3DConfig.from_dict(json.loads(json.dumps(resampled.to_dict())))
+    assert loaded.resample_epochs == (2, 5) and loaded.to_dict() == resampled.to_dict()
 
 
 def names(model, *selectors, include_biases=True):

@@ -7,13 +7,19 @@ gets on the same metric: a broken gradient, top-k or normalisation would fail th
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import json
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import l3d_lens
+from l3d_lens import checkpoint
 from l3d_lens.toy import data, metrics, models
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config
 from l3d_lens.toy.sweep import best, sweep
@@ -258,3 +264,111 @@ def test_recommended_config_and_zero_reference_beat_the_random_reference():
         cfg = config("tmcs", epochs=40, lr_step=8)
         errors[label] = evaluate(toy, l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False))["error"]
     assert errors["recommended"] < 0.6 * errors["paper"], errors
+
+
+# --- resampling dead subnetworks -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def higher_rank_toy():
+    return make_toy("higher_rank", 0, epochs=20, n_train=2000, n_l3d=640, n_eval=500)
+
+
+def _resample_cfg(**kw):
+    """Short higher-rank run (20 steps per epoch): subnetworks die in epoch 1 (BENCHMARKS.md),
+    so some are dead (dead_steps = 20) when epoch 3 starts; every dead one is resampled."""
+    return recommended_config("higher_rank", **{**dict(epochs=5, lr_step=2, resample_epochs=(3,),
+                                                       resample_max=None), **kw})
+
+
+def test_resampling_revives_dead_subnetworks(higher_rank_toy):
+    toy = higher_rank_toy
+    plain = l3d_lens.decompose(toy.model, toy.l3d_data, _resample_cfg(resample_epochs=()), progress=False)
+    resampled = l3d_lens.decompose(toy.model, toy.l3d_data, _resample_cfg(), progress=False)
+    assert resampled.history[:3] == plain.history[:3]  # nothing changes before the resampling epoch
+    dead = [k for k, p in enumerate(plain.history[2]["p_act"]) if p == 0]
+    assert dead and resampled.history[3]["n_resampled"] == len(dead)
+    assert [h["n_resampled"] for h in resampled.history] == [0, 0, 0, len(dead), 0]
+    assert plain.history[3]["n_dead"] == len(dead)  # without resampling they stay dead
+    revived = [k for k in dead if resampled.history[3]["p_act"][k] > 0]
+    assert revived, "no resampled subnetwork reached a batch top-k in the epoch after resampling"
+    assert resampled.history[3]["loss"] != plain.history[3]["loss"]
+    one = l3d_lens.decompose(toy.model, toy.l3d_data, _resample_cfg(epochs=4, resample_max=1), progress=False)
+    assert one.history[3]["n_resampled"] == 1
+    assert recommended_config("higher_rank").resample_epochs == ()  # opt-in, not part of the recommended settings
+
+
+def test_resampling_is_reproducible_from_the_seed(higher_rank_toy):
+    toy = higher_rank_toy
+    runs = [l3d_lens.decompose(toy.model, toy.l3d_data, _resample_cfg(epochs=4, seed=s), progress=False)
+            for s in (1, 1, 2)]
+    assert runs[0].history == runs[1].history and runs[0].history[3]["n_resampled"] > 0
+    assert all(torch.equal(runs[0].factors[k], runs[1].factors[k]) for k in runs[0].factors)
+    assert not all(torch.equal(runs[0].factors[k], runs[2].factors[k]) for k in runs[0].factors)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop", [(3, 0), (3, 2)], ids=["before-resampling", "after-resampling"])
+def test_resampling_run_resumes_bit_identically(higher_rank_toy, tmp_path, monkeypatch, stop):
+    """A run stopped at the checkpoint (epoch, batch) = ``stop`` and resumed equals a straight
+    run: the resampling of epoch 3 happens once, from the same generator state."""
+    toy, cfg = higher_rank_toy, _resample_cfg(epochs=4)
+    straight = l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False)
+    real_save = checkpoint.save
+
+    def save_then_stop(path, state, tensors):
+        real_save(path, state, tensors)
+        if (state["epoch"], state["batch"]) == stop:
+            raise _Killed
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(_Killed):
+        l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False, checkpoint=tmp_path)
+    assert straight.history[3]["n_resampled"] > 0 and resumed.history == straight.history
+    assert all(torch.equal(resumed.factors[k], straight.factors[k]) for k in straight.factors)
+
+
+def _ddp_resample_setup():
+    """An untrained higher-rank model on 99 samples (batches of 32, 32, 32, 3: the last one
+    uneven across 2 ranks), top_k 0.05 and subnetworks dead after 3 steps: at epoch 2, two are
+    dead and both resampled."""
+    model = models.higher_rank(0).double()
+    x = data.grouped_features(99, seed=4).double()
+    cfg = recommended_config("higher_rank", epochs=4, lr_step=2, dtype="float64", dead_steps=3, top_k=0.05,
+                             resample_epochs=(2,), resample_max=None)
+    return model, x, cfg
+
+
+def _ddp_resample_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        model, x, cfg = _ddp_resample_setup()
+        dec = l3d_lens.decompose(model, x, cfg, progress=False)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in dec.factors.items()}, out)
+            with open(out + ".history", "w") as fh:
+                json.dump(dec.history, fh)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resampling_in_two_gloo_ranks_equals_one_process(tmp_path):
+    """Every rank draws the same rows (gathered errors, same generator) and gets every residual
+    (summed over ranks), so data-parallel resampling equals one process."""
+    out = str(tmp_path / "factors.safetensors")
+    mp.spawn(_ddp_resample_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    model, x, cfg = _ddp_resample_setup()
+    single = l3d_lens.decompose(model, x, cfg, progress=False)
+    history = json.loads(open(out + ".history").read())
+    assert single.history[2]["n_resampled"] > 1
+    assert [h["n_resampled"] for h in history] == [h["n_resampled"] for h in single.history]
+    assert [h["p_act"] for h in history] == [h["p_act"] for h in single.history]
+    for k, v in load_file(out).items():
+        assert torch.allclose(v, single.factors[k], rtol=1e-9, atol=1e-12), k
