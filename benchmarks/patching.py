@@ -59,19 +59,6 @@ METHODS = ("patching", "attribution", "l3d", "l3d_share", "gradient", "gradient_
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def hook_cache(model, tokens, names):
-    out = {}
-
-    def make(n):
-        def hook(act, hook):
-            out.setdefault(n, act.detach().clone())
-        return hook
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        logits = model(tokens)
-    return logits, out
-
-
 def gradient_norms(model, base, source, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(E_i ||g_i[head, kind]||^2 over pairs, [n_layers, n_heads, 4 (W_Q, W_K, W_V, W_O)];
     E_i |mean over W_V, W_O of <g_i[head], W0[head]>|, [n_layers, n_heads]): the per-pair
