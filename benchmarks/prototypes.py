@@ -166,7 +166,7 @@ def from_captured_reuse(task, f, cap):
     for s in task.selected:
         x, y, x_lab, y_lab, u = stats_mod.site_terms(task, s, cap, dtype)
         core, us = stats_mod._stacked(f, s)
-        big, small = sn._letters(len(us))
+        big, small = sn.mode_letters(len(us))
         # dense [2K, *shape] in the weight's mode order, once
         D = sn.contract("k" + small + "," + ",".join(f"k{b}{r}" for b, r in zip(big, small)) + "->k" + big, core, *us)
         keep[s.name] = D[K:]
@@ -201,7 +201,7 @@ def from_captured_zbmm(task, f, cap):
         if site.input in (TOKENS, POSITIONS):
             raise NotImplementedError("prototype: embeddings")
         core, us = stats_mod._stacked(f, s)
-        big, small = sn._letters(len(us))
+        big, small = sn.mode_letters(len(us))
         n, t, pos = y.shape[:3]
         yf = y.reshape(n, t, -1)  # [n, u, s*out]
         if x is None:  # bias: Z[k, out] is the dense bias, the same at every position

@@ -6,8 +6,8 @@ several seeds and write the "## Toy models" section of BENCHMARKS.md (other sect
 
 Every seed re-trains the toy model (l3d_lens.toy.make_toy) and decomposes it twice: with the
 paper's stated settings (l3d_lens.toy.reproduce.paper_config) and with ours
-(l3d_lens.toy.reproduce.recommended_config: zero reference, AuxK); the metrics are those of
-l3d_lens.toy.reproduce.evaluate on 2,000 held-out samples.
+(l3d_lens.toy.reproduce.recommended_config: zero reference, AuxK or, higher-rank, resampling); the
+metrics are those of l3d_lens.toy.reproduce.evaluate on 2,000 held-out samples.
 """
 
 from __future__ import annotations
@@ -52,21 +52,31 @@ Findings (run of record above):
   10 inputs through 5 hidden units; its loss has converged by 100 epochs, 400 give the same), so
   r² >= 0.92 against A is out of reach for this model. Against the matrix the model actually
   computes, f(e_i) - f(0), the subnetworks give r² 0.90-0.98.
-- **TMS |cos|.** Against W_in column + W_out row: 0.986-0.989, just under the target. A feature's
-  gradient also has W_out rows for the outputs its interference switches on, so the subnetwork
-  (like the gradient) is not exactly the feature's own W_out row; the W_in part alone is
-  0.994-0.998.
-- **Higher-rank.** Zero reference, no AuxK: exactly one live subnetwork per group in 1 of 3
-  seeds; in the other two, one subnetwork serves two groups (4 live): a subnetwork that dies early
-  gets no gradient, so no other takes the second group over. With AuxK (next section) the 5 most
-  active subnetworks are one per group in 3 of 3 seeds, but the other 5 stay live with P_act
-  <= 0.025 instead of dying, also when AuxK stops after the first third of training.
+- **TMS |cos|.** APD and SPD score TMS on its one tied matrix W, whose column i is feature
+  i's direction; here that is W_in (stored untied), and every feature's subnetwork is within
+  0.99 of it in every seed. The stricter score over W_in column + W_out row stays at
+  0.986-0.989. The idealised direction is not quite where the gradients point: a feature's own
+  gradients (g = J^T f(x) on rows where it alone is active) have their principal direction at
+  0.993-0.994 from it (the "ceiling" row), because its interference switches on other outputs,
+  whose W_out rows get gradient too. The subnetworks are within 0.996-0.999 of that principal
+  direction but tilted a little further toward the interference rows (about 2% of their squared
+  norm): the top-k keeps the samples with large feature values, whose gradients are tilted more
+  (principal direction 0.991-0.992 from the idealised one for values > 0.75, ad hoc); we have
+  not pinned down the rest. Longer L3D (1,000 epochs), k = 0.2, rank 2 or no AuxK all left the
+  stricter score at 0.987 (seed 0, ad hoc runs).
+- **Higher-rank.** Zero reference, no remedy: a subnetwork that dies early gets no gradient, so
+  when one subnetwork has taken two groups no other takes the second over (4 live), and in some
+  seeds a group keeps two. One resampling of at most one dead subnetwork early in training (epoch
+  25 of 300, toward the residual the live ones leave) gives exactly one live subnetwork per group
+  with the rest dead; the section "Toy models: resampling" tests it on 10 seeds, 5 of them held
+  out. AuxK instead keeps every subnetwork alive (next section): the 5 most active are one per
+  group, but the other 5 stay live with P_act <= 0.025 instead of dying.
 - **x².** With the better-trained model (every feature learned, own r² >= 0.80) one subnetwork
   per feature in 1 of 3 seeds. In the other two, L3D gives one feature two subnetworks, one for
   x > 0 and one for x < 0 (89-94% of that sign's activity each), and two other features share
   one: the GeLU MLP computes x² with different units for the two signs, and with 5 subnetworks
-  the split wins. The minimum selectivity over features is 2.2-7.4 (target 10), the mean over
-  features 7.4-10.3. Error 27-33% against the paper's 32%.
+  the split wins. The minimum selectivity over features is 2.2-7.7 (target 10), the mean over
+  features 7.4-10.5. Error 27-33% against the paper's 32%.
 """
 
 
@@ -147,11 +157,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     present = {x["toy"] for x in rows}
     if "tms" in present:
         add("tms", "reconstruction error", "19%", pct("error"), "≤ 19%", lambda x: x["error"] <= 0.19)
-        add("tms", "min over 5 features of max \\|cos\\| (W_in column + W_out row)", "–", stat("min_cos"), "≥ 0.99",
-            lambda x: x["min_cos"] >= 0.99)
-        add("tms", "min over 5 features of max \\|cos\\| (W_in column only)", "encoder directions parallel",
-            stat("min_cos_encoder"), "≥ 0.99", lambda x: x["min_cos_encoder"] >= 0.99)
-        add("tms", "mean max \\|cos\\| (APD/SPD score)", "–", stat("mmcs"))
+        add("tms", "min over 5 features of max \\|cos\\| with the feature's column of W (W_in; APD/SPD's TMS is tied, "
+            "one W)", "encoder directions parallel", stat("min_cos_encoder"), "≥ 0.99",
+            lambda x: x["min_cos_encoder"] >= 0.99)
+        add("tms", "min over 5 features of max \\|cos\\| (W_in column + W_out row, stricter)", "–", stat("min_cos"),
+            "≥ 0.99", lambda x: x["min_cos"] >= 0.99)
+        add("tms", "ceiling: min over features of \\|cos\\| of the feature's own gradients (principal direction, "
+            "W_in + W_out) with W_in column + W_out row", "–", stat("min_cos_ceiling"))
+        add("tms", "min over features of \\|cos\\| of the subnetwork with the feature's own gradient direction "
+            "(W_in + W_out)", "–", stat("min_cos_to_gradient"))
+        add("tms", "mean max \\|cos\\| (W_in column + W_out row)", "–", stat("mmcs"))
         add("tms", "dead subnetworks (of 5)", "–", stat("dead_fraction", 5))
     if "tmcs" in present:
         add("tmcs", "reconstruction error", "6.4%", pct("error"), "≤ 6.4%", lambda x: x["error"] <= 0.064)
@@ -219,7 +234,8 @@ def section(rows, args, seconds: float) -> str:
              f"{max(1, round(100 * args.epochs / 1000))} epochs, {args.epochs} epochs (paper: 1,000; the schedule is "
              f"scaled), 1,000 samples, MSE; subnetworks: {shapes}. *Paper's settings*: a random other sample of the "
              f"batch as reference, no dead-subnetwork remedy (`paper_config`). *Our settings*: reference zero and "
-             f"AuxK aux_coef 0.03, except higher-rank (no AuxK) (`recommended_config`). Seeds "
+             f"AuxK aux_coef 0.03, except higher-rank (no AuxK; one resampling of at most one dead subnetwork "
+             f"at epoch {max(1, round(args.epochs / 12))}) (`recommended_config`). Seeds "
              f"{', '.join(map(str, args.seeds))}: each seed re-trains the toy model and runs both decompositions. "
              f"Metrics on 2,000 held-out samples (l3d_lens.toy.reproduce.evaluate).",
              "",

@@ -55,7 +55,9 @@ class L3DConfig:
         every batch top-k for ``dead_steps`` steps) is re-initialised toward what the live ones
         fail to reconstruct: the residual g - g_hat of a high-error sample of that epoch's first
         batch, with fresh Adam state (resampling, as for sparse autoencoders). Resampling only
-        early in training lets the ones that are not needed die again. () turns it off.
+        early in training lets the ones that are not needed die again. () turns it off. On the
+        higher-rank toy model one resampling of at most one, at 1/12 of training, gives one live
+        subnetwork per group in 10 of 10 seeds (BENCHMARKS.md, "Toy models: resampling").
         resample_max: at most this many dead subnetworks per resampling (lowest index first);
         None: all of them.
     """
@@ -164,6 +166,17 @@ class L3DConfig:
             d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
         d["resample_epochs"] = list(self.resample_epochs)
         return d
+
+    @classmethod
+    def with_defaults(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """``d`` (a ``to_dict`` of this or an earlier l3d_lens) with every field it lacks set to
+        its default, in ``to_dict`` form: a config saved before a field existed ran as if it had
+        the default, so the two compare equal."""
+        out = dict(d)
+        for f in dataclasses.fields(cls):
+            if f.name not in out and f.default is not dataclasses.MISSING:
+                out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], divergence: Union[Callable, None] = None) -> "L3DConfig":

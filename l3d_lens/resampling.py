@@ -18,7 +18,7 @@ from .engine import Captured, Stats, capture, per_sample_gradients
 from .engine.stats import from_captured, from_gradients, site_terms
 from .objective import sample_errors
 from .selection import Selected
-from .subnetworks import Factors, _letters, contract, dense, factors_of, gram, resolve_ranks, sq_norms
+from .subnetworks import Factors, contract, dense, factors_of, gram, mode_letters, resolve_ranks, sq_norms
 from .task import Task
 
 
@@ -34,7 +34,7 @@ def captured_gradient(task: Task, s: Selected, cap: Captured, row: int,
     x, y, x_lab, y_lab, u = site_terms(task, s, cap, dtype)
     n, t = divmod(row, y.shape[1]) if u else (row, None)
     y_row = y[n, t] if u else y[n]  # [positions, *out sizes]
-    big, _ = _letters(len(s.site.modes))
+    big, _ = mode_letters(len(s.site.modes))
     if s.site.input == TOKENS:
         return y_row.new_zeros(s.shape).index_add_(0, cap.tokens[n].to(y_row.device), y_row)
     if s.site.input == POSITIONS:

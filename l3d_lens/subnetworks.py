@@ -91,7 +91,7 @@ def factors_of(f: Factors, side: str, s: Selected) -> tuple[torch.Tensor, list[t
     return core, [f[key(side, s.name, f"U{m}")] for m in range(core.dim() - 1)]
 
 
-def _letters(n: int) -> tuple[str, str]:
+def mode_letters(n: int) -> tuple[str, str]:
     """(size letters, rank letters) for n modes, disjoint from the fixed letters k, l, n, s, S, u."""
     big = [c for c in string.ascii_uppercase if c != "S"][:n]
     small = [c for c in string.ascii_lowercase if c not in "klnsuv"][:n]
@@ -111,7 +111,7 @@ def contract(eq: str, *ops: torch.Tensor) -> torch.Tensor:
 def dense(f: Factors, side: str, s: Selected) -> Float[torch.Tensor, "k *shape"]:
     """Subnetworks of one weight as full tensors [K, *selected shape]."""
     core, us = factors_of(f, side, s)
-    big, small = _letters(len(us))
+    big, small = mode_letters(len(us))
     eq = "k" + small + "," + ",".join(f"k{b}{r}" for b, r in zip(big, small)) + "->k" + big
     return contract(eq, core, *us)
 
@@ -129,7 +129,7 @@ def gram(f: Factors, selected: Sequence[Selected], side_a: str = "out", side_b: 
 def _inner(f: Factors, s: Selected, side_a: str, side_b: str, diagonal: bool) -> torch.Tensor:
     core_a, us_a = factors_of(f, side_a, s)
     core_b, us_b = factors_of(f, side_b, s)
-    big, small = _letters(len(us_a))
+    big, small = mode_letters(len(us_a))
     pool = [c for c in string.ascii_lowercase if c not in "klnsuv" and c not in small]
     other = "".join(pool[: len(small)])
     kb = "k" if diagonal else "l"

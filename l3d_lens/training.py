@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .config import L3DConfig
 from .data import Data, batches
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, sample_errors, topk_mask
@@ -115,7 +116,8 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and (saved := ckpt.load(path)) is not None:
         state, tensors = saved
-        if state["identity"] != identity:
+        saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"].get("config", {}))}
+        if saved_identity != identity:
             raise ValueError(f"checkpoint in {path} belongs to another run (config, data or world size differ); "
                              f"use a fresh checkpoint folder")
         with torch.no_grad():

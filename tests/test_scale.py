@@ -59,6 +59,31 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         l3d_lens.decompose(model, data, cfg.replace(epochs=1, seed=3), progress=False, checkpoint=tmp_path)
 
 
+def test_checkpoint_from_before_a_config_field_existed_resumes(tmp_path):
+    """A checkpoint whose saved config lacks fields added since (here the resampling ones) ran
+    with their defaults, so it belongs to the same run; a field it has with another value does
+    not."""
+    model, data, cfg = resume_setup()
+    cfg = cfg.replace(epochs=2)
+    l3d_lens.decompose(model, data, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    folder = tmp_path / json.loads((tmp_path / "latest.json").read_text())["folder"]
+    state = json.loads((folder / "state.json").read_text())
+    for field in ("resample_epochs", "resample_max", "epochs"):
+        del state["identity"]["config"][field]
+    state["identity"]["config"]["epochs"] = 2
+    (folder / "state.json").write_text(json.dumps(state))
+    resumed = l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
+    straight = l3d_lens.decompose(model, data, cfg, progress=False)
+    assert all(torch.equal(resumed.factors[k], straight.factors[k]) for k in straight.factors)
+    assert resumed.history == straight.history
+    folder = tmp_path / json.loads((tmp_path / "latest.json").read_text())["folder"]
+    state = json.loads((folder / "state.json").read_text())
+    state["identity"]["config"]["resample_max"] = 1
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="belongs to another run"):
+        l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
+
+
 @pytest.mark.parametrize("sample", ["sequence", "token"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, sample):
     out = str(tmp_path / "factors.safetensors")

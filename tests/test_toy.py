@@ -100,6 +100,39 @@ def test_cosine_matrix_ignores_sign_and_scale():
         metrics.cosine_matrix({"v": truth["w"]}, subs)
 
 
+def test_gradient_directions_match_a_per_sample_autograd_loop_and_the_identity_model():
+    """The principal gradient direction per feature equals the one from a plain per-sample
+    torch.autograd loop (|cos| 1 to 1e-9 in float64), and for W_in = W_out = I with b = 0,
+    where feature i's gradient is exactly along its own W_in column and W_out row, it equals
+    ``superposition_directions`` (|cos| 1 to 1e-9)."""
+    m = models.tms(1).double()
+    x = data.sparse_features(600, 5, seed=2).double()
+    names = ["encoder.weight", "decoder.weight"]
+    dirs = metrics.gradient_directions(m, x, names)
+    assert dirs["encoder.weight"].shape == (5, 2, 5) and dirs["decoder.weight"].shape == (5, 5, 2)
+    single = (x != 0).sum(1) == 1
+    for i in range(5):
+        rows = []
+        for xi in x[single & (x[:, i] != 0)]:
+            out = m(xi[None])
+            gs = torch.autograd.grad(0.5 * out.pow(2).sum(), [m.get_parameter(n) for n in names])
+            rows.append(torch.cat([g.reshape(-1) for g in gs]))
+        u = torch.linalg.svd(torch.stack(rows), full_matrices=False).Vh[0]
+        ours = torch.cat([dirs[n][i].reshape(-1) for n in names])
+        assert abs(float(u @ ours)) == pytest.approx(1.0, abs=1e-9)
+    eye = models.SuperpositionModel(2, 2, 2).double()
+    with torch.no_grad():
+        eye.encoder.weight.copy_(torch.eye(2))
+        eye.decoder.weight.copy_(torch.eye(2))
+        eye.decoder.bias.zero_()
+    x2 = data.sparse_features(200, 2, seed=0).double()
+    truth = metrics.superposition_directions(eye, decoder_rows=True)
+    cos = metrics.cosine_matrix(truth, metrics.gradient_directions(eye, x2, names))
+    assert cos.diagonal().tolist() == pytest.approx([1.0, 1.0], abs=1e-9)
+    with pytest.raises(KeyError, match="not in the model"):
+        metrics.gradient_directions(m, x, ["encoder.bias"])
+
+
 def test_assign_is_the_optimal_one_to_one_matching():
     gen = torch.Generator().manual_seed(0)
     for f, k in [(3, 3), (4, 6), (5, 5)]:
@@ -203,6 +236,9 @@ def test_tms_recovers_feature_directions(tms_toy):
     assert sum(c > 0.95 for c in rt["cos"]) >= 3
     assert sum(c > 0.95 for c in ru["cos"]) == 0
     assert rt["mmcs"] > ru["mmcs"] + 0.25
+    # the subnetworks follow the features' own gradients closer than random directions do
+    assert sum(c > 0.95 for c in rt["cos_to_gradient"]) >= 3
+    assert sum(c > 0.95 for c in ru["cos_to_gradient"]) == 0
 
 
 def test_tmcs_subnetworks_align_with_input_features():
@@ -294,7 +330,11 @@ def test_resampling_revives_dead_subnetworks(higher_rank_toy):
     assert resampled.history[3]["loss"] != plain.history[3]["loss"]
     one = l3d_lens.decompose(toy.model, toy.l3d_data, _resample_cfg(epochs=4, resample_max=1), progress=False)
     assert one.history[3]["n_resampled"] == 1
-    assert recommended_config("higher_rank").resample_epochs == ()  # opt-in, not part of the recommended settings
+    # recommended for the higher-rank model only: one resampling of at most one, at 1/12 of training
+    hr = recommended_config("higher_rank", epochs=300)
+    assert (hr.resample_epochs, hr.resample_max) == ((25,), 1)
+    assert recommended_config("higher_rank", epochs=2).resample_epochs == (1,)
+    assert recommended_config("tmcs", epochs=300).resample_epochs == ()
 
 
 def test_resampling_is_reproducible_from_the_seed(higher_rank_toy):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import l3d_lens
-from l3d_lens.zoo import induction
+from l3d_lens.zoo import induction, two_tasks
 
 from .helpers import HAS_HOOKED
 
@@ -27,6 +27,18 @@ def test_default_model_reproduces_its_training_logits(kind, variant):
     assert torch.allclose(logits[0, -1], torch.tensor(meta["probe_logits_first"]), atol=1e-4)
     first, second = induction.induction_loss(model)
     assert second < 0.1 < 3.0 < first  # it predicts the repeated half, and nothing else
+
+
+@pytest.mark.parametrize("variant", sorted(two_tasks.VARIANTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_task_model_reproduces_its_saved_logits(kind, variant):
+    meta = two_tasks.metadata(variant)
+    model = two_tasks.load(kind, variant=variant)
+    with torch.no_grad():
+        out = model(torch.tensor(meta["probe_tokens"]))
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    assert float(logits.double().sum()) == pytest.approx(meta["probe_logits_sum"], rel=1e-5, abs=1e-3)
+    assert two_tasks.evaluate(model, n=128) == pytest.approx(meta["evaluation"], abs=1e-3)
 
 
 def test_unknown_variant_names_the_choices():

@@ -18,7 +18,7 @@ from jaxtyping import Float
 
 from ..adapters import POSITIONS, TOKENS
 from ..selection import Selected
-from ..subnetworks import Factors, _letters, contract, dense, factors_of
+from ..subnetworks import Factors, contract, dense, factors_of, mode_letters
 from ..task import Task
 from .fast import Captured
 
@@ -43,7 +43,7 @@ def _sizes(s: Selected, modes: tuple[str, ...]) -> list[int]:
 def site_terms(task: Task, s: Selected, cap: Captured, dtype: torch.dtype):
     """Per weight: the activation operands with their einsum labels, and the one-hot input kind."""
     site = s.site
-    big, _ = _letters(len(site.modes))
+    big, _ = mode_letters(len(site.modes))
     label = dict(zip(site.modes, big))
     token = task.token_mode
     y = cap.douts[site.output].to(dtype)
@@ -75,7 +75,7 @@ def from_captured(task: Task, f: Factors, cap: Captured) -> Stats:
         site = s.site
         x, y, x_lab, y_lab, u = site_terms(task, s, cap, dtype)
         core, us = _stacked(f, s)
-        big, small = _letters(len(us))
+        big, small = mode_letters(len(us))
         ops, terms = [], []
         sq_ops, sq_terms = [y, y], [f"n{u}s{y_lab}", f"n{u}S{y_lab}"]
         if x is not None:
@@ -108,7 +108,7 @@ def from_gradients(task: Task, f: Factors, grads: dict[str, torch.Tensor]) -> St
     A = B = gsq = 0.0
     for s in task.selected:
         g = grads[s.name].to(next(iter(f.values())).dtype)
-        big, _ = _letters(g.dim() - 1)
+        big, _ = mode_letters(g.dim() - 1)
         eq = f"S{big},k{big}->Sk"
         A = A + contract(eq, g, dense(f, "in", s))
         B = B + contract(eq, g, dense(f, "out", s))

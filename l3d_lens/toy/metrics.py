@@ -6,6 +6,8 @@ was trained, so any model with a known answer can use them:
 - ``reconstruction_error``: L3D's own normalised error on held-out data.
 - ``cosine_matrix`` / ``mean_max_cosine``: |cos| between subnetworks and the true per-feature
   parameter directions (subnetwork signs are arbitrary), scored as APD/SPD score TMS.
+- ``gradient_directions``: the principal direction of each feature's own gradients, the
+  ceiling for the cosine scores.
 - ``assign``: the one-to-one matching of features to subnetworks that maximises a score.
 - ``output_effects`` / ``coefficient_r2``: recover TMCS's A from subnetworks and score it.
 - ``feature_activity``, ``group_of_subnetworks``, ``live_per_group``, ``dead_fraction``.
@@ -115,6 +117,45 @@ def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows
             rows[f, f] = True
         masks["decoder.weight"] = rows
     return masked_weights(model, masks)
+
+
+def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: Sequence[str],
+                        group_size: int = 1) -> dict[str, torch.Tensor]:
+    """Per feature (or group), the principal direction of the per-sample gradients
+    g = J^T f(x) (MSE against a zero reference) over the rows where only that feature is
+    active, restricted to the weights ``names``: what one rank-limited subnetwork of that
+    feature can at best point along. Comparing it with ``superposition_directions`` says how
+    far the model's own gradients are from the idealised per-feature directions (a ceiling for
+    ``mean_max_cosine``); comparing it with the subnetworks says how well L3D found them."""
+    from torch.func import functional_call, grad, vmap
+
+    from .data import active_features
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"weights {missing} are not in the model (it has {sorted(params)})")
+
+    def divergence(p, xi):
+        return 0.5 * functional_call(model, p, (xi[None],)).pow(2).sum()
+
+    g = vmap(grad(divergence), in_dims=(None, 0))(params, x)
+    flat = torch.cat([g[n].reshape(x.shape[0], -1) for n in names], 1).double()
+    act = active_features(x, group_size)
+    single = act.sum(-1) == 1
+    rows = []
+    for f in range(act.shape[1]):
+        sel = single & act[:, f]
+        if not sel.any():
+            raise ValueError(f"no row of x has feature {f} active alone")
+        rows.append(torch.linalg.svd(flat[sel], full_matrices=False).Vh[0])
+    u = torch.stack(rows)
+    out, start = {}, 0
+    for n in names:
+        size = params[n].numel()
+        out[n] = u[:, start:start + size].reshape(len(rows), *params[n].shape)
+        start += size
+    return out
 
 
 def assign(score: Float[torch.Tensor, "f k"]) -> list[int]:

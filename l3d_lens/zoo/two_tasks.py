@@ -11,7 +11,14 @@ model plus that of the model with the other heads' outputs zeroed there, plus a 
 those heads' ``hook_z`` at the answer position. In a one-layer model the answer position's
 logits depend on the heads only through their output at that position, so a head silenced
 there carries nothing of the task; ``head_ablation`` checks it (and that each task head
-matters) on the trained model. Heads (0, 0), (0, 3), (0, 5), (0, 7) serve neither task.
+matters) on the trained model. Heads (0, 0), (0, 3), (0, 5), (0, 7) serve neither task
+(``UNUSED_HEADS``).
+
+Two variants ship (``load(variant=...)``). In ``"default"`` the unused heads are pruned after
+training (W_O = 0: they write nothing anywhere; the answers do not change). In ``"unpruned"``
+they keep the W_O they were initialised with: silent at the answer position, yet their W_V
+gets large gradients there (dD/dW_V = sum_j attn_j x_j (x) W_O^T dD/dout), a parameter-space
+sensitivity without any use, which is what unsupervised L3D then finds (BENCHMARKS.md).
 
 Shipped in TransformerLens layout (``l3d_lens/assets/two_tasks``) and loadable as a
 HookedTransformer (TL 2/3) or TransformerBridge (TL 3/4), like ``zoo.induction``.
@@ -32,7 +39,8 @@ from torch import nn
 
 from .induction import load_tl_weights, state_dict_tl
 
-ASSET = "two_tasks"
+#: shipped variants -> asset folder (see the module docstring)
+VARIANTS = {"default": "two_tasks", "unpruned": "two_tasks_unpruned"}
 TASKS = ("first", "last")
 TASK_TOKENS = ("<first>", "<last>")
 WORDS = (
@@ -46,6 +54,9 @@ CONFIG = dict(n_layers=1, d_model=64, n_heads=8, d_head=8, d_vocab=len(VOCAB), n
               act_fn="relu", normalization_type="LN", attn_only=True, d_mlp=None)
 #: the heads each task may use (layer, head); every other head is trained silent for it
 TASK_HEADS = {"first": ((0, 1), (0, 4)), "last": ((0, 2), (0, 6))}
+#: the heads that serve neither task
+UNUSED_HEADS = tuple((0, h) for h in range(CONFIG["n_heads"])
+                     if all((0, h) not in heads for heads in TASK_HEADS.values()))
 HOOK = "blocks.0.attn.hook_z"
 
 
@@ -116,8 +127,10 @@ def allowed_heads(tokens: torch.Tensor) -> torch.Tensor:
 # --- model ------------------------------------------------------------------------------------
 
 
-def _asset_dir() -> Path:
-    return Path(str(resources.files("l3d_lens") / "assets" / ASSET))
+def _asset_dir(variant: str = "default") -> Path:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; choose one of {sorted(VARIANTS)}")
+    return Path(str(resources.files("l3d_lens") / "assets" / VARIANTS[variant]))
 
 
 def build(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -168,12 +181,23 @@ def _forward_masked(model: nn.Module, x: torch.Tensor, keep: Optional[torch.Tens
     return out, store["z"]
 
 
+def prune_unused_heads(model: nn.Module) -> nn.Module:
+    """Set W_O of the heads that serve neither task (``UNUSED_HEADS``) to zero, in place: they
+    then write nothing at any position. Trained silent at the answer position, they change the
+    answers by no more than their tiny output there."""
+    weights = state_dict_tl(model)
+    for layer, head in UNUSED_HEADS:
+        weights[f"blocks.{layer}.attn.W_O"][head] = 0
+    return load_tl_weights(model, weights)
+
+
 def train(steps: int = 2500, batch: int = 128, lr: float = 3e-3, seed: int = 0, kind: Optional[str] = None,
-          silence: float = 10.0, log_every: int = 250) -> nn.Module:
+          silence: float = 10.0, log_every: int = 250, prune: bool = True) -> nn.Module:
     """Train on mixed tasks (about a minute on one CPU thread). Loss: cross-entropy of the
     answer for the full model and for the model with the other task's heads (and the unused
     heads) zeroed at the answer position, ``silence`` x their squared hook_z there, and
-    next-word cross-entropy at the word positions (unpredictable: keeps those outputs flat)."""
+    next-word cross-entropy at the word positions (unpredictable: keeps those outputs flat).
+    ``prune``: then ``prune_unused_heads`` (the default variant; False gives "unpruned")."""
     torch.manual_seed(seed)
     model = build(kind, seed=seed)
     model.train()
@@ -196,7 +220,8 @@ def train(steps: int = 2500, batch: int = 128, lr: float = 3e-3, seed: int = 0, 
         sched.step()
         if log_every and step % log_every == 0:
             print(f"step {step}: loss {loss.item():.3f} (silence {quiet.item():.4f}, words {words.item():.3f})")
-    return model.eval()
+    model.eval()
+    return prune_unused_heads(model) if prune else model
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -243,8 +268,10 @@ def head_ablation(model: nn.Module, n: int = 512, seed: int = 12345) -> pd.DataF
 # --- save / load ---------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, path: Union[str, Path, None] = None) -> Path:
-    path = Path(path) if path is not None else _asset_dir()
+def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "default") -> Path:
+    """Write the model, a probe of its logits and its checks to ``path`` or the variant's
+    asset folder."""
+    path = Path(path) if path is not None else _asset_dir(variant)
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_tl(model), str(path / "model.safetensors"))
     probe = sequences(4, "mixed", seed=7)
@@ -260,9 +287,10 @@ def save(model: nn.Module, path: Union[str, Path, None] = None) -> Path:
     return path
 
 
-def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge."""
-    path = _asset_dir()
+def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default") -> nn.Module:
+    """The shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge;
+    ``variant="unpruned"``: with the unused heads' W_O as trained (see the module docstring)."""
+    path = _asset_dir(variant)
     meta = json.loads((path / "meta.json").read_text())
     task_heads = {k: tuple(tuple(h) for h in v) for k, v in meta["task_heads"].items()}
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB) or task_heads != TASK_HEADS:
@@ -270,5 +298,5 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.M
     return load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
 
 
-def metadata() -> dict:
-    return json.loads((_asset_dir() / "meta.json").read_text())
+def metadata(variant: str = "default") -> dict:
+    return json.loads((_asset_dir(variant) / "meta.json").read_text())
