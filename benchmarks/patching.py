@@ -196,7 +196,7 @@ def unsupervised_induction(model, truth) -> tuple[pd.DataFrame, pd.DataFrame, st
 SEPARATION_SEEDS = (0, 1, 2, 3, 4)
 
 
-def token_mode_separation(model, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any], str]:
+def token_mode_separation(model, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any], Any]:
     """Unsupervised L3D (token samples, random references, top-k) on mixed-task data."""
     x = two_tasks.sequences(512, "mixed", seed=3)
     cfg = l3d_lens.L3DConfig(components="blocks.0.attn", n_subnetworks=8, rank=8, top_k=0.05, sample="token",
@@ -229,17 +229,10 @@ def token_mode_separation(model, seed: int = 0) -> tuple[pd.DataFrame, dict[str,
         sel = df.loc[k, f"impact at answer, {task}"] / max(df.loc[k, f"impact at answer, {other}"], 1e-12)
         verdict[task] = {"subnetwork": k, "selectivity": sel, "own_share": df.loc[k, own],
                          "own_effect": df.loc[k, own_e]}
-    text = ("; ".join(f"`<{t}>`: subnetwork {v['subnetwork']} (impact {v['selectivity']:.1f}x that on the other task, "
-                      f"{v['own_share']:.0%} of its norm and {v['own_effect']:.0%} of its output effect on the task's "
-                      f"own heads)" for t, v in verdict.items()))
-    return df, verdict, f"{dec!r}; " + text
+    return df, verdict, dec
 
 
 # --- report -----------------------------------------------------------------------------------
-
-
-def _runs(runs, model_key, method):
-    return [v[method] for k, v in runs.items() if k[0] == model_key]
 
 
 def _summary(runs, keep, method) -> str:
@@ -272,10 +265,11 @@ def separation_seeds(model) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     rows, first = [], None
     counts = {"by sample": 0, "by norm share": 0, "by output effect": 0}
     for seed in SEPARATION_SEEDS:
-        df, verdict, _ = token_mode_separation(model, seed)
+        df, verdict, dec = token_mode_separation(model, seed)
         first = df if first is None else first
         for task, v in verdict.items():
-            rows.append({"seed": seed, "task": f"<{task}>", "subnetwork": v["subnetwork"],
+            rows.append({"seed": seed, "dead subnetworks": int((dec.fraction_active == 0).sum()),
+                         "task": f"<{task}>", "subnetwork": v["subnetwork"],
                          "impact / impact on the other task": v["selectivity"],
                          "norm share on own heads": v["own_share"], "output-effect share on own heads": v["own_effect"]})
         for k, ok in separation_flags(verdict).items():
@@ -465,10 +459,11 @@ def main() -> None:
         "heads; `[w_1..w_8, T]`, answer w_1 for T = `<first>` (heads (0, 1), (0, 4)) and w_8 for T = `<last>` "
         "(heads (0, 2), (0, 6)); every other head is trained silent at the answer position. Two variants: in "
         "`default` the heads that serve neither task ((0, 0), (0, 3), (0, 5), (0, 7)) are pruned after "
-        "training (W_O = 0, `two_tasks.prune_unused_heads`); in `unpruned` they keep the W_O they were "
-        "initialised with, so their W_V still gets large gradients at the answer position although they "
-        "write almost nothing there. Zero-ablation of each head at the answer position (512 sequences per "
-        "task), default variant:",
+        "training (W_O = 0, `two_tasks.prune_unused_heads`); in `unpruned` they keep their trained W_O, so "
+        "their W_V still gets large gradients at the answer position although they write almost nothing "
+        "there. Pruning leaves the answers as they were but changes the outputs at the word positions, "
+        "where the unused heads had fitted the unpredictable next-word target. Zero-ablation of each head "
+        "at the answer position (512 sequences per task), default variant:",
         "",
         md_table(two["default"]["ablation"], "{:.3f}"),
         "",

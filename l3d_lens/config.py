@@ -57,7 +57,8 @@ class L3DConfig:
         batch, with fresh Adam state (resampling, as for sparse autoencoders). Resampling only
         early in training lets the ones that are not needed die again. () turns it off. On the
         higher-rank toy model one resampling of at most one, at 1/12 of training, gives one live
-        subnetwork per group in 10 of 10 seeds (BENCHMARKS.md, "Toy models: resampling").
+        subnetwork per group and the rest dead in 10 of 10 seeds (BENCHMARKS.md, "Toy models:
+        resampling").
         resample_max: at most this many dead subnetworks per resampling (lowest index first);
         None: all of them.
     """

@@ -475,6 +475,12 @@ def test_two_tasks_variants_differ_only_in_the_pruned_heads():
         return (out if isinstance(out, torch.Tensor) else out.logits)[:, -1].softmax(-1)
 
     assert (answer_probs(pruned) - answer_probs(unpruned)).abs().max() < 1e-3
+    # at the word positions pruning does change the outputs (the unused heads had fitted the
+    # unpredictable next word there): the module docstring says so, with this size
+    with torch.no_grad():
+        lp, lu = (out if isinstance(out := m(x), torch.Tensor) else out.logits for m in (pruned, unpruned))
+    kl = (lu[:, :-1].log_softmax(-1).exp() * (lu[:, :-1].log_softmax(-1) - lp[:, :-1].log_softmax(-1))).sum(-1)
+    assert 0.4 < kl.mean() < 1.6
     assert torch.equal(state_dict_tl(two_tasks.prune_unused_heads(unpruned))["blocks.0.attn.W_O"],
                        a["blocks.0.attn.W_O"])
     with pytest.raises(ValueError, match=r"variant='pruned'; choose one of \['default', 'unpruned'\]"):
@@ -482,18 +488,18 @@ def test_two_tasks_variants_differ_only_in_the_pruned_heads():
 
 
 def test_unsupervised_l3d_separates_the_two_tasks_onto_their_heads():
-    """Token-mode L3D on mixed tasks (512 sequences, 16 epochs, seed 0): for each task, the
-    subnetwork with the largest impact at its answer position has > 5x that impact on the other
-    task and acts > 50% through the task's own heads (output effect, ``head_effects``).
-    BENCHMARKS.md: 8 epochs separate both ways in most of seeds 0-4; 16 epochs in an ad-hoc run
-    of seeds 0-4, all, with impact ratio >= 8.2 and own-head effect share >= 0.74."""
+    """Token-mode L3D on mixed tasks, the benchmark's settings and seed 0 (512 sequences, 8
+    epochs): for each task, the subnetwork with the largest impact at its answer position has
+    > 5x that impact on the other task and acts > 50% through the task's own heads (output
+    effect, ``head_effects``). BENCHMARKS.md ("Does unsupervised L3D separate the two tasks?"):
+    5 of 5 seeds, impact ratio 12-24x, own-head effect share 0.75-0.99."""
     from l3d_lens.zoo import two_tasks
 
     model = two_tasks.load()
     cfg = L3DConfig(components="blocks.0.attn", n_subnetworks=8, rank=8, top_k=0.05, sample="token",
-                    include_biases=False, epochs=16, batch_size=32, lr=0.01, lr_step=2, seed=0)
+                    include_biases=False, epochs=8, batch_size=32, lr=0.01, lr_step=2, seed=0)
     dec = l3d_lens.decompose(model, two_tasks.sequences(512, "mixed", seed=3), cfg, progress=False)
-    xt = two_tasks.sequences(128, "mixed", seed=4)
+    xt = two_tasks.sequences(256, "mixed", seed=4)
     imp = dec.impact(xt, n_references=5)[:, -1]  # answer position: [n, k]
     task = two_tasks.task_ids(xt)
     effect = dec.head_effects(as_tensor=True, share=True)[:, 0]  # [k, heads]

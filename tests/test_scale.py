@@ -68,9 +68,9 @@ def test_checkpoint_from_before_a_config_field_existed_resumes(tmp_path):
     l3d_lens.decompose(model, data, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
     folder = tmp_path / json.loads((tmp_path / "latest.json").read_text())["folder"]
     state = json.loads((folder / "state.json").read_text())
-    for field in ("resample_epochs", "resample_max", "epochs"):
+    for field in ("resample_epochs", "resample_max"):
         del state["identity"]["config"][field]
-    state["identity"]["config"]["epochs"] = 2
+    state["identity"]["config"]["epochs"] = 2  # resume the 1-epoch checkpoint as part of a 2-epoch run
     (folder / "state.json").write_text(json.dumps(state))
     resumed = l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
     straight = l3d_lens.decompose(model, data, cfg, progress=False)

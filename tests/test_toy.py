@@ -104,7 +104,7 @@ def test_gradient_directions_match_a_per_sample_autograd_loop_and_the_identity_m
     """The principal gradient direction per feature equals the one from a plain per-sample
     torch.autograd loop (|cos| 1 to 1e-9 in float64), and for W_in = W_out = I with b = 0,
     where feature i's gradient is exactly along its own W_in column and W_out row, it equals
-    ``superposition_directions`` (|cos| 1 to 1e-9)."""
+    ``superposition_directions`` (|cos| 1 to 1e-9); a feature never active alone gets NaN."""
     m = models.tms(1).double()
     x = data.sparse_features(600, 5, seed=2).double()
     names = ["encoder.weight", "decoder.weight"]
@@ -131,6 +131,10 @@ def test_gradient_directions_match_a_per_sample_autograd_loop_and_the_identity_m
     assert cos.diagonal().tolist() == pytest.approx([1.0, 1.0], abs=1e-9)
     with pytest.raises(KeyError, match="not in the model"):
         metrics.gradient_directions(m, x, ["encoder.bias"])
+    silent = x.clone()
+    silent[:, 4] = 0  # feature 4 never active: no direction for it, the others unchanged
+    d4 = metrics.gradient_directions(m, silent, names)
+    assert d4["encoder.weight"][4].isnan().all() and not d4["encoder.weight"][:4].isnan().any()
 
 
 def test_assign_is_the_optimal_one_to_one_matching():

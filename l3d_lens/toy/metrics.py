@@ -6,8 +6,8 @@ was trained, so any model with a known answer can use them:
 - ``reconstruction_error``: L3D's own normalised error on held-out data.
 - ``cosine_matrix`` / ``mean_max_cosine``: |cos| between subnetworks and the true per-feature
   parameter directions (subnetwork signs are arbitrary), scored as APD/SPD score TMS.
-- ``gradient_directions``: the principal direction of each feature's own gradients, the
-  ceiling for the cosine scores.
+- ``gradient_directions``: the principal direction of each feature's own gradients, a
+  reference for the cosine scores.
 - ``assign``: the one-to-one matching of features to subnetworks that maximises a score.
 - ``output_effects`` / ``coefficient_r2``: recover TMCS's A from subnetworks and score it.
 - ``feature_activity``, ``group_of_subnetworks``, ``live_per_group``, ``dead_fraction``.
@@ -123,10 +123,11 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
                         group_size: int = 1) -> dict[str, torch.Tensor]:
     """Per feature (or group), the principal direction of the per-sample gradients
     g = J^T f(x) (MSE against a zero reference) over the rows where only that feature is
-    active, restricted to the weights ``names``: what one rank-limited subnetwork of that
-    feature can at best point along. Comparing it with ``superposition_directions`` says how
-    far the model's own gradients are from the idealised per-feature directions (a ceiling for
-    ``mean_max_cosine``); comparing it with the subnetworks says how well L3D found them."""
+    active, restricted to the weights ``names`` (NaN for a feature with no such row).
+    Comparing it with ``superposition_directions`` says how far the model's own gradients are
+    from the idealised per-feature directions (an empirical reference for ``mean_max_cosine``,
+    not a bound: L3D also sees rows with several features); comparing it with the subnetworks
+    says how closely L3D follows the gradients."""
     from torch.func import functional_call, grad, vmap
 
     from .data import active_features
@@ -146,9 +147,8 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
     rows = []
     for f in range(act.shape[1]):
         sel = single & act[:, f]
-        if not sel.any():
-            raise ValueError(f"no row of x has feature {f} active alone")
-        rows.append(torch.linalg.svd(flat[sel], full_matrices=False).Vh[0])
+        rows.append(torch.linalg.svd(flat[sel], full_matrices=False).Vh[0] if sel.any()
+                    else torch.full((flat.shape[1],), float("nan"), dtype=flat.dtype))
     u = torch.stack(rows)
     out, start = {}, 0
     for n in names:

@@ -14,11 +14,13 @@ there carries nothing of the task; ``head_ablation`` checks it (and that each ta
 matters) on the trained model. Heads (0, 0), (0, 3), (0, 5), (0, 7) serve neither task
 (``UNUSED_HEADS``).
 
-Two variants ship (``load(variant=...)``). In ``"default"`` the unused heads are pruned after
-training (W_O = 0: they write nothing anywhere; the answers do not change). In ``"unpruned"``
-they keep the W_O they were initialised with: silent at the answer position, yet their W_V
-gets large gradients there (dD/dW_V = sum_j attn_j x_j (x) W_O^T dD/dout), a parameter-space
-sensitivity without any use, which is what unsupervised L3D then finds (BENCHMARKS.md).
+Two variants ship (``load(variant=...)``), from one training run. In ``"unpruned"`` the
+unused heads keep their trained W_O: silent at the answer position, yet their W_V gets large
+gradients there (dD/dW_V = sum_j attn_j x_j (x) W_O^T dD/dout), a parameter-space sensitivity
+without any use for the tasks, which is what unsupervised L3D then finds (BENCHMARKS.md). In
+``"default"`` they are pruned after training (W_O = 0): they write nothing anywhere. The
+answers do not change (KL ~1e-5 at the answer position), but the word positions do (mean KL
+about 0.8 nats): there the unused heads had fitted the unpredictable next-word target.
 
 Shipped in TransformerLens layout (``l3d_lens/assets/two_tasks``) and loadable as a
 HookedTransformer (TL 2/3) or TransformerBridge (TL 3/4), like ``zoo.induction``.
