@@ -30,16 +30,50 @@ import gc
 import importlib.metadata
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+
+# --- BENCHMARKS.md ---------------------------------------------------------------------------
+
+
+def write_section(heading: str, text: str, path: "str | os.PathLike[str] | None" = None) -> None:
+    """Replace the section of ``path`` (BENCHMARKS.md) that starts at the line ``heading``, up to
+    the next "## " heading, with ``text``, or append it; the rest of the file is kept byte for
+    byte. Every benchmark script writes its own section this way."""
+    path = Path(path if path is not None else BENCHMARKS_MD)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    body = text.rstrip() + "\n"
+    new = pattern.sub(lambda _: body + "\n", old, count=1) if pattern.search(old) else old.rstrip() + "\n\n" + body
+    path.write_text(new.rstrip() + "\n")
+
+
+def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path],
+                to_json: Optional[Path]) -> tuple[list[dict[str, Any]], float]:
+    """(rows, seconds): ``run()`` timed and, with ``to_json``, saved there; or, with
+    ``from_json``, what an earlier run saved, so a section can be rewritten without re-running."""
+    if from_json:
+        saved = json.loads(Path(from_json).read_text())
+        return saved["rows"], saved["seconds"]
+    start = time.perf_counter()
+    rows = run()
+    seconds = time.perf_counter() - start
+    if to_json:
+        Path(to_json).write_text(json.dumps({"rows": rows, "seconds": seconds}, default=str))
+    return rows, seconds
+
 
 # --- environment -------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -34,12 +33,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (PAPER, ROOT, TINYSTORIES_ATTN, WHOLE_MODEL, L3DStep, PlainStep,  # noqa: E402
-                               build_model, environment, interleaved, make_step, measure_memory, paired_ratio,
-                               peak_rss_mib, random_tokens, reset_peak_rss, rss_mib, setup_threads)
+from benchmarks.common import (BENCHMARKS_MD, PAPER, ROOT, TINYSTORIES_ATTN, WHOLE_MODEL, L3DStep,  # noqa: E402
+                               PlainStep, build_model, environment, interleaved, make_step, measure_memory,
+                               paired_ratio, peak_rss_mib, random_tokens, reset_peak_rss, rss_mib, setup_threads,
+                               write_section)
 
 RESULTS = os.path.join(HERE, "results", "engine.json")
-BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 SECTION = "## Fast engine"
 TS = "tinystories-8m"
 
@@ -556,18 +555,6 @@ PHASES = ["capture (fwd+bwd)", "finite check", "contractions (A, B, gsq)", "top-
           "adam", "normalize_", "bookkeeping"]
 
 
-def write_section(text: str) -> None:
-    """Replace the '## Fast engine' section of BENCHMARKS.md (up to the next '## ' heading), keep the rest."""
-    old = open(BENCHMARKS_MD).read() if os.path.exists(BENCHMARKS_MD) else "# Benchmarks\n"
-    pattern = re.compile(r"^## Fast engine[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip() + "\n\n" + text
-    with open(BENCHMARKS_MD, "w") as fh:
-        fh.write(new.rstrip() + "\n")
-
-
 SUITES = {"ratio": suite_ratio, "exact": suite_exact, "scaling": suite_scaling, "gpt2": suite_gpt2,
           "profile": suite_profile, "prototypes": suite_prototypes, "micro": suite_micro}
 
@@ -591,7 +578,7 @@ def main() -> None:
     _say(f"threads: {threads}")
     for name in (SUITES if args.suite == "all" else [args.suite] if args.suite != "report" else []):
         SUITES[name](args)
-    write_section(report())
+    write_section(SECTION, report())
     _say(f"wrote {SECTION!r} in {BENCHMARKS_MD}")
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import statistics
 import sys
 import time
@@ -44,12 +43,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import l3d_lens  # noqa: E402
-from benchmarks.common import ROOT, environment, setup_threads  # noqa: E402
+from benchmarks.common import BENCHMARKS_MD, environment, setup_threads, write_section  # noqa: E402
 from l3d_lens.adapters import make_adapter  # noqa: E402
 from l3d_lens.patching import auroc, compare_with_patching, default_l3d_config  # noqa: E402
 from l3d_lens.zoo import induction, two_tasks  # noqa: E402
 
-BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 SECTION = "## Circuit recovery (AUROC)"
 SEEDS = (0, 1, 2)
 N_PAIRS = 64
@@ -281,18 +279,6 @@ def separation_seeds(model) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return first, pd.DataFrame(rows), text
 
 
-def write_section(text: str) -> None:
-    """Replace the section (up to the next '## ' heading) of BENCHMARKS.md, keep the rest."""
-    old = open(BENCHMARKS_MD).read() if os.path.exists(BENCHMARKS_MD) else "# Benchmarks\n"
-    pattern = re.compile(r"^## Circuit recovery \(AUROC\)[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip() + "\n\n", old, count=1)
-    else:
-        new = old.rstrip() + "\n\n" + text
-    with open(BENCHMARKS_MD, "w") as fh:
-        fh.write(new.rstrip() + "\n")
-
-
 DEFAULT_ABOUT = (
     "`induction.load()`, trained with a concave penalty on each head's output norm "
     "(`induction.train(head_sparsity=0.1)`): it computes the repeat with one previous-token head and one "
@@ -519,7 +505,7 @@ def main() -> None:
         "through those unused heads as well.",
         "",
     ]
-    write_section("\n".join(out))
+    write_section(SECTION, "\n".join(out))
     print(f"wrote {SECTION!r} to {BENCHMARKS_MD} ({wall:.0f} s)")
 
 

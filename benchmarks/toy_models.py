@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import PAPER_SHAPES, evaluate, paper_config, recommended_config  # noqa: E402
@@ -249,18 +249,6 @@ def section(rows, args, seconds: float) -> str:
     return "\n".join(parts)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the "## Toy models" section of ``path`` (up to the next "## " heading), or
-    append it; the rest of the file is kept byte for byte."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--toys", nargs="+", default=list(TOY_NAMES), choices=TOY_NAMES)
@@ -273,16 +261,9 @@ def main(argv=None) -> None:
     ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the section from saved metrics")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        rows, seconds = saved["rows"], saved["seconds"]
-    else:
-        rows = run(args.toys, args.seeds, args.epochs, args.jobs, args.threads)
-        seconds = time.perf_counter() - start
-        if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "seconds": seconds}, default=str))
-    write_section(args.out, section(rows, args, seconds))
+    rows, seconds = run_or_load(lambda: run(args.toys, args.seeds, args.epochs, args.jobs, args.threads),
+                                args.from_json, args.json)
+    write_section(SECTION, section(rows, args, seconds), args.out)
     print(f"wrote {SECTION!r} to {args.out}")
 
 

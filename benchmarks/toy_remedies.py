@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config  # noqa: E402
@@ -101,14 +101,6 @@ def section(factors, sweeps, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1) if pattern.search(old) else \
-        old.rstrip("\n") + "\n\n" + text
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the factor grid")
@@ -123,7 +115,7 @@ def main(argv=None) -> None:
         s_jobs = [pool.submit(sweep_run, args.sweep_seed, args.epochs, k) for k in (0.05, 0.1, 0.2)]
         factors = [r for f in f_jobs for r in f.result()]
         sweeps = [r for f in s_jobs for r in f.result()]
-    write_section(args.out, section(factors, sweeps, args, time.perf_counter() - start))
+    write_section(SECTION, section(factors, sweeps, args, time.perf_counter() - start), args.out)
     print(f"wrote {SECTION!r} to {args.out}")
 
 

@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config  # noqa: E402
@@ -120,15 +120,6 @@ def section(rows, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this section of ``path`` (up to the next "## " heading), or append it."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1) if pattern.search(old) else \
-        old.rstrip("\n") + "\n\n" + text
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=300)
@@ -137,19 +128,15 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write every run's metrics here")
     ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the section from saved metrics")
     args = ap.parse_args(argv)
-    start = time.perf_counter()
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        rows, seconds = saved["rows"], saved["seconds"]
-    else:
+
+    def run_all() -> list[dict[str, Any]]:
         jobs = [("higher_rank", s) for s in (*SELECTION_SEEDS, *HELD_OUT_SEEDS)] + [("tmcs", s) for s in (0, 1, 2)]
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(run, name, seed, args.epochs) for name, seed in jobs]
-            rows = [r for f in futures for r in f.result()]
-        seconds = time.perf_counter() - start
-        if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "seconds": seconds}, default=str))
-    write_section(args.out, section(rows, args, seconds))
+            return [r for f in futures for r in f.result()]
+
+    rows, seconds = run_or_load(run_all, args.from_json, args.json)
+    write_section(SECTION, section(rows, args, seconds), args.out)
     print(f"wrote {SECTION!r} to {args.out}")
 
 

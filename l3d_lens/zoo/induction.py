@@ -58,10 +58,16 @@ def to_str_tokens(ids: torch.Tensor) -> list[str]:
     return [VOCAB[i] for i in ids.tolist()]
 
 
+def variant_dir(variants: dict[str, str], variant: str) -> Path:
+    """The asset folder of a shipped model ``variant`` (``variants``: variant -> folder under
+    l3d_lens/assets); an unknown variant is an error that names the choices."""
+    if variant not in variants:
+        raise ValueError(f"variant={variant!r}; choose one of {sorted(variants)}")
+    return Path(str(resources.files("l3d_lens") / "assets" / variants[variant]))
+
+
 def _asset_dir(variant: str = "default") -> Path:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r}; choose one of {sorted(VARIANTS)}")
-    return Path(str(resources.files("l3d_lens") / "assets" / VARIANTS[variant]))
+    return variant_dir(VARIANTS, variant)
 
 
 def _hooked_cfg(dtype: torch.dtype):

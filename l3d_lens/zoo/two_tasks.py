@@ -29,7 +29,6 @@ HookedTransformer (TL 2/3) or TransformerBridge (TL 3/4), like ``zoo.induction``
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
 
@@ -39,7 +38,7 @@ from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .induction import load_tl_weights, state_dict_tl
+from .induction import load_tl_weights, state_dict_tl, variant_dir
 
 #: shipped variants -> asset folder (see the module docstring)
 VARIANTS = {"default": "two_tasks", "unpruned": "two_tasks_unpruned"}
@@ -130,9 +129,7 @@ def allowed_heads(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _asset_dir(variant: str = "default") -> Path:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r}; choose one of {sorted(VARIANTS)}")
-    return Path(str(resources.files("l3d_lens") / "assets" / VARIANTS[variant]))
+    return variant_dir(VARIANTS, variant)
 
 
 def build(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
