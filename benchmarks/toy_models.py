@@ -29,41 +29,51 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
-from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy  # noqa: E402
-from l3d_lens.toy.reproduce import PAPER_SHAPES, evaluate, paper_config, recommended_config  # noqa: E402
+from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy, metrics  # noqa: E402
+from l3d_lens.toy.data import circuit_matrix  # noqa: E402
+from l3d_lens.toy.reproduce import PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config  # noqa: E402
 from l3d_lens.toy.train import LR  # noqa: E402
 
 SECTION = "## Toy models"
 
 #: findings written into the section under the table (they describe the run of record)
 NOTES = """
-Findings (run of record above):
+Findings (run of record above). "The paper's code" is the authors' public repository
+(github.com/briannachrisman/eigenestimation): `scripts/*/train_*_eigenmodel.py` for the
+references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
 
 - **Reference.** With the paper's stated reference, a random other sample, each gradient is
   g_i = J_i^T (f(x_i) - f(x_j)): it also carries the partner's features (for TMCS terms like
   x_c x_d W_out^T a_d e_c^T, on feature c's weights but along feature d's output), which no
   one-feature rank-1 subnetwork reconstructs. Errors stay at 23-37% and subnetworks die. The
-  paper's public code for the toy models has a `ZeroOutput` reference in its scripts; with y_r = 0
-  (`reference="zero"`), g_i = J_i^T f(x_i) involves only the sample's own features, and TMS and
-  TMCS reach 10-11% and 3-4.3% error, below the paper's 19% and 6.4%.
+  paper's code uses other references: zero (`ZeroOutput`) for TMCS and the higher-rank model,
+  the batch mean (`MeanOutput`) for TMS and x². Our settings take zero for TMCS, higher-rank and
+  x² (on x² the mean gave 40% error against zero's 27% in an ad hoc run on seed 1, 29% against
+  29% on seed 0) and the mean for TMS.
+- **TMS |cos|.** With the batch mean as reference every feature has a subnetwork within 0.99
+  of its W_in column *and* W_out row together in 3 of 3 seeds, at the same error as with zero
+  (10-11%). With zero (the previous run of record) that stricter score stayed at 0.986-0.989:
+  a feature's interference switches on other outputs a little, g = J^T f(x) then puts
+  gradient on their W_out rows, and the zero-reference gradients' own principal direction was
+  only 0.993-0.994 from the idealised one (the paper's-settings column of the "reference" row).
+  Subtracting the batch mean, which those small outputs are close to, removes most of that:
+  against the mean the features' own gradients point 0.9994-0.9998 from the idealised
+  direction. APD and SPD score TMS on its one tied matrix W, i.e. on the W_in column alone;
+  that row is met too.
 - **AuxK** (aux_coef 0.03) keeps every subnetwork alive on TMS, TMCS and x²; the next section
   shows each change alone.
-- **TMCS r².** The trained model itself reproduces A only with r² 0.87-0.92 (the "ceiling" row:
-  10 inputs through 5 hidden units; its loss has converged by 100 epochs, 400 give the same), so
-  r² >= 0.92 against A is out of reach for this model. Against the matrix the model actually
-  computes, f(e_i) - f(0), the subnetworks give r² 0.90-0.98.
-- **TMS |cos|.** APD and SPD score TMS on its one tied matrix W, whose column i is feature
-  i's direction; here that is W_in (stored untied), and every feature has a subnetwork within
-  0.99 of it in every seed. The stricter score over W_in column + W_out row stays at
-  0.986-0.989. The idealised direction is not quite where the gradients point: a feature's own
-  gradients (g = J^T f(x) on rows where it alone is active) have their principal direction at
-  0.993-0.994 from it (the "reference" row), because its interference switches on other outputs,
-  whose W_out rows get gradient too. The subnetworks are within 0.996-0.999 of that principal
-  direction but tilted a little further toward the interference rows (about 2% of their squared
-  norm): the top-k keeps the samples with large feature values, whose gradients are tilted more
-  (principal direction 0.991-0.992 from the idealised one for values > 0.75, ad hoc); we have
-  not pinned down the rest. Longer L3D (1,000 epochs), k = 0.2, rank 2 or no AuxK all left the
-  stricter score at 0.987 (seed 0, ad hoc runs).
+- **TMCS r².** The target copies the paper's figure, whose number is a Pearson r: the paper's
+  notebook prints `np.corrcoef` of the entries of A against those of each subnetwork's own
+  V_k[W_out] @ V_k[W_in] (no per-subnetwork scale, not squared). A true r² of 0.92 is out of
+  reach for this model shape: no rank-5 W_out W_in gets closer to A than its best rank-5
+  approximation (the "linear-part bound" row, 0.86-0.91 here; see the line under the table for
+  random A), and the trained models sit just above it (0.87-0.92; the output ReLU buys
+  0.002-0.014). Against the matrix the model actually computes, f(e_i) - f(0), the subnetworks
+  give r² 0.90-0.98. On the paper's own statistic we get 0.918 and 0.924 in two seeds and 0.69 in seed 2;
+  there the L3D run itself is the weak one: its training loss ended at 0.032, while three other
+  L3D seeds on the same model ended at 0.028 with r 0.90-0.91 and r² against the model's matrix
+  0.97 (ad hoc run). Without a per-subnetwork scale the statistic also depends on how each unit-norm
+  subnetwork splits its norm between W_in, W_out and the bias.
 - **Higher-rank.** Zero reference, no remedy: a subnetwork that dies early gets no gradient, so
   when one subnetwork has taken two groups no other takes the second over (4 live), and in some
   seeds a group keeps two. One resampling of at most one dead subnetwork early in training (epoch
@@ -71,16 +81,33 @@ Findings (run of record above):
   with the rest dead; the section "Toy models: resampling" tests it on 10 seeds, 5 of them held
   out. AuxK instead keeps every subnetwork alive (next section): the 5 most active are one per
   group, but the other 5 stay live with P_act <= 0.025 instead of dying.
-- **x².** With the better-trained model (every feature learned, own r² >= 0.80) one subnetwork
-  per feature in 1 of 3 seeds. In the other two, L3D gives one feature two subnetworks, one for
-  x > 0 and one for x < 0 (89-94% of that sign's activity each), and two other features share
-  one: the GeLU MLP computes x² with different units for the two signs, and with 5 subnetworks
-  the split wins. The minimum selectivity over features is 2.2-7.7 (target 10), the mean over
-  features 7.4-10.5. Error 27-33% against the paper's 32%.
+- **x²: circuits per sign.** The GeLU MLP squares x > 0 and x < 0 of most features with
+  different units: the principal directions of a feature's gradients on its positive and its
+  negative rows are at |cos| 0.06-0.96 (the "model" row), so the model has up to 10 circuits,
+  not 5. One subnetwork, having one coefficient, cannot reconstruct two near-orthogonal
+  directions, so with the paper's 5 subnetworks L3D must merge two circuits somewhere, and in 3
+  of 3 seeds it merged signs of *different* features into one subnetwork at least once. With
+  10 subnetworks of rank 1 (our settings; the paper also ran 10) no subnetwork serves two
+  features and every feature has its own in 3 of 3 seeds, one subnetwork for both signs where
+  they align and one per sign where they do not, at 6-8% error instead of 27-33%.
+- **x² selectivity.** The target (>= 10, relevant output over the other outputs, at the delta
+  where the relevant output has changed by half) is met per (feature, sign) circuit in 2 of 3
+  seeds with 10 subnetworks. In seed 1 it is out of reach for this model: even the principal
+  direction of each circuit's own gradients, which a subnetwork reconstructing them exactly
+  would follow, reaches only 6.7 there (the "reference" row), and L3D's subnetworks get 6.0;
+  training that model longer does not change this (ad hoc: 9.0 after 300 epochs, 7.6 after the
+  paper's 1,000; a decayed learning rate for the last 30 of 100 epochs: 6.0).
+  Where the model allows it L3D comes close to the reference (15.9 against 16.1, 11.6 against
+  13.1). The strict version, which also counts output i on rows without the feature against the
+  subnetwork, stays at 4-9: moving a circuit's weights also shifts what output i gives at
+  x_i = 0, which no gradient at x_i != 0 constrains.
 """
 
 
 SETTINGS = {"paper": paper_config, "ours": recommended_config}
+#: extra decompositions of one toy with our settings and another shape: x² with the paper's
+#: 5 subnetworks of rank 2 (``recommended_config`` gives it 10 of rank 1)
+EXTRA = {"square": {"ours_5x2": dict(n_subnetworks=5, rank=2)}}
 
 
 def run_one(name: str, seed: int, epochs: int, threads: int) -> list[dict[str, Any]]:
@@ -90,9 +117,11 @@ def run_one(name: str, seed: int, epochs: int, threads: int) -> list[dict[str, A
     t0 = time.perf_counter()
     toy = make_toy(name, seed)
     seconds_model = time.perf_counter() - t0
-    for setting, config in SETTINGS.items():
+    runs = [(setting, config, {}) for setting, config in SETTINGS.items()]
+    runs += [(setting, recommended_config, shape) for setting, shape in EXTRA.get(name, {}).items()]
+    for setting, config, shape in runs:
         t1 = time.perf_counter()
-        cfg = config(name, seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)))
+        cfg = config(name, seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)), **shape)
         dec = decompose(toy.model, toy.l3d_data, cfg, progress=False)
         t2 = time.perf_counter()
         r = evaluate(toy, dec, seed=seed)
@@ -138,12 +167,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| toy model | metric | paper | paper's settings: mean ± sd (min–max) | our settings: mean ± sd (min–max) "
              "| target | met (our settings) |", "|---|---|---|---|---|---|---|"]
 
-    def add(toy, metric, paper, fmt, target="–", ok=None):
-        cells = []
-        for setting in SETTINGS:
-            r = [x for x in rows if x["toy"] == toy and x["setting"] == setting]
-            cells.append(fmt(r) if r else "n/a")
-        ours = [x for x in rows if x["toy"] == toy and x["setting"] == "ours"]
+    def add(toy, metric, paper, fmt, target="–", ok=None, ours_setting="ours"):
+        paper_rows = [x for x in rows if x["toy"] == toy and x["setting"] == "paper"]
+        ours = [x for x in rows if x["toy"] == toy and x["setting"] == ours_setting]
+        # an extra shape (``EXTRA``) was run with our settings only
+        cells = [(fmt(paper_rows) if paper_rows else "n/a") if ours_setting == "ours" else "–",
+                 fmt(ours) if ours else "n/a"]
         met = _count(ok(x) for x in ours) if ok and ours else "–"
         label = {"tms": "TMS", "tmcs": "TMCS", "higher_rank": "higher-rank", "square": "x²"}[toy]
         lines.append(f"| {label} | {metric} | {paper} | {cells[0]} | {cells[1]} | {target} | {met} |")
@@ -163,15 +192,21 @@ def table(rows: list[dict[str, Any]]) -> str:
         add("tms", "min over 5 features of max \\|cos\\| (W_in column + W_out row, stricter)", "–", stat("min_cos"),
             "≥ 0.99", lambda x: x["min_cos"] >= 0.99)
         add("tms", "reference: min over features of \\|cos\\| of the principal direction of the feature's own "
-            "gradients (single-feature rows, W_in + W_out) with W_in column + W_out row", "–", stat("min_cos_reference"))
+            "gradients (single-feature rows, W_in + W_out; against zero in the paper's-settings column, against the "
+            "batch mean in ours) with W_in column + W_out row", "–", stat("min_cos_reference"))
         add("tms", "min over features of \\|cos\\| of the feature's subnetwork (one-to-one assignment) with the "
-            "principal direction of its own gradients (W_in + W_out)", "–", stat("min_cos_to_gradient"))
+            "principal direction of its own gradients (as in the row above)", "–", stat("min_cos_to_gradient"))
         add("tms", "mean max \\|cos\\| (W_in column + W_out row)", "–", stat("mmcs"))
         add("tms", "dead subnetworks (of 5)", "–", stat("dead_fraction", 5))
     if "tmcs" in present:
         add("tmcs", "reconstruction error", "6.4%", pct("error"), "≤ 6.4%", lambda x: x["error"] <= 0.064)
-        add("tmcs", "r² of A from subnetworks (V_k[W_out] @ W_in[:, i])", "0.92", stat("r2_decoder"), "≥ 0.92",
-            lambda x: x["r2_decoder"] >= 0.92)
+        add("tmcs", "r² of A from subnetworks (V_k[W_out] @ W_in[:, i])", "0.92 (a Pearson r, see below)",
+            stat("r2_decoder"), "≥ 0.92", lambda x: x["r2_decoder"] >= 0.92)
+        add("tmcs", "the paper's statistic: Pearson r of A with the subnetworks' own V_k[W_out] @ V_k[W_in] "
+            "(np.corrcoef, unscaled; the paper's figure labels it r²)", "0.92 (one run)", stat("pearson_r"),
+            "≥ 0.92", lambda x: x["pearson_r"] >= 0.92)
+        add("tmcs", "linear-part bound: r² of A's best rank-5 approximation (no rank-5 W_out W_in does better; the "
+            "output ReLU can take the model a little past it)", "–", stat("r2_rank_bound"))
         add("tmcs", "r² of A from subnetworks (output JVP at x = e_i)", "–", stat("r2"))
         add("tmcs", "ceiling: r² of A from the model itself, f(e_i) - f(0)", "–", stat("r2_model"))
         add("tmcs", "r² of the model's own matrix f(e_i) - f(0) from subnetworks (V_k[W_out] @ W_in[:, i])", "–",
@@ -189,16 +224,46 @@ def table(rows: list[dict[str, Any]]) -> str:
     if "square" in present:
         add("square", "min over features of the model's own r² of x_i² (rows where feature i is active)", "–",
             lambda r: _stats(min(x["model_r2_per_feature"]) for x in r))
-        add("square", "reconstruction error", "32%", pct("error"), "≤ 32%", lambda x: x["error"] <= 0.32)
-        add("square", "one subnetwork per feature (argmax of activity share)", "yes",
-            lambda r: _count(x["one_per_feature"] for x in r), "all seeds", lambda x: x["one_per_feature"])
-        add("square", "min over features of selectivity at half change", "\"mostly the relevant outputs\"",
-            stat("selectivity_min"), "≥ 10",
-            lambda x: x["selectivity_min"] >= 10 and x["selectivity_reached"] and x["one_per_feature"])
-        add("square", "mean over features of selectivity at half change", "–",
-            lambda r: _stats(statistics.fmean(x["selectivity"]) for x in r))
-        add("square", "activity share of the feature's own subnetwork (mean)", "–",
-            lambda r: _stats(statistics.fmean(x["activity_share"]) for x in r))
+        add("square", "model: \\|cos\\| of the principal gradient directions of x_i > 0 and x_i < 0 (min over "
+            "features; mean)", "–", lambda r: _stats(nanmin(x["sign_alignment"]) for x in r) + "; "
+            + _stats(statistics.fmean(v for v in x["sign_alignment"] if v == v) for x in r))
+        for setting, shape in (("ours", "10 × rank 1"), ("ours_5x2", "5 × rank 2")):
+            if not any(x["toy"] == "square" and x["setting"] == setting for x in rows):
+                continue
+            kw = dict(ours_setting=setting)
+            tag = f"**{shape}**: " if setting == "ours" else f"{shape} (our settings, the paper's shape): "
+            add("square", tag + "reconstruction error", "32% (5 × rank 2)", pct("error"), "≤ 32%",
+                lambda x: x["error"] <= 0.32, **kw)
+            add("square", tag + "one subnetwork per feature: distinct subnetworks dominate the features, and none "
+                "dominates a sign of two features", "yes", lambda r: _count(x["one_per_feature"] and x["feature_pure"]
+                                                                          for x in r),
+                "all seeds", lambda x: x["one_per_feature"] and x["feature_pure"], **kw)
+            add("square", tag + "subnetworks per feature (one for both signs of x, or one per sign)", "–",
+                lambda r: "; ".join(f"seed {x['seed']}: {x['subnetworks_per_feature']}" for x in r), **kw)
+            # the target row: per feature where a subnetwork is meant to carry the whole feature (5
+            # subnetworks), per circuit where a feature may have one subnetwork per sign (10)
+            per_circuit = setting == "ours"
+            add("square", tag + "min over features of selectivity at half change of the feature's dominant "
+                "subnetwork: output i vs the other outputs", "\"mostly the relevant outputs\"",
+                stat("selectivity_by_output_min"), *(() if per_circuit else (
+                    "≥ 10", lambda x: x["selectivity_by_output_min"] >= 10 and x["selectivity_reached"]
+                    and x["one_per_feature"])), **kw)
+            add("square", tag + "the same per (feature, sign) circuit, with that sign's rows relevant"
+                + (" (the target row here: a subnetwork of one sign acts on that sign's rows only)" if per_circuit
+                   else ""), "–", stat("circuit_selectivity_by_output_min"), *(("≥ 10", lambda x: (
+                    x["circuit_selectivity_by_output_min"] >= 10 and x["circuit_selectivity_reached"]
+                    and x["feature_pure"])) if per_circuit else ()), **kw)
+            add("square", tag + "strict selectivity (output i on the relevant rows vs every other (sample, output)): "
+                "min over features; min over circuits", "–",
+                lambda r: _stats(x["selectivity_min"] for x in r) + "; "
+                + _stats(x["circuit_selectivity_min"] for x in r), **kw)
+            add("square", tag + "dead subnetworks", "–", stat("dead_fraction", 10 if setting == "ours" else 5), **kw)
+        add("square", "reference (the model, no L3D): the same selectivities for the principal direction of each "
+            "feature's (circuit's) own gradients, the direction a subnetwork reconstructing them exactly would take: "
+            "by output, features; by output, circuits; strict, features; strict, circuits", "–",
+            lambda r: "; ".join(_stats(x[k] for x in r) for k in (
+                "reference_selectivity_by_output_min", "reference_circuit_selectivity_by_output_min",
+                "reference_selectivity_min", "reference_circuit_selectivity_min")))
     return "\n".join(lines)
 
 
@@ -218,6 +283,16 @@ def _run_args(argv: list[str]) -> list[str]:
     return out
 
 
+def rank_bound_spread(draws: int = 2000) -> str:
+    """How far a true r² of A can go for TMCS's shape: the rank-5 bound over ``draws`` random
+    A (``circuit_matrix(10, 10, seed=s)``, s = 0..draws-1), mean, 5-95% range and how often it
+    reaches 0.92."""
+    b = torch.tensor([metrics.rank_bound_r2(circuit_matrix(10, 10, seed=s), 5) for s in range(draws)])
+    return (f"over {draws:,} random A (uniform in [0, 3], `circuit_matrix` seeds 0-{draws - 1}) the rank-5 bound has "
+            f"mean {b.mean():.3f}, 5-95% range {b.quantile(0.05):.3f}-{b.quantile(0.95):.3f}, and reaches 0.92 "
+            f"for {100 * (b >= 0.92).double().mean():.1f}% of them")
+
+
 def section(rows, args, seconds: float) -> str:
     models = ", ".join(f"{n} {DEFAULT_EPOCHS[n]}" for n in TOY_NAMES)
     shapes = ", ".join(f"{n} {k} × rank {r}" for n, (k, r) in PAPER_SHAPES.items())
@@ -232,11 +307,12 @@ def section(rows, args, seconds: float) -> str:
              "",
              f"L3D, both settings: all weights and biases, k = 0.1, batch 32, Adam lr 0.01 ×0.8 every "
              f"{max(1, round(100 * args.epochs / 1000))} epochs, {args.epochs} epochs (paper: 1,000; the schedule is "
-             f"scaled), 1,000 samples, MSE; subnetworks: {shapes}. *Paper's settings*: a random other sample of the "
-             f"batch as reference, no dead-subnetwork remedy (`paper_config`). *Our settings*: reference zero and "
-             f"AuxK aux_coef 0.03, except higher-rank (no AuxK; one resampling of at most one dead subnetwork "
+             f"scaled), 1,000 samples, MSE; subnetworks: {shapes} (the paper's-settings column always has these shapes; x² with our settings: 10 × rank 1, "
+             f"and also the paper's 5 × rank 2). *Paper's settings*: a random other sample of the "
+             f"batch as reference, no dead-subnetwork remedy (`paper_config`). *Our settings*: reference zero (TMS: the batch "
+             f"mean) and AuxK aux_coef 0.03, except higher-rank (no AuxK; one resampling of at most one dead subnetwork "
              f"at epoch {recommended_config('higher_rank', epochs=args.epochs).resample_epochs[0]}) (`recommended_config`). Seeds "
-             f"{', '.join(map(str, args.seeds))}: each seed re-trains the toy model and runs both decompositions. "
+             f"{', '.join(map(str, args.seeds))}: each seed re-trains the toy model and runs every decomposition. "
              f"Metrics on 2,000 held-out samples (l3d_lens.toy.reproduce.evaluate).",
              "",
              f"Toy models: 10,000 samples, batch 32, AdamW, MSE, epochs {models} (paper: 1,000), lr "
@@ -244,6 +320,8 @@ def section(rows, args, seconds: float) -> str:
              f"superposition models, PyTorch's for x²; TMS trained tied and stored untied, best of 4 starts by "
              f"training loss; x² best of 3 (l3d_lens.toy.train). Final training MSE: {losses}.",
              "", table(rows), ""]
+    if any(r["toy"] == "tmcs" for r in rows):
+        parts += [f"TMCS r² bound: {rank_bound_spread()}.", ""]
     if NOTES.strip():
         parts += [NOTES.strip(), ""]
     return "\n".join(parts)

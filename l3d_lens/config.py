@@ -40,10 +40,10 @@ class L3DConfig:
     sample: "token" (every sequence position is a sample, the paper's setting),
         "sequence" (one sample per sequence, the divergence at ``position``), or "auto".
     position: for sample="sequence": an int position or "all" (sum over positions).
-    reference: "random" (another sample of the batch), "mean", "uniform" (KL only), "zero"
-        (MSE only: y_r = 0, so g = J^T f(x); the reference of the paper's toy-model code, see
-        BENCHMARKS.md "Toy models"), or "paired" (reference data passed to ``decompose``:
-        contrastive pairs).
+    reference: "random" (another sample of the batch), "mean" (the batch mean; the paper's
+        TMS and x² scripts), "uniform" (KL only), "zero" (MSE only: y_r = 0, so g = J^T f(x);
+        the paper's TMCS and higher-rank scripts; see BENCHMARKS.md "Toy models"), or "paired"
+        (reference data passed to ``decompose``: contrastive pairs).
     dtype: of the factors (and of the contractions); autocast: run the model's forward and
         backward under torch.autocast in "bf16" or "fp16" (GPU), factors stay in ``dtype``.
     aux_coef: weight of an auxiliary loss that revives dead subnetworks (0: off, as in the

@@ -137,6 +137,30 @@ def test_gradient_directions_match_a_per_sample_autograd_loop_and_the_identity_m
     assert d4["encoder.weight"][4].isnan().all() and not d4["encoder.weight"][:4].isnan().any()
 
 
+def test_gradient_directions_with_a_sign_and_the_mean_reference_match_an_autograd_loop():
+    """sign=-1 keeps the rows where the feature alone is active and negative; reference="mean"
+    differentiates 0.5 ||f(x) - mean_x f||^2 (the mean over all of x); |cos| 1 to 1e-9."""
+    m = models.square_mlp(0).double()
+    x = data.sparse_features(800, 5, seed=3, signed=True).double()
+    names = ["layers.0.weight", "layers.4.weight", "layers.4.bias"]
+    dirs = metrics.gradient_directions(m, x, names, sign=-1, reference="mean")
+    mean = m(x).mean(0).detach()
+    rows_neg = data.single_feature_rows(x, sign=-1)
+    for i in range(5):
+        rows = []
+        for xi in x[rows_neg & (x[:, i] != 0)]:
+            gs = torch.autograd.grad(0.5 * (m(xi[None]) - mean).pow(2).sum(), [m.get_parameter(n) for n in names])
+            rows.append(torch.cat([g.reshape(-1) for g in gs]))
+        u = torch.linalg.svd(torch.stack(rows), full_matrices=False).Vh[0]
+        assert abs(float(u @ torch.cat([dirs[n][i].reshape(-1) for n in names]))) == pytest.approx(1.0, abs=1e-9)
+    signed = metrics.signed_gradient_directions(m, x, names, reference="mean")
+    assert torch.equal(signed["layers.0.weight"][1::2], dirs["layers.0.weight"])  # row 2i + 1: x_i < 0
+    with pytest.raises(ValueError, match="reference"):
+        metrics.gradient_directions(m, x, names, reference="random")
+    none = metrics.signed_gradient_directions(m, x.abs(), names)  # no negative values at all
+    assert none["layers.0.weight"][1::2].isnan().all() and not none["layers.0.weight"][0::2].isnan().any()
+
+
 def test_assign_is_the_optimal_one_to_one_matching():
     gen = torch.Generator().manual_seed(0)
     for f, k in [(3, 3), (4, 6), (5, 5)]:
@@ -153,6 +177,60 @@ def test_coefficient_r2_is_scale_and_sign_free():
     rec = A * torch.tensor([[2.0], [-0.5], [1.0], [-3.0]])
     assert metrics.coefficient_r2(A, rec) == pytest.approx(1.0)
     assert metrics.coefficient_r2(A, torch.rand(4, 6)) < 0.9
+
+
+def test_rank_bound_r2_is_the_eckart_young_bound():
+    gen = torch.Generator().manual_seed(3)
+    A = torch.rand(10, 10, generator=gen, dtype=torch.double) * 3
+    s = torch.linalg.svdvals(A)
+    closed_form = 1 - float(s[5:].pow(2).sum() / (A - A.mean()).pow(2).sum())
+    assert metrics.rank_bound_r2(A, 5) == pytest.approx(closed_form, abs=1e-12)
+    assert metrics.rank_bound_r2(A, 10) == pytest.approx(1.0)
+    u, _, vh = torch.linalg.svd(A)
+    best = u[:, :5] @ torch.diag(s[:5]) @ vh[:5]
+    for _ in range(20):  # rank-5 matrices near the truncated SVD, even scaled per column, stay below it
+        nudge = torch.randn(10, 5, generator=gen, dtype=torch.double) @ torch.randn(5, 10, generator=gen, dtype=torch.double)
+        near = best + 0.05 * (u[:, :5] @ u[:, :5].T) @ nudge
+        assert torch.linalg.matrix_rank(near) <= 5
+        assert metrics.coefficient_r2(A.T, near.T) <= closed_form + 1e-12
+
+
+def test_circuit_recovery_pearson_r_is_the_correlation_of_the_subnetworks_own_products():
+    m = models.tmcs(0)
+    A = data.circuit_matrix(10, 10, seed=1)
+    w_in, w_out = m.encoder.weight.detach(), m.decoder.weight.detach()
+    # subnetwork i: feature i's column of W_in and the W_out that would map it exactly to A[:, i]
+    enc = torch.zeros(10, *w_in.shape)
+    dec = torch.zeros(10, *w_out.shape)
+    for i in range(10):
+        enc[i, :, i] = w_in[:, i]
+        dec[i] = torch.outer(A[:, i], w_in[:, i]) / w_in[:, i].pow(2).sum() * (1 + i)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    subs = {"encoder.weight": -enc[perm], "decoder.weight": -dec[perm]}  # -v: same product
+    rec = metrics.circuit_recovery(m, subs, A)
+    assert rec["match"] == torch.argsort(perm).tolist()
+    scaled = torch.cat([A[:, i] * (1 + i) for i in range(10)])
+    expected = torch.corrcoef(torch.stack([A.T.flatten(), scaled]).double())[0, 1]
+    assert rec["pearson_r"] == pytest.approx(float(expected), abs=1e-6)  # float32 products
+    assert rec["r2_decoder"] == pytest.approx(1.0)  # per-feature scale and sign do not count
+    subs["decoder.weight"] = torch.randn_like(dec)
+    assert metrics.circuit_recovery(m, subs, A)["pearson_r"] < 0.5
+
+
+def test_sign_alignment_tells_even_from_sign_split_circuits():
+    x = data.sparse_features(4000, 2, p_active=0.3, seed=0, signed=True)
+    even = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))  # linear: g(-x) = g(x)
+    split = nn.Sequential(nn.Linear(2, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        even[0].weight.copy_(torch.eye(2))
+        even[1].weight.copy_(torch.eye(2))
+        split[0].weight.copy_(torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]]))  # one ReLU unit per sign
+        split[2].weight.copy_(torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]]))
+    even_dirs = metrics.signed_gradient_directions(even, x, ["0.weight", "1.weight"])
+    assert even_dirs["0.weight"].shape == (4, 2, 2)
+    assert torch.allclose(metrics.sign_alignment(even_dirs), torch.ones(2, dtype=torch.double))
+    split_dirs = metrics.signed_gradient_directions(split, x, ["0.weight", "2.weight"])
+    assert metrics.sign_alignment(split_dirs).max() < 1e-12  # disjoint units: orthogonal
 
 
 def test_superposition_directions_mask_the_model_weights():
@@ -200,6 +278,16 @@ def test_selectivity_separates_targeted_from_global_directions():
     s2 = metrics.selectivity(m, everywhere, x, relevant)
     assert s2["reached"] and s2["selectivity"] == pytest.approx(1.0, rel=1e-4)
     assert torch.equal(m.decoder.weight, torch.eye(3))
+    # ``other`` picks which entries count against: here only output 1
+    other = torch.zeros_like(relevant)
+    other[:, 1] = True
+    both = {"decoder.bias": torch.tensor([1.0, 0.1, 1.0])}
+    assert metrics.selectivity(m, both, x, relevant)["selectivity"] == pytest.approx(1 / 0.55, rel=1e-3)
+    assert metrics.selectivity(m, both, x, relevant, other=other)["selectivity"] == pytest.approx(10.0, rel=1e-3)
+    with pytest.raises(ValueError, match="both relevant and other"):
+        metrics.selectivity(m, both, x, relevant, other=torch.ones_like(relevant))
+    with pytest.raises(ValueError, match="bool mask"):  # an index tensor would gather, not mask
+        metrics.selectivity(m, both, x, relevant, other=other.long())
 
 
 def test_output_effects_match_finite_differences():
@@ -280,6 +368,30 @@ def test_square_subnetworks_specialise_on_features():
     su = metrics.feature_activity(untrained, toy.eval_data)
     assert st.max(1).values.mean() > su.max(1).values.mean() + 0.15
     assert trained.history[-1]["loss"] < untrained.history[-1]["loss"] - 0.2
+    rt, ru = evaluate(toy, trained), evaluate(toy, untrained)
+    assert len(rt["circuit_owner"]) == 10 and len(rt["circuit_selectivity_by_output"]) == 10
+    assert rt["subnetworks_per_feature"] == [len({k for k in rt["circuit_owner"][2 * i:2 * i + 2] if k is not None})
+                                             for i in range(5)]
+    owners_of = [{i for i in range(5) if k in rt["circuit_owner"][2 * i:2 * i + 2]} for k in range(5)]
+    assert rt["feature_pure"] == all(len(f) <= 1 for f in owners_of)
+    assert len(rt["sign_alignment"]) == 5 and all(0 <= c <= 1 + 1e-9 for c in rt["sign_alignment"])
+    assert torch.tensor(rt["circuit_share"]).nansum() > torch.tensor(ru["circuit_share"]).nansum() + 1.0
+
+
+def test_signed_feature_activity_splits_each_feature_by_sign():
+    x = torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.7], [0.0, -0.7], [0.3, 0.3]])
+
+    class Coefficients:  # subnetwork 0 answers x0 > 0, 1 answers x0 < 0, 2 answers feature 1
+        def coefficients(self, x, seed=None):
+            return torch.stack([x[:, 0].clamp(min=0), (-x[:, 0]).clamp(min=0), x[:, 1].abs()], 1)
+
+    share = metrics.feature_activity(Coefficients(), x, signed=True)
+    assert share.argmax(1).tolist() == [0, 1, 2, 2]
+    assert torch.allclose(share.max(1).values, torch.ones(4, dtype=torch.double))
+    unsigned = metrics.feature_activity(Coefficients(), x)  # feature 0 split evenly over 0 and 1
+    assert torch.allclose(unsigned, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=torch.double))
+    with pytest.raises(ValueError, match="group_size"):
+        metrics.feature_activity(Coefficients(), x, group_size=2, signed=True)
 
 
 def test_sweep_reports_each_setting_and_dense_topk_reconstructs_better(tms_toy):
@@ -297,6 +409,9 @@ def test_recommended_config_and_zero_reference_beat_the_random_reference():
     one-feature subnetworks (kept alive by AuxK) reconstruct it far better than gradients
     against a random partner (BENCHMARKS.md: 3.7% against 29.6% after 300 epochs)."""
     assert recommended_config("tmcs").reference == "zero" and recommended_config("tmcs").aux_coef > 0
+    assert recommended_config("tms").reference == "mean"  # the paper's TMS script's; BENCHMARKS.md says why
+    sq = recommended_config("square")  # room for a circuit per sign of each feature; overridable
+    assert (sq.n_subnetworks, sq.rank) == (10, 1) and recommended_config("square", rank=2).rank == 2
     assert recommended_config("higher_rank").aux_coef == 0  # its expected answer has dead subnetworks
     toy = make_toy("tmcs", 0, epochs=40, n_train=4000, n_l3d=640, n_eval=500)
     errors = {}

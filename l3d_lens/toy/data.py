@@ -80,9 +80,16 @@ def active_features(x: Float[torch.Tensor, "n f"], group_size: int = 1) -> Bool[
     return nz.view(x.shape[0], -1, group_size).any(-1)
 
 
-def single_feature_rows(x: Float[torch.Tensor, "n f"], group_size: int = 1,
-                        feature: Optional[int] = None) -> Bool[torch.Tensor, " n"]:
-    """Rows in which exactly one feature (group) is active, optionally only that ``feature``."""
+def single_feature_rows(x: Float[torch.Tensor, "n f"], group_size: int = 1, feature: Optional[int] = None,
+                        sign: Optional[int] = None) -> Bool[torch.Tensor, " n"]:
+    """Rows in which exactly one feature (group) is active, optionally only that ``feature``
+    and (features only) only where its value has ``sign`` (+1 or -1)."""
     act = active_features(x, group_size)
     one = act.sum(-1) == 1
-    return one if feature is None else one & act[:, feature]
+    if feature is not None:
+        one = one & act[:, feature]
+    if sign is not None:
+        if sign not in (1, -1) or group_size != 1:
+            raise ValueError(f"sign must be +1 or -1 and needs group_size=1, got sign={sign}, group_size={group_size}")
+        one = one & (x * sign > 0).any(-1)
+    return one

@@ -9,7 +9,10 @@ was trained, so any model with a known answer can use them:
 - ``gradient_directions``: the principal direction of each feature's own gradients, a
   reference for the cosine scores.
 - ``assign``: the one-to-one matching of features to subnetworks that maximises a score.
-- ``output_effects`` / ``coefficient_r2``: recover TMCS's A from subnetworks and score it.
+- ``output_effects`` / ``coefficient_r2`` / ``circuit_recovery``: recover TMCS's A from
+  subnetworks and score it; ``rank_bound_r2``: the best r^2 a rank-limited model can reach.
+- ``signed_gradient_directions`` / ``sign_alignment``: does the model serve both signs of a
+  feature with one parameter direction?
 - ``feature_activity``, ``group_of_subnetworks``, ``live_per_group``, ``dead_fraction``.
 - ``perturbed`` (weights at W0 + delta * v, restored bit-identically), ``intervention_change``
   and ``selectivity``: does moving along a subnetwork change only its own outputs?
@@ -43,18 +46,21 @@ def dead_fraction(dec) -> float:
 
 
 def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
-                     seed: Optional[int] = None) -> Float[torch.Tensor, "g k"]:
+                     seed: Optional[int] = None, signed: bool = False) -> Float[torch.Tensor, "g k"]:
     """Share of each subnetwork in the mean |coefficient| of the rows where exactly one feature
     (or group of ``group_size`` features) is active: row g sums to 1 (NaN if no such row).
-    A clean decomposition has one dominant subnetwork per row."""
-    from .data import active_features
+    A clean decomposition has one dominant subnetwork per row. ``signed=True`` (features only)
+    splits every feature by the sign of its value: row 2i is feature i > 0, row 2i + 1 is i < 0."""
+    from .data import single_feature_rows
 
+    if signed and group_size != 1:
+        raise ValueError("signed=True needs group_size=1")
     coef = dec.coefficients(x, seed=seed).abs().double()
-    act = active_features(x, group_size)
-    single = act.sum(-1) == 1
+    n_groups = x.shape[1] // group_size
+    masks = ([single_feature_rows(x, feature=f, sign=s) for f in range(n_groups) for s in (1, -1)] if signed
+             else [single_feature_rows(x, group_size, feature=f) for f in range(n_groups)])
     rows = []
-    for g in range(act.shape[1]):
-        sel = single & act[:, g]
+    for sel in masks:
         mean = coef[sel].mean(0) if sel.any() else torch.full((coef.shape[1],), float("nan"), dtype=coef.dtype)
         rows.append(mean / mean.sum())
     return torch.stack(rows)
@@ -120,42 +126,66 @@ def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows
 
 
 def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: Sequence[str],
-                        group_size: int = 1) -> dict[str, torch.Tensor]:
-    """Per feature (or group), the principal direction of the per-sample gradients
-    g = J^T f(x) (MSE against a zero reference) over the rows where only that feature is
-    active, restricted to the weights ``names`` (NaN for a feature with no such row).
-    Comparing it with ``superposition_directions`` says how far the model's own gradients are
-    from the idealised per-feature directions (an empirical reference for ``mean_max_cosine``,
-    not a bound: L3D also sees rows with several features); comparing it with the subnetworks
-    says how closely L3D follows the gradients."""
+                        group_size: int = 1, sign: Optional[int] = None,
+                        reference: str = "zero") -> dict[str, torch.Tensor]:
+    """Per feature (or group), the principal direction of the per-sample gradients of the MSE
+    divergence over the rows where only that feature is active (with ``sign``: only where its
+    value has that sign), restricted to the weights ``names`` (NaN for a feature with no such
+    row). ``reference``: "zero" (g = J^T f(x)) or "mean" (g = J^T (f(x) - mean f), the mean
+    output over all of ``x``). Comparing it with ``superposition_directions`` says how far the
+    model's own gradients are from the idealised per-feature directions (an empirical
+    reference for ``mean_max_cosine``, not a bound: L3D also sees rows with several features);
+    comparing it with the subnetworks says how closely L3D follows the gradients."""
     from torch.func import functional_call, grad, vmap
 
-    from .data import active_features
+    from .data import active_features, single_feature_rows
 
+    if reference not in ("zero", "mean"):
+        raise ValueError(f"reference must be 'zero' or 'mean', got {reference!r}")
     params = {n: p.detach() for n, p in model.named_parameters()}
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"weights {missing} are not in the model (it has {sorted(params)})")
+    with torch.no_grad():
+        ref = model(x).mean(0) if reference == "mean" else 0.0
+    single = single_feature_rows(x, group_size, sign=sign)
+    xs = x[single]
+    n_groups, width = x.shape[1] // group_size, sum(params[n].numel() for n in names)
+    u = torch.full((n_groups, width), float("nan"), dtype=torch.double)
+    if len(xs):
+        def divergence(p, xi):
+            return 0.5 * (functional_call(model, p, (xi[None],)) - ref).pow(2).sum()
 
-    def divergence(p, xi):
-        return 0.5 * functional_call(model, p, (xi[None],)).pow(2).sum()
-
-    g = vmap(grad(divergence), in_dims=(None, 0))(params, x)
-    flat = torch.cat([g[n].reshape(x.shape[0], -1) for n in names], 1).double()
-    act = active_features(x, group_size)
-    single = act.sum(-1) == 1
-    rows = []
-    for f in range(act.shape[1]):
-        sel = single & act[:, f]
-        rows.append(torch.linalg.svd(flat[sel], full_matrices=False).Vh[0] if sel.any()
-                    else torch.full((flat.shape[1],), float("nan"), dtype=flat.dtype))
-    u = torch.stack(rows)
+        g = vmap(grad(divergence), in_dims=(None, 0))(params, xs)
+        flat = torch.cat([g[n].reshape(xs.shape[0], -1) for n in names], 1).double()
+        act = active_features(xs, group_size)
+        for f in range(n_groups):
+            if act[:, f].any():
+                u[f] = torch.linalg.svd(flat[act[:, f]], full_matrices=False).Vh[0]
     out, start = {}, 0
     for n in names:
         size = params[n].numel()
-        out[n] = u[:, start:start + size].reshape(len(rows), *params[n].shape)
+        out[n] = u[:, start:start + size].reshape(n_groups, *params[n].shape)
         start += size
     return out
+
+
+def signed_gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: Sequence[str],
+                               reference: str = "zero") -> dict[str, torch.Tensor]:
+    """``gradient_directions`` per (feature, sign) circuit: row 2i from the rows where feature i
+    alone is active and positive, row 2i + 1 from those where it is negative."""
+    pos = gradient_directions(model, x, names, sign=1, reference=reference)
+    neg = gradient_directions(model, x, names, sign=-1, reference=reference)
+    return {n: torch.stack([pos[n], neg[n]], 1).flatten(0, 1) for n in names}
+
+
+def sign_alignment(signed_directions: Directions) -> Float[torch.Tensor, " f"]:
+    """Per feature, |cos| between its x > 0 and x < 0 gradient directions (rows 2i and 2i + 1
+    of ``signed_gradient_directions``). Near 1: the model serves both signs with one parameter
+    direction; near 0: with two (e.g. different GeLU units), which one subnetwork (one
+    coefficient) can reconstruct only at a cost."""
+    return cosine_matrix({n: d[0::2] for n, d in signed_directions.items()},
+                         {n: d[1::2] for n, d in signed_directions.items()}).diagonal()
 
 
 def assign(score: Float[torch.Tensor, "f k"]) -> list[int]:
@@ -232,27 +262,43 @@ def model_circuit_matrix(model: nn.Module) -> Float[torch.Tensor, "d_out d_in"]:
         return (model(torch.eye(n_in, dtype=dtype)) - model(torch.zeros(1, n_in, dtype=dtype))).T
 
 
+def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
+    """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
+    (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
+    model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
+    u, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
+    approx = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    return coefficient_r2(A.T, approx.T)
+
+
 def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.Tensor, "d_out d_in"],
                      group_size: int = 1) -> dict[str, Any]:
     """Match each input feature of a circuit-superposition model to a subnetwork (one-to-one,
     by |cos| with the feature's W_in columns) and score how well the matched subnetworks give
     back A (y = A x): ``r2`` uses each subnetwork's first-order effect on the outputs of the
     input with only that feature at 1 (``output_effects``); ``r2_decoder`` uses its W_out part
-    applied to the feature's hidden embedding, V_k[W_out] @ W_in[:, i]."""
+    applied to the feature's hidden embedding, V_k[W_out] @ W_in[:, i]. ``pearson_r`` is the
+    paper's statistic: the correlation (np.corrcoef, not squared, no per-subnetwork scale; its
+    figure labels it r^2) between the entries of A and those of the subnetworks' own products
+    V_k[W_out] @ V_k[W_in][:, i] (sign-free: -v gives the same product)."""
     truth = superposition_directions(model, group_size)
     cos = cosine_matrix(truth, subnetworks)
     match = assign(cos)
     n_in = A.shape[1]
     eye = torch.eye(n_in, dtype=next(model.parameters()).dtype)
-    jvp_cols, dec_cols = [], []
+    jvp_cols, dec_cols, own_cols = [], [], []
     w_in = model.get_parameter("encoder.weight").detach()
     for i, k in enumerate(match):
         jvp_cols.append(output_effects(model, subnetworks, eye[i:i + 1], [k])[0, 0])
-        dec_cols.append(subnetworks["decoder.weight"][k].to(w_in.dtype) @ w_in[:, i])
+        v_out = subnetworks["decoder.weight"][k].to(w_in.dtype)
+        dec_cols.append(v_out @ w_in[:, i])
+        own_cols.append(v_out @ subnetworks["encoder.weight"][k].to(w_in.dtype)[:, i])
     true = A.T  # [features, outputs]
+    pair = torch.stack([true.double().flatten(), torch.stack(own_cols).double().flatten()])
     return {"match": match, "match_cos": cos[torch.arange(len(match)), match],
             "r2": coefficient_r2(true, torch.stack(jvp_cols)),
-            "r2_decoder": coefficient_r2(true, torch.stack(dec_cols))}
+            "r2_decoder": coefficient_r2(true, torch.stack(dec_cols)),
+            "pearson_r": float(torch.corrcoef(pair)[0, 1])}
 
 
 # --- higher-rank circuits -------------------------------------------------------------------
@@ -335,33 +381,41 @@ def intervention_change(model: nn.Module, direction: Mapping[str, torch.Tensor],
 
 def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Float[torch.Tensor, "n d_in"],
                 relevant: Bool[torch.Tensor, "n d_out"], fraction: float = 0.5,
-                deltas: Optional[Sequence[float]] = None) -> dict[str, Any]:
-    """Mean change of the relevant outputs over mean change of all other (sample, output)
-    entries when running the model at W0 + delta * v, at the smallest |delta| (either sign: v
-    has none) where the relevant outputs have changed by ``fraction`` of their mean |value|.
-    If no delta on the grid gets there, the largest relevant change found is used and
-    ``reached`` is False."""
+                deltas: Optional[Sequence[float]] = None,
+                other: Optional[Bool[torch.Tensor, "n d_out"]] = None) -> dict[str, Any]:
+    """Mean change of the relevant (sample, output) entries over mean change of the ``other``
+    entries (default: every entry that is not relevant) when running the model at
+    W0 + delta * v, at the smallest |delta| (either sign: v has none) where the relevant
+    entries have changed by ``fraction`` of their mean |value|. If no delta on the grid gets
+    there, the largest relevant change found is used and ``reached`` is False."""
     if deltas is None:
         deltas = torch.logspace(-3, 2, 251).tolist()
-    grid = sorted(abs(d) for d in deltas)
     with torch.no_grad():
         base = model(x)
+    other = ~relevant if other is None else other
+    for name, mask in (("relevant", relevant), ("other", other)):
+        if mask.dtype != torch.bool or mask.shape != base.shape:
+            raise ValueError(f"{name} must be a bool mask of the output's shape {tuple(base.shape)}; "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+    if (other & relevant).any():
+        raise ValueError("an entry cannot be both relevant and other")
+    grid = sorted(abs(d) for d in deltas)
     target = fraction * base[relevant].abs().mean().item()
     best: Optional[dict[str, Any]] = None
     fallback: Optional[dict[str, Any]] = None
     for sign in (1.0, -1.0):
         change = intervention_change(model, direction, x, [sign * d for d in grid])
         rel = change[:, relevant].mean(1)
-        other = change[:, ~relevant].mean(1)
+        other_change = change[:, other].mean(1)
         hit = (rel >= target).nonzero()
         if len(hit):
             i = int(hit[0])
-            cand = {"delta": sign * grid[i], "relevant_change": float(rel[i]), "other_change": float(other[i]),
-                    "reached": True}
+            cand = {"delta": sign * grid[i], "relevant_change": float(rel[i]),
+                    "other_change": float(other_change[i]), "reached": True}
             if best is None or abs(cand["delta"]) < abs(best["delta"]):
                 best = cand
         i = int(rel.argmax())
-        cand = {"delta": sign * grid[i], "relevant_change": float(rel[i]), "other_change": float(other[i]),
+        cand = {"delta": sign * grid[i], "relevant_change": float(rel[i]), "other_change": float(other_change[i]),
                 "reached": False}
         if fallback is None or cand["relevant_change"] > fallback["relevant_change"]:
             fallback = cand
