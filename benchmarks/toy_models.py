@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import run_or_load, write_section  # noqa: E402
-from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy, metrics  # noqa: E402
 from l3d_lens.toy.data import circuit_matrix  # noqa: E402
 from l3d_lens.toy.reproduce import PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config  # noqa: E402
+from l3d_lens.toy.sweep import best_of  # noqa: E402
 from l3d_lens.toy.train import LR  # noqa: E402
 
 SECTION = "## Toy models"
@@ -45,7 +45,8 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
 - **Reference.** With the paper's stated reference, a random other sample, each gradient is
   g_i = J_i^T (f(x_i) - f(x_j)): it also carries the partner's features (for TMCS terms like
   x_c x_d W_out^T a_d e_c^T, on feature c's weights but along feature d's output), which no
-  one-feature rank-1 subnetwork reconstructs. Errors stay at 23-37% and subnetworks die. The
+  one-feature rank-1 subnetwork reconstructs. TMS and TMCS errors stay at 23-37% and subnetworks
+  die. The
   paper's code uses other references: zero (`ZeroOutput`) for TMCS and the higher-rank model,
   the batch mean (`MeanOutput`) for TMS and x². Our settings take zero for TMCS, higher-rank and
   x² (on x² the mean gave 40% error against zero's 27% in an ad hoc run on seed 1, 29% against
@@ -64,19 +65,21 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   shows each change alone.
 - **TMCS r².** The target copies the paper's figure, whose number is a Pearson r: the paper's
   notebook prints `np.corrcoef` of the entries of A against those of each subnetwork's own
-  V_k[W_out] @ V_k[W_in] (no per-subnetwork scale, not squared). A true r² of 0.92 is out of
-  reach for this model shape: no rank-5 W_out W_in gets closer to A than its best rank-5
-  approximation (the "linear-part bound" row, 0.86-0.91 here; see the line under the table for
-  random A), and the trained models sit just above it (0.87-0.92; the output ReLU buys
-  0.002-0.014). Against the matrix the model actually computes, f(e_i) - f(0), the subnetworks
-  give r² 0.90-0.98. On the paper's own statistic we get 0.918 and 0.924 in two seeds and 0.69 in seed 2;
-  there the L3D run itself is the weak one: its training loss ended at 0.032, while three other
-  L3D seeds on the same model ended at 0.028 with r 0.90-0.91 and r² against the model's matrix
-  0.97 (ad hoc run). Without a per-subnetwork scale the statistic also depends on how each unit-norm
-  subnetwork splits its norm between W_in, W_out and the bias.
+  V_k[W_out] @ V_k[W_in] (no per-subnetwork scale, not squared). A true r² of 0.92 asks more
+  than these models compute: the trained models themselves reproduce A with r² 0.87-0.92 (the
+  "ceiling" row), just above the best any rank-5 W_out W_in can do (the "linear-part bound" row,
+  0.86-0.91; for random A see the line under the table), the output ReLU adding 0.002-0.014.
+  Against the matrix the model actually computes, f(e_i) - f(0), the subnetworks
+  give r² 0.90-0.98. On the paper's own statistic we get 0.918 and 0.924 in two seeds and 0.69
+  in seed 2, where the L3D run landed in a poorer optimum: the best of 3 L3D seeds by final
+  training loss (`l3d_lens.toy.sweep.best_of`, the "best of 3" rows; seed 2's kept run ended at
+  0.028) gives 0.905 there, r² 0.97 against the model's own matrix, and leaves seeds 0 and 1
+  where they were (0.918, 0.923): within 0.015 of the paper's single run, 1 of 3 at or above it.
+  Without a per-subnetwork scale the statistic also depends on how each unit-norm subnetwork
+  splits its norm between W_in, W_out and the bias.
 - **Higher-rank.** Zero reference, no remedy: a subnetwork that dies early gets no gradient, so
-  when one subnetwork has taken two groups no other takes the second over (4 live), and in some
-  seeds a group keeps two. One resampling of at most one dead subnetwork early in training (epoch
+  when one subnetwork has taken two groups no other takes the second over (4 live), and in one
+  seed of ten (seed 7, next-but-one section) a group keeps two. One resampling of at most one dead subnetwork early in training (epoch
   25 of 300, toward the residual the live ones leave) gives exactly one live subnetwork per group
   with the rest dead; the section "Toy models: resampling" tests it on 10 seeds, 5 of them held
   out. AuxK instead keeps every subnetwork alive (next section): the 5 most active are one per
@@ -92,22 +95,25 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   they align and one per sign where they do not, at 6-8% error instead of 27-33%.
 - **x² selectivity.** The target (>= 10, relevant output over the other outputs, at the delta
   where the relevant output has changed by half) is met per (feature, sign) circuit in 2 of 3
-  seeds with 10 subnetworks. In seed 1 it is out of reach for this model: even the principal
+  seeds with 10 subnetworks. In seed 1 the model itself stands in the way: the principal
   direction of each circuit's own gradients, which a subnetwork reconstructing them exactly
-  would follow, reaches only 6.7 there (the "reference" row), and L3D's subnetworks get 6.0;
+  would follow, reaches only 6.7 there (the "reference" row; a reference, not a proven ceiling:
+  L3D also fits rows with several features), and L3D's subnetworks get 6.0;
   training that model longer does not change this (ad hoc: 9.0 after 300 epochs, 7.6 after the
   paper's 1,000; a decayed learning rate for the last 30 of 100 epochs: 6.0).
   Where the model allows it L3D comes close to the reference (15.9 against 16.1, 11.6 against
   13.1). The strict version, which also counts output i on rows without the feature against the
-  subnetwork, stays at 4-9: moving a circuit's weights also shifts what output i gives at
+  subnetwork, stays at 3.9-8.8: moving a circuit's weights also shifts what output i gives at
   x_i = 0, which no gradient at x_i != 0 constrains.
 """
 
 
 SETTINGS = {"paper": paper_config, "ours": recommended_config}
-#: extra decompositions of one toy with our settings and another shape: x² with the paper's
-#: 5 subnetworks of rank 2 (``recommended_config`` gives it 10 of rank 1)
-EXTRA = {"square": {"ours_5x2": dict(n_subnetworks=5, rank=2)}}
+#: extra decompositions with our settings, per toy: setting -> (config overrides, L3D restarts).
+#: x² with the paper's 5 subnetworks of rank 2 (``recommended_config`` gives it 10 of rank 1);
+#: TMCS as the best of 3 L3D seeds by final training loss (``l3d_lens.toy.sweep.best_of``)
+EXTRA = {"square": {"ours_5x2": (dict(n_subnetworks=5, rank=2), 1)},
+         "tmcs": {"ours_best3": ({}, 3)}}
 
 
 def run_one(name: str, seed: int, epochs: int, threads: int) -> list[dict[str, Any]]:
@@ -117,12 +123,13 @@ def run_one(name: str, seed: int, epochs: int, threads: int) -> list[dict[str, A
     t0 = time.perf_counter()
     toy = make_toy(name, seed)
     seconds_model = time.perf_counter() - t0
-    runs = [(setting, config, {}) for setting, config in SETTINGS.items()]
-    runs += [(setting, recommended_config, shape) for setting, shape in EXTRA.get(name, {}).items()]
-    for setting, config, shape in runs:
+    runs = [(setting, config, {}, 1) for setting, config in SETTINGS.items()]
+    runs += [(setting, recommended_config, shape, restarts)
+             for setting, (shape, restarts) in EXTRA.get(name, {}).items()]
+    for setting, config, shape, restarts in runs:
         t1 = time.perf_counter()
         cfg = config(name, seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)), **shape)
-        dec = decompose(toy.model, toy.l3d_data, cfg, progress=False)
+        dec = best_of(toy.model, toy.l3d_data, cfg, seeds=[seed + 10 * r for r in range(restarts)])
         t2 = time.perf_counter()
         r = evaluate(toy, dec, seed=seed)
         r.update(toy=name, seed=seed, setting=setting, seconds_model=seconds_model, seconds_l3d=t2 - t1)
@@ -212,6 +219,16 @@ def table(rows: list[dict[str, Any]]) -> str:
         add("tmcs", "r² of the model's own matrix f(e_i) - f(0) from subnetworks (V_k[W_out] @ W_in[:, i])", "–",
             stat("r2_decoder_vs_model"))
         add("tmcs", "dead subnetworks (of 10)", "–", stat("dead_fraction", 10))
+        if any(x["toy"] == "tmcs" and x["setting"] == "ours_best3" for x in rows):
+            best3 = dict(ours_setting="ours_best3")
+            tag = "best of 3 L3D seeds by final training loss (`best_of`): "
+            add("tmcs", tag + "reconstruction error", "6.4%", pct("error"), "≤ 6.4%", lambda x: x["error"] <= 0.064,
+                **best3)
+            add("tmcs", tag + "the paper's statistic (Pearson r)", "0.92 (one run)", stat("pearson_r"), "≥ 0.92",
+                lambda x: x["pearson_r"] >= 0.92, **best3)
+            add("tmcs", tag + "r² of A (V_k[W_out] @ W_in[:, i])", "–", stat("r2_decoder"), "≥ 0.92",
+                lambda x: x["r2_decoder"] >= 0.92, **best3)
+            add("tmcs", tag + "r² of the model's own matrix f(e_i) - f(0)", "–", stat("r2_decoder_vs_model"), **best3)
     if "higher_rank" in present:
         add("higher_rank", "live subnetworks per group of 5 inputs", "one per group, rest dead",
             lambda r: "; ".join(f"seed {x['seed']}: {x['live_per_group']}" for x in r), "[1, 1, 1, 1, 1]",
@@ -257,7 +274,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 "min over features; min over circuits", "–",
                 lambda r: _stats(x["selectivity_min"] for x in r) + "; "
                 + _stats(x["circuit_selectivity_min"] for x in r), **kw)
-            add("square", tag + "dead subnetworks", "–", stat("dead_fraction", 10 if setting == "ours" else 5), **kw)
+            add("square", tag + "dead subnetworks", "–",
+                lambda r: _stats(x["dead_fraction"] * len(x["p_act"]) for x in r), **kw)
         add("square", "reference (the model, no L3D): the same selectivities for the principal direction of each "
             "feature's (circuit's) own gradients, the direction a subnetwork reconstructing them exactly would take: "
             "by output, features; by output, circuits; strict, features; strict, circuits", "–",

@@ -22,7 +22,7 @@ import l3d_lens
 from l3d_lens import checkpoint
 from l3d_lens.toy import data, metrics, models
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config
-from l3d_lens.toy.sweep import best, sweep
+from l3d_lens.toy.sweep import best, best_of, sweep
 from l3d_lens.toy.train import Toy, fit, fit_tms, make_toy
 
 torch.set_num_threads(1)
@@ -402,6 +402,19 @@ def test_sweep_reports_each_setting_and_dense_topk_reconstructs_better(tms_toy):
     assert all(r["n_sub"] == 5 and 0 <= r["error"] < 2 for r in rows)
     assert rows[1]["error"] < rows[0]["error"]  # keeping every coefficient can only help
     assert best(rows)["top_k"] == 1.0
+
+
+def test_best_of_keeps_the_seed_with_the_lowest_training_loss(tms_toy):
+    cfg = paper_config("tms", epochs=6, lr_step=2)
+    runs = {s: l3d_lens.decompose(tms_toy.model, tms_toy.l3d_data, cfg.replace(seed=s), progress=False)
+            for s in (0, 1, 2)}
+    losses = {s: d.history[-1]["loss"] for s, d in runs.items()}
+    assert len(set(losses.values())) == 3  # the seeds really differ
+    kept = best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=[0, 1, 2])
+    assert kept.cfg.seed == min(losses, key=losses.get)
+    assert kept.history[-1]["loss"] == min(losses.values())
+    with pytest.raises(ValueError, match="at least one seed"):
+        best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=[])
 
 
 def test_recommended_config_and_zero_reference_beat_the_random_reference():

@@ -3,6 +3,8 @@ and rank for every model and names this as a weakness). Each grid point is a ful
 ``decompose``; the result is one row per point with the held-out reconstruction error, the
 dead fraction, the run time and whatever ``score`` returns.
 
+``best_of`` restarts L3D from several seeds and keeps the lowest training loss.
+
 Not toy-specific: it works on any model and data ``decompose`` accepts (it lives here because
 the toy models are where a sweep is cheap enough to run).
 """
@@ -49,3 +51,17 @@ def best(rows: Sequence[dict[str, Any]], key: str = "error", minimize: bool = Tr
     if not rows:
         raise ValueError("no sweep rows")
     return (min if minimize else max)(rows, key=lambda r: r[key])
+
+
+def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = False) -> Decomposition:
+    """Decompose once per seed and keep the run whose last epoch ended with the lowest training
+    loss: restarts against a poor local optimum, chosen by L3D's own objective only (never by a
+    ground-truth metric). Ties go to the earlier seed."""
+    if not seeds:
+        raise ValueError("best_of needs at least one seed")
+    best_dec: Optional[Decomposition] = None
+    for seed in seeds:
+        dec = decompose(model, data, cfg.replace(seed=seed), progress=progress)
+        if best_dec is None or dec.history[-1]["loss"] < best_dec.history[-1]["loss"]:
+            best_dec = dec
+    return best_dec
