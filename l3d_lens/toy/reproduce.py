@@ -115,8 +115,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         for c, k in enumerate(circuit_owner):
             if k is not None:
                 features_of.setdefault(k, set()).add(c // 2)
-        circuits = [(c // 2, act[:, c // 2] & (x[:, c // 2] * (1 if c % 2 == 0 else -1) > 0))
-                    for c in range(len(circuit_owner))]
+        circuits = [(i, x[:, i] * sign > 0) for i in range(x.shape[1]) for sign in (1, -1)]  # row 2i: i > 0
         out.update(circuit_owner=circuit_owner, circuit_share=circuit_share.max(1).values.tolist(),
                    subnetworks_per_feature=[len({k for k in circuit_owner[2 * i:2 * i + 2] if k is not None})
                                             for i in range(x.shape[1])],
@@ -157,8 +156,10 @@ def _selectivities(model, subs, x, owner: list[Optional[int]], targets) -> dict[
     """``metrics.selectivity`` of subnetwork ``owner[j]`` for target j = (output i, rows): the
     relevant entries are output i on those rows; against every other (sample, output) entry
     (``selectivity``, strict: output i on the other rows counts against it) and against the
-    other outputs only (``selectivity_by_output``: the relevant outputs over the others). NaN
-    for a target without an owner or without rows."""
+    other outputs only (``selectivity_by_output``: the relevant outputs over the others). The
+    delta depends on the relevant entries only, so both read the same delta: the by-output
+    ratio needs one more forward there, not a second sweep. NaN for a target without an owner
+    or without rows."""
     nan = {"selectivity": float("nan"), "reached": False, "delta": float("nan")}
     strict, by_output = [], []
     for (i, rows), k in zip(targets, owner):
@@ -171,8 +172,11 @@ def _selectivities(model, subs, x, owner: list[Optional[int]], targets) -> dict[
         others = torch.ones_like(relevant)
         others[:, i] = False
         v = metrics.subnetwork(subs, k)
-        strict.append(metrics.selectivity(model, v, x, relevant))
-        by_output.append(metrics.selectivity(model, v, x, relevant, other=others))
+        r = metrics.selectivity(model, v, x, relevant)
+        other_change = float(metrics.intervention_change(model, v, x, [r["delta"]])[0][others].mean())
+        strict.append(r)
+        by_output.append({**r, "other_change": other_change,
+                          "selectivity": r["relevant_change"] / max(other_change, 1e-300)})
     return {"selectivity": [r["selectivity"] for r in strict],
             "selectivity_min": nanmin(r["selectivity"] for r in strict),
             "selectivity_reached": all(r["reached"] for r in strict), "selectivity_delta": [r["delta"] for r in strict],
