@@ -217,6 +217,20 @@ def test_circuit_recovery_pearson_r_is_the_correlation_of_the_subnetworks_own_pr
     assert metrics.circuit_recovery(m, subs, A)["pearson_r"] < 0.5
 
 
+def test_pearson_r_pools_all_entries_without_a_per_row_scale():
+    gen = torch.Generator().manual_seed(3)
+    A = torch.rand(6, 4, generator=gen)
+    assert metrics.pearson_r(A, 2.0 * A + 1.0) == pytest.approx(1.0)
+    rows_scaled = A * torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]])
+    a, b = A.flatten().double(), rows_scaled.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    expected = float((a * b).sum() / (a.norm() * b.norm()))
+    assert metrics.pearson_r(A, rows_scaled) == pytest.approx(expected, abs=1e-12)
+    assert expected < 0.99  # a per-row scale does lower it
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.pearson_r(A, A.T)
+
+
 def test_sign_alignment_tells_even_from_sign_split_circuits():
     x = data.sparse_features(4000, 2, p_active=0.3, seed=0, signed=True)
     even = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))  # linear: g(-x) = g(x)
@@ -341,6 +355,12 @@ def test_tmcs_subnetworks_align_with_input_features():
     mt, mu = sum(rt["match_cos"]) / 10, sum(ru["match_cos"]) / 10
     assert mt > mu + 0.15
     assert rt["r2_decoder"] > ru["r2_decoder"] + 1.0
+    # the paper's statistic: far above random directions. This briefly trained model computes A
+    # only in part (its own f(e_i) - f(0) scores ~0.47); the principal direction of each feature's
+    # own gradients recovers as much of A as the model's own matrix does
+    assert rt["pearson_r"] > ru["pearson_r"] + 0.3
+    assert rt["pearson_r_reference"] > ru["pearson_r"] + 0.3
+    assert abs(rt["pearson_r_reference"] - rt["pearson_r_model"]) < 0.05
 
 
 def test_higher_rank_subnetworks_own_groups():

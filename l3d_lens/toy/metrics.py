@@ -294,11 +294,19 @@ def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.T
         dec_cols.append(v_out @ w_in[:, i])
         own_cols.append(v_out @ subnetworks["encoder.weight"][k].to(w_in.dtype)[:, i])
     true = A.T  # [features, outputs]
-    pair = torch.stack([true.double().flatten(), torch.stack(own_cols).double().flatten()])
     return {"match": match, "match_cos": cos[torch.arange(len(match)), match],
             "r2": coefficient_r2(true, torch.stack(jvp_cols)),
             "r2_decoder": coefficient_r2(true, torch.stack(dec_cols)),
-            "pearson_r": float(torch.corrcoef(pair)[0, 1])}
+            "pearson_r": pearson_r(true, torch.stack(own_cols))}
+
+
+def pearson_r(true: torch.Tensor, recovered: torch.Tensor) -> float:
+    """Pearson correlation between all entries of ``true`` and of ``recovered`` (same shape),
+    pooled, with no per-row scale: the paper's TMCS statistic (np.corrcoef). NaN when either is
+    constant."""
+    if true.shape != recovered.shape:
+        raise ValueError(f"shapes differ: {tuple(true.shape)} vs {tuple(recovered.shape)}")
+    return float(torch.corrcoef(torch.stack([true.double().flatten(), recovered.double().flatten()]))[0, 1])
 
 
 # --- higher-rank circuits -------------------------------------------------------------------
