@@ -60,6 +60,32 @@ def write_section(heading: str, text: str, path: "str | os.PathLike[str] | None"
     path.write_text(new.rstrip() + "\n")
 
 
+OUTPUT_OPTIONS = ("--out", "--json", "--from-json")
+
+
+def add_output_arguments(ap, out: Path) -> None:
+    """``OUTPUT_OPTIONS``: where the section goes, and saving or reusing the run's metrics."""
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--json", type=Path, default=None, help="also write every run's metrics here")
+    ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the section from saved metrics")
+
+
+def run_args(argv: list[str]) -> list[str]:
+    """The arguments that shape the run: ``argv`` without ``OUTPUT_OPTIONS`` and their values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in OUTPUT_OPTIONS:
+            skip = True
+            continue
+        if a.split("=")[0] in OUTPUT_OPTIONS:
+            continue
+        out.append(a)
+    return out
+
+
 def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path],
                 to_json: Optional[Path]) -> tuple[list[dict[str, Any]], float]:
     """(rows, seconds): ``run()`` timed and, with ``to_json``, saved there; or, with

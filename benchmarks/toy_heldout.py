@@ -38,11 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, run_or_load, write_section  # noqa: E402
-from benchmarks.toy_models import _run_args  # noqa: E402
+from benchmarks.common import add_output_arguments, machine, run_args, run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config  # noqa: E402
+from l3d_lens.toy.sweep import kept_run  # noqa: E402
 
 SECTION = "## Toy models: more seeds"
 TUNED_SEEDS = (0, 1, 2)
@@ -58,7 +58,7 @@ def run_one(name: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
     cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)))
     decs = [decompose(toy.model, toy.l3d_data, cfg.replace(seed=seed + 10 * r)) for r in range(RESTARTS)]
     losses = [dec.history[-1]["loss"] for dec in decs]
-    best = min(range(RESTARTS), key=lambda r: losses[r])  # ties: the earlier seed, as best_of
+    best = kept_run(losses)
     one = evaluate(toy, decs[0], seed=seed)
     row = {"toy": name, "seed": seed, "train_loss_model": toy.final_loss, "l3d_losses": losses, "best": best,
            "one": one, "best_of": one if best == 0 else evaluate(toy, decs[best], seed=seed),
@@ -126,7 +126,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def section(rows, args, seconds: float) -> str:
-    cmd = "python benchmarks/toy_heldout.py " + " ".join(_run_args(sys.argv[1:]))
+    cmd = "python benchmarks/toy_heldout.py " + " ".join(run_args(sys.argv[1:]))
     return "\n".join([
         SECTION, "",
         f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
@@ -151,9 +151,7 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=300, help="L3D epochs (paper: 1000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
-    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--json", type=Path, default=None, help="also write every run's metrics here")
-    ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the section from saved metrics")
+    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, seconds = run_or_load(lambda: run(args.seeds, args.epochs, args.jobs, args.threads),

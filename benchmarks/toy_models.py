@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_or_load, write_section  # noqa: E402
+from benchmarks.common import add_output_arguments, run_args, run_or_load, write_section  # noqa: E402
 from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy, metrics  # noqa: E402
 from l3d_lens.toy.data import circuit_matrix  # noqa: E402
 from l3d_lens.toy.reproduce import PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config  # noqa: E402
@@ -297,22 +297,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run_args(argv: list[str]) -> list[str]:
-    """The arguments that shape the run (output-only options --out/--json/--from-json dropped)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--out", "--json", "--from-json"):
-            skip = True
-            continue
-        if a.split("=")[0] in ("--out", "--json", "--from-json"):
-            continue
-        out.append(a)
-    return out
-
-
 def rank_bound_spread(draws: int = 2000) -> str:
     """How far a true r² of A can go for TMCS's shape: the rank-5 bound over ``draws`` random
     A (``circuit_matrix(10, 10, seed=s)``, s = 0..draws-1), mean, 5-95% range and how often it
@@ -328,7 +312,7 @@ def section(rows, args, seconds: float) -> str:
     shapes = ", ".join(f"{n} {k} × rank {r}" for n, (k, r) in PAPER_SHAPES.items())
     losses = "; ".join(f"{n} {_stats(r['train_loss_model'] for r in rows if r['toy'] == n and r['setting'] == 'ours')}"
                        for n in TOY_NAMES if any(r["toy"] == n for r in rows))
-    cmd = "python benchmarks/toy_models.py " + " ".join(_run_args(sys.argv[1:]))
+    cmd = "python benchmarks/toy_models.py " + " ".join(run_args(sys.argv[1:]))
     parts = [SECTION, "",
              f"Command: `{cmd.strip()}` ({args.jobs} jobs, thread count {args.threads} each: "
              f"`torch.set_num_threads({args.threads})`); "
@@ -364,9 +348,7 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=300, help="L3D epochs (paper: 1000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--jobs", type=int, default=2, help="toy models run in parallel processes")
-    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--json", type=Path, default=None, help="also write every run's metrics here")
-    ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the section from saved metrics")
+    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, seconds = run_or_load(lambda: run(args.toys, args.seeds, args.epochs, args.jobs, args.threads),

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_or_load, write_section  # noqa: E402
+from benchmarks.common import add_output_arguments, run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config  # noqa: E402
@@ -124,9 +124,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--json", type=Path, default=None, help="also write every run's metrics here")
-    ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the section from saved metrics")
+    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
 
     def run_all() -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import l3d_lens
 from l3d_lens import checkpoint
 from l3d_lens.toy import data, metrics, models
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config
-from l3d_lens.toy.sweep import best, best_of, sweep
+from l3d_lens.toy.sweep import best, best_of, kept_run, sweep
 from l3d_lens.toy.train import Toy, fit, fit_tms, make_toy
 
 torch.set_num_threads(1)
@@ -435,6 +435,14 @@ def test_best_of_keeps_the_seed_with_the_lowest_training_loss(tms_toy):
     assert kept.history[-1]["loss"] == min(losses.values())
     with pytest.raises(ValueError, match="at least one seed"):
         best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=[])
+
+
+def test_kept_run_is_the_lowest_loss_with_ties_to_the_earlier_run():
+    assert kept_run([0.3, 0.1, 0.2]) == 1
+    assert kept_run([0.2, 0.1, 0.1]) == 1
+    assert kept_run([float("nan"), 0.1]) == 0  # as best_of's strict comparison: NaN first stays
+    with pytest.raises(ValueError, match="at least one loss"):
+        kept_run([])
 
 
 def test_recommended_config_and_zero_reference_beat_the_random_reference():

@@ -63,6 +63,8 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     """The recovery metrics that apply to ``toy`` (see ``metrics``), on its held-out data."""
     x = toy.eval_data
     subs = dec.subnetworks()
+    # the features' own gradients are taken against the decomposition's reference (zero or mean)
+    grad_ref = dec.cfg.reference if dec.cfg.reference in ("zero", "mean") else "zero"
     out: dict[str, Any] = {"train_loss_model": toy.final_loss,
                            "error": metrics.reconstruction_error(dec, x, seed=seed),
                            "train_error": dec.history[-1]["loss"] if dec.history else float("nan"),
@@ -72,8 +74,6 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         truth = metrics.superposition_directions(toy.model, decoder_rows=True)
         mean, best = metrics.mean_max_cosine(truth, subs)
         enc_mean, enc_best = metrics.mean_max_cosine({"encoder.weight": truth["encoder.weight"]}, subs)
-        # the features' own gradients against the decomposition's reference (zero or mean)
-        grad_ref = dec.cfg.reference if dec.cfg.reference in ("zero", "mean") else "zero"
         grads = metrics.gradient_directions(toy.model, x, list(truth), reference=grad_ref)
         reference = metrics.cosine_matrix(truth, grads).diagonal()
         owner = metrics.assign(metrics.cosine_matrix(truth, subs))
@@ -84,7 +84,6 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
                    gradient_reference=grad_ref)
     elif toy.name == "tmcs":
         names = [n for n, _ in toy.model.named_parameters()]
-        grad_ref = dec.cfg.reference if dec.cfg.reference in ("zero", "mean") else "zero"
         rec = metrics.circuit_recovery(toy.model, subs, toy.truth["A"])
         own = metrics.model_circuit_matrix(toy.model)
         n_hidden = toy.model.get_parameter("encoder.weight").shape[0]

@@ -3,7 +3,8 @@ and rank for every model and names this as a weakness). Each grid point is a ful
 ``decompose``; the result is one row per point with the held-out reconstruction error, the
 dead fraction, the run time and whatever ``score`` returns.
 
-``best_of`` restarts L3D from several seeds and keeps the lowest training loss.
+``best_of`` restarts L3D from several seeds and keeps the lowest training loss (``kept_run``
+is that rule alone, for callers that keep every run).
 
 Not toy-specific: it works on any model and data ``decompose`` accepts (it lives here because
 the toy models are where a sweep is cheap enough to run).
@@ -59,9 +60,18 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     ground-truth metric). Ties go to the earlier seed."""
     if not seeds:
         raise ValueError("best_of needs at least one seed")
-    best_dec: Optional[Decomposition] = None
+    losses: list[float] = []
     for seed in seeds:
         dec = decompose(model, data, cfg.replace(seed=seed), progress=progress)
-        if best_dec is None or dec.history[-1]["loss"] < best_dec.history[-1]["loss"]:
-            best_dec = dec
-    return best_dec
+        losses.append(dec.history[-1]["loss"])
+        if kept_run(losses) == len(losses) - 1:
+            kept = dec
+    return kept
+
+
+def kept_run(losses: Sequence[float]) -> int:
+    """Index of the run ``best_of`` keeps among runs with these final training losses: the
+    lowest, ties (and a NaN first run) to the earlier run."""
+    if not losses:
+        raise ValueError("kept_run needs at least one loss")
+    return min(range(len(losses)), key=losses.__getitem__)
