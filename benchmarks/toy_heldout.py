@@ -88,8 +88,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| seed | TMCS statistic, one run | best of 3 (kept run) | reference (features' own gradient directions) "
              "| the trained model's own | TMCS error, best of 3 | x²: min selectivity by output, one run "
              "| best of 3 (kept run) | reference (model's own gradient directions) "
-             "| x²: one per feature, none shared (one run / best of 3) | x² error, best of 3 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x²: one per feature, none shared (one run / best of 3) | x² error, best of 3 "
+             "| x² model: min over features of r² of x_i² |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
         t, q = by[("tmcs", s)], by[("square", s)]
         one, kept, sq, sq_kept = t["one"], t["best_of"], q["one"], q["best_of"]
@@ -99,7 +100,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {100 * kept['error']:.1f}% | {_mark(sq['circuit_selectivity_by_output_min'], 10)} "
             f"| {_mark(sq_kept['circuit_selectivity_by_output_min'], 10)} (run {q['best']}) "
             f"| {sq['reference_circuit_selectivity_by_output_min']:.3g} "
-            f"| {'yes' if _pure(sq) else 'no'} / {'yes' if _pure(sq_kept) else 'no'} | {100 * sq_kept['error']:.1f}% |")
+            f"| {'yes' if _pure(sq) else 'no'} / {'yes' if _pure(sq_kept) else 'no'} | {100 * sq_kept['error']:.1f}% "
+            f"| {min(sq['model_r2_per_feature']):.3g} |")
     return "\n".join(lines)
 
 
@@ -141,7 +143,11 @@ def section(rows, args, seconds: float) -> str:
         f"for f(e_i) - f(0) instead of a subnetwork's V[W_out] V[W_in] (`metrics.pearson_r`); \"reference\": the "
         f"statistic for the principal direction of each feature's own gradients (against zero, the decomposition's "
         f"reference), which a subnetwork reconstructing them exactly would take; the x² reference likewise per "
-        f"(feature, sign) circuit. A reference is not a bound: L3D's subnetworks can score above it.", "",
+        f"(feature, sign) circuit. A reference is not a bound: L3D's subnetworks can score above it. \"x² model\": "
+        f"how well the trained model squares each feature on the held-out rows where it is active "
+        f"(`metrics.feature_r2`); `make_toy` replaces an x² model that never learned a feature (`LEARNED_R2`). "
+        f"The earlier run of this section predates that check: its x² seed-3 model never squared feature 4 "
+        f"(r² -0.45), so that row scored L3D on a model computing 4 of its 5 features.", "",
         table(rows), "", summary(rows), ""])
 
 

@@ -23,7 +23,7 @@ from l3d_lens import checkpoint
 from l3d_lens.toy import data, metrics, models
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config
 from l3d_lens.toy.sweep import best, best_of, kept_run, sweep
-from l3d_lens.toy.train import Toy, fit, fit_tms, make_toy
+from l3d_lens.toy.train import Toy, fit, fit_best_of, fit_tms, make_toy
 
 torch.set_num_threads(1)
 
@@ -85,6 +85,54 @@ def test_fit_reduces_loss_and_tms_is_returned_untied():
     model, tl = fit_tms(x, epochs=6, seed=0, restarts=2, probe_epochs=3)
     assert len(tl) == 6
     assert torch.equal(model.decoder.weight, model.encoder.weight.T)
+
+
+
+def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
+    x = data.sparse_features(300, 5, seed=0, signed=True)
+    build = lambda s: models.square_mlp(s)  # noqa: E731
+    kw = dict(epochs=2, seed=0, restarts=2, probe_epochs=1, lr=1e-2)
+    plain, plain_losses = fit_best_of(build, x, x ** 2, **kw)
+    # a check the first block's model passes leaves the result bit-identical
+    same, same_losses = fit_best_of(build, x, x ** 2, learned=lambda m: True, **kw)
+    assert same_losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), same.parameters()))
+    # rejecting the first block's model trains a fresh block of starts: other weights
+    seen = []
+    def learned(m):
+        seen.append(m)
+        return len(seen) == 2
+    other, other_losses = fit_best_of(build, x, x ** 2, learned=learned, **kw)
+    assert other is seen[1] and len(other_losses) == 2
+    assert not torch.equal(other.layers[0].weight, plain.layers[0].weight)
+    with pytest.raises(RuntimeError, match="learned check in 3 blocks of 2 starts"):
+        fit_best_of(build, x, x ** 2, learned=lambda m: False, **kw)
+
+
+def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch):
+    from l3d_lens.toy import train
+    checked = []
+    monkeypatch.setattr(metrics, "feature_r2", lambda m, x, y: checked.append((x, y)) or [0.4] * 5)
+    monkeypatch.setattr(train, "LEARNED_R2", 0.5)
+    with pytest.raises(RuntimeError, match="learned check in 3 blocks of 3 starts"):
+        make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10)
+    assert len(checked) == 3 and all(x.shape == (200, 5) and torch.equal(y, x ** 2) for x, y in checked)
+    monkeypatch.setattr(train, "LEARNED_R2", 0.3)
+    assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).final_loss > 0
+
+def test_feature_r2_scores_each_feature_on_its_own_rows():
+    x = data.sparse_features(400, 3, seed=1, signed=True)
+
+    class Partial(nn.Module):  # squares features 0 and 1, outputs a constant for feature 2 (0.25: exact in float32)
+        def forward(self, z):
+            return torch.cat([z[:, :2] ** 2, torch.full_like(z[:, 2:], 0.25)], 1)
+
+    r2 = metrics.feature_r2(Partial(), x, x ** 2)
+    assert r2[:2] == [1.0, 1.0]
+    rows = x[:, 2] != 0
+    t = (x[rows, 2] ** 2).double()
+    assert r2[2] == pytest.approx(float(1 - ((0.25 - t) ** 2).sum() / ((t - t.mean()) ** 2).sum()), rel=1e-12)
+    assert r2[2] <= 0
 
 
 # --- metrics -------------------------------------------------------------------------------

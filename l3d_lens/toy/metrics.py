@@ -3,6 +3,8 @@
 Every function takes plain tensors or a ``Decomposition`` and knows nothing of how the model
 was trained, so any model with a known answer can use them:
 
+- ``feature_r2``: how well the model itself computes each feature's output (x^2: a feature
+  it never learned has no circuit to find).
 - ``reconstruction_error``: L3D's own normalised error on held-out data.
 - ``cosine_matrix`` / ``mean_max_cosine``: |cos| between subnetworks and the true per-feature
   parameter directions (subnetwork signs are arbitrary), scored as APD/SPD score TMS.
@@ -30,6 +32,24 @@ from jaxtyping import Bool, Float
 from torch import nn
 
 Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
+
+
+# --- the model itself -----------------------------------------------------------------------
+
+def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.Tensor, "n f"]) -> list[float]:
+    """r^2 of output i against target ``y[:, i]`` on the rows where input feature i is active,
+    per feature: how well the model computes each feature's own output (x^2: a feature it never
+    learned scores <= 0, a constant output for it). NaN for a feature that is never active or
+    whose target is constant there."""
+    with torch.no_grad():
+        fx = model(x)
+    out = []
+    for i in range(x.shape[1]):
+        rows = x[:, i] != 0
+        t, f = y[rows, i].double(), fx[rows, i].double()
+        total = ((t - t.mean()) ** 2).sum()
+        out.append(float(1 - ((f - t) ** 2).sum() / total) if rows.any() and total > 0 else float("nan"))
+    return out
 
 
 # --- reconstruction and activity ------------------------------------------------------------

@@ -100,15 +100,10 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     elif toy.name == "higher_rank":
         out.update(metrics.live_per_group(dec, toy.truth["group_size"]))
     elif toy.name == "square":
-        with torch.no_grad():
-            fx = toy.model(x)
         act = active_features(x)
         # how well the model itself squares each feature (rows where it is active): a feature
         # the model never learned has no circuit for L3D to find
-        out["model_r2_per_feature"] = [
-            float(1 - ((fx[act[:, i], i] - x[act[:, i], i] ** 2) ** 2).sum()
-                  / ((x[act[:, i], i] ** 2 - (x[act[:, i], i] ** 2).mean()) ** 2).sum())
-            for i in range(x.shape[1])]
+        out["model_r2_per_feature"] = metrics.feature_r2(toy.model, x, x ** 2)
         names = [n for n, _ in toy.model.named_parameters()]
         share = metrics.feature_activity(dec, x, seed=seed)
         owner = _owners(share)
