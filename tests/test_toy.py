@@ -87,10 +87,9 @@ def test_fit_reduces_loss_and_tms_is_returned_untied():
     assert torch.equal(model.decoder.weight, model.encoder.weight.T)
 
 
-
 def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
     x = data.sparse_features(300, 5, seed=0, signed=True)
-    build = lambda s: models.square_mlp(s)  # noqa: E731
+    build = models.square_mlp
     kw = dict(epochs=2, seed=0, restarts=2, probe_epochs=1, lr=1e-2)
     plain, plain_losses = fit_best_of(build, x, x ** 2, **kw)
     # a check the first block's model passes leaves the result bit-identical
@@ -119,6 +118,7 @@ def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch
     assert len(checked) == 3 and all(x.shape == (200, 5) and torch.equal(y, x ** 2) for x, y in checked)
     monkeypatch.setattr(train, "LEARNED_R2", 0.3)
     assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).final_loss > 0
+
 
 def test_feature_r2_scores_each_feature_on_its_own_rows():
     x = data.sparse_features(400, 3, seed=1, signed=True)

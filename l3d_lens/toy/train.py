@@ -208,10 +208,11 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, n_train:
     if name == "tms":
         model, losses = fit_tms(x, epochs=epochs, seed=seed, restarts=restarts, probe_epochs=probe)
     else:
+        y = target(x)
         learned = None
         if name == "square":  # every feature learned, on the training data (``LEARNED_R2``)
-            learned = lambda m: min(metrics.feature_r2(m, x, target(x))) >= LEARNED_R2  # noqa: E731
-        model, losses = fit_best_of(build, x, target(x), epochs=epochs, seed=seed, restarts=restarts,
+            learned = lambda m: min(metrics.feature_r2(m, x, y)) >= LEARNED_R2  # noqa: E731
+        model, losses = fit_best_of(build, x, y, epochs=epochs, seed=seed, restarts=restarts,
                                     probe_epochs=probe, lr=LR[name], learned=learned)
     return Toy(name, model, losses, inputs(n_l3d, _seed(seed, _L3D_DATA)), inputs(n_eval, _seed(seed, _EVAL_DATA)),
                inputs, truth)
