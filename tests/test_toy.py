@@ -106,6 +106,8 @@ def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
     assert not torch.equal(other.layers[0].weight, plain.layers[0].weight)
     with pytest.raises(RuntimeError, match="learned check in 3 blocks of 2 starts"):
         fit_best_of(build, x, x ** 2, learned=lambda m: False, **kw)
+    with pytest.raises(ValueError, match="max_blocks must be an integer >= 1"):
+        fit_best_of(build, x, x ** 2, learned=lambda m: True, max_blocks=0, **kw)
 
 
 def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch):

@@ -106,6 +106,8 @@ def fit_best_of(build: Callable[[int], nn.Module], x: Float[torch.Tensor, "n d_i
     feature learned), a kept model that fails it is dropped and a fresh block of ``restarts``
     starts is tried, up to ``max_blocks`` blocks; a model that passes at once is the same as
     without the check. Raises RuntimeError when no block passes."""
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks must be an integer >= 1 (blocks of starts to try), got {max_blocks!r}")
     for block in range(max_blocks if learned is not None else 1):
         model, losses = _fit_block(build, x, y, epochs=epochs, seed=seed, restarts=restarts,
                                    probe_epochs=probe_epochs, lr=lr, first=block * restarts)
