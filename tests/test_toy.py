@@ -122,6 +122,49 @@ def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch
     assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).final_loss > 0
 
 
+def test_make_toy_lr_is_the_training_learning_rate_and_is_validated():
+    from l3d_lens.toy.train import LR
+    small = dict(epochs=1, n_train=200, n_l3d=10, n_eval=10)
+    for name in ("tms", "tmcs"):  # TMS trains through fit_tms, the others through fit_best_of
+        plain = make_toy(name, 0, **small).model.state_dict()
+        same = make_toy(name, 0, lr=LR[name], **small).model.state_dict()
+        other = make_toy(name, 0, lr=10 * LR[name], **small).model.state_dict()
+        assert all(torch.equal(plain[k], same[k]) for k in plain)
+        assert not all(torch.equal(plain[k], other[k]) for k in plain)
+    for bad in (0, -1e-3, float("nan"), float("inf"), True, "1e-3"):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            make_toy("tmcs", 0, lr=bad, **small)
+
+
+class _ScaledSquares(nn.Module):
+    """y = scale * x^2, with one scale per output (separate circuits) or one shared scale."""
+
+    def __init__(self, n: int, shared: bool):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1 if shared else n))
+
+    def forward(self, z):
+        return self.scale * z ** 2
+
+
+def test_square_reference_matches_the_closed_form_of_a_shared_and_a_separate_scale():
+    from l3d_lens.toy.reproduce import square_reference
+    x = data.sparse_features(600, 4, seed=3, signed=True)
+    sep = square_reference(_ScaledSquares(4, shared=False), x)
+    assert min(sep["reference_circuit_selectivity_by_output"]) > 1e6  # moving scale_i changes output i only
+    assert sep["sign_alignment"] == pytest.approx([1.0] * 4)
+    # one shared scale: moving it by delta changes entry (n, j) by |delta| x_nj^2, so the ratio is
+    # mean x_i^2 over the circuit's rows / mean x_j^2 over every row and every other output j
+    shared = square_reference(_ScaledSquares(4, shared=True), x)
+    sq = (x ** 2).double()
+    for name, rows_of in (("reference_selectivity_by_output", lambda i: [x[:, i] != 0]),
+                          ("reference_circuit_selectivity_by_output", lambda i: [x[:, i] > 0, x[:, i] < 0])):
+        expected = [float(sq[rows, i].mean() / torch.cat([sq[:, :i], sq[:, i + 1:]], 1).mean())
+                    for i in range(4) for rows in rows_of(i)]
+        assert shared[name] == pytest.approx(expected, rel=1e-4)
+        assert shared[name.replace("by_output", "by_output_min")] == pytest.approx(min(expected), rel=1e-4)
+
+
 def test_feature_r2_scores_each_feature_on_its_own_rows():
     x = data.sparse_features(400, 3, seed=1, signed=True)
 

@@ -100,16 +100,14 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     elif toy.name == "higher_rank":
         out.update(metrics.live_per_group(dec, toy.truth["group_size"]))
     elif toy.name == "square":
-        act = active_features(x)
         # how well the model itself squares each feature (rows where it is active): a feature
         # the model never learned has no circuit for L3D to find
         out["model_r2_per_feature"] = metrics.feature_r2(toy.model, x, x ** 2)
-        names = [n for n, _ in toy.model.named_parameters()]
         share = metrics.feature_activity(dec, x, seed=seed)
         owner = _owners(share)
         out.update(activity_share=share.max(1).values.tolist(), owner=owner,
                    one_per_feature=None not in owner and len(set(owner)) == len(owner))
-        features = [(i, act[:, i]) for i in range(x.shape[1])]
+        features = _feature_targets(x)
         out.update(_selectivities(toy.model, subs, x, owner, features))
         # the same per (feature, sign) circuit: a GeLU MLP may square x > 0 and x < 0 with
         # different units (``sign_alignment``), which then are two circuits of one feature
@@ -119,22 +117,42 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         for c, k in enumerate(circuit_owner):
             if k is not None:
                 features_of.setdefault(k, set()).add(c // 2)
-        circuits = [(i, x[:, i] * sign > 0) for i in range(x.shape[1]) for sign in (1, -1)]  # row 2i: i > 0
+        circuits = _circuit_targets(x)
         out.update(circuit_owner=circuit_owner, circuit_share=circuit_share.max(1).values.tolist(),
                    subnetworks_per_feature=[len({k for k in circuit_owner[2 * i:2 * i + 2] if k is not None})
                                             for i in range(x.shape[1])],
                    feature_pure=bool(features_of) and max(len(f) for f in features_of.values()) == 1,
                    **{f"circuit_{k}": v for k, v in _selectivities(toy.model, subs, x, circuit_owner, circuits).items()})
-        # reference: how selective the principal direction of each feature's (circuit's) own
-        # gradients is, the direction a subnetwork that reconstructs them exactly would take
-        own = metrics.gradient_directions(toy.model, x, names)
-        signed_dirs = metrics.signed_gradient_directions(toy.model, x, names)
-        out["sign_alignment"] = metrics.sign_alignment(signed_dirs).tolist()
-        out.update({f"reference_{k}": v for k, v in _selectivities(
-            toy.model, own, x, _defined(own, len(features)), features).items()})
-        out.update({f"reference_circuit_{k}": v for k, v in _selectivities(
-            toy.model, signed_dirs, x, _defined(signed_dirs, len(circuits)), circuits).items()})
+        out.update(square_reference(toy.model, x))
     return out
+
+
+def square_reference(model, x: torch.Tensor) -> dict[str, Any]:
+    """What the x² model itself allows, with no decomposition: the selectivities (as in
+    ``evaluate``: ``reference_*`` per feature, ``reference_circuit_*`` per (feature, sign)) of
+    the principal direction of each feature's (circuit's) own gradients, the direction a
+    subnetwork that reconstructs them exactly would take, and ``sign_alignment``."""
+    names = [n for n, _ in model.named_parameters()]
+    features, circuits = _feature_targets(x), _circuit_targets(x)
+    own = metrics.gradient_directions(model, x, names)
+    signed_dirs = metrics.signed_gradient_directions(model, x, names)
+    out: dict[str, Any] = {"sign_alignment": metrics.sign_alignment(signed_dirs).tolist()}
+    out.update({f"reference_{k}": v for k, v in _selectivities(
+        model, own, x, _defined(own, len(features)), features).items()})
+    out.update({f"reference_circuit_{k}": v for k, v in _selectivities(
+        model, signed_dirs, x, _defined(signed_dirs, len(circuits)), circuits).items()})
+    return out
+
+
+def _feature_targets(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(output i, rows where feature i is active) per feature."""
+    act = active_features(x)
+    return [(i, act[:, i]) for i in range(x.shape[1])]
+
+
+def _circuit_targets(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(output i, rows where x_i has the sign) per (feature, sign) circuit; row 2i: x_i > 0."""
+    return [(i, x[:, i] * sign > 0) for i in range(x.shape[1]) for sign in (1, -1)]
 
 
 def _owners(share: torch.Tensor) -> list[Optional[int]]:

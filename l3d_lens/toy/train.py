@@ -17,6 +17,7 @@ that never learned one of its features is replaced by the best of a fresh block 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -137,7 +138,7 @@ def _fit_block(build, x, y, *, epochs: int, seed: int, restarts: int, probe_epoc
 
 
 def fit_tms(x: Float[torch.Tensor, "n f"], *, epochs: int, seed: int = 0, n_hidden: int = 2, restarts: int = 4,
-            probe_epochs: int = 10) -> tuple[models.SuperpositionModel, list[float]]:
+            probe_epochs: int = 10, lr: float = 1e-3) -> tuple[models.SuperpositionModel, list[float]]:
     """Train TMS tied (W_out = W_in^T, the paper's model) and return it untied, as a
     ``SuperpositionModel`` whose ``decoder.weight`` is a copy of W^T (same function; each use
     of W becomes its own ``nn.Linear`` for the fast engine).
@@ -148,7 +149,7 @@ def fit_tms(x: Float[torch.Tensor, "n f"], *, epochs: int, seed: int = 0, n_hidd
     8 here; the others keep 4 features at loss ~0.013), hence ``fit_best_of``."""
     n_features = x.shape[1]
     tied, losses = fit_best_of(lambda s: _TiedTMS(n_features, n_hidden, s), x, x, epochs=epochs, seed=seed,
-                               restarts=restarts, probe_epochs=probe_epochs)
+                               restarts=restarts, probe_epochs=probe_epochs, lr=lr)
     model = models.SuperpositionModel(n_features, n_hidden, n_features, seed=seed)
     with torch.no_grad():
         model.encoder.weight.copy_(tied.W)
@@ -177,13 +178,18 @@ class Toy:
         return self.train_losses[-1] if self.train_losses else float("nan")
 
 
-def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, n_train: int = 10_000,
-             n_l3d: int = 1_000, n_eval: int = 2_000) -> Toy:
+def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Optional[float] = None,
+             n_train: int = 10_000, n_l3d: int = 1_000, n_eval: int = 2_000) -> Toy:
     """Build and train one of ``TOY_NAMES`` from ``seed``: model weights, training data, L3D
-    data, held-out data and (TMCS) the circuit matrix all come from seeds derived from it."""
+    data, held-out data and (TMCS) the circuit matrix all come from seeds derived from it.
+    ``epochs`` and ``lr`` default to ``DEFAULT_EPOCHS`` and ``LR``; ``epochs=1000, lr=1e-3`` is
+    the paper's recipe."""
     if name not in TOY_NAMES:
         raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
     epochs = DEFAULT_EPOCHS[name] if epochs is None else epochs
+    lr = LR[name] if lr is None else lr
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number (AdamW learning rate), got {lr!r}")
     truth: dict[str, Any] = {}
     if name == "tms":
         build = models.tms
@@ -208,13 +214,13 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, n_train:
     x = inputs(n_train, _seed(seed, _TRAIN_DATA))
     restarts, probe = RESTARTS[name]
     if name == "tms":
-        model, losses = fit_tms(x, epochs=epochs, seed=seed, restarts=restarts, probe_epochs=probe)
+        model, losses = fit_tms(x, epochs=epochs, seed=seed, restarts=restarts, probe_epochs=probe, lr=lr)
     else:
         y = target(x)
         learned = None
         if name == "square":  # every feature learned, on the training data (``LEARNED_R2``)
             learned = lambda m: min(metrics.feature_r2(m, x, y)) >= LEARNED_R2  # noqa: E731
         model, losses = fit_best_of(build, x, y, epochs=epochs, seed=seed, restarts=restarts,
-                                    probe_epochs=probe, lr=LR[name], learned=learned)
+                                    probe_epochs=probe, lr=lr, learned=learned)
     return Toy(name, model, losses, inputs(n_l3d, _seed(seed, _L3D_DATA)), inputs(n_eval, _seed(seed, _EVAL_DATA)),
                inputs, truth)
