@@ -80,12 +80,13 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   direction of each feature's own gradients, which exact reconstruction would give, is 0.924,
   0.932 and 0.916: the kept runs are 0.007-0.012 below it, and in seed 2 it is itself below
   0.92. On 10 seeds (section "Toy models: more seeds") the best of 3 reaches 0.92 in 4, that
-  reference in 7, and the best of 3 is never more than 0.016 below the reference. That gap is
+  reference in 7, and the best of 3 is never more than 0.017 below the reference. That gap is
   what the rows with two or more active features cost, not an optimisation shortfall (section
-  "Toy models: TMCS and multi-feature rows"): the paper's 1,000 L3D epochs instead of 300 move
-  the statistic by 0.0007 (median over 10 seeds), while L3D on the single-feature rows alone
-  lands within 0.002 of the reference in 10 of 10 seeds (0.92 in 7, as the reference), with no
-  poor optimum, at 7-12% held-out error instead of 3-7%. On a two-feature row the zero-reference
+  "Toy models: TMCS and multi-feature rows", one L3D run per seed): the paper's 1,000 L3D
+  epochs instead of 300 move the statistic by 0.0007 (median over 10 seeds), while L3D on the
+  single-feature rows alone lands within 0.002 of the reference in 10 of 10 seeds (0.92 in 7,
+  as the reference), with no poor optimum where the run on all rows has three (0.69-0.85), at
+  7-12% held-out error instead of the all-rows run's 3-7%. On a two-feature row the zero-reference
   gradient has cross terms (feature c's W_in column times feature d's outputs) that no
   one-feature subnetwork holds, and fitting them tilts the subnetworks off the features'
   own directions.
@@ -129,9 +130,10 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   0.002041 there), and a single x² run can change its answer with the last bits: seed 7 shared a
   subnetwork on the CPU of an earlier run and not on the other.
 - **x² training recipe** (section "Toy models: x² training recipe"). The paper's own recipe
-  (1,000 epochs, AdamW lr 1e-3) does not make the target easier: its models fit better (lower
-  training loss in 9 of 10 seeds) but their reference reaches 10 in none of the 10 seeds
-  (4.5-9.9), against 6 of 10 for ours. How selective a circuit can be is a property of the
+  (1,000 epochs, AdamW lr 1e-3) does not make the target easier: its models reach a lower
+  training loss in 9 of 10 seeds (the worst feature's held-out r² is higher in 5) but their
+  reference reaches 10 in none of the 10 seeds (4.5-9.9), against 6 of 10 for ours (seed 9 at
+  10.03). How selective a circuit can be is a property of the
   trained model, which the paper reports only as "mostly the relevant outputs".
 """
 

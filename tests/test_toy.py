@@ -122,10 +122,13 @@ def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch
     assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).final_loss > 0
 
 
-def test_make_toy_lr_is_the_training_learning_rate_and_is_validated():
+def test_make_toy_lr_is_the_training_learning_rate_and_is_validated(monkeypatch):
+    from l3d_lens.toy import train
     from l3d_lens.toy.train import LR
+    monkeypatch.setattr(train, "LEARNED_R2", -float("inf"))  # one epoch learns nothing; keep the first model
     small = dict(epochs=1, n_train=200, n_l3d=10, n_eval=10)
-    for name in ("tms", "tmcs"):  # TMS trains through fit_tms, the others through fit_best_of
+    # TMS trains through fit_tms, the others through fit_best_of; x^2's default lr is not 1e-3
+    for name in ("tms", "tmcs", "square"):
         plain = make_toy(name, 0, **small).model.state_dict()
         same = make_toy(name, 0, lr=LR[name], **small).model.state_dict()
         other = make_toy(name, 0, lr=10 * LR[name], **small).model.state_dict()
@@ -147,12 +150,29 @@ class _ScaledSquares(nn.Module):
         return self.scale * z ** 2
 
 
+class _SignedSquares(nn.Module):
+    """y_i = a_i relu(x_i)^2 + b_i relu(-x_i)^2: a separate parameter per (feature, sign) circuit."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(n)), nn.Parameter(torch.ones(n))
+
+    def forward(self, z):
+        return self.a * torch.relu(z) ** 2 + self.b * torch.relu(-z) ** 2
+
+
 def test_square_reference_matches_the_closed_form_of_a_shared_and_a_separate_scale():
     from l3d_lens.toy.reproduce import square_reference
     x = data.sparse_features(600, 4, seed=3, signed=True)
     sep = square_reference(_ScaledSquares(4, shared=False), x)
     assert min(sep["reference_circuit_selectivity_by_output"]) > 1e6  # moving scale_i changes output i only
     assert sep["sign_alignment"] == pytest.approx([1.0] * 4)
+    # one parameter per sign: circuit (i, +) must be scored on x_i > 0 with a_i (swapped, it would
+    # change nothing on its own rows); each feature's direction mixes a_i and b_i, still output i only
+    signed = square_reference(_SignedSquares(4), x)
+    assert signed["reference_circuit_selectivity_by_output_min"] > 1e6
+    assert signed["reference_selectivity_by_output_min"] > 1e6
+    assert signed["sign_alignment"] == pytest.approx([0.0] * 4, abs=1e-6)
     # one shared scale: moving it by delta changes entry (n, j) by |delta| x_nj^2, so the ratio is
     # mean x_i^2 over the circuit's rows / mean x_j^2 over every row and every other output j
     shared = square_reference(_ScaledSquares(4, shared=True), x)

@@ -1,8 +1,11 @@
 """Seeded training of the toy models, following the paper (10,000 samples, batch 32, AdamW,
 MSE) with three departures, each measured: fewer epochs (``DEFAULT_EPOCHS``; the paper's 1,000
-epochs, 313k steps, take 2-3 minutes per model with one CPU thread, and the losses of TMS, TMCS
-and the higher-rank model plateau within 60 epochs); the paper's initialisation for the
-superposition models but PyTorch's for the x^2 MLP; and lr 1e-2 for the x^2 MLP (``LR``).
+epochs, 313k steps, take 2-3 minutes per model with one CPU thread, 3.5-4 for x^2 with its probe
+starts, and the losses of TMS, TMCS and the higher-rank model plateau within 60 epochs); the
+paper's initialisation for the superposition models but PyTorch's for the x^2 MLP; and lr 1e-2
+for the x^2 MLP (``LR``). ``make_toy(name, seed, epochs=1000, lr=1e-3)`` trains with the paper's
+epochs and learning rate (BENCHMARKS.md, "Toy models: x² training recipe", compares the two for
+x^2).
 
 TMS is trained with its decoder tied to the encoder, as in the paper's code, and returned
 untied (``fit_tms`` says why); TMS and x^2 keep the best of a few starts by training loss
