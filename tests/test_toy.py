@@ -550,6 +550,39 @@ def test_best_of_keeps_the_seed_with_the_lowest_training_loss(tms_toy):
         best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=[])
 
 
+def test_scorecard_checks_each_target_and_names_what_is_missing():
+    from l3d_lens.toy.reproduce import scorecard
+    rows = scorecard("tmcs", {"error": 0.05, "pearson_r": 0.91, "pearson_r_reference": 0.93})
+    assert [(r["met"], r["reference"]) for r in rows] == [(True, None), (False, 0.93)]
+    assert [r["met"] for r in scorecard("tms", {"error": 0.2, "min_cos_encoder": 0.995})] == [False, True]
+    assert [r["met"] for r in scorecard("higher_rank", {"live_per_group": [1, 1, 1, 1, 1]})] == [True]
+    assert [r["met"] for r in scorecard("higher_rank", {"live_per_group": [1, 2, 1, 1, 0]})] == [False]
+    square = {"error": 0.07, "one_per_feature": True, "feature_pure": False,
+              "circuit_selectivity_by_output_min": 12.0, "reference_circuit_selectivity_by_output_min": 13.0}
+    assert [r["met"] for r in scorecard("square", square)] == [True, False, True]
+    with pytest.raises(ValueError, match="unknown toy model 'mnist'; choose one of"):
+        scorecard("mnist", {})
+    with pytest.raises(KeyError, match="'min_cos_encoder' is not in the result"):
+        scorecard("tms", {"error": 0.1})
+
+
+def test_toy_demo_trains_decomposes_and_prints_the_scorecard(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "demos" / "toy_models.py"
+    spec = importlib.util.spec_from_file_location("toy_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    rows = demo.run("tmcs", seed=0, restarts=2, epochs=2, train_epochs=2)
+    out = capsys.readouterr().out
+    assert [r["metric"] for r in rows] == ["reconstruction error", "the paper's statistic (Pearson r of A)"]
+    assert "tmcs (seed 0)" in out and "best of 2" in out and "reference" in out
+    assert all(r["metric"] in out for r in rows)
+    with pytest.raises(SystemExit):
+        demo.main(["--toy", "mnist"])
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
 def test_kept_run_is_the_lowest_loss_with_ties_to_the_earlier_run():
     assert kept_run([0.3, 0.1, 0.2]) == 1
     assert kept_run([0.2, 0.1, 0.1]) == 1

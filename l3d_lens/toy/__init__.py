@@ -7,6 +7,9 @@ recovery metrics, and a sweep helper for k / rank / number of subnetworks.
     toy = make_toy("tms", seed=0)                       # trained model + data + ground truth
     dec = decompose(toy.model, toy.l3d_data, paper_config("tms"))   # or recommended_config("tms")
     evaluate(toy, dec)                                  # error, |cos| per feature, dead, ...
+    scorecard("tms", evaluate(toy, dec))                # the targets, met or not
+
+``demos/toy_models.py`` runs this for any of the four and prints the scorecard.
 
 Modules: ``models`` (nn.Linear toy models), ``data`` (seeded sparse inputs), ``train``
 (seeded training, ``make_toy``), ``metrics`` (usable on any Decomposition with a known
@@ -15,9 +18,9 @@ answer), ``reproduce`` (the paper's L3D settings and per-toy scoring), ``sweep``
 
 from . import data, metrics, models, sweep
 from .models import SquareMLP, SuperpositionModel
-from .reproduce import PAPER_SHAPES, evaluate, paper_config, recommended_config
+from .reproduce import PAPER_SHAPES, TARGETS, evaluate, paper_config, recommended_config, scorecard
 from .train import DEFAULT_EPOCHS, TOY_NAMES, Toy, fit, fit_tms, make_toy
 
-__all__ = ["data", "metrics", "models", "sweep", "SquareMLP", "SuperpositionModel", "PAPER_SHAPES", "evaluate", "paper_config",
-           "recommended_config",
+__all__ = ["data", "metrics", "models", "sweep", "SquareMLP", "SuperpositionModel", "PAPER_SHAPES", "TARGETS",
+           "evaluate", "paper_config", "recommended_config", "scorecard",
            "DEFAULT_EPOCHS", "TOY_NAMES", "Toy", "fit", "fit_tms", "make_toy"]

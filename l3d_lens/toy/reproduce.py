@@ -155,6 +155,41 @@ def _circuit_targets(x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return [(i, x[:, i] * sign > 0) for i in range(x.shape[1]) for sign in (1, -1)]
 
 
+#: the issue's targets per toy: (label, key of ``evaluate``'s result, "<=", ">=" or "==", target,
+#: key of a reference the model itself gives or None)
+TARGETS = {
+    "tms": [("reconstruction error", "error", "<=", 0.19, None),
+            ("min over features of max |cos| with the W_in column", "min_cos_encoder", ">=", 0.99, None)],
+    "tmcs": [("reconstruction error", "error", "<=", 0.064, None),
+             ("the paper's statistic (Pearson r of A)", "pearson_r", ">=", 0.92, "pearson_r_reference")],
+    "higher_rank": [("live subnetworks per group", "live_per_group", "==", [1] * 5, None)],
+    "square": [("reconstruction error", "error", "<=", 0.32, None),
+               ("one subnetwork per feature, none shared", "one_and_pure", "==", True, None),
+               ("min selectivity by output, per (feature, sign) circuit", "circuit_selectivity_by_output_min", ">=",
+                10.0, "reference_circuit_selectivity_by_output_min")],
+}
+
+
+def scorecard(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for toy ``name`` checked on ``evaluate``'s ``result``: one row per
+    target with ``metric``, ``value``, ``op``, ``target``, ``met`` and, where the model itself
+    bounds what a decomposition can show, ``reference`` (the same number for the directions of
+    its own gradients; see ``evaluate``)."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {tuple(TARGETS)}")
+    if name == "square" and "one_per_feature" in result:
+        result = {**result, "one_and_pure": bool(result["one_per_feature"] and result["feature_pure"])}
+    rows = []
+    for label, key, op, target, ref in TARGETS[name]:
+        if key not in result:
+            raise KeyError(f"{key!r} is not in the result; pass evaluate(toy, dec) of a {name!r} toy")
+        value = result[key]
+        met = value <= target if op == "<=" else value >= target if op == ">=" else value == target
+        rows.append({"metric": label, "value": value, "op": op, "target": target, "met": bool(met),
+                     "reference": result.get(ref) if ref else None})
+    return rows
+
+
 def _owners(share: torch.Tensor) -> list[Optional[int]]:
     """The subnetwork with the largest share per row of ``feature_activity`` (None for a NaN
     row: that feature, or sign, never occurs alone in the data)."""

@@ -1,0 +1,66 @@
+"""The paper's toy models: train one, decompose it with L3D and check what L3D recovers against
+the known answer.
+
+    python demos/toy_models.py                        # TMS, seed 0 (about a minute, one thread)
+    python demos/toy_models.py --toy all --restarts 3 # all four, best of 3 L3D seeds (about 15 min)
+
+Each toy is trained from ``--seed`` (``make_toy``), decomposed with ``recommended_config`` (300
+L3D epochs, the paper's learning-rate schedule scaled to them) from ``--restarts`` L3D seeds,
+keeping the lowest final training loss (``sweep.best_of``), and scored on held-out data
+(``evaluate``, ``scorecard``). "reference" is what the model's own gradient directions give on
+the same number: a target the reference misses is one the trained model stands in the way of.
+BENCHMARKS.md has these over 3 and 10 seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from l3d_lens.toy import TOY_NAMES, evaluate, make_toy, recommended_config, scorecard
+from l3d_lens.toy.sweep import best_of
+
+
+def _fmt(value, percent: bool) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
+    return str(value)
+
+
+def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_epochs=None) -> list[dict]:
+    """Train, decompose and score toy ``name``; prints the scorecard and returns its rows."""
+    t0 = time.perf_counter()
+    toy = make_toy(name, seed, epochs=train_epochs)
+    t1 = time.perf_counter()
+    cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=max(1, round(epochs / 10)))
+    dec = best_of(toy.model, toy.l3d_data, cfg, [seed + 10 * r for r in range(restarts)])
+    rows = scorecard(name, evaluate(toy, dec, seed=seed))
+    print(f"{name} (seed {seed}): trained in {t1 - t0:.0f} s to MSE {toy.final_loss:.3g}; L3D "
+          f"{cfg.n_subnetworks} x rank {cfg.rank}, best of {restarts}, {time.perf_counter() - t1:.0f} s")
+    for r in rows:
+        pct = "error" in r["metric"]
+        ref = f"   (reference {_fmt(r['reference'], pct)})" if r["reference"] is not None else ""
+        print(f"  {r['metric']:<56} {_fmt(r['value'], pct):>16}   target {r['op']} {_fmt(r['target'], pct)}   "
+              f"{'met' if r['met'] else 'NOT met'}{ref}")
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--toy", choices=TOY_NAMES + ("all",), default="tms")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--restarts", type=int, default=1, help="L3D seeds; the lowest final loss is kept")
+    ap.add_argument("--epochs", type=int, default=300, help="L3D epochs (paper: 1000)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = ap.parse_args(argv)
+    if args.restarts < 1 or args.epochs < 1:
+        ap.error("--restarts and --epochs must be >= 1")
+    torch.set_num_threads(args.threads)
+    for name in TOY_NAMES if args.toy == "all" else (args.toy,):
+        run(name, args.seed, args.restarts, args.epochs)
+
+
+if __name__ == "__main__":
+    main()
