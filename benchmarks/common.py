@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import argparse
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -84,6 +86,36 @@ def run_args(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def seeds_jobs_parser(doc: str, out: Path) -> argparse.ArgumentParser:
+    """The command line of a benchmark that runs seeds in parallel processes: ``--seeds`` (0-9),
+    ``--threads`` per job, ``--jobs`` and ``OUTPUT_OPTIONS``; the description is ``doc``'s first
+    paragraph."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
+    add_output_arguments(ap, out)
+    return ap
+
+
+def jobs_header(script: str, args, seconds: float) -> str:
+    """The first sentence of such a benchmark's section: the command as run (without
+    ``OUTPUT_OPTIONS``), jobs and threads, the machine and versions, and the total time."""
+    cmd = f"python benchmarks/{script} " + " ".join(run_args(sys.argv[1:]))
+    return (f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
+            f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+            f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min.")
+
+
+def run_section(heading: str, section: Callable[[list[dict[str, Any]], float], str],
+                run: Callable[[], list[dict[str, Any]]], args) -> None:
+    """Run (or, with ``--from-json``, load) the rows and write ``section(rows, seconds)`` as
+    ``heading``'s section of ``args.out``."""
+    rows, seconds = run_or_load(run, args.from_json, args.json)
+    write_section(heading, section(rows, seconds), args.out)
+    print(f"wrote {heading!r} to {args.out}")
 
 
 def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path],

@@ -23,10 +23,8 @@ subnetworks can score above them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -38,10 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_output_arguments, machine, run_args, run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
+from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
-from l3d_lens.toy.reproduce import evaluate, recommended_config  # noqa: E402
+from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 from l3d_lens.toy.sweep import kept_run  # noqa: E402
 
 SECTION = "## Toy models: more seeds"
@@ -55,7 +53,7 @@ def run_one(name: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     toy = make_toy(name, seed)
-    cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)))
+    cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs))
     decs = [decompose(toy.model, toy.l3d_data, cfg.replace(seed=seed + 10 * r)) for r in range(RESTARTS)]
     losses = [dec.history[-1]["loss"] for dec in decs]
     best = kept_run(losses)
@@ -128,12 +126,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def section(rows, args, seconds: float) -> str:
-    cmd = "python benchmarks/toy_heldout.py " + " ".join(run_args(sys.argv[1:]))
     return "\n".join([
         SECTION, "",
-        f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
-        f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}, torch {torch.__version__}; "
-        f"total {seconds / 60:.1f} min. Toy models and L3D as in \"Toy models\" (`recommended_config`, "
+        jobs_header("toy_heldout.py", args, seconds) + " "
+        f"Toy models and L3D as in \"Toy models\" (`recommended_config`, "
         f"{args.epochs} L3D epochs), metrics on 2,000 held-out samples. Seeds 0-2 are the ones the settings were "
         f"developed on. Seeds 3-9 were first run by an earlier version of this script, which decomposed x² once; "
         f"keeping the best of 3 x² runs as well was decided after seeing x² seeds 3, 7 and 8 share a subnetwork "
@@ -152,18 +148,12 @@ def section(rows, args, seconds: float) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
     ap.add_argument("--epochs", type=int, default=300, help="L3D epochs (paper: 1000)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
-    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, seconds = run_or_load(lambda: run(args.seeds, args.epochs, args.jobs, args.threads),
-                                args.from_json, args.json)
-    write_section(SECTION, section(rows, args, seconds), args.out)
-    print(f"wrote {SECTION!r} to {args.out}")
+    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
+                lambda: run(args.seeds, args.epochs, args.jobs, args.threads), args)
 
 
 if __name__ == "__main__":

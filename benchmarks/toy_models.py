@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import add_output_arguments, run_args, run_or_load, write_section  # noqa: E402
 from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy, metrics  # noqa: E402
 from l3d_lens.toy.data import circuit_matrix  # noqa: E402
-from l3d_lens.toy.reproduce import PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config  # noqa: E402
+from l3d_lens.toy.reproduce import (PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config,  # noqa: E402
+                                     scaled_lr_step)
 from l3d_lens.toy.sweep import best_of  # noqa: E402
 from l3d_lens.toy.train import LR  # noqa: E402
 
@@ -158,7 +159,7 @@ def run_one(name: str, seed: int, epochs: int, threads: int) -> list[dict[str, A
              for setting, (shape, restarts) in EXTRA.get(name, {}).items()]
     for setting, config, shape, restarts in runs:
         t1 = time.perf_counter()
-        cfg = config(name, seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)), **shape)
+        cfg = config(name, seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs), **shape)
         dec = best_of(toy.model, toy.l3d_data, cfg, seeds=[seed + 10 * r for r in range(restarts)])
         t2 = time.perf_counter()
         r = evaluate(toy, dec, seed=seed)

@@ -17,10 +17,8 @@ machine (one thread per job, two jobs on two cores).
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_output_arguments, machine, run_args, run_or_load, write_section  # noqa: E402
+from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
 from l3d_lens.toy import make_toy, metrics  # noqa: E402
 from l3d_lens.toy.reproduce import square_reference  # noqa: E402
 
@@ -125,36 +123,28 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def section(rows, args, seconds: float) -> str:
-    cmd = "python benchmarks/toy_square_recipe.py " + " ".join(run_args(sys.argv[1:]))
     return "\n".join([
         SECTION, "",
-        f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
-        f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-        f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min. "
-        f"The x² toy model trained by `make_toy(\"square\", seed)` with our recipe (100 epochs, AdamW lr 1e-2) and "
-        f"with the paper's (`epochs=1000, lr=1e-3`); everything else the same (PyTorch's init, best of 3 starts "
-        f"by a 20-epoch probe, a fresh block of starts if a feature was never learned, which about doubles the "
-        f"training time). No L3D here: "
-        f"\"reference selectivity\" is the issue's x² selectivity (relevant output over the other outputs at "
-        f"the delta where it has changed by half; smallest over the 10 (feature, sign) circuits, or over the 5 "
-        f"features) of the principal direction of each circuit's (feature's) own gradients, the direction a "
-        f"subnetwork reconstructing them exactly would take (`reproduce.square_reference`); bold: >= 10. "
-        f"\"min r² of x_i²\": how well the model squares its worst feature (`metrics.feature_r2`). All on the "
-        f"toy's 2,000 held-out samples; the \"ours\" column is the model of \"Toy models: more seeds\".", "",
+        jobs_header("toy_square_recipe.py", args, seconds) + " "
+        "The x² toy model trained by `make_toy(\"square\", seed)` with our recipe (100 epochs, AdamW lr 1e-2) and "
+        "with the paper's (`epochs=1000, lr=1e-3`); everything else the same (PyTorch's init, best of 3 starts "
+        "by a 20-epoch probe, a fresh block of starts if a feature was never learned, which about doubles the "
+        "training time). No L3D here: "
+        "\"reference selectivity\" is the issue's x² selectivity (relevant output over the other outputs at "
+        "the delta where it has changed by half; smallest over the 10 (feature, sign) circuits, or over the 5 "
+        "features) of the principal direction of each circuit's (feature's) own gradients, the direction a "
+        "subnetwork reconstructing them exactly would take (`reproduce.square_reference`); bold: >= 10. "
+        "\"min r² of x_i²\": how well the model squares its worst feature (`metrics.feature_r2`). All on the "
+        "toy's 2,000 held-out samples; the \"ours\" column is the model of \"Toy models: more seeds\".", "",
         table(rows), "", summary(rows), ""])
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    ap.add_argument("--jobs", type=int, default=2, help="models trained in parallel processes")
-    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
+    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, seconds = run_or_load(lambda: run(args.seeds, args.jobs, args.threads), args.from_json, args.json)
-    write_section(SECTION, section(rows, args, seconds), args.out)
-    print(f"wrote {SECTION!r} to {args.out}")
+    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
+                lambda: run(args.seeds, args.jobs, args.threads), args)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ sees rows with several features, and its held-out error says what that costs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -33,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_output_arguments, machine, run_args, run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
+from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.data import active_features  # noqa: E402
-from l3d_lens.toy.reproduce import evaluate, recommended_config  # noqa: E402
+from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 
 SECTION = "## Toy models: TMCS and multi-feature rows"
 #: variant -> (rows, L3D epochs)
@@ -54,7 +52,7 @@ def run_one(variant: str, seed: int, threads: int) -> dict[str, Any]:
     data = toy.l3d_data
     if rows == "single":
         data = data[active_features(data).sum(1) == 1]
-    cfg = recommended_config("tmcs", seed=seed, epochs=epochs, lr_step=max(1, round(100 * epochs / 1000)))
+    cfg = recommended_config("tmcs", seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs))
     dec = decompose(toy.model, data, cfg, progress=False)
     ev = evaluate(toy, dec, seed=seed)
     row = {"variant": variant, "seed": seed, "n_rows": len(data), "l3d_loss": dec.history[-1]["loss"],
@@ -108,34 +106,26 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def section(rows, args, seconds: float) -> str:
-    cmd = "python benchmarks/toy_tmcs_rows.py " + " ".join(run_args(sys.argv[1:]))
     return "\n".join([
         SECTION, "",
-        f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
-        f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-        f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min. "
-        f"TMCS as in \"Toy models: more seeds\", one L3D run per setting from L3D seed = model seed "
-        f"(`recommended_config`, lr ×0.8 every tenth of training): on all 1,000 L3D rows for 300 epochs (that "
-        f"section's \"one run\") and for the paper's 1,000, and on the rows with a single active feature only. "
-        f"\"Statistic\": the paper's TMCS number (Pearson r of A with the subnetworks' own V[W_out] V[W_in]); "
-        f"\"reference\": the same for the principal direction of each feature's own gradients on single-feature "
-        f"rows; error on the 2,000 held-out samples (all kinds of rows); bold: >= 0.92. The single-feature run "
-        f"has about 790 of the 1,000 rows, so about a fifth fewer L3D steps in its 300 epochs. Single-run results "
-        f"include poor optima (the best-of-3 rule of that section avoids most); compare along a row.", "",
+        jobs_header("toy_tmcs_rows.py", args, seconds) + " "
+        "TMCS as in \"Toy models: more seeds\", one L3D run per setting from L3D seed = model seed "
+        "(`recommended_config`, lr ×0.8 every tenth of training): on all 1,000 L3D rows for 300 epochs (that "
+        "section's \"one run\") and for the paper's 1,000, and on the rows with a single active feature only. "
+        "\"Statistic\": the paper's TMCS number (Pearson r of A with the subnetworks' own V[W_out] V[W_in]); "
+        "\"reference\": the same for the principal direction of each feature's own gradients on single-feature "
+        "rows; error on the 2,000 held-out samples (all kinds of rows); bold: >= 0.92. The single-feature run "
+        "has about 790 of the 1,000 rows, so about a fifth fewer L3D steps in its 300 epochs. Single-run results "
+        "include poor optima (the best-of-3 rule of that section avoids most); compare along a row.", "",
         table(rows), "", summary(rows), ""])
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
-    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
+    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, seconds = run_or_load(lambda: run(args.seeds, args.jobs, args.threads), args.from_json, args.json)
-    write_section(SECTION, section(rows, args, seconds), args.out)
-    print(f"wrote {SECTION!r} to {args.out}")
+    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
+                lambda: run(args.seeds, args.jobs, args.threads), args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 import torch
 
 from l3d_lens.toy import TOY_NAMES, evaluate, make_toy, recommended_config, scorecard
+from l3d_lens.toy.reproduce import scaled_lr_step
 from l3d_lens.toy.sweep import best_of
 
 
@@ -34,7 +35,7 @@ def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_ep
     t0 = time.perf_counter()
     toy = make_toy(name, seed, epochs=train_epochs)
     t1 = time.perf_counter()
-    cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=max(1, round(epochs / 10)))
+    cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs))
     dec = best_of(toy.model, toy.l3d_data, cfg, [seed + 10 * r for r in range(restarts)])
     rows = scorecard(name, evaluate(toy, dec, seed=seed))
     print(f"{name} (seed {seed}): trained in {t1 - t0:.0f} s to MSE {toy.final_loss:.3g}; L3D "

@@ -507,6 +507,7 @@ def test_square_subnetworks_specialise_on_features():
                                              for i in range(5)]
     owners_of = [{i for i in range(5) if k in rt["circuit_owner"][2 * i:2 * i + 2]} for k in range(5)]
     assert rt["feature_pure"] == all(len(f) <= 1 for f in owners_of)
+    assert rt["one_per_feature_none_shared"] == (rt["one_per_feature"] and rt["feature_pure"])
     assert len(rt["sign_alignment"]) == 5 and all(0 <= c <= 1 + 1e-9 for c in rt["sign_alignment"])
     assert torch.tensor(rt["circuit_share"]).nansum() > torch.tensor(ru["circuit_share"]).nansum() + 1.0
 
@@ -557,7 +558,7 @@ def test_scorecard_checks_each_target_and_names_what_is_missing():
     assert [r["met"] for r in scorecard("tms", {"error": 0.2, "min_cos_encoder": 0.995})] == [False, True]
     assert [r["met"] for r in scorecard("higher_rank", {"live_per_group": [1, 1, 1, 1, 1]})] == [True]
     assert [r["met"] for r in scorecard("higher_rank", {"live_per_group": [1, 2, 1, 1, 0]})] == [False]
-    square = {"error": 0.07, "one_per_feature": True, "feature_pure": False,
+    square = {"error": 0.07, "one_per_feature_none_shared": False,
               "circuit_selectivity_by_output_min": 12.0, "reference_circuit_selectivity_by_output_min": 13.0}
     assert [r["met"] for r in scorecard("square", square)] == [True, False, True]
     with pytest.raises(ValueError, match="unknown toy model 'mnist'; choose one of"):

@@ -41,11 +41,14 @@ def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.T
     per feature: how well the model computes each feature's own output (x^2: a feature it never
     learned scores <= 0, a constant output for it). NaN for a feature that is never active or
     whose target is constant there."""
+    from .data import active_features
+
     with torch.no_grad():
         fx = model(x)
+    act = active_features(x)
     out = []
     for i in range(x.shape[1]):
-        rows = x[:, i] != 0
+        rows = act[:, i]
         t, f = y[rows, i].double(), fx[rows, i].double()
         total = ((t - t.mean()) ** 2).sum()
         out.append(float(1 - ((f - t) ** 2).sum() / total) if rows.any() and total > 0 else float("nan"))
