@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import TOY_NAMES, make_toy  # noqa: E402
-from l3d_lens.toy.reproduce import evaluate, paper_config  # noqa: E402
+from l3d_lens.toy.reproduce import evaluate, paper_config, scaled_lr_step  # noqa: E402
 
 KEYS = ("error", "dead_fraction", "min_cos", "mmcs", "r2", "r2_decoder", "live_per_group", "one_per_group", "n_live",
         "one_per_feature", "selectivity_min")
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     for name in args.toys:
         for seed in args.seeds:
             toy = make_toy(name, seed)
-            cfg = paper_config(name, epochs=args.epochs, lr_step=max(1, args.epochs // 10), seed=seed)
+            cfg = paper_config(name, epochs=args.epochs, lr_step=scaled_lr_step(args.epochs), seed=seed)
             runs = {"plain": cfg, "aux": cfg.replace(aux_coef=args.aux_coef, dead_steps=args.dead_steps)}
             for label in args.runs:
                 run_cfg = runs[label]

@@ -339,7 +339,7 @@ def section(rows, args, seconds: float) -> str:
              f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min.",
              "",
              f"L3D, both settings: all weights and biases, k = 0.1, batch 32, Adam lr 0.01 ×0.8 every "
-             f"{max(1, round(100 * args.epochs / 1000))} epochs, {args.epochs} epochs (paper: 1,000; the schedule is "
+             f"{scaled_lr_step(args.epochs)} epochs, {args.epochs} epochs (paper: 1,000; the schedule is "
              f"scaled), 1,000 samples, MSE; subnetworks: {shapes} (the paper's-settings column always has these shapes; x² with our settings: 10 × rank 1, "
              f"and also the paper's 5 × rank 2). *Paper's settings*: a random other sample of the "
              f"batch as reference, no dead-subnetwork remedy (`paper_config`). *Our settings*: reference zero (TMS: the batch "

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
-from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config  # noqa: E402
+from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config, scaled_lr_step  # noqa: E402
 from l3d_lens.toy.sweep import sweep  # noqa: E402
 
 SECTION = "## Toy models: remedies and sweep"
@@ -47,7 +47,7 @@ def factor_run(name: str, seed: int, epochs: int) -> list[dict[str, Any]]:
     rows = []
     for reference, aux, aux_share in FACTORS:
         aux_epochs = None if aux_share is None else max(1, round(aux_share * epochs))
-        cfg = paper_config(name, seed=seed, epochs=epochs, lr_step=max(1, epochs // 10), reference=reference,
+        cfg = paper_config(name, seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs), reference=reference,
                            aux_coef=aux, aux_epochs=aux_epochs)
         dec = decompose(toy.model, toy.l3d_data, cfg, progress=False)
         r = evaluate(toy, dec, seed=seed)
@@ -60,7 +60,7 @@ def factor_run(name: str, seed: int, epochs: int) -> list[dict[str, Any]]:
 def sweep_run(seed: int, epochs: int, top_k: float) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     toy = make_toy("tmcs", seed)
-    cfg = recommended_config("tmcs", seed=seed, epochs=epochs, lr_step=max(1, epochs // 10))
+    cfg = recommended_config("tmcs", seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs))
 
     def score(dec):
         r = evaluate(toy, dec, seed=seed)

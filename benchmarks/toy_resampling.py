@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import add_output_arguments, run_or_load, write_section  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
-from l3d_lens.toy.reproduce import evaluate, recommended_config  # noqa: E402
+from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 
 SECTION = "## Toy models: resampling"
 SELECTION_SEEDS = (0, 1, 2, 3, 4)
@@ -53,7 +53,7 @@ def run(name: str, seed: int, epochs: int) -> list[dict[str, Any]]:
     toy = make_toy(name, seed)
     rows = []
     for setting, overrides in settings(name, epochs).items():
-        cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=max(1, epochs // 10), **overrides)
+        cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs), **overrides)
         t = time.perf_counter()
         dec = decompose(toy.model, toy.l3d_data, cfg, progress=False)
         r = evaluate(toy, dec, seed=seed)

@@ -4,7 +4,7 @@ with the paper's (1,000 epochs, lr 1e-3), and scores what each trained model all
 decomposition at all (``l3d_lens.toy.reproduce.square_reference``); writes the
 "## Toy models: x² training recipe" section of BENCHMARKS.md (other sections are kept).
 
-    python benchmarks/toy_square_recipe.py           # seeds 0-9, 2 jobs x 1 thread (about 25 min)
+    python benchmarks/toy_square_recipe.py           # seeds 0-9, 2 jobs x 1 thread (about 28 min)
 
 Both recipes use ``make_toy`` (PyTorch's init, the best of 3 starts by a 20-epoch probe, and a
 fresh block of starts if a feature was never learned, ``LEARNED_R2``), so they differ in epochs
@@ -52,13 +52,15 @@ def run_one(recipe: str, seed: int, threads: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     x = toy.eval_data
     ref = square_reference(toy.model, x)
-    row = {"recipe": recipe, "seed": seed, "seconds": seconds, "epochs_trained": len(toy.train_losses),
+    row = {"recipe": recipe, "seed": seed, "seconds": seconds, "blocks": toy.blocks,
+           "epochs_trained": len(toy.train_losses),
            "train_loss": toy.final_loss, "r2_per_feature": metrics.feature_r2(toy.model, x, x ** 2),
            "sign_alignment": ref["sign_alignment"],
            "reference_circuit_min": ref["reference_circuit_selectivity_by_output_min"],
            "reference_circuit": ref["reference_circuit_selectivity_by_output"],
            "reference_feature_min": ref["reference_selectivity_by_output_min"]}
-    print(json.dumps({k: row[k] for k in ("recipe", "seed", "seconds", "train_loss", "reference_circuit_min")}),
+    print(json.dumps({k: row[k] for k in ("recipe", "seed", "seconds", "blocks", "train_loss",
+                                          "reference_circuit_min")}),
           flush=True)
     return row
 
@@ -79,7 +81,12 @@ def _cell(row: dict[str, Any]) -> str:
     if "failed" in row:
         return "no model learned every feature | – | – | –"
     return (f"{_mark(row['reference_circuit_min'])} | {row['reference_feature_min']:.3g} "
-            f"| {min(row['r2_per_feature']):.3g} | {row['train_loss']:.3g} ({row['seconds']:.0f} s)")
+            f"| {min(row['r2_per_feature']):.3g} | {row['train_loss']:.3g} ({_time(row)})")
+
+
+def _time(row: dict[str, Any]) -> str:
+    """Training time, and the blocks of starts when more than one (``Toy.blocks``)."""
+    return f"{row['seconds']:.0f} s" + (f", {row['blocks']} blocks" if row["blocks"] > 1 else "")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -117,8 +124,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
                    f"training loss in {sum(p['train_loss'] < o['train_loss'] for o, p in both)}/{len(both)}.")
     slow = [r for r in rows if r["recipe"] == "ours" and r["seconds"] > 60]
     if slow:
-        out.append("- Our recipe over a minute: " + ", ".join(f"seed {r['seed']} ({r['seconds']:.0f} s)" for r in slow)
-                   + ".")
+        out.append("- Our recipe over a minute: " + ", ".join(f"seed {r['seed']} ({_time(r)})" for r in slow) + ".")
+    for recipe in RECIPES:
+        more = [r for r in rows if r["recipe"] == recipe and "failed" not in r and r["blocks"] > 1]
+        if more:
+            out.append(f"- {recipe}: more than one block of starts (the first block's kept model never learned a "
+                       f"feature) in {len(more)}/{len([r for r in rows if r['recipe'] == recipe])} seeds: "
+                       + ", ".join(f"seed {r['seed']} ({r['blocks']} blocks)" for r in more) + ".")
     return "\n".join(out)
 
 

@@ -119,7 +119,13 @@ def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch
         make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10)
     assert len(checked) == 3 and all(x.shape == (200, 5) and torch.equal(y, x ** 2) for x, y in checked)
     monkeypatch.setattr(train, "LEARNED_R2", 0.3)
-    assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).final_loss > 0
+    toy = make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10)
+    assert toy.final_loss > 0 and toy.blocks == 1
+    # the first block's model fails the check, the second's passes: Toy.blocks records it
+    r2 = iter([[0.1] * 5, [0.9] * 5])
+    monkeypatch.setattr(metrics, "feature_r2", lambda m, x, y: next(r2))
+    assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).blocks == 2
+    assert make_toy("tmcs", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).blocks == 1
 
 
 def test_make_toy_lr_is_the_training_learning_rate_and_is_validated(monkeypatch):
