@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from l3d_lens import decompose  # noqa: E402
 from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
-from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
+from l3d_lens.toy.reproduce import evaluate, nanmin, recommended_config, scaled_lr_step  # noqa: E402
 from l3d_lens.toy.sweep import kept_run  # noqa: E402
 
 SECTION = "## Toy models: more seeds"
@@ -132,21 +132,29 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def _per_circuit(q: list[dict[str, Any]]) -> str:
     """The x² target per (feature, sign) circuit rather than at the worst circuit of a seed:
-    how many circuits reach 10, how many seeds' median circuit does, and how far each kept
-    subnetwork is from its circuit's reference."""
+    how many circuits reach 10, how many of those below 10 have a reference below 10 too, how
+    many seeds' median circuit reaches 10, and how far each kept subnetwork is from its
+    circuit's reference. A circuit without an owner (NaN) counts as not reaching 10 and is left
+    out of medians and ratios."""
     sel = [r["best_of"]["circuit_selectivity_by_output"] for r in q]
     ref = [r["best_of"]["reference_circuit_selectivity_by_output"] for r in q]
-    flat = [v for s in sel for v in s]
-    flat_ref = [v for s in ref for v in s]
-    ratio = [a / b for s, t in zip(sel, ref) for a, b in zip(s, t) if not (math.isnan(a) or math.isnan(b))]
-    return (f"- x² per circuit, best of 3, all {len(q)} seeds: {sum(v >= 10 for v in flat)}/{len(flat)} "
-            f"(feature, sign) circuits reach selectivity 10 (the reference: {sum(v >= 10 for v in flat_ref)}/"
-            f"{len(flat_ref)}); a seed's median circuit reaches it in "
-            f"{sum(statistics.median(s) >= 10 for s in sel)}/{len(q)} seeds (median over circuits "
-            f"{min(statistics.median(s) for s in sel):.3g}-{max(statistics.median(s) for s in sel):.3g}); a circuit's "
-            f"selectivity over its reference: median {statistics.median(ratio):.2f}, 10-90% "
-            f"{_quantile(ratio, 0.1):.2f}-{_quantile(ratio, 0.9):.2f}. The issue's target takes the worst circuit "
-            f"of a seed.")
+    pairs = [(a, b) for s, t in zip(sel, ref) for a, b in zip(s, t)]
+    below = [(a, b) for a, b in pairs if not a >= 10]
+    ratio = [a / b for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+    medians = [statistics.median(v) for v in ([a for a in s if not math.isnan(a)] for s in sel) if v]
+    worst = [min((a / b for a, b in zip(s, t) if not (math.isnan(a) or math.isnan(b))), default=float("nan"))
+             for s, t in zip(sel, ref)]
+    out = (f"- x² per circuit, best of 3, all {len(q)} seeds: {len(pairs) - len(below)}/{len(pairs)} (feature, sign) "
+           f"circuits reach selectivity 10 (the reference: {sum(b >= 10 for _, b in pairs)}/{len(pairs)}); of the "
+           f"{len(below)} below 10, {sum(not b >= 10 for _, b in below)} have a reference below 10 too; a seed's "
+           f"median circuit reaches 10 in {sum(m >= 10 for m in medians)}/{len(q)} seeds")
+    if medians:
+        out += f" (median over circuits {min(medians):.3g}-{max(medians):.3g})"
+    if ratio:
+        out += (f"; a circuit's selectivity over its reference: median {statistics.median(ratio):.2f}, 10-90% "
+                f"{_quantile(ratio, 0.1):.2f}-{_quantile(ratio, 0.9):.2f}, lowest per seed {nanmin(worst):.2f}-"
+                f"{max(w for w in worst if not math.isnan(w)):.2f}")
+    return out + ". The issue's target takes the worst circuit of a seed."
 
 
 def _quantile(values: list[float], q: float) -> float:

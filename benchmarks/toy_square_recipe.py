@@ -122,14 +122,15 @@ def summary(rows: list[dict[str, Any]]) -> str:
         higher = sum(p["reference_circuit_min"] > o["reference_circuit_min"] for o, p in both)
         out.append(f"- The paper's recipe gives the higher reference in {higher}/{len(both)} seeds and the lower "
                    f"training loss in {sum(p['train_loss'] < o['train_loss'] for o, p in both)}/{len(both)}.")
-    slow = [r for r in rows if r["recipe"] == "ours" and r["seconds"] > 60]
+    slow = [r for r in rows if r["recipe"] == "ours" and "failed" not in r and r["seconds"] > 60]
     if slow:
         out.append("- Our recipe over a minute: " + ", ".join(f"seed {r['seed']} ({_time(r)})" for r in slow) + ".")
     for recipe in RECIPES:
-        more = [r for r in rows if r["recipe"] == recipe and "failed" not in r and r["blocks"] > 1]
+        ok = [r for r in rows if r["recipe"] == recipe and "failed" not in r]
+        more = [r for r in ok if r["blocks"] > 1]
         if more:
             out.append(f"- {recipe}: more than one block of starts (the first block's kept model never learned a "
-                       f"feature) in {len(more)}/{len([r for r in rows if r['recipe'] == recipe])} seeds: "
+                       f"feature) in {len(more)}/{len(ok)} seeds with a model: "
                        + ", ".join(f"seed {r['seed']} ({r['blocks']} blocks)" for r in more) + ".")
     return "\n".join(out)
 
