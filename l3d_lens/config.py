@@ -19,6 +19,7 @@ DIVERGENCES = ("auto", "kl", "mse")
 SAMPLES = ("auto", "token", "sequence")
 REFERENCES = ("random", "mean", "uniform", "zero", "paired")
 ENGINES = ("fast", "exact")
+LOSS_NORMS = ("batch", "sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -61,6 +62,12 @@ class L3DConfig:
         resampling").
         resample_max: at most this many dead subnetworks per resampling (lowest index first);
         None: all of them.
+    loss_norm: "batch" (the paper's sum_i ||g_i - g_hat_i||^2 / sum_i ||g_i||^2: samples with
+        large gradients weigh most) or "sample" (mean_i ||g_i - g_hat_i||^2 / ||g_i||^2 over the
+        samples with a non-zero gradient: every sample weighs the same). On TMCS "sample" keeps
+        rows with several active features, and their cross terms, from tilting the subnetworks
+        (BENCHMARKS.md, "Toy models: per-sample loss"). ``reconstruction_error`` is the batch
+        form either way.
     """
 
     components: Union[str, Sequence[str]]
@@ -87,6 +94,7 @@ class L3DConfig:
     aux_epochs: Union[int, None] = None
     resample_epochs: tuple[int, ...] = ()
     resample_max: Union[int, None] = None
+    loss_norm: str = "batch"
 
     def __post_init__(self) -> None:
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
@@ -122,6 +130,7 @@ class L3DConfig:
             if self.reference == ref and isinstance(self.divergence, str) and self.divergence not in ("auto", needs):
                 raise ValueError(f"reference={ref!r} needs divergence={needs!r}, got divergence={self.divergence!r}")
         _choice("engine", self.engine, ENGINES)
+        _choice("loss_norm", self.loss_norm, LOSS_NORMS)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("autocast", self.autocast, (None, "bf16", "fp16"))
         if self.autocast is not None and self.engine != "fast":

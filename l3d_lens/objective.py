@@ -1,7 +1,8 @@
 """L3D's objective: batch top-k on the coefficients, then the normalised L2 error of
 reconstructing each sample's gradient from the kept coefficients,
 sum_i ||g_i - V_out c_i||^2 / sum_i ||g_i||^2, expanded so that no g_i is ever needed:
-||g||^2 - 2 c.(V_out^T g) + c^T (V_out^T V_out) c.
+||g||^2 - 2 c.(V_out^T g) + c^T (V_out^T V_out) c. ``loss_terms`` also gives the per-sample
+form, mean_i ||g_i - V_out c_i||^2 / ||g_i||^2 (``L3DConfig.loss_norm``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ def sample_errors(A: Float[torch.Tensor, "s k"], B: Float[torch.Tensor, "s k"], 
     """||g_i - V_out c_i||^2 per sample, with c = A masked."""
     c = A * mask
     return gsq - 2 * (c * B).sum(-1) + ((c @ G) * c).sum(-1)
+
+
+def loss_terms(errors: Float[torch.Tensor, " s"], gsq: Float[torch.Tensor, " s"],
+               loss_norm: str = "batch") -> tuple[torch.Tensor, float]:
+    """(numerator, denominator) of the loss over a batch, kept apart so that they can be summed
+    over steps and processes: "batch": (sum_i e_i, sum_i ||g_i||^2); "sample": (sum_i
+    e_i / ||g_i||^2, number of samples with g_i != 0); a zero gradient has nothing to
+    reconstruct, so it counts in neither."""
+    if loss_norm == "batch":
+        return errors.sum(), gsq.detach().sum().item()
+    if loss_norm == "sample":
+        g = gsq.detach()
+        nonzero = g > 0
+        weight = torch.where(nonzero, 1 / torch.where(nonzero, g, torch.ones_like(g)), torch.zeros_like(g))
+        return (errors * weight).sum(), float(nonzero.sum().item())
+    raise ValueError(f"loss_norm={loss_norm!r} is not valid; choose one of 'batch', 'sample'")
 
 
 def l3d_loss(A, B, gsq, G, top_k: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from . import distributed
 from .config import L3DConfig
 from .data import Data, batches
 from .engine import NonFiniteGradient, batch_stats
-from .objective import aux_errors, sample_errors, topk_mask
+from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
 from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
@@ -61,7 +61,6 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     coef_all, local = distributed.gather_cat(stats.A.detach())
     mask_all = topk_mask(coef_all, cfg.top_k)
     mask = mask_all[local]
-    den = distributed.sum_scalar(stats.gsq.detach().sum().item())
     dead = (step_index - sums.last_active) >= cfg.dead_steps
     use_aux = cfg.aux_coef > 0 and (cfg.aux_epochs is None or epoch < cfg.aux_epochs) and bool(dead.any())
     # only subnetworks active somewhere in the global batch (or, for the aux loss, dead ones)
@@ -72,7 +71,8 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     A, B, kept = stats.A.index_select(1, idx), stats.B.index_select(1, idx), mask.index_select(1, idx)
     G = gram(f_out, task.selected)
     errors = sample_errors(A, B, stats.gsq, G, kept)
-    num = errors.sum()
+    num, den_local = loss_terms(errors, stats.gsq, cfg.loss_norm)
+    den = distributed.sum_scalar(den_local)
     loss = num / den
     if use_aux:
         dead_cols = dead.to(coef_all.device)

@@ -14,7 +14,7 @@ import torch
 import l3d_lens
 from l3d_lens.decomposition import Decomposition, build_task
 from l3d_lens.engine import batch_stats
-from l3d_lens.objective import l3d_loss
+from l3d_lens.objective import l3d_loss, loss_terms, sample_errors, topk_mask
 from l3d_lens.subnetworks import gram, init_factors, resolve_ranks
 
 from .helpers import TinyMLP, tiny_lm, tokens
@@ -170,3 +170,47 @@ def test_fast_equals_exact_unpaired_references(lm_kind, reference, sample):
         out[engine] = batch_stats(task, f, x, torch.Generator().manual_seed(7))
     for field in ("A", "B", "gsq"):
         assert rel(getattr(out["fast"], field), getattr(out["exact"], field)) < RTOL, field
+
+
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_per_sample_loss_norm_matches_oracle(engine):
+    """loss_norm='sample': the loss mean_i ||g_i - g_hat_i||^2 / ||g_i||^2 and its gradients
+    w.r.t. every factor against the torch.func oracle; and the first epoch's recorded loss of
+    a one-batch decomposition is that loss at the initial factors."""
+    model = TinyMLP()
+    x = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    comps = ["fc1", "fc2"] + (["scale"] if engine == "exact" else [])  # the fast engine has no "scale"
+    cfg = l3d_lens.L3DConfig(components=comps, n_subnetworks=4, rank=2, reference="zero",
+                             engine=engine, dtype="float64", top_k=0.3, loss_norm="sample", batch_size=6, epochs=1)
+    task = build_task(model, cfg)
+    f0 = init_factors(task.selected, resolve_ranks(task.selected, 2), 4, torch.Generator().manual_seed(cfg.seed),
+                      torch.float64, torch.device("cpu"))
+    f = {n: t.clone().requires_grad_(True) for n, t in f0.items()}
+    st = batch_stats(task, f, x, None)
+    num, den = loss_terms(sample_errors(st.A, st.B, st.gsq, gram(f, task.selected), topk_mask(st.A, 0.3)),
+                          st.gsq, "sample")
+    loss = num / den
+    grads = dict(zip(f, torch.autograd.grad(loss, list(f.values()))))
+
+    names = [s.name for s in task.selected]
+    with torch.no_grad():
+        zeros = torch.zeros_like(model(x))
+    g = per_sample_grads(model, names, x, None, "sequence", divergence="mse", ref_outputs=zeros)
+    f_ref = {n: t.clone().requires_grad_(True) for n, t in f0.items()}
+    dec = Decomposition(task, f_ref, [])
+    flat = torch.cat([g[n].reshape(6, -1) for n in names], 1)
+    v_in = torch.cat([dec.encoders()[n].reshape(4, -1) for n in names], 1)
+    v_out = torch.cat([dec.subnetworks()[n].reshape(4, -1) for n in names], 1)
+    coef = flat @ v_in.T
+    c = coef * topk_mask(coef.detach(), 0.3)
+    loss_ref = (((flat - c @ v_out) ** 2).sum(1) / (flat ** 2).sum(1)).mean()
+    grads_ref = dict(zip(f_ref, torch.autograd.grad(loss_ref, list(f_ref.values()))))
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < RTOL
+    for name, gr in grads_ref.items():
+        assert rel(grads[name], gr) < RTOL, f"d loss / d {name}"
+    # the batch form weighs samples by ||g_i||^2, so its loss differs here
+    batch = (((flat - c @ v_out) ** 2).sum() / (flat ** 2).sum()).item()
+    assert abs(batch - loss_ref.item()) > 1e-3 * loss_ref.item()
+
+    dec_run = l3d_lens.decompose(model, x, cfg, progress=False)
+    assert abs(dec_run.history[0]["loss"] - loss_ref.item()) / loss_ref.item() < RTOL

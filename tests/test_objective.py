@@ -8,7 +8,7 @@ import torch
 
 import l3d_lens
 from l3d_lens.decomposition import build_task
-from l3d_lens.objective import aux_errors, sample_errors, topk_mask
+from l3d_lens.objective import aux_errors, l3d_loss, loss_terms, sample_errors, topk_mask
 from l3d_lens.subnetworks import init_factors, resolve_ranks
 from l3d_lens.resampling import gradient_batch, tucker
 
@@ -89,3 +89,22 @@ def test_gradients_materialised_for_resampling_match_the_exact_engine(components
         err = (got["fast"][1][name] - exact).abs().max().item()
         assert err <= 1e-5 * exact.abs().max().item() + 1e-9 * scale, name
     assert torch.allclose(got["fast"][0].A, got["exact"][0].A, rtol=1e-5, atol=1e-9)
+
+
+def test_loss_terms_batch_and_per_sample_forms_and_zero_gradients():
+    grads, v_in, v_out = materials()
+    grads[2] = 0.0  # a sample with nothing to reconstruct
+    A, B, G = grads @ v_in.T, grads @ v_out.T, v_out @ v_out.T
+    gsq = (grads ** 2).sum(1)
+    mask = topk_mask(A, 0.4)
+    errors = sample_errors(A, B, gsq, G, mask)
+    num, den = loss_terms(errors, gsq, "batch")
+    assert torch.allclose(num / den, l3d_loss(A, B, gsq, G, 0.4)[0], rtol=1e-12)
+    num, den = loss_terms(errors, gsq, "sample")
+    keep = gsq > 0
+    assert den == 6.0 and torch.isfinite(num)
+    assert torch.allclose(num / den, (errors[keep] / gsq[keep]).mean(), rtol=1e-12)
+    with pytest.raises(ValueError, match="loss_norm='mean' is not valid; choose one of 'batch', 'sample'"):
+        loss_terms(errors, gsq, "mean")
+    with pytest.raises(ValueError, match="loss_norm='per_sample' is not valid; choose one of 'batch', 'sample'"):
+        l3d_lens.L3DConfig(components="blocks.0.attn", loss_norm="per_sample")
