@@ -30,6 +30,7 @@ import gc
 import importlib.metadata
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -37,7 +38,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,6 +109,27 @@ def jobs_header(script: str, args, seconds: float) -> str:
     return (f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
             f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
             f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min.")
+
+
+def pool_map(fn: Callable[..., Any], tasks: Iterable[tuple], jobs: int) -> list[Any]:
+    """``fn(*task)`` for every task in ``jobs`` spawned processes; results in task order."""
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *task) for task in tasks]
+        return [f.result() for f in futures]
+
+
+def seeds_jobs_main(doc: str, heading: str, section: Callable[[list[dict[str, Any]], Any, float], str],
+                    run: Callable[[Any], list[dict[str, Any]]], argv: Optional[list[str]] = None,
+                    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> None:
+    """The main of a benchmark built on ``seeds_jobs_parser`` (plus ``add_arguments``): parse,
+    set the thread count, and write ``section(rows, args, seconds)`` from ``run(args)`` (or
+    from ``--from-json``) as ``heading``'s section."""
+    ap = seeds_jobs_parser(doc, Path(BENCHMARKS_MD))
+    if add_arguments is not None:
+        add_arguments(ap)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_section(heading, lambda rows, seconds: section(rows, args, seconds), lambda: run(args), args)
 
 
 def run_section(heading: str, section: Callable[[list[dict[str, Any]], float], str],

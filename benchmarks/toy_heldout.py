@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
+from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, nanmin, recommended_config, scaled_lr_step  # noqa: E402
 from l3d_lens.toy.sweep import kept_run  # noqa: E402
@@ -69,9 +67,7 @@ def run_one(name: str, seed: int, epochs: int, threads: int) -> dict[str, Any]:
 
 def run(seeds, epochs: int, jobs: int, threads: int) -> list[dict[str, Any]]:
     tasks = [(name, seed) for seed in seeds for name in ("tmcs", "square")]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, name, seed, epochs, threads) for name, seed in tasks]
-        return [f.result() for f in futures]
+    return pool_map(run_one, [(name, seed, epochs, threads) for name, seed in tasks], jobs)
 
 
 def _mark(value: float, target: float) -> str:
@@ -184,12 +180,9 @@ def section(rows, args, seconds: float) -> str:
 
 
 def main(argv=None) -> None:
-    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
-    ap.add_argument("--epochs", type=int, default=300, help="L3D epochs (paper: 1000)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
-                lambda: run(args.seeds, args.epochs, args.jobs, args.threads), args)
+    seeds_jobs_main(__doc__, SECTION, section, lambda args: run(args.seeds, args.epochs, args.jobs, args.threads),
+                    argv, lambda ap: ap.add_argument("--epochs", type=int, default=300,
+                                                     help="L3D epochs (paper: 1000)"))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ reconstruction error is the batch form for both losses.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
+from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 
@@ -67,9 +65,7 @@ def run_one(name: str, seed: int, threads: int) -> list[dict[str, Any]]:
 
 def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     tasks = [(name, seed) for name in ("square", "tmcs") for seed in seeds]  # the long x² jobs first
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, name, seed, threads) for name, seed in tasks]
-        return [row for f in futures for row in f.result()]
+    return [row for rows in pool_map(run_one, [(name, seed, threads) for name, seed in tasks], jobs) for row in rows]
 
 
 def _fmt(name: str, value: float) -> str:
@@ -103,20 +99,22 @@ def summary(rows: list[dict[str, Any]]) -> str:
         out.append(f"- {label}: the reference reaches {target:g} in {sum(v >= target for v in ref)}/{len(seeds)} seeds.")
         for norm in NORMS:
             sel = [r for r in rows if r["toy"] == name and r["loss_norm"] == norm]
-            gap = [r["value"] - r["reference"] if name == "tmcs" else r["value"] / r["reference"] for r in sel]
             err = [r["error"] for r in sel]
-            what = "statistic - reference" if name == "tmcs" else "selectivity / reference"
-            out.append(f"  - {norm}: >= {target:g} in {sum(r['value'] >= target for r in sel)}/{len(sel)}; {what} "
-                       f"median {statistics.median(gap):+.4f} (range {min(gap):+.4f} to {max(gap):+.4f}); held-out "
-                       f"error {100 * min(err):.1f}-{100 * max(err):.1f}% (median {100 * statistics.median(err):.1f}%); "
-                       f"dead subnetworks in {sum(r['dead_fraction'] > 0 for r in sel)} seeds."
-                       if name == "tmcs" else
-                       f"  - {norm}: >= {target:g} in {sum(r['value'] >= target for r in sel)}/{len(sel)}; {what} "
-                       f"median {statistics.median(gap):.3f} (range {min(gap):.3f}-{max(gap):.3f}); circuits >= 10: "
-                       f"{sum(v >= 10 for r in sel for v in r['per_circuit'])}/{sum(len(r['per_circuit']) for r in sel)}; "
-                       f"one per feature, none shared in {sum(r['one_per_feature_none_shared'] for r in sel)}/{len(sel)}; "
-                       f"held-out error {100 * min(err):.1f}-{100 * max(err):.1f}% (median "
-                       f"{100 * statistics.median(err):.1f}%).")
+            error = (f"held-out error {100 * min(err):.1f}-{100 * max(err):.1f}% "
+                     f"(median {100 * statistics.median(err):.1f}%)")
+            line = f"  - {norm}: >= {target:g} in {sum(r['value'] >= target for r in sel)}/{len(sel)}; "
+            if name == "tmcs":
+                gap = [r["value"] - r["reference"] for r in sel]
+                line += (f"statistic - reference median {statistics.median(gap):+.4f} (range {min(gap):+.4f} to "
+                         f"{max(gap):+.4f}); {error}; dead subnetworks in "
+                         f"{sum(r['dead_fraction'] > 0 for r in sel)} seeds.")
+            else:
+                ratio = [r["value"] / r["reference"] for r in sel]
+                line += (f"selectivity / reference median {statistics.median(ratio):.3f} (range {min(ratio):.3f}-"
+                         f"{max(ratio):.3f}); circuits >= 10: {sum(v >= 10 for r in sel for v in r['per_circuit'])}/"
+                         f"{sum(len(r['per_circuit']) for r in sel)}; one per feature, none shared in "
+                         f"{sum(r['one_per_feature_none_shared'] for r in sel)}/{len(sel)}; {error}.")
+            out.append(line)
     return "\n".join(out)
 
 
@@ -134,11 +132,7 @@ def section(rows, args, seconds: float) -> str:
 
 
 def main(argv=None) -> None:
-    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
-                lambda: run(args.seeds, args.jobs, args.threads), args)
+    seeds_jobs_main(__doc__, SECTION, section, lambda args: run(args.seeds, args.jobs, args.threads), argv)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ machine (one thread per job, two jobs on two cores).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
+from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy, metrics  # noqa: E402
 from l3d_lens.toy.reproduce import square_reference  # noqa: E402
 
@@ -68,9 +66,7 @@ def run_one(recipe: str, seed: int, threads: int) -> dict[str, Any]:
 def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     # the long paper runs first, so the short ones fill in at the end
     tasks = [(recipe, seed) for recipe in ("paper", "ours") for seed in seeds]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, recipe, seed, threads) for recipe, seed in tasks]
-        return [f.result() for f in futures]
+    return pool_map(run_one, [(recipe, seed, threads) for recipe, seed in tasks], jobs)
 
 
 def _mark(value: float) -> str:
@@ -153,11 +149,7 @@ def section(rows, args, seconds: float) -> str:
 
 
 def main(argv=None) -> None:
-    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
-                lambda: run(args.seeds, args.jobs, args.threads), args)
+    seeds_jobs_main(__doc__, SECTION, section, lambda args: run(args.seeds, args.jobs, args.threads), argv)
 
 
 if __name__ == "__main__":

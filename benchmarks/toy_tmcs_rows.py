@@ -18,11 +18,9 @@ sees rows with several features, and its held-out error says what that costs.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_header, run_section, seeds_jobs_parser  # noqa: E402
+from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.data import active_features  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
@@ -66,9 +64,7 @@ def run_one(seed: int, threads: int) -> list[dict[str, Any]]:
 
 
 def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, seed, threads) for seed in seeds]
-        return [row for f in futures for row in f.result()]
+    return [row for rows in pool_map(run_one, [(seed, threads) for seed in seeds], jobs) for row in rows]
 
 
 def _mark(value: float) -> str:
@@ -123,11 +119,7 @@ def section(rows, args, seconds: float) -> str:
 
 
 def main(argv=None) -> None:
-    ap = seeds_jobs_parser(__doc__, ROOT / "BENCHMARKS.md")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_section(SECTION, lambda rows, seconds: section(rows, args, seconds),
-                lambda: run(args.seeds, args.jobs, args.threads), args)
+    seeds_jobs_main(__doc__, SECTION, section, lambda args: run(args.seeds, args.jobs, args.threads), argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from jaxtyping import Bool, Float
 
+from .config import LOSS_NORMS, _choice
+
 
 def topk_mask(coef: Float[torch.Tensor, "s k"], top_k: float) -> Bool[torch.Tensor, "s k"]:
     """Keep the top_k fraction of |coefficients| over the whole batch and all subnetworks."""
@@ -34,14 +36,12 @@ def loss_terms(errors: Float[torch.Tensor, " s"], gsq: Float[torch.Tensor, " s"]
     over steps and processes: "batch": (sum_i e_i, sum_i ||g_i||^2); "sample": (sum_i
     e_i / ||g_i||^2, number of samples with g_i != 0); a zero gradient has nothing to
     reconstruct, so it counts in neither."""
+    _choice("loss_norm", loss_norm, LOSS_NORMS)
+    g = gsq.detach()
     if loss_norm == "batch":
-        return errors.sum(), gsq.detach().sum().item()
-    if loss_norm == "sample":
-        g = gsq.detach()
-        nonzero = g > 0
-        weight = torch.where(nonzero, 1 / torch.where(nonzero, g, torch.ones_like(g)), torch.zeros_like(g))
-        return (errors * weight).sum(), float(nonzero.sum().item())
-    raise ValueError(f"loss_norm={loss_norm!r} is not valid; choose one of 'batch', 'sample'")
+        return errors.sum(), g.sum().item()
+    nonzero = g > 0
+    return (errors * (1 / torch.where(nonzero, g, torch.inf))).sum(), float(nonzero.sum().item())
 
 
 def l3d_loss(A, B, gsq, G, top_k: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import nn
 
+from .data import active_features, single_feature_rows
+
 Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
 
 
@@ -41,8 +43,6 @@ def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.T
     per feature: how well the model computes each feature's own output (x^2: a feature it never
     learned scores <= 0, a constant output for it). NaN for a feature that is never active or
     whose target is constant there."""
-    from .data import active_features
-
     with torch.no_grad():
         fx = model(x)
     act = active_features(x)
@@ -74,8 +74,6 @@ def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
     (or group of ``group_size`` features) is active: row g sums to 1 (NaN if no such row).
     A clean decomposition has one dominant subnetwork per row. ``signed=True`` (features only)
     splits every feature by the sign of its value: row 2i is feature i > 0, row 2i + 1 is i < 0."""
-    from .data import single_feature_rows
-
     if signed and group_size != 1:
         raise ValueError("signed=True needs group_size=1")
     coef = dec.coefficients(x, seed=seed).abs().double()
@@ -160,8 +158,6 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
     reference for ``mean_max_cosine``, not a bound: L3D also sees rows with several features);
     comparing it with the subnetworks says how closely L3D follows the gradients."""
     from torch.func import functional_call, grad, vmap
-
-    from .data import active_features, single_feature_rows
 
     if reference not in ("zero", "mean"):
         raise ValueError(f"reference must be 'zero' or 'mean', got {reference!r}")
