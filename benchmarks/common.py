@@ -111,6 +111,15 @@ def jobs_header(script: str, args, seconds: float) -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min.")
 
 
+def jobs_section(heading: str, script: str, args, seconds: float, intro: str, *blocks: str) -> str:
+    """Such a benchmark's section: ``heading``, ``jobs_header`` followed by ``intro``, then each of
+    ``blocks`` (a table, summary lines), separated by blank lines."""
+    parts = [heading, "", jobs_header(script, args, seconds) + " " + intro]
+    for block in blocks:
+        parts += ["", block]
+    return "\n".join(parts + [""])
+
+
 def pool_map(fn: Callable[..., Any], tasks: Iterable[tuple], jobs: int) -> list[Any]:
     """``fn(*task)`` for every task in ``jobs`` spawned processes; results in task order."""
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, nanmin, recommended_config, scaled_lr_step  # noqa: E402
 from l3d_lens.toy.sweep import kept_run  # noqa: E402
@@ -158,9 +158,8 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def section(rows, args, seconds: float) -> str:
-    return "\n".join([
-        SECTION, "",
-        jobs_header("toy_heldout.py", args, seconds) + " "
+    return jobs_section(
+        SECTION, "toy_heldout.py", args, seconds,
         f"Toy models and L3D as in \"Toy models\" (`recommended_config`, "
         f"{args.epochs} L3D epochs), metrics on 2,000 held-out samples. Seeds 0-2 are the ones the settings were "
         f"developed on. Seeds 3-9 were first run by an earlier version of this script, which decomposed x² once; "
@@ -175,8 +174,8 @@ def section(rows, args, seconds: float) -> str:
         f"how well the trained model squares each feature on the held-out rows where it is active "
         f"(`metrics.feature_r2`); `make_toy` replaces an x² model that never learned a feature (`LEARNED_R2`). "
         f"The earlier run of this section predates that check: its x² seed-3 model never squared feature 4 "
-        f"(r² -0.45), so that row scored L3D on a model computing 4 of its 5 features.", "",
-        table(rows), "", summary(rows), ""])
+        f"(r² -0.45), so that row scored L3D on a model computing 4 of its 5 features.",
+        table(rows), summary(rows))
 
 
 def main(argv=None) -> None:

@@ -115,11 +115,11 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   L3D also fits rows with several features), and L3D's subnetworks get 6.0;
   training that model longer does not change this (ad hoc: 9.0 after 300 epochs, 7.6 after the
   paper's 1,000; a decayed learning rate for the last 30 of 100 epochs: 6.0).
-  Where the model allows it L3D comes close to the reference (15.9 against 16.1, 11.6 against
+  Where the model allows it L3D comes close to the reference (16.4 against 15.8, 11.6 against
   13.1). The strict version, which also counts output i on rows without the feature against the
-  subnetwork, stays at 3.9-8.8: moving a circuit's weights also shifts what output i gives at
+  subnetwork, stays at 3.9-9.4: moving a circuit's weights also shifts what output i gives at
   x_i = 0, which no gradient at x_i != 0 constrains.
-- **x² on 10 seeds** (section "Toy models: more seeds", another CPU than this run). A single
+- **x² on 10 seeds** (section "Toy models: more seeds", the same models as seeds 0-2 here). A single
   L3D run shares a subnetwork between two features in 1 of 10 seeds (8); the best of 3 L3D
   seeds by final training loss gets one subnetwork per feature, none shared, in 10 of 10, and
   selectivity >= 10 in 5 of 10, where the model's own reference reaches it in 6. Below 10 the
@@ -127,9 +127,9 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   reference 10.4). Seed 3's x² model used to leave feature 4 unlearned (r² -0.45), so that row
   scored a model of 4 features; `make_toy` now replaces such a model (`LEARNED_R2`), and the
   retrained seed-3 model is one of the least selective (reference 4.7). Training is
-  bit-reproducible on one machine but not across CPUs (x² seed 0 trains to loss 0.002026 here,
-  0.002041 there), and a single x² run can change its answer with the last bits: seed 7 shared a
-  subnetwork on the CPU of an earlier run and not on the other.
+  bit-reproducible on one machine but not across CPUs (x² seed 0 trained to loss 0.002026 on
+  the CPU of an earlier run of this section, to 0.002041 on this one), and a single x² run can
+  change its answer with the last bits: seed 7 shared a subnetwork on that CPU and not on this.
 - **x² training recipe** (section "Toy models: x² training recipe"). The paper's own recipe
   (1,000 epochs, AdamW lr 1e-3) does not make the target easier: its models reach a lower
   training loss in 9 of 10 seeds (the worst feature's held-out r² is higher in 5) but their

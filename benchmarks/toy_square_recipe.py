@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy, metrics  # noqa: E402
 from l3d_lens.toy.reproduce import square_reference  # noqa: E402
 
@@ -132,9 +132,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def section(rows, args, seconds: float) -> str:
-    return "\n".join([
-        SECTION, "",
-        jobs_header("toy_square_recipe.py", args, seconds) + " "
+    return jobs_section(
+        SECTION, "toy_square_recipe.py", args, seconds,
         "The x² toy model trained by `make_toy(\"square\", seed)` with our recipe (100 epochs, AdamW lr 1e-2) and "
         "with the paper's (`epochs=1000, lr=1e-3`); everything else the same (PyTorch's init, best of 3 starts "
         "by a 20-epoch probe, a fresh block of starts if a feature was never learned, which about doubles the "
@@ -144,8 +143,8 @@ def section(rows, args, seconds: float) -> str:
         "features) of the principal direction of each circuit's (feature's) own gradients, the direction a "
         "subnetwork reconstructing them exactly would take (`reproduce.square_reference`); bold: >= 10. "
         "\"min r² of x_i²\": how well the model squares its worst feature (`metrics.feature_r2`). All on the "
-        "toy's 2,000 held-out samples; the \"ours\" column is the model of \"Toy models: more seeds\".", "",
-        table(rows), "", summary(rows), ""])
+        "toy's 2,000 held-out samples; the \"ours\" column is the model of \"Toy models: more seeds\".",
+        table(rows), summary(rows))
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_header, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.data import active_features  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
@@ -104,9 +104,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def section(rows, args, seconds: float) -> str:
-    return "\n".join([
-        SECTION, "",
-        jobs_header("toy_tmcs_rows.py", args, seconds) + " "
+    return jobs_section(
+        SECTION, "toy_tmcs_rows.py", args, seconds,
         "TMCS as in \"Toy models: more seeds\", one L3D run per setting from L3D seed = model seed "
         "(`recommended_config`, lr ×0.8 every tenth of training): on all 1,000 L3D rows for 300 epochs (that "
         "section's \"one run\") and for the paper's 1,000, and on the rows with a single active feature only. "
@@ -114,8 +113,8 @@ def section(rows, args, seconds: float) -> str:
         "\"reference\": the same for the principal direction of each feature's own gradients on single-feature "
         "rows; error on the 2,000 held-out samples (all kinds of rows); bold: >= 0.92. The single-feature run "
         "has about 790 of the 1,000 rows, so about a fifth fewer L3D steps in its 300 epochs. Single-run results "
-        "include poor optima (the best-of-3 rule of that section avoids most); compare along a row.", "",
-        table(rows), "", summary(rows), ""])
+        "include poor optima (the best-of-3 rule of that section avoids most); compare along a row.",
+        table(rows), summary(rows))
 
 
 def main(argv=None) -> None:

@@ -71,7 +71,8 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     A, B, kept = stats.A.index_select(1, idx), stats.B.index_select(1, idx), mask.index_select(1, idx)
     G = gram(f_out, task.selected)
     errors = sample_errors(A, B, stats.gsq, G, kept)
-    num, den_local = loss_terms(errors, stats.gsq, cfg.loss_norm)
+    norm = cfg.loss_norm if cfg.loss_norm_epochs is None or epoch < cfg.loss_norm_epochs else "batch"
+    num, den_local = loss_terms(errors, stats.gsq, norm)
     den = distributed.sum_scalar(den_local)
     loss = num / den
     if use_aux:

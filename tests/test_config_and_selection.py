@@ -35,6 +35,9 @@ from .helpers import TinyMLP, tiny_lm
     (dict(resample_epochs=5), r"got 5"),
     (dict(resample_epochs=(1,), epochs=1), "none: epochs=1 leaves no epoch to resample at"),
     (dict(resample_max=0), r"resample_max must be None \(every dead subnetwork\) or an int >= 1"),
+    (dict(loss_norm="sample", loss_norm_epochs=0), r"loss_norm_epochs must be None \(all epochs\) or an int >= 1"),
+    (dict(loss_norm="sample", loss_norm_epochs=True), "got True"),
+    (dict(loss_norm_epochs=5), "from loss_norm='sample' to the batch form; with loss_norm='batch' there is nothing"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):

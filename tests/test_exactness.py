@@ -214,3 +214,32 @@ def test_per_sample_loss_norm_matches_oracle(engine):
 
     dec_run = l3d_lens.decompose(model, x, cfg, progress=False)
     assert abs(dec_run.history[0]["loss"] - loss_ref.item()) / loss_ref.item() < RTOL
+
+
+def test_loss_norm_epochs_switches_to_the_batch_loss():
+    """loss_norm_epochs=2: the first two epochs are the per-sample run's, bit for bit; the third
+    records the batch loss sum_i ||g_i - g_hat_i||^2 / sum_i ||g_i||^2 (against the torch.func
+    oracle at the factors after epoch 2, 1e-5 relative), where the per-sample run records its
+    own form. One batch per epoch, so an epoch's recorded loss is that of its one step."""
+    model = TinyMLP()
+    x = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = l3d_lens.L3DConfig(components=["fc1", "fc2"], n_subnetworks=4, rank=2, reference="zero", dtype="float64",
+                             top_k=0.3, loss_norm="sample", batch_size=6, epochs=3, lr=0.05)
+    mixed = l3d_lens.decompose(model, x, cfg.replace(loss_norm_epochs=2), progress=False)
+    sample = l3d_lens.decompose(model, x, cfg, progress=False)
+    assert mixed.history[:2] == sample.history[:2]
+    after_two = l3d_lens.decompose(model, x, cfg.replace(epochs=2), progress=False)
+
+    names = after_two.weight_names
+    with torch.no_grad():
+        zeros = torch.zeros_like(model(x))
+    g = per_sample_grads(model, names, x, None, "sequence", divergence="mse", ref_outputs=zeros)
+    flat = torch.cat([g[n].reshape(6, -1) for n in names], 1)
+    v_in = torch.cat([after_two.encoders()[n].reshape(4, -1) for n in names], 1)
+    v_out = torch.cat([after_two.subnetworks()[n].reshape(4, -1) for n in names], 1)
+    coef = flat @ v_in.T
+    residual = ((flat - (coef * topk_mask(coef, 0.3)) @ v_out) ** 2).sum(1)
+    batch, per_sample = residual.sum() / (flat ** 2).sum(), (residual / (flat ** 2).sum(1)).mean()
+    assert abs(mixed.history[2]["loss"] - batch.item()) / batch.item() < RTOL
+    assert abs(sample.history[2]["loss"] - per_sample.item()) / per_sample.item() < RTOL
+    assert abs(batch.item() - per_sample.item()) > 1e-3 * batch.item()

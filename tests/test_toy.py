@@ -87,13 +87,26 @@ def test_fit_reduces_loss_and_tms_is_returned_untied():
     assert torch.equal(model.decoder.weight, model.encoder.weight.T)
 
 
+def test_fit_stops_at_a_failed_check_and_is_unchanged_by_a_passed_one():
+    x = data.sparse_features(300, 5, seed=0, signed=True)
+    runs = {}
+    for name, check in (("plain", None), ("pass", (2, lambda m: True)), ("fail", (2, lambda m: False))):
+        model = models.square_mlp(0)
+        runs[name] = (model, fit(model, x, x ** 2, epochs=4, seed=1, lr=1e-2, check=check))
+    assert runs["pass"][1] == runs["plain"][1] and len(runs["plain"][1]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(runs["pass"][0].parameters(), runs["plain"][0].parameters()))
+    assert runs["fail"][1] == runs["plain"][1][:2]
+    assert not runs["fail"][0].training
+
+
 def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
     x = data.sparse_features(300, 5, seed=0, signed=True)
     build = models.square_mlp
     kw = dict(epochs=2, seed=0, restarts=2, probe_epochs=1, lr=1e-2)
-    plain, plain_losses = fit_best_of(build, x, x ** 2, **kw)
+    plain, plain_losses, plain_blocks = fit_best_of(build, x, x ** 2, **kw)
+    assert plain_blocks == 1
     # a check the first block's model passes leaves the result bit-identical
-    same, same_losses = fit_best_of(build, x, x ** 2, learned=lambda m: True, **kw)
+    same, same_losses, _ = fit_best_of(build, x, x ** 2, learned=lambda m: True, **kw)
     assert same_losses == plain_losses
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), same.parameters()))
     # rejecting the first block's model trains a fresh block of starts: other weights
@@ -101,13 +114,35 @@ def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
     def learned(m):
         seen.append(m)
         return len(seen) == 2
-    other, other_losses = fit_best_of(build, x, x ** 2, learned=learned, **kw)
-    assert other is seen[1] and len(other_losses) == 2
+    other, other_losses, blocks = fit_best_of(build, x, x ** 2, learned=learned, **kw)
+    assert other is seen[1] and len(other_losses) == 2 and blocks == 2
     assert not torch.equal(other.layers[0].weight, plain.layers[0].weight)
+    # give_up drops the first block's model before ``learned`` sees it, and the second block's
+    # model is the one the learned check gave above, bit for bit
+    kw3 = dict(kw, epochs=3)
+    calls = []
+    def give_up(m):
+        calls.append(m)
+        return len(calls) > 1
+    judged = []
+    early, early_losses, early_blocks = fit_best_of(build, x, x ** 2, learned=lambda m: judged.append(m) or True,
+                                                    give_up=(1, give_up), **kw3)
+    late, late_losses, _ = fit_best_of(build, x, x ** 2, learned=learned_second(), **kw3)
+    assert early_blocks == 2 and len(calls) == 2 and judged == [early] and early is calls[1]
+    assert early_losses == late_losses and len(early_losses) == 3
+    assert all(torch.equal(a, b) for a, b in zip(early.parameters(), late.parameters()))
     with pytest.raises(RuntimeError, match="learned check in 3 blocks of 2 starts"):
         fit_best_of(build, x, x ** 2, learned=lambda m: False, **kw)
     with pytest.raises(ValueError, match="max_blocks must be an integer >= 1"):
         fit_best_of(build, x, x ** 2, learned=lambda m: True, max_blocks=0, **kw)
+    with pytest.raises(ValueError, match="give_up drops a model early that would fail the learned check"):
+        fit_best_of(build, x, x ** 2, give_up=(1, lambda m: True), **kw)
+
+
+def learned_second():
+    """A learned check that fails the first model it sees and passes the rest."""
+    seen = []
+    return lambda m: seen.append(m) or len(seen) > 1
 
 
 def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch):
@@ -126,6 +161,27 @@ def test_make_toy_checks_that_the_square_model_learned_every_feature(monkeypatch
     monkeypatch.setattr(metrics, "feature_r2", lambda m, x, y: next(r2))
     assert make_toy("square", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).blocks == 2
     assert make_toy("tmcs", 0, epochs=1, n_train=200, n_l3d=10, n_eval=10).blocks == 1
+
+
+def test_make_toy_gives_up_early_on_a_square_model_far_from_learning(monkeypatch):
+    """``GIVE_UP``, with the default recipe shortened to 22 epochs (20 of them probes, so the
+    kept start is judged after 1 more); another recipe trains every kept start to the end."""
+    from l3d_lens.toy import train
+    checked = []
+    monkeypatch.setattr(metrics, "feature_r2", lambda m, x, y: checked.append((x, y)) or [0.9] * 5)
+    monkeypatch.setitem(train.DEFAULT_EPOCHS, "square", 22)
+    monkeypatch.setattr(train, "GIVE_UP", (1, 0.95))
+    with pytest.raises(RuntimeError, match="learned check in 3 blocks of 3 starts"):
+        make_toy("square", 0, n_train=200, n_l3d=10, n_eval=10)
+    # three early checks, no learned check (it would have passed 0.9 >= LEARNED_R2)
+    assert len(checked) == 3 and all(x.shape == (200, 5) and torch.equal(y, x ** 2) for x, y in checked)
+    checked.clear()
+    assert len(make_toy("square", 0, lr=1e-3, n_train=200, n_l3d=10, n_eval=10).train_losses) == 22
+    assert len(checked) == 1  # the learned check alone
+    checked.clear()
+    monkeypatch.setattr(train, "GIVE_UP", (1, 0.5))
+    toy = make_toy("square", 0, n_train=200, n_l3d=10, n_eval=10)
+    assert len(checked) == 2 and toy.blocks == 1 and len(toy.train_losses) == 22
 
 
 def test_make_toy_lr_is_the_training_learning_rate_and_is_validated(monkeypatch):

@@ -57,7 +57,10 @@ def best(rows: Sequence[dict[str, Any]], key: str = "error", minimize: bool = Tr
 def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = False) -> Decomposition:
     """Decompose once per seed and keep the run whose last epoch ended with the lowest training
     loss: restarts against a poor local optimum, chosen by L3D's own objective only (never by a
-    ground-truth metric). Ties go to the earlier seed."""
+    ground-truth metric). Ties go to the earlier seed. On TMCS a single run with
+    ``loss_norm="sample"`` for the first half of its epochs (``loss_norm_epochs``) ends where
+    this keeps it, for a third of the time; on x² it does not (BENCHMARKS.md, "Toy models:
+    per-sample, then batch")."""
     if not seeds:
         raise ValueError("best_of needs at least one seed")
     losses: list[float] = []
