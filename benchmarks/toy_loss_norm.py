@@ -68,7 +68,8 @@ def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     return [row for rows in pool_map(run_one, [(name, seed, threads) for name, seed in tasks], jobs) for row in rows]
 
 
-def _fmt(name: str, value: float) -> str:
+def fmt(name: str, value: float) -> str:
+    """``value`` of toy ``name``'s statistic, bold at or above its target."""
     text = f"{value:.4f}" if name == "tmcs" else f"{value:.3g}"
     return f"**{text}**" if value >= TARGETS[name][2] else text
 
@@ -82,10 +83,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     for s in seeds:
         t = [by[("tmcs", s, n)] for n in NORMS]
         q = [by[("square", s, n)] for n in NORMS]
-        lines.append(f"| {s} | {_fmt('tmcs', t[0]['reference'])} | "
-                     + " | ".join(f"{_fmt('tmcs', r['value'])} ({100 * r['error']:.1f}%)" for r in t)
-                     + f" | {_fmt('square', q[0]['reference'])} | "
-                     + " | ".join(f"{_fmt('square', r['value'])} ({100 * r['error']:.1f}%)" for r in q)
+        lines.append(f"| {s} | {fmt('tmcs', t[0]['reference'])} | "
+                     + " | ".join(f"{fmt('tmcs', r['value'])} ({100 * r['error']:.1f}%)" for r in t)
+                     + f" | {fmt('square', q[0]['reference'])} | "
+                     + " | ".join(f"{fmt('square', r['value'])} ({100 * r['error']:.1f}%)" for r in q)
                      + " | " + " / ".join("yes" if r["one_per_feature_none_shared"] else "no" for r in q) + " |")
     return "\n".join(lines)
 

@@ -33,14 +33,12 @@ from l3d_lens import decompose  # noqa: E402
 from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
+# the batch columns are toy_loss_norm's runs (toy_heldout's one run), scored and shown the same way
+from benchmarks.toy_loss_norm import EPOCHS, TARGETS, fmt  # noqa: E402
 
 SECTION = "## Toy models: per-sample, then batch"
-EPOCHS = 300
 SWITCH = 150
 BATCH_RUNS = ROOT / "benchmarks" / "results" / "toy_heldout.json"
-#: toy -> (key of evaluate's result, its reference key, target)
-TARGETS = {"tmcs": ("pearson_r", "pearson_r_reference", 0.92),
-           "square": ("circuit_selectivity_by_output_min", "reference_circuit_selectivity_by_output_min", 10.0)}
 
 
 def _row(name: str, ev: dict[str, Any]) -> dict[str, Any]:
@@ -79,13 +77,8 @@ def batch_runs() -> dict[tuple[str, int], dict[str, Any]]:
                                     "best_of": _row(r["toy"], r["best_of"])} for r in saved}
 
 
-def _fmt(name: str, value: float) -> str:
-    text = f"{value:.4f}" if name == "tmcs" else f"{value:.3g}"
-    return f"**{text}**" if value >= TARGETS[name][2] else text
-
-
 def _cell(name: str, r: dict[str, Any]) -> str:
-    return f"{_fmt(name, r['value'])} ({100 * r['error']:.1f}%)"
+    return f"{fmt(name, r['value'])} ({100 * r['error']:.1f}%)"
 
 
 def table(rows: list[dict[str, Any]], batch: dict) -> str:
@@ -95,7 +88,7 @@ def table(rows: list[dict[str, Any]], batch: dict) -> str:
                   "| per-sample then batch, one run (error) |", "|---|---|---|---|---|"]
         for r in sorted((r for r in rows if r["toy"] == name), key=lambda r: r["seed"]):
             b = batch[(name, r["seed"])]
-            lines.append(f"| {r['seed']} | {_fmt(name, r['reference'])} | {_cell(name, b['one'])} | "
+            lines.append(f"| {r['seed']} | {fmt(name, r['reference'])} | {_cell(name, b['one'])} | "
                          f"{_cell(name, b['best_of'])} | {_cell(name, r)} |")
         lines.append("")
     return "\n".join(lines).rstrip()

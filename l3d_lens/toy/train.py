@@ -260,9 +260,12 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
         y = target(x)
         learned = give_up = None
         if name == "square":  # every feature learned, on the training data (``LEARNED_R2``)
-            learned = lambda m: min(metrics.feature_r2(m, x, y)) >= LEARNED_R2  # noqa: E731
+            def worst_r2(m: nn.Module) -> float:
+                return min(metrics.feature_r2(m, x, y))
+
+            learned = lambda m: worst_r2(m) >= LEARNED_R2  # noqa: E731
             if (epochs, lr) == (DEFAULT_EPOCHS[name], LR[name]):  # ``GIVE_UP`` was measured for this recipe only
-                give_up = (GIVE_UP[0], lambda m: min(metrics.feature_r2(m, x, y)) >= GIVE_UP[1])
+                give_up = (GIVE_UP[0], lambda m: worst_r2(m) >= GIVE_UP[1])
         model, losses, blocks = fit_best_of(build, x, y, epochs=epochs, seed=seed, restarts=restarts,
                                             probe_epochs=probe, lr=lr, learned=learned, give_up=give_up)
     return Toy(name, model, losses, inputs(n_l3d, _seed(seed, _L3D_DATA)), inputs(n_eval, _seed(seed, _EVAL_DATA)),
