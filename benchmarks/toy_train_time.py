@@ -6,12 +6,14 @@ BENCHMARKS.md (other sections are kept).
         # seeds 0-9, 2 jobs x 1 thread (about 6 min)
 
 Each model's final training loss is compared with the one recorded for the same toy and seed by
-the runs of record made on this machine (``benchmarks/results/toy_heldout.json``: TMCS and x²;
-``toy_square_recipe.json``: x²): equal means the model is the one those sections decomposed, bit
-for bit, so a change that only saves time (``train.GIVE_UP``) is shown to change nothing else.
-(``toy_models.json`` and ``toy_resampling.json`` come from an earlier machine: their TMS, TMCS
-and higher-rank losses differ from this machine's in the 8th-9th significant digit.) Times are
-wall seconds with two jobs on two cores, as in the other toy sections.
+the runs of record made on a CPU of the same capability (``RECORDS``: ``toy_heldout.json`` for
+TMCS and x², ``toy_square_recipe.json`` for x² on AVX512; ``toy_switch_epoch.json`` for TMCS and
+``toy_give_up.json`` for x² on AVX2):
+equal means the model is the one those sections decomposed or trained, bit for bit, so a change
+that only saves time (``train.GIVE_UP``) is shown to change nothing else. (``toy_models.json``
+and ``toy_resampling.json`` come from an earlier machine: their TMS, TMCS and higher-rank losses
+differ in the 8th-9th significant digit.) Times are wall seconds with two jobs on two cores, as in
+the other toy sections.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from l3d_lens.toy.train import DEFAULT_EPOCHS, TOY_NAMES  # noqa: E402
 
 SECTION = "## Toy models: training time"
 LIMIT = 60.0
-RECORDS = [ROOT / "benchmarks" / "results" / name for name in ("toy_heldout.json", "toy_square_recipe.json")]
+#: the runs of record, by the CPU capability of the machine that made them (its "machine" line in
+#: BENCHMARKS.md): x² training rounds differently with AVX2 and AVX512 kernels
+RECORDS = {"AVX512": ("toy_heldout.json", "toy_square_recipe.json"),
+           "AVX2": ("toy_switch_epoch.json", "toy_give_up.json")}
 
 
 def run_one(name: str, seed: int, threads: int) -> dict[str, Any]:
@@ -42,7 +47,8 @@ def run_one(name: str, seed: int, threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     toy = make_toy(name, seed)
     row = {"toy": name, "seed": seed, "seconds": time.perf_counter() - t0, "blocks": toy.blocks,
-           "epochs": len(toy.train_losses), "final_loss": toy.final_loss}
+           "epochs": len(toy.train_losses), "final_loss": toy.final_loss,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(json.dumps(row), flush=True)
     return row
 
@@ -52,15 +58,18 @@ def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     return pool_map(run_one, tasks, jobs)
 
 
-def recorded() -> dict[tuple[str, int], set[float]]:
-    """(toy, seed) -> the final training losses the runs of record saved for that model."""
+def recorded(capability: str) -> dict[tuple[str, int], set[float]]:
+    """(toy, seed) -> the final training losses the runs of record made on a CPU of
+    ``capability`` saved for that model."""
     out: dict[tuple[str, int], set[float]] = {}
-    for path in RECORDS:
-        for r in json.loads(path.read_text())["rows"]:
-            if "train_loss_model" in r:
-                out.setdefault((r["toy"], r["seed"]), set()).add(r["train_loss_model"])
+    for name in RECORDS.get(capability, ()):
+        for r in json.loads((ROOT / "benchmarks" / "results" / name).read_text())["rows"]:
+            if "train_loss_model" in r:  # toy_switch_epoch's rows are all TMCS and name no toy
+                out.setdefault((r.get("toy", "tmcs"), r["seed"]), set()).add(r["train_loss_model"])
             elif r.get("recipe") == "ours" and "train_loss" in r:  # toy_square_recipe
                 out.setdefault(("square", r["seed"]), set()).add(r["train_loss"])
+            elif "final_loss" in r and r["final_loss"] is not None:  # toy_give_up (x² only)
+                out.setdefault(("square", r["seed"]), set()).add(r["final_loss"])
     return out
 
 
@@ -100,21 +109,26 @@ def summary(rows: list[dict[str, Any]], saved) -> str:
             line += f"; more than one block of starts: {sum(r['blocks'] > 1 for r in sel)}/{len(sel)} seeds"
         recorded_seeds = len(sel) - matches.count("–")
         line += (f"; same model as recorded in {matches.count('yes')}/{recorded_seeds} seeds" if recorded_seeds
-                 else "; no record from this machine to compare with")
+                 else "; no record from a CPU of this capability to compare with")
         out.append(line + ".")
     return "\n".join(out)
 
 
 def section(rows, args, seconds: float) -> str:
-    saved = recorded()
+    capability = {r["cpu_capability"] for r in rows}
+    if len(capability) != 1:
+        raise ValueError(f"rows from CPUs of several capabilities: {sorted(capability)}")
+    saved = recorded(capability.pop())
     return jobs_section(
         SECTION, "toy_train_time.py", args, seconds,
         f"`make_toy(name, seed)` with its defaults ({', '.join(f'{n} {e}' for n, e in DEFAULT_EPOCHS.items())} "
         "epochs; TMS and x² keep the best of a few starts, x² trains a fresh block of starts when its kept model "
         "never learned a feature and gives a kept start up early when it is far from it, `train.GIVE_UP`), timed "
         "from the call to the trained model (data, training, and the learned checks). \"Same model as recorded\": "
-        "its final training loss equals, bit for bit, the one saved by the runs of record made on this machine "
-        "(`toy_heldout.py`, `toy_square_recipe.py`; – where none trained that model). Bold: a minute or more.",
+        "its final training loss equals, bit for bit, the one saved by the runs of record made on a CPU of this "
+        "capability (AVX512: `toy_heldout.py`, `toy_square_recipe.py`; AVX2: `toy_switch_epoch.py` for TMCS, "
+        "`toy_give_up.py` for x²; – where "
+        "none trained that model). Bold: a minute or more.",
         table(rows, saved), summary(rows, saved))
 
 

@@ -99,6 +99,27 @@ def test_fit_stops_at_a_failed_check_and_is_unchanged_by_a_passed_one():
     assert not runs["fail"][0].training
 
 
+def test_fit_checks_after_each_epoch_of_a_collection_and_stops_at_the_first_failure():
+    """``check = (epochs, ok)``: ``ok`` sees the model after each listed epoch but the last,
+    and training stops at its first failure; one that always passes changes nothing."""
+    x = data.sparse_features(300, 5, seed=0, signed=True)
+    plain = fit(models.square_mlp(0), x, x ** 2, epochs=4, seed=1, lr=1e-2)
+    seen = []
+
+    def ok_until_second(m):
+        seen.append(m.training)
+        return len(seen) < 2
+
+    model = models.square_mlp(0)
+    passed = []
+    assert fit(model, x, x ** 2, epochs=4, seed=1, lr=1e-2, check=(range(1, 5), lambda m: passed.append(1) or True)) \
+        == plain
+    assert len(passed) == 3  # after epochs 1, 2, 3; never after the last
+    assert fit(models.square_mlp(0), x, x ** 2, epochs=4, seed=1, lr=1e-2, check=([1, 3], ok_until_second)) \
+        == plain[:3]
+    assert seen == [False, False]  # checked in eval mode, after epochs 1 and 3
+
+
 def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
     x = data.sparse_features(300, 5, seed=0, signed=True)
     build = models.square_mlp
