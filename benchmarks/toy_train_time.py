@@ -3,17 +3,16 @@ minute each on this machine), per seed; writes the "## Toy models: training time
 BENCHMARKS.md (other sections are kept).
 
     python benchmarks/toy_train_time.py --json benchmarks/results/toy_train_time.json
-        # seeds 0-9, 2 jobs x 1 thread (about 6 min)
+        # seeds 0-9, 2 jobs x 1 thread (about 5 min on AVX512, 8 on AVX2)
 
 Each model's final training loss is compared with the one recorded for the same toy and seed by
 the runs of record made on a CPU of the same capability (``RECORDS``: ``toy_heldout.json`` for
-TMCS and x², ``toy_square_recipe.json`` for x² on AVX512; ``toy_switch_epoch.json`` for TMCS and
-``toy_give_up.json`` for x² on AVX2):
-equal means the model is the one those sections decomposed or trained, bit for bit, so a change
-that only saves time (``train.GIVE_UP``) is shown to change nothing else. (``toy_models.json``
-and ``toy_resampling.json`` come from an earlier machine: their TMS, TMCS and higher-rank losses
-differ in the 8th-9th significant digit.) Times are wall seconds with two jobs on two cores, as in
-the other toy sections.
+TMCS and x² and ``toy_square_recipe.json`` for x² on AVX512; ``toy_switch_epoch.json`` for TMCS
+and ``toy_give_up.json`` for x² on AVX2): equal means the model is the one those sections
+decomposed or trained, bit for bit, so a change that only saves time (``train.GIVE_UP``) is shown
+to change nothing else. (``toy_models.json`` and ``toy_resampling.json`` come from an earlier
+machine: their TMS, TMCS and higher-rank losses differ in the 8th-9th significant digit.) Times
+are wall seconds with two jobs on two cores, as in the other toy sections.
 """
 
 from __future__ import annotations
@@ -127,8 +126,7 @@ def section(rows, args, seconds: float) -> str:
         "from the call to the trained model (data, training, and the learned checks). \"Same model as recorded\": "
         "its final training loss equals, bit for bit, the one saved by the runs of record made on a CPU of this "
         "capability (AVX512: `toy_heldout.py`, `toy_square_recipe.py`; AVX2: `toy_switch_epoch.py` for TMCS, "
-        "`toy_give_up.py` for x²; – where "
-        "none trained that model). Bold: a minute or more.",
+        "`toy_give_up.py` for x²; – where none trained that model). Bold: a minute or more.",
         table(rows, saved), summary(rows, saved))
 
 
