@@ -66,10 +66,10 @@ def run_one(seed: int, threads: int) -> dict[str, Any]:
         fitted = train.fit_best_of(models.square_mlp, x, y, epochs=epochs, seed=seed, restarts=restarts,
                                    probe_epochs=probe, lr=train.LR["square"], learned=learned,
                                    give_up=(range(1, epochs - probe), record))
-        blocks, final_loss = fitted.blocks, fitted.losses[-1]
+        blocks, loss = fitted.blocks, fitted.losses[-1]
     except RuntimeError:  # no block learned every feature: make_toy raises for this seed too
-        blocks, final_loss = None, None
-    row = {"seed": seed, "r2": starts[:-1], "blocks": blocks, "final_loss": final_loss,
+        blocks, loss = None, None
+    row = {"toy": "square", "seed": seed, "r2": starts[:-1], "blocks": blocks, "train_loss_model": loss,
            "seconds": time.perf_counter() - t0}
     print(json.dumps({**row, "r2": [[r[train.GIVE_UP[0] - 1], r[-1]] for r in row["r2"]]}), flush=True)
     return row
@@ -160,10 +160,10 @@ def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
                    f"{last_below} epochs ({s.r2[last_below - 1]:.2f}) and {s.r2[last_below]:.2f} one epoch later; a "
                    f"start learning after epoch {epoch} would be given up (make_toy then trains the next block).")
     record = {r["seed"]: r["train_loss"] for r in json.loads(RECORD.read_text())["rows"] if r["recipe"] == "ours"}
-    both = [r for r in rows if r["seed"] in record and r["final_loss"] is not None]
+    both = [r for r in rows if r["seed"] in record and r["train_loss_model"] is not None]
     if both:
-        same = sum(r["final_loss"] == record[r["seed"]] for r in both)
-        worst = max(abs(r["final_loss"] / record[r["seed"]] - 1) for r in both)
+        same = sum(r["train_loss_model"] == record[r["seed"]] for r in both)
+        worst = max(abs(r["train_loss_model"] / record[r["seed"]] - 1) for r in both)
         out.append(f"- Against the models of record (\"Toy models: x² training recipe\", seeds 0-9): {same} of {len(both)} "
                    f"end at the same training loss bit for bit; the largest relative difference is {100 * worst:.2g}% "
                    "(the same code and seeds on another CPU, see the machine lines, round differently).")

@@ -53,7 +53,7 @@ def run_one(seed: int, switch: int, threads: int) -> dict[str, Any]:
     cfg = recommended_config("tmcs", seed=seed, epochs=EPOCHS, lr_step=scaled_lr_step(EPOCHS), loss_norm="sample",
                              loss_norm_epochs=switch)
     ev = evaluate(toy, decompose(toy.model, toy.l3d_data, cfg, progress=False), seed=seed)
-    row = {"seed": seed, "switch": switch, "value": ev[key], "reference": ev[ref_key], "error": ev["error"],
+    row = {"toy": "tmcs", "seed": seed, "switch": switch, "value": ev[key], "reference": ev[ref_key], "error": ev["error"],
            "dead_fraction": ev["dead_fraction"], "train_loss_model": toy.final_loss,
            "seconds": time.perf_counter() - t0}
     print(json.dumps(row), flush=True)
@@ -94,6 +94,7 @@ def _label(switch: int) -> str:
 
 def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
     runs, losses = saved_runs()
+    cfg = recommended_config("tmcs", epochs=EPOCHS, lr_step=scaled_lr_step(EPOCHS))
     runs.update({(r["seed"], r["switch"]): r for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     columns = sorted({switch for _, switch in runs})
@@ -120,7 +121,6 @@ def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
                    f"{sum(_meets(runs[(s, switch)]) for s in ref_ok)}); statistic - reference median "
                    f"{statistics.median(gap):+.4f} (range {min(gap):+.4f} to {max(gap):+.4f}).")
     last = max(SWITCHES)
-    cfg = recommended_config("tmcs", epochs=EPOCHS, lr_step=scaled_lr_step(EPOCHS))
     lr = cfg.lr * cfg.lr_decay ** (last // cfg.lr_step)
     d_value = max(abs(runs[(s, last)]["value"] - runs[(s, 150)]["value"]) for s in seeds)
     d_error = max(abs(runs[(s, last)]["error"] - runs[(s, 150)]["error"]) for s in seeds)
@@ -130,8 +130,8 @@ def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
     return jobs_section(
         SECTION, "toy_switch_epoch.py", args, seconds,
         f"TMCS, one L3D run per seed and column from L3D seed = model seed, `recommended_config` with "
-        f"`loss_norm=\"sample\", loss_norm_epochs=N` ({EPOCHS} epochs, lr ×0.8 every 30: the per-sample loss for "
-        f"the first N epochs, the paper's batch loss after). This run trains N = "
+        f"`loss_norm=\"sample\", loss_norm_epochs=N` ({EPOCHS} epochs, lr ×{cfg.lr_decay:g} every {cfg.lr_step}: the "
+        "per-sample loss for the first N epochs, the paper's batch loss after). This run trains N = "
         f"{', '.join(map(str, SWITCHES))}; \"batch only\" and \"per-sample only\" are the runs of \"Toy models: "
         "per-sample loss\", \"switch at 150\" the run of \"Toy models: per-sample, then batch\" "
         f"({models}). Each cell: the paper's statistic (held-out error); \"reference\": the statistic of the "

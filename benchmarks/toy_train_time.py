@@ -63,12 +63,10 @@ def recorded(capability: str) -> dict[tuple[str, int], set[float]]:
     out: dict[tuple[str, int], set[float]] = {}
     for name in RECORDS.get(capability, ()):
         for r in json.loads((ROOT / "benchmarks" / "results" / name).read_text())["rows"]:
-            if "train_loss_model" in r:  # toy_switch_epoch's rows are all TMCS and name no toy
-                out.setdefault((r.get("toy", "tmcs"), r["seed"]), set()).add(r["train_loss_model"])
+            if r.get("train_loss_model") is not None:  # None: a toy_give_up seed without a model
+                out.setdefault((r["toy"], r["seed"]), set()).add(r["train_loss_model"])
             elif r.get("recipe") == "ours" and "train_loss" in r:  # toy_square_recipe
                 out.setdefault(("square", r["seed"]), set()).add(r["train_loss"])
-            elif "final_loss" in r and r["final_loss"] is not None:  # toy_give_up (x² only)
-                out.setdefault(("square", r["seed"]), set()).add(r["final_loss"])
     return out
 
 
