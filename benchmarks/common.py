@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -102,19 +103,53 @@ def seeds_jobs_parser(doc: str, out: Path) -> argparse.ArgumentParser:
     return ap
 
 
-def jobs_header(script: str, args, seconds: float) -> str:
-    """The first sentence of such a benchmark's section: the command as run (without
-    ``OUTPUT_OPTIONS``), jobs and threads, the machine and versions, and the total time."""
-    cmd = f"python benchmarks/{script} " + " ".join(run_args(sys.argv[1:]))
-    return (f"Command: `{cmd.strip()}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); machine: "
-            f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-            f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min.")
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """How and where a benchmark's rows were measured, saved with them (``--json``): a section
+    rewritten from saved rows (``--from-json``) states the run's own arguments, machine and
+    time, not those of the machine that rewrites it."""
+
+    #: the run's arguments, without ``OUTPUT_OPTIONS``
+    argv: tuple[str, ...]
+    #: CPU, cores, CPU capability, Python and torch (``this_machine``)
+    machine: str
+    seconds: float
+
+    def command(self, script: str) -> str:
+        """The command that ran ``benchmarks/<script>``: a run of four or more consecutive
+        integers is written ``$(seq a b)``."""
+        words, i = [], 0
+        while i < len(self.argv):
+            j = i
+            while j + 1 < len(self.argv) and _is_int(self.argv[j]) and _is_int(self.argv[j + 1]) \
+                    and int(self.argv[j + 1]) == int(self.argv[j]) + 1:
+                j += 1
+            words.append(f"$(seq {self.argv[i]} {self.argv[j]})" if j - i >= 3 else self.argv[i])
+            i = j + 1 if j - i >= 3 else i + 1
+        return " ".join([f"python benchmarks/{script}", *words])
 
 
-def jobs_section(heading: str, script: str, args, seconds: float, intro: str, *blocks: str) -> str:
+def _is_int(word: str) -> bool:
+    return word.lstrip("-").isdigit()
+
+
+def this_machine() -> str:
+    """The machine line of a section measured here: CPU and cores, CPU capability, versions."""
+    return (f"{machine()} ({platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def jobs_header(script: str, args, measured: Measured) -> str:
+    """The first sentence of such a benchmark's section: the command as run, jobs and threads,
+    the machine and versions, and the total time, all of the run (``measured``)."""
+    return (f"Command: `{measured.command(script)}` ({args.jobs} jobs, `torch.set_num_threads({args.threads})` each); "
+            f"machine: {measured.machine}; total {measured.seconds / 60:.1f} min.")
+
+
+def jobs_section(heading: str, script: str, args, measured: Measured, intro: str, *blocks: str) -> str:
     """Such a benchmark's section: ``heading``, ``jobs_header`` followed by ``intro``, then each of
     ``blocks`` (a table, summary lines), separated by blank lines."""
-    parts = [heading, "", jobs_header(script, args, seconds) + " " + intro]
+    parts = [heading, "", jobs_header(script, args, measured) + " " + intro]
     for block in blocks:
         parts += ["", block]
     return "\n".join(parts + [""])
@@ -127,42 +162,58 @@ def pool_map(fn: Callable[..., Any], tasks: Iterable[tuple], jobs: int) -> list[
         return [f.result() for f in futures]
 
 
-def seeds_jobs_main(doc: str, heading: str, section: Callable[[list[dict[str, Any]], Any, float], str],
-                    run: Callable[[Any], list[dict[str, Any]]], argv: Optional[list[str]] = None,
+Section = Callable[[list[dict[str, Any]], Any, Measured], str]
+
+
+def seeds_jobs_main(doc: str, heading: str, section: Section, run: Callable[[Any], list[dict[str, Any]]],
+                    argv: Optional[list[str]] = None,
                     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> None:
-    """The main of a benchmark built on ``seeds_jobs_parser`` (plus ``add_arguments``): parse,
-    set the thread count, and write ``section(rows, args, seconds)`` from ``run(args)`` (or
-    from ``--from-json``) as ``heading``'s section."""
+    """The main of a benchmark built on ``seeds_jobs_parser`` (plus ``add_arguments``): see
+    ``section_main``."""
     ap = seeds_jobs_parser(doc, Path(BENCHMARKS_MD))
     if add_arguments is not None:
         add_arguments(ap)
+    section_main(ap, heading, section, run, argv)
+
+
+def section_main(ap: argparse.ArgumentParser, heading: str, section: Section,
+                 run: Callable[[Any], list[dict[str, Any]]], argv: Optional[list[str]] = None) -> None:
+    """Parse ``argv`` with ``ap`` (which has ``OUTPUT_OPTIONS``), set the thread count, run
+    ``run(args)`` (or, with ``--from-json``, load what a run saved) and write ``section(rows,
+    args, measured)`` as ``heading``'s section of ``--out``. ``args`` are the run's own: with
+    ``--from-json``, the saved run's arguments, so the section describes that run."""
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_section(heading, lambda rows, seconds: section(rows, args, seconds), lambda: run(args), args)
-
-
-def run_section(heading: str, section: Callable[[list[dict[str, Any]], float], str],
-                run: Callable[[], list[dict[str, Any]]], args) -> None:
-    """Run (or, with ``--from-json``, load) the rows and write ``section(rows, seconds)`` as
-    ``heading``'s section of ``args.out``."""
-    rows, seconds = run_or_load(run, args.from_json, args.json)
-    write_section(heading, section(rows, seconds), args.out)
+    given = run_args(sys.argv[1:] if argv is None else argv)
+    if args.from_json and given:
+        ap.error(f"--from-json rewrites the section of the saved run, with that run's own arguments; drop {given}")
+    torch.set_num_threads(getattr(args, "threads", 1))
+    rows, measured = run_or_load(lambda: run(args), args.from_json, args.json, given)
+    write_section(heading, section(rows, ap.parse_args(list(measured.argv)), measured), args.out)
     print(f"wrote {heading!r} to {args.out}")
 
 
-def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path],
-                to_json: Optional[Path]) -> tuple[list[dict[str, Any]], float]:
-    """(rows, seconds): ``run()`` timed and, with ``to_json``, saved there; or, with
-    ``from_json``, what an earlier run saved, so a section can be rewritten without re-running."""
+SAVED_KEYS = ("rows", "seconds", "argv", "machine")
+
+
+def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path], to_json: Optional[Path],
+                argv: list[str]) -> tuple[list[dict[str, Any]], Measured]:
+    """(rows, how they were measured): ``run()`` timed here with arguments ``argv`` and, with
+    ``to_json``, saved there; or, with ``from_json``, what an earlier run saved, so a section
+    can be rewritten without re-running it."""
     if from_json:
         saved = json.loads(Path(from_json).read_text())
-        return saved["rows"], saved["seconds"]
+        missing = [k for k in SAVED_KEYS if k not in saved]
+        if missing:
+            raise ValueError(f"{from_json} lacks {missing} (a saved run holds {list(SAVED_KEYS)}); without them the "
+                             "section cannot say how and where the rows were measured")
+        return saved["rows"], Measured(tuple(saved["argv"]), saved["machine"], saved["seconds"])
     start = time.perf_counter()
     rows = run()
-    seconds = time.perf_counter() - start
+    measured = Measured(tuple(argv), this_machine(), time.perf_counter() - start)
     if to_json:
-        Path(to_json).write_text(json.dumps({"rows": rows, "seconds": seconds}, default=str))
-    return rows, seconds
+        Path(to_json).write_text(json.dumps({"rows": rows, "seconds": measured.seconds, "argv": list(measured.argv),
+                                             "machine": measured.machine}, default=str))
+    return rows, measured
 
 
 # --- environment -------------------------------------------------------------------------

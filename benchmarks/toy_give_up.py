@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import data as toy_data, metrics, models, train  # noqa: E402
 
 SECTION = "## Toy models: x² give-up check"
@@ -127,7 +127,7 @@ def _rules_table(starts: list[Start], threshold: float) -> str:
     return "\n".join(lines)
 
 
-def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
+def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
     starts = _starts(rows)
     epoch, threshold = train.GIVE_UP
     shown = [1, 5, 10, 20, 40, 60]
@@ -168,7 +168,7 @@ def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
                    f"end at the same training loss bit for bit; the largest relative difference is {100 * worst:.2g}% "
                    "(the same code and seeds on another CPU, see the machine lines, round differently).")
     return jobs_section(
-        SECTION, "toy_give_up.py", args, seconds,
+        SECTION, "toy_give_up.py", args, measured,
         f"x² toy models trained as `make_toy(\"square\", seed)` (default recipe) with a give-up check after every "
         f"epoch that only records, so every kept start trains its {train.DEFAULT_EPOCHS['square']} epochs "
         f"({train.RESTARTS['square'][1]} of them the probe); \"worst r²\": the smallest over features of the model's "

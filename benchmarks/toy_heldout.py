@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, nanmin, recommended_config, scaled_lr_step  # noqa: E402
 from l3d_lens.toy.sweep import kept_run  # noqa: E402
@@ -157,9 +157,9 @@ def _quantile(values: list[float], q: float) -> float:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     return jobs_section(
-        SECTION, "toy_heldout.py", args, seconds,
+        SECTION, "toy_heldout.py", args, measured,
         f"Toy models and L3D as in \"Toy models\" (`recommended_config`, "
         f"{args.epochs} L3D epochs), metrics on 2,000 held-out samples. Seeds 0-2 are the ones the settings were "
         f"developed on. Seeds 3-9 were first run by an earlier version of this script, which decomposed x² once; "

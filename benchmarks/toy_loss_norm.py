@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 
@@ -119,9 +119,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     return jobs_section(
-        SECTION, "toy_loss_norm.py", args, seconds,
+        SECTION, "toy_loss_norm.py", args, measured,
         "TMCS and x² as in \"Toy models: more seeds\", one L3D run per toy, seed and loss from L3D seed = model seed "
         f"(`recommended_config`, {EPOCHS} epochs); \"batch\": the paper's loss sum_i ||g_i - g_hat_i||² / "
         "sum_i ||g_i||² (the \"one run\" column there); \"per-sample\": `loss_norm=\"sample\"`, mean_i "

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 # the batch columns are toy_loss_norm's runs (toy_heldout's one run), scored and shown the same way
@@ -121,13 +121,13 @@ def summary(rows: list[dict[str, Any]], batch: dict) -> str:
     return "\n".join(out)
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     batch = batch_runs()
     same = all(r["train_loss_model"] == batch[(r["toy"], r["seed"])]["train_loss_model"] for r in rows)
     models = ("the same trained models, their final losses equal bit for bit" if same
               else "NOTE: the trained models differ from that run")
     return jobs_section(
-        SECTION, "toy_loss_switch.py", args, seconds,
+        SECTION, "toy_loss_switch.py", args, measured,
         f"One L3D run per toy and seed from L3D seed = model seed, `recommended_config` with "
         f"`loss_norm=\"sample\", loss_norm_epochs={SWITCH}` ({EPOCHS} epochs: the per-sample loss for the first "
         f"{SWITCH}, the paper's batch loss after), against the batch loss alone: one run and the best of 3 by final "

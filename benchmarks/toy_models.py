@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_output_arguments, run_args, run_or_load, write_section  # noqa: E402
+from benchmarks.common import Measured, add_output_arguments, section_main  # noqa: E402
 from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy, metrics  # noqa: E402
 from l3d_lens.toy.data import circuit_matrix  # noqa: E402
 from l3d_lens.toy.reproduce import (PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config,  # noqa: E402
@@ -326,17 +324,15 @@ def rank_bound_spread(draws: int = 2000) -> str:
             f"for {100 * (b >= 0.92).double().mean():.1f}% of them")
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     models = ", ".join(f"{n} {DEFAULT_EPOCHS[n]}" for n in TOY_NAMES)
     shapes = ", ".join(f"{n} {k} × rank {r}" for n, (k, r) in PAPER_SHAPES.items())
     losses = "; ".join(f"{n} {_stats(r['train_loss_model'] for r in rows if r['toy'] == n and r['setting'] == 'ours')}"
                        for n in TOY_NAMES if any(r["toy"] == n for r in rows))
-    cmd = "python benchmarks/toy_models.py " + " ".join(run_args(sys.argv[1:]))
     parts = [SECTION, "",
-             f"Command: `{cmd.strip()}` ({args.jobs} jobs, thread count {args.threads} each: "
-             f"`torch.set_num_threads({args.threads})`); "
-             f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
-             f"Python {platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min.",
+             f"Command: `{measured.command('toy_models.py')}` ({args.jobs} jobs, thread count {args.threads} each: "
+             f"`torch.set_num_threads({args.threads})`); machine: {measured.machine}; total "
+             f"{measured.seconds / 60:.1f} min.",
              "",
              f"L3D, both settings: all weights and biases, k = 0.1, batch 32, Adam lr 0.01 ×0.8 every "
              f"{scaled_lr_step(args.epochs)} epochs, {args.epochs} epochs (paper: 1,000; the schedule is "
@@ -369,13 +365,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--jobs", type=int, default=2, help="toy models run in parallel processes")
     add_output_arguments(ap, ROOT / "BENCHMARKS.md")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows, seconds = run_or_load(lambda: run(args.toys, args.seeds, args.epochs, args.jobs, args.threads),
-                                args.from_json, args.json)
-    write_section(SECTION, section(rows, args, seconds), args.out)
-    print(f"wrote {SECTION!r} to {args.out}")
-
+    section_main(ap, SECTION, section, lambda args: run(args.toys, args.seeds, args.epochs, args.jobs, args.threads),
+                 argv)
 
 if __name__ == "__main__":
     main()

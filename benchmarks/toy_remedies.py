@@ -2,7 +2,8 @@
 sweep (l3d_lens.toy.sweep); writes the "## Toy models: remedies and sweep" section of
 BENCHMARKS.md (other sections are kept).
 
-    python benchmarks/toy_remedies.py            # seeds 0 1 2, 300 L3D epochs, 2 jobs
+    python benchmarks/toy_remedies.py --json benchmarks/results/toy_remedies.json
+        # seeds 0 1 2, 300 L3D epochs, 2 jobs
 
 Factor grid on TMS, TMCS and the higher-rank model: reference random (the paper) or zero,
 AuxK off (the paper) or aux_coef 0.03 (in every epoch, or in the first third only);
@@ -15,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_section  # noqa: E402
+from benchmarks.common import Measured, add_output_arguments, section_main  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config, scaled_lr_step  # noqa: E402
@@ -72,11 +70,12 @@ def sweep_run(seed: int, epochs: int, top_k: float) -> list[dict[str, Any]]:
     return rows
 
 
-def section(factors, sweeps, args, seconds: float) -> str:
+def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
+    factors = [r for r in rows if r["part"] == "factor"]
+    sweeps = [r for r in rows if r["part"] == "sweep"]
     lines = [SECTION, "",
-             f"Command: `python benchmarks/toy_remedies.py` ({args.jobs} jobs, one thread each); machine: "
-             f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch "
-             f"{torch.__version__}; total {seconds / 60:.1f} min. Seeds {', '.join(map(str, args.seeds))} (sweep: "
+             f"Command: `{measured.command('toy_remedies.py')}` ({args.jobs} jobs, one thread each); machine: "
+             f"{measured.machine}; total {measured.seconds / 60:.1f} min. Seeds {', '.join(map(str, args.seeds))} (sweep: "
              f"{args.sweep_seed}), {args.epochs} L3D epochs, metrics on 2,000 held-out samples.", "",
              "One change at a time (everything else as `paper_config`):", "",
              "| toy | seed | reference | aux_coef | aux_epochs | reconstruction error | dead subnetworks | key metric | value |",
@@ -101,23 +100,23 @@ def section(factors, sweeps, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run(args) -> list[dict[str, Any]]:
+    """Every factor-grid row, then every sweep row, each tagged with its ``part``."""
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        f_jobs = [pool.submit(factor_run, name, seed, args.epochs) for name in KEY for seed in args.seeds]
+        s_jobs = [pool.submit(sweep_run, args.sweep_seed, args.epochs, k) for k in (0.05, 0.1, 0.2)]
+        return ([{**r, "part": "factor"} for f in f_jobs for r in f.result()]
+                + [{**r, "part": "sweep"} for f in s_jobs for r in f.result()])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the factor grid")
     ap.add_argument("--sweep-seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    args = ap.parse_args(argv)
-    start = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        f_jobs = [pool.submit(factor_run, name, seed, args.epochs) for name in KEY for seed in args.seeds]
-        s_jobs = [pool.submit(sweep_run, args.sweep_seed, args.epochs, k) for k in (0.05, 0.1, 0.2)]
-        factors = [r for f in f_jobs for r in f.result()]
-        sweeps = [r for f in s_jobs for r in f.result()]
-    write_section(SECTION, section(factors, sweeps, args, time.perf_counter() - start), args.out)
-    print(f"wrote {SECTION!r} to {args.out}")
-
+    add_output_arguments(ap, ROOT / "BENCHMARKS.md")
+    section_main(ap, SECTION, section, run, argv)
 
 if __name__ == "__main__":
     main()

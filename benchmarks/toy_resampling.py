@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
-import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_output_arguments, run_or_load, write_section  # noqa: E402
+from benchmarks.common import Measured, add_output_arguments, pool_map, section_main  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
@@ -100,13 +96,12 @@ def _tmcs_table(rows) -> list[str]:
     return lines
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     hr = [r for r in rows if r["toy"] == "higher_rank"]
     tm = [r for r in rows if r["toy"] == "tmcs"]
     lines = [SECTION, "",
-             f"Command: `python benchmarks/toy_resampling.py` ({args.jobs} jobs, thread count 1 each: "
-             f"`torch.set_num_threads(1)`); machine: {platform.machine()} {os.cpu_count()} cores, Python "
-             f"{platform.python_version()}, torch {torch.__version__}; total {seconds / 60:.1f} min. "
+             f"Command: `{measured.command('toy_resampling.py')}` ({args.jobs} jobs, thread count 1 each: "
+             f"`torch.set_num_threads(1)`); machine: {measured.machine}; total {measured.seconds / 60:.1f} min. "
              f"{args.epochs} L3D epochs, everything else `recommended_config` (zero reference); metrics on 2,000 "
              f"held-out samples (l3d_lens.toy.reproduce.evaluate).", "",
              "Higher-rank model (no AuxK, as `recommended_config`), with and without one resampling of at most "
@@ -125,18 +120,12 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=2)
     add_output_arguments(ap, ROOT / "BENCHMARKS.md")
-    args = ap.parse_args(argv)
 
-    def run_all() -> list[dict[str, Any]]:
+    def run_all(args) -> list[dict[str, Any]]:
         jobs = [("higher_rank", s) for s in (*SELECTION_SEEDS, *HELD_OUT_SEEDS)] + [("tmcs", s) for s in (0, 1, 2)]
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run, name, seed, args.epochs) for name, seed in jobs]
-            return [r for f in futures for r in f.result()]
+        return [r for rows in pool_map(run, [(name, seed, args.epochs) for name, seed in jobs], args.jobs) for r in rows]
 
-    rows, seconds = run_or_load(run_all, args.from_json, args.json)
-    write_section(SECTION, section(rows, args, seconds), args.out)
-    print(f"wrote {SECTION!r} to {args.out}")
-
+    section_main(ap, SECTION, section, run_all, argv)
 
 if __name__ == "__main__":
     main()

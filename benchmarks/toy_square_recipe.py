@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy, metrics  # noqa: E402
 from l3d_lens.toy.reproduce import square_reference  # noqa: E402
 
@@ -131,9 +131,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     return jobs_section(
-        SECTION, "toy_square_recipe.py", args, seconds,
+        SECTION, "toy_square_recipe.py", args, measured,
         "The x² toy model trained by `make_toy(\"square\", seed)` with our recipe (100 epochs, AdamW lr 1e-2) and "
         "with the paper's (`epochs=1000, lr=1e-3`); everything else the same (PyTorch's init, best of 3 starts "
         "by a 20-epoch probe, a fresh block of starts if a feature was never learned, which about doubles the "

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 from benchmarks.toy_loss_norm import EPOCHS, TARGETS, fmt  # noqa: E402
@@ -92,7 +92,7 @@ def _label(switch: int) -> str:
     return {0: "batch only", EPOCHS: "per-sample only"}.get(switch, f"switch at {switch}")
 
 
-def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
+def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
     runs, losses = saved_runs()
     cfg = recommended_config("tmcs", epochs=EPOCHS, lr_step=scaled_lr_step(EPOCHS))
     runs.update({(r["seed"], r["switch"]): r for r in rows})
@@ -128,7 +128,7 @@ def section(rows: list[dict[str, Any]], args, seconds: float) -> str:
                f"of it do: switch at {last} against switch at 150, the statistic differs by at most {d_value:.4f} and the "
                f"error by at most {100 * d_error:.2f} points in every seed. No switch epoch gives a point in between.")
     return jobs_section(
-        SECTION, "toy_switch_epoch.py", args, seconds,
+        SECTION, "toy_switch_epoch.py", args, measured,
         f"TMCS, one L3D run per seed and column from L3D seed = model seed, `recommended_config` with "
         f"`loss_norm=\"sample\", loss_norm_epochs=N` ({EPOCHS} epochs, lr ×{cfg.lr_decay:g} every {cfg.lr_step}: the "
         "per-sample loss for the first N epochs, the paper's batch loss after). This run trains N = "

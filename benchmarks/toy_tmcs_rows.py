@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.data import active_features  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
@@ -103,9 +103,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     return jobs_section(
-        SECTION, "toy_tmcs_rows.py", args, seconds,
+        SECTION, "toy_tmcs_rows.py", args, measured,
         "TMCS as in \"Toy models: more seeds\", one L3D run per setting from L3D seed = model seed "
         "(`recommended_config`, lr ×0.8 every tenth of training): on all 1,000 L3D rows for 300 epochs (that "
         "section's \"one run\") and for the paper's 1,000, and on the rows with a single active feature only. "

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.train import DEFAULT_EPOCHS, TOY_NAMES  # noqa: E402
 
@@ -111,13 +111,13 @@ def summary(rows: list[dict[str, Any]], saved) -> str:
     return "\n".join(out)
 
 
-def section(rows, args, seconds: float) -> str:
+def section(rows, args, measured: Measured) -> str:
     capability = {r["cpu_capability"] for r in rows}
     if len(capability) != 1:
         raise ValueError(f"rows from CPUs of several capabilities: {sorted(capability)}")
     saved = recorded(capability.pop())
     return jobs_section(
-        SECTION, "toy_train_time.py", args, seconds,
+        SECTION, "toy_train_time.py", args, measured,
         f"`make_toy(name, seed)` with its defaults ({', '.join(f'{n} {e}' for n, e in DEFAULT_EPOCHS.items())} "
         "epochs; TMS and x² keep the best of a few starts, x² trains a fresh block of starts when its kept model "
         "never learned a feature and gives a kept start up early when it is far from it, `train.GIVE_UP`), timed "
