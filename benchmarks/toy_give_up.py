@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
-from l3d_lens.toy import data as toy_data, metrics, models, train  # noqa: E402
+from l3d_lens.toy import metrics, models, train  # noqa: E402
 
 SECTION = "## Toy models: x² give-up check"
 TUNED_ON = range(20)
@@ -46,9 +46,7 @@ def run_one(seed: int, threads: int) -> dict[str, Any]:
     entry per kept start: its worst feature r² after each epoch after its probe (the last at
     the end, where ``LEARNED_R2`` decides)."""
     torch.set_num_threads(threads)
-    # make_toy's training data for this seed (its private seed offsets keep the streams apart)
-    x = toy_data.sparse_features(10_000, 5, seed=train._seed(seed, train._TRAIN_DATA), signed=True)
-    y = x ** 2
+    x, y = train.training_data("square", seed)
     starts: list[list[float]] = [[]]
 
     def record(m: torch.nn.Module) -> bool:

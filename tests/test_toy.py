@@ -205,6 +205,23 @@ def test_make_toy_gives_up_early_on_a_square_model_far_from_learning(monkeypatch
     assert len(checked) == 2 and toy.blocks == 1 and len(toy.train_losses) == 22
 
 
+def test_training_data_is_what_make_toy_trains_on():
+    """Training a fresh model on ``training_data`` the way ``make_toy`` does (one start, no
+    probes, for TMCS and the higher-rank model) gives make_toy's model bit for bit."""
+    from l3d_lens.toy.train import LR, training_data
+    for name, build in (("tmcs", models.tmcs), ("higher_rank", models.higher_rank)):
+        toy = make_toy(name, 2, epochs=1, n_train=200, n_l3d=10, n_eval=10)
+        x, y = training_data(name, 2, n_train=200)
+        assert torch.equal(y, x @ toy.truth["A"].T) and not torch.equal(x, training_data(name, 3, n_train=200)[0])
+        model = build(2)
+        fit(model, x, y, epochs=1, lr=LR[name], seed=2)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), toy.model.parameters()))
+    x, y = training_data("square", 2, n_train=50)
+    assert x.shape == (50, 5) and torch.equal(y, x ** 2) and (x < 0).any()
+    with pytest.raises(ValueError, match="unknown toy model 'sq'; choose one of"):
+        training_data("sq")
+
+
 def test_make_toy_lr_is_the_training_learning_rate_and_is_validated(monkeypatch):
     from l3d_lens.toy import train
     from l3d_lens.toy.train import LR

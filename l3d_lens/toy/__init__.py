@@ -19,8 +19,8 @@ answer), ``reproduce`` (the paper's L3D settings and per-toy scoring), ``sweep``
 from . import data, metrics, models, sweep
 from .models import SquareMLP, SuperpositionModel
 from .reproduce import PAPER_SHAPES, TARGETS, evaluate, paper_config, recommended_config, scorecard
-from .train import DEFAULT_EPOCHS, TOY_NAMES, Toy, fit, fit_tms, make_toy
+from .train import DEFAULT_EPOCHS, TOY_NAMES, Toy, fit, fit_tms, make_toy, training_data
 
 __all__ = ["data", "metrics", "models", "sweep", "SquareMLP", "SuperpositionModel", "PAPER_SHAPES", "TARGETS",
            "evaluate", "paper_config", "recommended_config", "scorecard",
-           "DEFAULT_EPOCHS", "TOY_NAMES", "Toy", "fit", "fit_tms", "make_toy"]
+           "DEFAULT_EPOCHS", "TOY_NAMES", "Toy", "fit", "fit_tms", "make_toy", "training_data"]

@@ -227,6 +227,32 @@ class Toy:
         return self.train_losses[-1] if self.train_losses else float("nan")
 
 
+def _task(name: str, seed: int) -> tuple[Callable[[int], nn.Module], Callable[[int, int], torch.Tensor],
+                                         Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """(build, inputs, target, truth) of toy ``name`` from ``seed``: the model builder, the input
+    distribution ``inputs(n, seed)``, the training target of an input batch, and the ground truth."""
+    if name not in TOY_NAMES:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
+    if name == "tms":
+        return models.tms, lambda n, s: toy_data.sparse_features(n, 5, seed=s), lambda x: x, {}
+    if name == "tmcs":
+        A = toy_data.circuit_matrix(10, 10, seed=_seed(seed, _CIRCUIT))
+        return models.tmcs, lambda n, s: toy_data.sparse_features(n, 10, seed=s), lambda x: x @ A.T, {"A": A}
+    if name == "higher_rank":
+        A = toy_data.circuit_matrix(25, 10, seed=_seed(seed, _CIRCUIT))
+        return (models.higher_rank, lambda n, s: toy_data.grouped_features(n, 25, 5, seed=s), lambda x: x @ A.T,
+                {"A": A, "group_size": 5})
+    return models.square_mlp, lambda n, s: toy_data.sparse_features(n, 5, seed=s, signed=True), lambda x: x ** 2, {}
+
+
+def training_data(name: str, seed: int = 0, n_train: int = 10_000) -> tuple[Float[torch.Tensor, "n d_in"],
+                                                                            Float[torch.Tensor, "n d_out"]]:
+    """(inputs, targets) that ``make_toy(name, seed, n_train=n_train)`` trains its model on."""
+    _, inputs, target, _ = _task(name, seed)
+    x = inputs(n_train, _seed(seed, _TRAIN_DATA))
+    return x, target(x)
+
+
 def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Optional[float] = None,
              n_train: int = 10_000, n_l3d: int = 1_000, n_eval: int = 2_000) -> Toy:
     """Build and train one of ``TOY_NAMES`` from ``seed``: model weights, training data, L3D
@@ -239,34 +265,13 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     lr = LR[name] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number (AdamW learning rate), got {lr!r}")
-    truth: dict[str, Any] = {}
-    if name == "tms":
-        build = models.tms
-        inputs = lambda n, s: toy_data.sparse_features(n, 5, seed=s)  # noqa: E731
-        target = lambda x: x  # noqa: E731
-    elif name == "tmcs":
-        build = models.tmcs
-        A = toy_data.circuit_matrix(10, 10, seed=_seed(seed, _CIRCUIT))
-        truth["A"] = A
-        inputs = lambda n, s: toy_data.sparse_features(n, 10, seed=s)  # noqa: E731
-        target = lambda x: x @ A.T  # noqa: E731
-    elif name == "higher_rank":
-        build = models.higher_rank
-        A = toy_data.circuit_matrix(25, 10, seed=_seed(seed, _CIRCUIT))
-        truth.update(A=A, group_size=5)
-        inputs = lambda n, s: toy_data.grouped_features(n, 25, 5, seed=s)  # noqa: E731
-        target = lambda x: x @ A.T  # noqa: E731
-    else:
-        build = models.square_mlp
-        inputs = lambda n, s: toy_data.sparse_features(n, 5, seed=s, signed=True)  # noqa: E731
-        target = lambda x: x ** 2  # noqa: E731
-    x = inputs(n_train, _seed(seed, _TRAIN_DATA))
+    build, inputs, _, truth = _task(name, seed)
+    x, y = training_data(name, seed, n_train)
     restarts, probe = RESTARTS[name]
     blocks = 1
     if name == "tms":
         model, losses = fit_tms(x, epochs=epochs, seed=seed, restarts=restarts, probe_epochs=probe, lr=lr)
     else:
-        y = target(x)
         learned = give_up = None
         if name == "square":  # every feature learned, on the training data (``LEARNED_R2``)
             def worst_r2(m: nn.Module) -> float:
