@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -109,11 +110,15 @@ class Measured:
     rewritten from saved rows (``--from-json``) states the run's own arguments, machine and
     time, not those of the machine that rewrites it."""
 
-    #: the run's arguments, without ``OUTPUT_OPTIONS``
+    #: the run's arguments as typed, without ``OUTPUT_OPTIONS``
     argv: tuple[str, ...]
-    #: CPU, cores, CPU capability, Python and torch (``this_machine``)
+    #: the machine line: CPU and cores, CPU capability, Python and torch (``this_machine``; runs
+    #: saved before it had the capability lack it)
     machine: str
     seconds: float
+    #: every argument of the run with its value, defaults included (``vars(args)`` without
+    #: ``OUTPUT_OPTIONS``): a rewrite describes the run with these, whatever the defaults now are
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def command(self, script: str) -> str:
         """The command that ran ``benchmarks/<script>``: a run of four or more consecutive
@@ -124,13 +129,13 @@ class Measured:
             while j + 1 < len(self.argv) and _is_int(self.argv[j]) and _is_int(self.argv[j + 1]) \
                     and int(self.argv[j + 1]) == int(self.argv[j]) + 1:
                 j += 1
-            words.append(f"$(seq {self.argv[i]} {self.argv[j]})" if j - i >= 3 else self.argv[i])
+            words.append(f"$(seq {self.argv[i]} {self.argv[j]})" if j - i >= 3 else shlex.quote(self.argv[i]))
             i = j + 1 if j - i >= 3 else i + 1
         return " ".join([f"python benchmarks/{script}", *words])
 
 
 def _is_int(word: str) -> bool:
-    return word.lstrip("-").isdigit()
+    return re.fullmatch(r"-?[0-9]+", word) is not None
 
 
 def this_machine() -> str:
@@ -178,41 +183,65 @@ def seeds_jobs_main(doc: str, heading: str, section: Section, run: Callable[[Any
 
 def section_main(ap: argparse.ArgumentParser, heading: str, section: Section,
                  run: Callable[[Any], list[dict[str, Any]]], argv: Optional[list[str]] = None) -> None:
-    """Parse ``argv`` with ``ap`` (which has ``OUTPUT_OPTIONS``), set the thread count, run
-    ``run(args)`` (or, with ``--from-json``, load what a run saved) and write ``section(rows,
-    args, measured)`` as ``heading``'s section of ``--out``. ``args`` are the run's own: with
-    ``--from-json``, the saved run's arguments, so the section describes that run."""
+    """Parse ``argv`` with ``ap`` (which has ``OUTPUT_OPTIONS``; abbreviations are refused),
+    set the thread count, run ``run(args)`` (or, with ``--from-json``, load what a run saved)
+    and write ``section(rows, args, measured)`` as ``heading``'s section of ``--out``. ``args``
+    are the run's own: with ``--from-json``, the saved run's, and where a default has changed
+    since, ``measured``'s command spells the run's value out."""
+    ap.allow_abbrev = False
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    given = run_args(sys.argv[1:] if argv is None else argv)
-    if args.from_json and given:
-        ap.error(f"--from-json rewrites the section of the saved run, with that run's own arguments; drop {given}")
+    given = run_args(argv)
+    if args.from_json and (given or args.json):
+        ap.error("--from-json rewrites the section of the saved run, with that run's own arguments; drop "
+                 f"{given + (['--json'] if args.json else [])}")
     torch.set_num_threads(getattr(args, "threads", 1))
-    rows, measured = run_or_load(lambda: run(args), args.from_json, args.json, given)
-    write_section(heading, section(rows, ap.parse_args(list(measured.argv)), measured), args.out)
+    rows, measured = run_or_load(lambda: run(args), args.from_json, args.json, given, _run_vars(args))
+    stale = {k: v for k, v in measured.args.items() if _run_vars(ap.parse_args(list(measured.argv))).get(k) != v}
+    if stale:
+        measured = dataclasses.replace(measured, argv=measured.argv + _spelled_out(ap, stale))
+    write_section(heading, section(rows, argparse.Namespace(**measured.args), measured), args.out)
     print(f"wrote {heading!r} to {args.out}")
 
 
-SAVED_KEYS = ("rows", "seconds", "argv", "machine")
+def _run_vars(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if f"--{k.replace('_', '-')}" not in OUTPUT_OPTIONS}
+
+
+def _spelled_out(ap: argparse.ArgumentParser, values: dict[str, Any]) -> tuple[str, ...]:
+    """Options that set each of ``values`` (argument name -> value) explicitly."""
+    actions = {a.dest: a for a in ap._actions if a.option_strings}
+    out: list[str] = []
+    for dest, value in values.items():
+        if dest not in actions or not isinstance(actions[dest], argparse._StoreAction):
+            raise ValueError(f"the saved run's argument {dest!r} = {value!r} cannot be written as an option of "
+                             f"this script (options: {sorted(actions)})")
+        out += [max(actions[dest].option_strings, key=len),
+                *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
+    return tuple(out)
+
+
+SAVED_KEYS = ("rows", "seconds", "argv", "machine", "args")
 
 
 def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path], to_json: Optional[Path],
-                argv: list[str]) -> tuple[list[dict[str, Any]], Measured]:
-    """(rows, how they were measured): ``run()`` timed here with arguments ``argv`` and, with
-    ``to_json``, saved there; or, with ``from_json``, what an earlier run saved, so a section
-    can be rewritten without re-running it."""
+                argv: list[str], args: dict[str, Any]) -> tuple[list[dict[str, Any]], Measured]:
+    """(rows, how they were measured): ``run()`` timed here with arguments ``argv`` as typed and
+    ``args`` resolved and, with ``to_json``, saved there; or, with ``from_json``, what an earlier
+    run saved, so a section can be rewritten without re-running it."""
     if from_json:
         saved = json.loads(Path(from_json).read_text())
         missing = [k for k in SAVED_KEYS if k not in saved]
         if missing:
             raise ValueError(f"{from_json} lacks {missing} (a saved run holds {list(SAVED_KEYS)}); without them the "
                              "section cannot say how and where the rows were measured")
-        return saved["rows"], Measured(tuple(saved["argv"]), saved["machine"], saved["seconds"])
+        return saved["rows"], Measured(tuple(saved["argv"]), saved["machine"], saved["seconds"], saved["args"])
     start = time.perf_counter()
     rows = run()
-    measured = Measured(tuple(argv), this_machine(), time.perf_counter() - start)
+    measured = Measured(tuple(argv), this_machine(), time.perf_counter() - start, args)
     if to_json:
         Path(to_json).write_text(json.dumps({"rows": rows, "seconds": measured.seconds, "argv": list(measured.argv),
-                                             "machine": measured.machine}, default=str))
+                                             "machine": measured.machine, "args": measured.args}, default=str))
     return rows, measured
 
 

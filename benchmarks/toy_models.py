@@ -368,5 +368,6 @@ def main(argv=None) -> None:
     section_main(ap, SECTION, section, lambda args: run(args.toys, args.seeds, args.epochs, args.jobs, args.threads),
                  argv)
 
+
 if __name__ == "__main__":
     main()

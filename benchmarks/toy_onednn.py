@@ -9,8 +9,8 @@ kept).
     python benchmarks/toy_onednn.py --json benchmarks/results/toy_onednn.json
         # seeds 0-9, 2 jobs x 1 thread (about 10 min on a 2-core AVX2 machine)
 
-Why: x² seed 3 trains in 88 s on an AVX2 machine ("Toy models: training time"), over the issue's
-minute. Turning oneDNN off is not free: the two GeLU kernels round differently in the last bit,
+Why: x² seed 3 trains in 88 s on an AVX2 machine ("Toy models: training time"), over the minute
+each toy model should take (``LIMIT``). Turning oneDNN off is not free: the two GeLU kernels round differently in the last bit,
 so every x² model (and every x² run of record) would change.
 """
 
@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
-from l3d_lens.toy import data as toy_data, make_toy, metrics, models, train  # noqa: E402
+from benchmarks.toy_train_time import recorded  # noqa: E402
+from l3d_lens.toy import make_toy, metrics, models, train  # noqa: E402
 
 SECTION = "## Toy models: x² training and oneDNN"
+#: seconds: each toy model should train in under a minute (issue 4)
 LIMIT = 60.0
-#: the x² models of record on each CPU capability (see toy_train_time.RECORDS)
-RECORDS = {"AVX512": "toy_square_recipe.json", "AVX2": "toy_give_up.json"}
 
 
 @contextlib.contextmanager
@@ -83,9 +83,9 @@ def _step_times(epochs: int = 5) -> list[dict[str, Any]]:
     off in turn (two models from the same seed): CPU µs per step (median over epochs), and
     whether the two models are still equal bit for bit after ``epochs``."""
     rows = []
-    for name, build, x, y, lr in (
-            ("square", models.square_mlp, *_xy(5, signed=True, square=True), train.LR["square"]),
-            ("tmcs", models.tmcs, *_xy(10, signed=False, square=False), train.LR["tmcs"])):
+    for name, build in (("square", models.square_mlp), ("tmcs", models.tmcs)):
+        x, y = train.training_data(name, 0)
+        lr = train.LR[name]
         pair = {enabled: build(0) for enabled in (True, False)}
         times: dict[bool, list[float]] = {True: [], False: []}
         for epoch in range(epochs):
@@ -102,11 +102,9 @@ def _step_times(epochs: int = 5) -> list[dict[str, Any]]:
     return rows
 
 
-def _xy(n_features: int, *, signed: bool, square: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    x = toy_data.sparse_features(10_000, n_features, seed=1, signed=signed)
-    if square:
-        return x, x ** 2
-    return x, x @ toy_data.circuit_matrix(n_features, n_features, seed=4).T
+def _seconds(t: float) -> str:
+    """Whole seconds, or tenths where rounding would reach ``LIMIT`` from below."""
+    return f"{t:.1f}" if t < LIMIT <= round(t) else f"{t:.0f}"
 
 
 def run_one(seed: int, enabled: bool, threads: int) -> dict[str, Any]:
@@ -132,15 +130,6 @@ def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     return rows + pool_map(run_one, [(seed, enabled, threads) for seed in seeds for enabled in (True, False)], jobs)
 
 
-def _recorded(capability: str) -> dict[int, float]:
-    name = RECORDS.get(capability)
-    if name is None:
-        return {}
-    saved = json.loads((ROOT / "benchmarks" / "results" / name).read_text())["rows"]
-    return {r["seed"]: r.get("train_loss_model", r.get("train_loss")) for r in saved
-            if r.get("toy", "square") == "square" and r.get("recipe", "ours") == "ours"}
-
-
 def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
     ops = [r for r in rows if r["kind"] == "op"]
     steps = [r for r in rows if r["kind"] == "step"]
@@ -148,7 +137,7 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
     capability = {r["cpu_capability"] for r in made.values()}
     if len(capability) != 1:
         raise ValueError(f"rows from CPUs of several capabilities: {sorted(capability)}")
-    record = _recorded(capability.pop())
+    record = recorded(capability.pop())
     op_lines = ["| op on a [32, 5] batch | oneDNN on: µs per call | off | on / off | largest difference on 10⁶ "
                 "inputs in [-4, 4] (values that differ) |", "|---|---|---|---|---|"]
     op_lines += [f"| `{r['op']}` | {r['us_on']:.1f} | {r['us_off']:.1f} | {r['us_on'] / r['us_off']:.1f} | "
@@ -158,24 +147,25 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
     step_lines += [f"| {r['toy']} | {r['us_on']:.0f} | {r['us_off']:.0f} | {r['ratio']:.2f} | "
                    f"{'yes' if r['same_model'] else 'no'} ({r['epochs']} epochs) |" for r in steps]
     seeds = sorted({s for s, _ in made})
-    toy_lines = ["| seed | oneDNN on (default): seconds | same model as recorded | off: seconds | off: blocks | "
-                 "final training loss, on / off | worst feature r² held out, on / off |", "|---|---|---|---|---|---|---|"]
+    toy_lines = ["| seed | oneDNN on (default): seconds | same model as recorded | off: seconds | "
+                 "final training loss, on / off | worst feature r² held out, on / off |", "|---|---|---|---|---|---|"]
 
     def secs(r):
-        text = f"{r['seconds']:.0f}" + (f", {r['blocks']} blocks" if r["blocks"] > 1 else "")
+        text = _seconds(r["seconds"]) + (f", {r['blocks']} blocks" if r["blocks"] > 1 else "")
         return f"**{text}**" if r["seconds"] >= LIMIT else text
 
     for s in seeds:
         on, off = made[(s, True)], made[(s, False)]
-        same = "–" if s not in record else "yes" if record[s] == on["train_loss_model"] else "NO"
-        toy_lines.append(f"| {s} | {secs(on)} | {same} | {secs(off)} | {off['blocks']} | "
+        losses = record.get(("square", s))
+        same = "–" if not losses else "yes" if losses == {on["train_loss_model"]} else "NO"
+        toy_lines.append(f"| {s} | {secs(on)} | {same} | {secs(off)} | "
                          f"{on['train_loss_model']:.5f} / {off['train_loss_model']:.5f} | "
                          f"{on['worst_r2_heldout']:.3f} / {off['worst_r2_heldout']:.3f} |")
     summary = []
     for enabled, label in ((True, "on (default)"), (False, "off")):
         sel = [made[(s, enabled)] for s in seeds]
         t = [r["seconds"] for r in sel]
-        summary.append(f"- oneDNN {label}: {min(t):.0f}-{max(t):.1f} s (median {statistics.median(t):.0f} s), "
+        summary.append(f"- oneDNN {label}: {_seconds(min(t))}-{_seconds(max(t))} s (median {_seconds(statistics.median(t))} s), "
                        f"over a minute: {sum(x >= LIMIT for x in t)}/{len(t)}; more than one block of starts: "
                        f"{sum(r['blocks'] > 1 for r in sel)}/{len(sel)}; worst feature r² held out "
                        f"{min(r['worst_r2_heldout'] for r in sel):.3f}-{max(r['worst_r2_heldout'] for r in sel):.3f}.")
@@ -185,14 +175,18 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
     summary.append(f"- Same model with oneDNN off as on: {same_off}/{len(seeds)} seeds, bit for bit; the final training "
                    f"losses differ by at most {100 * loss_gap:.2g}% and the worst feature's held-out r² by at most "
                    f"{r2_gap:.2g}.")
-    summary.append("- oneDNN stays on in `make_toy`: off, every x² model would change (the two GeLU kernels differ in "
-                   "the last bit, which training grows to the differences above, as it does across CPUs), and with "
-                   "them every x² run of record; and the slowest model would still take about a minute.")
+    if same_off < len(seeds):
+        slowest = max(made[(s, False)]["seconds"] for s in seeds)
+        summary.append(f"- oneDNN stays on in `make_toy`: off, x² models change (in {len(seeds) - same_off} of these "
+                       f"{len(seeds)} seeds; the two GeLU kernels differ in the last bit, which training grows to the "
+                       "differences above, as it does across CPUs), and with them the x² runs of record; the slowest "
+                       f"model off took {_seconds(slowest)} s.")
     return jobs_section(
         SECTION, "toy_onednn.py", args, measured,
         "PyTorch runs GeLU and its backward through oneDNN on CPU when `torch.backends.mkldnn` is enabled (the "
         "default); the x² MLP has four GeLU layers, the superposition models none. Op and step times: CPU time of "
-        "the main process, one thread, oneDNN on and off interleaved, before the `make_toy` runs; `make_toy` rows: "
+        f"the main process, `torch.set_num_threads({args.threads})`, oneDNN on and off interleaved, before the "
+        "`make_toy` runs; `make_toy` rows: "
         "wall seconds with the jobs in parallel, as in \"Toy models: training time\". \"Same model as recorded\": "
         "the final training loss equals, bit for bit, the x² run of record made on a CPU of this capability.",
         "\n".join(op_lines), "\n".join(step_lines), "\n".join(toy_lines), "\n".join(summary))

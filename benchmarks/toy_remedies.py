@@ -118,5 +118,6 @@ def main(argv=None) -> None:
     add_output_arguments(ap, ROOT / "BENCHMARKS.md")
     section_main(ap, SECTION, section, run, argv)
 
+
 if __name__ == "__main__":
     main()

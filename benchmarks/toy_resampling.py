@@ -127,5 +127,6 @@ def main(argv=None) -> None:
 
     section_main(ap, SECTION, section, run_all, argv)
 
+
 if __name__ == "__main__":
     main()

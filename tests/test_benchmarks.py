@@ -16,22 +16,26 @@ def test_command_writes_runs_of_consecutive_integers_as_seq():
     short = Measured(("--seeds", "0", "1", "2", "7", "8", "9", "10"), "here", 1.0)
     assert short.command("toy.py") == "python benchmarks/toy.py --seeds 0 1 2 $(seq 7 10)"
     assert Measured((), "here", 1.0).command("toy.py") == "python benchmarks/toy.py"
+    odd = Measured(("--3", "--4", "--5", "--6", "²", "a b"), "here", 1.0)
+    assert odd.command("toy.py") == "python benchmarks/toy.py --3 --4 --5 --6 '²' 'a b'"
 
 
 def test_a_saved_run_loads_with_its_own_arguments_and_machine(tmp_path):
     path = tmp_path / "run.json"
-    rows, measured = run_or_load(lambda: [{"seed": 3, "x": 0.5}], None, path, ["--seeds", "3"])
+    rows, measured = run_or_load(lambda: [{"seed": 3, "x": 0.5}], None, path, ["--seeds", "3"],
+                                 {"seeds": [3], "jobs": 2})
     assert measured.machine == this_machine() and measured.argv == ("--seeds", "3")
+    assert measured.args == {"seeds": [3], "jobs": 2}
     assert set(json.loads(path.read_text())) == set(SAVED_KEYS)
-    again, loaded = run_or_load(lambda: pytest.fail("a saved run must not be re-run"), path, None, [])
+    again, loaded = run_or_load(lambda: pytest.fail("a saved run must not be re-run"), path, None, [], {})
     assert again == rows and loaded == measured
 
 
 def test_a_saved_run_without_its_machine_is_refused(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps({"rows": [], "seconds": 1.0}))
-    with pytest.raises(ValueError, match=r"lacks \['argv', 'machine'\]"):
-        run_or_load(list, path, None, [])
+    with pytest.raises(ValueError, match=r"lacks \['argv', 'machine', 'args'\]"):
+        run_or_load(list, path, None, [], {})
 
 
 def _write(tmp_path, saved):
@@ -42,7 +46,7 @@ def _write(tmp_path, saved):
 
 def test_from_json_writes_the_saved_runs_command_machine_and_arguments(tmp_path):
     saved = {"rows": [{"seed": 5}], "seconds": 120.0, "argv": ["--seeds", "5", "6", "--jobs", "1"],
-             "machine": "another CPU, 64 cores"}
+             "machine": "another CPU, 64 cores", "args": {"seeds": [5, 6], "threads": 1, "jobs": 1}}
     out = tmp_path / "BENCHMARKS.md"
 
     def section(rows, args, measured):
@@ -57,10 +61,47 @@ def test_from_json_writes_the_saved_runs_command_machine_and_arguments(tmp_path)
 
 
 def test_from_json_refuses_arguments_that_would_describe_another_run(tmp_path, capsys):
-    saved = {"rows": [], "seconds": 1.0, "argv": [], "machine": "m"}
+    saved = {"rows": [], "seconds": 1.0, "argv": [], "machine": "m", "args": {"seeds": [0], "threads": 1, "jobs": 2}}
     ap = seeds_jobs_parser("doc", tmp_path / "B.md")
     with pytest.raises(SystemExit):
         section_main(ap, "## T", lambda *a: "", lambda args: [],
                      ["--from-json", str(_write(tmp_path, saved)), "--seeds", "1", "--out", str(tmp_path / "B.md")])
     assert "drop ['--seeds', '1']" in capsys.readouterr().err
-    assert not (tmp_path / "B.md").exists()
+    with pytest.raises(SystemExit):
+        section_main(seeds_jobs_parser("doc", tmp_path / "B.md"), "## T", lambda *a: "", lambda args: [],
+                     ["--from-json", str(_write(tmp_path, saved)), "--json", str(tmp_path / "j.json")])
+    assert "drop ['--json']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an abbreviation is refused, not taken for --json or recorded as an argument
+        section_main(seeds_jobs_parser("doc", tmp_path / "B.md"), "## T", lambda *a: "", lambda args: [],
+                     ["--js", str(tmp_path / "j.json")])
+    assert not (tmp_path / "B.md").exists() and not (tmp_path / "j.json").exists()
+
+
+def _section(rows, args, measured):
+    return f"## T\n\n{measured.command('t.py')}; seeds {args.seeds}; {rows}\n"
+
+
+def test_a_live_run_saves_its_arguments_as_typed_and_resolved(tmp_path):
+    out, saved = tmp_path / "B.md", tmp_path / "run.json"
+    section_main(seeds_jobs_parser("doc", out), "## T", _section, lambda args: [{"seeds": args.seeds}],
+                 ["--seeds", "3", "4", f"--json={saved}", "--out", str(out), "--jobs", "1"])
+    data = json.loads(saved.read_text())
+    assert data["argv"] == ["--seeds", "3", "4", "--jobs", "1"]
+    assert data["args"] == {"seeds": [3, 4], "threads": 1, "jobs": 1} and data["machine"] == this_machine()
+    assert "python benchmarks/t.py --seeds 3 4 --jobs 1; seeds [3, 4]" in out.read_text()
+
+
+def test_a_rewrite_spells_out_what_a_changed_default_no_longer_gives(tmp_path):
+    """The run used the then default seeds 0-9; the script's default is 0-2 now: the rewritten
+    command states the run's seeds, and the section gets them."""
+    saved = {"rows": [1], "seconds": 60.0, "argv": [], "machine": "m",
+             "args": {"seeds": list(range(10)), "threads": 1, "jobs": 2}}
+    out = tmp_path / "B.md"
+    ap = seeds_jobs_parser("doc", out)
+    ap.set_defaults(seeds=[0, 1, 2])
+    section_main(ap, "## T", _section, lambda args: pytest.fail("must not run"),
+                 ["--from-json", str(_write(tmp_path, saved)), "--out", str(out)])
+    assert "python benchmarks/t.py --seeds $(seq 0 9); seeds [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]; [1]" in out.read_text()
+    saved["args"]["gone"] = 1
+    with pytest.raises(ValueError, match="the saved run's argument 'gone' = 1 cannot be written as an option"):
+        section_main(ap, "## T", _section, lambda args: [], ["--from-json", str(_write(tmp_path, saved))])

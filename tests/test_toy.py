@@ -207,17 +207,29 @@ def test_make_toy_gives_up_early_on_a_square_model_far_from_learning(monkeypatch
 
 def test_training_data_is_what_make_toy_trains_on():
     """Training a fresh model on ``training_data`` the way ``make_toy`` does (one start, no
-    probes, for TMCS and the higher-rank model) gives make_toy's model bit for bit."""
-    from l3d_lens.toy.train import LR, training_data
+    probes, for TMCS and the higher-rank model) gives make_toy's model bit for bit; and the data
+    comes from the generators seeded as ``make_toy`` always seeded them (1000 * seed + 1 for the
+    training inputs, + 4 for the circuit matrix), so its models stay the runs of record."""
+    from l3d_lens.toy.train import LR, RESTARTS, training_data
     for name, build in (("tmcs", models.tmcs), ("higher_rank", models.higher_rank)):
+        assert RESTARTS[name] == (1, 0)
         toy = make_toy(name, 2, epochs=1, n_train=200, n_l3d=10, n_eval=10)
         x, y = training_data(name, 2, n_train=200)
         assert torch.equal(y, x @ toy.truth["A"].T) and not torch.equal(x, training_data(name, 3, n_train=200)[0])
         model = build(2)
         fit(model, x, y, epochs=1, lr=LR[name], seed=2)
-        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), toy.model.parameters()))
+        mine, theirs = model.state_dict(), toy.model.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    x, y = training_data("tmcs", 2, n_train=50)
+    assert torch.equal(x, data.sparse_features(50, 10, seed=2001))
+    assert torch.equal(y, x @ data.circuit_matrix(10, 10, seed=2004).T)
+    x, y = training_data("higher_rank", 2, n_train=50)
+    assert torch.equal(x, data.grouped_features(50, 25, 5, seed=2001))
+    assert torch.equal(y, x @ data.circuit_matrix(25, 10, seed=2004).T)
     x, y = training_data("square", 2, n_train=50)
-    assert x.shape == (50, 5) and torch.equal(y, x ** 2) and (x < 0).any()
+    assert torch.equal(x, data.sparse_features(50, 5, seed=2001, signed=True)) and torch.equal(y, x ** 2)
+    x, y = training_data("tms", 2, n_train=50)
+    assert torch.equal(x, data.sparse_features(50, 5, seed=2001)) and torch.equal(y, x)
     with pytest.raises(ValueError, match="unknown toy model 'sq'; choose one of"):
         training_data("sq")
 

@@ -248,7 +248,11 @@ def _task(name: str, seed: int) -> tuple[Callable[[int], nn.Module], Callable[[i
 def training_data(name: str, seed: int = 0, n_train: int = 10_000) -> tuple[Float[torch.Tensor, "n d_in"],
                                                                             Float[torch.Tensor, "n d_out"]]:
     """(inputs, targets) that ``make_toy(name, seed, n_train=n_train)`` trains its model on."""
-    _, inputs, target, _ = _task(name, seed)
+    return _training_data(_task(name, seed), seed, n_train)
+
+
+def _training_data(task, seed: int, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, inputs, target, _ = task
     x = inputs(n_train, _seed(seed, _TRAIN_DATA))
     return x, target(x)
 
@@ -265,8 +269,9 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     lr = LR[name] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number (AdamW learning rate), got {lr!r}")
-    build, inputs, _, truth = _task(name, seed)
-    x, y = training_data(name, seed, n_train)
+    task = _task(name, seed)
+    build, inputs, _, truth = task
+    x, y = _training_data(task, seed, n_train)
     restarts, probe = RESTARTS[name]
     blocks = 1
     if name == "tms":
