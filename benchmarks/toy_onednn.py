@@ -9,8 +9,8 @@ kept).
     python benchmarks/toy_onednn.py --json benchmarks/results/toy_onednn.json
         # seeds 0-9, 2 jobs x 1 thread (about 10 min on a 2-core AVX2 machine)
 
-Why: x² seed 3 trains in 88 s on an AVX2 machine ("Toy models: training time"), over the minute
-each toy model should take (``LIMIT``). Turning oneDNN off is not free: the two GeLU kernels round differently in the last bit,
+Why: x² seed 3 trains in 78-93 s on an AVX2 machine ("Toy models: training time" and runs of this
+script), over the minute each toy model should take (``LIMIT``). Turning oneDNN off is not free: the two GeLU kernels round differently in the last bit,
 so every x² model (and every x² run of record) would change.
 """
 

@@ -75,8 +75,9 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
         epochs: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
         check: Optional[tuple[Union[int, Collection[int]], Callable[[nn.Module], bool]]] = None) -> list[float]:
     """Train ``model`` in place on MSE(model(x), y) with AdamW, shuffling from ``seed``;
-    returns the mean training loss of every epoch. Fused AdamW (where available) only to cut
-    per-step overhead: the update rule is AdamW's. With ``check = (e, ok)``, training stops
+    returns the mean training loss of every epoch. Fused AdamW (where available) and one
+    gather of the shuffled data per epoch (not one per batch) only to cut per-step overhead: the
+    update rule and the batches are the same. With ``check = (e, ok)``, training stops
     after epoch ``e`` unless ``ok(model)`` (fewer losses come back); with a collection of
     epochs it checks after each and stops at the first failure (the last epoch is never
     checked). ``ok`` must not change the model, so a model that passes trains exactly as
@@ -92,12 +93,12 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     for _ in range(epochs):
         order = torch.randperm(x.shape[0], generator=gen)
         total = 0.0
-        for idx in order.split(batch_size):
-            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        for xb, yb in zip(x[order].split(batch_size), y[order].split(batch_size)):
+            loss = nn.functional.mse_loss(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * idx.numel()
+            total += loss.item() * xb.shape[0]
         losses.append(total / x.shape[0])
         if len(losses) in at and len(losses) < epochs:
             model.eval()
