@@ -234,6 +234,18 @@ def test_training_data_is_what_make_toy_trains_on():
         training_data("sq")
 
 
+def test_toy_repr_is_one_line_that_names_the_toy_its_training_and_its_data():
+    toy = make_toy("higher_rank", 1, epochs=2, n_train=100, n_l3d=10, n_eval=20)
+    text = repr(toy)
+    assert toy.seed == 1 and "\n" not in text and len(text) < 300
+    assert text == (f"Toy('higher_rank', seed=1: SuperpositionModel trained 2 epochs to MSE {toy.final_loss:.4g} "
+                    "(1 block of starts); l3d_data [10, 25], eval_data [20, 25]; truth: A [10, 25], group_size=5)")
+    by_hand = Toy("square", models.square_mlp(0), [], torch.zeros(3, 5), torch.zeros(4, 5), lambda n, s: None, {},
+                  blocks=2)
+    assert repr(by_hand) == ("Toy('square': SquareMLP trained 0 epochs to MSE nan (2 blocks of starts); "
+                             "l3d_data [3, 5], eval_data [4, 5]; truth: none)")
+
+
 def test_make_toy_lr_is_the_training_learning_rate_and_is_validated(monkeypatch):
     from l3d_lens.toy import train
     from l3d_lens.toy.train import LR

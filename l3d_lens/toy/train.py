@@ -222,10 +222,23 @@ class Toy:
     #: blocks of starts trained (``fit_best_of``): more than 1 when an x^2 model kept from the
     #: first block never learned a feature, which adds most of a block's training time
     blocks: int = 1
+    #: the seed ``make_toy`` built it from (None for a Toy made by hand)
+    seed: Optional[int] = None
 
     @property
     def final_loss(self) -> float:
         return self.train_losses[-1] if self.train_losses else float("nan")
+
+    def __repr__(self) -> str:
+        """One line for a notebook: which toy, how it trained, the data's shapes, the truth's keys
+        (the dataclass default would print every tensor and loss)."""
+        seed = "" if self.seed is None else f", seed={self.seed}"
+        truth = ", ".join(f"{k} {list(v.shape)}" if isinstance(v, torch.Tensor) else f"{k}={v!r}"
+                          for k, v in self.truth.items())
+        return (f"Toy({self.name!r}{seed}: {type(self.model).__name__} trained {len(self.train_losses)} epochs to "
+                f"MSE {self.final_loss:.4g} ({self.blocks} block{'s' if self.blocks > 1 else ''} of starts); "
+                f"l3d_data {list(self.l3d_data.shape)}, eval_data {list(self.eval_data.shape)}; "
+                f"truth: {truth or 'none'})")
 
 
 def _task(name: str, seed: int) -> tuple[Callable[[int], nn.Module], Callable[[int, int], torch.Tensor],
@@ -289,4 +302,4 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
         model, losses, blocks = fit_best_of(build, x, y, epochs=epochs, seed=seed, restarts=restarts,
                                             probe_epochs=probe, lr=lr, learned=learned, give_up=give_up)
     return Toy(name, model, losses, inputs(n_l3d, _seed(seed, _L3D_DATA)), inputs(n_eval, _seed(seed, _EVAL_DATA)),
-               inputs, truth, blocks=blocks)
+               inputs, truth, blocks=blocks, seed=seed)
