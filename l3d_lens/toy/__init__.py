@@ -12,8 +12,9 @@ recovery metrics, and a sweep helper for k / rank / number of subnetworks.
 ``demos/toy_models.py`` runs this for any of the four and prints the scorecard.
 
 Modules: ``models`` (nn.Linear toy models), ``data`` (seeded sparse inputs), ``train``
-(seeded training, ``make_toy``), ``metrics`` (usable on any Decomposition with a known
-answer), ``reproduce`` (the paper's L3D settings and per-toy scoring), ``sweep``.
+(seeded training: ``make_toy``, and ``training_data``, the data it trains on), ``metrics``
+(usable on any Decomposition with a known answer), ``reproduce`` (the paper's L3D settings and
+per-toy scoring), ``sweep``.
 """
 
 from . import data, metrics, models, sweep
