@@ -197,7 +197,8 @@ def section_main(ap: argparse.ArgumentParser, heading: str, section: Section,
                  f"{given + (['--json'] if args.json else [])}")
     torch.set_num_threads(getattr(args, "threads", 1))
     rows, measured = run_or_load(lambda: run(args), args.from_json, args.json, given, _run_vars(args))
-    stale = {k: v for k, v in measured.args.items() if _run_vars(ap.parse_args(list(measured.argv))).get(k) != v}
+    now = _run_vars(ap.parse_args(list(measured.argv)))  # what the typed arguments give with today's defaults
+    stale = {k: v for k, v in measured.args.items() if now.get(k) != v}
     if stale:
         measured = dataclasses.replace(measured, argv=measured.argv + _spelled_out(ap, stale))
     write_section(heading, section(rows, argparse.Namespace(**measured.args), measured), args.out)

@@ -56,8 +56,8 @@ def test_from_json_writes_the_saved_runs_command_machine_and_arguments(tmp_path)
     ap = seeds_jobs_parser("doc", out)
     section_main(ap, "## T", section, lambda args: pytest.fail("must not run"),
                  ["--from-json", str(_write(tmp_path, saved)), "--out", str(out)])
-    assert out.read_text() == ("# Benchmarks\n\n## T\n\npython benchmarks/t.py --seeds 5 6 --jobs 1; another CPU, 64 cores; 2.0 min; "
-                               "seeds [5, 6], jobs 1\n")
+    assert out.read_text() == ("# Benchmarks\n\n## T\n\npython benchmarks/t.py --seeds 5 6 --jobs 1; "
+                               "another CPU, 64 cores; 2.0 min; seeds [5, 6], jobs 1\n")
 
 
 def test_from_json_refuses_arguments_that_would_describe_another_run(tmp_path, capsys):

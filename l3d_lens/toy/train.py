@@ -146,10 +146,10 @@ def fit_best_of(build: Callable[[int], nn.Module], x: Float[torch.Tensor, "n d_i
     With ``learned`` (a check of the trained model on its own training task, e.g. every x^2
     feature learned), a kept model that fails it is dropped and a fresh block of ``restarts``
     starts is tried, up to ``max_blocks`` blocks; a model that passes at once is the same as
-    without the check. ``give_up = (e, ok)`` drops the kept model early, ``e`` epochs after its
-    probe (or at the first of the epochs ``e``, as in ``fit``), when ``ok`` fails (a model already far from passing ``learned`` is not trained to the
-    end); a model that passes ``ok`` trains exactly as without it. Raises RuntimeError when no
-    block passes."""
+    without the check. ``give_up = (e, ok)`` checks the kept model ``e`` epochs after its probe
+    (or after each of the epochs ``e``, as in ``fit``) and drops it early when ``ok`` fails (a
+    model already far from passing ``learned`` is not trained to the end); a model that passes
+    ``ok`` trains exactly as without it. Raises RuntimeError when no block passes."""
     if max_blocks < 1:
         raise ValueError(f"max_blocks must be an integer >= 1 (blocks of starts to try), got {max_blocks!r}")
     if give_up is not None and learned is None:
