@@ -34,6 +34,7 @@ from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main 
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 # the batch columns are toy_loss_norm's runs (toy_heldout's one run), scored and shown the same way
+from benchmarks.toy_heldout import none_shared  # noqa: E402
 from benchmarks.toy_loss_norm import EPOCHS, TARGETS, fmt  # noqa: E402
 
 SECTION = "## Toy models: per-sample, then batch"
@@ -45,7 +46,7 @@ def _row(name: str, ev: dict[str, Any]) -> dict[str, Any]:
     key, ref_key, _ = TARGETS[name]
     row = {"value": ev[key], "reference": ev[ref_key], "error": ev["error"], "dead_fraction": ev["dead_fraction"]}
     if name == "square":
-        row.update(one_per_feature_none_shared=ev["one_per_feature"] and ev["feature_pure"],
+        row.update(one_per_feature_none_shared=none_shared(ev),
                    per_circuit=ev["circuit_selectivity_by_output"])
     return row
 

@@ -281,9 +281,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             add("square", tag + "reconstruction error", "32% (5 × rank 2)", pct("error"), "≤ 32%",
                 lambda x: x["error"] <= 0.32, **kw)
             add("square", tag + "one subnetwork per feature: distinct subnetworks dominate the features, and none "
-                "dominates a sign of two features", "yes", lambda r: _count(x["one_per_feature"] and x["feature_pure"]
-                                                                          for x in r),
-                "all seeds", lambda x: x["one_per_feature"] and x["feature_pure"], **kw)
+                "dominates a sign of two features", "yes", lambda r: _count(x["one_per_feature_none_shared"] for x in r),
+                "all seeds", lambda x: x["one_per_feature_none_shared"], **kw)
             add("square", tag + "subnetworks per feature (one for both signs of x, or one per sign)", "–",
                 lambda r: "; ".join(f"seed {x['seed']}: {x['subnetworks_per_feature']}" for x in r), **kw)
             # the target row: per feature where a subnetwork is meant to carry the whole feature (5

@@ -33,6 +33,8 @@ from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step 
 SECTION = "## Toy models: resampling"
 SELECTION_SEEDS = (0, 1, 2, 3, 4)
 HELD_OUT_SEEDS = (5, 6, 7, 8, 9)
+
+
 def settings(name: str, epochs: int) -> dict[str, dict[str, Any]]:
     """Setting name -> overrides of ``recommended_config``: the resampling epoch is the one
     ``recommended_config`` uses for the higher-rank model (1/12 of training, 25 of 300)."""

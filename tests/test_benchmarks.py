@@ -1,5 +1,6 @@
 """The benchmarks' bookkeeping: a section rewritten from saved rows (``--from-json``) states the
-saved run's command, machine and time, never those of the machine that rewrites it."""
+saved run's command, machine and time, never those of the machine that rewrites it; and the x²
+give-up check's verdicts, which chose ``train.GIVE_UP``."""
 
 from __future__ import annotations
 
@@ -105,3 +106,29 @@ def test_a_rewrite_spells_out_what_a_changed_default_no_longer_gives(tmp_path):
     saved["args"]["gone"] = 1
     with pytest.raises(ValueError, match="the saved run's argument 'gone' = 1 cannot be written as an option"):
         section_main(ap, "## T", _section, lambda args: [], ["--from-json", str(_write(tmp_path, saved))])
+
+
+def test_give_up_section_judges_each_rule_and_keeps_held_out_seeds_apart():
+    """The give-up check's verdicts on hand-made r² trajectories (80 epochs after the probe): a
+    rule drops a start when its r² is below the threshold after that many epochs, a drop of a
+    start that learns is wrong, and seeds from 60 on are reported as held out for both rules."""
+    from types import SimpleNamespace
+
+    from benchmarks import toy_give_up
+
+    def row(seed, *trajectories):
+        return {"toy": "square", "seed": seed, "r2": [list(t) for t in trajectories], "blocks": len(trajectories),
+                "train_loss_model": None}
+
+    never = [-0.2] * 80
+    late = [-0.5] * 40 + [0.7] * 40  # below 0 for the last time after 40 epochs: a check after 40 drops it
+    rows = [row(3, never, [0.9] * 80), row(37, late), row(70, [0.8] * 80), row(80, never, [0.9] * 80)]
+    text = toy_give_up.section(rows, SimpleNamespace(jobs=2, threads=1), Measured((), "here", 60.0))
+    assert "| 50 (`GIVE_UP`) | 0 | 2 (3/0, 80/0) | 0 | 60 |" in text
+    assert "| 40 | 1 (37/0) | 2 (3/0, 80/0) | 0 | 80 |" in text
+    assert "| 37/0 | -0.500 |" in text and "| **wrong give-up** | kept, learned |" in text
+    assert "37/0 learns late: its worst r² is below 0 for the last time after 40 epochs" in text
+    assert "- seeds 60 and up (held out for both rules) (2 seeds, 3 kept starts): 2 learned every feature" in text
+    assert "never learned one: 1 (80/0)." in text
+    assert "- seeds 20-59 (held out for the first rule; `GIVE_UP` (50, 0.0) was chosen on seeds 0-59) (1 seeds, 1 " \
+           "kept starts): 1 learned every feature" in text
