@@ -108,6 +108,10 @@ def _verdict(start: Start, rule: tuple[int, float]) -> str:
         (drop, start.learned)]
 
 
+def _span(seeds: range) -> str:
+    return f"{seeds.start}-{seeds.stop - 1}"
+
+
 def _count(starts: list[Start]) -> str:
     return f"{len(starts)} ({', '.join(f'{s.seed}/{s.block}' for s in starts)})" if starts else "0"
 
@@ -139,11 +143,12 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
             lines.append(f"| {s.seed}/{s.block} | " + " | ".join(f"{s.r2[e - 1]:.3f}" for e in shown)
                          + f" | {s.r2[-1]:.3f} | {_verdict(s, FIRST_RULE)} | {_verdict(s, train.GIVE_UP)} |")
     out = []
-    groups = ((f"seeds 0-19 (the first rule, {FIRST_RULE}, was chosen on these, `GIVE_UP` on seeds 0-59)",
-               lambda seed: seed in TUNED_ON),
-              (f"seeds 20-59 (held out for the first rule; `GIVE_UP` {train.GIVE_UP} was chosen on seeds 0-59)",
+    groups = ((f"seeds {_span(TUNED_ON)} (the first rule, {FIRST_RULE}, was chosen on these, `GIVE_UP` on seeds "
+               f"{_span(CHOSEN_ON)})", lambda seed: seed in TUNED_ON),
+              (f"seeds {_span(range(TUNED_ON.stop, CHOSEN_ON.stop))} (held out for the first rule; `GIVE_UP` "
+               f"{train.GIVE_UP} was chosen on seeds {_span(CHOSEN_ON)})",
                lambda seed: seed in CHOSEN_ON and seed not in TUNED_ON),
-              ("seeds 60 and up (held out for both rules)", lambda seed: seed not in CHOSEN_ON))
+              (f"seeds {CHOSEN_ON.stop} and up (held out for both rules)", lambda seed: seed not in CHOSEN_ON))
     for label, keep in groups:
         sel = [s for s in starts if keep(s.seed)]
         if not sel:
@@ -179,9 +184,8 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
         f"own r² of x_i² on its training rows where feature i is active (`metrics.feature_r2`), after the given "
         f"number of epochs after the probe; at the end `LEARNED_R2` = {train.LEARNED_R2:g} decides. A rule (e, t) "
         f"drops a start whose worst r² is below t after e epochs: the first rule {FIRST_RULE} was chosen on seeds "
-        f"0-19, `train.GIVE_UP` = {train.GIVE_UP} on seeds 0-59 (an earlier run of this benchmark); seeds 60 and "
-        f"up hold both out. Starts as seed/block; the first "
-        f"table lists those below 0.5 at some point from epoch {FIRST_RULE[0]} on, or never learned.",
+        f"{_span(TUNED_ON)}, `train.GIVE_UP` = {train.GIVE_UP} on seeds {_span(CHOSEN_ON)} (an earlier run of this "
+        f"benchmark); seeds {CHOSEN_ON.stop} and up hold both out. Starts as seed/block; the first table lists those below 0.5 at some point from epoch {FIRST_RULE[0]} on, or never learned.",
         "\n".join(lines), f"Give-up rules (epoch, r² < {threshold:g}) on all {len(starts)} kept starts:",
         _rules_table(starts, threshold), "\n".join(out))
 

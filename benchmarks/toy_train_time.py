@@ -56,12 +56,16 @@ def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     return pool_map(run_one, tasks, jobs)
 
 
+def _saved_rows(name: str) -> list[dict[str, Any]]:
+    return json.loads((ROOT / "benchmarks" / "results" / name).read_text())["rows"]
+
+
 def recorded(capability: str) -> dict[tuple[str, int], set[float]]:
     """(toy, seed) -> the final training losses the runs of record made on a CPU of
     ``capability`` saved for that model."""
     out: dict[tuple[str, int], set[float]] = {}
     for name in RECORDS.get(capability, ()):
-        for r in json.loads((ROOT / "benchmarks" / "results" / name).read_text())["rows"]:
+        for r in _saved_rows(name):
             if r.get("train_loss_model") is not None:  # None: a toy_give_up seed without a model
                 out.setdefault((r["toy"], r["seed"]), set()).add(r["train_loss_model"])
             elif r.get("recipe") == "ours" and "train_loss" in r:  # toy_square_recipe
@@ -118,7 +122,7 @@ def section(rows, args, measured: Measured) -> str:
     extra = sorted({r["seed"] for r in rows} - set(range(10)))
     note = ""
     if extra:
-        give_up = json.loads((ROOT / "benchmarks" / "results" / "toy_give_up.json").read_text())["rows"]
+        give_up = _saved_rows("toy_give_up.json")
         second = [r["seed"] for r in give_up if r["blocks"] != 1]
         picked = [s for s in extra if s in second]
         note = (f" Seeds beyond 0-9 ({', '.join(map(str, extra))}): {len(picked)} picked because their x² model needs "

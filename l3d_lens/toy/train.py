@@ -56,9 +56,9 @@ LEARNED_R2 = 0.5
 #: stays at 0.20-0.56 and trains to the end. A check after 20 epochs (chosen on seeds 0-19) would
 #: have dropped seed 37's start too. Held out, seeds 60-119 (65 kept starts): no start that learns
 #: is dropped (the two latest were below 0 until 38 and 42 epochs), and all 5 that never learn
-#: are (at or below -0.13 after 50 epochs). A model that passes trains exactly as without the check; one
-#: dropped that would have learned later only costs the next block's training (``make_toy``
-#: returns that block's model).
+#: are (at or below -0.13 after 50 epochs). A model that passes trains exactly as without the
+#: check; one dropped that would have learned later only costs the next block's training
+#: (``make_toy`` returns that block's model).
 #: Measured for the default recipe (``DEFAULT_EPOCHS``, ``LR``) only, and used only there: at
 #: the paper's lr 1e-3 features are learned later.
 GIVE_UP = (50, 0.0)
