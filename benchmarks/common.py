@@ -92,12 +92,16 @@ def run_args(argv: list[str]) -> list[str]:
     return out
 
 
+#: the seeds a benchmark built on ``seeds_jobs_parser`` runs when ``--seeds`` is not given
+DEFAULT_SEEDS = tuple(range(10))
+
+
 def seeds_jobs_parser(doc: str, out: Path) -> argparse.ArgumentParser:
-    """The command line of a benchmark that runs seeds in parallel processes: ``--seeds`` (0-9),
-    ``--threads`` per job, ``--jobs`` and ``OUTPUT_OPTIONS``; the description is ``doc``'s first
-    paragraph."""
+    """The command line of a benchmark that runs seeds in parallel processes: ``--seeds``
+    (``DEFAULT_SEEDS``), ``--threads`` per job, ``--jobs`` and ``OUTPUT_OPTIONS``; the
+    description is ``doc``'s first paragraph."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
     add_output_arguments(ap, out)

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import DEFAULT_SEEDS, Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.train import DEFAULT_EPOCHS, TOY_NAMES  # noqa: E402
 
@@ -119,13 +119,13 @@ def section(rows, args, measured: Measured) -> str:
     if len(capability) != 1:
         raise ValueError(f"rows from CPUs of several capabilities: {sorted(capability)}")
     saved = recorded(capability.pop())
-    extra = sorted({r["seed"] for r in rows} - set(range(10)))
+    extra = sorted({r["seed"] for r in rows} - set(DEFAULT_SEEDS))
     note = ""
     if extra:
         give_up = _saved_rows("toy_give_up.json")
         second = [r["seed"] for r in give_up if r["blocks"] != 1]
         picked = [s for s in extra if s in second]
-        note = (f" Seeds beyond 0-9 ({', '.join(map(str, extra))}): {len(picked)} picked because their x² model needs "
+        note = (f" Seeds beyond {DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]} ({', '.join(map(str, extra))}): {len(picked)} picked because their x² model needs "
                 f"a second block of starts (\"Toy models: x² give-up check\": {len(second)} of its {len(give_up)} seeds "
                 "do), so the counts below are not rates.")
     return jobs_section(

@@ -416,6 +416,58 @@ def test_coefficient_r2_is_scale_and_sign_free():
     assert metrics.coefficient_r2(A, torch.rand(4, 6)) < 0.9
 
 
+def test_coefficient_r2_by_hand():
+    # rows scaled to their least-squares fit: [1, 0] -> [1, 0] exactly; [1, 1] has
+    # recovered [1, 0], fit scale 1, residual 1; SS_tot about the mean 3/4 of all four entries
+    true = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    recovered = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    assert metrics.coefficient_r2(true, recovered) == pytest.approx(1 - 1 / 0.75, abs=1e-12)
+    # true + 5 against [[1, 0], [1, 1]]: row 0 fits [6, 0] (residual 25), row 1 exactly; SS_tot
+    # about the true entries' mean 5.75 is 0.75 (about zero it would be 133, giving 0.81)
+    assert metrics.coefficient_r2(true + 5, true) == pytest.approx(1 - 25 / 0.75, abs=1e-9)
+    assert torch.isnan(torch.tensor(metrics.coefficient_r2(torch.ones(2, 2), torch.rand(2, 2))))
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.coefficient_r2(true, recovered.T[:1])
+
+
+class _HandDecomposition:
+    """The two things ``live_per_group`` and ``dead_fraction`` read from a Decomposition."""
+
+    def __init__(self, subnetworks, p_act):
+        self._subs, self.fraction_active = subnetworks, torch.tensor(p_act)
+
+    def subnetworks(self):
+        return self._subs
+
+
+def test_dead_fraction_counts_subnetworks_never_in_the_top_k():
+    assert metrics.dead_fraction(_HandDecomposition({}, [0.0, 0.2, 0.0, 1e-6])) == 0.5
+    assert metrics.dead_fraction(_HandDecomposition({}, [0.1, 0.2])) == 0.0
+
+
+def test_live_per_group_by_hand():
+    # 3 groups of 2 inputs, 4 hidden units: subnetworks 0-2 pure in groups 0, 1, 2; 3 dead
+    enc = torch.zeros(5, 4, 6)
+    for k in range(3):
+        enc[k, :, 2 * k:2 * k + 2] = 1.0
+    enc[3, :, 0] = 1.0
+    bias = torch.zeros(5, 3)
+    subs = {"encoder.weight": enc, "decoder.bias": bias}
+    r = metrics.live_per_group(_HandDecomposition(subs, [0.3, 0.2, 0.1, 0.0, 0.0]), 2)
+    assert r["live_per_group"] == [1, 1, 1] and r["one_per_group"] and r["n_live_impure"] == 0
+    assert r["group"][:4] == [0, 1, 2, 0] and r["purity"][:3] == [1.0, 1.0, 1.0]
+    # subnetwork 4 lives in the bias alone: in no group, so it counts for none and fails the target
+    bias[4, 0] = 1.0
+    r = metrics.live_per_group(_HandDecomposition(subs, [0.3, 0.2, 0.1, 0.0, 0.05]), 2)
+    assert r["group"][4] == -1 and r["purity"][4] == 0.0
+    assert r["live_per_group"] == [1, 1, 1] and r["n_live_impure"] == 1 and not r["one_per_group"]
+    # subnetwork 2 mixed 60/40 over groups 2 and 0: counted for group 2, but not one per group
+    enc[2, :, 0:2] = (2 / 3) ** 0.5
+    r = metrics.live_per_group(_HandDecomposition(subs, [0.3, 0.2, 0.1, 0.0, 0.0]), 2)
+    assert r["group"][2] == 2 and r["purity"][2] == pytest.approx(0.6)
+    assert r["live_per_group"] == [1, 1, 1] and r["n_live_impure"] == 1 and not r["one_per_group"]
+
+
 def test_rank_bound_r2_is_the_eckart_young_bound():
     gen = torch.Generator().manual_seed(3)
     A = torch.rand(10, 10, generator=gen, dtype=torch.double) * 3
@@ -539,6 +591,12 @@ def test_selectivity_separates_targeted_from_global_directions():
         metrics.selectivity(m, both, x, relevant, other=torch.ones_like(relevant))
     with pytest.raises(ValueError, match="bool mask"):  # an index tensor would gather, not mask
         metrics.selectivity(m, both, x, relevant, other=other.long())
+    with pytest.raises(ValueError, match="other selects no"):
+        metrics.selectivity(m, both, x, relevant, other=torch.zeros_like(relevant))
+    # a grid that never reaches half change: read at the largest relevant change, flagged
+    s3 = metrics.selectivity(m, both, x, relevant, deltas=[1e-3, 1e-2])
+    assert not s3["reached"] and abs(s3["delta"]) == 1e-2
+    assert s3["relevant_change"] < s3["target_change"]
 
 
 def test_output_effects_match_finite_differences():
@@ -680,11 +738,16 @@ def test_scorecard_checks_each_target_and_names_what_is_missing():
     rows = scorecard("tmcs", {"error": 0.05, "pearson_r": 0.91, "pearson_r_reference": 0.93})
     assert [(r["met"], r["reference"]) for r in rows] == [(True, None), (False, 0.93)]
     assert [r["met"] for r in scorecard("tms", {"error": 0.2, "min_cos_encoder": 0.995})] == [False, True]
-    assert [r["met"] for r in scorecard("higher_rank", {"live_per_group": [1, 1, 1, 1, 1]})] == [True]
-    assert [r["met"] for r in scorecard("higher_rank", {"live_per_group": [1, 2, 1, 1, 0]})] == [False]
-    square = {"error": 0.07, "one_per_feature_none_shared": False,
+    hr = {"live_per_group": [1, 1, 1, 1, 1], "n_live_impure": 0}
+    assert [r["met"] for r in scorecard("higher_rank", hr)] == [True, True]
+    assert [r["met"] for r in scorecard("higher_rank", {**hr, "live_per_group": [1, 2, 1, 1, 0]})] == [False, True]
+    assert [r["met"] for r in scorecard("higher_rank", {**hr, "n_live_impure": 1})] == [True, False]
+    square = {"error": 0.07, "one_per_feature_none_shared": False, "circuit_selectivity_reached": True,
               "circuit_selectivity_by_output_min": 12.0, "reference_circuit_selectivity_by_output_min": 13.0}
-    assert [r["met"] for r in scorecard("square", square)] == [True, False, True]
+    assert [r["met"] for r in scorecard("square", square)] == [True, False, True, True]
+    # a selectivity read where the output never changed by half is not the target's number
+    assert [r["met"] for r in scorecard("square", {**square, "circuit_selectivity_reached": False})] == [
+        True, False, True, False]
     with pytest.raises(ValueError, match="unknown toy model 'mnist'; choose one of"):
         scorecard("mnist", {})
     with pytest.raises(KeyError, match="'min_cos_encoder' is not in the result"):

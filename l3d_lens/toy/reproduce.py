@@ -170,11 +170,15 @@ TARGETS = {
             ("min over features of max |cos| with the W_in column", "min_cos_encoder", ">=", 0.99, None)],
     "tmcs": [("reconstruction error", "error", "<=", 0.064, None),
              ("the paper's statistic (Pearson r of A)", "pearson_r", ">=", 0.92, "pearson_r_reference")],
-    "higher_rank": [("live subnetworks per group", "live_per_group", "==", [1] * 5, None)],
+    "higher_rank": [("live subnetworks per group", "live_per_group", "==", [1] * 5, None),
+                    (f"live subnetworks with under {metrics.PURE_GROUP:.0%} of their W_in mass in one group",
+                     "n_live_impure", "==", 0, None)],
     "square": [("reconstruction error", "error", "<=", 0.32, None),
                ("one subnetwork per feature, none shared", "one_per_feature_none_shared", "==", True, None),
                ("min selectivity by output, per (feature, sign) circuit", "circuit_selectivity_by_output_min", ">=",
-                10.0, "reference_circuit_selectivity_by_output_min")],
+                10.0, "reference_circuit_selectivity_by_output_min"),
+               ("every circuit's output changed by half on the delta grid (where selectivity is read)",
+                "circuit_selectivity_reached", "==", True, None)],
 }
 
 
@@ -222,8 +226,9 @@ def _selectivities(model, subs, x, owner: list[Optional[int]], targets) -> dict[
     other outputs only (``selectivity_by_output``: the relevant outputs over the others). The
     delta depends on the relevant entries only, so both read the same delta: the by-output
     ratio needs one more forward there, not a second sweep. NaN for a target without an owner
-    or without rows."""
-    nan = {"selectivity": float("nan"), "reached": False, "delta": float("nan")}
+    or without rows; ``selectivity_reached``: every target with an owner and rows got to its
+    half change on the delta grid (one that did not is read at its largest change instead)."""
+    nan = {"selectivity": float("nan"), "reached": None, "delta": float("nan")}
     strict, by_output = [], []
     for (i, rows), k in zip(targets, owner):
         if k is None or not rows.any():
@@ -242,6 +247,7 @@ def _selectivities(model, subs, x, owner: list[Optional[int]], targets) -> dict[
                           "selectivity": r["relevant_change"] / max(other_change, 1e-300)})
     return {"selectivity": [r["selectivity"] for r in strict],
             "selectivity_min": nanmin(r["selectivity"] for r in strict),
-            "selectivity_reached": all(r["reached"] for r in strict), "selectivity_delta": [r["delta"] for r in strict],
+            "selectivity_reached": all(r["reached"] is not False for r in strict),
+            "selectivity_delta": [r["delta"] for r in strict],
             "selectivity_by_output": [r["selectivity"] for r in by_output],
             "selectivity_by_output_min": nanmin(r["selectivity"] for r in by_output)}
