@@ -243,3 +243,55 @@ def test_loss_norm_epochs_switches_to_the_batch_loss():
     assert abs(mixed.history[2]["loss"] - batch.item()) / batch.item() < RTOL
     assert abs(sample.history[2]["loss"] - per_sample.item()) / per_sample.item() < RTOL
     assert abs(batch.item() - per_sample.item()) > 1e-3 * batch.item()
+
+
+def _oracle_error(grads, dec, top_k, batch_rows):
+    """sum_i ||g_i - V_out c_i||^2 / sum_i ||g_i||^2 with the top-k taken per batch of
+    ``batch_rows`` samples, from materialised oracle gradients."""
+    names = list(grads)
+    flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], 1)
+    v_in = torch.cat([dec.encoders()[n].reshape(dec.n_subnetworks, -1) for n in names], 1)
+    v_out = torch.cat([dec.subnetworks()[n].reshape(dec.n_subnetworks, -1) for n in names], 1)
+    num = den = 0.0
+    for g in flat.split(batch_rows):
+        coef = g @ v_in.T
+        keep = max(1, int(round(top_k * coef.numel())))
+        threshold = coef.abs().flatten().sort(descending=True).values[keep - 1]
+        c = torch.where(coef.abs() >= threshold, coef, torch.zeros_like(coef))
+        num += ((g - c @ v_out) ** 2).sum().item()
+        den += (g ** 2).sum().item()
+    return num / den
+
+
+def test_reconstruction_error_matches_oracle_over_batches(lm_kind):
+    """``Decomposition.reconstruction_error``: the batches (10 sequences in batches of 4, the
+    last one short), each batch's own top-k, and sum over all samples before dividing."""
+    model = tiny_lm(lm_kind)
+    x, ref = tokens(10, 5, seed=1), tokens(10, 5, seed=2)
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.mlp"], n_subnetworks=4, rank=2, sample="token",
+                             reference="paired", dtype="float64", top_k=0.3, batch_size=4, epochs=6, lr=0.05)
+    dec = l3d_lens.decompose(model, x, cfg, reference=ref, progress=False)  # trained: the top-k matters
+    g = per_sample_grads(model, dec.weight_names, x, ref, "token")
+    expected = _oracle_error(g, dec, 0.3, 4 * 5)  # token mode: 5 samples per sequence
+    assert expected < 0.9
+    assert abs(dec.reconstruction_error(x, ref) - expected) / expected < RTOL
+    # one batch of all 10 sequences keeps a different top-k, so the batching is really checked
+    assert abs(_oracle_error(g, dec, 0.3, 10 * 5) - expected) > 100 * RTOL * expected
+
+
+def test_reconstruction_error_with_the_batch_mean_reference_matches_oracle():
+    """reference='mean' (MSE): each batch's own mean output is the reference."""
+    model = TinyMLP()
+    x = torch.rand(10, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = l3d_lens.L3DConfig(components=["fc1", "fc2"], n_subnetworks=4, rank=2, reference="mean", divergence="mse",
+                             dtype="float64", top_k=0.3, batch_size=4)
+    task = build_task(model, cfg)
+    f = init_factors(task.selected, resolve_ranks(task.selected, 2), 4, torch.Generator().manual_seed(3),
+                     torch.float64, torch.device("cpu"))
+    dec = Decomposition(task, f, [])
+    names = [s.name for s in task.selected]
+    with torch.no_grad():
+        means = torch.cat([model(b).mean(0, keepdim=True).expand(len(b), -1) for b in x.split(4)])
+    g = per_sample_grads(model, names, x, None, "sequence", divergence="mse", ref_outputs=means)
+    expected = _oracle_error(g, dec, 0.3, 4)
+    assert abs(dec.reconstruction_error(x) - expected) / expected < RTOL
