@@ -3,6 +3,7 @@ the known answer.
 
     python demos/toy_models.py                        # TMS, seed 0 (about a minute, one thread)
     python demos/toy_models.py --toy all --restarts 3 # all four, best of 3 L3D seeds (about 15 min)
+    python demos/toy_models.py --toy tmcs --epochs 30 --train-epochs 20   # a quick look (seconds)
 
 Each toy is trained from ``--seed`` (``make_toy``), decomposed with ``recommended_config`` (300
 L3D epochs, the paper's learning-rate schedule scaled to them) from ``--restarts`` L3D seeds,
@@ -36,7 +37,7 @@ def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_ep
     toy = make_toy(name, seed, epochs=train_epochs)
     t1 = time.perf_counter()
     cfg = recommended_config(name, seed=seed, epochs=epochs, lr_step=scaled_lr_step(epochs))
-    dec = best_of(toy.model, toy.l3d_data, cfg, [seed + 10 * r for r in range(restarts)])
+    dec = best_of(toy.model, toy.l3d_data, cfg, seeds=[seed + 10 * r for r in range(restarts)])
     rows = scorecard(name, evaluate(toy, dec, seed=seed))
     print(f"{name} (seed {seed}): trained in {t1 - t0:.0f} s to MSE {toy.final_loss:.3g}; L3D "
           f"{cfg.n_subnetworks} x rank {cfg.rank}, best of {restarts}, {time.perf_counter() - t1:.0f} s")
@@ -48,19 +49,28 @@ def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_ep
     return rows
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--toy", choices=TOY_NAMES + ("all",), default="tms")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--restarts", type=int, default=1, help="L3D seeds; the lowest final loss is kept")
-    ap.add_argument("--epochs", type=int, default=300, help="L3D epochs (paper: 1000)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--seed", type=_at_least(0), default=0)
+    ap.add_argument("--restarts", type=_at_least(1), default=1, help="L3D seeds; the lowest final loss is kept")
+    ap.add_argument("--epochs", type=_at_least(1), default=300, help="L3D epochs (paper: 1000)")
+    ap.add_argument("--train-epochs", type=_at_least(1), default=None,
+                    help="toy-model training epochs (default: make_toy's, 100; fewer gives a less trained model)")
+    ap.add_argument("--threads", type=_at_least(1), default=1, help="torch threads")
     args = ap.parse_args(argv)
-    if args.restarts < 1 or args.epochs < 1:
-        ap.error("--restarts and --epochs must be >= 1")
     torch.set_num_threads(args.threads)
     for name in TOY_NAMES if args.toy == "all" else (args.toy,):
-        run(name, args.seed, args.restarts, args.epochs)
+        run(name, args.seed, args.restarts, args.epochs, args.train_epochs)
 
 
 if __name__ == "__main__":

@@ -906,3 +906,74 @@ def test_resampling_in_two_gloo_ranks_equals_one_process(tmp_path):
     assert [h["p_act"] for h in history] == [h["p_act"] for h in single.history]
     for k, v in load_file(out).items():
         assert torch.allclose(v, single.factors[k], rtol=1e-9, atol=1e-12), k
+
+
+# --- bad input: clear errors before any work ---------------------------------------------------
+
+def test_evaluate_rejects_a_decomposition_of_another_model_or_of_too_few_weights(tms_toy):
+    import copy
+    cfg = paper_config("tms", epochs=1)
+    dec = l3d_lens.decompose(tms_toy.model, tms_toy.l3d_data, cfg, progress=False)
+    twin = copy.deepcopy(tms_toy.model)  # the same weights bit for bit: accepted
+    same = l3d_lens.decompose(twin, tms_toy.l3d_data, cfg, progress=False)
+    assert evaluate(tms_toy, same)["error"] == evaluate(tms_toy, dec)["error"]
+    with torch.no_grad():
+        twin.encoder.weight[0, 0] += 1e-6
+    with pytest.raises(ValueError, match="fitted on another model than toy.model"):
+        evaluate(tms_toy, same)
+    other = make_toy("tmcs", 0, epochs=1, n_train=64, n_l3d=64, n_eval=64)
+    with pytest.raises(ValueError, match="fitted on another model than toy.model"):
+        evaluate(other, dec)  # shapes differ too: a clear error, not a matmul failure
+    only_encoder = l3d_lens.decompose(tms_toy.model, tms_toy.l3d_data, cfg.replace(components=["encoder"]),
+                                      progress=False)
+    with pytest.raises(ValueError, match=r"\(missing \['decoder.weight'\]\); decompose with components='\*'"):
+        evaluate(tms_toy, only_encoder)
+
+
+def test_toy_configs_name_bad_toys_and_scale_the_decay_to_the_epochs_given():
+    from l3d_lens.toy.reproduce import scaled_lr_step
+    for config in (paper_config, recommended_config):
+        with pytest.raises(ValueError, match=r"unknown toy model 'tsm'; choose one of \('tms', 'tmcs'"):
+            config("tsm")
+        assert config("tmcs").lr_step == 100 and config("tmcs", epochs=30).lr_step == scaled_lr_step(30) == 3
+        assert config("tmcs", epochs=30, lr_step=7).lr_step == 7
+        assert config("tmcs").replace(epochs=30).lr_step == 100  # replace keeps what was set
+    with pytest.raises(ValueError, match="epochs must be an int >= 1, got '30'"):
+        recommended_config("higher_rank", epochs="30")
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):
+        paper_config("tms", lr=float("inf"))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(seed=None), r"seed must be an integer in 0\.\.\d+ \(the seed every model"),
+    (dict(seed="0"), "seed must be an integer"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=True), "seed must be an integer"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(seed=2**62), "seed must be an integer"),
+    (dict(epochs=0), r"epochs must be an integer >= 1 \(training epochs\), got 0"),
+    (dict(epochs=-5), "epochs must be an integer >= 1"),
+    (dict(n_eval=0), r"n_eval must be an integer >= 1 \(samples\)"),
+])
+def test_make_toy_rejects_bad_seeds_and_sizes_before_training(kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_toy("tmcs", **{"seed": 0, **kw})
+
+
+def test_make_toy_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    a = make_toy("tmcs", np.int64(1), epochs=np.int64(1), n_train=64, n_l3d=8, n_eval=8)
+    b = make_toy("tmcs", 1, epochs=1, n_train=64, n_l3d=8, n_eval=8)
+    assert a.seed == 1 and type(a.seed) is int and a.final_loss == b.final_loss
+
+
+def test_best_of_and_sweep_reject_what_they_cannot_use(tms_toy):
+    cfg = paper_config("tms", epochs=1)
+    with pytest.raises(TypeError, match=r"seeds must be an iterable of L3D seeds, e.g. range\(3\), got 3"):
+        best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=3)
+    with pytest.raises(ValueError, match="at least one seed"):
+        best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=iter([]))
+    kept = best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=(s for s in [1]))  # any iterable, once
+    assert kept.cfg.seed == 1
+    with pytest.raises(ValueError, match=r"score returned \['error'\], which the sweep's rows already hold"):
+        sweep(tms_toy.model, tms_toy.l3d_data, cfg, score=lambda dec: {"error": 0.0})

@@ -2,7 +2,7 @@
 recovery metrics, and a sweep helper for k / rank / number of subnetworks.
 
     from l3d_lens import decompose
-    from l3d_lens.toy import make_toy, paper_config, evaluate
+    from l3d_lens.toy import evaluate, make_toy, paper_config, scorecard
 
     toy = make_toy("tms", seed=0)                       # trained model + data + ground truth
     dec = decompose(toy.model, toy.l3d_data, paper_config("tms"))   # or recommended_config("tms")

@@ -24,12 +24,22 @@ def scaled_lr_step(epochs: int) -> int:
     return max(1, round(100 * epochs / 1000))
 
 
+def _check_name(name: str) -> None:
+    if name not in PAPER_SHAPES:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {tuple(PAPER_SHAPES)}")
+
+
 def paper_config(name: str, **overrides: Any) -> L3DConfig:
     """L3D on all parameter tensors (biases too), k = 0.1, batch 32, 1,000 epochs, Adam lr 0.01
-    decayed x0.8 every 100 epochs, MSE against another random sample of the batch."""
+    decayed x0.8 every 100 epochs, MSE against another random sample of the batch. Given
+    ``epochs`` and no ``lr_step``, the decay is scaled to them (``scaled_lr_step``: the same ten
+    steps); ``cfg.replace(epochs=...)`` keeps the step as it was."""
+    _check_name(name)
     n_sub, rank = PAPER_SHAPES[name]
     cfg = dict(components="*", n_subnetworks=n_sub, rank=rank, top_k=0.1, divergence="mse", reference="random",
                include_biases=True, epochs=1000, batch_size=32, lr=0.01, lr_decay=0.8, lr_step=100, seed=0)
+    if isinstance(overrides.get("epochs"), int) and "lr_step" not in overrides:
+        cfg["lr_step"] = scaled_lr_step(overrides["epochs"])
     cfg.update(overrides)
     return L3DConfig(**cfg)
 
@@ -52,21 +62,51 @@ def recommended_config(name: str, **overrides: Any) -> L3DConfig:
     MLP squares x > 0 and x < 0 of most features with different units, so it has up to 10
     circuits, and with room for them no subnetwork serves two features. TMCS and x² runs can
     end in a poorer optimum (a subnetwork serving two features, a lower TMCS statistic): decompose
-    with ``sweep.best_of(model, data, cfg, seeds)`` from 3 seeds to keep the lowest final loss
-    (BENCHMARKS.md, "Toy models: more seeds")."""
+    with ``sweep.best_of(model, data, cfg, seeds=range(3))`` to keep the lowest final loss
+    (BENCHMARKS.md, "Toy models: more seeds"). Pass ``epochs`` here to shorten or lengthen a run
+    (the decay step and the resampling epoch follow them); ``cfg.replace(epochs=...)`` keeps both
+    where they were."""
+    _check_name(name)
     cfg: dict[str, Any] = dict(reference="mean" if name == "tms" else "zero",
                                aux_coef=0.0 if name == "higher_rank" else 0.03)
     if name == "square":
         cfg.update(n_subnetworks=10, rank=1)
     epochs = overrides.get("epochs", paper_config(name).epochs)
-    if name == "higher_rank" and epochs > 1:
+    if name == "higher_rank" and isinstance(epochs, int) and epochs > 1:
         cfg.update(resample_epochs=(min(epochs - 1, max(1, round(epochs / 12))),), resample_max=1)
     cfg.update(overrides)
     return paper_config(name, **cfg)
 
 
+#: the weights each toy's metrics read from a decomposition (``evaluate``)
+NEEDED = {"tms": ("encoder.weight", "decoder.weight"), "tmcs": ("encoder.weight", "decoder.weight"),
+          "higher_rank": ("encoder.weight",), "square": ()}
+
+
+def check_decomposition_of(toy: Toy, dec) -> None:
+    """Raise ValueError unless ``dec`` decomposes ``toy.model`` itself (or a model with the same
+    parameters, bit for bit) and holds the weights ``evaluate`` scores: metrics that mix two
+    models' numbers would be silently wrong."""
+    mine, theirs = dict(toy.model.named_parameters()), dict(dec.model.named_parameters())
+    if dec.model is not toy.model:
+        if mine.keys() != theirs.keys() or any(
+                mine[n].shape != theirs[n].shape or not torch.equal(mine[n].detach().cpu(), theirs[n].detach().cpu())
+                for n in mine):
+            raise ValueError(f"this decomposition was fitted on another model than toy.model ({toy!r}); "
+                             f"decompose toy.model, e.g. decompose(toy.model, toy.l3d_data, recommended_config("
+                             f"{toy.name!r}))")
+    missing = [n for n in NEEDED.get(toy.name, ()) if n not in dec.weight_names]
+    if missing:
+        raise ValueError(f"evaluate scores {toy.name!r} on {list(NEEDED[toy.name])}, but the decomposition holds "
+                         f"only {dec.weight_names} (missing {missing}); decompose with components='*' as "
+                         "paper_config does")
+
+
 def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
-    """The recovery metrics that apply to ``toy`` (see ``metrics``), on its held-out data."""
+    """The recovery metrics that apply to ``toy`` (see ``metrics``), on its held-out data;
+    ``gradient_reference``: the reference (zero or the batch mean) the model's own gradient
+    directions, the "reference" numbers, are taken against (zero for a random reference)."""
+    check_decomposition_of(toy, dec)
     x = toy.eval_data
     subs = dec.subnetworks()
     # the features' own gradients are taken against the decomposition's reference (zero or mean)
@@ -75,7 +115,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
                            "error": metrics.reconstruction_error(dec, x, seed=seed),
                            "train_error": dec.history[-1]["loss"] if dec.history else float("nan"),
                            "dead_fraction": metrics.dead_fraction(dec),
-                           "p_act": dec.fraction_active.tolist()}
+                           "p_act": dec.fraction_active.tolist(), "gradient_reference": grad_ref}
     if toy.name == "tms":
         truth = metrics.superposition_directions(toy.model, decoder_rows=True)
         mean, best = metrics.mean_max_cosine(truth, subs)
@@ -86,8 +126,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         to_grad = metrics.cosine_matrix(grads, subs)[torch.arange(len(owner)), owner]
         out.update(mmcs=mean, min_cos=float(best.min()), cos=best.tolist(), mmcs_encoder=enc_mean,
                    min_cos_encoder=float(enc_best.min()), min_cos_reference=float(reference.min()),
-                   min_cos_to_gradient=float(to_grad.min()), cos_to_gradient=to_grad.tolist(),
-                   gradient_reference=grad_ref)
+                   min_cos_to_gradient=float(to_grad.min()), cos_to_gradient=to_grad.tolist())
     elif toy.name == "tmcs":
         names = [n for n, _ in toy.model.named_parameters()]
         rec = metrics.circuit_recovery(toy.model, subs, toy.truth["A"])
@@ -171,14 +210,13 @@ TARGETS = {
     "tmcs": [("reconstruction error", "error", "<=", 0.064, None),
              ("the paper's statistic (Pearson r of A)", "pearson_r", ">=", 0.92, "pearson_r_reference")],
     "higher_rank": [("live subnetworks per group", "live_per_group", "==", [1] * 5, None),
-                    (f"live subnetworks with under {metrics.PURE_GROUP:.0%} of their W_in mass in one group",
-                     "n_live_impure", "==", 0, None)],
+                    (f"live subnetworks under {metrics.PURE_GROUP:.0%} in one group (W_in)", "n_live_impure", "==",
+                     0, None)],
     "square": [("reconstruction error", "error", "<=", 0.32, None),
                ("one subnetwork per feature, none shared", "one_per_feature_none_shared", "==", True, None),
                ("min selectivity by output, per (feature, sign) circuit", "circuit_selectivity_by_output_min", ">=",
                 10.0, "reference_circuit_selectivity_by_output_min"),
-               ("every circuit's output changed by half on the delta grid (where selectivity is read)",
-                "circuit_selectivity_reached", "==", True, None)],
+               ("every circuit's output reached half change", "circuit_selectivity_reached", "==", True, None)],
 }
 
 

@@ -1,7 +1,8 @@
 """Sweep L3D's top-k fraction, rank and number of subnetworks on one model (the paper fixes k
 and rank for every model and names this as a weakness). Each grid point is a full
-``decompose``; the result is one row per point with the held-out reconstruction error, the
-dead fraction, the run time and whatever ``score`` returns.
+``decompose``; the result is one row per point with the reconstruction error (on
+``eval_data``: pass held-out data, it defaults to the training data), the dead fraction, the run
+time and whatever ``score`` returns.
 
 ``best_of`` restarts L3D from several seeds and keeps the lowest training loss (``kept_run``
 is that rule alone, for callers that keep every run).
@@ -28,7 +29,8 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     """Decompose ``model`` once per combination of the given values (an empty sequence keeps
     ``cfg``'s value) and return one dict per run: the settings, ``error`` (reconstruction error
     on ``eval_data``, default ``data``), ``train_error`` (last epoch), ``dead_fraction``,
-    ``seconds`` and the entries of ``score(dec)`` if given."""
+    ``seconds`` and the entries of ``score(dec)`` if given (under their own names: a key that
+    would overwrite one of the sweep's is an error)."""
     axes = {"top_k": list(top_k) or [cfg.top_k], "rank": list(rank) or [cfg.rank],
             "n_subnetworks": list(n_subnetworks) or [cfg.n_subnetworks], "seed": list(seeds) or [cfg.seed]}
     rows = []
@@ -42,7 +44,12 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
                    train_error=dec.history[-1]["loss"] if dec.history else float("nan"),
                    dead_fraction=float((dec.fraction_active == 0).double().mean()))
         if score is not None:
-            row.update(score(dec))
+            extra = score(dec)
+            clash = sorted(set(extra) & set(row))
+            if clash:
+                raise ValueError(f"score returned {clash}, which the sweep's rows already hold "
+                                 f"({sorted(row)}); rename them, e.g. {{'score_' + key: value}}")
+            row.update(extra)
         rows.append(row)
     return rows
 
@@ -60,7 +67,10 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     ground-truth metric). Ties go to the earlier seed. On TMCS a single run with
     ``loss_norm="sample"`` for the first half of its epochs (``loss_norm_epochs``) ends where
     this keeps it, for a third of the time; on x² it does not (BENCHMARKS.md, "Toy models:
-    per-sample, then batch")."""
+    per-sample, then batch"). ``seeds``: L3D seeds, e.g. ``range(3)``."""
+    if isinstance(seeds, (int, str)) or not hasattr(seeds, "__iter__"):
+        raise TypeError(f"seeds must be an iterable of L3D seeds, e.g. range(3), got {seeds!r}")
+    seeds = list(seeds)
     if not seeds:
         raise ValueError("best_of needs at least one seed")
     losses: list[float] = []

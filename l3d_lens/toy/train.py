@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Collection, NamedTuple, Optional, Union
 
 import torch
@@ -71,6 +72,21 @@ _TRAIN_DATA, _L3D_DATA, _EVAL_DATA, _CIRCUIT = 1, 2, 3, 4
 
 def _seed(seed: int, stream: int) -> int:
     return 1000 * seed + stream
+
+
+#: the largest seed ``make_toy`` takes: the seeds derived from it (``_seed``) must fit torch's
+#: 64-bit generator seed
+MAX_SEED = (2**63 - 1) // 1000 - 1000
+
+
+def _check_int(arg: str, value: Any, minimum: int, what: str) -> int:
+    """``value`` as an int (numpy integers too), or ValueError naming ``arg`` and its range."""
+    maximum = MAX_SEED if arg == "seed" else None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"{arg} must be an integer {span} ({what}), got {value!r}")
+    return int(value)
 
 
 def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tensor, "n d_out"], *,
@@ -163,7 +179,8 @@ def fit_best_of(build: Callable[[int], nn.Module], x: Float[torch.Tensor, "n d_i
         if learned is None or (len(losses) == epochs and learned(model)):
             return Fitted(model, losses, block + 1)
     raise RuntimeError(f"no model trained from seed {seed} passed the learned check in {max_blocks} blocks of "
-                       f"{restarts} starts each; try another seed, or more restarts or epochs")
+                       f"{restarts} starts each; try another seed (fit_best_of: or more restarts, max_blocks or "
+                       "epochs)")
 
 
 def _fit_block(build, x, y, *, epochs: int, seed: int, restarts: int, probe_epochs: int, lr: float,
@@ -281,6 +298,11 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     the paper's recipe."""
     if name not in TOY_NAMES:
         raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
+    seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from")
+    if epochs is not None:
+        epochs = _check_int("epochs", epochs, 1, "training epochs")
+    n_train, n_l3d, n_eval = (_check_int(arg, value, 1, "samples")
+                              for arg, value in (("n_train", n_train), ("n_l3d", n_l3d), ("n_eval", n_eval)))
     epochs = DEFAULT_EPOCHS[name] if epochs is None else epochs
     lr = LR[name] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
