@@ -977,3 +977,61 @@ def test_best_of_and_sweep_reject_what_they_cannot_use(tms_toy):
     assert kept.cfg.seed == 1
     with pytest.raises(ValueError, match=r"score returned \['error'\], which the sweep's rows already hold"):
         sweep(tms_toy.model, tms_toy.l3d_data, cfg, score=lambda dec: {"error": 0.0})
+
+
+# --- saving toys -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tmcs", "higher_rank", "square"])
+def test_a_saved_toy_loads_back_equal_and_decomposes_the_same(tmp_path, name):
+    from l3d_lens.toy import load_toy
+    if name == "square":  # one epoch never learns x^2 (make_toy would refuse it): a toy made by hand, no seed
+        model = models.square_mlp(2)
+        fit(model, data.sparse_features(64, 5, seed=1, signed=True), data.sparse_features(64, 5, seed=1, signed=True) ** 2,
+            epochs=1)
+        toy = Toy("square", model, [0.5], data.sparse_features(40, 5, seed=2, signed=True),
+                  data.sparse_features(30, 5, seed=3, signed=True), lambda n, s: None, {})
+    else:
+        toy = make_toy(name, 2, epochs=1, n_train=64, n_l3d=40, n_eval=30)
+    folder = toy.save(tmp_path / "toy")
+    back = load_toy(folder)
+    assert (back.name, back.seed, back.blocks, back.train_losses) == (toy.name, toy.seed, toy.blocks, toy.train_losses)
+    assert type(back.model) is type(toy.model) and not back.model.training
+    for (n, a), (m, b) in zip(toy.model.state_dict().items(), back.model.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+    assert torch.equal(back.l3d_data, toy.l3d_data) and torch.equal(back.eval_data, toy.eval_data)
+    assert back.truth.keys() == toy.truth.keys()
+    assert all(torch.equal(v, back.truth[k]) if isinstance(v, torch.Tensor) else v == back.truth[k]
+               for k, v in toy.truth.items())
+    if toy.seed is None:
+        assert back.inputs is None  # a hand-made toy's input distribution is not saved
+    else:
+        assert torch.equal(back.inputs(7, 3), toy.inputs(7, 3))  # rebuilt from the seed
+    cfg = recommended_config(name, epochs=1)
+    a = evaluate(toy, l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False))
+    b = evaluate(back, l3d_lens.decompose(back.model, back.l3d_data, cfg, progress=False))
+    assert a["error"] == b["error"]
+    assert not list(tmp_path.glob("toy/*.pkl")) and sorted(p.name for p in folder.iterdir()) == [
+        "toy.json", "toy.safetensors"]
+
+
+def test_loading_a_toy_checks_format_name_and_shapes(tmp_path):
+    from l3d_lens.toy import load_toy
+    toy = make_toy("tmcs", 0, epochs=1, n_train=64, n_l3d=8, n_eval=8)
+    folder = toy.save(tmp_path / "toy")
+    meta = json.loads((folder / "toy.json").read_text())
+    with pytest.raises(FileNotFoundError, match="is not a saved toy"):
+        load_toy(tmp_path / "nothing")
+    (folder / "toy.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="toy format version 99; this l3d_lens reads 1"):
+        load_toy(folder)
+    (folder / "toy.json").write_text(json.dumps({**meta, "name": "mnist"}))
+    with pytest.raises(ValueError, match="unknown toy model 'mnist'"):
+        load_toy(folder)
+    (folder / "toy.json").write_text(json.dumps({**meta, "name": "tms"}))  # tmcs weights are 10 wide, tms 5
+    with pytest.raises(ValueError, match="weight shapes differ from 'tms'"):
+        load_toy(folder)
+    (folder / "toy.json").write_text(json.dumps(meta))
+    tensors = load_file(str(folder / "toy.safetensors"))
+    save_file({**tensors, "eval_data": tensors["eval_data"][:, :3].contiguous()}, str(folder / "toy.safetensors"))
+    with pytest.raises(ValueError, match=r"eval_data has shape \(8, 3\); the model takes \[n, 10\]"):
+        load_toy(folder)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from pathlib import Path
 from typing import Any, Callable, Collection, NamedTuple, Optional, Union
 
 import torch
@@ -179,8 +180,8 @@ def fit_best_of(build: Callable[[int], nn.Module], x: Float[torch.Tensor, "n d_i
         if learned is None or (len(losses) == epochs and learned(model)):
             return Fitted(model, losses, block + 1)
     raise RuntimeError(f"no model trained from seed {seed} passed the learned check in {max_blocks} blocks of "
-                       f"{restarts} starts each; try another seed (fit_best_of: or more restarts, max_blocks or "
-                       "epochs)")
+                       f"{restarts} starts each ({epochs} epochs); try another seed or more epochs (fit_best_of: or more "
+                       "restarts or max_blocks)")
 
 
 def _fit_block(build, x, y, *, epochs: int, seed: int, restarts: int, probe_epochs: int, lr: float,
@@ -243,6 +244,13 @@ class Toy:
     blocks: int = 1
     #: the seed ``make_toy`` built it from (None for a Toy made by hand)
     seed: Optional[int] = None
+
+    def save(self, path) -> Path:
+        """Write this toy to the folder ``path`` (safetensors + JSON; ``saving.load_toy`` reads
+        it back) and return the folder."""
+        from .saving import save_toy
+
+        return save_toy(self, path)
 
     @property
     def final_loss(self) -> float:
