@@ -105,7 +105,9 @@ def check_decomposition_of(toy: Toy, dec) -> None:
 def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     """The recovery metrics that apply to ``toy`` (see ``metrics``), on its held-out data;
     ``gradient_reference``: the reference (zero or the batch mean) the model's own gradient
-    directions, the "reference" numbers, are taken against (zero for a random reference)."""
+    directions, the "reference" numbers, are taken against (zero for a random reference).
+    ``error`` is always sum-over-sum (the paper's); ``train_error``, the last epoch's training
+    loss, is normalised as ``dec.cfg.loss_norm`` says (per sample when "sample")."""
     check_decomposition_of(toy, dec)
     x = toy.eval_data
     subs = dec.subnetworks()
