@@ -7,6 +7,8 @@ gets on the same metric: a broken gradient, top-k or normalisation would fail th
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import itertools
 import json
@@ -911,7 +913,6 @@ def test_resampling_in_two_gloo_ranks_equals_one_process(tmp_path):
 # --- bad input: clear errors before any work ---------------------------------------------------
 
 def test_evaluate_rejects_a_decomposition_of_another_model_or_of_too_few_weights(tms_toy):
-    import copy
     cfg = paper_config("tms", epochs=1)
     dec = l3d_lens.decompose(tms_toy.model, tms_toy.l3d_data, cfg, progress=False)
     twin = copy.deepcopy(tms_toy.model)  # the same weights bit for bit: accepted
@@ -921,6 +922,9 @@ def test_evaluate_rejects_a_decomposition_of_another_model_or_of_too_few_weights
         twin.encoder.weight[0, 0] += 1e-6
     with pytest.raises(ValueError, match="fitted on another model than toy.model"):
         evaluate(tms_toy, same)
+    wide = l3d_lens.decompose(copy.deepcopy(tms_toy.model).double(), tms_toy.l3d_data.double(), cfg, progress=False)
+    with pytest.raises(ValueError, match="fitted on another model than toy.model"):
+        evaluate(tms_toy, wide)  # equal values in another dtype: not the same model
     other = make_toy("tmcs", 0, epochs=1, n_train=64, n_l3d=64, n_eval=64)
     with pytest.raises(ValueError, match="fitted on another model than toy.model"):
         evaluate(other, dec)  # shapes differ too: a clear error, not a matmul failure
@@ -975,6 +979,10 @@ def test_best_of_and_sweep_reject_what_they_cannot_use(tms_toy):
         best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=iter([]))
     kept = best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=(s for s in [1]))  # any iterable, once
     assert kept.cfg.seed == 1
+    np = pytest.importorskip("numpy")
+    assert best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=np.arange(1, 2)).cfg.seed == 1
+    with pytest.raises(TypeError, match="seeds must be integers"):
+        best_of(tms_toy.model, tms_toy.l3d_data, cfg, seeds=[0.5])
     with pytest.raises(ValueError, match=r"score returned \['error'\], which the sweep's rows already hold"):
         sweep(tms_toy.model, tms_toy.l3d_data, cfg, score=lambda dec: {"error": 0.0})
 
@@ -1009,7 +1017,7 @@ def test_a_saved_toy_loads_back_equal_and_decomposes_the_same(tmp_path, name):
     cfg = recommended_config(name, epochs=1)
     a = evaluate(toy, l3d_lens.decompose(toy.model, toy.l3d_data, cfg, progress=False))
     b = evaluate(back, l3d_lens.decompose(back.model, back.l3d_data, cfg, progress=False))
-    assert a["error"] == b["error"]
+    assert json.dumps(a) == json.dumps(b)  # every metric, NaNs included
     assert not list(tmp_path.glob("toy/*.pkl")) and sorted(p.name for p in folder.iterdir()) == [
         "toy.json", "toy.safetensors"]
 
@@ -1030,8 +1038,42 @@ def test_loading_a_toy_checks_format_name_and_shapes(tmp_path):
     (folder / "toy.json").write_text(json.dumps({**meta, "name": "tms"}))  # tmcs weights are 10 wide, tms 5
     with pytest.raises(ValueError, match="weight shapes differ from 'tms'"):
         load_toy(folder)
-    (folder / "toy.json").write_text(json.dumps(meta))
     tensors = load_file(str(folder / "toy.safetensors"))
     save_file({**tensors, "eval_data": tensors["eval_data"][:, :3].contiguous()}, str(folder / "toy.safetensors"))
+    (folder / "toy.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="toy.safetensors is not the file toy.json was saved with"):
+        load_toy(folder)  # the two files of different saves are never mixed
+    from l3d_lens.toy.saving import _sha256
+    (folder / "toy.json").write_text(json.dumps({**meta, "sha256": _sha256(folder / "toy.safetensors")}))
     with pytest.raises(ValueError, match=r"eval_data has shape \(8, 3\); the model takes \[n, 10\]"):
         load_toy(folder)
+
+
+def test_saving_a_toy_checks_everything_before_touching_the_folder(tmp_path):
+    from l3d_lens.toy import load_toy
+    toy = make_toy("tmcs", 0, epochs=1, n_train=64, n_l3d=8, n_eval=8)
+    folder = toy.save(tmp_path / "toy")
+    other = make_toy("tmcs", 1, epochs=1, n_train=64, n_l3d=8, n_eval=8)
+    bad_truth = dataclasses.replace(other, truth={**other.truth, "groups": (1, 2)})
+    with pytest.raises(ValueError, match=r"non-tensor truth \{'groups': \(1, 2\)\} does not survive JSON"):
+        bad_truth.save(folder)
+    wrong_model = dataclasses.replace(other, model=models.SuperpositionModel(10, 3, 10))
+    with pytest.raises(ValueError, match=r"cannot save this toy: weight shapes differ from 'tmcs'"):
+        wrong_model.save(folder)
+    with pytest.raises(ValueError, match="the model is a SquareMLP, but 'tmcs' builds a SuperpositionModel"):
+        dataclasses.replace(other, model=models.square_mlp(0)).save(folder)
+    kept = load_toy(folder)  # every refusal left the saved toy as it was
+    assert kept.seed == 0 and torch.equal(kept.model.encoder.weight, toy.model.encoder.weight)
+    other.save(folder)  # a good save replaces it
+    assert load_toy(folder).seed == 1
+
+
+def test_a_toy_keeps_its_dtype_and_may_share_its_data(tmp_path):
+    from l3d_lens.toy import load_toy
+    toy = make_toy("tmcs", 0, epochs=1, n_train=64, n_l3d=8, n_eval=8)
+    wide = dataclasses.replace(toy, model=copy.deepcopy(toy.model).double(), l3d_data=toy.eval_data.double(),
+                               eval_data=toy.eval_data.double())
+    wide.l3d_data = wide.eval_data  # one tensor used twice
+    back = load_toy(wide.save(tmp_path / "toy"))
+    assert back.model.encoder.weight.dtype == torch.float64
+    assert torch.equal(back.model(back.eval_data), wide.model(wide.eval_data))

@@ -85,13 +85,14 @@ NEEDED = {"tms": ("encoder.weight", "decoder.weight"), "tmcs": ("encoder.weight"
 
 def check_decomposition_of(toy: Toy, dec) -> None:
     """Raise ValueError unless ``dec`` decomposes ``toy.model`` itself (or a model with the same
-    parameters, bit for bit) and holds the weights ``evaluate`` scores: metrics that mix two
-    models' numbers would be silently wrong."""
+    parameters: names, shapes, dtypes, devices and values) and holds the weights ``evaluate``
+    scores: metrics that mix two models' numbers would be silently wrong. (A model changed in
+    place after decomposing is the same object and is not caught.)"""
     mine, theirs = dict(toy.model.named_parameters()), dict(dec.model.named_parameters())
     if dec.model is not toy.model:
         if mine.keys() != theirs.keys() or any(
-                mine[n].shape != theirs[n].shape or not torch.equal(mine[n].detach().cpu(), theirs[n].detach().cpu())
-                for n in mine):
+                (mine[n].shape, mine[n].dtype, mine[n].device) != (theirs[n].shape, theirs[n].dtype, theirs[n].device)
+                or not torch.equal(mine[n], theirs[n]) for n in mine):
             raise ValueError(f"this decomposition was fitted on another model than toy.model ({toy!r}); "
                              f"decompose toy.model, e.g. decompose(toy.model, toy.l3d_data, recommended_config("
                              f"{toy.name!r}))")
@@ -106,8 +107,9 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     """The recovery metrics that apply to ``toy`` (see ``metrics``), on its held-out data;
     ``gradient_reference``: the reference (zero or the batch mean) the model's own gradient
     directions, the "reference" numbers, are taken against (zero for a random reference).
-    ``error`` is always sum-over-sum (the paper's); ``train_error``, the last epoch's training
-    loss, is normalised as ``dec.cfg.loss_norm`` says (per sample when "sample")."""
+    ``error`` is always sum-over-sum (the paper's); ``train_error`` is the last epoch's training
+    loss as that epoch normalised it (per sample under ``loss_norm="sample"`` unless
+    ``loss_norm_epochs`` switched the run to the batch loss before its end)."""
     check_decomposition_of(toy, dec)
     x = toy.eval_data
     subs = dec.subnetworks()
@@ -266,9 +268,10 @@ def _selectivities(model, subs, x, owner: list[Optional[int]], targets) -> dict[
     other outputs only (``selectivity_by_output``: the relevant outputs over the others). The
     delta depends on the relevant entries only, so both read the same delta: the by-output
     ratio needs one more forward there, not a second sweep. NaN for a target without an owner
-    or without rows; ``selectivity_reached``: every target with an owner and rows got to its
-    half change on the delta grid (one that did not is read at its largest change instead)."""
-    nan = {"selectivity": float("nan"), "reached": None, "delta": float("nan")}
+    or without rows; ``selectivity_reached``: every target got to its half change on the delta
+    grid (one that did not is read at its largest change instead; one without an owner or rows,
+    never measured, counts as not reached)."""
+    nan = {"selectivity": float("nan"), "reached": False, "delta": float("nan")}
     strict, by_output = [], []
     for (i, rows), k in zip(targets, owner):
         if k is None or not rows.any():
@@ -287,7 +290,7 @@ def _selectivities(model, subs, x, owner: list[Optional[int]], targets) -> dict[
                           "selectivity": r["relevant_change"] / max(other_change, 1e-300)})
     return {"selectivity": [r["selectivity"] for r in strict],
             "selectivity_min": nanmin(r["selectivity"] for r in strict),
-            "selectivity_reached": all(r["reached"] is not False for r in strict),
+            "selectivity_reached": all(r["reached"] for r in strict),
             "selectivity_delta": [r["delta"] for r in strict],
             "selectivity_by_output": [r["selectivity"] for r in by_output],
             "selectivity_by_output_min": nanmin(r["selectivity"] for r in by_output)}

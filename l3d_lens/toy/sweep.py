@@ -14,6 +14,7 @@ the toy models are where a sweep is cheap enough to run).
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -70,7 +71,10 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     per-sample, then batch"). ``seeds``: L3D seeds, e.g. ``range(3)``."""
     if isinstance(seeds, (int, str)) or not hasattr(seeds, "__iter__"):
         raise TypeError(f"seeds must be an iterable of L3D seeds, e.g. range(3), got {seeds!r}")
-    seeds = list(seeds)
+    try:
+        seeds = [operator.index(s) for s in seeds]
+    except TypeError:
+        raise TypeError(f"seeds must be integers, e.g. range(3), got {seeds!r}") from None
     if not seeds:
         raise ValueError("best_of needs at least one seed")
     losses: list[float] = []
