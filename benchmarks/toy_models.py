@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import Measured, add_output_arguments, section_main  # noqa: E402
 from l3d_lens.toy import DEFAULT_EPOCHS, TOY_NAMES, make_toy, metrics  # noqa: E402
 from l3d_lens.toy.data import circuit_matrix  # noqa: E402
+from l3d_lens.toy.metrics import PURE_GROUP  # noqa: E402
 from l3d_lens.toy.reproduce import (PAPER_SHAPES, evaluate, nanmin, paper_config, recommended_config,  # noqa: E402
                                      scaled_lr_step)
 from l3d_lens.toy.sweep import best_of  # noqa: E402
@@ -192,6 +193,11 @@ def _pct(values) -> str:
     return _stats([100 * v for v in values]).replace(" (", "% (").replace(")", "%)")
 
 
+def _live_purity(row: dict[str, Any]) -> float:
+    """The smallest share of a live subnetwork's W_in mass in the group it is counted for."""
+    return min(p for p, a in zip(row["purity"], row["p_act"]) if a > 0)
+
+
 def _count(flags) -> str:
     flags = list(flags)
     return f"{sum(bool(f) for f in flags)}/{len(flags)} seeds"
@@ -261,8 +267,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     if "higher_rank" in present:
         add("higher_rank", "live subnetworks per group of 5 inputs", "one per group, rest dead",
             lambda r: "; ".join(f"seed {x['seed']}: {x['live_per_group']}" for x in r), "[1, 1, 1, 1, 1]",
-            lambda x: x["one_per_group"] and x["n_live"] == 5)
+            lambda x: x["one_per_group"] and x["n_live"] == 5 and _live_purity(x) >= PURE_GROUP)
         add("higher_rank", "live subnetworks (of 10)", "5", stat("n_live"), "5", lambda x: x["n_live"] == 5)
+        add("higher_rank", "lowest share of a live subnetwork's W_in mass in its own group (one per group also "
+            f"needs ≥ {PURE_GROUP:.0%}, `metrics.PURE_GROUP`)", "–", lambda r: _stats(_live_purity(x) for x in r))
         add("higher_rank", "descriptive: the 5 most active subnetworks are live and own one group each", "–",
             lambda r: _count(x["most_active_one_per_group"] and x["n_live"] >= 5 for x in r))
         add("higher_rank", "descriptive: largest P_act of the other 5", "–", stat("others_max_p_act"))
