@@ -8,8 +8,9 @@ the known answer.
 Each toy is trained from ``--seed`` (``make_toy``), decomposed with ``recommended_config`` (300
 L3D epochs, the paper's learning-rate schedule scaled to them) from ``--restarts`` L3D seeds,
 keeping the lowest final training loss (``sweep.best_of``), and scored on held-out data
-(``evaluate``, ``scorecard``). "reference" is what the model's own gradient directions give on
-the same number: a target the reference misses is one the trained model stands in the way of.
+(``evaluate``, ``scorecard``). "reference" is what the model itself gives on the same number
+(its own gradient directions; for TMCS's r², its own matrix f(e_i) - f(0)): a target the
+reference misses is one the trained model stands in the way of.
 BENCHMARKS.md has these over 3 and 10 seeds.
 """
 

@@ -737,8 +737,9 @@ def test_best_of_keeps_the_seed_with_the_lowest_training_loss(tms_toy):
 
 def test_scorecard_checks_each_target_and_names_what_is_missing():
     from l3d_lens.toy.reproduce import scorecard
-    rows = scorecard("tmcs", {"error": 0.05, "pearson_r": 0.91, "pearson_r_reference": 0.93})
-    assert [(r["met"], r["reference"]) for r in rows] == [(True, None), (False, 0.93)]
+    rows = scorecard("tmcs", {"error": 0.05, "pearson_r": 0.91, "pearson_r_reference": 0.93, "r2_decoder": 0.93,
+                              "r2_model": 0.95})
+    assert [(r["met"], r["reference"]) for r in rows] == [(True, None), (False, 0.93), (True, 0.95)]
     assert [r["met"] for r in scorecard("tms", {"error": 0.2, "min_cos_encoder": 0.995})] == [False, True]
     hr = {"live_per_group": [1, 1, 1, 1, 1], "n_live_impure": 0}
     assert [r["met"] for r in scorecard("higher_rank", hr)] == [True, True]
@@ -765,7 +766,8 @@ def test_toy_demo_trains_decomposes_and_prints_the_scorecard(capsys):
     spec.loader.exec_module(demo)
     rows = demo.run("tmcs", seed=0, restarts=2, epochs=2, train_epochs=2)
     out = capsys.readouterr().out
-    assert [r["metric"] for r in rows] == ["reconstruction error", "the paper's statistic (Pearson r of A)"]
+    assert [r["metric"] for r in rows] == ["reconstruction error", "the paper's statistic (Pearson r of A)",
+                                           "r² of A from the subnetworks (per-feature scale)"]
     assert "tmcs (seed 0)" in out and "best of 2" in out and "reference" in out
     assert all(r["metric"] in out for r in rows)
     with pytest.raises(SystemExit):
