@@ -132,3 +132,22 @@ def test_give_up_section_judges_each_rule_and_keeps_held_out_seeds_apart():
     assert "never learned one: 1 (80/0)." in text
     assert "- seeds 20-59 (held out for the first rule; `GIVE_UP` (50, 0.0) was chosen on seeds 0-59) (1 seeds, 1 " \
            "kept starts): 1 learned every feature" in text
+
+
+def test_overcomplete_section_counts_targets_and_compares_k10_with_its_saved_runs():
+    from benchmarks import toy_overcomplete as t
+    saved = t._saved_k10()
+
+    def row(seed, k, stat, error, r2=0.87):
+        return dict(seed=seed, k=k, error=error, pearson_r=stat, pearson_r_reference=0.93, r2_decoder=r2,
+                    r2_model=0.88, r2_decoder_vs_model=0.98, dead_fraction=0.0)
+
+    rows = [row(0, 10, saved[0]["value"], saved[0]["error"]), row(1, 10, saved[1]["value"], saved[1]["error"] + 1e-9)]
+    rows += [row(0, 15, 0.92, 0.064), row(1, 15, 0.9199, 0.01), row(0, 20, 0.95, 0.0641), row(1, 20, 0.95, 0.02, 0.93)]
+    text = t.summary(rows)
+    assert "K = 15: statistic >= 0.92 in 1/2, error <= 6.4% in 2/2" in text and "both in 1/2" in text
+    assert "K = 20: statistic >= 0.92 in 2/2, error <= 6.4% in 1/2" in text and "r² of A >= 0.92 in 1/2" in text
+    assert "the same statistic and error, bit for bit, in 1/2 seeds" in text  # seed 1's error is 1e-9 off
+    table = t.table(rows)
+    assert "| 0 | **0.9300**; 0.880 |" in table and "**0.9200** (**6.4%**); 0.870" in table
+    assert "**0.9500** (6.4%); 0.870" in table  # 6.41% misses the error target: not bold
