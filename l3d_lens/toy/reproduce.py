@@ -63,10 +63,10 @@ def recommended_config(name: str, **overrides: Any) -> L3DConfig:
     circuits, and with room for them no subnetwork serves two features. TMCS and x² runs can
     end in a poorer optimum (a subnetwork serving two features, a lower TMCS statistic): decompose
     with ``sweep.best_of(model, data, cfg, seeds=range(3))`` to keep the lowest final loss
-    (BENCHMARKS.md, "Toy models: more seeds"); on TMCS, one run with ``n_subnetworks=15`` (spare
-    subnetworks for the cross terms of multi-feature rows) met no poorer optimum in 10 of 10 seeds
-    and beat that best of 3 on r² of A in 9 ("Toy models: TMCS with more subnetworks"; not the
-    default, which keeps the paper's 10). Pass ``epochs`` here to shorten or lengthen a run
+    (BENCHMARKS.md, "Toy models: more seeds"). On TMCS ``n_subnetworks=15`` (spare subnetworks for
+    the cross terms of multi-feature rows) halves the held-out error but lands in a poorer optimum
+    about as often as 10 (3 of 20 single runs against 4; "Toy models: TMCS with more
+    subnetworks"), so the default keeps the paper's 10. Pass ``epochs`` here to shorten or lengthen a run
     (the decay step and the resampling epoch follow them); ``cfg.replace(epochs=...)`` keeps both
     where they were."""
     _check_name(name)
