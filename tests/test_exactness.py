@@ -275,8 +275,11 @@ def test_reconstruction_error_matches_oracle_over_batches(lm_kind):
     expected = _oracle_error(g, dec, 0.3, 4 * 5)  # token mode: 5 samples per sequence
     assert expected < 0.9
     assert abs(dec.reconstruction_error(x, ref) - expected) / expected < RTOL
-    # one batch of all 10 sequences keeps a different top-k, so the batching is really checked
-    assert abs(_oracle_error(g, dec, 0.3, 10 * 5) - expected) > 100 * RTOL * expected
+    # other batchings (1, 2 or all 10 sequences per batch) keep other top-k sets, so the batching
+    # is really checked: at least one of them moves the error by 1e-3 relative (1.5e-3 or more on
+    # every adapter kind, with TransformerLens 3 and 4)
+    others = [abs(_oracle_error(g, dec, 0.3, n * 5) - expected) for n in (1, 2, 10)]
+    assert max(others) > 100 * RTOL * expected, others
 
 
 def test_reconstruction_error_with_the_batch_mean_reference_matches_oracle():
