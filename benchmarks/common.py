@@ -50,6 +50,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+#: where benchmarks save their runs (``--json``)
+RESULTS = Path(ROOT) / "benchmarks" / "results"
+
+
+def saved_run(name: str) -> dict[str, Any]:
+    """What a benchmark saved with ``--json`` as ``RESULTS / name``: rows, seconds, argv, machine, args."""
+    return json.loads((RESULTS / name).read_text())
+
+
+def span(seeds: Iterable[int]) -> str:
+    """Seeds as "a-b" when they run consecutively, else listed: "0-9", "3, 7"."""
+    seeds = sorted(seeds)
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
 
 # --- BENCHMARKS.md ---------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main, span  # noqa: E402
 from l3d_lens.toy import metrics, models, train  # noqa: E402
 
 SECTION = "## Toy models: x² give-up check"
@@ -108,10 +108,6 @@ def _verdict(start: Start, rule: tuple[int, float]) -> str:
         (drop, start.learned)]
 
 
-def _span(seeds: range) -> str:
-    return f"{seeds.start}-{seeds.stop - 1}"
-
-
 def _count(starts: list[Start]) -> str:
     return f"{len(starts)} ({', '.join(f'{s.seed}/{s.block}' for s in starts)})" if starts else "0"
 
@@ -143,10 +139,10 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
             lines.append(f"| {s.seed}/{s.block} | " + " | ".join(f"{s.r2[e - 1]:.3f}" for e in shown)
                          + f" | {s.r2[-1]:.3f} | {_verdict(s, FIRST_RULE)} | {_verdict(s, train.GIVE_UP)} |")
     out = []
-    groups = ((f"seeds {_span(TUNED_ON)} (the first rule, {FIRST_RULE}, was chosen on these, `GIVE_UP` on seeds "
-               f"{_span(CHOSEN_ON)})", lambda seed: seed in TUNED_ON),
-              (f"seeds {_span(range(TUNED_ON.stop, CHOSEN_ON.stop))} (held out for the first rule; `GIVE_UP` "
-               f"{train.GIVE_UP} was chosen on seeds {_span(CHOSEN_ON)})",
+    groups = ((f"seeds {span(TUNED_ON)} (the first rule, {FIRST_RULE}, was chosen on these, `GIVE_UP` on seeds "
+               f"{span(CHOSEN_ON)})", lambda seed: seed in TUNED_ON),
+              (f"seeds {span(range(TUNED_ON.stop, CHOSEN_ON.stop))} (held out for the first rule; `GIVE_UP` "
+               f"{train.GIVE_UP} was chosen on seeds {span(CHOSEN_ON)})",
                lambda seed: seed in CHOSEN_ON and seed not in TUNED_ON),
               (f"seeds {CHOSEN_ON.stop} and up (held out for both rules)", lambda seed: seed not in CHOSEN_ON))
     for label, keep in groups:
@@ -184,7 +180,7 @@ def section(rows: list[dict[str, Any]], args, measured: Measured) -> str:
         f"own r² of x_i² on its training rows where feature i is active (`metrics.feature_r2`), after the given "
         f"number of epochs after the probe; at the end `LEARNED_R2` = {train.LEARNED_R2:g} decides. A rule (e, t) "
         f"drops a start whose worst r² is below t after e epochs: the first rule {FIRST_RULE} was chosen on seeds "
-        f"{_span(TUNED_ON)}, `train.GIVE_UP` = {train.GIVE_UP} on seeds {_span(CHOSEN_ON)} (an earlier run of this "
+        f"{span(TUNED_ON)}, `train.GIVE_UP` = {train.GIVE_UP} on seeds {span(CHOSEN_ON)} (an earlier run of this "
         f"benchmark); seeds {CHOSEN_ON.stop} and up hold both out. Starts as seed/block; the first table lists those below 0.5 at some point from epoch {FIRST_RULE[0]} on, or never learned.",
         "\n".join(lines), f"Give-up rules (epoch, r² < {threshold:g}) on all {len(starts)} kept starts:",
         _rules_table(starts, threshold), "\n".join(out))

@@ -20,19 +20,20 @@ statistic and error are compared with the ones saved there, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import RESULTS, Measured, jobs_section, pool_map, saved_run, seeds_jobs_main, span  # noqa: E402
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
@@ -74,8 +75,19 @@ def run(seeds, ks, jobs: int, threads: int) -> list[dict[str, Any]]:
 
 
 def _saved_k10() -> dict[int, dict[str, Any]]:
-    rows = json.loads((ROOT / "benchmarks" / "results" / SAME_AS).read_text())["rows"]
-    return {r["seed"]: r for r in rows if r["toy"] == "tmcs" and r["loss_norm"] == "batch"}
+    return {r["seed"]: r for r in saved_run(SAME_AS)["rows"] if r["toy"] == "tmcs" and r["loss_norm"] == "batch"}
+
+
+@functools.lru_cache(maxsize=None)
+def _best_of_runs() -> dict[int, dict[str, Any]]:
+    """seed -> the TMCS row of ``BEST_OF`` (its "one" run and its "best_of" run)."""
+    return {r["seed"]: r for r in saved_run(BEST_OF)["rows"] if r["toy"] == "tmcs"}
+
+
+@functools.lru_cache(maxsize=None)
+def _held_out_run() -> Optional[dict[str, Any]]:
+    """What the held-out run saved (``HELD_OUT``), or None if it was not made."""
+    return saved_run(HELD_OUT) if (RESULTS / HELD_OUT).exists() else None
 
 
 def _cell(r: dict[str, Any]) -> str:
@@ -140,12 +152,11 @@ def summary(rows: list[dict[str, Any]], compare: bool = True) -> str:
 
 def _against_best_of(rows: list[dict[str, Any]]) -> list[str]:
     """One run of each K > 10 against K = 10's best of 3 L3D seeds (three runs' time)."""
-    saved = {r["seed"]: r for r in json.loads((ROOT / "benchmarks" / "results" / BEST_OF).read_text())["rows"]
-             if r["toy"] == "tmcs"}
-    k10 = {r["seed"]: r for r in rows if r["k"] == 10 and r["seed"] in saved}
-    same = sum(r["pearson_r"] == saved[s]["one"]["pearson_r"] and r["error"] == saved[s]["one"]["error"]
+    runs = _best_of_runs()
+    k10 = {r["seed"]: r for r in rows if r["k"] == 10 and r["seed"] in runs}
+    same = sum(r["pearson_r"] == runs[s]["one"]["pearson_r"] and r["error"] == runs[s]["one"]["error"]
                for s, r in k10.items())
-    best = [saved[s]["best_of"] for s in sorted(k10)]
+    best = [runs[s]["best_of"] for s in sorted(k10)]
     out = [f"- K = 10, best of 3 L3D seeds (\"Toy models: more seeds\", whose single runs equal the K = 10 column "
            f"here bit for bit in {same}/{len(k10)} seeds): statistic >= {STATISTIC} in "
            f"{sum(b['pearson_r'] >= STATISTIC for b in best)}/{len(best)}, error "
@@ -153,7 +164,7 @@ def _against_best_of(rows: list[dict[str, Any]]) -> list[str]:
            f"{min(b['r2_decoder'] for b in best):.3f}-{max(b['r2_decoder'] for b in best):.3f}."]
     for k in _ks(rows)[1:]:
         one = {r["seed"]: r for r in rows if r["k"] == k and r["seed"] in k10}
-        pairs = [(one[s], saved[s]["best_of"]) for s in sorted(one)]
+        pairs = [(one[s], runs[s]["best_of"]) for s in sorted(one)]
         out.append(f"  - one run with K = {k} against it: statistic higher in "
                    f"{sum(a['pearson_r'] > b['pearson_r'] for a, b in pairs)}/{len(pairs)} seeds, r² of A higher in "
                    f"{sum(a['r2_decoder'] > b['r2_decoder'] for a, b in pairs)}/{len(pairs)}, error lower in "
@@ -163,23 +174,17 @@ def _against_best_of(rows: list[dict[str, Any]]) -> list[str]:
 
 def held_out() -> str:
     """The held-out run's block, if it was made: its command, table and summary."""
-    path = ROOT / "benchmarks" / "results" / HELD_OUT
-    if not path.exists():
+    run = _held_out_run()
+    if run is None:
         return "No held-out run saved (`" + HELD_OUT + "`)."
-    saved = json.loads(path.read_text())
-    measured = Measured(tuple(saved["argv"]), saved["machine"], saved["seconds"], saved["args"])
-    return (f"Held out: seeds {_span(saved['args']['seeds'])}, run after K = 15 was singled out on the seeds above "
-            f"(`{measured.command('toy_overcomplete.py')}`, {saved['seconds'] / 60:.1f} min on the same machine):\n\n"
-            + table(saved["rows"]) + "\n\n" + summary(saved["rows"], compare=False))
+    measured = Measured(tuple(run["argv"]), run["machine"], run["seconds"], run["args"])
+    return (f"Held out: seeds {span(run['args']['seeds'])}, run after K = 15 was singled out on the seeds above "
+            f"(`{measured.command('toy_overcomplete.py')}`, {run['seconds'] / 60:.1f} min on the same machine):\n\n"
+            + table(run["rows"]) + "\n\n" + summary(run["rows"], compare=False))
 
 
 def _which(seeds: list[int]) -> str:
     return "" if not seeds else f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
-
-
-def _span(seeds) -> str:
-    seeds = sorted(seeds)
-    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
 
 
 def section(rows, args, measured: Measured) -> str:
@@ -200,16 +205,14 @@ def _poorer(rows: list[dict[str, Any]], k: int) -> int:
 
 
 def _default_note(rows: list[dict[str, Any]]) -> str:
-    best = {r["seed"]: r["best_of"] for r in json.loads((ROOT / "benchmarks" / "results" / BEST_OF).read_text())["rows"]
-            if r["toy"] == "tmcs"}
+    best = {s: r["best_of"] for s, r in _best_of_runs().items()}
     k15 = [r for r in rows if r["k"] == 15 and r["seed"] in best]
-    path = ROOT / "benchmarks" / "results" / HELD_OUT
-    held = json.loads(path.read_text())["rows"] if path.exists() else []
+    held = _held_out_run()["rows"] if _held_out_run() else []
     held_text = (f"held out, one K = 15 run lands in a poorer optimum in {_poorer(held, 15)}/"
                  f"{sum(r['k'] == 15 for r in held)} seeds and one K = 10 run in {_poorer(held, 10)}/"
                  f"{sum(r['k'] == 10 for r in held)} (seeds above: {_poorer(rows, 15)} and {_poorer(rows, 10)}); "
                  if held else "")
-    return (f"`recommended_config` keeps the paper's K = 10: {held_text}on seeds {_span([r['seed'] for r in k15])} "
+    return (f"`recommended_config` keeps the paper's K = 10: {held_text}on seeds {span(r['seed'] for r in k15)} "
             f"one K = 15 run meets the paper's statistic >= {STATISTIC} in {sum(r['pearson_r'] >= STATISTIC for r in k15)}"
             f", K = 10's best of 3 in {sum(best[r['seed']]['pearson_r'] >= STATISTIC for r in k15)}; and the "
             "reproduction table's runs use 10. `recommended_config(\"tmcs\", n_subnetworks=15)` halves the error.")

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from l3d_lens import decompose  # noqa: E402
-from benchmarks.common import Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import Measured, jobs_section, pool_map, saved_run, seeds_jobs_main  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
 from benchmarks.toy_loss_norm import EPOCHS, TARGETS, fmt  # noqa: E402
@@ -40,7 +40,6 @@ SECTION = "## Toy models: when to switch"
 SWITCHES = (225, 255, 285)
 #: the issue's TMCS error target
 ERROR_TARGET = 0.064
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run_one(seed: int, switch: int, threads: int) -> dict[str, Any]:
@@ -68,11 +67,11 @@ def saved_runs() -> tuple[dict[tuple[int, int], dict[str, Any]], dict[int, float
     """((seed, switch) -> the saved TMCS run, with switch 0 for the batch loss alone and EPOCHS for
     the per-sample loss alone; seed -> the trained model's final loss in the switch-150 run)."""
     runs: dict[tuple[int, int], dict[str, Any]] = {}
-    for r in json.loads((RESULTS / "toy_loss_norm.json").read_text())["rows"]:
+    for r in saved_run("toy_loss_norm.json")["rows"]:
         if r["toy"] == "tmcs":
             runs[(r["seed"], 0 if r["loss_norm"] == "batch" else EPOCHS)] = r
     losses = {}
-    for r in json.loads((RESULTS / "toy_loss_switch.json").read_text())["rows"]:
+    for r in saved_run("toy_loss_switch.json")["rows"]:
         if r["toy"] == "tmcs":
             runs[(r["seed"], 150)] = r
             losses[r["seed"]] = r["train_loss_model"]

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import DEFAULT_SEEDS, Measured, jobs_section, pool_map, seeds_jobs_main  # noqa: E402
+from benchmarks.common import DEFAULT_SEEDS, Measured, jobs_section, pool_map, saved_run, seeds_jobs_main, span  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.train import DEFAULT_EPOCHS, TOY_NAMES  # noqa: E402
 
@@ -56,16 +56,12 @@ def run(seeds, jobs: int, threads: int) -> list[dict[str, Any]]:
     return pool_map(run_one, tasks, jobs)
 
 
-def _saved_rows(name: str) -> list[dict[str, Any]]:
-    return json.loads((ROOT / "benchmarks" / "results" / name).read_text())["rows"]
-
-
 def recorded(capability: str) -> dict[tuple[str, int], set[float]]:
     """(toy, seed) -> the final training losses the runs of record made on a CPU of
     ``capability`` saved for that model."""
     out: dict[tuple[str, int], set[float]] = {}
     for name in RECORDS.get(capability, ()):
-        for r in _saved_rows(name):
+        for r in saved_run(name)["rows"]:
             if r.get("train_loss_model") is not None:  # None: a toy_give_up seed without a model
                 out.setdefault((r["toy"], r["seed"]), set()).add(r["train_loss_model"])
             elif r.get("recipe") == "ours" and "train_loss" in r:  # toy_square_recipe
@@ -122,10 +118,10 @@ def section(rows, args, measured: Measured) -> str:
     extra = sorted({r["seed"] for r in rows} - set(DEFAULT_SEEDS))
     note = ""
     if extra:
-        give_up = _saved_rows("toy_give_up.json")
+        give_up = saved_run("toy_give_up.json")["rows"]
         second = [r["seed"] for r in give_up if r["blocks"] != 1]
         picked = [s for s in extra if s in second]
-        note = (f" Seeds beyond {DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]} ({', '.join(map(str, extra))}): {len(picked)} picked because their x² model needs "
+        note = (f" Seeds beyond {span(DEFAULT_SEEDS)} ({', '.join(map(str, extra))}): {len(picked)} picked because their x² model needs "
                 f"a second block of starts (\"Toy models: x² give-up check\": {len(second)} of its {len(give_up)} seeds "
                 "do), so the counts below are not rates.")
     return jobs_section(

@@ -11,7 +11,7 @@ import torch
 from ..config import L3DConfig
 from . import metrics
 from .data import active_features
-from .train import Toy
+from .train import Toy, check_toy_name
 
 #: (n_subnetworks, rank) per toy model, as in the paper (higher-rank: 10 subnetworks with 5
 #: expected; the paper tried ranks 1-5 and its code used 2)
@@ -24,17 +24,12 @@ def scaled_lr_step(epochs: int) -> int:
     return max(1, round(100 * epochs / 1000))
 
 
-def _check_name(name: str) -> None:
-    if name not in PAPER_SHAPES:
-        raise ValueError(f"unknown toy model {name!r}; choose one of {tuple(PAPER_SHAPES)}")
-
-
 def paper_config(name: str, **overrides: Any) -> L3DConfig:
     """L3D on all parameter tensors (biases too), k = 0.1, batch 32, 1,000 epochs, Adam lr 0.01
     decayed x0.8 every 100 epochs, MSE against another random sample of the batch. Given
     ``epochs`` and no ``lr_step``, the decay is scaled to them (``scaled_lr_step``: the same ten
     steps); ``cfg.replace(epochs=...)`` keeps the step as it was."""
-    _check_name(name)
+    check_toy_name(name)
     n_sub, rank = PAPER_SHAPES[name]
     cfg = dict(components="*", n_subnetworks=n_sub, rank=rank, top_k=0.1, divergence="mse", reference="random",
                include_biases=True, epochs=1000, batch_size=32, lr=0.01, lr_decay=0.8, lr_step=100, seed=0)
@@ -69,7 +64,7 @@ def recommended_config(name: str, **overrides: Any) -> L3DConfig:
     subnetworks"), so the default keeps the paper's 10. Pass ``epochs`` here to shorten or lengthen a run
     (the decay step and the resampling epoch follow them); ``cfg.replace(epochs=...)`` keeps both
     where they were."""
-    _check_name(name)
+    check_toy_name(name)
     cfg: dict[str, Any] = dict(reference="mean" if name == "tms" else "zero",
                                aux_coef=0.0 if name == "higher_rank" else 0.03)
     if name == "square":
@@ -91,8 +86,8 @@ def check_decomposition_of(toy: Toy, dec) -> None:
     parameters: names, shapes, dtypes, devices and values) and holds the weights ``evaluate``
     scores: metrics that mix two models' numbers would be silently wrong. (A model changed in
     place after decomposing is the same object and is not caught.)"""
-    mine, theirs = dict(toy.model.named_parameters()), dict(dec.model.named_parameters())
     if dec.model is not toy.model:
+        mine, theirs = dict(toy.model.named_parameters()), dict(dec.model.named_parameters())
         if mine.keys() != theirs.keys() or any(
                 (mine[n].shape, mine[n].dtype, mine[n].device) != (theirs[n].shape, theirs[n].dtype, theirs[n].device)
                 or not torch.equal(mine[n], theirs[n]) for n in mine):
@@ -234,8 +229,7 @@ def scorecard(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     target with ``metric``, ``value``, ``op``, ``target``, ``met`` and, where the model itself
     bounds what a decomposition can show, ``reference`` (the same number for the directions of
     its own gradients or, for TMCS's r², for its own matrix f(e_i) - f(0); see ``evaluate``)."""
-    if name not in TARGETS:
-        raise ValueError(f"unknown toy model {name!r}; choose one of {tuple(TARGETS)}")
+    check_toy_name(name)
     rows = []
     for label, key, op, target, ref in TARGETS[name]:
         if key not in result:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io import versions
-from .train import TOY_NAMES, Toy, _task
+from .train import Toy, _task, check_toy_name
 
 FORMAT_VERSION = 1
 TENSORS = "toy.safetensors"
@@ -32,32 +32,28 @@ def _sha256(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
-def _built(name: str, seed) -> nn.Module:
-    """The model ``make_toy`` builds for ``name`` (its weights are replaced on loading)."""
-    build = _task(name, 0 if seed is None else seed)[0]
-    return build(0 if seed is None else seed)
-
-
-def _check_like_built(name: str, model: nn.Module, where: str) -> None:
-    built = _built(name, 0)
-    mine, theirs = model.state_dict(), built.state_dict()
-    if type(model).__name__ != type(built).__name__:
-        raise ValueError(f"{where}: the model is a {type(model).__name__}, but {name!r} builds a "
-                         f"{type(built).__name__}")
-    if mine.keys() != theirs.keys():
-        raise ValueError(f"{where}: weights {sorted(mine)}, but {name!r} has {sorted(theirs)}")
-    wrong = {k: (tuple(v.shape), tuple(theirs[k].shape)) for k, v in mine.items() if v.shape != theirs[k].shape}
+def _built_like(name: str, seed, model_class: str, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """The model ``make_toy`` builds for ``name`` (from ``seed``, or 0 for a toy without one),
+    after checking that a model of class ``model_class`` with weights ``state`` fits it: same
+    class, weight names and shapes; ValueError starting with ``where`` otherwise."""
+    built = _task(name, 0 if seed is None else seed)[0](0 if seed is None else seed)
+    if model_class != type(built).__name__:
+        raise ValueError(f"{where}: the model is a {model_class}, but {name!r} builds a {type(built).__name__}")
+    theirs = built.state_dict()
+    if state.keys() != theirs.keys():
+        raise ValueError(f"{where}: weights {sorted(state)}, but {name!r} has {sorted(theirs)}")
+    wrong = {k: (tuple(v.shape), tuple(theirs[k].shape)) for k, v in state.items() if v.shape != theirs[k].shape}
     if wrong:
-        raise ValueError(f"{where}: weight shapes differ from {name!r}'s (this model, {name!r}): {wrong}")
+        raise ValueError(f"{where}: weight shapes differ from {name!r}'s (these, {name!r}'s): {wrong}")
+    return built
 
 
 def save_toy(toy: Toy, path: PathLike) -> Path:
     """Write ``toy`` to the folder ``path`` (created if needed) and return it. Everything is
     checked before a file is touched; an older toy there is replaced (its JSON removed first,
     the new JSON written last), so a folder either loads as the new toy or is refused."""
-    if toy.name not in TOY_NAMES:
-        raise ValueError(f"unknown toy model {toy.name!r}; choose one of {TOY_NAMES}")
-    _check_like_built(toy.name, toy.model, "cannot save this toy")
+    check_toy_name(toy.name)
+    _built_like(toy.name, toy.seed, type(toy.model).__name__, toy.model.state_dict(), "cannot save this toy")
     truth: dict[str, Any] = {k: v for k, v in toy.truth.items() if not isinstance(v, torch.Tensor)}
     try:
         same = json.loads(json.dumps(truth)) == truth
@@ -100,24 +96,17 @@ def load_toy(path: PathLike) -> Toy:
     if _sha256(path / TENSORS) != meta.get("sha256"):
         raise ValueError(f"{path}: {TENSORS} is not the file {META} was saved with (its sha256 differs)")
     name, seed = meta["name"], meta["seed"]
-    if name not in TOY_NAMES:
-        raise ValueError(f"{path}: unknown toy model {name!r}; this l3d_lens has {TOY_NAMES}")
+    try:
+        check_toy_name(name)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     tensors = load_file(str(path / TENSORS))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model = _built(name, seed)
-    if type(model).__name__ != meta["model_class"]:
-        raise ValueError(f"{path}: the saved model is a {meta['model_class']}, but {name!r} builds a "
-                         f"{type(model).__name__}")
+    model = _built_like(name, seed, meta["model_class"], state, f"{path}: the saved toy does not fit")
     dtypes = {v.dtype for v in state.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{path}: the saved weights mix dtypes {sorted(map(str, dtypes))}")
     model = model.to(dtypes.pop())
-    expected = model.state_dict()
-    if state.keys() != expected.keys():
-        raise ValueError(f"{path}: saved weights {sorted(state)}, but {name!r} has {sorted(expected)}")
-    wrong = {k: (tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape}
-    if wrong:
-        raise ValueError(f"{path}: weight shapes differ from {name!r}'s (saved, expected): {wrong}")
     model.load_state_dict(state)
     d_in = next(p for p in model.parameters() if p.dim() == 2).shape[1]
     for key in ("l3d_data", "eval_data"):

@@ -75,14 +75,19 @@ def _seed(seed: int, stream: int) -> int:
     return 1000 * seed + stream
 
 
+def check_toy_name(name: str) -> None:
+    """ValueError naming the toy models unless ``name`` is one of them."""
+    if name not in TOY_NAMES:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
+
+
 #: the largest seed ``make_toy`` takes: the seeds derived from it (``_seed``) must fit torch's
 #: 64-bit generator seed
 MAX_SEED = (2**63 - 1) // 1000 - 1000
 
 
-def _check_int(arg: str, value: Any, minimum: int, what: str) -> int:
+def _check_int(arg: str, value: Any, minimum: int, what: str, maximum: Optional[int] = None) -> int:
     """``value`` as an int (numpy integers too), or ValueError naming ``arg`` and its range."""
-    maximum = MAX_SEED if arg == "seed" else None
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
             or (maximum is not None and value > maximum)):
         span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
@@ -272,8 +277,7 @@ def _task(name: str, seed: int) -> tuple[Callable[[int], nn.Module], Callable[[i
                                          Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """(build, inputs, target, truth) of toy ``name`` from ``seed``: the model builder, the input
     distribution ``inputs(n, seed)``, the training target of an input batch, and the ground truth."""
-    if name not in TOY_NAMES:
-        raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
+    check_toy_name(name)
     if name == "tms":
         return models.tms, lambda n, s: toy_data.sparse_features(n, 5, seed=s), lambda x: x, {}
     if name == "tmcs":
@@ -304,9 +308,8 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     data, held-out data and (TMCS) the circuit matrix all come from seeds derived from it.
     ``epochs`` and ``lr`` default to ``DEFAULT_EPOCHS`` and ``LR``; ``epochs=1000, lr=1e-3`` is
     the paper's recipe."""
-    if name not in TOY_NAMES:
-        raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
-    seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from")
+    check_toy_name(name)
+    seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from", MAX_SEED)
     if epochs is not None:
         epochs = _check_int("epochs", epochs, 1, "training epochs")
     n_train, n_l3d, n_eval = (_check_int(arg, value, 1, "samples")
