@@ -601,6 +601,55 @@ def test_selectivity_separates_targeted_from_global_directions():
     assert s3["relevant_change"] < s3["target_change"]
 
 
+def _full_sweep_selectivity(model, direction, x, relevant, fraction=0.5, deltas=None):
+    """``selectivity`` as its definition reads, with no early stop: every delta of both signs,
+    the smallest |delta| that hits (+ on a tie), else the largest relevant change."""
+    grid = sorted(abs(d) for d in (torch.logspace(-3, 2, 251).tolist() if deltas is None else deltas))
+    with torch.no_grad():
+        target = fraction * model(x)[relevant].abs().mean().item()
+    hits, peaks = [], []
+    for sign in (1.0, -1.0):
+        change = metrics.intervention_change(model, direction, x, [sign * d for d in grid])
+        rel, oth = change[:, relevant].mean(1), change[:, ~relevant].mean(1)
+        hit = (rel >= target).nonzero()
+        if len(hit):
+            hits.append((grid[int(hit[0])], -sign, sign * grid[int(hit[0])], float(rel[hit[0]]), float(oth[hit[0]])))
+        i = int(rel.argmax())
+        peaks.append((float(rel[i]), sign, sign * grid[i], float(rel[i]), float(oth[i])))
+    _, _, delta, rel_change, other_change = min(hits) if hits else max(peaks)
+    return {"delta": delta, "relevant_change": rel_change, "other_change": other_change, "reached": bool(hits)}
+
+
+def test_selectivity_stops_early_with_the_full_sweeps_answer():
+    """The sweep stops after the chunk of its first hit (``SWEEP_CHUNK``); it must return what
+    sweeping every delta of both signs returns, bit for bit: hits in the first, a middle and the
+    last chunk, a tie between the signs, and no hit at all (read at the largest change)."""
+    m = models.square_mlp(2)
+    x = data.sparse_features(300, 5, seed=4, signed=True)
+    gen = torch.Generator().manual_seed(1)
+    relevant = torch.zeros(300, 5, dtype=torch.bool)
+    relevant[:, 2] = x[:, 2] > 0
+    chunks_walked = set()
+    for k in range(4):
+        v = {n: torch.randn(*p.shape, generator=gen) for n, p in m.named_parameters()}
+        for fraction, deltas in ((0.5, None), (1e-4, None), (3.0, None), (1e6, None), (0.5, [-2.0, 2.0, 0.1])):
+            got = metrics.selectivity(m, v, x, relevant, fraction=fraction, deltas=deltas)
+            want = _full_sweep_selectivity(m, v, x, relevant, fraction=fraction, deltas=deltas)
+            assert {key: got[key] for key in want} == want, (k, fraction, deltas)
+            if deltas is None and got["reached"]:
+                grid = torch.logspace(-3, 2, 251).tolist()
+                chunks_walked.add(grid.index(abs(got["delta"])) // metrics.SWEEP_CHUNK)
+    assert len(chunks_walked) >= 3  # the hits fall in several different chunks, not only the first
+    tie = metrics.selectivity(m, {"layers.4.bias": torch.ones(5)}, x, relevant, deltas=[-1.0, 1.0])
+    assert tie["delta"] == 1.0
+    # a direction that moves nothing never hits, and every delta ties at no change: the first
+    # (+, smallest) is read, as the full sweep's argmax does
+    still = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    got, want = metrics.selectivity(m, still, x, relevant), _full_sweep_selectivity(m, still, x, relevant)
+    assert {key: got[key] for key in want} == want and not got["reached"]
+    assert got["delta"] == torch.logspace(-3, 2, 251)[0].item()
+
+
 def test_output_effects_match_finite_differences():
     m = models.square_mlp(1)
     direction = {n: torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(0))
