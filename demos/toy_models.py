@@ -22,18 +22,12 @@ import time
 import torch
 
 from l3d_lens.toy import TOY_NAMES, evaluate, make_toy, recommended_config, scorecard
-from l3d_lens.toy.reproduce import scaled_lr_step
+from l3d_lens.toy.reproduce import Scorecard, scaled_lr_step
 from l3d_lens.toy.sweep import best_of
 
 
-def _fmt(value, percent: bool) -> str:
-    if isinstance(value, float):
-        return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
-    return str(value)
-
-
-def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_epochs=None) -> list[dict]:
-    """Train, decompose and score toy ``name``; prints the scorecard and returns its rows."""
+def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_epochs=None) -> Scorecard:
+    """Train, decompose and score toy ``name``; prints the scorecard and returns it."""
     t0 = time.perf_counter()
     toy = make_toy(name, seed, epochs=train_epochs)
     t1 = time.perf_counter()
@@ -42,11 +36,7 @@ def run(name: str, seed: int = 0, restarts: int = 1, epochs: int = 300, train_ep
     rows = scorecard(name, evaluate(toy, dec, seed=seed))
     print(f"{name} (seed {seed}): trained in {t1 - t0:.0f} s to MSE {toy.final_loss:.3g}; L3D "
           f"{cfg.n_subnetworks} x rank {cfg.rank}, best of {restarts}, {time.perf_counter() - t1:.0f} s")
-    for r in rows:
-        pct = "error" in r["metric"]
-        ref = f"   (reference {_fmt(r['reference'], pct)})" if r["reference"] is not None else ""
-        print(f"  {r['metric']:<56} {_fmt(r['value'], pct):>16}   target {r['op']} {_fmt(r['target'], pct)}   "
-              f"{'met' if r['met'] else 'NOT met'}{ref}")
+    print(rows)
     return rows
 
 

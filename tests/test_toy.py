@@ -806,6 +806,28 @@ def test_scorecard_checks_each_target_and_names_what_is_missing():
         scorecard("tms", {"error": 0.1})
 
 
+def test_scorecard_prints_renders_and_serialises_as_its_rows():
+    import json
+
+    from l3d_lens.toy import Scorecard
+    from l3d_lens.toy.reproduce import scorecard
+    rows = scorecard("tmcs", {"error": 0.05, "pearson_r": 0.91, "pearson_r_reference": 0.93, "r2_decoder": 0.93,
+                              "r2_model": 0.95})
+    assert isinstance(rows, list) and not rows.met and json.loads(json.dumps(rows)) == list(rows)
+    text = str(rows)
+    assert text.splitlines()[0] == "tmcs: 2 of 3 targets met" and repr(rows) == text
+    assert "5.0%" in text and "6.4%" in text and "NOT met" in text and "0.93" in text  # error rows as percentages
+    frame = rows.to_frame()
+    assert list(frame.columns) == list(Scorecard.COLUMNS) and frame["met"].tolist() == [True, False, True]
+    assert scorecard("tms", {"error": 0.1, "min_cos_encoder": 0.995}).met
+    # the HTML table escapes every string it shows
+    odd = Scorecard("<script>", [{"metric": "<b>x</b> & y", "value": "<i>", "op": "==", "target": "<i>",
+                                  "met": True, "reference": None}])
+    html = odd._repr_html_()
+    assert "<b>" not in html and "<script>" not in html and "&lt;b&gt;x&lt;/b&gt; &amp; y" in html
+    assert html.count("<tr>") == 2
+
+
 def test_toy_demo_trains_decomposes_and_prints_the_scorecard(capsys):
     import importlib.util
     from pathlib import Path

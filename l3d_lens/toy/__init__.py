@@ -8,7 +8,7 @@ recovery metrics, and a sweep helper for k / rank / number of subnetworks.
     toy.save("tms_0"); toy = load_toy("tms_0")          # safetensors + JSON: no retraining
     dec = decompose(toy.model, toy.l3d_data, paper_config("tms"))   # or recommended_config("tms")
     evaluate(toy, dec)                                  # error, |cos| per feature, dead, ...
-    scorecard("tms", evaluate(toy, dec))                # the targets, met or not
+    scorecard("tms", evaluate(toy, dec))                # the targets, met or not (a table)
 
 ``demos/toy_models.py`` runs this for any of the four and prints the scorecard.
 
@@ -20,10 +20,10 @@ per-toy scoring), ``sweep``, ``saving`` (``Toy.save``, ``load_toy``).
 
 from . import data, metrics, models, saving, sweep
 from .models import SquareMLP, SuperpositionModel
-from .reproduce import PAPER_SHAPES, TARGETS, evaluate, paper_config, recommended_config, scorecard
+from .reproduce import PAPER_SHAPES, TARGETS, Scorecard, evaluate, paper_config, recommended_config, scorecard
 from .saving import load_toy
 from .train import DEFAULT_EPOCHS, TOY_NAMES, Toy, fit, fit_tms, make_toy, training_data
 
 __all__ = ["data", "metrics", "models", "saving", "sweep", "SquareMLP", "SuperpositionModel", "PAPER_SHAPES", "TARGETS",
-           "evaluate", "paper_config", "recommended_config", "scorecard", "load_toy",
+           "Scorecard", "evaluate", "paper_config", "recommended_config", "scorecard", "load_toy",
            "DEFAULT_EPOCHS", "TOY_NAMES", "Toy", "fit", "fit_tms", "make_toy", "training_data"]

@@ -224,13 +224,66 @@ TARGETS = {
 }
 
 
-def scorecard(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+class Scorecard(list):
+    """``scorecard``'s rows: a plain list of row dicts (JSON-serialisable as it is) that prints
+    as a table, renders as an escaped HTML table in Jupyter and converts to a DataFrame
+    (``to_frame``); ``met`` is True when every target is. Error rows show as percentages."""
+
+    COLUMNS = ("metric", "value", "op", "target", "met", "reference")
+
+    def __init__(self, name: str, rows=()):
+        super().__init__(rows)
+        self.name = name
+
+    @property
+    def met(self) -> bool:
+        return all(r["met"] for r in self)
+
+    def cells(self) -> list[list[str]]:
+        """One list of display strings per row, in ``COLUMNS`` order."""
+        out = []
+        for r in self:
+            pct = "error" in r["metric"]
+            out.append([r["metric"], _shown(r["value"], pct), r["op"], _shown(r["target"], pct),
+                        "met" if r["met"] else "NOT met", "" if r["reference"] is None else _shown(r["reference"], pct)])
+        return out
+
+    def __str__(self) -> str:
+        rows = [list(self.COLUMNS)] + self.cells()
+        widths = [max(len(row[c]) for row in rows) for c in range(len(self.COLUMNS))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        met = sum(r["met"] for r in self)
+        return "\n".join([f"{self.name}: {met} of {len(self)} targets met", *lines])
+
+    __repr__ = __str__  # a REPL shows the table too; the rows are still list(self)
+
+    def _repr_html_(self) -> str:
+        from ..viz.tables import table
+
+        met = sum(r["met"] for r in self)
+        return table(self.COLUMNS, self.cells(), caption=f"{self.name}: {met} of {len(self)} targets met")
+
+    def to_frame(self):
+        """The rows as a pandas DataFrame (raw values, not the display strings)."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self), columns=list(self.COLUMNS))
+
+
+def _shown(value: Any, percent: bool) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
+    return str(value)
+
+
+def scorecard(name: str, result: dict[str, Any]) -> Scorecard:
     """The issue's targets for toy ``name`` checked on ``evaluate``'s ``result``: one row per
     target with ``metric``, ``value``, ``op``, ``target``, ``met`` and, where the model itself
     bounds what a decomposition can show, ``reference`` (the same number for the directions of
-    its own gradients or, for TMCS's r², for its own matrix f(e_i) - f(0); see ``evaluate``)."""
+    its own gradients or, for TMCS's r², for its own matrix f(e_i) - f(0); see ``evaluate``).
+    The rows come as a ``Scorecard``: a list that prints and renders as a table."""
     check_toy_name(name)
-    rows = []
+    rows = Scorecard(name)
     for label, key, op, target, ref in TARGETS[name]:
         if key not in result:
             raise KeyError(f"{key!r} is not in the result; pass evaluate(toy, dec) of a {name!r} toy")
