@@ -849,7 +849,8 @@ def test_toy_demo_trains_decomposes_and_prints_the_scorecard(capsys):
 def test_kept_run_is_the_lowest_loss_with_ties_to_the_earlier_run():
     assert kept_run([0.3, 0.1, 0.2]) == 1
     assert kept_run([0.2, 0.1, 0.1]) == 1
-    assert kept_run([float("nan"), 0.1]) == 0  # as best_of's strict comparison: NaN first stays
+    assert kept_run([float("nan"), 0.1]) == 1  # a diverged first run never wins
+    assert kept_run([float("nan"), float("nan")]) == 0
     with pytest.raises(ValueError, match="at least one loss"):
         kept_run([])
 

@@ -5,7 +5,8 @@ and rank for every model and names this as a weakness). Each grid point is a ful
 time and whatever ``score`` returns.
 
 ``best_of`` restarts L3D from several seeds and keeps the lowest training loss (``kept_run``
-is that rule alone, for callers that keep every run).
+is that rule alone, for callers that keep every run). A NaN (diverged) loss or score ranks
+last everywhere here.
 
 Not toy-specific: it works on any model and data ``decompose`` accepts (it lives here because
 the toy models are where a sweep is cheap enough to run).
@@ -16,59 +17,108 @@ from __future__ import annotations
 import itertools
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
+import torch
+
 from ..config import L3DConfig
-from ..decomposition import Decomposition, decompose
+from ..data import Data, check_batch, check_data
+from ..decomposition import Decomposition, build_task, decompose
 
 
 def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Sequence[Any] = (),
           n_subnetworks: Sequence[int] = (), seeds: Sequence[int] = (), eval_data=None,
-          score: Optional[Callable[[Decomposition], dict[str, Any]]] = None,
+          score: Optional[Callable[[Decomposition], Mapping[str, Any]]] = None,
           progress: bool = False) -> list[dict[str, Any]]:
     """Decompose ``model`` once per combination of the given values (an empty sequence keeps
-    ``cfg``'s value) and return one dict per run: the settings, ``error`` (reconstruction error
-    on ``eval_data``, default ``data``), ``train_error`` (last epoch), ``dead_fraction``,
-    ``seconds`` and the entries of ``score(dec)`` if given (under their own names: a key that
-    would overwrite one of the sweep's is an error)."""
-    axes = {"top_k": list(top_k) or [cfg.top_k], "rank": list(rank) or [cfg.rank],
-            "n_subnetworks": list(n_subnetworks) or [cfg.n_subnetworks], "seed": list(seeds) or [cfg.seed]}
-    rows = []
-    for values in itertools.product(*axes.values()):
-        settings = dict(zip(axes, values))
-        run_cfg = cfg.replace(**settings)
-        start = time.perf_counter()
-        dec = decompose(model, data, run_cfg, progress=progress)
-        row = dict(settings, seconds=time.perf_counter() - start,
-                   error=dec.reconstruction_error(data if eval_data is None else eval_data),
-                   train_error=dec.history[-1]["loss"] if dec.history else float("nan"),
-                   dead_fraction=float((dec.fraction_active == 0).double().mean()))
-        if score is not None:
-            extra = score(dec)
-            clash = sorted(set(extra) & set(row))
-            if clash:
-                raise ValueError(f"score returned {clash}, which the sweep's rows already hold "
-                                 f"({sorted(row)}); rename them, e.g. {{'score_' + key: value}}")
-            row.update(extra)
-        rows.append(row)
-    return rows
+    ``cfg``'s value; a per-weight rank dict goes inside the list: ``rank=[{"default": 2}]``)
+    and return one dict per run: the settings, ``error`` (reconstruction error on
+    ``eval_data``, default ``data``), ``train_error`` (last epoch), ``dead_fraction``,
+    ``seconds`` and the entries of ``score(dec)`` if given. Every grid point and ``eval_data``
+    are checked before the first run, so a bad value late in the grid costs no finished run.
+
+    A ``score`` key that would overwrite one of the sweep's is an error; to add the toy metrics,
+    prefix them: ``score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()}``."""
+    axes = {"top_k": _values("top_k", top_k, cfg.top_k), "rank": _values("rank", rank, cfg.rank),
+            "n_subnetworks": _values("n_subnetworks", n_subnetworks, cfg.n_subnetworks),
+            "seed": _values("seeds", seeds, cfg.seed)}
+    if score is not None and not callable(score):
+        raise TypeError(f"score must be a callable Decomposition -> dict, got {score!r}")
+    grid = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    configs = [cfg.replace(**settings) for settings in grid]  # L3DConfig checks each value
+    tasks = [build_task(model, c) for c in configs]  # and against the model (a rank above its sizes)
+    if eval_data is not None:
+        _check_eval_data(tasks[0].adapter, eval_data, cfg.reference == "paired")
+    return [_run(model, data, run_cfg, settings, eval_data, score, progress)
+            for settings, run_cfg in zip(grid, configs)]
+
+
+def _values(name: str, values: Any, default: Any) -> list[Any]:
+    """One axis of the grid: the values to try (a list, tuple, range ...), or ``[default]``."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of values to try, e.g. {name}=[{default!r}], got {values!r}; "
+                        f"put a single value in a list")
+    return list(values) or [default]
+
+
+def _check_eval_data(adapter, eval_data: Data, paired: bool) -> None:
+    """Fail on ``eval_data`` the model cannot take, as ``reconstruction_error`` would after the
+    first run: its type and dtype as ``decompose`` checks data, then one no-grad forward of its
+    first row (in eval mode, so no module changes state)."""
+    try:
+        check_data(adapter, eval_data, None, paired)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"eval_data: {e}") from None
+    first = eval_data if isinstance(eval_data, torch.Tensor) else next(iter(eval_data))
+    row = check_batch(adapter, first[0] if isinstance(first, (tuple, list)) else first, "eval_data")[:1]
+    try:
+        with torch.no_grad(), adapter.session():
+            adapter.forward(row.to(adapter.device))
+    except RuntimeError as e:
+        raise ValueError(f"eval_data does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
+                         f"{row.dtype}) failed: {e}") from None
+
+
+def _run(model, data, run_cfg: L3DConfig, settings: dict[str, Any], eval_data, score, progress: bool) -> dict[str, Any]:
+    """One grid point: decompose, then the sweep's row plus ``score``'s entries."""
+    start = time.perf_counter()
+    dec = decompose(model, data, run_cfg, progress=progress)
+    row = dict(settings, seconds=time.perf_counter() - start,
+               error=dec.reconstruction_error(data if eval_data is None else eval_data),
+               train_error=dec.history[-1]["loss"] if dec.history else float("nan"),
+               dead_fraction=float((dec.fraction_active == 0).double().mean()))
+    if score is not None:
+        extra = score(dec)
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"score must return a dict of extra columns, got {type(extra).__name__}: {extra!r}")
+        clash = sorted(set(extra) & set(row))
+        if clash:
+            raise ValueError(f"score returned {clash}, which the sweep's rows already hold ({sorted(row)}); "
+                             f"prefix its keys, e.g. score=lambda dec: {{'eval_' + k: v for k, v in "
+                             f"evaluate(toy, dec).items()}}")
+        row.update(extra)
+    return row
 
 
 def best(rows: Sequence[dict[str, Any]], key: str = "error", minimize: bool = True) -> dict[str, Any]:
-    """The row with the lowest (``minimize``) or highest value of ``key``."""
+    """The row with the lowest (``minimize``) or highest value of ``key``; NaN ranks last (the
+    first row if every value is NaN), ties go to the earlier row."""
     if not rows:
         raise ValueError("no sweep rows")
-    return (min if minimize else max)(rows, key=lambda r: r[key])
+    if minimize:
+        return min(rows, key=lambda r: (_is_nan(r[key]), r[key]))
+    return max(rows, key=lambda r: (not _is_nan(r[key]), r[key]))
 
 
 def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = False) -> Decomposition:
     """Decompose once per seed and keep the run whose last epoch ended with the lowest training
-    loss: restarts against a poor local optimum, chosen by L3D's own objective only (never by a
-    ground-truth metric). Ties go to the earlier seed. On TMCS a single run with
-    ``loss_norm="sample"`` for the first half of its epochs (``loss_norm_epochs``) ends where
-    this keeps it, for a third of the time; on x² it does not (BENCHMARKS.md, "Toy models:
-    per-sample, then batch"). ``seeds``: L3D seeds, e.g. ``range(3)``."""
+    loss (``kept_run``: ties to the earlier seed, a diverged run with a NaN loss only if every
+    run diverged): restarts against a poor local optimum, chosen by L3D's own objective only
+    (never by a ground-truth metric). On TMCS a single run with ``loss_norm="sample"`` for the
+    first half of its epochs (``loss_norm_epochs``) ends where this keeps it, for a third of the
+    time; on x² it does not (BENCHMARKS.md, "Toy models: per-sample, then batch"). ``seeds``:
+    L3D seeds, e.g. ``range(3)``."""
     if isinstance(seeds, (int, str)) or not hasattr(seeds, "__iter__"):
         raise TypeError(f"seeds must be an iterable of L3D seeds, e.g. range(3), got {seeds!r}")
     try:
@@ -88,7 +138,12 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
 
 def kept_run(losses: Sequence[float]) -> int:
     """Index of the run ``best_of`` keeps among runs with these final training losses: the
-    lowest, ties (and a NaN first run) to the earlier run."""
+    lowest, ties to the earlier run; NaN (a diverged run) ranks last (every loss NaN: the first
+    run)."""
     if not losses:
         raise ValueError("kept_run needs at least one loss")
-    return min(range(len(losses)), key=losses.__getitem__)
+    return min(range(len(losses)), key=lambda i: (_is_nan(losses[i]), losses[i]))
+
+
+def _is_nan(value: Any) -> bool:
+    return bool(value != value)  # NaN is the only value unequal to itself
