@@ -1,10 +1,13 @@
 """Saving a trained ``Toy`` and loading it back, so a notebook need not retrain (an x^2 model
 takes about a minute): safetensors for the weights, data and ground-truth tensors, JSON for the
-rest. Loading checks the format version, the toy's name, every weight's shape and that the two
-files belong together (the JSON holds the tensors file's sha256); the toy comes back on the CPU
-in the dtype it was saved in, and its input distribution ``inputs`` is rebuilt from the saved
-seed (a ``Toy`` made by hand, without one, loads with ``inputs=None``). Only a model of the
-architecture ``make_toy`` builds for the toy's name can be saved.
+rest. Loading checks the JSON before it reads a tensor (format version, then the type and range
+of every field: the toy's name, seed, ...), then every weight's shape and that the two files
+belong together: the JSON holds the tensors file's sha256, and the tensors file's header the JSON
+fields that make the toy (``TOY_FIELDS``), so a JSON edited after saving (a seed, a truth) is
+refused. The toy comes back on the CPU in the dtype it was saved in, and its input distribution
+``inputs`` is rebuilt from the saved seed (a ``Toy`` made by hand, without one, loads with
+``inputs=None``). Only a model of the architecture ``make_toy`` builds for the toy's name can be
+saved.
 """
 
 from __future__ import annotations
@@ -12,24 +15,103 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io import versions
-from .train import Toy, _task, check_toy_name
+from .train import MAX_SEED, Toy, _check_int, _task, check_toy_name
 
 FORMAT_VERSION = 1
 TENSORS = "toy.safetensors"
 META = "toy.json"
+#: the JSON fields that make the toy; the tensors file's header holds a copy (key "toy")
+TOY_FIELDS = ("name", "seed", "blocks", "train_losses", "truth", "model_class")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _sha256(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _toy_json(meta: dict[str, Any]) -> str:
+    """``meta``'s ``TOY_FIELDS`` as one canonical JSON string (what the tensors file's header holds)."""
+    return json.dumps({k: meta[k] for k in TOY_FIELDS}, sort_keys=True)
+
+
+def _checked(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """``meta`` with its ``TOY_FIELDS`` checked (seed and blocks as ints); ValueError starting
+    with ``where``, naming the field and what it must be, otherwise. Save checks what it is
+    about to write and load what it read, so a toy that saves loads back."""
+    try:
+        check_toy_name(meta["name"])
+        seed = None if meta["seed"] is None else _check_int(
+            "seed", meta["seed"], 0, "make_toy's seed; null for a toy made by hand", MAX_SEED)
+        blocks = _check_int("blocks", meta["blocks"], 1, "blocks of starts trained")
+        losses = meta["train_losses"]
+        if not isinstance(losses, list):
+            raise ValueError(f"train_losses must be a list of floats (the loss of every epoch), got "
+                             f"{reprlib.repr(losses)}")
+        for i, v in enumerate(losses):
+            if not isinstance(v, float):
+                raise ValueError(f"train_losses[{i}] must be a float (NaN and Infinity allowed), got {reprlib.repr(v)}")
+        for key, kind, what in (("truth", dict, "an object (the ground truth that is not a tensor)"),
+                                ("model_class", str, "a string (the model's class name)")):
+            if not isinstance(meta[key], kind):
+                raise ValueError(f"{key} must be {what}, got {reprlib.repr(meta[key])}")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return {**meta, "seed": seed, "blocks": blocks}
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The JSON of the toy saved in ``path``, checked before any tensor is read: an object of
+    this format version with every key ``save_toy`` writes, each of the right type and range;
+    ValueError naming the file and the field otherwise."""
+    file = path / META
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not the object save_toy writes")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"{file}: toy format version {version!r}; this l3d_lens reads {FORMAT_VERSION}")
+    missing = [k for k in (*TOY_FIELDS, "sha256", "saved_from", "versions") if k not in meta]
+    if missing:
+        raise ValueError(f"{file} lacks the keys {missing}, which save_toy always writes")
+    if not isinstance(meta["sha256"], str) or not re.fullmatch("[0-9a-f]{64}", meta["sha256"]):
+        raise ValueError(f"{file}: sha256 must be 64 hex digits (the sha256 of {TENSORS}), got "
+                         f"{reprlib.repr(meta['sha256'])}")
+    for key in ("saved_from", "versions"):
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{file}: {key} must be an object, got {reprlib.repr(meta[key])}")
+    return _checked(meta, str(file))
+
+
+def _check_not_edited(path: Path, meta: dict[str, Any]) -> None:
+    """ValueError unless the JSON's ``TOY_FIELDS`` are those the tensors file's header was saved
+    with (the JSON's sha256 covers the header): an edited seed would silently change the rebuilt
+    ``inputs``, an edited truth the metrics. A header without them (a toy saved before they were
+    recorded there) is not compared."""
+    with safe_open(str(path / TENSORS), "pt") as f:
+        header = (f.metadata() or {}).get("toy")
+    if header is None:
+        return
+    saved = json.loads(header)
+    edited = {k: saved.get(k) for k in TOY_FIELDS
+              if json.dumps(saved.get(k), sort_keys=True) != json.dumps(meta[k], sort_keys=True)}
+    if edited:
+        raise ValueError(f"{path / META} was edited after saving: {TENSORS} was saved with "
+                         f"{', '.join(f'{k}={reprlib.repr(v)}' for k, v in edited.items())}, the JSON says "
+                         f"{', '.join(f'{k}={reprlib.repr(meta[k])}' for k in edited)}")
 
 
 def _built_like(name: str, seed, model_class: str, state: dict[str, torch.Tensor], where: str) -> nn.Module:
@@ -50,11 +132,14 @@ def _built_like(name: str, seed, model_class: str, state: dict[str, torch.Tensor
 
 def save_toy(toy: Toy, path: PathLike) -> Path:
     """Write ``toy`` to the folder ``path`` (created if needed) and return it. Everything is
-    checked before a file is touched; an older toy there is replaced (its JSON removed first,
-    the new JSON written last), so a folder either loads as the new toy or is refused."""
-    check_toy_name(toy.name)
-    _built_like(toy.name, toy.seed, type(toy.model).__name__, toy.model.state_dict(), "cannot save this toy")
+    checked before a file is touched (the JSON fields as ``load_toy`` checks them); an older toy
+    there is replaced (its JSON removed first, the new JSON written last), so a folder either
+    loads as the new toy or is refused."""
     truth: dict[str, Any] = {k: v for k, v in toy.truth.items() if not isinstance(v, torch.Tensor)}
+    meta = _checked({"name": toy.name, "seed": toy.seed, "blocks": toy.blocks,
+                     "train_losses": [float(v) for v in toy.train_losses], "truth": truth,
+                     "model_class": type(toy.model).__name__}, "cannot save this toy")
+    _built_like(toy.name, meta["seed"], meta["model_class"], toy.model.state_dict(), "cannot save this toy")
     try:
         same = json.loads(json.dumps(truth)) == truth
     except (TypeError, ValueError):
@@ -62,9 +147,7 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     if not same:
         raise ValueError(f"cannot save this toy: its non-tensor truth {truth!r} does not survive JSON "
                          "(use str keys and int, float, str, bool or list values)")
-    meta = {"format_version": FORMAT_VERSION, "name": toy.name, "seed": None if toy.seed is None else int(toy.seed),
-            "blocks": int(toy.blocks), "train_losses": [float(v) for v in toy.train_losses], "truth": truth,
-            "model_class": type(toy.model).__name__,
+    meta = {"format_version": FORMAT_VERSION, **meta,
             "saved_from": {"device": str(next(toy.model.parameters()).device)}, "versions": versions()}
     tensors = {f"model.{k}": v for k, v in toy.model.state_dict().items()}
     tensors.update({"l3d_data": toy.l3d_data, "eval_data": toy.eval_data})
@@ -74,7 +157,7 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     (path / META).unlink(missing_ok=True)
     tmp = path / (TENSORS + ".tmp")
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format_version": str(FORMAT_VERSION)})
+              metadata={"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
     meta["sha256"] = _sha256(tmp)
     os.replace(tmp, path / TENSORS)
     tmp = path / (META + ".tmp")
@@ -89,20 +172,14 @@ def load_toy(path: PathLike) -> Toy:
     path = Path(path)
     if not (path / META).is_file() or not (path / TENSORS).is_file():
         raise FileNotFoundError(f"{path} is not a saved toy (needs {META} and {TENSORS})")
-    meta = json.loads((path / META).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: toy format version {meta.get('format_version')!r}; this l3d_lens reads "
-                         f"{FORMAT_VERSION}")
-    if _sha256(path / TENSORS) != meta.get("sha256"):
+    meta = _read_meta(path)
+    if _sha256(path / TENSORS) != meta["sha256"]:
         raise ValueError(f"{path}: {TENSORS} is not the file {META} was saved with (its sha256 differs)")
     name, seed = meta["name"], meta["seed"]
-    try:
-        check_toy_name(name)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
     tensors = load_file(str(path / TENSORS))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model = _built_like(name, seed, meta["model_class"], state, f"{path}: the saved toy does not fit")
+    _check_not_edited(path, meta)
     dtypes = {v.dtype for v in state.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{path}: the saved weights mix dtypes {sorted(map(str, dtypes))}")
@@ -114,5 +191,5 @@ def load_toy(path: PathLike) -> Toy:
             raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}; the model takes [n, {d_in}]")
     truth = {**meta["truth"], **{k[len("truth."):]: v for k, v in tensors.items() if k.startswith("truth.")}}
     inputs = None if seed is None else _task(name, seed)[1]
-    return Toy(name, model.eval(), list(meta["train_losses"]), tensors["l3d_data"], tensors["eval_data"],
+    return Toy(name, model.eval(), meta["train_losses"], tensors["l3d_data"], tensors["eval_data"],
                inputs, truth, blocks=meta["blocks"], seed=seed)
