@@ -26,11 +26,23 @@ def _keep_nonzero(draw, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat(kept)[:n]
 
 
-def _check(p_active: float, n_features: int) -> None:
+#: the rarest share of rows with something active that sampling accepts: rarer, and dropping
+#: the all-zero rows would draw more than 10,000 rows per row kept
+MIN_NONZERO = 1e-4
+
+
+def _check(p_active: float, n_features: int, n_units: Optional[int] = None) -> None:
+    """Valid sizes, and ``p_active`` not so small that a row with any of ``n_units``
+    independent features (or groups) active is too rare to sample."""
     if not 0 < p_active <= 1:
         raise ValueError(f"p_active must be in (0, 1], got {p_active}")
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
+    nonzero = 1 - (1 - p_active) ** (n_features if n_units is None else n_units)
+    if nonzero < MIN_NONZERO:
+        raise ValueError(f"p_active={p_active} leaves only {nonzero:.2g} of rows with anything active; keeping n "
+                         f"non-zero rows would draw about n / {nonzero:.2g} rows (the smallest share accepted is "
+                         f"{MIN_NONZERO})")
 
 
 def sparse_features(n: int, n_features: int, p_active: float = 0.05, seed: int = 0,
@@ -53,9 +65,9 @@ def grouped_features(n: int, n_features: int = 25, group_size: int = 5, p_active
     """Higher-rank circuits inputs: features come in consecutive groups of ``group_size`` whose
     activity is tied (a group is active with probability ``p_active``; then each of its
     features takes its own value uniform in [0, 1]); no all-zero rows."""
-    _check(p_active, n_features)
     if group_size < 1 or n_features % group_size:
         raise ValueError(f"n_features={n_features} must be a multiple of group_size={group_size}")
+    _check(p_active, n_features, n_features // group_size)
     n_groups = n_features // group_size
 
     def draw(m: int, gen: torch.Generator) -> torch.Tensor:

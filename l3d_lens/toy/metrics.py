@@ -36,6 +36,31 @@ from .data import active_features, single_feature_rows
 Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
 
 
+def _check_inputs(model: Optional[nn.Module], x: torch.Tensor) -> None:
+    """ValueError unless ``x`` is a [n, d_in] batch in the model's parameter dtype (a float64
+    batch for a float32 model fails deep inside F.linear otherwise)."""
+    param = None if model is None else next(model.parameters(), None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [n, d_in] tensor, got {type(x).__name__} "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+    dtype = x.dtype if param is None else param.dtype
+    if x.dtype != dtype:
+        raise ValueError(f"x is {x.dtype} but the model's parameters are {dtype}; pass x.to({dtype})")
+
+
+def _check_group_size(group_size: Any, width: int) -> None:
+    """ValueError unless ``group_size`` is a positive integer dividing ``width`` features."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or width % group_size:
+        raise ValueError(f"group_size must be a positive integer dividing the {width} features, got {group_size!r}")
+
+
+def _check_names(names: Any) -> list[str]:
+    """``names`` as a non-empty list of weight names (a single string is a common slip)."""
+    if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"names must be a non-empty list of weight names, e.g. ['layers.0.weight'], got {names!r}")
+    return list(names)
+
+
 # --- the model itself -----------------------------------------------------------------------
 
 def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.Tensor, "n f"]) -> list[float]:
@@ -43,8 +68,11 @@ def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.T
     per feature: how well the model computes each feature's own output (x^2: a feature it never
     learned scores <= 0, a constant output for it). NaN for a feature that is never active or
     whose target is constant there."""
+    _check_inputs(model, x)
     with torch.no_grad():
         fx = model(x)
+    if y.shape != fx.shape:
+        raise ValueError(f"y must have the model's output shape {tuple(fx.shape)}, got {tuple(y.shape)}")
     act = active_features(x)
     out = []
     for i in range(x.shape[1]):
@@ -71,11 +99,14 @@ def dead_fraction(dec) -> float:
 def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
                      seed: Optional[int] = None, signed: bool = False) -> Float[torch.Tensor, "g k"]:
     """Share of each subnetwork in the mean |coefficient| of the rows where exactly one feature
-    (or group of ``group_size`` features) is active: row g sums to 1 (NaN if no such row).
+    (or group of ``group_size`` features) is active: row g sums to 1 (NaN if there is no such
+    row, or no subnetwork has a coefficient on those rows).
     A clean decomposition has one dominant subnetwork per row. ``signed=True`` (features only)
     splits every feature by the sign of its value: row 2i is feature i > 0, row 2i + 1 is i < 0."""
     if signed and group_size != 1:
         raise ValueError("signed=True needs group_size=1")
+    _check_inputs(getattr(dec, "model", None), x)
+    _check_group_size(group_size, x.shape[1])
     coef = dec.coefficients(x, seed=seed).abs().double()
     n_groups = x.shape[1] // group_size
     masks = ([single_feature_rows(x, feature=f, sign=s) for f in range(n_groups) for s in (1, -1)] if signed
@@ -98,9 +129,20 @@ def cosine_matrix(truth: Directions, subnetworks: Directions) -> Float[torch.Ten
     in ``truth`` (subnetworks restricted to them). ``truth[name]`` is [n_features, *shape],
     ``subnetworks[name]`` is [n_subnetworks, *shape] (e.g. ``dec.subnetworks()``)."""
     names = list(truth)
+    if not names:
+        raise ValueError("truth names no weight; pass {weight name: [n_features, *weight shape]}")
     missing = [n for n in names if n not in subnetworks]
     if missing:
         raise KeyError(f"weights {missing} are not in the decomposition (it has {sorted(subnetworks)})")
+    for n in names:  # the same layout, not only the same number of entries
+        if truth[n].dim() < 2 or truth[n].shape[1:] != subnetworks[n].shape[1:]:
+            raise ValueError(f"truth[{n!r}] must be [n_features, *{tuple(subnetworks[n].shape[1:])}] like the "
+                             f"subnetworks' [n, *weight shape], got {tuple(truth[n].shape)}")
+    for side, dirs in (("truth", truth), ("subnetworks", subnetworks)):
+        counts = {dirs[n].shape[0] for n in names}
+        if len(counts) > 1:
+            raise ValueError(f"{side} has different leading sizes across weights: "
+                             f"{ {n: dirs[n].shape[0] for n in names} }")
     t = _flat(truth, names)
     s = _flat(subnetworks, names)
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
@@ -161,6 +203,9 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
 
     if reference not in ("zero", "mean"):
         raise ValueError(f"reference must be 'zero' or 'mean', got {reference!r}")
+    names = _check_names(names)
+    _check_inputs(model, x)
+    _check_group_size(group_size, x.shape[1])
     params = {n: p.detach() for n, p in model.named_parameters()}
     missing = [n for n in names if n not in params]
     if missing:
@@ -203,6 +248,9 @@ def sign_alignment(signed_directions: Directions) -> Float[torch.Tensor, " f"]:
     of ``signed_gradient_directions``). Near 1: the model serves both signs with one parameter
     direction; near 0: with two (e.g. different GeLU units), which one subnetwork (one
     coefficient) can reconstruct only at a cost."""
+    odd = {n: d.shape[0] for n, d in signed_directions.items() if d.shape[0] % 2}
+    if odd:
+        raise ValueError(f"signed directions come in (x > 0, x < 0) pairs of rows; {odd} have an odd number")
     return cosine_matrix({n: d[0::2] for n, d in signed_directions.items()},
                          {n: d[1::2] for n, d in signed_directions.items()}).diagonal()
 
@@ -210,6 +258,8 @@ def sign_alignment(signed_directions: Directions) -> Float[torch.Tensor, " f"]:
 def assign(score: Float[torch.Tensor, "f k"]) -> list[int]:
     """The one-to-one assignment feature -> subnetwork maximising the total score (exact
     dynamic programme over feature subsets for up to 16 features, greedy beyond). Needs k >= f."""
+    if score.dim() != 2:
+        raise ValueError(f"score must be a [features, subnetworks] matrix, got shape {tuple(score.shape)}")
     f, k = score.shape
     if k < f:
         raise ValueError(f"cannot assign {f} features to {k} subnetworks one-to-one")
@@ -249,7 +299,10 @@ def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Ten
 
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = [n for n in subnetworks if n in params]
-    ks = range(next(iter(subnetworks.values())).shape[0]) if which is None else which
+    if not names:
+        raise ValueError(f"the subnetworks name no weight of the model (they have {sorted(subnetworks)}, "
+                         f"the model {sorted(params)})")
+    ks = range(subnetworks[names[0]].shape[0]) if which is None else which
     out = []
     for k in ks:
         tangent = tuple(subnetworks[n][k].to(params[n].dtype) for n in names)
@@ -287,6 +340,8 @@ def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
     """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
     (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
     model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {rank!r}")
     u, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
     approx = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
     return coefficient_r2(A.T, approx.T)
@@ -301,15 +356,21 @@ def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.T
     applied to the feature's hidden embedding, V_k[W_out] @ W_in[:, i]. ``pearson_r`` is the
     paper's statistic: the correlation (np.corrcoef, not squared, no per-subnetwork scale; its
     figure labels it r^2) between the entries of A and those of the subnetworks' own products
-    V_k[W_out] @ V_k[W_in][:, i] (sign-free: -v gives the same product)."""
+    V_k[W_out] @ V_k[W_in][:, i] (sign-free: -v gives the same product). With ``group_size`` > 1
+    (the higher-rank model) subnetworks are matched to groups of inputs, and every input of a
+    group is scored on its group's subnetwork; ``match`` then lists one subnetwork per group."""
+    w_in = model.get_parameter("encoder.weight").detach()
+    n_out = model.get_parameter("decoder.weight").shape[0]
+    if tuple(A.shape) != (n_out, w_in.shape[1]):
+        raise ValueError(f"A must be [d_out, d_in] = {(n_out, w_in.shape[1])} for this model, got {tuple(A.shape)}")
     truth = superposition_directions(model, group_size)
     cos = cosine_matrix(truth, subnetworks)
     match = assign(cos)
     n_in = A.shape[1]
-    eye = torch.eye(n_in, dtype=next(model.parameters()).dtype)
+    eye = torch.eye(n_in, dtype=w_in.dtype)
     jvp_cols, dec_cols, own_cols = [], [], []
-    w_in = model.get_parameter("encoder.weight").detach()
-    for i, k in enumerate(match):
+    for i in range(n_in):
+        k = match[i // group_size]
         jvp_cols.append(output_effects(model, subnetworks, eye[i:i + 1], [k])[0, 0])
         v_out = subnetworks["decoder.weight"][k].to(w_in.dtype)
         dec_cols.append(v_out @ w_in[:, i])
@@ -344,6 +405,10 @@ def group_of_subnetworks(subnetworks: Directions, group_size: int, weight: str =
     the subnetwork's squared norm there, and that group's share of it; group -1 and purity 0
     for a subnetwork with nothing in ``weight`` (it belongs to no group)."""
     w = subnetworks[weight].detach().double()  # [k, hidden, in]
+    if w.dim() != 3:
+        raise ValueError(f"{weight!r} must be a matrix whose input columns are grouped; its subnetworks are "
+                         f"{tuple(w.shape)}")
+    _check_group_size(group_size, w.shape[-1])
     mass = w.pow(2).sum(1).view(w.shape[0], -1, group_size).sum(-1)  # [k, groups]
     total = mass.sum(1, keepdim=True)
     purity, group = (mass / total.clamp_min(1e-300)).max(1)
@@ -358,6 +423,9 @@ def live_per_group(dec, group_size: int, weight: str = "encoder.weight") -> dict
     in its group (mixed, or with none there) fails that target (``n_live_impure``) but is still
     counted for the group holding most of it (``live_per_group``; one with none, for none)."""
     subs = dec.subnetworks()
+    if weight not in subs:
+        raise KeyError(f"{weight!r} is not in the decomposition (it has {sorted(subs)}); pass weight= the "
+                       "weight whose input columns are grouped")
     group, purity = group_of_subnetworks(subs, group_size, weight)
     live = dec.fraction_active > 0
     n_groups = subs[weight].shape[-1] // group_size
@@ -408,13 +476,18 @@ SWEEP_CHUNK = 16
 
 def subnetwork(subnetworks: Directions, k: int) -> dict[str, torch.Tensor]:
     """Subnetwork ``k`` as {weight name: tensor of the weight's shape}."""
-    return {n: v[k] for n, v in subnetworks.items()}
+    n = next(iter(subnetworks.values())).shape[0] if subnetworks else 0
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+        raise IndexError(f"subnetwork index must be an integer in 0..{n - 1}, got {k!r}")
+    return {name: v[k] for name, v in subnetworks.items()}
 
 
 @torch.no_grad()
 def intervention_change(model: nn.Module, direction: Mapping[str, torch.Tensor], x: torch.Tensor,
                         deltas: Sequence[float]) -> Float[torch.Tensor, "delta n d_out"]:
     """|f(x; W0 + delta * v) - f(x; W0)| for every delta."""
+    if len(deltas) == 0:
+        raise ValueError("deltas is empty; pass at least one step size")
     base = model(x)
     out = []
     for d in deltas:
@@ -438,8 +511,13 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
     and stops after the chunk of the first hit: no larger delta can be the answer, and each
     delta's forward is the same computation as in a full sweep, so the result is too (the x²
     circuits reach their half change about 90 steps into the default 251)."""
-    if deltas is None:
-        deltas = torch.logspace(-3, 2, 251).tolist()
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
+        raise ValueError(f"fraction must be a positive finite number (of the relevant outputs' mean |value|), "
+                         f"got {fraction!r}")
+    deltas = torch.logspace(-3, 2, 251).tolist() if deltas is None else [float(d) for d in deltas]
+    if not deltas or not all(math.isfinite(d) for d in deltas):
+        raise ValueError(f"deltas must be a non-empty list of finite step sizes, got {deltas!r}")
+    _check_inputs(model, x)
     with torch.no_grad():
         base = model(x)
     other = ~relevant if other is None else other

@@ -50,6 +50,13 @@ def _seeded_init_(module: nn.Module, seed: int, init: str = "torch", paper_weigh
                     layer.bias.uniform_(-bound, bound, generator=gen)
 
 
+def _global_rng_untouched():
+    """``nn.Linear`` draws its default init from torch's global generator, which
+    ``_seeded_init_`` then overwrites: restore the global state so that building (or loading) a
+    toy leaves a user's seeded cells as they were."""
+    return torch.random.fork_rng(devices=[])
+
+
 class SuperpositionModel(nn.Module):
     """x -> ReLU(decoder(encoder(x))): ``encoder.weight`` is W_in [hidden, in] (no bias),
     ``decoder.weight`` is W_out [out, hidden] and ``decoder.bias`` is b [out].
@@ -60,8 +67,9 @@ class SuperpositionModel(nn.Module):
     def __init__(self, n_in: int = 5, n_hidden: int = 2, n_out: Optional[int] = None, seed: int = 0,
                  init: str = "paper"):
         super().__init__()
-        self.encoder = nn.Linear(n_in, n_hidden, bias=False)
-        self.decoder = nn.Linear(n_hidden, n_in if n_out is None else n_out)
+        with _global_rng_untouched():
+            self.encoder = nn.Linear(n_in, n_hidden, bias=False)
+            self.decoder = nn.Linear(n_hidden, n_in if n_out is None else n_out)
         _seeded_init_(self, seed, init, lambda w, g: w.normal_(0.0, 1.0, generator=g))
 
     def forward(self, x: Float[torch.Tensor, "batch n_in"]) -> Float[torch.Tensor, "batch n_out"]:
@@ -77,7 +85,8 @@ class SquareMLP(nn.Module):
                  init: str = "paper"):
         super().__init__()
         dims = [n_features, *hidden, n_features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        with _global_rng_untouched():
+            self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         _seeded_init_(self, seed, init, lambda w, g: w.uniform_(0.0, 1.0, generator=g))
 
     def forward(self, x: Float[torch.Tensor, "batch n_features"]) -> Float[torch.Tensor, "batch n_features"]:

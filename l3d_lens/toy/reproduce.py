@@ -103,8 +103,34 @@ def check_decomposition_of(toy: Toy, dec) -> None:
 
 def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     """The recovery metrics that apply to ``toy`` (see ``metrics``), on its held-out data;
-    ``gradient_reference``: the reference (zero or the batch mean) the model's own gradient
-    directions, the "reference" numbers, are taken against (zero for a random reference).
+    ``gradient_reference``: the reference the model's own gradient directions, the "reference"
+    numbers, are taken against: zero, or for a decomposition against the batch mean the mean
+    output over the held-out data (zero for a random reference). With fewer subnetworks than
+    features (TMS, TMCS) the metrics that match features to subnetworks one-to-one are NaN.
+
+    Keys, beyond ``error``, ``train_error``, ``dead_fraction``, ``p_act`` and
+    ``train_loss_model`` (the toy model's final training MSE):
+
+    - TMS: ``min_cos_encoder`` / ``mmcs_encoder`` (the target: per feature the best |cos| of a
+      subnetwork with its W_in column; min and mean), ``min_cos`` / ``mmcs`` / ``cos`` (W_in
+      column + W_out row), ``min_cos_reference`` (the same for the features' own gradient
+      directions), ``cos_to_gradient`` / ``min_cos_to_gradient`` (each feature's matched
+      subnetwork against its own gradient direction).
+    - TMCS (``metrics.circuit_recovery``): ``pearson_r`` (the paper's statistic),
+      ``r2_decoder`` (the issue's r² of A), ``r2`` (from the output JVP), ``match_cos``;
+      ``pearson_r_reference`` (the features' own gradient directions), ``r2_model`` /
+      ``pearson_r_model`` (the model's own matrix f(e_i) - f(0) against A),
+      ``r2_rank_bound``, ``r2_decoder_vs_model`` (the subnetworks against f(e_i) - f(0)).
+    - higher-rank: ``metrics.live_per_group``'s keys (``live_per_group``, ``one_per_group``,
+      ``n_live_impure``, ``purity``, ...).
+    - x²: ``model_r2_per_feature``; per feature ``owner`` (its dominant subnetwork),
+      ``activity_share``, ``one_per_feature``; per (feature, sign) circuit ``circuit_owner``,
+      ``circuit_share``, ``subnetworks_per_feature``, ``feature_pure`` and the target
+      ``one_per_feature_none_shared``; selectivities (``_selectivities``) per feature as
+      ``selectivity*`` and per circuit as ``circuit_selectivity*`` (``*_by_output_min`` is the
+      target's number, ``*_reached`` whether every half change was reached), and the same for
+      the model's own gradient directions as ``reference_*`` and ``reference_circuit_*``, with
+      ``sign_alignment`` (``square_reference``).
     ``error`` is always sum-over-sum (the paper's); ``train_error`` is the last epoch's training
     loss as that epoch normalised it (per sample under ``loss_norm="sample"`` unless
     ``loss_norm_epochs`` switched the run to the batch loss before its end)."""
@@ -124,15 +150,21 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         enc_mean, enc_best = metrics.mean_max_cosine({"encoder.weight": truth["encoder.weight"]}, subs)
         grads = metrics.gradient_directions(toy.model, x, list(truth), reference=grad_ref)
         reference = metrics.cosine_matrix(truth, grads).diagonal()
-        owner = metrics.assign(metrics.cosine_matrix(truth, subs))
-        to_grad = metrics.cosine_matrix(grads, subs)[torch.arange(len(owner)), owner]
+        if _can_match(dec, len(reference)):
+            owner = metrics.assign(metrics.cosine_matrix(truth, subs))
+            to_grad = metrics.cosine_matrix(grads, subs)[torch.arange(len(owner)), owner]
+        else:
+            to_grad = torch.full_like(reference, float("nan"))
         out.update(mmcs=mean, min_cos=float(best.min()), cos=best.tolist(), mmcs_encoder=enc_mean,
                    min_cos_encoder=float(enc_best.min()), min_cos_reference=float(reference.min()),
                    min_cos_to_gradient=float(to_grad.min()), cos_to_gradient=to_grad.tolist())
     elif toy.name == "tmcs":
         names = [n for n, _ in toy.model.named_parameters()]
-        rec = metrics.circuit_recovery(toy.model, subs, toy.truth["A"])
         own = metrics.model_circuit_matrix(toy.model)
+        matched = _can_match(dec, toy.truth["A"].shape[1])
+        nan = float("nan")
+        rec = (metrics.circuit_recovery(toy.model, subs, toy.truth["A"]) if matched else
+               {"r2": nan, "r2_decoder": nan, "pearson_r": nan, "match_cos": torch.full((toy.truth["A"].shape[1],), nan)})
         n_hidden = toy.model.get_parameter("encoder.weight").shape[0]
         out.update(r2=rec["r2"], r2_decoder=rec["r2_decoder"], pearson_r=rec["pearson_r"],
                    match_cos=rec["match_cos"].tolist(),
@@ -143,7 +175,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
                    pearson_r_reference=metrics.circuit_recovery(toy.model, metrics.gradient_directions(
                        toy.model, x, names, reference=grad_ref), toy.truth["A"])["pearson_r"],
                    r2_rank_bound=metrics.rank_bound_r2(toy.truth["A"], n_hidden),
-                   r2_decoder_vs_model=metrics.circuit_recovery(toy.model, subs, own)["r2_decoder"])
+                   r2_decoder_vs_model=metrics.circuit_recovery(toy.model, subs, own)["r2_decoder"] if matched else nan)
     elif toy.name == "higher_rank":
         out.update(metrics.live_per_group(dec, toy.truth["group_size"]))
     elif toy.name == "square":
@@ -174,6 +206,12 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         out["one_per_feature_none_shared"] = bool(out["one_per_feature"] and out["feature_pure"])
         out.update(square_reference(toy.model, x))
     return out
+
+
+def _can_match(dec, n_features: int) -> bool:
+    """Whether every feature can get its own subnetwork (one-to-one matching needs K >= the
+    features); the metrics that need the matching are NaN otherwise, the rest are still scored."""
+    return dec.n_subnetworks >= n_features
 
 
 def square_reference(model, x: torch.Tensor) -> dict[str, Any]:
@@ -288,10 +326,22 @@ def scorecard(name: str, result: dict[str, Any]) -> Scorecard:
         if key not in result:
             raise KeyError(f"{key!r} is not in the result; pass evaluate(toy, dec) of a {name!r} toy")
         value = result[key]
-        met = value <= target if op == "<=" else value >= target if op == ">=" else value == target
+        met = _meets(value, op, target)
         rows.append({"metric": label, "value": value, "op": op, "target": target, "met": bool(met),
                      "reference": result.get(ref) if ref else None})
     return rows
+
+
+def _meets(value: Any, op: str, target: Any) -> bool:
+    """``value op target``; a missing (None) or NaN value meets nothing, and a list target is
+    compared entry by entry with any sequence (a tuple or an array of counts)."""
+    if value is None:
+        return False
+    if op == "==":
+        if isinstance(target, list):
+            return hasattr(value, "__len__") and not isinstance(value, str) and [v for v in value] == target
+        return bool(value == target)
+    return bool(value <= target if op == "<=" else value >= target)
 
 
 def _owners(share: torch.Tensor) -> list[Optional[int]]:

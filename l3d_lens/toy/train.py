@@ -293,6 +293,9 @@ def _task(name: str, seed: int) -> tuple[Callable[[int], nn.Module], Callable[[i
 def training_data(name: str, seed: int = 0, n_train: int = 10_000) -> tuple[Float[torch.Tensor, "n d_in"],
                                                                             Float[torch.Tensor, "n d_out"]]:
     """(inputs, targets) that ``make_toy(name, seed, n_train=n_train)`` trains its model on."""
+    check_toy_name(name)
+    seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from", MAX_SEED)
+    n_train = _check_int("n_train", n_train, 1, "samples")
     return _training_data(_task(name, seed), seed, n_train)
 
 

@@ -1,0 +1,181 @@
+"""The toy metrics on inputs a user gets wrong (clear errors before any work, naming the
+problem), on fewer subnetworks than features, and on grouped inputs; the global RNG after
+building a toy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import l3d_lens
+from l3d_lens.toy import data, make_toy, metrics, models, recommended_config, scorecard, training_data
+from l3d_lens.toy.reproduce import evaluate
+
+
+@pytest.fixture(scope="module")
+def small_tms():
+    return make_toy("tms", 0, epochs=3, n_train=200, n_l3d=64, n_eval=200)
+
+
+def _grouped_model(n_in=6, n_hidden=3, n_out=4, seed=0):
+    return models.SuperpositionModel(n_in, n_hidden, n_out, seed=seed)
+
+
+def test_circuit_recovery_scores_every_input_of_a_group_on_its_groups_subnetwork():
+    m, g = _grouped_model(), 2
+    A = torch.rand(4, 6, generator=torch.Generator().manual_seed(3))
+    w_in, w_out = m.encoder.weight.detach(), m.decoder.weight.detach()
+    # one subnetwork per group: the group's W_in columns and a group-specific W_out
+    gen = torch.Generator().manual_seed(5)
+    enc = torch.stack([w_in * (torch.arange(6) // g == j) for j in range(3)])
+    dec = torch.rand(3, *w_out.shape, generator=gen)
+    bias = torch.zeros(3, 4)
+    grouped = metrics.circuit_recovery(m, {"encoder.weight": enc, "decoder.weight": dec, "decoder.bias": bias}, A,
+                                       group_size=g)
+    assert grouped["match"] == [0, 1, 2]
+    # the same scores as one subnetwork per input, each a copy of its group's
+    per_input = metrics.circuit_recovery(m, {"encoder.weight": enc.repeat_interleave(g, 0),
+                                             "decoder.weight": dec.repeat_interleave(g, 0),
+                                             "decoder.bias": bias.repeat_interleave(g, 0)}, A)
+    for key in ("r2", "r2_decoder", "pearson_r"):
+        assert grouped[key] == pytest.approx(per_input[key], rel=1e-12, abs=1e-12), key
+    with pytest.raises(ValueError, match=r"A must be \[d_out, d_in\] = \(4, 6\)"):
+        metrics.circuit_recovery(m, {"encoder.weight": enc, "decoder.weight": dec}, A.T, group_size=g)
+
+
+def test_evaluate_with_fewer_subnetworks_than_features_scores_what_needs_no_matching(small_tms):
+    cfg = recommended_config("tms", epochs=2).replace(n_subnetworks=3)
+    dec = l3d_lens.decompose(small_tms.model, small_tms.l3d_data, cfg, progress=False)
+    r = evaluate(small_tms, dec)
+    assert math.isnan(r["min_cos_to_gradient"]) and all(math.isnan(c) for c in r["cos_to_gradient"])
+    assert math.isfinite(r["error"]) and math.isfinite(r["min_cos_encoder"]) and math.isfinite(r["mmcs"])
+    assert len(scorecard("tms", r)) == 2
+
+
+def test_evaluate_tmcs_with_fewer_subnetworks_than_features_is_nan_not_an_error():
+    toy = make_toy("tmcs", 0, epochs=2, n_train=200, n_l3d=64, n_eval=200)
+    dec = l3d_lens.decompose(toy.model, toy.l3d_data, recommended_config("tmcs", epochs=2).replace(n_subnetworks=4),
+                             progress=False)
+    r = evaluate(toy, dec)
+    assert all(math.isnan(r[k]) for k in ("r2", "r2_decoder", "pearson_r", "r2_decoder_vs_model"))
+    assert math.isfinite(r["pearson_r_reference"]) and math.isfinite(r["r2_model"])
+    assert [row["met"] for row in scorecard("tmcs", r)][1:] == [False, False]
+
+
+def test_selectivity_rejects_a_fraction_or_deltas_it_cannot_use():
+    m = models.square_mlp(0)
+    x = data.sparse_features(50, 5, seed=0, signed=True)
+    relevant = torch.zeros(50, 5, dtype=torch.bool)
+    relevant[:, 0] = x[:, 0] != 0
+    v = {"layers.4.bias": torch.ones(5)}
+    for fraction in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fraction must be a positive finite number"):
+            metrics.selectivity(m, v, x, relevant, fraction=fraction)
+    for deltas in ([], [1.0, float("inf")], [float("nan")]):
+        with pytest.raises(ValueError, match="deltas must be a non-empty list of finite step sizes"):
+            metrics.selectivity(m, v, x, relevant, deltas=deltas)
+    r = metrics.selectivity(m, v, x, relevant, deltas=torch.tensor([0.5, 1.0]))
+    assert type(r["delta"]) is float  # JSON-serialisable, not a 0-d tensor
+    with pytest.raises(ValueError, match="deltas is empty"):
+        metrics.intervention_change(m, v, x, [])
+    with pytest.raises(ValueError, match="x is torch.float64 but the model's parameters are torch.float32"):
+        metrics.selectivity(m, v, x.double(), relevant)
+
+
+def test_cosine_matrix_needs_the_subnetworks_layout_not_only_their_size():
+    subs = {"w": torch.rand(4, 3, 5)}
+    assert metrics.cosine_matrix({"w": torch.rand(2, 3, 5)}, subs).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"truth\['w'\] must be \[n_features, \*\(3, 5\)\]"):
+        metrics.cosine_matrix({"w": torch.rand(2, 5, 3)}, subs)  # transposed: same numel, wrong layout
+    with pytest.raises(ValueError, match=r"must be \[n_features"):
+        metrics.cosine_matrix({"w": torch.rand(3, 5)}, subs)  # no feature axis
+    with pytest.raises(ValueError, match="truth names no weight"):
+        metrics.cosine_matrix({}, subs)
+    with pytest.raises(ValueError, match="different leading sizes"):
+        metrics.cosine_matrix({"w": torch.rand(2, 3, 5), "b": torch.rand(3, 5)}, {**subs, "b": torch.rand(4, 5)})
+
+
+def test_rank_bound_needs_a_positive_integer_rank():
+    A = torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+    assert metrics.rank_bound_r2(A, 6) == pytest.approx(1.0)
+    for rank in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            metrics.rank_bound_r2(A, rank)
+
+
+def test_direction_and_activity_metrics_name_the_bad_argument(small_tms):
+    m, x = small_tms.model, small_tms.eval_data
+    with pytest.raises(ValueError, match="names must be a non-empty list of weight names"):
+        metrics.gradient_directions(m, x, "encoder.weight")
+    with pytest.raises(ValueError, match="names must be a non-empty list"):
+        metrics.gradient_directions(m, x, [])
+    with pytest.raises(ValueError, match="group_size must be a positive integer dividing the 5 features, got 2"):
+        metrics.gradient_directions(m, x, ["encoder.weight"], group_size=2)
+    with pytest.raises(ValueError, match=r"x must be a \[n, d_in\] tensor"):
+        metrics.gradient_directions(m, x[0], ["encoder.weight"])
+    with pytest.raises(ValueError, match="y must have the model's output shape"):
+        metrics.feature_r2(m, x, x[:, :3])
+    with pytest.raises(ValueError, match="name no weight of the model"):
+        metrics.output_effects(m, {"layers.0.weight": torch.rand(2, 5, 5)}, x)
+    with pytest.raises(ValueError, match=r"score must be a \[features, subnetworks\] matrix"):
+        metrics.assign(torch.rand(5))
+    with pytest.raises(ValueError, match="odd number"):
+        metrics.sign_alignment({"w": torch.rand(5, 3)})
+    with pytest.raises(ValueError, match="'decoder.bias' must be a matrix whose input columns are grouped"):
+        metrics.group_of_subnetworks({"decoder.bias": torch.rand(4, 5)}, 1, weight="decoder.bias")
+    with pytest.raises(IndexError, match=r"subnetwork index must be an integer in 0..1, got 2"):
+        metrics.subnetwork({"w": torch.rand(2, 3)}, 2)
+    with pytest.raises(IndexError, match="got -1"):
+        metrics.subnetwork({"w": torch.rand(2, 3)}, -1)
+
+
+def test_activity_and_group_metrics_check_before_computing_coefficients(small_tms, monkeypatch):
+    dec = l3d_lens.decompose(small_tms.model, small_tms.l3d_data, recommended_config("tms", epochs=1), progress=False)
+    calls = []
+    monkeypatch.setattr(type(dec), "coefficients", lambda self, *a, **k: calls.append(1))
+    for bad in (0, -1, 2, 1.0):
+        with pytest.raises(ValueError, match="group_size must be a positive integer dividing the 5 features"):
+            metrics.feature_activity(dec, small_tms.eval_data, group_size=bad)
+    assert not calls
+    with pytest.raises(KeyError, match="pass weight= the weight whose input columns are grouped"):
+        metrics.live_per_group(dec, 5, weight="layers.0.weight")
+    with pytest.raises(ValueError, match="group_size must be a positive integer dividing the 5 features, got 2"):
+        metrics.live_per_group(dec, 2)
+
+
+def test_building_or_training_a_toy_leaves_the_global_generator_alone():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    for build in (lambda: models.square_mlp(4), lambda: models.tmcs(4),
+                  lambda: make_toy("tmcs", 1, epochs=1, n_train=50, n_l3d=10, n_eval=10)):
+        torch.manual_seed(0)
+        build()
+        assert torch.equal(torch.rand(3), want)
+    # and the model is still the seeded one
+    assert torch.equal(models.square_mlp(4).layers[0].weight, models.square_mlp(4).layers[0].weight)
+
+
+def test_scorecard_compares_counts_of_any_sequence_and_a_missing_value_meets_nothing():
+    hr = {"live_per_group": (1, 1, 1, 1, 1), "n_live_impure": 0}
+    assert scorecard("higher_rank", hr).met
+    assert scorecard("higher_rank", {**hr, "live_per_group": np.ones(5, dtype=int)}).met
+    assert not scorecard("higher_rank", {**hr, "live_per_group": (1, 1, 1, 1)}).met
+    rows = scorecard("tms", {"error": None, "min_cos_encoder": float("nan")})
+    assert [r["met"] for r in rows] == [False, False]
+
+
+def test_training_data_and_sampling_reject_what_make_toy_rejects():
+    with pytest.raises(ValueError, match="seed must be an integer in 0.."):
+        training_data("tms", -1)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        training_data("tms", 1.5)
+    with pytest.raises(ValueError, match="n_train must be an integer >= 1"):
+        training_data("tms", 0, n_train=0)
+    with pytest.raises(ValueError, match="unknown toy model"):
+        training_data("mnist", 0)
+    with pytest.raises(ValueError, match="p_active=1e-07 leaves only"):
+        data.sparse_features(10, 5, p_active=1e-7)
+    with pytest.raises(ValueError, match="leaves only"):
+        data.grouped_features(10, 25, 5, p_active=1e-6)
+    assert data.sparse_features(10, 5, p_active=1e-3).shape == (10, 5)  # rare but affordable
