@@ -153,3 +153,14 @@ def test_overcomplete_section_counts_targets_and_compares_k10_with_its_saved_run
     table = t.table(rows)
     assert "| 0 | **0.9300**; 0.880 |" in table and "**0.9200** (**6.4%**); 0.870" in table
     assert "**0.9500** (6.4%); 0.870" in table  # 6.41% misses the error target: not bold
+
+
+def test_evaluate_time_section_reads_the_median_round_and_flags_a_changed_result():
+    from benchmarks import toy_evaluate_time as t
+    rows = [{"seed": 1, "cpu": {"full": [18.0, 16.0], "early": [6.0, 8.0]}, "same": True, "max_abs_delta": 0.12},
+            {"seed": 0, "cpu": {"full": [10.0, 12.0], "early": [2.0, 2.0]}, "same": False, "max_abs_delta": 0.2}]
+    table = t.table(rows)
+    assert table.index("| 0 |") < table.index("| 1 |")
+    assert "| 0 | 11.0 | 2.0 | 5.50 | **no** |" in table and "| 1 | 17.0 | 7.0 | 2.43 | yes |" in table
+    text = t.summary(rows)
+    assert "full / early: 2.43-5.50" in text and "in 1/2 seeds" in text and "reached its half change: 0.2 " in text

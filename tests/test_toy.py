@@ -13,6 +13,8 @@ import datetime
 import itertools
 import json
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -648,6 +650,29 @@ def test_selectivity_stops_early_with_the_full_sweeps_answer():
     got, want = metrics.selectivity(m, still, x, relevant), _full_sweep_selectivity(m, still, x, relevant)
     assert {key: got[key] for key in want} == want and not got["reached"]
     assert got["delta"] == torch.logspace(-3, 2, 251)[0].item()
+
+
+def test_selectivity_keeps_the_full_sweeps_first_nan_when_nothing_hits():
+    """A model whose output turns NaN from delta = 1 on (grid index 150, in the tenth chunk)
+    and never changes by half: the full sweep's argmax reads the first NaN; the chunked sweep
+    must end there too, not at a finite change of an earlier chunk."""
+
+    class BreaksAtOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, z):
+            return z + 1e-3 * self.p * z + 0.0 * torch.log(1 - self.p ** 2)
+
+    m = BreaksAtOne()
+    x = torch.rand(20, 2) + 0.5
+    relevant = torch.zeros(20, 2, dtype=torch.bool)
+    relevant[:, 0] = True
+    v = {"p": torch.ones(())}
+    got, want = metrics.selectivity(m, v, x, relevant), _full_sweep_selectivity(m, v, x, relevant)
+    assert not got["reached"] and math.isnan(got["relevant_change"]) and math.isnan(want["relevant_change"])
+    assert got["delta"] == want["delta"] == torch.logspace(-3, 2, 251)[150].item()
 
 
 def test_output_effects_match_finite_differences():

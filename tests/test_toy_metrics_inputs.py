@@ -83,6 +83,27 @@ def test_selectivity_rejects_a_fraction_or_deltas_it_cannot_use():
         metrics.selectivity(m, v, x.double(), relevant)
 
 
+def test_numpy_and_torch_numbers_are_as_good_as_python_ones(small_tms):
+    m, x = small_tms.model, small_tms.eval_data
+    dirs = metrics.gradient_directions(m, x, ["encoder.weight"], group_size=np.int64(1))
+    assert dirs["encoder.weight"].shape == (5, 2, 5)
+    subs = {"w": torch.arange(6.0).view(3, 2)}
+    for k in (np.int64(2), torch.tensor(2), -1):
+        assert torch.equal(metrics.subnetwork(subs, k)["w"], torch.tensor([4.0, 5.0]))
+    A = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    assert metrics.rank_bound_r2(A, np.int64(2)) == metrics.rank_bound_r2(A, torch.tensor(2)) == \
+        metrics.rank_bound_r2(A, 2)
+    sq = models.square_mlp(0)
+    xs = data.sparse_features(40, 5, seed=0, signed=True)
+    relevant = torch.zeros(40, 5, dtype=torch.bool)
+    relevant[:, 0] = xs[:, 0] != 0
+    v = {"layers.4.bias": torch.ones(5)}
+    plain = metrics.selectivity(sq, v, xs, relevant, fraction=0.5)
+    assert metrics.selectivity(sq, v, xs, relevant, fraction=np.float32(0.5)) == plain
+    assert metrics.selectivity(sq, v, xs, relevant, fraction=torch.tensor(0.5)) == plain
+    assert metrics.intervention_change(sq, v, xs, (d for d in (0.1, 0.2))).shape == (2, 40, 5)  # any iterable
+
+
 def test_cosine_matrix_needs_the_subnetworks_layout_not_only_their_size():
     subs = {"w": torch.rand(4, 3, 5)}
     assert metrics.cosine_matrix({"w": torch.rand(2, 3, 5)}, subs).shape == (2, 4)
@@ -124,10 +145,11 @@ def test_direction_and_activity_metrics_name_the_bad_argument(small_tms):
         metrics.sign_alignment({"w": torch.rand(5, 3)})
     with pytest.raises(ValueError, match="'decoder.bias' must be a matrix whose input columns are grouped"):
         metrics.group_of_subnetworks({"decoder.bias": torch.rand(4, 5)}, 1, weight="decoder.bias")
-    with pytest.raises(IndexError, match=r"subnetwork index must be an integer in 0..1, got 2"):
+    with pytest.raises(IndexError, match=r"subnetwork index must be an integer in 0..1 \(or -2..-1 from the end\), got 2"):
         metrics.subnetwork({"w": torch.rand(2, 3)}, 2)
-    with pytest.raises(IndexError, match="got -1"):
-        metrics.subnetwork({"w": torch.rand(2, 3)}, -1)
+    for bad in (-3, 1.0, "0"):
+        with pytest.raises(IndexError, match="subnetwork index must be an integer"):
+            metrics.subnetwork({"w": torch.rand(2, 3)}, bad)
 
 
 def test_activity_and_group_metrics_check_before_computing_coefficients(small_tms, monkeypatch):

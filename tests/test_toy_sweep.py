@@ -72,6 +72,24 @@ def test_sweep_checks_every_grid_point_before_the_first_decompose(toy, runs):
     assert runs == []
 
 
+def test_sweep_checks_the_data_and_every_grid_points_memory_before_the_first_decompose(toy, runs, monkeypatch):
+    cfg = recommended_config("tms", epochs=2)
+    sizes = []
+
+    def memory(task, data):
+        sizes.append(task.cfg.n_subnetworks)
+        if task.cfg.n_subnetworks > 8:
+            raise MemoryError(f"{task.cfg.n_subnetworks} subnetworks do not fit")
+
+    monkeypatch.setattr(sweep_module, "check_memory", memory)
+    with pytest.raises(MemoryError, match="16 subnetworks"):
+        sweep(toy.model, toy.l3d_data, cfg, n_subnetworks=[4, 8, 16])
+    assert sizes == [4, 8, 16] and runs == []
+    with pytest.raises(ValueError, match="dtype"):
+        sweep(toy.model, toy.l3d_data.double(), cfg, n_subnetworks=[4, 8])
+    assert runs == []
+
+
 def test_sweep_checks_eval_data_against_the_model_before_the_first_decompose(toy, runs):
     cfg = recommended_config("tms", epochs=2)
     with pytest.raises(ValueError, match=r"eval_data does not fit the model.*\(1, 3\).*cannot be multiplied"):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -48,9 +50,20 @@ def _check_inputs(model: Optional[nn.Module], x: torch.Tensor) -> None:
         raise ValueError(f"x is {x.dtype} but the model's parameters are {dtype}; pass x.to({dtype})")
 
 
+def _integer(value: Any) -> Optional[int]:
+    """``value`` as an int if it is one (Python, numpy or a 0-d integer tensor; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_group_size(group_size: Any, width: int) -> None:
     """ValueError unless ``group_size`` is a positive integer dividing ``width`` features."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or width % group_size:
+    size = _integer(group_size)
+    if size is None or size < 1 or width % size:
         raise ValueError(f"group_size must be a positive integer dividing the {width} features, got {group_size!r}")
 
 
@@ -340,8 +353,9 @@ def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
     """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
     (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
     model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if _integer(rank) is None or _integer(rank) < 1:
         raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {rank!r}")
+    rank = _integer(rank)
     u, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
     approx = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
     return coefficient_r2(A.T, approx.T)
@@ -470,6 +484,13 @@ def perturbed(model: nn.Module, direction: Mapping[str, torch.Tensor], delta: fl
                 params[n].copy_(w)
 
 
+def _larger(value: float, than: float) -> bool:
+    """Whether a later chunk's largest change replaces the largest so far, so that the chunks
+    end where ``torch.argmax`` over the whole grid does: a NaN beats any number, and once a NaN
+    is kept nothing replaces it (argmax returns the first NaN)."""
+    return not math.isnan(than) and (math.isnan(value) or value > than)
+
+
 #: deltas per forward batch of ``selectivity``'s sweep, which stops after the chunk of its first hit
 SWEEP_CHUNK = 16
 
@@ -477,16 +498,18 @@ SWEEP_CHUNK = 16
 def subnetwork(subnetworks: Directions, k: int) -> dict[str, torch.Tensor]:
     """Subnetwork ``k`` as {weight name: tensor of the weight's shape}."""
     n = next(iter(subnetworks.values())).shape[0] if subnetworks else 0
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
-        raise IndexError(f"subnetwork index must be an integer in 0..{n - 1}, got {k!r}")
-    return {name: v[k] for name, v in subnetworks.items()}
+    index = _integer(k)
+    if index is None or not -n <= index < n:
+        raise IndexError(f"subnetwork index must be an integer in 0..{n - 1} (or -{n}..-1 from the end), got {k!r}")
+    return {name: v[index] for name, v in subnetworks.items()}
 
 
 @torch.no_grad()
 def intervention_change(model: nn.Module, direction: Mapping[str, torch.Tensor], x: torch.Tensor,
                         deltas: Sequence[float]) -> Float[torch.Tensor, "delta n d_out"]:
     """|f(x; W0 + delta * v) - f(x; W0)| for every delta."""
-    if len(deltas) == 0:
+    deltas = list(deltas)
+    if not deltas:
         raise ValueError("deltas is empty; pass at least one step size")
     base = model(x)
     out = []
@@ -511,9 +534,11 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
     and stops after the chunk of the first hit: no larger delta can be the answer, and each
     delta's forward is the same computation as in a full sweep, so the result is too (the x²
     circuits reach their half change about 90 steps into the default 251)."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
+    if isinstance(fraction, (bool, str)) or not isinstance(fraction, (numbers.Real, torch.Tensor)) \
+            or not 0 < float(fraction) < math.inf:
         raise ValueError(f"fraction must be a positive finite number (of the relevant outputs' mean |value|), "
                          f"got {fraction!r}")
+    fraction = float(fraction)
     deltas = torch.logspace(-3, 2, 251).tolist() if deltas is None else [float(d) for d in deltas]
     if not deltas or not all(math.isfinite(d) for d in deltas):
         raise ValueError(f"deltas must be a non-empty list of finite step sizes, got {deltas!r}")
@@ -547,8 +572,8 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
                         "other_change": float(other_change[i]), "reached": True}
                 if best is None or abs(cand["delta"]) < abs(best["delta"]):
                     best = cand
-            i = int(rel.argmax())
-            if sign not in fallback or float(rel[i]) > fallback[sign]["relevant_change"]:
+            i = int(rel.argmax())  # the first maximum; the first NaN if there is one, as over the whole grid
+            if sign not in fallback or _larger(float(rel[i]), fallback[sign]["relevant_change"]):
                 fallback[sign] = {"delta": sign * chunk[i], "relevant_change": float(rel[i]),
                                   "other_change": float(other_change[i]), "reached": False}
         if best is not None:

@@ -24,7 +24,7 @@ import torch
 
 from ..config import L3DConfig
 from ..data import Data, check_batch, check_data
-from ..decomposition import Decomposition, build_task, decompose
+from ..decomposition import Decomposition, build_task, check_memory, decompose
 
 
 def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Sequence[Any] = (),
@@ -48,8 +48,11 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     grid = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     configs = [cfg.replace(**settings) for settings in grid]  # L3DConfig checks each value
     tasks = [build_task(model, c) for c in configs]  # and against the model (a rank above its sizes)
-    if eval_data is not None:
-        _check_eval_data(tasks[0].adapter, eval_data, cfg.reference == "paired")
+    for name, given in (("data", data), ("eval_data", eval_data)):
+        if given is not None:
+            _check_fits(tasks[0].adapter, given, cfg.reference == "paired", name)
+    for task in tasks:  # a grid point too large for the device, before any run
+        check_memory(task, data)
     return [_run(model, data, run_cfg, settings, eval_data, score, progress)
             for settings, run_cfg in zip(grid, configs)]
 
@@ -62,21 +65,21 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
     return list(values) or [default]
 
 
-def _check_eval_data(adapter, eval_data: Data, paired: bool) -> None:
-    """Fail on ``eval_data`` the model cannot take, as ``reconstruction_error`` would after the
-    first run: its type and dtype as ``decompose`` checks data, then one no-grad forward of its
-    first row (in eval mode, so no module changes state)."""
+def _check_fits(adapter, given: Data, paired: bool, name: str) -> None:
+    """Fail on ``data`` or ``eval_data`` (``name``) the model cannot take, as the first run (or
+    its ``reconstruction_error``) would: its type and dtype as ``decompose`` checks data, then one
+    no-grad forward of its first row (in eval mode, so no module changes state)."""
     try:
-        check_data(adapter, eval_data, None, paired)
+        check_data(adapter, given, None, paired and name == "data")
     except (TypeError, ValueError) as e:
-        raise type(e)(f"eval_data: {e}") from None
-    first = eval_data if isinstance(eval_data, torch.Tensor) else next(iter(eval_data))
-    row = check_batch(adapter, first[0] if isinstance(first, (tuple, list)) else first, "eval_data")[:1]
+        raise type(e)(f"{name}: {e}") from None
+    first = given if isinstance(given, torch.Tensor) else next(iter(given))
+    row = check_batch(adapter, first[0] if isinstance(first, (tuple, list)) else first, name)[:1]
     try:
         with torch.no_grad(), adapter.session():
             adapter.forward(row.to(adapter.device))
     except RuntimeError as e:
-        raise ValueError(f"eval_data does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
+        raise ValueError(f"{name} does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
                          f"{row.dtype}) failed: {e}") from None
 
 
