@@ -7,6 +7,9 @@
     python benchmarks/toy_overcomplete.py --seeds $(seq 10 19) --ks 10 15 \
         --json benchmarks/results/toy_overcomplete_heldout.json --out /tmp/held_out.md
         # the held-out seeds (about 12 min), read by the section above; then rewrite it with
+    python benchmarks/toy_overcomplete.py --seeds $(seq 0 19) --ks 15 --loss-norm sample \
+        --json benchmarks/results/toy_overcomplete_sample.json --out /tmp/sample.md
+        # K = 15 with the per-sample loss (about 14 min), also read by the section above
     python benchmarks/toy_overcomplete.py --from-json benchmarks/results/toy_overcomplete.json
 
 Why: on a row with two or more active features the zero-reference gradient has cross terms
@@ -50,19 +53,24 @@ SAME_AS = "toy_loss_norm.json"
 BEST_OF = "toy_heldout.json"
 #: the run on seeds 10-19, made after K = 15 was singled out on seeds 0-9 (its own --json)
 HELD_OUT = "toy_overcomplete_heldout.json"
+#: K = 15 with ``loss_norm="sample"`` on seeds 0-19, made after both runs above (its own --json)
+PER_SAMPLE = "toy_overcomplete_sample.json"
 
 
-def run_one(seed: int, ks, threads: int) -> list[dict[str, Any]]:
-    """Train TMCS from ``seed`` once and decompose it with each K of ``ks``; score on held-out data."""
+def run_one(seed: int, ks, threads: int, loss_norm: str = "batch") -> list[dict[str, Any]]:
+    """Train TMCS from ``seed`` once and decompose it with each K of ``ks`` (and ``loss_norm``);
+    score on held-out data."""
     torch.set_num_threads(threads)
     toy = make_toy("tmcs", seed)
     out = []
     for k in ks:
         t0 = time.perf_counter()
-        cfg = recommended_config("tmcs", seed=seed, epochs=EPOCHS, lr_step=scaled_lr_step(EPOCHS), n_subnetworks=k)
+        cfg = recommended_config("tmcs", seed=seed, epochs=EPOCHS, lr_step=scaled_lr_step(EPOCHS), n_subnetworks=k,
+                                 loss_norm=loss_norm)
         dec = decompose(toy.model, toy.l3d_data, cfg, progress=False)
         ev = evaluate(toy, dec, seed=seed)
-        row = {"seed": seed, "k": k, "seconds": time.perf_counter() - t0, "train_loss": dec.history[-1]["loss"],
+        row = {"seed": seed, "k": k, "loss_norm": loss_norm, "seconds": time.perf_counter() - t0,
+               "train_loss": dec.history[-1]["loss"],
                **{key: ev[key] for key in ("error", "dead_fraction", "pearson_r", "pearson_r_reference", "r2_decoder",
                                             "r2_model", "r2_decoder_vs_model", "train_loss_model")}}
         print(json.dumps(row), flush=True)
@@ -70,8 +78,9 @@ def run_one(seed: int, ks, threads: int) -> list[dict[str, Any]]:
     return out
 
 
-def run(seeds, ks, jobs: int, threads: int) -> list[dict[str, Any]]:
-    return [row for rows in pool_map(run_one, [(seed, ks, threads) for seed in seeds], jobs) for row in rows]
+def run(seeds, ks, jobs: int, threads: int, loss_norm: str = "batch") -> list[dict[str, Any]]:
+    return [row for rows in pool_map(run_one, [(seed, ks, threads, loss_norm) for seed in seeds], jobs)
+            for row in rows]
 
 
 def _saved_k10() -> dict[int, dict[str, Any]]:
@@ -154,6 +163,8 @@ def _against_best_of(rows: list[dict[str, Any]]) -> list[str]:
     """One run of each K > 10 against K = 10's best of 3 L3D seeds (three runs' time)."""
     runs = _best_of_runs()
     k10 = {r["seed"]: r for r in rows if r["k"] == 10 and r["seed"] in runs}
+    if not k10:  # a run without K = 10 (e.g. the per-sample one) has nothing to set against it
+        return []
     same = sum(r["pearson_r"] == runs[s]["one"]["pearson_r"] and r["error"] == runs[s]["one"]["error"]
                for s, r in k10.items())
     best = [runs[s]["best_of"] for s in sorted(k10)]
@@ -183,6 +194,35 @@ def held_out() -> str:
             + table(run["rows"]) + "\n\n" + summary(run["rows"], compare=False))
 
 
+@functools.lru_cache(maxsize=None)
+def _per_sample_run() -> Optional[dict[str, Any]]:
+    """What the per-sample run saved (``PER_SAMPLE``), or None if it was not made."""
+    return saved_run(PER_SAMPLE) if (RESULTS / PER_SAMPLE).exists() else None
+
+
+def per_sample(rows: list[dict[str, Any]]) -> str:
+    """The per-sample run's block, if it was made: its command, table and summary, and its r² of A
+    against the batch-loss K = 15 runs of the same seeds (above and held out)."""
+    run = _per_sample_run()
+    if run is None:
+        return "No per-sample run saved (`" + PER_SAMPLE + "`)."
+    measured = Measured(tuple(run["argv"]), run["machine"], run["seconds"], run["args"])
+    batch = {r["seed"]: r for r in rows + (_held_out_run() or {"rows": []})["rows"] if r["k"] == 15}
+    sample = [r for r in run["rows"] if r["k"] == 15 and r["seed"] in batch]
+    gap = {name: [r["r2_decoder"] - r["r2_model"] for r in sel] for name, sel in
+           (("sample", sample), ("batch", [batch[r["seed"]] for r in sample]))}
+    closer = sum(abs(a["r2_decoder"] - a["r2_model"]) < abs(batch[a["seed"]]["r2_decoder"] - batch[a["seed"]]["r2_model"])
+                 for a in sample)
+    line = (f"- r² of A - the model's own, K = 15: per-sample median {statistics.median(gap['sample']):+.4f} "
+            f"({min(gap['sample']):+.4f} to {max(gap['sample']):+.4f}), batch median "
+            f"{statistics.median(gap['batch']):+.4f} ({min(gap['batch']):+.4f} to {max(gap['batch']):+.4f}) on the "
+            f"same seeds; closer to the model's own with the per-sample loss in {closer}/{len(sample)}.")
+    return (f"Per-sample loss: K = 15 with `loss_norm=\"sample\"` on seeds {span(run['args']['seeds'])}, run after both "
+            f"runs above (`{measured.command('toy_overcomplete.py')}`, {run['seconds'] / 60:.1f} min on the same "
+            "machine); the issue's r² of A asks how much of what the model computes the subnetworks give back:\n\n"
+            + table(run["rows"]) + "\n\n" + summary(run["rows"], compare=False) + "\n" + line)
+
+
 def _which(seeds: list[int]) -> str:
     return "" if not seeds else f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
 
@@ -197,7 +237,7 @@ def section(rows, args, measured: Measured) -> str:
         "\"reference\": the same for the principal direction of each feature's own gradients; \"r² of A\": the "
         "issue's r² (V_k[W_out] @ W_in[:, i], per-feature scale), next to the model's own (f(e_i) - f(0)). Errors "
         "on the 2,000 held-out samples; bold: statistic >= 0.92, error <= 6.4%.",
-        table(rows), summary(rows), held_out(), _default_note(rows))
+        table(rows), summary(rows), held_out(), per_sample(rows), _default_note(rows))
 
 
 def _poorer(rows: list[dict[str, Any]], k: int) -> int:
@@ -219,9 +259,12 @@ def _default_note(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> None:
-    seeds_jobs_main(__doc__, SECTION, section, lambda args: run(args.seeds, args.ks, args.jobs, args.threads), argv,
-                    lambda ap: ap.add_argument("--ks", nargs="+", type=int, default=list(KS),
-                                               help="numbers of subnetworks"))
+    def arguments(ap) -> None:
+        ap.add_argument("--ks", nargs="+", type=int, default=list(KS), help="numbers of subnetworks")
+        ap.add_argument("--loss-norm", choices=("batch", "sample"), default="batch", help="L3DConfig.loss_norm")
+
+    seeds_jobs_main(__doc__, SECTION, section,
+                    lambda args: run(args.seeds, args.ks, args.jobs, args.threads, args.loss_norm), argv, arguments)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,27 @@ def test_evaluate_time_section_reads_the_median_round_and_flags_a_changed_result
     assert "| 0 | 11.0 | 2.0 | 5.50 | **no** |" in table and "| 1 | 17.0 | 7.0 | 2.43 | yes |" in table
     text = t.summary(rows)
     assert "full / early: 2.43-5.50" in text and "in 1/2 seeds" in text and "reached its half change: 0.2 " in text
+
+
+def test_overcomplete_per_sample_block_compares_r2_gaps_with_the_batch_runs_of_the_same_seeds(monkeypatch):
+    from benchmarks import toy_overcomplete as t
+
+    def row(seed, k, r2, model=0.9, norm="batch"):
+        return dict(seed=seed, k=k, loss_norm=norm, error=0.02, pearson_r=0.92, pearson_r_reference=0.93,
+                    r2_decoder=r2, r2_model=model, r2_decoder_vs_model=0.99, dead_fraction=0.0)
+
+    batch = [row(0, 15, 0.88), row(1, 15, 0.80), row(0, 10, 0.5)]
+    held = {"rows": [row(2, 15, 0.89)]}
+    sample = [row(0, 15, 0.899, norm="sample"), row(1, 15, 0.70, norm="sample"), row(2, 15, 0.895, norm="sample"),
+              row(3, 15, 0.9, norm="sample")]  # seed 3 has no batch run: not compared
+    run = {"rows": sample, "argv": ["--seeds", "0", "1", "2", "3"], "machine": "m", "seconds": 60.0,
+           "args": {"seeds": [0, 1, 2, 3], "ks": [15], "loss_norm": "sample", "jobs": 2, "threads": 1}}
+    monkeypatch.setattr(t, "_per_sample_run", lambda: run)
+    monkeypatch.setattr(t, "_held_out_run", lambda: held)
+    text = t.per_sample(batch)
+    assert "seeds 0-3" in text and "1.0 min" in text
+    assert "per-sample median -0.0050 (-0.2000 to -0.0010)" in text
+    assert "batch median -0.0200 (-0.1000 to -0.0100) on the same seeds" in text
+    assert "closer to the model's own with the per-sample loss in 2/3." in text
+    monkeypatch.setattr(t, "_per_sample_run", lambda: None)
+    assert "No per-sample run saved" in t.per_sample(batch)
