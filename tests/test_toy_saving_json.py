@@ -77,7 +77,7 @@ def test_a_damaged_toy_json_is_refused_naming_the_file_and_field_before_any_tens
     def no_tensors(*args, **kwargs):
         raise AssertionError("load_toy read the tensors of a toy whose JSON it should have refused")
 
-    monkeypatch.setattr(saving, "load_file", no_tensors)
+    monkeypatch.setattr(saving, "safe_open", no_tensors)
     with pytest.raises(ValueError, match=re.escape(str(folder / "toy.json")) + r"(: | )" + message):
         load_toy(folder)
 

@@ -183,8 +183,7 @@ def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows
     gradient depends on the feature's value, so it has no fixed true direction."""
     w_in = model.get_parameter("encoder.weight")
     n_in = w_in.shape[1]
-    if n_in % group_size:
-        raise ValueError(f"{n_in} inputs are not a multiple of group_size={group_size}")
+    _check_group_size(group_size, n_in)
     n_feat = n_in // group_size
     cols = torch.zeros(n_feat, *w_in.shape, dtype=torch.bool)
     for f in range(n_feat):
@@ -353,9 +352,9 @@ def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
     """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
     (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
     model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
-    if _integer(rank) is None or _integer(rank) < 1:
-        raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {rank!r}")
-    rank = _integer(rank)
+    given, rank = rank, _integer(rank)
+    if rank is None or rank < 1:
+        raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {given!r}")
     u, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
     approx = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
     return coefficient_r2(A.T, approx.T)

@@ -280,6 +280,10 @@ class Scorecard(list):
     def met(self) -> bool:
         return all(r["met"] for r in self)
 
+    @property
+    def title(self) -> str:
+        return f"{self.name}: {sum(r['met'] for r in self)} of {len(self)} targets met"
+
     def cells(self) -> list[list[str]]:
         """One list of display strings per row, in ``COLUMNS`` order."""
         out = []
@@ -293,16 +297,14 @@ class Scorecard(list):
         rows = [list(self.COLUMNS)] + self.cells()
         widths = [max(len(row[c]) for row in rows) for c in range(len(self.COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        met = sum(r["met"] for r in self)
-        return "\n".join([f"{self.name}: {met} of {len(self)} targets met", *lines])
+        return "\n".join([self.title, *lines])
 
     __repr__ = __str__  # a REPL shows the table too; the rows are still list(self)
 
     def _repr_html_(self) -> str:
         from ..viz.tables import table
 
-        met = sum(r["met"] for r in self)
-        return table(self.COLUMNS, self.cells(), caption=f"{self.name}: {met} of {len(self)} targets met")
+        return table(self.COLUMNS, self.cells(), caption=self.title)
 
     def to_frame(self):
         """The rows as a pandas DataFrame (raw values, not the display strings)."""
@@ -342,7 +344,7 @@ def _meets(value: Any, op: str, target: Any) -> bool:
         return False
     if op == "==":
         if isinstance(target, list):
-            return hasattr(value, "__len__") and not isinstance(value, str) and [v for v in value] == target
+            return hasattr(value, "__len__") and not isinstance(value, str) and list(value) == target
         return bool(value == target)
     return bool(value <= target if op == "<=" else value >= target)
 

@@ -18,11 +18,11 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..io import versions
@@ -96,13 +96,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return _checked(meta, str(file))
 
 
-def _check_not_edited(path: Path, meta: dict[str, Any]) -> None:
+def _check_not_edited(path: Path, meta: dict[str, Any], header: Optional[str]) -> None:
     """ValueError unless the JSON's ``TOY_FIELDS`` are those the tensors file's header was saved
-    with (the JSON's sha256 covers the header): an edited seed would silently change the rebuilt
-    ``inputs``, an edited truth the metrics. A header without them (a toy saved before they were
-    recorded there) is not compared."""
-    with safe_open(str(path / TENSORS), "pt") as f:
-        header = (f.metadata() or {}).get("toy")
+    with (``header``, its "toy" entry; the JSON's sha256 covers it): an edited seed would silently
+    change the rebuilt ``inputs``, an edited truth the metrics. A header without them (a toy
+    saved before they were recorded there) is not compared."""
     if header is None:
         return
     saved = json.loads(header)
@@ -176,10 +174,12 @@ def load_toy(path: PathLike) -> Toy:
     if _sha256(path / TENSORS) != meta["sha256"]:
         raise ValueError(f"{path}: {TENSORS} is not the file {META} was saved with (its sha256 differs)")
     name, seed = meta["name"], meta["seed"]
-    tensors = load_file(str(path / TENSORS))
+    with safe_open(str(path / TENSORS), "pt") as f:  # the tensors and the header's copy, in one open
+        header = (f.metadata() or {}).get("toy")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model = _built_like(name, seed, meta["model_class"], state, f"{path}: the saved toy does not fit")
-    _check_not_edited(path, meta)
+    _check_not_edited(path, meta, header)
     dtypes = {v.dtype for v in state.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{path}: the saved weights mix dtypes {sorted(map(str, dtypes))}")

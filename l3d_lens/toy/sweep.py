@@ -35,8 +35,9 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     ``cfg``'s value; a per-weight rank dict goes inside the list: ``rank=[{"default": 2}]``)
     and return one dict per run: the settings, ``error`` (reconstruction error on
     ``eval_data``, default ``data``), ``train_error`` (last epoch), ``dead_fraction``,
-    ``seconds`` and the entries of ``score(dec)`` if given. Every grid point and ``eval_data``
-    are checked before the first run, so a bad value late in the grid costs no finished run.
+    ``seconds`` and the entries of ``score(dec)`` if given. Every grid point (with its memory),
+    ``data`` and ``eval_data`` are checked before the first run, so a bad value late in the grid
+    costs no finished run.
 
     A ``score`` key that would overwrite one of the sweep's is an error; to add the toy metrics,
     prefix them: ``score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()}``."""
