@@ -86,6 +86,7 @@ def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.T
         fx = model(x)
     if y.shape != fx.shape:
         raise ValueError(f"y must have the model's output shape {tuple(fx.shape)}, got {tuple(y.shape)}")
+    y = y.to(fx.device)
     act = active_features(x)
     out = []
     for i in range(x.shape[1]):
@@ -120,13 +121,14 @@ def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
         raise ValueError("signed=True needs group_size=1")
     _check_inputs(getattr(dec, "model", None), x)
     _check_group_size(group_size, x.shape[1])
-    coef = dec.coefficients(x, seed=seed).abs().double()
+    coef = dec.coefficients(x, seed=seed).abs().double().to(x.device)
     n_groups = x.shape[1] // group_size
     masks = ([single_feature_rows(x, feature=f, sign=s) for f in range(n_groups) for s in (1, -1)] if signed
              else [single_feature_rows(x, group_size, feature=f) for f in range(n_groups)])
     rows = []
     for sel in masks:
-        mean = coef[sel].mean(0) if sel.any() else torch.full((coef.shape[1],), float("nan"), dtype=coef.dtype)
+        nan = torch.full((coef.shape[1],), float("nan"), dtype=coef.dtype, device=coef.device)
+        mean = coef[sel].mean(0) if sel.any() else nan
         rows.append(mean / mean.sum())
     return torch.stack(rows)
 
@@ -157,7 +159,7 @@ def cosine_matrix(truth: Directions, subnetworks: Directions) -> Float[torch.Ten
             raise ValueError(f"{side} has different leading sizes across weights: "
                              f"{ {n: dirs[n].shape[0] for n in names} }")
     t = _flat(truth, names)
-    s = _flat(subnetworks, names)
+    s = _flat(subnetworks, names).to(t.device)
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
     s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-300)
     return (t @ s.T).abs()
@@ -173,7 +175,8 @@ def masked_weights(model: nn.Module, masks: Mapping[str, Bool[torch.Tensor, "f .
     """Per-feature true directions from the model's own weights W0: ``masks[name]`` is
     [n_features, *shape] and selects which entries of weight ``name`` belong to each feature."""
     params = dict(model.named_parameters())
-    return {n: params[n].detach()[None] * m.to(params[n].dtype) for n, m in masks.items()}
+    return {n: params[n].detach()[None] * m.to(device=params[n].device, dtype=params[n].dtype)
+            for n, m in masks.items()}
 
 
 def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows: bool = False) -> dict[str, torch.Tensor]:
@@ -185,7 +188,7 @@ def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows
     n_in = w_in.shape[1]
     _check_group_size(group_size, n_in)
     n_feat = n_in // group_size
-    cols = torch.zeros(n_feat, *w_in.shape, dtype=torch.bool)
+    cols = torch.zeros(n_feat, *w_in.shape, dtype=torch.bool, device=w_in.device)
     for f in range(n_feat):
         cols[f, :, f * group_size:(f + 1) * group_size] = True
     masks = {"encoder.weight": cols}
@@ -193,7 +196,7 @@ def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows
         w_out = model.get_parameter("decoder.weight")
         if w_out.shape[0] != n_feat:
             raise ValueError(f"decoder_rows needs one output per feature; W_out has {w_out.shape[0]} rows, {n_feat} features")
-        rows = torch.zeros(n_feat, *w_out.shape, dtype=torch.bool)
+        rows = torch.zeros(n_feat, *w_out.shape, dtype=torch.bool, device=w_out.device)
         for f in range(n_feat):
             rows[f, f] = True
         masks["decoder.weight"] = rows
@@ -227,7 +230,7 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
     single = single_feature_rows(x, group_size, sign=sign)
     xs = x[single]
     n_groups, width = x.shape[1] // group_size, sum(params[n].numel() for n in names)
-    u = torch.full((n_groups, width), float("nan"), dtype=torch.double)
+    u = torch.full((n_groups, width), float("nan"), dtype=torch.double, device=x.device)
     if len(xs):
         def divergence(p, xi):
             return 0.5 * (functional_call(model, p, (xi[None],)) - ref).pow(2).sum()
@@ -317,7 +320,7 @@ def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Ten
     ks = range(subnetworks[names[0]].shape[0]) if which is None else which
     out = []
     for k in ks:
-        tangent = tuple(subnetworks[n][k].to(params[n].dtype) for n in names)
+        tangent = tuple(subnetworks[n][k].to(device=params[n].device, dtype=params[n].dtype) for n in names)
 
         def f(*ws):
             return functional_call(model, {**params, **dict(zip(names, ws))}, (x,))
@@ -332,7 +335,7 @@ def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tens
     over all entries, SS_tot about the mean of the true entries (NaN when they are constant)."""
     if true.shape != recovered.shape:
         raise ValueError(f"shapes differ: {tuple(true.shape)} vs {tuple(recovered.shape)}")
-    t, r = true.double(), recovered.double()
+    t, r = true.double(), recovered.double().to(true.device)
     scale = (t * r).sum(1, keepdim=True) / (r * r).sum(1, keepdim=True).clamp_min(1e-300)
     res = (t - scale * r).pow(2).sum()
     tot = (t - t.mean()).pow(2).sum()
@@ -342,10 +345,10 @@ def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tens
 def model_circuit_matrix(model: nn.Module) -> Float[torch.Tensor, "d_out d_in"]:
     """The matrix a trained circuit-superposition model actually computes, column i =
     f(e_i) - f(0): the most any decomposition of this model can give back of A."""
-    n_in = model.get_parameter("encoder.weight").shape[1]
-    dtype = next(model.parameters()).dtype
+    w_in = model.get_parameter("encoder.weight")
+    n_in, like = w_in.shape[1], dict(dtype=w_in.dtype, device=w_in.device)
     with torch.no_grad():
-        return (model(torch.eye(n_in, dtype=dtype)) - model(torch.zeros(1, n_in, dtype=dtype))).T
+        return (model(torch.eye(n_in, **like)) - model(torch.zeros(1, n_in, **like))).T
 
 
 def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
@@ -380,16 +383,16 @@ def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.T
     cos = cosine_matrix(truth, subnetworks)
     match = assign(cos)
     n_in = A.shape[1]
-    eye = torch.eye(n_in, dtype=w_in.dtype)
+    eye = torch.eye(n_in, dtype=w_in.dtype, device=w_in.device)
     jvp_cols, dec_cols, own_cols = [], [], []
     for i in range(n_in):
         k = match[i // group_size]
         jvp_cols.append(output_effects(model, subnetworks, eye[i:i + 1], [k])[0, 0])
-        v_out = subnetworks["decoder.weight"][k].to(w_in.dtype)
+        v_out = subnetworks["decoder.weight"][k].to(w_in)
         dec_cols.append(v_out @ w_in[:, i])
-        own_cols.append(v_out @ subnetworks["encoder.weight"][k].to(w_in.dtype)[:, i])
+        own_cols.append(v_out @ subnetworks["encoder.weight"][k].to(w_in)[:, i])
     true = A.T  # [features, outputs]
-    return {"match": match, "match_cos": cos[torch.arange(len(match)), match],
+    return {"match": match, "match_cos": cos[torch.arange(len(match), device=cos.device), match],
             "r2": coefficient_r2(true, torch.stack(jvp_cols)),
             "r2_decoder": coefficient_r2(true, torch.stack(dec_cols)),
             "pearson_r": pearson_r(true, torch.stack(own_cols))}
@@ -401,7 +404,8 @@ def pearson_r(true: torch.Tensor, recovered: torch.Tensor) -> float:
     constant."""
     if true.shape != recovered.shape:
         raise ValueError(f"shapes differ: {tuple(true.shape)} vs {tuple(recovered.shape)}")
-    return float(torch.corrcoef(torch.stack([true.double().flatten(), recovered.double().flatten()]))[0, 1])
+    pair = [true.double().flatten(), recovered.double().flatten().to(true.device)]
+    return float(torch.corrcoef(torch.stack(pair))[0, 1])
 
 
 # --- higher-rank circuits -------------------------------------------------------------------
@@ -439,7 +443,7 @@ def live_per_group(dec, group_size: int, weight: str = "encoder.weight") -> dict
     if weight not in subs:
         raise KeyError(f"{weight!r} is not in the decomposition (it has {sorted(subs)}); pass weight= the "
                        "weight whose input columns are grouped")
-    group, purity = group_of_subnetworks(subs, group_size, weight)
+    group, purity = (t.cpu() for t in group_of_subnetworks(subs, group_size, weight))  # P_act is on the CPU
     live = dec.fraction_active > 0
     n_groups = subs[weight].shape[-1] // group_size
     owned = group[live]
@@ -538,7 +542,7 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
         raise ValueError(f"fraction must be a positive finite number (of the relevant outputs' mean |value|), "
                          f"got {fraction!r}")
     fraction = float(fraction)
-    deltas = torch.logspace(-3, 2, 251).tolist() if deltas is None else [float(d) for d in deltas]
+    deltas = torch.logspace(-3, 2, 251, device="cpu").tolist() if deltas is None else [float(d) for d in deltas]
     if not deltas or not all(math.isfinite(d) for d in deltas):
         raise ValueError(f"deltas must be a non-empty list of finite step sizes, got {deltas!r}")
     _check_inputs(model, x)
@@ -549,6 +553,7 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
         if mask.dtype != torch.bool or mask.shape != base.shape:
             raise ValueError(f"{name} must be a bool mask of the output's shape {tuple(base.shape)}; "
                              f"got {mask.dtype} {tuple(mask.shape)}")
+    relevant, other = relevant.to(base.device), other.to(base.device)
     if (other & relevant).any():
         raise ValueError("an entry cannot be both relevant and other")
     for name, mask in (("relevant", relevant), ("other", other)):

@@ -138,7 +138,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     loss as that epoch normalised it (per sample under ``loss_norm="sample"`` unless
     ``loss_norm_epochs`` switched the run to the batch loss before its end)."""
     check_decomposition_of(toy, dec)
-    x = toy.eval_data
+    x = toy.eval_data.to(next(toy.model.parameters()).device)  # the held-out data where the model is
     subs = dec.subnetworks()
     # the features' own gradients are taken against the decomposition's reference (zero or mean)
     grad_ref = dec.cfg.reference if dec.cfg.reference in ("zero", "mean") else "zero"
@@ -155,7 +155,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         reference = metrics.cosine_matrix(truth, grads).diagonal()
         if _can_match(dec, len(reference)):
             owner = metrics.assign(metrics.cosine_matrix(truth, subs))
-            to_grad = metrics.cosine_matrix(grads, subs)[torch.arange(len(owner)), owner]
+            to_grad = metrics.cosine_matrix(grads, subs)[torch.arange(len(owner), device=reference.device), owner]
         else:
             to_grad = torch.full_like(reference, float("nan"))
         out.update(mmcs=mean, min_cos=float(best.min()), cos=best.tolist(), mmcs_encoder=enc_mean,
@@ -167,7 +167,8 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
         matched = _can_match(dec, toy.truth["A"].shape[1])
         nan = float("nan")
         rec = (metrics.circuit_recovery(toy.model, subs, toy.truth["A"]) if matched else
-               {"r2": nan, "r2_decoder": nan, "pearson_r": nan, "match_cos": torch.full((toy.truth["A"].shape[1],), nan)})
+               {"r2": nan, "r2_decoder": nan, "pearson_r": nan,
+                "match_cos": torch.full((toy.truth["A"].shape[1],), nan, device="cpu")})
         n_hidden = toy.model.get_parameter("encoder.weight").shape[0]
         out.update(r2=rec["r2"], r2_decoder=rec["r2_decoder"], pearson_r=rec["pearson_r"],
                    match_cos=rec["match_cos"].tolist(),

@@ -257,6 +257,15 @@ class Toy:
 
         return save_toy(self, path)
 
+    def to(self, device: Union[str, torch.device]) -> "Toy":
+        """Move the model, ``l3d_data``, ``eval_data`` and the truth's tensors to ``device`` in
+        place (as ``nn.Module.to``) and return the toy: train on the CPU, then decompose and
+        ``evaluate`` on a GPU. ``inputs`` still draws new inputs on the CPU."""
+        self.model.to(device)
+        self.l3d_data, self.eval_data = self.l3d_data.to(device), self.eval_data.to(device)
+        self.truth = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.truth.items()}
+        return self
+
     @property
     def final_loss(self) -> float:
         return self.train_losses[-1] if self.train_losses else float("nan")
