@@ -35,6 +35,9 @@ def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor
         return x.long()
     if not x.is_floating_point():
         raise TypeError(f"{what} for a non-language model must be a float tensor [n, ...], got dtype {x.dtype}")
+    if x.dtype != adapter.model_dtype:
+        raise TypeError(f"{what} is {x.dtype} but the model's parameters are {adapter.model_dtype}; "
+                        f"pass {what}.to({adapter.model_dtype})")
     if x.dim() < 2:
         raise ValueError(f"{what} must have a sample axis and a feature axis [n, d], got shape {tuple(x.shape)}")
     return x

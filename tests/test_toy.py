@@ -12,8 +12,8 @@ import dataclasses
 import datetime
 import itertools
 import json
-
 import math
+import re
 
 import pytest
 import torch
@@ -851,6 +851,10 @@ def test_scorecard_prints_renders_and_serialises_as_its_rows():
     html = odd._repr_html_()
     assert "<b>" not in html and "<script>" not in html and "&lt;b&gt;x&lt;/b&gt; &amp; y" in html
     assert html.count("<tr>") == 2
+    # numbers right-aligned (no text class) although they come formatted: value, target, reference
+    cells = re.findall(r"<td( class=\"t\")?>([^<]*)</td>", rows._repr_html_())
+    assert [(text, bool(cls)) for cls, text in cells[:6]] == [
+        ("reconstruction error", True), ("5.0%", False), ("&lt;=", True), ("6.4%", False), ("met", True), ("", False)]
 
 
 def test_toy_demo_trains_decomposes_and_prints_the_scorecard(capsys):

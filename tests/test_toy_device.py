@@ -46,12 +46,14 @@ class _ToyFactoriesOnMeta(TorchFunctionMode):
 
 
 def test_the_stand_in_device_catches_a_device_less_tensor_of_the_toy_code():
-    """The check itself bites: a constructor in the toy code with no device (the data
-    generators draw on the CPU by design) lands on meta, one elsewhere stays on the CPU."""
+    """The check itself bites: a constructor with no device in a file of the toy code lands on
+    meta, one that names its device or is called from elsewhere stays on the CPU."""
+    toy_code = compile("(torch.eye(2), torch.zeros(2, device='cpu'))", "l3d_lens/toy/any.py", "eval")
     with _ToyFactoriesOnMeta() as mode:
-        assert data.circuit_matrix(3, 3, seed=0).device.type == "meta"
-        assert torch.eye(2).device.type == "cpu"
-    assert len(mode.moved) == 1 and "toy/data.py" in mode.moved[0].replace("\\", "/")
+        moved, named = eval(toy_code, {"torch": torch})
+        assert torch.eye(2).device.type == "cpu" and data.circuit_matrix(3, 3, seed=0).device.type == "cpu"
+    assert moved.device.type == "meta" and named.device.type == "cpu"
+    assert mode.moved == ["eye in l3d_lens/toy/any.py:1"]
 
 
 @pytest.mark.parametrize("name", ["tms", "tmcs", "higher_rank", "square"])
@@ -100,3 +102,18 @@ def test_toy_to_moves_the_model_data_and_truth_and_returns_the_toy():
     tensors = [*toy.model.parameters(), toy.l3d_data, toy.eval_data, toy.truth["A"]]
     assert all(t.device.type == "meta" for t in tensors)
     assert toy.truth["group_size"] == 5 and toy.inputs(4, 0).device.type == "cpu"
+
+
+def test_make_toy_builds_and_trains_on_the_cpu_whatever_the_default_device():
+    """Under ``torch.set_default_device`` (here: meta, standing in for "cuda") the toy's seeded
+    CPU generators would meet tensors made elsewhere; the toy is built on the CPU, the same bit
+    for bit."""
+    small = dict(epochs=1, n_train=64, n_l3d=8, n_eval=8)
+    for name in ("tms", "tmcs"):
+        plain = make_toy(name, 0, **small)
+        with torch.device("meta"):
+            other = make_toy(name, 0, **small)
+        assert all(p.device.type == "cpu" for p in other.model.parameters())
+        assert torch.equal(other.eval_data, plain.eval_data) and other.train_losses == plain.train_losses
+        mine, theirs = plain.model.state_dict(), other.model.state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)

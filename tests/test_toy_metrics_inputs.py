@@ -201,3 +201,68 @@ def test_training_data_and_sampling_reject_what_make_toy_rejects():
     with pytest.raises(ValueError, match="leaves only"):
         data.grouped_features(10, 25, 5, p_active=1e-6)
     assert data.sparse_features(10, 5, p_active=1e-3).shape == (10, 5)  # rare but affordable
+
+
+def test_metrics_name_inputs_of_the_wrong_width_before_working():
+    """The higher-rank model's 25-wide inputs given to a 10-input TMCS model: a ValueError that
+    names the shape (it used to fail inside F.linear, or, in gradient_directions, to return 25
+    NaN directions for a 10-input model)."""
+    model = models.tmcs(0)
+    x25 = data.grouped_features(100, 25, 5, seed=0)
+    names = ["encoder.weight"]
+    calls = [lambda: metrics.feature_r2(model, x25, torch.zeros(100, 10)),
+             lambda: metrics.gradient_directions(model, x25, names),
+             lambda: metrics.output_effects(model, {"encoder.weight": torch.zeros(1, 5, 10)}, x25),
+             lambda: metrics.intervention_change(model, {"encoder.weight": torch.zeros(5, 10)}, x25, [0.1]),
+             lambda: metrics.selectivity(model, {"encoder.weight": torch.zeros(5, 10)}, x25,
+                                         torch.zeros(100, 10, dtype=torch.bool))]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"does not take x of shape \(100, 25\)"):
+            call()
+    with pytest.raises(ValueError, match="group_size must be a positive integer dividing the 25 features, got 3"):
+        data.active_features(x25, 3)
+
+
+def test_metrics_name_x_on_another_device_than_the_model():
+    model = models.tmcs(0).to("meta")
+    with pytest.raises(ValueError, match=r"x is on cpu but the model's parameters are on meta; pass x.to\('meta'\)"):
+        metrics.feature_r2(model, data.sparse_features(10, 10, seed=0), torch.zeros(10, 10))
+
+
+def test_a_float64_toy_decomposes_and_evaluates_and_a_half_moved_one_is_named():
+    """``Toy.to(torch.float64)`` moves the model, data and truth, and the whole flow runs in
+    float64; a model moved alone gets a TypeError naming both dtypes from ``decompose`` (it
+    failed inside F.linear), and ``evaluate`` reads the float32 held-out data in the model's dtype."""
+    toy = make_toy("tmcs", 0, epochs=2, n_train=200, n_l3d=64, n_eval=100)
+    model64 = make_toy("tmcs", 0, epochs=2, n_train=200, n_l3d=64, n_eval=100).model.double()
+    with pytest.raises(TypeError, match=r"data is torch.float32 but the model's parameters are torch.float64"):
+        l3d_lens.decompose(model64, toy.l3d_data, recommended_config("tmcs", epochs=1), progress=False)
+    assert toy.to(torch.float64) is toy
+    assert {t.dtype for t in (*toy.model.parameters(), toy.l3d_data, toy.eval_data, toy.truth["A"])} == {torch.float64}
+    dec = l3d_lens.decompose(toy.model, toy.l3d_data, recommended_config("tmcs", epochs=2), progress=False)
+    toy.eval_data = toy.eval_data.float()  # evaluate casts it to the model's dtype
+    result = evaluate(toy, dec)
+    assert math.isfinite(result["error"]) and math.isfinite(result["pearson_r"])
+
+
+def test_make_toy_leaves_no_training_gradients_on_the_model():
+    """A user's own backward on a toy model starts from zero, as on a loaded one (``fit`` left
+    the last step's .grad on every parameter)."""
+    for name in ("tms", "tmcs", "higher_rank"):
+        toy = make_toy(name, 0, epochs=2, n_train=200, n_l3d=8, n_eval=8)
+        assert all(p.grad is None for p in toy.model.parameters()), name
+    toy = make_toy("square", 0, epochs=2, n_train=200, n_l3d=8, n_eval=8, check_learned=False)
+    assert all(p.grad is None for p in toy.model.parameters())
+
+
+def test_make_toy_check_learned_false_keeps_an_x2_model_that_learned_nothing():
+    """Two epochs teach the x² model no feature: with the check it raises after its last block,
+    without it the first block's best start comes back."""
+    small = dict(epochs=2, n_train=200, n_l3d=8, n_eval=8)
+    with pytest.raises(RuntimeError, match="passed the learned check in 3 blocks"):
+        make_toy("square", 0, **small)
+    toy = make_toy("square", 0, check_learned=False, **small)
+    assert toy.blocks == 1 and len(toy.train_losses) == 2
+    assert min(metrics.feature_r2(toy.model, *training_data("square", 0, n_train=200))) < 0.5
+    with pytest.raises(ValueError, match="check_learned must be True or False, got 'no'"):
+        make_toy("square", 0, check_learned="no", **small)

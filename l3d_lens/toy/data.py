@@ -6,7 +6,8 @@ rows where nothing is active carry no signal and are dropped, and sampling conti
 
 from __future__ import annotations
 
-from typing import Optional
+import operator
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Bool, Float
@@ -52,10 +53,10 @@ def sparse_features(n: int, n_features: int, p_active: float = 0.05, seed: int =
     _check(p_active, n_features)
 
     def draw(m: int, gen: torch.Generator) -> torch.Tensor:
-        value = torch.rand(m, n_features, generator=gen)
+        value = torch.rand(m, n_features, generator=gen, device="cpu")
         if signed:
             value = 2 * value - 1
-        return value * (torch.rand(m, n_features, generator=gen) < p_active)
+        return value * (torch.rand(m, n_features, generator=gen, device="cpu") < p_active)
 
     return _keep_nonzero(draw, n, torch.Generator().manual_seed(seed))
 
@@ -71,8 +72,8 @@ def grouped_features(n: int, n_features: int = 25, group_size: int = 5, p_active
     n_groups = n_features // group_size
 
     def draw(m: int, gen: torch.Generator) -> torch.Tensor:
-        value = torch.rand(m, n_features, generator=gen)
-        active = (torch.rand(m, n_groups, generator=gen) < p_active).repeat_interleave(group_size, dim=1)
+        value = torch.rand(m, n_features, generator=gen, device="cpu")
+        active = (torch.rand(m, n_groups, generator=gen, device="cpu") < p_active).repeat_interleave(group_size, dim=1)
         return value * active
 
     return _keep_nonzero(draw, n, torch.Generator().manual_seed(seed))
@@ -81,11 +82,30 @@ def grouped_features(n: int, n_features: int = 25, group_size: int = 5, p_active
 def circuit_matrix(n_in: int, n_out: int, max_coefficient: float = 3.0,
                    seed: int = 0) -> Float[torch.Tensor, "n_out n_in"]:
     """TMCS's ground truth A (y = A x): entries uniform in [0, max_coefficient]."""
-    return torch.rand(n_out, n_in, generator=torch.Generator().manual_seed(seed)) * max_coefficient
+    return torch.rand(n_out, n_in, generator=torch.Generator().manual_seed(seed), device="cpu") * max_coefficient
+
+
+def integer(value: Any) -> Optional[int]:
+    """``value`` as an int if it is one (Python, numpy or a 0-d integer tensor; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_group_size(group_size: Any, width: int) -> None:
+    """ValueError unless ``group_size`` is a positive integer dividing ``width`` features."""
+    size = integer(group_size)
+    if size is None or size < 1 or width % size:
+        raise ValueError(f"group_size must be a positive integer dividing the {width} features, got {group_size!r}")
 
 
 def active_features(x: Float[torch.Tensor, "n f"], group_size: int = 1) -> Bool[torch.Tensor, "n g"]:
     """Which features (or groups of ``group_size`` consecutive features) are active per row."""
+    if group_size != 1:
+        check_group_size(group_size, x.shape[-1])
     nz = x != 0
     if group_size == 1:
         return nz

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -33,38 +32,31 @@ import torch
 from jaxtyping import Bool, Float
 from torch import nn
 
-from .data import active_features, single_feature_rows
+from .data import active_features, check_group_size, integer, single_feature_rows
 
 Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
 
 
 def _check_inputs(model: Optional[nn.Module], x: torch.Tensor) -> None:
-    """ValueError unless ``x`` is a [n, d_in] batch in the model's parameter dtype (a float64
-    batch for a float32 model fails deep inside F.linear otherwise)."""
+    """ValueError unless ``x`` is a [n, d_in] batch in the model's parameter dtype, on its
+    device, that the model takes (one row is run through it): otherwise a float64 batch, a
+    CPU batch for a GPU model or one of another width fails deep inside F.linear."""
     param = None if model is None else next(model.parameters(), None)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [n, d_in] tensor, got {type(x).__name__} "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
-    dtype = x.dtype if param is None else param.dtype
-    if x.dtype != dtype:
-        raise ValueError(f"x is {x.dtype} but the model's parameters are {dtype}; pass x.to({dtype})")
-
-
-def _integer(value: Any) -> Optional[int]:
-    """``value`` as an int if it is one (Python, numpy or a 0-d integer tensor; not a bool), else None."""
-    if isinstance(value, bool):
-        return None
+    if param is None:
+        return
+    if x.dtype != param.dtype:
+        raise ValueError(f"x is {x.dtype} but the model's parameters are {param.dtype}; pass x.to({param.dtype})")
+    if x.device != param.device:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {param.device}; "
+                         f"pass x.to({str(param.device)!r})")
     try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _check_group_size(group_size: Any, width: int) -> None:
-    """ValueError unless ``group_size`` is a positive integer dividing ``width`` features."""
-    size = _integer(group_size)
-    if size is None or size < 1 or width % size:
-        raise ValueError(f"group_size must be a positive integer dividing the {width} features, got {group_size!r}")
+        with torch.no_grad():
+            model(x[:1])
+    except RuntimeError as e:
+        raise ValueError(f"the model does not take x of shape {tuple(x.shape)} (its input width?): {e}") from e
 
 
 def _check_names(names: Any) -> list[str]:
@@ -120,7 +112,7 @@ def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
     if signed and group_size != 1:
         raise ValueError("signed=True needs group_size=1")
     _check_inputs(getattr(dec, "model", None), x)
-    _check_group_size(group_size, x.shape[1])
+    check_group_size(group_size, x.shape[1])
     coef = dec.coefficients(x, seed=seed).abs().double().to(x.device)
     n_groups = x.shape[1] // group_size
     masks = ([single_feature_rows(x, feature=f, sign=s) for f in range(n_groups) for s in (1, -1)] if signed
@@ -186,7 +178,7 @@ def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows
     gradient depends on the feature's value, so it has no fixed true direction."""
     w_in = model.get_parameter("encoder.weight")
     n_in = w_in.shape[1]
-    _check_group_size(group_size, n_in)
+    check_group_size(group_size, n_in)
     n_feat = n_in // group_size
     cols = torch.zeros(n_feat, *w_in.shape, dtype=torch.bool, device=w_in.device)
     for f in range(n_feat):
@@ -220,7 +212,7 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
         raise ValueError(f"reference must be 'zero' or 'mean', got {reference!r}")
     names = _check_names(names)
     _check_inputs(model, x)
-    _check_group_size(group_size, x.shape[1])
+    check_group_size(group_size, x.shape[1])
     params = {n: p.detach() for n, p in model.named_parameters()}
     missing = [n for n in names if n not in params]
     if missing:
@@ -312,6 +304,7 @@ def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Ten
     at delta = 0 (a forward-mode JVP; the model's weights are not touched)."""
     from torch.func import functional_call, jvp
 
+    _check_inputs(model, x)
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = [n for n in subnetworks if n in params]
     if not names:
@@ -355,7 +348,7 @@ def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
     """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
     (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
     model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
-    given, rank = rank, _integer(rank)
+    given, rank = rank, integer(rank)
     if rank is None or rank < 1:
         raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {given!r}")
     u, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
@@ -425,7 +418,7 @@ def group_of_subnetworks(subnetworks: Directions, group_size: int, weight: str =
     if w.dim() != 3:
         raise ValueError(f"{weight!r} must be a matrix whose input columns are grouped; its subnetworks are "
                          f"{tuple(w.shape)}")
-    _check_group_size(group_size, w.shape[-1])
+    check_group_size(group_size, w.shape[-1])
     mass = w.pow(2).sum(1).view(w.shape[0], -1, group_size).sum(-1)  # [k, groups]
     total = mass.sum(1, keepdim=True)
     purity, group = (mass / total.clamp_min(1e-300)).max(1)
@@ -501,7 +494,7 @@ SWEEP_CHUNK = 16
 def subnetwork(subnetworks: Directions, k: int) -> dict[str, torch.Tensor]:
     """Subnetwork ``k`` as {weight name: tensor of the weight's shape}."""
     n = next(iter(subnetworks.values())).shape[0] if subnetworks else 0
-    index = _integer(k)
+    index = integer(k)
     if index is None or not -n <= index < n:
         raise IndexError(f"subnetwork index must be an integer in 0..{n - 1} (or -{n}..-1 from the end), got {k!r}")
     return {name: v[index] for name, v in subnetworks.items()}
@@ -514,6 +507,14 @@ def intervention_change(model: nn.Module, direction: Mapping[str, torch.Tensor],
     deltas = list(deltas)
     if not deltas:
         raise ValueError("deltas is empty; pass at least one step size")
+    _check_inputs(model, x)
+    return _changes(model, direction, x, deltas)
+
+
+@torch.no_grad()
+def _changes(model: nn.Module, direction: Mapping[str, torch.Tensor], x: torch.Tensor,
+             deltas: list[float]) -> torch.Tensor:
+    """``intervention_change`` on inputs already checked (``selectivity`` calls it per chunk)."""
     base = model(x)
     out = []
     for d in deltas:
@@ -566,7 +567,7 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
     for start in range(0, len(grid), SWEEP_CHUNK):
         chunk = grid[start:start + SWEEP_CHUNK]
         for sign in (1.0, -1.0):
-            change = intervention_change(model, direction, x, [sign * d for d in chunk])
+            change = _changes(model, direction, x, [sign * d for d in chunk])
             rel = change[:, relevant].mean(1)
             other_change = change[:, other].mean(1)
             hit = (rel >= target).nonzero()

@@ -17,6 +17,7 @@ loss 0.26 instead of 0.043 for TMCS); the paper's init trained 6 of 6 seeds to t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Optional
 
@@ -50,11 +51,14 @@ def _seeded_init_(module: nn.Module, seed: int, init: str = "torch", paper_weigh
                     layer.bias.uniform_(-bound, bound, generator=gen)
 
 
-def _global_rng_untouched():
-    """``nn.Linear`` draws its default init from torch's global generator, which
-    ``_seeded_init_`` then overwrites: restore the global state so that building (or loading) a
-    toy leaves a user's seeded cells as they were."""
-    return torch.random.fork_rng(devices=[])
+@contextlib.contextmanager
+def _built_on_cpu():
+    """Build the layers on the CPU, where ``_seeded_init_``'s generator is, whatever
+    ``torch.set_default_device`` says (move the model after). ``nn.Linear`` draws its default
+    init from torch's global generator, which ``_seeded_init_`` then overwrites: the global state
+    is restored, so that building (or loading) a toy leaves a user's seeded cells as they were."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        yield
 
 
 class SuperpositionModel(nn.Module):
@@ -67,7 +71,7 @@ class SuperpositionModel(nn.Module):
     def __init__(self, n_in: int = 5, n_hidden: int = 2, n_out: Optional[int] = None, seed: int = 0,
                  init: str = "paper"):
         super().__init__()
-        with _global_rng_untouched():
+        with _built_on_cpu():
             self.encoder = nn.Linear(n_in, n_hidden, bias=False)
             self.decoder = nn.Linear(n_hidden, n_in if n_out is None else n_out)
         _seeded_init_(self, seed, init, lambda w, g: w.normal_(0.0, 1.0, generator=g))
@@ -85,7 +89,7 @@ class SquareMLP(nn.Module):
                  init: str = "paper"):
         super().__init__()
         dims = [n_features, *hidden, n_features]
-        with _global_rng_untouched():
+        with _built_on_cpu():
             self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         _seeded_init_(self, seed, init, lambda w, g: w.uniform_(0.0, 1.0, generator=g))
 

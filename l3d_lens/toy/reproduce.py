@@ -138,7 +138,8 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
     loss as that epoch normalised it (per sample under ``loss_norm="sample"`` unless
     ``loss_norm_epochs`` switched the run to the batch loss before its end)."""
     check_decomposition_of(toy, dec)
-    x = toy.eval_data.to(next(toy.model.parameters()).device)  # the held-out data where the model is
+    param = next(toy.model.parameters())
+    x = toy.eval_data.to(device=param.device, dtype=param.dtype)  # held-out data where (and as) the model is
     subs = dec.subnetworks()
     # the features' own gradients are taken against the decomposition's reference (zero or mean)
     grad_ref = dec.cfg.reference if dec.cfg.reference in ("zero", "mean") else "zero"
@@ -305,7 +306,7 @@ class Scorecard(list):
     def _repr_html_(self) -> str:
         from ..viz.tables import table
 
-        return table(self.COLUMNS, self.cells(), caption=self.title)
+        return table(self.COLUMNS, self.cells(), caption=self.title, numeric=(1, 3, 5))  # value, target, reference
 
     def to_frame(self):
         """The rows as a pandas DataFrame (raw values, not the display strings)."""

@@ -42,16 +42,19 @@ def cell(value: Any) -> tuple[str, bool]:
     return esc(value), True
 
 
-def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, caption: str = "") -> str:
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, caption: str = "",
+          numeric: Sequence[int] = ()) -> str:
+    """Rows of values under ``columns``; the columns at indices ``numeric`` are right-aligned as
+    numbers even where their values are already formatted strings (still escaped)."""
     first = rows[0] if rows else []
-    kinds = [cell(v)[1] for v in first] + [False] * (len(columns) - len(first))
+    kinds = [cell(v)[1] and j not in numeric for j, v in enumerate(first)] + [False] * (len(columns) - len(first))
     head = "".join(f'<th class="t">{esc(c)}</th>' if t else f"<th>{esc(c)}</th>" for c, t in zip(columns, kinds))
     body = []
     for r in rows:
         tds = []
-        for v in r:
+        for j, v in enumerate(r):
             text, is_text = cell(v)
-            tds.append(f'<td class="t">{text}</td>' if is_text else f"<td>{text}</td>")
+            tds.append(f'<td class="t">{text}</td>' if is_text and j not in numeric else f"<td>{text}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     cap = f"<caption class=\"muted\">{esc(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
