@@ -35,9 +35,6 @@ def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor
         return x.long()
     if not x.is_floating_point():
         raise TypeError(f"{what} for a non-language model must be a float tensor [n, ...], got dtype {x.dtype}")
-    if x.dtype != adapter.model_dtype:
-        raise TypeError(f"{what} is {x.dtype} but the model's parameters are {adapter.model_dtype}; "
-                        f"pass {what}.to({adapter.model_dtype})")
     if x.dim() < 2:
         raise ValueError(f"{what} must have a sample axis and a feature axis [n, d], got shape {tuple(x.shape)}")
     return x
@@ -71,6 +68,25 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
         check_batch(adapter, first[1], "reference")
     else:
         check_batch(adapter, first)
+
+
+def check_dtype(adapter: Adapter, data: Data, autocast: Optional[str]) -> None:
+    """TypeError naming both dtypes when float data of another dtype than the model's
+    parameters does not run through the model (one no-grad row in eval mode): a float64 batch
+    for a float32 model would fail inside F.linear at the first step. A model that casts its
+    input, or a run under ``autocast``, passes."""
+    if adapter.is_language_model or autocast is not None:
+        return
+    first = data if isinstance(data, torch.Tensor) else next(iter(data))
+    first = first[0] if isinstance(first, (tuple, list)) else first
+    if first.dtype == adapter.model_dtype:
+        return
+    try:
+        with torch.no_grad(), adapter.session():
+            adapter.forward(first[:1].to(adapter.device))
+    except RuntimeError as e:
+        raise TypeError(f"data is {first.dtype} but the model's parameters are {adapter.model_dtype}, and the model "
+                        f"does not take it ({e}); pass data.to({adapter.model_dtype})") from None
 
 
 def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,

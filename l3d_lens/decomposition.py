@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import Adapter, make_adapter
 from .config import L3DConfig
-from .data import Data, batches, check_data
+from .data import Data, batches, check_data, check_dtype
 from .engine import batch_stats
 from .objective import sample_errors, topk_mask
 from .selection import select
@@ -62,6 +62,7 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
 
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
+    check_dtype(task.adapter, data, task.cfg.autocast)
     check_memory(task, data)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
@@ -129,7 +130,8 @@ class Decomposition:
     @property
     def fraction_active(self) -> Float[torch.Tensor, " k"]:
         """P_act per subnetwork over the last training epoch."""
-        return torch.tensor(self.history[-1]["p_act"]) if self.history else torch.zeros(self.n_subnetworks)
+        return (torch.tensor(self.history[-1]["p_act"], device="cpu") if self.history
+                else torch.zeros(self.n_subnetworks, device="cpu"))
 
     def _stats(self, data: Data, reference: Optional[Data], seed: Optional[int]):
         task = self._task

@@ -851,7 +851,9 @@ def test_scorecard_prints_renders_and_serialises_as_its_rows():
     html = odd._repr_html_()
     assert "<b>" not in html and "<script>" not in html and "&lt;b&gt;x&lt;/b&gt; &amp; y" in html
     assert html.count("<tr>") == 2
-    # numbers right-aligned (no text class) although they come formatted: value, target, reference
+    # numbers right-aligned (no text class) although they come formatted: value, target, reference,
+    # in the report's style, which the bare table would not have in a notebook
+    assert rows._repr_html_().startswith('<div class="l3d-report"><style>') and ".l3d-report td.t" in html
     cells = re.findall(r"<td( class=\"t\")?>([^<]*)</td>", rows._repr_html_())
     assert [(text, bool(cls)) for cls, text in cells[:6]] == [
         ("reconstruction error", True), ("5.0%", False), ("&lt;=", True), ("6.4%", False), ("met", True), ("", False)]

@@ -1,10 +1,12 @@
 """The toy metrics work wherever the model and its decomposition live (a GPU after
 ``Toy.to("cuda")``): every tensor ``l3d_lens.toy`` makes names its device, taken from its inputs.
 
-There is no GPU here, so ``_ToyFactoriesOnMeta`` stands in for one: every tensor the toy code
-creates without naming a device goes to the meta device instead of the CPU. A meta tensor mixes
-with the model's CPU tensors no more than a CPU tensor mixes with a CUDA model, and has no values
-to read, so any such tensor makes ``evaluate`` raise or differ.
+There is no GPU here, so the meta device stands in for one. ``_ToyFactoriesOnMeta`` sends every
+tensor the toy code creates without naming a device there instead of the CPU: a meta tensor
+mixes with the model's CPU tensors no more than a CPU tensor mixes with a CUDA model, and has no
+values to read, so any such tensor makes ``evaluate`` raise or differ. That cannot see a tensor
+from the user, the truth or the core meeting one on another device; the metrics that read no
+values are run with their operands on meta and on the CPU for that.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 import l3d_lens
-from l3d_lens.toy import data, metrics, train
+from l3d_lens.toy import data, metrics, models, train
 from l3d_lens.toy.reproduce import evaluate, recommended_config
 from l3d_lens.toy.train import make_toy
 
@@ -108,8 +110,8 @@ def test_make_toy_builds_and_trains_on_the_cpu_whatever_the_default_device():
     """Under ``torch.set_default_device`` (here: meta, standing in for "cuda") the toy's seeded
     CPU generators would meet tensors made elsewhere; the toy is built on the CPU, the same bit
     for bit."""
-    small = dict(epochs=1, n_train=64, n_l3d=8, n_eval=8)
-    for name in ("tms", "tmcs"):
+    small = dict(epochs=1, n_train=64, n_l3d=8, n_eval=8, check_learned=False)
+    for name in ("tms", "tmcs", "higher_rank", "square"):
         plain = make_toy(name, 0, **small)
         with torch.device("meta"):
             other = make_toy(name, 0, **small)
@@ -117,3 +119,17 @@ def test_make_toy_builds_and_trains_on_the_cpu_whatever_the_default_device():
         assert torch.equal(other.eval_data, plain.eval_data) and other.train_losses == plain.train_losses
         mine, theirs = plain.model.state_dict(), other.model.state_dict()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_metrics_bring_the_second_operand_to_the_first_ones_device():
+    """A truth, masks or subnetworks on another device than the model or the first operand (here
+    the CPU against meta, where these metrics read no values) are moved, not mixed."""
+    model = models.tmcs(0).to("meta")
+    cpu_subs = {"encoder.weight": torch.rand(3, 5, 10), "decoder.weight": torch.rand(3, 10, 5)}
+    meta_truth = {n: v.to("meta") for n, v in cpu_subs.items()}
+    assert metrics.cosine_matrix(meta_truth, cpu_subs).device.type == "meta"
+    masked = metrics.masked_weights(model, {"encoder.weight": torch.ones(2, 5, 10, dtype=torch.bool)})
+    assert masked["encoder.weight"].device.type == "meta"
+    x = torch.rand(4, 10, device="meta")
+    assert metrics.output_effects(model, cpu_subs, x, [0]).device.type == "meta"
+    assert metrics.intervention_change(model, {"encoder.weight": torch.rand(5, 10)}, x, [0.1]).device.type == "meta"

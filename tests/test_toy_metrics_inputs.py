@@ -266,3 +266,43 @@ def test_make_toy_check_learned_false_keeps_an_x2_model_that_learned_nothing():
     assert min(metrics.feature_r2(toy.model, *training_data("square", 0, n_train=200))) < 0.5
     with pytest.raises(ValueError, match="check_learned must be True or False, got 'no'"):
         make_toy("square", 0, check_learned="no", **small)
+
+
+def test_the_input_check_runs_its_row_in_eval_mode_and_restores_every_module():
+    """``_check_inputs``' one-row forward: a BatchNorm model in train mode (one row would fail
+    there) passes, and no mode, running statistic or random draw changes."""
+    from torch import nn
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 4)).train()
+    model[2].eval()  # a mixed state, restored module by module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(50, 4)
+    rng = torch.get_rng_state()
+    metrics._check_inputs(model, x)
+    assert [m.training for m in model.modules()] == [True, True, True, False, True]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_decompose_names_float_data_of_another_dtype_that_the_model_does_not_take():
+    """Only where the model cannot run it: a model that casts its input, or a run under
+    autocast, is not refused."""
+    from torch import nn
+
+    from l3d_lens.adapters import make_adapter
+    from l3d_lens.data import check_dtype
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype))
+
+    x64 = torch.rand(8, 3, dtype=torch.float64)
+    check_dtype(make_adapter(Casting()), x64, None)
+    plain = make_adapter(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"data is torch.float64 but the model's parameters are torch.float32"):
+        check_dtype(plain, x64, None)
+    check_dtype(plain, x64, "bf16")
+    check_dtype(plain, [x64.float()], None)

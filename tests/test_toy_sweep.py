@@ -85,7 +85,7 @@ def test_sweep_checks_the_data_and_every_grid_points_memory_before_the_first_dec
     with pytest.raises(MemoryError, match="16 subnetworks"):
         sweep(toy.model, toy.l3d_data, cfg, n_subnetworks=[4, 8, 16])
     assert sizes == [4, 8, 16] and runs == []
-    with pytest.raises(TypeError, match="data: data is torch.float64 but the model's parameters are torch.float32"):
+    with pytest.raises(ValueError, match="dtype"):
         sweep(toy.model, toy.l3d_data.double(), cfg, n_subnetworks=[4, 8])
     assert runs == []
 
@@ -94,7 +94,7 @@ def test_sweep_checks_eval_data_against_the_model_before_the_first_decompose(toy
     cfg = recommended_config("tms", epochs=2)
     with pytest.raises(ValueError, match=r"eval_data does not fit the model.*\(1, 3\).*cannot be multiplied"):
         sweep(toy.model, toy.l3d_data, cfg, eval_data=toy.eval_data[:, :3])
-    with pytest.raises(TypeError, match="eval_data: data is torch.float64 but the model's parameters are"):
+    with pytest.raises(ValueError, match="eval_data does not fit the model.*float64"):
         sweep(toy.model, toy.l3d_data, cfg, eval_data=toy.eval_data.double())
     with pytest.raises(TypeError, match="eval_data: data is a one-shot iterator"):
         sweep(toy.model, toy.l3d_data, cfg, eval_data=iter([toy.eval_data]))

@@ -39,8 +39,9 @@ Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
 
 def _check_inputs(model: Optional[nn.Module], x: torch.Tensor) -> None:
     """ValueError unless ``x`` is a [n, d_in] batch in the model's parameter dtype, on its
-    device, that the model takes (one row is run through it): otherwise a float64 batch, a
-    CPU batch for a GPU model or one of another width fails deep inside F.linear."""
+    device, that the model takes (one no-grad row in eval mode, every module's mode restored
+    after): otherwise a float64 batch, a CPU batch for a GPU model or one of another width fails
+    deep inside F.linear."""
     param = None if model is None else next(model.parameters(), None)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [n, d_in] tensor, got {type(x).__name__} "
@@ -52,11 +53,16 @@ def _check_inputs(model: Optional[nn.Module], x: torch.Tensor) -> None:
     if x.device != param.device:
         raise ValueError(f"x is on {x.device} but the model's parameters are on {param.device}; "
                          f"pass x.to({str(param.device)!r})")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         with torch.no_grad():
             model(x[:1])
     except RuntimeError as e:
-        raise ValueError(f"the model does not take x of shape {tuple(x.shape)} (its input width?): {e}") from e
+        raise ValueError(f"the model does not take x of shape {tuple(x.shape)}: {e}") from e
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _check_names(names: Any) -> list[str]:

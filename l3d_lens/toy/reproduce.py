@@ -304,9 +304,12 @@ class Scorecard(list):
     __repr__ = __str__  # a REPL shows the table too; the rows are still list(self)
 
     def _repr_html_(self) -> str:
+        """The table in the report's style (scoped to it), numbers right-aligned."""
+        from ..viz.html import STYLE
         from ..viz.tables import table
 
-        return table(self.COLUMNS, self.cells(), caption=self.title, numeric=(1, 3, 5))  # value, target, reference
+        body = table(self.COLUMNS, self.cells(), caption=self.title, numeric=(1, 3, 5))  # value, target, reference
+        return f'<div class="l3d-report"><style>{STYLE}</style>{body}</div>'
 
     def to_frame(self):
         """The rows as a pandas DataFrame (raw values, not the display strings)."""

@@ -108,11 +108,11 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     without it. Batches go to the model's device; the model comes back in eval mode with no
     ``.grad`` left from training."""
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    device = next(model.parameters()).device  # AdamW refused a model without parameters
     at = () if check is None else {check[0]} if isinstance(check[0], int) else set(check[0])
     losses = []
     model.train()
