@@ -188,3 +188,22 @@ def test_overcomplete_per_sample_block_compares_r2_gaps_with_the_batch_runs_of_t
     assert "closer to the model's own with the per-sample loss in 2/3." in text
     monkeypatch.setattr(t, "_per_sample_run", lambda: None)
     assert "No per-sample run saved" in t.per_sample(batch)
+
+
+def test_the_gpu_toy_check_runs_its_path_on_the_cpu_and_refuses_a_missing_device(capsys, monkeypatch):
+    """``benchmarks/gpu_toy.py`` (run on a lent GPU) on the CPU: both columns agree exactly and it
+    passes; without CUDA it exits 2 before any work; a device run that raises fails it."""
+    from benchmarks import gpu_toy
+
+    assert gpu_toy.main(["--device", "cpu", "--toys", "tmcs", "--epochs", "2", "--train-epochs", "1"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("tmcs") and " cpu " in ln]
+    shown = [ln for ln in lines if ln[1] != "decompose"]
+    assert len(shown) == 4 and all(ln[-3] == ln[-1] for ln in shown)
+    monkeypatch.setattr(gpu_toy.torch.cuda, "is_available", lambda: False)
+    assert gpu_toy.main(["--toys", "tmcs"]) == 2
+    def lost(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(gpu_toy, "run", lost)
+    assert gpu_toy.main(["--device", "cpu", "--toys", "tms"]) == 1
+    assert "tms: FAILED on cpu: RuntimeError: device lost" in capsys.readouterr().out
