@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     print(f"toy models, CPU vs {args.device} ({where}); torch {torch.__version__}, 1 CPU thread; "
           f"{args.train_epochs} training epochs, {args.epochs} L3D epochs, seed 0")
     failed = []
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             on_cpu, on_device, seconds = run(name, args.device, args.epochs, args.train_epochs)
         except Exception as e:  # the check reports every toy, then fails
             failed.append(name)
-            print(f"{name}: FAILED on {args.device}: {type(e).__name__}: {e}")
+            print(f"{name}: FAILED: {type(e).__name__}: {e}")
             continue
         if on_cpu.keys() != on_device.keys() or not math.isfinite(on_device["error"]):
             failed.append(name)

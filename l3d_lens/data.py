@@ -7,6 +7,7 @@ shape (or batches of (data, reference) pairs).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
@@ -70,23 +71,32 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
         check_batch(adapter, first)
 
 
-def check_dtype(adapter: Adapter, data: Data, autocast: Optional[str]) -> None:
-    """TypeError naming both dtypes when float data of another dtype than the model's
-    parameters does not run through the model (one no-grad row in eval mode): a float64 batch
-    for a float32 model would fail inside F.linear at the first step. A model that casts its
-    input, or a run under ``autocast``, passes."""
-    if adapter.is_language_model or autocast is not None:
+def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
+                autocast: Optional[str] = None) -> None:
+    """TypeError naming the dtypes when float data (or paired reference data) of another dtype
+    than the model's parameters does not run through the model: one no-grad row in eval mode,
+    under ``autocast`` as training runs it. A float64 batch for a float32 model would fail
+    inside F.linear at the first step; a model that casts its input, or float32 data under
+    autocast, passes. Iterables are checked on their first batch."""
+    if adapter.is_language_model:
         return
     first = data if isinstance(data, torch.Tensor) else next(iter(data))
-    first = first[0] if isinstance(first, (tuple, list)) else first
-    if first.dtype == adapter.model_dtype:
-        return
-    try:
-        with torch.no_grad(), adapter.session():
-            adapter.forward(first[:1].to(adapter.device))
-    except RuntimeError as e:
-        raise TypeError(f"data is {first.dtype} but the model's parameters are {adapter.model_dtype}, and the model "
-                        f"does not take it ({e}); pass data.to({adapter.model_dtype})") from None
+    given = [("data", first[0]), ("reference", first[1])] if isinstance(first, (tuple, list)) else [("data", first)]
+    if isinstance(reference, torch.Tensor):
+        given.append(("reference", reference))
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    for what, x in given:
+        if x.dtype == adapter.model_dtype:
+            continue
+        cast = (contextlib.nullcontext() if autocast is None
+                else torch.autocast(device_type=adapter.device.type, dtype=half[autocast]))
+        try:
+            with torch.no_grad(), adapter.session(), cast:
+                adapter.forward(x[:1].to(adapter.device))
+        except RuntimeError as e:
+            under = f" (under {autocast} autocast)" if autocast else ""
+            raise TypeError(f"{what} is {x.dtype} but the model's parameters are {adapter.model_dtype}{under}, and the "
+                            f"model does not take it ({e}); pass {what}.to({adapter.model_dtype})") from None
 
 
 def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,

@@ -62,7 +62,7 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
 
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
-    check_dtype(task.adapter, data, task.cfg.autocast)
+    check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")

@@ -206,4 +206,4 @@ def test_the_gpu_toy_check_runs_its_path_on_the_cpu_and_refuses_a_missing_device
 
     monkeypatch.setattr(gpu_toy, "run", lost)
     assert gpu_toy.main(["--device", "cpu", "--toys", "tms"]) == 1
-    assert "tms: FAILED on cpu: RuntimeError: device lost" in capsys.readouterr().out
+    assert "tms: FAILED: RuntimeError: device lost" in capsys.readouterr().out

@@ -35,9 +35,12 @@ TOY_NOTEBOOK = NOTEBOOK.parent / "toy_models.ipynb"
 def test_toy_notebook_runs_and_shows_the_scorecard_as_a_table(tmp_path):
     """demos/toy_models.ipynb: TMCS trained, decomposed, scored (the scorecard renders as the
     report-styled HTML table), matched and saved, top to bottom on CPU."""
-    import nbformat
-    from nbclient import NotebookClient
-
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError as e:
+        pytest.fail(f"the notebook test needs the dev dependencies nbclient, nbformat and ipykernel ({e}): "
+                    f"pip install -e '.[dev]'", pytrace=False)
     nb = nbformat.read(TOY_NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -299,10 +299,37 @@ def test_decompose_names_float_data_of_another_dtype_that_the_model_does_not_tak
         def forward(self, x):
             return self.fc(x.to(self.fc.weight.dtype))
 
-    x64 = torch.rand(8, 3, dtype=torch.float64)
-    check_dtype(make_adapter(Casting()), x64, None)
+    x64, x32 = torch.rand(8, 3, dtype=torch.float64), torch.rand(8, 3)
+    check_dtype(make_adapter(Casting()), x64)
     plain = make_adapter(nn.Linear(3, 2))
     with pytest.raises(TypeError, match=r"data is torch.float64 but the model's parameters are torch.float32"):
-        check_dtype(plain, x64, None)
-    check_dtype(plain, x64, "bf16")
-    check_dtype(plain, [x64.float()], None)
+        check_dtype(plain, x64)
+    check_dtype(plain, [x32])
+    # paired reference data, as a tensor or in (data, reference) batches
+    for batches, reference in ((x32, x64), ([(x32, x64)], None)):
+        with pytest.raises(TypeError, match=r"reference is torch.float64 but the model's parameters are torch.float32"):
+            check_dtype(plain, batches, reference)
+    # under autocast as training runs it: a bf16 model takes float32 and float16 data, not float64
+    bf16 = make_adapter(nn.Linear(3, 2).to(torch.bfloat16))
+    check_dtype(bf16, x32, autocast="bf16")
+    check_dtype(bf16, x32.half(), autocast="bf16")
+    with pytest.raises(TypeError, match=r"data is torch.float64 .* torch.bfloat16 \(under bf16 autocast\)"):
+        check_dtype(bf16, x64, autocast="bf16")
+    with pytest.raises(TypeError, match="data is torch.float32"):
+        check_dtype(bf16, x32)
+
+
+def test_fraction_active_is_on_the_cpu_whatever_the_default_device(small_tms):
+    dec = l3d_lens.decompose(small_tms.model, small_tms.l3d_data, recommended_config("tms", epochs=1), progress=False)
+    with torch.device("meta"):
+        assert dec.fraction_active.device.type == "cpu"
+        dec.history = []
+        assert dec.fraction_active.device.type == "cpu" and dec.fraction_active.tolist() == [0.0] * 5
+
+
+def test_fit_names_a_model_without_parameters():
+    from torch import nn
+
+    from l3d_lens.toy import fit
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fit(nn.Sequential(), torch.rand(4, 2), torch.rand(4, 2), epochs=1)
