@@ -84,7 +84,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"evaluate result, as JSON text, in {sum(r['same'] for r in rows)}/{len(rows)} seeds.\n"
             f"- The largest |delta| at which a circuit's subnetwork reached its half change: "
             f"{max(r['max_abs_delta'] for r in rows):.3g} (the grid runs from 1e-3 to 100; the sweep stops after the "
-            "16 deltas of the chunk with the first hit).")
+            f"{SWEEPS['early']} deltas of the chunk with the first hit).")
 
 
 def section(rows, args, measured: Measured) -> str:

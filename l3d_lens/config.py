@@ -7,6 +7,7 @@ against the model at ``decompose`` time (language model vs. plain regression mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ REFERENCES = ("random", "mean", "uniform", "zero", "paired")
 ENGINES = ("fast", "exact")
 LOSS_NORMS = ("batch", "sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -150,7 +152,7 @@ class L3DConfig:
                 raise ValueError("loss_norm_epochs switches from loss_norm='sample' to the batch form; "
                                  "with loss_norm='batch' there is nothing to switch, leave it None")
         _choice("dtype", self.dtype, tuple(DTYPES))
-        _choice("autocast", self.autocast, (None, "bf16", "fp16"))
+        _choice("autocast", self.autocast, (None, *AUTOCASTS))
         if self.autocast is not None and self.engine != "fast":
             raise ValueError("autocast applies to the model's forward/backward in engine='fast'; use engine='fast'")
         for name in ("epochs", "batch_size", "lr_step"):
@@ -220,6 +222,14 @@ class L3DConfig:
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(known)}")
         return cls(**d)
+
+
+def autocast_context(autocast: Union[str, None], device: torch.device):
+    """The context a model's forward runs in for ``cfg.autocast``: torch.autocast in its half
+    dtype on ``device``, or nothing when it is None (factors stay in ``cfg.dtype`` either way)."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCASTS[autocast])
 
 
 def _check_resample_epochs(epochs_list: Any, epochs: int) -> None:

@@ -7,13 +7,13 @@ shape (or batches of (data, reference) pairs).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
 import torch
 
 from .adapters import Adapter
+from .config import autocast_context
 
 Data = Union[torch.Tensor, Iterable]
 
@@ -71,6 +71,13 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
         check_batch(adapter, first)
 
 
+def run_row(adapter: Adapter, x: torch.Tensor, autocast: Optional[str] = None) -> None:
+    """The first row of ``x`` through the model on its device, without grad, in eval mode and
+    under ``autocast`` as training runs it: raises what that forward raises."""
+    with torch.no_grad(), adapter.session(), autocast_context(autocast, adapter.device):
+        adapter.forward(x[:1].to(adapter.device))
+
+
 def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
                 autocast: Optional[str] = None) -> None:
     """TypeError naming the dtypes when float data (or paired reference data) of another dtype
@@ -84,15 +91,11 @@ def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
     given = [("data", first[0]), ("reference", first[1])] if isinstance(first, (tuple, list)) else [("data", first)]
     if isinstance(reference, torch.Tensor):
         given.append(("reference", reference))
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
     for what, x in given:
         if x.dtype == adapter.model_dtype:
             continue
-        cast = (contextlib.nullcontext() if autocast is None
-                else torch.autocast(device_type=adapter.device.type, dtype=half[autocast]))
         try:
-            with torch.no_grad(), adapter.session(), cast:
-                adapter.forward(x[:1].to(adapter.device))
+            run_row(adapter, x, autocast)
         except RuntimeError as e:
             under = f" (under {autocast} autocast)" if autocast else ""
             raise TypeError(f"{what} is {x.dtype} but the model's parameters are {adapter.model_dtype}{under}, and the "

@@ -57,6 +57,19 @@ def identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the duration, then every module's own mode restored (a mixed state
+    too), even if the body raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class Adapter:
     """Base class: a model plus its sites. Subclasses fill ``sites`` and the native maps."""
 
@@ -152,13 +165,8 @@ class Adapter:
     def session(self) -> Iterator[None]:
         """Eval mode for the duration (no dropout), then every module's mode restored and
         every hook this library added removed, even if the body raises."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             yield
-        finally:
-            for m, training in modes:
-                m.training = training
 
     @contextlib.contextmanager
     def forward_hooks(self, hooks: Mapping[nn.Module, Callable]) -> Iterator[None]:

@@ -10,13 +10,13 @@ independent sequences). Token mode: one backward per target position, batched wi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional
 
 import torch
 
 from ..adapters import POSITIONS, TOKENS
+from ..config import autocast_context
 from ..task import Task
 
 
@@ -28,14 +28,6 @@ class Captured:
     douts: dict[str, torch.Tensor]
     tokens: Optional[torch.Tensor]
     divergence: torch.Tensor
-
-
-def _autocast(task: Task, device: torch.device):
-    """torch.autocast for the model's forward when cfg.autocast is set (factors stay fp32/64)."""
-    if task.cfg.autocast is None:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if task.cfg.autocast == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generator],
@@ -90,7 +82,7 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         if paired is not None:
             with torch.no_grad():
                 paired_outputs = adapter.forward(paired)
-        with adapter.forward_hooks(hooks), _autocast(task, inputs.device):
+        with adapter.forward_hooks(hooks), autocast_context(task.cfg.autocast, inputs.device):
             outputs = adapter.forward(inputs)
         missing = sorted((in_keys - store_in.keys()) | (out_keys - store_out.keys()))
         if missing:

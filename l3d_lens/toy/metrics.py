@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import nn
 
+from ..adapters.base import eval_mode
 from .data import active_features, check_group_size, integer, single_feature_rows
 
 Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
@@ -53,16 +54,11 @@ def _check_inputs(model: Optional[nn.Module], x: torch.Tensor) -> None:
     if x.device != param.device:
         raise ValueError(f"x is on {x.device} but the model's parameters are on {param.device}; "
                          f"pass x.to({str(param.device)!r})")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(x[:1])
     except RuntimeError as e:
         raise ValueError(f"the model does not take x of shape {tuple(x.shape)}: {e}") from e
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check_names(names: Any) -> list[str]:
@@ -123,9 +119,9 @@ def feature_activity(dec, x: Float[torch.Tensor, "n f"], group_size: int = 1,
     n_groups = x.shape[1] // group_size
     masks = ([single_feature_rows(x, feature=f, sign=s) for f in range(n_groups) for s in (1, -1)] if signed
              else [single_feature_rows(x, group_size, feature=f) for f in range(n_groups)])
+    nan = torch.full((coef.shape[1],), float("nan"), dtype=coef.dtype, device=coef.device)
     rows = []
     for sel in masks:
-        nan = torch.full((coef.shape[1],), float("nan"), dtype=coef.dtype, device=coef.device)
         mean = coef[sel].mean(0) if sel.any() else nan
         rows.append(mean / mean.sum())
     return torch.stack(rows)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import L3DConfig
-from ..data import Data, check_batch, check_data
+from ..data import Data, check_batch, check_data, run_row
 from ..decomposition import Decomposition, build_task, check_memory, decompose
 
 
@@ -77,8 +77,7 @@ def _check_fits(adapter, given: Data, paired: bool, name: str) -> None:
     first = given if isinstance(given, torch.Tensor) else next(iter(given))
     row = check_batch(adapter, first[0] if isinstance(first, (tuple, list)) else first, name)[:1]
     try:
-        with torch.no_grad(), adapter.session():
-            adapter.forward(row.to(adapter.device))
+        run_row(adapter, row)
     except RuntimeError as e:
         raise ValueError(f"{name} does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
                          f"{row.dtype}) failed: {e}") from None
