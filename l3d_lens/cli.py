@@ -44,6 +44,8 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
     if model_class == "hooked" and not _has_hooked():
         raise UserError("--model-class hooked: this TransformerLens has no HookedTransformer (removed in 4.0); "
                         "use --model-class bridge")
+    if device:
+        _check_device(device)
     if spec in EMBEDDED:
         from .zoo import induction
 
@@ -62,6 +64,22 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
     if device:
         model = model.to(device)
     return model.eval()
+
+
+def _check_device(device: str) -> None:
+    """A --device torch can name and this machine has, before any model is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {device!r}: {_first_line(e)}; e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "meta":
+        raise UserError("--device meta holds no weights to run; e.g. cpu, cuda, cuda:1")
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
+    if backend is not None and not (backend and backend.is_available()):
+        raise UserError(f"--device {device}: no {dev.type} device is available to this torch ({torch.__version__}); "
+                        f"use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _load_local(path: Path, model_class: str) -> torch.nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -24,6 +24,15 @@ ENGINES = ("fast", "exact")
 LOSS_NORMS = ("batch", "sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _is_int(value: Any) -> bool:
+    """An int and not a bool (True is an int to Python, not a count or a seed to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -109,15 +118,16 @@ class L3DConfig:
     loss_norm_epochs: Union[int, None] = None
 
     def __post_init__(self) -> None:
-        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
+        given = self.components
+        comps = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, Iterable) else ()
         if not comps or not all(isinstance(c, str) and c.strip() for c in comps):
             raise ValueError(
                 "components must be a non-empty selector or list of selectors, e.g. "
-                "'blocks.0.attn', ['blocks.*.mlp', 'blocks.1.attn.W_Q'], 'blocks.0.attn[0,2]'"
+                f"'blocks.0.attn', ['blocks.*.mlp', 'blocks.1.attn.W_Q'], 'blocks.0.attn[0,2]'; got {given!r}"
             )
         object.__setattr__(self, "components", comps)
-        if isinstance(self.rank, Mapping):
-            object.__setattr__(self, "rank", dict(self.rank))
+        if isinstance(self.rank, Mapping):  # a per-mode list (as read back from JSON) becomes a tuple
+            object.__setattr__(self, "rank", {k: tuple(v) if isinstance(v, list) else v for k, v in self.rank.items()})
         if isinstance(self.resample_epochs, (list, tuple)):
             object.__setattr__(self, "resample_epochs", tuple(self.resample_epochs))
         if isinstance(self.dtype, torch.dtype):
@@ -127,15 +137,15 @@ class L3DConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.n_subnetworks, int) or self.n_subnetworks < 1:
+        if not _is_int(self.n_subnetworks) or self.n_subnetworks < 1:
             raise ValueError(f"n_subnetworks must be an int >= 1, got {self.n_subnetworks!r}")
-        if not isinstance(self.top_k, (int, float)) or not 0 < self.top_k <= 1:
+        if not _is_number(self.top_k) or not 0 < self.top_k <= 1:
             raise ValueError(f"top_k must be a fraction in (0, 1] (1.0 keeps every coefficient), got {self.top_k!r}")
         _check_rank(self.rank)
         if not callable(self.divergence):
             _choice("divergence", self.divergence, DIVERGENCES + ("<a callable (output, reference) -> per-sample tensor>",))
         _choice("sample", self.sample, SAMPLES)
-        if not (isinstance(self.position, int) and not isinstance(self.position, bool)) and self.position != "all":
+        if not _is_int(self.position) and self.position != "all":
             raise ValueError(f"position must be an int (e.g. -1 for the last token) or 'all', got {self.position!r}")
         _choice("reference", self.reference, REFERENCES)
         for ref, needs in (("uniform", "kl"), ("zero", "mse")):
@@ -144,8 +154,7 @@ class L3DConfig:
         _choice("engine", self.engine, ENGINES)
         _choice("loss_norm", self.loss_norm, LOSS_NORMS)
         if self.loss_norm_epochs is not None:
-            if not isinstance(self.loss_norm_epochs, int) or isinstance(self.loss_norm_epochs, bool) \
-                    or self.loss_norm_epochs < 1:
+            if not _is_int(self.loss_norm_epochs) or self.loss_norm_epochs < 1:
                 raise ValueError(f"loss_norm_epochs must be None (all epochs) or an int >= 1, "
                                  f"got {self.loss_norm_epochs!r}")
             if self.loss_norm == "batch":
@@ -157,25 +166,23 @@ class L3DConfig:
             raise ValueError("autocast applies to the model's forward/backward in engine='fast'; use engine='fast'")
         for name in ("epochs", "batch_size", "lr_step"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+        if not _is_number(self.lr) or not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay <= 1:
+        if not _is_number(self.lr_decay) or not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
-        if not isinstance(self.aux_coef, (int, float)) or self.aux_coef < 0:
-            raise ValueError(f"aux_coef must be >= 0 (0 turns the dead-subnetwork loss off), got {self.aux_coef!r}")
-        if not isinstance(self.dead_steps, int) or self.dead_steps < 1:
+        if not _is_number(self.aux_coef) or not 0 <= self.aux_coef < math.inf:
+            raise ValueError(f"aux_coef must be a finite number >= 0 (0 turns the dead-subnetwork loss off), got {self.aux_coef!r}")
+        if not _is_int(self.dead_steps) or self.dead_steps < 1:
             raise ValueError(f"dead_steps must be an int >= 1, got {self.dead_steps!r}")
-        if self.aux_epochs is not None and (not isinstance(self.aux_epochs, int) or isinstance(self.aux_epochs, bool)
-                                            or self.aux_epochs < 1):
+        if self.aux_epochs is not None and (not _is_int(self.aux_epochs) or self.aux_epochs < 1):
             raise ValueError(f"aux_epochs must be None (all epochs) or an int >= 1, got {self.aux_epochs!r}")
         _check_resample_epochs(self.resample_epochs, self.epochs)
-        if self.resample_max is not None and (not isinstance(self.resample_max, int)
-                                              or isinstance(self.resample_max, bool) or self.resample_max < 1):
+        if self.resample_max is not None and (not _is_int(self.resample_max) or self.resample_max < 1):
             raise ValueError(f"resample_max must be None (every dead subnetwork) or an int >= 1, "
                              f"got {self.resample_max!r}")
-        if not isinstance(self.seed, int):
+        if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     @property
@@ -236,7 +243,7 @@ def _check_resample_epochs(epochs_list: Any, epochs: int) -> None:
     """Resampling happens at the start of an epoch after the first (before it nothing can be
     dead) and before the end of training, each epoch once."""
     valid = (isinstance(epochs_list, tuple)
-             and all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e < epochs for e in epochs_list)
+             and all(_is_int(e) and 1 <= e < epochs for e in epochs_list)
              and list(epochs_list) == sorted(set(epochs_list)))
     if not valid:
         span = f"1..{epochs - 1}" if epochs > 1 else "none: epochs=1 leaves no epoch to resample at"
@@ -255,7 +262,7 @@ def _check_rank(rank: Rank) -> None:
             if not 0 < r < 1:
                 raise ValueError(f"rank{where} as a fraction must be in (0, 1), got {r}; use an int for absolute ranks")
         elif isinstance(r, (list, tuple)) and where:
-            if not r or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in r):
+            if not r or not all(_is_int(x) and x >= 1 for x in r):
                 raise ValueError(f"rank{where} as a tuple must list one int >= 1 per mode, got {r!r}")
         else:
             raise ValueError(f"rank{where} must be an int >= 1, a fraction in (0, 1) or (per weight) a tuple, got {r!r}")

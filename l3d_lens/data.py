@@ -71,6 +71,18 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
         check_batch(adapter, first)
 
 
+def check_position(adapter: Adapter, data: Data, position: Union[int, str]) -> None:
+    """An int ``position`` (sample='sequence') must lie in the sequences of ``data`` (the first
+    batch of an iterable), counted from either end as Python indexes."""
+    if not adapter.is_language_model or position == "all":
+        return
+    first = data if isinstance(data, torch.Tensor) else next(iter(data))
+    seq = (first[0] if isinstance(first, (tuple, list)) else first).shape[1]
+    if not -seq <= position < seq:
+        raise ValueError(f"position={position} is outside the sequences of length {seq}; choose one of "
+                         f"{-seq}..{seq - 1} (-1: the last token) or 'all'")
+
+
 def run_row(adapter: Adapter, x: torch.Tensor, autocast: Optional[str] = None) -> None:
     """The first row of ``x`` through the model on its device, without grad, in eval mode and
     under ``autocast`` as training runs it: raises what that forward raises."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import Adapter, make_adapter
 from .config import L3DConfig
-from .data import Data, batches, check_data, check_dtype
+from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
 from .objective import sample_errors, topk_mask
 from .selection import select
@@ -29,7 +29,21 @@ def resolve_config(adapter: Adapter, cfg: L3DConfig) -> L3DConfig:
     if not lm and sample == "token":
         raise ValueError("sample='token' needs a language model; for a plain module every row is a sample "
                          "(use sample='sequence' or 'auto')")
+    if sample == "token" and cfg.position != -1:
+        raise ValueError(f"position={cfg.position!r} applies to sample='sequence' only; with sample='token' every "
+                         f"position is a sample (leave position at -1, or set sample='sequence')")
     return cfg.replace(sample=sample, divergence=divergence)
+
+
+def check_untied(adapter: Adapter, names: list[str]) -> None:
+    """A weight tied to another (one Parameter in two modules) cannot be decomposed or moved
+    alone: both gradient engines see one of its uses, and an edit moves every use."""
+    for name in names:
+        tied = adapter.tied_paths(name)
+        if len(tied) > 1:
+            raise ValueError(f"{name} is one Parameter tied to other weights ({', '.join(tied)}): both gradient "
+                             f"engines see only this use of it, and an intervention would move every use. Untie "
+                             f"it (give each module its own nn.Parameter(p.detach().clone())) or leave it out")
 
 
 def build_task(model: nn.Module, cfg: L3DConfig) -> Task:
@@ -37,6 +51,7 @@ def build_task(model: nn.Module, cfg: L3DConfig) -> Task:
     cfg = resolve_config(adapter, cfg)
     selected = select(adapter, tuple(cfg.components), cfg.include_biases)
     resolve_ranks(selected, cfg.rank)
+    check_untied(adapter, [s.name for s in selected])
     if cfg.engine == "fast":
         slow = [s.name for s in selected if not s.site.fast]
         if slow:
@@ -62,6 +77,8 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
 
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
+    if task.cfg.sample == "sequence":
+        check_position(task.adapter, data, task.cfg.position)
     check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
@@ -137,6 +154,8 @@ class Decomposition:
         task = self._task
         paired = task.cfg.reference == "paired"
         check_data(task.adapter, data, reference, paired)
+        if task.cfg.sample == "sequence":
+            check_position(task.adapter, data, task.cfg.position)
         gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
         min_batch = 1 if task.token_mode or task.cfg.reference != "random" else 2
         with torch.no_grad():
@@ -198,7 +217,9 @@ class Decomposition:
 
         subs = self.subnetworks()
         a = self.adapter
-        return scaling_effects(subs, {n: a.weight(n) for n in subs}, a.sites, a.n_layers, a.n_heads, a.d_mlp)
+        slices = {s.name: s.indices for s in self._task.selected}  # None for a whole weight
+        return scaling_effects(subs, {n: a.weight(n) for n in subs}, a.sites, a.n_layers, a.n_heads, a.d_mlp,
+                               slices)
 
     def _unit_effects(self, unit: str, data: Optional[Data], reference: Optional[Data], seed: Optional[int]):
         from .analysis.effects import weighted
@@ -236,7 +257,7 @@ class Decomposition:
     def neuron_effects(self, data: Optional[Data] = None, reference: Optional[Data] = None, *,
                        seed: Optional[int] = None):
         """What each subnetwork does through each MLP neuron's output (its W_out row): a
-        DataFrame (subnetwork, layer, neuron, effect) for the layers whose W_out is decomposed."""
+        DataFrame (subnetwork, layer, neuron, effect) for the neurons whose W_out row is decomposed."""
         df = self._effect_frame(self._unit_effects("neurons", data, reference, seed), "neuron")
         return df.dropna(subset=["effect"]).reset_index(drop=True)
 
@@ -255,7 +276,8 @@ class Decomposition:
         return top_samples(self, data, subnetwork, k, impacts, to_str, context)
 
     def top_logits(self, data, subnetwork: int, k: int = 10, *, to_str=None, positions=None):
-        """DataFrame of the k logits most moved along ``subnetwork`` (forward-mode derivative)."""
+        """DataFrame of the k logits most moved along ``subnetwork`` (forward-mode derivative),
+        over ``positions`` (default: every position in token mode, else the decomposed one)."""
         from .analysis.impact import top_logits
 
         return top_logits(self, data, subnetwork, k, to_str, positions)
@@ -280,6 +302,7 @@ class Decomposition:
             mine = self.adapter.fingerprint(self.weight_names)["shapes"]
             if fp != mine:
                 raise ValueError(f"model's decomposed weights have shapes {fp}, the decomposition's are {mine}")
+            check_untied(adapter, self.weight_names)
         return edit_weights(adapter, weight_changes(adapter, self.subnetworks(), ks, deltas))
 
     def intervention_curve(self, data, subnetwork: int, deltas=(-4, -2, -1, -0.5, 0.5, 1, 2, 4), *,

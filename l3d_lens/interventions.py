@@ -13,15 +13,22 @@ from typing import Union
 import torch
 
 from .adapters import Adapter
+from .checks import as_index, as_number
 
 Subnets = Union[int, Sequence[int]]
 Deltas = Union[float, Sequence[float]]
 
 
 def check_subnetworks(subnetwork: Subnets, n_subnetworks: int) -> list[int]:
-    ks = [subnetwork] if isinstance(subnetwork, int) else list(subnetwork)
-    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
-        raise ValueError(f"subnetwork must be an int or a non-empty list of ints, got {subnetwork!r}")
+    """The subnetwork indices as a list of distinct ints in 0..n_subnetworks-1."""
+    choices = f"an int or a non-empty list of ints in 0..{n_subnetworks - 1}"
+    one = as_index(subnetwork)
+    try:
+        ks = [one] if one is not None else [as_index(k) for k in subnetwork]
+    except TypeError:  # not an index and not iterable (a bool, a float, a 0-d float tensor)
+        ks = []
+    if not ks or None in ks:
+        raise ValueError(f"subnetwork must be {choices}, got {subnetwork!r}")
     bad = [k for k in ks if not 0 <= k < n_subnetworks]
     if bad:
         raise ValueError(f"subnetwork {bad[0]} out of range; valid: 0..{n_subnetworks - 1}")
@@ -31,13 +38,21 @@ def check_subnetworks(subnetwork: Subnets, n_subnetworks: int) -> list[int]:
 
 
 def check_deltas(delta: Deltas, n: int) -> list[float]:
-    ds = [delta] * n if isinstance(delta, (int, float)) and not isinstance(delta, bool) else list(delta)
+    """One finite float per subnetwork: a single number is used for all n."""
+    one = as_number(delta)
+    try:
+        ds = [one] * n if one is not None else list(delta)
+    except TypeError:  # not a number and not iterable (a bool, a 0-d bool tensor)
+        ds = None
+    if ds is None or isinstance(delta, (str, bytes)):
+        raise ValueError(f"delta must be a finite number or a list of {n} (one per subnetwork), got {delta!r}")
     if len(ds) != n:
         raise ValueError(f"{len(ds)} deltas for {n} subnetworks; give one delta or one per subnetwork")
-    for d in ds:
-        if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d):
+    out = [as_number(d) for d in ds]
+    for d, x in zip(ds, out):
+        if x is None or not math.isfinite(x):
             raise ValueError(f"delta must be a finite number, got {d!r}")
-    return [float(d) for d in ds]
+    return out
 
 
 def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: list[int],
@@ -61,19 +76,29 @@ def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: l
 
 @contextlib.contextmanager
 def edit_weights(adapter: Adapter, changes: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Add TL-layout changes to the model's parameters for the body; restore exactly after."""
+    """Add TL-layout changes to the model's parameters for the body; restore exactly after,
+    even if the body raises. Names can share one Parameter (tied weights, e.g. W_E and W_U):
+    each Parameter is saved once before any change, gets the sum of its names' changes (each
+    converted to the native layout), and is restored from that first snapshot."""
+    params: dict[int, torch.nn.Parameter] = {}
+    names: dict[int, list[str]] = {}
+    for name in changes:
+        param = adapter.native_parameter(name)
+        params[id(param)] = param
+        names.setdefault(id(param), []).append(name)
     saved = {}
     try:
         with torch.no_grad():
-            for name, change in changes.items():
-                param = adapter.native_parameter(name)
-                saved[name] = param.detach().clone()
-                param.add_(adapter.to_native(name, change.to(device=param.device, dtype=param.dtype)))
+            for key, param in params.items():
+                saved[key] = param.detach().clone()
+            for key, param in params.items():
+                total = sum(adapter.to_native(n, changes[n].to(param.device)) for n in names[key])
+                param.add_(total.to(param.dtype))
         yield
     finally:
         with torch.no_grad():
-            for name, value in saved.items():
-                adapter.native_parameter(name).copy_(value)
+            for key, value in saved.items():
+                params[key].copy_(value)
 
 
 def perturbed_forward(adapter: Adapter, changes: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+import warnings
 from typing import Optional
 
 import torch
 
 from .adapters import Adapter, Site
 
-_SUBSET = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[0-9,:\s]+)\]$")
+_SUBSET = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[-0-9,:\s]*)\]$")
+_SYNTAX = "write [i,j,a:b] of indices >= 0 right after the name, e.g. 'blocks.0.attn[0,2]', 'blocks.1.mlp[3:9,20]'"
 _LAYER = re.compile(r"^blocks\.(\d+)(\.|$)")
 _BIAS_KINDS = ("bias", "ln_b")
 
@@ -71,20 +73,24 @@ def _is_bias(site: Site) -> bool:
 
 
 def _parse_items(text: str, selector: str) -> list[int]:
+    if not text.strip():
+        raise ValueError(f"selector {selector!r}: empty index list []; {_SYNTAX}")
     out: list[int] = []
     for item in text.split(","):
         item = item.strip()
         if not item:
-            continue
+            raise ValueError(f"selector {selector!r}: empty entry in [{text}]; {_SYNTAX}")
+        if "-" in item:
+            raise ValueError(f"selector {selector!r}: negative index {item!r}; {_SYNTAX}")
         if ":" in item:
             a, _, b = item.partition(":")
             if not a.strip().isdigit() or not b.strip().isdigit() or int(b) <= int(a):
                 raise ValueError(f"selector {selector!r}: bad range {item!r}; write start:stop with stop > start")
             out.extend(range(int(a), int(b)))
-        else:
+        elif item.isdigit():
             out.append(int(item))
-    if not out:
-        raise ValueError(f"selector {selector!r}: empty index list")
+        else:
+            raise ValueError(f"selector {selector!r}: bad index {item!r} in [{text}]; {_SYNTAX}")
     return out
 
 
@@ -98,13 +104,31 @@ def available(adapter: Adapter) -> str:
     return ", ".join(seen)
 
 
+def _left_out(adapter: Adapter, selector: str, pattern: str, matched_any: bool, include_biases: bool) -> None:
+    """Weights the selector covers that the adapter cannot decompose (``adapter.unsupported``):
+    an error that says why when nothing else matched, else a warning that they are left out."""
+    covered = [n for n in adapter.unsupported
+               if (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*"))
+               and (include_biases or n == pattern or not n.rpartition(".")[2].startswith("b_"))]
+    if not covered:
+        return
+    why = adapter.unsupported[covered[0]]
+    if not matched_any:
+        raise ValueError(f"selector {selector!r}: {', '.join(covered)} cannot be decomposed: {why}")
+    warnings.warn(f"selector {selector!r} leaves out {', '.join(covered)}: {why}", stacklevel=4)
+
+
 def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = True) -> list[Selected]:
     """Resolve selectors to the list of decomposed weights, in model order."""
     chosen: dict[str, Optional[set[int]]] = {}
     for selector in selectors:
         sel = selector.strip()
         m = _SUBSET.match(sel)
+        if m and re.search(r"\d\s*-", m.group("items")):  # a glob range (blocks.[0-1]), not an index list
+            m = None
         pattern, items = (m.group("pattern"), _parse_items(m.group("items"), sel)) if m else (sel, None)
+        if pattern != pattern.rstrip():
+            raise ValueError(f"selector {selector!r}: space before the index list; {_SYNTAX}")
         layer = _LAYER.match(pattern)
         if layer and adapter.n_layers and int(layer.group(1)) >= adapter.n_layers:
             raise ValueError(
@@ -116,8 +140,10 @@ def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = 
         exact = [s for s in matched if s.name == pattern]
         if not include_biases:
             matched = [s for s in matched if not _is_bias(s) or s in exact]
+        _left_out(adapter, selector, pattern, bool(matched), include_biases)
         if not matched:
-            raise ValueError(f"selector {selector!r} matches no weight; available: {available(adapter)}")
+            hint = f" (an index list: {_SYNTAX})" if sel.endswith("]") else ""
+            raise ValueError(f"selector {selector!r} matches no weight{hint}; available: {available(adapter)}")
         if items is not None:
             matched = [s for s in matched if "head" in s.modes or "d_mlp" in s.modes]
             if not matched:

@@ -42,6 +42,8 @@ class Task:
         d = divergence_fn(self.cfg.divergence)(view, refs)
         if self.adapter.is_language_model and not self.token_mode and self.cfg.position == "all":
             d = d.sum(-1)
+        if not self.adapter.is_language_model and d.dim() > 1:  # a plain module's row: its whole output
+            d = d.flatten(1).sum(1)
         return d
 
     def references(self, outputs: torch.Tensor, generator: Optional[torch.Generator],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import zlib
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,9 +25,13 @@ LM_KINDS = (["hooked"] if HAS_HOOKED else []) + ["bridge", "bridge_compat"]
 
 
 def tiny_lm(kind: str, dtype=torch.float64, seed: int = 0, attn_only: bool = False, normalization: str = "LN",
-            n_layers: int = 2, d_vocab: int = 20, n_ctx: int = 8, d_mlp: int = 32):
+            n_layers: int = 2, d_vocab: int = 20, n_ctx: int = 8, d_mlp: int = 32, gated: bool = False,
+            n_key_value_heads: Optional[int] = None):
+    """A 2-layer float64 LM with non-zero biases; ``gated``: a SiLU gated MLP (Llama-style);
+    ``n_key_value_heads``: grouped-query attention."""
     common = dict(n_layers=n_layers, d_model=16, n_heads=2, d_head=8, d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=n_ctx,
-                  act_fn="gelu", normalization_type=normalization, seed=seed, attn_only=attn_only)
+                  act_fn="silu" if gated else "gelu", normalization_type=normalization, seed=seed,
+                  attn_only=attn_only, gated_mlp=gated, n_key_value_heads=n_key_value_heads)
     if kind == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -18,6 +18,7 @@ BRIDGE = {  # TL kind -> (native attribute path under the block, einops native -
     "b_K": ("attn.k", "bias", "(h d) -> h d"), "b_V": ("attn.v", "bias", "(h d) -> h d"),
     "W_O": ("attn.o", "weight", "m (h d) -> h d m"), "b_O": ("attn.o", "bias", None),
     "W_in": ("mlp.in", "weight", "a b -> b a"), "b_in": ("mlp.in", "bias", None),
+    "W_gate": ("mlp.gate", "weight", "a b -> b a"), "b_gate": ("mlp.gate", "bias", None),
     "W_out": ("mlp.out", "weight", "a b -> b a"), "b_out": ("mlp.out", "bias", None),
 }
 

@@ -79,6 +79,12 @@ def test_help_lists_the_commands(capsys):
     (["decompose", "induction", "--components", "blocks.7.attn"], "blocks.7"),
     (["decompose", "induction", "--components", "blocks.0.attn", "--data", "missing.txt"], "data missing.txt does not exist"),
     (["decompose", "induction", "--components", "blocks.0.attn", "--threads", "0"], "--threads must be >= 1"),
+    (["decompose", "induction", "--components", "blocks.0.attn", "--device", "banana"], "--device 'banana': "),
+    (["decompose", "induction", "--components", "blocks.0.attn", "--device", "meta"], "--device meta holds no"),
+    (["decompose", "induction", "--components", "blocks.0.attn", "--sample", "sequence", "--position", "30"],
+     "position=30 is outside the sequences of length 25"),
+    (["decompose", "induction", "--components", "blocks.0.attn", "--set", "components=3"],
+     "components must be a non-empty selector or list of selectors, e.g. 'blocks.0.attn'"),
     (["report", "no_such_folder"], "no_such_folder is not a folder"),
     (["compare", "--threads", "0"], "--threads must be >= 1"),
 ])
@@ -90,6 +96,14 @@ def test_user_errors_are_one_line(capsys, tmp_path, argv, message):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"l3d-lens {argv[0]}: error: "), err
     assert message in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "decompose", "induction", "--components", "blocks.0.attn", "--device", "cuda",
+                       "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 2 and err.strip() == (f"l3d-lens decompose: error: --device cuda: no cuda device is available "
+                                         f"to this torch ({torch.__version__}); use --device cpu")
 
 
 def test_config_file_errors(capsys, tmp_path):

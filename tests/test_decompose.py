@@ -251,3 +251,20 @@ def test_aux_loss_revives_dead_subnetworks():
     assert warm.history[:2] == full.history[:2] and warm.history[2:] != full.history[2:]
     with pytest.raises(ValueError, match="aux_epochs must be None"):
         base.replace(aux_epochs=0)
+
+
+def test_position_is_checked_against_the_sequences_before_training(lm_kind):
+    """position=25 on sequences of 25 tokens used to raise a bare IndexError at the first step,
+    and a position given with sample='token' was silently ignored."""
+    model, x = tiny_lm(lm_kind), tokens(4, 5)
+    base = l3d_lens.L3DConfig(components="blocks.0.attn", n_subnetworks=2, rank=1, epochs=1, sample="sequence",
+                              reference="uniform")
+    for bad in (5, -6):
+        with pytest.raises(ValueError, match=rf"position={bad} is outside the sequences of length 5; choose one of "
+                                             r"-5..4 \(-1: the last token\) or 'all'"):
+            l3d_lens.decompose(model, x, base.replace(position=bad), progress=False)
+    dec = l3d_lens.decompose(model, x, base.replace(position=-5), progress=False)  # the first token: in range
+    with pytest.raises(ValueError, match="position=-5 is outside the sequences of length 3"):
+        dec.coefficients(x[:, :3])  # and later data is checked too
+    with pytest.raises(ValueError, match=r"position=2 applies to sample='sequence' only"):
+        l3d_lens.decompose(model, x, base.replace(sample="token", position=2), progress=False)

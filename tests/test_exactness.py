@@ -17,7 +17,7 @@ from l3d_lens.engine import batch_stats
 from l3d_lens.objective import l3d_loss, loss_terms, sample_errors, topk_mask
 from l3d_lens.subnetworks import gram, init_factors, resolve_ranks
 
-from .helpers import TinyMLP, tiny_lm, tokens
+from .helpers import HAS_HOOKED, TL_VERSION, TinyMLP, tiny_lm, tokens
 from .reference import loss_and_coefficients, per_sample_grads
 
 RTOL = 1e-5
@@ -93,6 +93,71 @@ def test_lm_matches_oracle(lm_kind, engine, sample, which):
     check(task, f, model, x, ref)
 
 
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_gated_mlp_matches_oracle(lm_kind, engine):
+    """A Llama-style gated MLP: W_gate, W_in and (HookedTransformer) b_in, which TransformerLens
+    adds after act(pre) * pre_linear, so its gradient is the one at hook_post, not hook_pre_linear
+    (the fast engine used the latter: ||g||^2 of b_in off by 2-4x)."""
+    if lm_kind == "bridge_compat" and TL_VERSION.startswith("3."):
+        pytest.skip("TransformerLens 3.x's compatibility-mode gated MLP fails on float64 in its own forward "
+                    "(a float32 matmul); TL 4 runs it")
+    model = tiny_lm(lm_kind, gated=True)
+    x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+    hooked = lm_kind == "hooked"  # the native gated bridge has no MLP biases outside compatibility mode
+    task, f = setup(model, ["blocks.0.mlp"] + (["blocks.1.mlp.b_in"] if hooked else []), "token", engine)
+    names = {s.name for s in task.selected}
+    assert {"blocks.0.mlp.W_gate", "blocks.0.mlp.W_in", "blocks.0.mlp.W_out"} <= names
+    assert not hooked or {"blocks.0.mlp.b_in", "blocks.1.mlp.b_in"} <= names
+    check(task, f, model, x, ref)
+
+
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_grouped_query_attention_decomposes_q_and_o_and_names_k_and_v(lm_kind, engine):
+    """K and V of grouped-query attention (one key/value head for two query heads here) are not
+    decomposed: "blocks.0.attn" warns that it leaves them out, naming them it is an error (the
+    bridge adapter used to fail on such models with a bare reshape error), and Q, O and the MLP
+    match the oracle."""
+    model = tiny_lm(lm_kind, n_key_value_heads=1)
+    x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+    with pytest.warns(UserWarning, match=r"'blocks.0.attn' leaves out blocks.0.attn.W_K, .*1 key/value heads"):
+        task, f = setup(model, ["blocks.0.attn", "blocks.1.mlp"], "token", engine)
+    assert {"blocks.0.attn.W_Q", "blocks.0.attn.W_O", "blocks.1.mlp.W_in"} <= {s.name for s in task.selected}
+    check(task, f, model, x, ref)
+    with pytest.raises(ValueError, match=r"'blocks.1.attn.W_V': blocks.1.attn.W_V cannot be decomposed: grouped"):
+        setup(model, ["blocks.1.attn.W_V"], "token", engine)
+    cfg = l3d_lens.L3DConfig(components="blocks.0.attn", include_biases=False)
+    with pytest.warns(UserWarning, match=r"leaves out blocks.0.attn.W_K, blocks.0.attn.W_V: grouped"):
+        build_task(model, cfg)  # the biases it excluded are not named
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in TransformerLens 4")
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+@pytest.mark.parametrize("variant", [dict(positional_embedding_type="shortformer", normalization_type="LN"),
+                                     dict(use_normalization_before_and_after=True, normalization_type="RMS"),
+                                     dict(original_architecture="Olmo2ForCausalLM", normalization_type="RMS")],
+                         ids=["shortformer", "norm_before_and_after", "olmo2_post_norm"])
+def test_hooked_block_variants_match_oracle(variant, engine):
+    """Blocks that feed their weights something other than ln1/ln2's output, or normalise the
+    attention and MLP outputs: a shortformer adds the positions to Q and K's input, Gemma 2-style
+    blocks normalise outputs before hook_attn_out / hook_mlp_out, OLMo 2 feeds the raw residual
+    and normalises outputs. The fast engine read ln1/ln2 and hook_attn_out / hook_mlp_out there
+    and was silently wrong (W_Q, W_K; W_O, W_out; and W_in)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=8, act_fn="gelu", seed=0,
+        dtype=torch.float64, **variant)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".b_" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+    task, f = setup(model, ["blocks.0", "blocks.1.attn", "blocks.1.mlp"], "token", engine)
+    assert {"blocks.0.attn.W_Q", "blocks.0.attn.W_O", "blocks.0.mlp.W_in", "blocks.1.mlp.W_out"} <= {
+        s.name for s in task.selected}
+    check(task, f, model, x, ref)
+
+
 @pytest.mark.parametrize("position", [2, "all"])
 def test_sequence_positions(lm_kind, position):
     model = tiny_lm(lm_kind)
@@ -106,6 +171,17 @@ def test_module_matches_oracle(engine):
     model = TinyMLP()
     x = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ref = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    task, f = setup(model, ["fc1", "fc2"], "auto", engine)
+    check(task, f, model, x, ref)
+
+
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_module_with_per_position_outputs_matches_oracle(engine):
+    """A plain module on [n, seq, d] rows: a sample is a row and its divergence sums over the
+    row's positions (the exact engine used to fail: its per-sample divergence was not a scalar)."""
+    model = TinyMLP()
+    x = torch.rand(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = torch.rand(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     task, f = setup(model, ["fc1", "fc2"], "auto", engine)
     check(task, f, model, x, ref)
 

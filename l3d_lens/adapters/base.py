@@ -70,6 +70,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def gqa_reason(n_kv_heads: int, n_heads: int) -> str:
+    """Why grouped-query attention's K and V are not decomposed."""
+    return (f"grouped-query attention: {n_kv_heads} key/value heads shared by {n_heads} query heads "
+            f"(l3d_lens decomposes Q, O and the MLPs of such models, not K and V)")
+
+
 class Adapter:
     """Base class: a model plus its sites. Subclasses fill ``sites`` and the native maps."""
 
@@ -85,6 +91,7 @@ class Adapter:
         self._to_native: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._from_native: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._capture: dict[str, tuple[nn.Module, str]] = {}
+        self.unsupported: dict[str, str] = {}  # weights the model has but no site exposes -> why
 
     # --- description -------------------------------------------------------------------
     @property
@@ -121,6 +128,20 @@ class Adapter:
     def native_parameter(self, name: str) -> nn.Parameter:
         return self.model.get_parameter(self._param_path[name])
 
+    def _parameter_slots(self) -> dict[tuple[int, str], tuple[str, nn.Parameter]]:
+        """{(id(module), attribute): (path, Parameter)} for every module attribute holding a
+        Parameter, once each: a module reached by two paths (TL 4 bridges wrap theirs) counts
+        once, a Parameter tied into two modules twice."""
+        return {(id(module), attr): (f"{path}.{attr}" if path else attr, param)
+                for path, module in self.model.named_modules()
+                for attr, param in module._parameters.items() if param is not None}
+
+    def tied_paths(self, name: str) -> list[str]:
+        """Every slot that holds the Parameter behind ``name``: more than one when the model ties
+        it to another weight."""
+        target = self.native_parameter(name)
+        return [path for path, param in self._parameter_slots().values() if param is target]
+
     def weight(self, name: str) -> torch.Tensor:
         """The weight in TransformerLens layout (a detached tensor, not a copy where a view works)."""
         return self._from_native[name](self.native_parameter(name).detach())
@@ -129,8 +150,14 @@ class Adapter:
         return self._to_native[name](value)
 
     def functional_forward(self, overrides: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        """Forward with some weights replaced by TL-layout tensors (keyed by module-tree path)."""
-        native = {self._param_path[n]: self._to_native[n](v) for n, v in overrides.items()}
+        """Forward with some weights replaced by TL-layout tensors (keyed by TL name). Every other
+        parameter enters detached: the result depends on the overrides only, so a backward through
+        it never reaches (or leaves ``.grad`` on) the model's own parameters."""
+        slots = self._parameter_slots()
+        native = {path: param.detach() for path, param in slots.values()}
+        for n, v in overrides.items():  # under the slot's own path: one slot is never swapped twice
+            prefix, _, attr = self._param_path[n].rpartition(".")
+            native[slots[id(self.model.get_submodule(prefix)), attr][0]] = self._to_native[n](v)
         return self._output(functional_call(self.model, native, (inputs,), strict=False, tie_weights=False))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -146,7 +173,8 @@ class Adapter:
         raise TypeError(f"the model returned {type(out).__name__}; l3d_lens needs a tensor of outputs (logits)")
 
     def capture_point(self, key: str) -> tuple[nn.Module, str]:
-        """(module, "in" | "out"): the module whose first input or whose output is the activation."""
+        """(module, role): the module whose first positional input ("in"), output ("out") or
+        keyword argument (its name) is the activation."""
         return self._capture[key]
 
     def fingerprint(self, names: list[str]) -> dict[str, object]:
@@ -170,11 +198,11 @@ class Adapter:
 
     @contextlib.contextmanager
     def forward_hooks(self, hooks: Mapping[nn.Module, Callable]) -> Iterator[None]:
-        """Attach PyTorch forward hooks (fn(module, args, output) -> output) for the body only."""
+        """Attach PyTorch forward hooks (fn(module, args, kwargs, output) -> output) for the body only."""
         handles = []
         try:
             for module, fn in hooks.items():
-                handles.append(module.register_forward_hook(fn))
+                handles.append(module.register_forward_hook(fn, with_kwargs=True))
             yield
         finally:
             for h in handles:

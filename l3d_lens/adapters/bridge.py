@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, identity
+from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, gqa_reason, identity
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -44,6 +44,11 @@ class BridgeAdapter(TransformerLensAdapter):
                 if comp is None:
                     continue
                 X = x.upper()
+                weight = getattr(self._native(comp), "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.numel() != h * dh * cfg.d_model:
+                    reason = gqa_reason(weight.numel() // (dh * cfg.d_model), h)
+                    self.unsupported.update({f"{b}.attn.W_{X}": reason, f"{b}.attn.b_{X}": reason})
+                    continue
                 self._linear_site(f"{b}.attn.W_{X}", f"W_{X}", i, comp, "weight", ("head", "d_model", "d_head"),
                                   ("d_model",), ("head", "d_head"), f"{b}.attn.{x}.hook_in", f"{b}.attn.{x}.hook_out",
                                   layout="split_out", heads=(h, dh))
@@ -62,8 +67,12 @@ class BridgeAdapter(TransformerLensAdapter):
                 comp = getattr(mlp, attr, None) if mlp is not None else None
                 if comp is None or not isinstance(comp, nn.Module):
                     continue
+                # a gated MLP in compatibility mode runs gate and in functionally, so their own
+                # hook_in never fires; both read the MLP's input
+                gated_input = attr in ("in", "gate") and isinstance(getattr(mlp, "gate", None), nn.Module)
                 self._linear_site(f"{b}.mlp.{tl}", tl, i, comp, "weight", modes, modes[:1], modes[1:],
-                                  f"{b}.mlp.{attr}.hook_in", f"{b}.mlp.{attr}.hook_out", layout="linear")
+                                  f"{b}.mlp.hook_in" if gated_input else f"{b}.mlp.{attr}.hook_in",
+                                  f"{b}.mlp.{attr}.hook_out", layout="linear")
                 bias_tl = "b_" + tl[2:]
                 self._linear_site(f"{b}.mlp.{bias_tl}", bias_tl, i, comp, "bias", modes[1:], (), modes[1:], None,
                                   f"{b}.mlp.{attr}.hook_out", layout="same")

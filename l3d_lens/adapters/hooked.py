@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, identity
+from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, gqa_reason, identity
 
 
 class HookedAdapter(TransformerLensAdapter):
@@ -16,6 +16,17 @@ class HookedAdapter(TransformerLensAdapter):
         cfg = model.cfg
         params = dict(model.named_parameters())
         fast_qkv = not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
+        # Q/K/V and MLP inputs are read where the block hands them to the module (attention's
+        # query_input/key_input/value_input keywords, the MLP's argument), not at ln1/ln2: a
+        # shortformer adds the positions to ln1's output for Q and K, and post-norm blocks
+        # (OLMo 2/3) feed the raw residual; outputs likewise at the module, before any norm
+        for i in range(cfg.n_layers):
+            b = f"blocks.{i}"
+            attn = model.get_submodule(f"{b}.attn")
+            for x, kw in zip("qkv", ("query_input", "key_input", "value_input")):
+                self._capture[f"{b}.attn:{x}_input"] = (attn, kw)
+            if hasattr(model.blocks[i], "mlp"):
+                self._capture[f"{b}.mlp:in"] = (model.get_submodule(f"{b}.mlp"), "in")
 
         def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True):
             if name not in params:
@@ -27,7 +38,7 @@ class HookedAdapter(TransformerLensAdapter):
             self._to_native[name] = identity
             self._from_native[name] = identity
             for key in (input, output):
-                if fast and key is not None and key not in (TOKENS, POSITIONS):
+                if fast and key is not None and key not in (TOKENS, POSITIONS) and key not in self._capture:
                     self._capture[key] = (model.get_submodule(key), "out")
 
         add("embed.W_E", "W_E", None, ("d_vocab", "d_model"), ("d_vocab",), ("d_model",), TOKENS, "hook_embed")
@@ -38,25 +49,31 @@ class HookedAdapter(TransformerLensAdapter):
                 add(f"{b}.{ln}.w", "ln_w", i, ("d_model",), ("d_model",), ("d_model",), f"{b}.{ln}.hook_normalized", out)
                 add(f"{b}.{ln}.b", "ln_b", i, ("d_model",), (), ("d_model",), None, out)
             for x in "QKV":
+                if f"{b}.attn._W_{x}" in params:  # grouped-query attention keeps K and V per key/value head
+                    reason = gqa_reason(params[f"{b}.attn._W_{x}"].shape[0], cfg.n_heads)
+                    self.unsupported.update({f"{b}.attn.W_{x}": reason, f"{b}.attn.b_{x}": reason})
                 hook = f"{b}.attn.hook_{x.lower()}"
                 add(f"{b}.attn.W_{x}", f"W_{x}", i, ("head", "d_model", "d_head"), ("d_model",), ("head", "d_head"),
-                    f"{b}.ln1", hook, fast_qkv)
+                    f"{b}.attn:{x.lower()}_input", hook, fast_qkv)
                 add(f"{b}.attn.b_{x}", f"b_{x}", i, ("head", "d_head"), (), ("head", "d_head"), None, hook)
+            # outputs at the attention / MLP module, before any norm the block applies to them
             add(f"{b}.attn.W_O", "W_O", i, ("head", "d_head", "d_model"), ("head", "d_head"), ("d_model",),
-                f"{b}.attn.hook_z", f"{b}.hook_attn_out")
-            add(f"{b}.attn.b_O", "b_O", i, ("d_model",), (), ("d_model",), None, f"{b}.hook_attn_out")
+                f"{b}.attn.hook_z", f"{b}.attn")
+            add(f"{b}.attn.b_O", "b_O", i, ("d_model",), (), ("d_model",), None, f"{b}.attn")
             gated = getattr(cfg, "gated_mlp", False)
-            add(f"{b}.mlp.W_in", "W_in", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.ln2",
+            add(f"{b}.mlp.W_in", "W_in", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.mlp:in",
                 f"{b}.mlp.hook_pre_linear" if gated else f"{b}.mlp.hook_pre")
-            add(f"{b}.mlp.W_gate", "W_gate", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.ln2",
+            add(f"{b}.mlp.W_gate", "W_gate", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.mlp:in",
                 f"{b}.mlp.hook_pre")
+            # a gated MLP adds b_in after act(pre) * pre_linear: its gradient is the one at hook_post
             add(f"{b}.mlp.b_in", "b_in", i, ("d_mlp",), (), ("d_mlp",), None,
-                f"{b}.mlp.hook_pre_linear" if gated else f"{b}.mlp.hook_pre")
+                f"{b}.mlp.hook_post" if gated else f"{b}.mlp.hook_pre")
             add(f"{b}.mlp.W_out", "W_out", i, ("d_mlp", "d_model"), ("d_mlp",), ("d_model",), f"{b}.mlp.hook_post",
-                f"{b}.hook_mlp_out")
-            add(f"{b}.mlp.b_out", "b_out", i, ("d_model",), (), ("d_model",), None, f"{b}.hook_mlp_out")
+                f"{b}.mlp")
+            add(f"{b}.mlp.b_out", "b_out", i, ("d_model",), (), ("d_model",), None, f"{b}.mlp")
         add("ln_final.w", "ln_w", None, ("d_model",), ("d_model",), ("d_model",), "ln_final.hook_normalized", "ln_final")
         add("ln_final.b", "ln_b", None, ("d_model",), (), ("d_model",), None, "ln_final")
         add("unembed.W_U", "W_U", None, ("d_model", "d_vocab"), ("d_model",), ("d_vocab",), "unembed.hook_in",
             "unembed.hook_out")
         add("unembed.b_U", "b_U", None, ("d_vocab",), (), ("d_vocab",), None, "unembed.hook_out")
+

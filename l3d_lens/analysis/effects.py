@@ -15,7 +15,7 @@ W_Q and W_K are left out: scaling them changes the attention temperature, not th
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -34,12 +34,24 @@ def _inner(v: torch.Tensor, w: torch.Tensor, unit_axis: int) -> torch.Tensor:
     return prod.movedim(1 + unit_axis, 1).reshape(v.shape[0], w.shape[unit_axis], -1).sum(-1)
 
 
+def _decomposed(n_units: int, indices: Optional[Sequence[int]]) -> torch.Tensor:
+    """[n_units] bool: the units of a weight that are decomposed (``indices`` of a head or neuron
+    slice; None: all)."""
+    mask = torch.zeros(n_units, dtype=torch.bool)
+    mask[list(range(n_units)) if indices is None else list(indices)] = True
+    return mask
+
+
 def scaling_effects(subnetworks: Mapping[str, Float[torch.Tensor, "k ..."]], weights: Mapping[str, torch.Tensor],
-                    sites, n_layers: int, n_heads: int, d_mlp: int) -> dict[str, torch.Tensor]:
+                    sites, n_layers: int, n_heads: int, d_mlp: int,
+                    slices: Optional[Mapping[str, Optional[Sequence[int]]]] = None) -> dict[str, torch.Tensor]:
     """Signed e_k(u) for every head, MLP layer and neuron: ``heads`` [k, n_layers, n_heads],
     ``mlp`` [k, n_layers], ``neurons`` [k, n_layers, d_mlp] (float64). A head's effect is the
-    mean of its W_O route and its W_V (+ b_V) route, whichever are decomposed; NaN where no
-    route is (e.g. only W_Q decomposed) or the MLP's W_out is not."""
+    mean of its W_O route and its W_V (+ b_V) route, whichever decompose that head; NaN for a
+    head no route covers (only W_Q decomposed, or outside a head slice), a neuron outside the
+    decomposed W_out (slice), and an MLP whose W_out is not decomposed. ``slices``: the head or
+    neuron indices each weight's selection kept (None or missing: the whole weight)."""
+    slices = slices or {}
     k = next(iter(subnetworks.values())).shape[0]
     nan = float("nan")
     heads = torch.full((k, n_layers, n_heads), nan, dtype=torch.float64)
@@ -47,19 +59,22 @@ def scaling_effects(subnetworks: Mapping[str, Float[torch.Tensor, "k ..."]], wei
     neurons = torch.full((k, n_layers, max(d_mlp, 1)), nan, dtype=torch.float64)
     names = _by_kind(subnetworks, sites)
     for layer in range(n_layers):
-        routes = []
+        total, count = torch.zeros(k, n_heads, dtype=torch.float64), torch.zeros(n_heads, dtype=torch.float64)
         for kinds in HEAD_ROUTES.values():
             if (layer, kinds[0]) not in names:  # a route needs its weight, not just a bias
                 continue
             present = [names[(layer, kind)] for kind in kinds if (layer, kind) in names]
-            routes.append(sum(_inner(subnetworks[n].cpu(), weights[n], sites[n].modes.index("head"))
-                              for n in present))
-        if routes:
-            heads[:, layer] = sum(routes) / len(routes)
+            mask = _decomposed(n_heads, slices.get(present[0])).double()
+            total += mask * sum(_inner(subnetworks[n].cpu(), weights[n], sites[n].modes.index("head"))
+                                for n in present)
+            count += mask
+        heads[:, layer] = torch.where(count > 0, total / count.clamp_min(1), nan)
         if (layer, "W_out") in names:
             n = names[(layer, "W_out")]
-            per = _inner(subnetworks[n].cpu(), weights[n], sites[n].modes.index("d_mlp"))
-            neurons[:, layer, : per.shape[1]] = per
+            axis = sites[n].modes.index("d_mlp")
+            per = _inner(subnetworks[n].cpu(), weights[n], axis)
+            mask = _decomposed(per.shape[1], slices.get(n))
+            neurons[:, layer, : per.shape[1]] = torch.where(mask, per, nan)
             total = per.sum(1)
             if (layer, "b_out") in names:
                 b = names[(layer, "b_out")]

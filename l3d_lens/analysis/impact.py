@@ -27,13 +27,24 @@ def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[
     return total
 
 
+def _impacts(dec, data: torch.Tensor, impacts: Optional[torch.Tensor]) -> torch.Tensor:
+    """``impacts`` if given (it must be ``impact(dec, data)``; its shape is checked), else computed."""
+    if impacts is None:
+        return impact(dec, data)
+    n, K = data.shape[0], dec.n_subnetworks
+    want = (n, data.shape[1], K) if dec._task.token_mode else (n, K)
+    if tuple(impacts.shape) != want:
+        raise ValueError(f"impacts has shape {tuple(impacts.shape)}; for these data it must be {want} "
+                         f"(pass dec.impact(data) of the same data)")
+    return impacts
+
+
 def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: Optional[torch.Tensor] = None,
                 to_str: Optional[Callable[[torch.Tensor], list[str]]] = None, context: int = 8) -> pd.DataFrame:
     """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
     tokens leading up to that position."""
     check_subnetworks(subnetwork, dec.n_subnetworks)
-    imp = impact(dec, data) if impacts is None else impacts
-    imp = imp[..., subnetwork]
+    imp = _impacts(dec, data, impacts)[..., subnetwork]
     token = imp.dim() == 2
     flat = imp.reshape(-1)
     order = torch.argsort(flat, descending=True)[:k]
@@ -65,8 +76,13 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
                to_str: Optional[Callable[[torch.Tensor], list[str]]] = None,
                positions: Optional[Sequence[int]] = None) -> pd.DataFrame:
     """The k output logits that moving along ``subnetwork`` changes most (mean |d logit / d delta|
-    over the samples and positions given), with the signed mean; signs are relative (v ~ -v)."""
+    over the samples and ``positions``), with the signed mean; signs are relative (v ~ -v).
+    ``positions`` defaults to all of them in token mode and with position="all", else to the
+    decomposed ``cfg.position``."""
     d = output_derivative(dec, data, subnetwork)
+    if positions is None and dec.adapter.is_language_model and not dec._task.token_mode \
+            and dec.cfg.position != "all":
+        positions = [dec.cfg.position]
     if d.dim() == 3:
         d = d[:, list(positions)] if positions is not None else d
         d = d.reshape(-1, d.shape[-1])
@@ -95,7 +111,7 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Sequenc
     deltas = [float(x) for x in deltas]
     if not deltas or not all(torch.isfinite(torch.tensor(deltas))):
         raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas!r}")
-    imp = (impact(dec, data) if impacts is None else impacts)[..., subnetwork]
+    imp = _impacts(dec, data, impacts)[..., subnetwork]
     adapter = dec.adapter
     x = data.to(adapter.device)
     with adapter.session(), torch.no_grad():

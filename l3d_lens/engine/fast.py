@@ -58,17 +58,32 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         by_module.setdefault(id(module), []).append((key, role))
         modules[id(module)] = module
 
+    def keep_input(key: str, value: torch.Tensor) -> None:
+        """The input activation of ``key``'s weights; a second call must see the same values
+        (TL 3.x runs ln1 once each for q, k and v), else in_1 (x) (dout_1 + dout_2) is wrong."""
+        if value.shape[:1] != inputs.shape[:1]:
+            raise ValueError(f"engine='fast' needs the batch axis first in every decomposed weight's activations, "
+                             f"but {key} saw shape {tuple(value.shape)} for a batch of {inputs.shape[0]} (the model "
+                             f"reshapes its samples before this layer); use engine='exact'")
+        if key not in store_in:
+            store_in[key] = value.detach()
+        elif not torch.allclose(store_in[key], value, rtol=0, atol=0, equal_nan=True):
+            raise ValueError(f"engine='fast' cannot decompose the weights at {key}: the model calls that layer more "
+                             f"than once per forward on different inputs (a shared layer); use engine='exact'")
+
     def make_hook(entries):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             for key, role in entries:
-                if role == "in" and key not in store_in:
-                    store_in[key] = args[0].detach()
+                if role == "in":
+                    keep_input(key, args[0])
+                elif role != "out" and role in kwargs:  # a keyword input, e.g. attention's query_input
+                    keep_input(key, kwargs[role])
             if any(role == "out" and key in out_keys for key, role in entries) and not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             for key, role in entries:
                 if role == "out":
-                    if key in in_keys and key not in store_in:
-                        store_in[key] = output.detach()
+                    if key in in_keys:
+                        keep_input(key, output)
                     if key in out_keys:
                         store_out.setdefault(key, []).append(output)
             return output

@@ -1,0 +1,38 @@
+"""How l3d_lens reads an index or a number a user gives: Python, numpy or 0-d tensor values
+alike, never a bool (True is an int to Python, not a subnetwork, a seed or a delta)."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import Optional
+
+import torch
+
+
+def as_index(value: object) -> Optional[int]:
+    """``value`` as an int if ``operator.index`` takes it (int, numpy integer, one-element
+    integer tensor such as ``fraction_active.argmax()``), else None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def as_number(value: object) -> Optional[float]:
+    """``float(value)`` for a real number (int, float, numpy scalar, 0-d tensor or numpy array),
+    else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, RuntimeError):
+            return None
+        if t.dim() == 0 and t.dtype != torch.bool and not t.dtype.is_complex:
+            return float(t)
+    return None
