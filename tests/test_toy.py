@@ -158,8 +158,9 @@ def test_fit_best_of_replaces_a_model_that_fails_the_learned_check():
     assert all(torch.equal(a, b) for a, b in zip(early.parameters(), late.parameters()))
     with pytest.raises(RuntimeError, match="learned check in 3 blocks of 2 starts"):
         fit_best_of(build, x, x ** 2, learned=lambda m: False, **kw)
-    with pytest.raises(ValueError, match="max_blocks must be an integer >= 1"):
-        fit_best_of(build, x, x ** 2, learned=lambda m: True, max_blocks=0, **kw)
+    for bad in (0, 1.5, "2"):  # a float or a string used to get past (or break on) a bare comparison
+        with pytest.raises(ValueError, match="max_blocks must be an integer >= 1"):
+            fit_best_of(build, x, x ** 2, learned=lambda m: True, max_blocks=bad, **kw)
     with pytest.raises(ValueError, match="give_up drops a model early that would fail the learned check"):
         fit_best_of(build, x, x ** 2, give_up=(1, lambda m: True), **kw)
 

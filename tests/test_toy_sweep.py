@@ -127,3 +127,20 @@ def test_score_must_return_a_dict_and_a_clash_suggests_prefixing_evaluate(toy, r
     (row,) = sweep(toy.model, toy.l3d_data, cfg, eval_data=toy.eval_data,
                    score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()})
     assert row["eval_error"] == pytest.approx(row["error"]) and "eval_mmcs" in row
+
+
+def test_sweep_takes_what_decompose_takes_under_autocast(toy, runs):
+    """A bf16 model on float32 data runs under bf16 autocast: decompose takes it, so the sweep's
+    data check must too (it used to probe without autocast and refuse it); float64 data is
+    refused up front, naming the autocast."""
+    import copy
+
+    model = copy.deepcopy(toy.model).to(torch.bfloat16)
+    cfg = recommended_config("tms", epochs=2).replace(autocast="bf16")
+    (row,) = sweep(model, toy.l3d_data, cfg, eval_data=toy.eval_data)
+    assert len(runs) == 1 and torch.isfinite(torch.tensor(row["error"]))
+    with pytest.raises(ValueError, match=r"eval_data does not fit the model.*float64\) under bf16 autocast failed"):
+        sweep(model, toy.l3d_data, cfg, eval_data=toy.eval_data.double())
+    with pytest.raises(ValueError, match="data does not fit the model.*float32"):  # without autocast: refused
+        sweep(model, toy.l3d_data, cfg.replace(autocast=None))
+    assert len(runs) == 1

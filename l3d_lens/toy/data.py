@@ -6,11 +6,12 @@ rows where nothing is active carry no signal and are dropped, and sampling conti
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional
 
 import torch
 from jaxtyping import Bool, Float
+
+from ..checks import as_index
 
 
 def _keep_nonzero(draw, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -85,19 +86,9 @@ def circuit_matrix(n_in: int, n_out: int, max_coefficient: float = 3.0,
     return torch.rand(n_out, n_in, generator=torch.Generator().manual_seed(seed), device="cpu") * max_coefficient
 
 
-def integer(value: Any) -> Optional[int]:
-    """``value`` as an int if it is one (Python, numpy or a 0-d integer tensor; not a bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def check_group_size(group_size: Any, width: int) -> None:
     """ValueError unless ``group_size`` is a positive integer dividing ``width`` features."""
-    size = integer(group_size)
+    size = as_index(group_size)
     if size is None or size < 1 or width % size:
         raise ValueError(f"group_size must be a positive integer dividing the {width} features, got {group_size!r}")
 

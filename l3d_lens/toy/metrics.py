@@ -33,7 +33,8 @@ from jaxtyping import Bool, Float
 from torch import nn
 
 from ..adapters.base import eval_mode
-from .data import active_features, check_group_size, integer, single_feature_rows
+from ..checks import as_index
+from .data import active_features, check_group_size, single_feature_rows
 
 Directions = Mapping[str, torch.Tensor]  # weight name -> [n, *weight shape]
 
@@ -350,7 +351,7 @@ def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
     """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
     (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
     model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
-    given, rank = rank, integer(rank)
+    given, rank = rank, as_index(rank)
     if rank is None or rank < 1:
         raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {given!r}")
     u, s, vh = torch.linalg.svd(A.double(), full_matrices=False)
@@ -496,7 +497,7 @@ SWEEP_CHUNK = 16
 def subnetwork(subnetworks: Directions, k: int) -> dict[str, torch.Tensor]:
     """Subnetwork ``k`` as {weight name: tensor of the weight's shape}."""
     n = next(iter(subnetworks.values())).shape[0] if subnetworks else 0
-    index = integer(k)
+    index = as_index(k)
     if index is None or not -n <= index < n:
         raise IndexError(f"subnetwork index must be an integer in 0..{n - 1} (or -{n}..-1 from the end), got {k!r}")
     return {name: v[index] for name, v in subnetworks.items()}

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import versions
+from ..io import read_json_object, versions
 from .train import MAX_SEED, Toy, _check_int, _task, check_toy_name
 
 FORMAT_VERSION = 1
@@ -75,12 +75,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     this format version with every key ``save_toy`` writes, each of the right type and range;
     ValueError naming the file and the field otherwise."""
     file = path / META
-    try:
-        meta = json.loads(file.read_text())
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not the object save_toy writes")
+    meta = read_json_object(file, "save_toy")
     version = meta.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(f"{file}: toy format version {version!r}; this l3d_lens reads {FORMAT_VERSION}")

@@ -51,7 +51,7 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     tasks = [build_task(model, c) for c in configs]  # and against the model (a rank above its sizes)
     for name, given in (("data", data), ("eval_data", eval_data)):
         if given is not None:
-            _check_fits(tasks[0].adapter, given, cfg.reference == "paired", name)
+            _check_fits(tasks[0].adapter, given, cfg.reference == "paired", name, cfg.autocast)
     for task in tasks:  # a grid point too large for the device, before any run
         check_memory(task, data)
     return [_run(model, data, run_cfg, settings, eval_data, score, progress)
@@ -66,10 +66,11 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
     return list(values) or [default]
 
 
-def _check_fits(adapter, given: Data, paired: bool, name: str) -> None:
+def _check_fits(adapter, given: Data, paired: bool, name: str, autocast: Optional[str]) -> None:
     """Fail on ``data`` or ``eval_data`` (``name``) the model cannot take, as the first run (or
     its ``reconstruction_error``) would: its type and dtype as ``decompose`` checks data, then one
-    no-grad forward of its first row (in eval mode, so no module changes state)."""
+    no-grad forward of its first row (in eval mode, so no module changes state; under
+    ``autocast`` as the runs take it, so what ``decompose`` accepts passes)."""
     try:
         check_data(adapter, given, None, paired and name == "data")
     except (TypeError, ValueError) as e:
@@ -77,10 +78,11 @@ def _check_fits(adapter, given: Data, paired: bool, name: str) -> None:
     first = given if isinstance(given, torch.Tensor) else next(iter(given))
     row = check_batch(adapter, first[0] if isinstance(first, (tuple, list)) else first, name)[:1]
     try:
-        run_row(adapter, row)
+        run_row(adapter, row, autocast)
     except RuntimeError as e:
+        under = f" under {autocast} autocast" if autocast else ""
         raise ValueError(f"{name} does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
-                         f"{row.dtype}) failed: {e}") from None
+                         f"{row.dtype}){under} failed: {e}") from None
 
 
 def _run(model, data, run_cfg: L3DConfig, settings: dict[str, Any], eval_data, score, progress: bool) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from pathlib import Path
 from typing import Any, Callable, Collection, NamedTuple, Optional, Union
 
@@ -30,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from ..checks import as_index
 from . import data as toy_data
 from . import metrics, models
 
@@ -87,12 +87,13 @@ MAX_SEED = (2**63 - 1) // 1000 - 1000
 
 
 def _check_int(arg: str, value: Any, minimum: int, what: str, maximum: Optional[int] = None) -> int:
-    """``value`` as an int (numpy integers too), or ValueError naming ``arg`` and its range."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
-            or (maximum is not None and value > maximum)):
+    """``value`` as an int (numpy integers and 0-d integer tensors too, as ``checks.as_index``
+    reads them), or ValueError naming ``arg`` and its range."""
+    number = as_index(value)
+    if number is None or number < minimum or (maximum is not None and number > maximum):
         span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         raise ValueError(f"{arg} must be an integer {span} ({what}), got {value!r}")
-    return int(value)
+    return number
 
 
 def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tensor, "n d_out"], *,
@@ -177,8 +178,7 @@ def fit_best_of(build: Callable[[int], nn.Module], x: Float[torch.Tensor, "n d_i
     (or after each of the epochs ``e``, as in ``fit``) and drops it early when ``ok`` fails (a
     model already far from passing ``learned`` is not trained to the end); a model that passes
     ``ok`` trains exactly as without it. Raises RuntimeError when no block passes."""
-    if max_blocks < 1:
-        raise ValueError(f"max_blocks must be an integer >= 1 (blocks of starts to try), got {max_blocks!r}")
+    max_blocks = _check_int("max_blocks", max_blocks, 1, "blocks of starts to try")
     if give_up is not None and learned is None:
         raise ValueError("give_up drops a model early that would fail the learned check; pass learned too")
     for block in range(max_blocks if learned is not None else 1):
