@@ -7,6 +7,7 @@ shape (or batches of (data, reference) pairs).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
@@ -114,18 +115,25 @@ def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
                             f"model does not take it ({e}); pass {what}.to({adapter.model_dtype})") from None
 
 
+def batch_starts(n: int, batch_size: int, min_batch: int = 1) -> list[int]:
+    """First row of each batch of n rows; a last batch smaller than ``min_batch`` joins the one before."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_batch:
+        starts.pop()
+    return starts
+
+
 def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,
             order: Optional[torch.Tensor] = None, min_batch: int = 1,
             skip: int = 0) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(inputs, paired reference or None) per batch, skipping the first ``skip`` batches.
     Tensors are taken in ``order`` (default: as stored); a last batch smaller than
-    ``min_batch`` joins the one before. Iterables are read as they come."""
+    ``min_batch`` joins the one before. Iterables are read as they come, and a batch of theirs
+    smaller than ``min_batch`` joins the one before too (one batch is held back to allow it)."""
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
         order = torch.arange(n) if order is None else order
-        starts = list(range(0, n, batch_size))
-        if len(starts) > 1 and n - starts[-1] < min_batch:
-            starts.pop()
+        starts = batch_starts(n, batch_size, min_batch)
         for i, a in enumerate(starts):
             if i < skip:
                 continue
@@ -134,10 +142,22 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
             x = check_batch(adapter, data[idx])
             yield x, (check_batch(adapter, reference[idx], "reference") if reference is not None else None)
         return
-    for i, item in enumerate(data):
-        if i < skip:
-            continue
+    def read(item):
         if reference is None and isinstance(item, (tuple, list)) and len(item) == 2:
-            yield check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
-        else:
-            yield check_batch(adapter, item), None
+            return check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
+        return check_batch(adapter, item), None
+
+    def merged():
+        held = None
+        for item in data:
+            x, ref = read(item)
+            if held is not None and x.shape[0] < min_batch:
+                held = (torch.cat([held[0], x]), None if ref is None else torch.cat([held[1], ref]))
+                continue
+            if held is not None:
+                yield held
+            held = (x, ref)
+        if held is not None:
+            yield held
+
+    yield from itertools.islice(merged(), skip, None)

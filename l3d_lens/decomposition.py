@@ -157,9 +157,8 @@ class Decomposition:
         if task.cfg.sample == "sequence":
             check_position(task.adapter, data, task.cfg.position)
         gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
-        min_batch = 1 if task.token_mode or task.cfg.reference != "random" else 2
         with torch.no_grad():
-            for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, min_batch):
+            for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, task.min_batch):
                 x = x.to(task.adapter.device)
                 ref = ref.to(task.adapter.device) if ref is not None else None
                 yield batch_stats(task, self._factors, x, gen, ref)

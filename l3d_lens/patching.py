@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, make_adapter
+from .checks import as_index
 from .config import L3DConfig
 from .data import check_batch
 
@@ -163,10 +164,6 @@ class PatchingComparison:
 # --- validation -----------------------------------------------------------------------------
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str]) -> list[tuple[int, int]]:
     """True -> every (a, b); False/None -> []; an iterable of (a, b) pairs -> validated list."""
     n_a, n_b = sizes
@@ -179,9 +176,11 @@ def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str
                         f"got {type(value).__name__}")
     out = []
     for item in value:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(_is_int(i) for i in item)):
-            raise TypeError(f"{name}: each entry must be a ({what[0]}, {what[1]}) pair of ints, got {item!r}")
-        a, b = item
+        pair = [as_index(i) for i in item] if isinstance(item, (tuple, list)) and len(item) == 2 else [None]
+        if None in pair:
+            hint = f" (one pair goes in a list: [({what[0]}, {what[1]})])" if as_index(item) is not None else ""
+            raise TypeError(f"{name}: each entry must be a ({what[0]}, {what[1]}) pair of ints, got {item!r}{hint}")
+        a, b = pair
         if not (0 <= a < n_a and 0 <= b < n_b):
             raise ValueError(f"{name}: ({what[0]} {a}, {what[1]} {b}) does not exist; the model has {n_a} "
                              f"{what[0]}s of {n_b} {what[1]}s")
@@ -199,9 +198,9 @@ def _layers(value: Units, n_layers: int) -> list[int]:
         return []
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
         raise TypeError(f"mlp must be True/False or an iterable of layer indices, got {type(value).__name__}")
-    out = sorted(set(value))
+    out = sorted({as_index(layer) if as_index(layer) is not None else layer for layer in value})
     for layer in out:
-        if not _is_int(layer) or not 0 <= layer < n_layers:
+        if as_index(layer) is None or not 0 <= layer < n_layers:
             raise ValueError(f"mlp: layer {layer!r} does not exist; the model has {n_layers} layers")
     if not out:
         raise ValueError("mlp is empty; pass True for all layers, False for none, or some layer indices")
@@ -583,7 +582,7 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
             raise ValueError(f"ground_truth heads {sorted(outside)} are not among the compared heads")
         if len(truth) == len(head_list):
             raise ValueError("ground_truth contains every compared head; AUROC needs at least one negative")
-    if not _is_int(top_k) or top_k < 1:
+    if as_index(top_k) is None or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     if cfg is None:
         cfg = default_l3d_config(model, clean.shape[0], mlp=bool(mlp_layers or neuron_list))

@@ -62,5 +62,13 @@ class Task:
         refs = references(flat_all, self.cfg.reference, self.cfg.divergence, generator, paired_all)
         return refs[local].reshape(view.shape)
 
+    @property
+    def min_batch(self) -> int:
+        """Fewest samples (rows) a batch needs; a smaller last batch joins the one before.
+        'random' draws another sample of the batch, and against 'mean' a lone row is its own
+        reference (every gradient zero). The same with or without torch.distributed, so that
+        both see the same batches."""
+        return 1 if self.token_mode or self.cfg.reference not in ("random", "mean") else 2
+
     def n_samples(self, inputs: torch.Tensor) -> int:
         return inputs.shape[0] * inputs.shape[1] if self.token_mode else inputs.shape[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import L3DConfig
-from .data import Data, batches
+from .data import Data, batch_starts, batches
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
@@ -42,15 +43,32 @@ class EpochSums:
 
 
 def data_fingerprint(data: Data) -> str:
+    """What a checkpoint must have been trained on: a tensor, or a list/tuple of batches, by its
+    bytes; another iterable (a stream) by its type and the bytes of its first batch."""
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(str(list(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def flat(items):
+        return [t for item in items for t in (item if isinstance(item, (tuple, list)) else (item,))]
+
     if isinstance(data, torch.Tensor):
-        return f"tensor:{list(data.shape)}:" + hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return f"iterable:{type(data).__name__}"
+        return f"tensor:{list(data.shape)}:" + digest([data])
+    if isinstance(data, (list, tuple)):
+        return f"batches:{len(data)}:" + digest(flat(data))
+    return f"iterable:{type(data).__name__}:" + digest(flat(itertools.islice(iter(data), 1)))
 
 
 def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
          gen: torch.Generator, sums: EpochSums, step_index: int, epoch: int) -> None:
     """One optimisation step on one global batch (this rank's shard of it)."""
     cfg = task.cfg
+    if x.shape[0] < distributed.world():  # every rank sees the whole batch, so all stop here together
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot be split over {distributed.world()} ranks (step "
+                         f"{step_index}, epoch {epoch}); give every batch at least one row per rank")
     x, paired = distributed.shard(x), distributed.shard(paired)
     try:
         stats = batch_stats(task, f, x, gen, paired)
@@ -74,6 +92,8 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     norm = cfg.loss_norm if cfg.loss_norm_epochs is None or epoch < cfg.loss_norm_epochs else "batch"
     num, den_local = loss_terms(errors, stats.gsq, norm)
     den = distributed.sum_scalar(den_local)
+    if not den > 0:  # every gradient of the global batch is zero: nothing to fit (0/0 made the factors NaN)
+        return
     loss = num / den
     if use_aux:
         dead_cols = dead.to(coef_all.device)
@@ -101,6 +121,12 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
           checkpoint: Union[str, Path, None] = None, checkpoint_every: int = 0) -> tuple[Factors, list[dict[str, Any]]]:
     cfg = task.cfg
     task = dataclasses.replace(task, sharded=distributed.active())
+    if task.sharded and isinstance(data, torch.Tensor):  # before any work: a batch too small to share
+        n = data.shape[0]
+        smallest = min(b - a for a, b in itertools.pairwise(batch_starts(n, cfg.batch_size, task.min_batch) + [n]))
+        if smallest < distributed.world():
+            raise ValueError(f"with {n} rows and batch_size={cfg.batch_size}, a batch of {smallest} rows cannot be "
+                             f"split over {distributed.world()} ranks; choose them so every batch has a row per rank")
     device = torch.device(cfg.device) if cfg.device else task.adapter.device
     gen = torch.Generator().manual_seed(cfg.seed)
     ranks = resolve_ranks(task.selected, cfg.rank)
@@ -110,7 +136,6 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     opt = torch.optim.Adam(list(f.values()), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_decay)
     history: list[dict[str, Any]] = []
-    min_batch = 1 if task.token_mode or cfg.reference != "random" else 2
     n_steps, start_epoch, skip, order = 0, 0, 0, None
     sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64), torch.zeros(cfg.n_subnetworks))
     identity = {"config": cfg.to_dict(), "data": data_fingerprint(data), "world": distributed.world()}
@@ -153,7 +178,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             order = torch.randperm(data.shape[0], generator=gen) if isinstance(data, torch.Tensor) else None
         lr = opt.param_groups[0]["lr"]
         batch_index = skip
-        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, min_batch, skip):
+        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, task.min_batch, skip):
             x = x.to(task.adapter.device)
             paired = paired.to(task.adapter.device) if paired is not None else None
             if batch_index == 0 and epoch in resample_at:

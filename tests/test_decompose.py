@@ -4,6 +4,7 @@ exactly as it was, saving and loading, and bad input rejected before any work.""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -268,3 +269,30 @@ def test_position_is_checked_against_the_sequences_before_training(lm_kind):
         dec.coefficients(x[:, :3])  # and later data is checked too
     with pytest.raises(ValueError, match=r"position=2 applies to sample='sequence' only"):
         l3d_lens.decompose(model, x, base.replace(sample="token", position=2), progress=False)
+
+
+def test_a_last_row_alone_against_the_batch_mean_joins_the_batch_before():
+    """33 rows in batches of 8 left a last batch of 1, whose mean reference is the row itself:
+    every gradient zero, the loss 0/0, and every factor NaN from the next step on."""
+    model, x = TinyMLP(), torch.rand(33, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = L3DConfig(components=["fc1", "fc2"], n_subnetworks=3, rank=1, epochs=3, batch_size=8, reference="mean")
+    dec = decompose(model, x, cfg, progress=False)
+    assert all(torch.isfinite(v).all() for v in dec.factors.values())
+    assert all(math.isfinite(h["loss"]) for h in dec.history)
+
+
+def test_a_small_batch_of_an_iterable_joins_the_one_before():
+    """Iterables got no merging: a stream ending in one row with reference='random' failed after
+    the other batches had trained."""
+    from l3d_lens.adapters import make_adapter
+    from l3d_lens.data import batches
+
+    model = TinyMLP()
+    x = torch.rand(13, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    stream = [x[:4], x[4:8], x[8:12], x[12:]]
+    sizes = [b.shape[0] for b, _ in batches(make_adapter(model), stream, None, 4, min_batch=2)]
+    assert sizes == [4, 4, 5]
+    assert [b.shape[0] for b, _ in batches(make_adapter(model), stream, None, 4, min_batch=2, skip=2)] == [5]
+    cfg = L3DConfig(components=["fc1"], n_subnetworks=2, rank=1, epochs=1, reference="random")
+    stream_run = decompose(model, stream, cfg.replace(batch_size=4), progress=False)  # raised on the last batch
+    assert all(torch.isfinite(v).all() for v in stream_run.factors.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,7 +213,7 @@ def test_scores_accounting_and_frames(lm_kind):
     before = snapshot(model)
     clean, corrupted = pairs(n=8, seed=3)
     res = compare_with_patching(model, clean, corrupted, logit_metric, cfg=small_cfg(model, 8, mlp=True),
-                                mlp=True, neurons=True, ground_truth={(1, 0)}, top_k=2)
+                                mlp=True, neurons=True, ground_truth={(np.int64(1), 0)}, top_k=2)  # numpy ints too
     assert_untouched(model, before, training=True)
     dec = res.decomposition
     w = dec.coefficients(corrupted if res.direction == "denoise" else clean,
@@ -278,7 +279,8 @@ def bad_inputs():
         (dict(metric="logit_diff"), TypeError, "callable"),
         (dict(heads=[(2, 0)]), ValueError, r"\(layer 2, head 0\) does not exist"),
         (dict(heads=[(0, 5)]), ValueError, "does not exist"),
-        (dict(heads=[0, 1]), TypeError, "pair"),
+        (dict(heads=[0, 1]), TypeError, r"pair of ints, got 0 \(one pair goes in a list: \[\(layer, head\)\]\)"),
+        (dict(heads=[(0, True)]), TypeError, "pair of ints"),
         (dict(heads=False, mlp=False, neurons=False), ValueError, "nothing to compare"),
         (dict(mlp=[3]), ValueError, "layer 3 does not exist"),
         (dict(neurons=[(0, 32)]), ValueError, "does not exist"),

@@ -156,3 +156,14 @@ def test_show_outside_jupyter_returns_the_inline_report(induction_dec):
     assert ia.count("var CircuitsVis=") == 1 and "<html" not in ia and "unpkg" not in ia
     ids_a, ids_b = {m[0] for m in MOUNT.findall(ia)}, {m[0] for m in MOUNT.findall(ib)}
     assert ids_a and not ids_a & ids_b  # two reports can share a notebook page
+
+
+def test_heatmap_shows_missing_and_infinite_values_as_such():
+    """A NaN cell (e.g. a head no method scored) printed "0" like a real zero, and inf too."""
+    import re
+
+    from l3d_lens.viz.charts import heatmap
+
+    svg = heatmap([[0.5, float("nan")], [float("inf"), -0.25]], ["L0", "L1"], ["H0", "H1"], signed=True)
+    assert re.findall(r">([^<>]*)</text>", svg)[2:] == ["L0", "0.50", "–", "L1", "inf", "-0.25"]
+    assert 'fill="#eaeef2"' in svg and "H1: –</title>" in svg

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import l3d_lens
 
-from .scale_helpers import ddp_setup, ddp_worker, resume_setup
+from .scale_helpers import ddp_setup, ddp_small_batch_worker, ddp_worker, resume_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,16 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         l3d_lens.decompose(model, data, cfg.replace(epochs=1, seed=3), progress=False, checkpoint=tmp_path)
 
 
+def test_checkpoint_of_other_batches_is_refused(tmp_path):
+    """A list of batches is fingerprinted by its contents (it was by its type alone, so a
+    finished checkpoint of other data came back as this run's result)."""
+    model, data, cfg = resume_setup()
+    l3d_lens.decompose(model, [data[:20], data[20:]], cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        l3d_lens.decompose(model, [data[:20], data[20:].flip(0)], cfg.replace(epochs=1), progress=False,
+                           checkpoint=tmp_path)
+
+
 def test_checkpoint_from_before_a_config_field_existed_resumes(tmp_path):
     """A checkpoint whose saved config lacks fields added since (here the resampling ones) ran
     with their defaults, so it belongs to the same run; a field it has with another value does
@@ -97,3 +107,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, sample):
     history = json.loads(Path(out + ".history").read_text())
     assert [h["p_act"] for h in history] == [h["p_act"] for h in single.history]  # same top-k choices
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single.history], rel=1e-9)
+
+
+def test_a_batch_smaller_than_the_world_is_refused_before_training(tmp_path):
+    out = str(tmp_path / "error")
+    mp.spawn(ddp_small_batch_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert Path(f"{out}.{rank}").read_text() == ("with 25 rows and batch_size=8, a batch of 1 rows cannot be split "
+                                                     "over 2 ranks; choose them so every batch has a row per rank")

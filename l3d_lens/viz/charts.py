@@ -162,12 +162,14 @@ def _blend(t: float) -> str:
 def heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str], *,
             cell: int = 40, title: str = "", vmax: float | None = None, signed: bool = False) -> str:
     """A [rows x cols] grid coloured white -> blue on [0, vmax], each cell printing its value;
-    with ``signed``, the colour shows |value| and negative values print in italics."""
-    rows = [[float(v) if math.isfinite(float(v)) else 0.0 for v in r] for r in matrix]
-    colour = [[abs(v) for v in r] for r in rows] if signed else rows
+    with ``signed``, the colour shows |value| and negative values print in italics. A NaN cell
+    (no value, e.g. a head outside the decomposed slice) is grey and prints "–"; an infinite one
+    takes the top colour and prints "inf"."""
+    rows = [[float(v) for v in r] for r in matrix]
+    colour = [[abs(v) if signed else v for v in r] for r in rows]
     top_m = (18 if title else 0) + 16
     left = 12 + 7 * max((len(str(lab)) for lab in row_labels), default=1)
-    vm = vmax if vmax is not None else max([v for r in colour for v in r] + [1e-12])
+    vm = vmax if vmax is not None else max([v for r in colour for v in r if math.isfinite(v)] + [1e-12])
     width = left + cell * max((len(r) for r in rows), default=1) + 4
     height = top_m + cell * len(rows) + 4
     parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -180,12 +182,14 @@ def heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_la
         y = top_m + i * cell
         parts.append(f'<text x="{left - 6}" y="{y + cell / 2 + 4:.1f}" text-anchor="end">{esc(lab)}</text>')
         for j, (v, cv) in enumerate(zip(r, colour[i])):
-            t = cv / vm if vm > 0 else 0.0
+            t = 0.0 if math.isnan(cv) else 1.0 if math.isinf(cv) else cv / vm if vm > 0 else 0.0
             fill = "#ffffff" if t > 0.55 else "#1f2328"
             italic = ' font-style="italic"' if v < 0 else ""
+            shown = "–" if math.isnan(v) else ("-" if v < 0 else "") + "inf" if math.isinf(v) else None
             parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
-                         f'fill="{_blend(t)}" stroke="#d0d7de"><title>{esc(lab)} {esc(col_labels[j])}: {_num(v)}'
-                         f'</title></rect><text x="{left + j * cell + cell / 2:.1f}" y="{y + cell / 2 + 4:.1f}" '
-                         f'text-anchor="middle" style="fill:{fill}"{italic}>{_cellnum(v)}</text>')
+                         f'fill="{"#eaeef2" if math.isnan(v) else _blend(t)}" stroke="#d0d7de"><title>{esc(lab)} '
+                         f'{esc(col_labels[j])}: {shown or _num(v)}</title></rect><text '
+                         f'x="{left + j * cell + cell / 2:.1f}" y="{y + cell / 2 + 4:.1f}" text-anchor="middle" '
+                         f'style="fill:{fill}"{italic}>{shown or _cellnum(v)}</text>')
     parts.append("</svg>")
     return "".join(parts)
