@@ -44,7 +44,7 @@ class EpochSums:
 
 def data_fingerprint(data: Data) -> str:
     """What a checkpoint must have been trained on: a tensor, or a list/tuple of batches, by its
-    bytes; another iterable (a stream) by its type and the bytes of its first batch."""
+    bytes; another iterable (a stream, a DataLoader that may shuffle) by its type only."""
     def digest(tensors) -> str:
         h = hashlib.sha256()
         for t in tensors:
@@ -52,14 +52,11 @@ def data_fingerprint(data: Data) -> str:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def flat(items):
-        return [t for item in items for t in (item if isinstance(item, (tuple, list)) else (item,))]
-
     if isinstance(data, torch.Tensor):
         return f"tensor:{list(data.shape)}:" + digest([data])
-    if isinstance(data, (list, tuple)):
-        return f"batches:{len(data)}:" + digest(flat(data))
-    return f"iterable:{type(data).__name__}:" + digest(flat(itertools.islice(iter(data), 1)))
+    if isinstance(data, (list, tuple)):  # batches, or (data, reference) pairs
+        return f"batches:{len(data)}:" + digest(t for b in data for t in (b if isinstance(b, (tuple, list)) else (b,)))
+    return f"iterable:{type(data).__name__}"
 
 
 def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
