@@ -72,13 +72,19 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
         check_batch(adapter, first)
 
 
+def first_batch(data: Data) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(inputs, paired reference or None) of the data's first batch: the tensor itself, or an
+    iterable's first item (a (data, reference) pair or a batch)."""
+    first = data if isinstance(data, torch.Tensor) else next(iter(data))
+    return (first[0], first[1]) if isinstance(first, (tuple, list)) else (first, None)
+
+
 def check_position(adapter: Adapter, data: Data, position: Union[int, str]) -> None:
     """An int ``position`` (sample='sequence') must lie in the sequences of ``data`` (the first
     batch of an iterable), counted from either end as Python indexes."""
     if not adapter.is_language_model or position == "all":
         return
-    first = data if isinstance(data, torch.Tensor) else next(iter(data))
-    seq = (first[0] if isinstance(first, (tuple, list)) else first).shape[1]
+    seq = first_batch(data)[0].shape[1]
     if not -seq <= position < seq:
         raise ValueError(f"position={position} is outside the sequences of length {seq}; choose one of "
                          f"{-seq}..{seq - 1} (-1: the last token) or 'all'")
@@ -100,10 +106,8 @@ def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
     autocast, passes. Iterables are checked on their first batch."""
     if adapter.is_language_model:
         return
-    first = data if isinstance(data, torch.Tensor) else next(iter(data))
-    given = [("data", first[0]), ("reference", first[1])] if isinstance(first, (tuple, list)) else [("data", first)]
-    if isinstance(reference, torch.Tensor):
-        given.append(("reference", reference))
+    inputs, paired = first_batch(data)
+    given = [("data", inputs)] + [("reference", r) for r in (paired, reference) if isinstance(r, torch.Tensor)]
     for what, x in given:
         if x.dtype == adapter.model_dtype:
             continue

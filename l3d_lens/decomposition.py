@@ -77,8 +77,7 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
 
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
-    if task.cfg.sample == "sequence":
-        check_position(task.adapter, data, task.cfg.position)
+    check_position(task.adapter, data, task.cfg.position)  # token mode keeps -1 (resolve_config)
     check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
@@ -154,8 +153,7 @@ class Decomposition:
         task = self._task
         paired = task.cfg.reference == "paired"
         check_data(task.adapter, data, reference, paired)
-        if task.cfg.sample == "sequence":
-            check_position(task.adapter, data, task.cfg.position)
+        check_position(task.adapter, data, task.cfg.position)
         gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
         with torch.no_grad():
             for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, task.min_batch):

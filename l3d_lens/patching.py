@@ -198,10 +198,13 @@ def _layers(value: Units, n_layers: int) -> list[int]:
         return []
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
         raise TypeError(f"mlp must be True/False or an iterable of layer indices, got {type(value).__name__}")
-    out = sorted({as_index(layer) if as_index(layer) is not None else layer for layer in value})
-    for layer in out:
-        if as_index(layer) is None or not 0 <= layer < n_layers:
+    out = set()
+    for layer in value:
+        index = as_index(layer)
+        if index is None or not 0 <= index < n_layers:
             raise ValueError(f"mlp: layer {layer!r} does not exist; the model has {n_layers} layers")
+        out.add(index)
+    out = sorted(out)
     if not out:
         raise ValueError("mlp is empty; pass True for all layers, False for none, or some layer indices")
     return out

@@ -16,18 +16,6 @@ class HookedAdapter(TransformerLensAdapter):
         cfg = model.cfg
         params = dict(model.named_parameters())
         fast_qkv = not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
-        # Q/K/V and MLP inputs are read where the block hands them to the module (attention's
-        # query_input/key_input/value_input keywords, the MLP's argument), not at ln1/ln2: a
-        # shortformer adds the positions to ln1's output for Q and K, and post-norm blocks
-        # (OLMo 2/3) feed the raw residual; outputs likewise at the module, before any norm
-        for i in range(cfg.n_layers):
-            b = f"blocks.{i}"
-            attn = model.get_submodule(f"{b}.attn")
-            for x, kw in zip("qkv", ("query_input", "key_input", "value_input")):
-                self._capture[f"{b}.attn:{x}_input"] = (attn, kw)
-            if hasattr(model.blocks[i], "mlp"):
-                self._capture[f"{b}.mlp:in"] = (model.get_submodule(f"{b}.mlp"), "in")
-
         def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True):
             if name not in params:
                 return
@@ -45,6 +33,14 @@ class HookedAdapter(TransformerLensAdapter):
         add("pos_embed.W_pos", "W_pos", None, ("n_ctx", "d_model"), ("n_ctx",), ("d_model",), POSITIONS, "hook_pos_embed")
         for i in range(cfg.n_layers):
             b = f"blocks.{i}"
+            # Q/K/V and MLP inputs are read where the block hands them to the module (attention's
+            # query_input/key_input/value_input keywords, the MLP's argument), not at ln1/ln2: a
+            # shortformer adds the positions to ln1's output for Q and K, and post-norm blocks
+            # (OLMo 2/3) feed the raw residual; outputs likewise at the module, before any norm
+            for x, kw in zip("qkv", ("query_input", "key_input", "value_input")):
+                self._capture[f"{b}.attn:{x}_input"] = (model.get_submodule(f"{b}.attn"), kw)
+            if hasattr(model.blocks[i], "mlp"):
+                self._capture[f"{b}.mlp:in"] = (model.get_submodule(f"{b}.mlp"), "in")
             for ln, out in (("ln1", f"{b}.ln1"), ("ln2", f"{b}.ln2")):
                 add(f"{b}.{ln}.w", "ln_w", i, ("d_model",), ("d_model",), ("d_model",), f"{b}.{ln}.hook_normalized", out)
                 add(f"{b}.{ln}.b", "ln_b", i, ("d_model",), (), ("d_model",), None, out)
@@ -76,4 +72,3 @@ class HookedAdapter(TransformerLensAdapter):
         add("unembed.W_U", "W_U", None, ("d_model", "d_vocab"), ("d_model",), ("d_vocab",), "unembed.hook_in",
             "unembed.hook_out")
         add("unembed.b_U", "b_U", None, ("d_vocab",), (), ("d_vocab",), None, "unembed.hook_out")
-

@@ -37,8 +37,10 @@ def _inner(v: torch.Tensor, w: torch.Tensor, unit_axis: int) -> torch.Tensor:
 def _decomposed(n_units: int, indices: Optional[Sequence[int]]) -> torch.Tensor:
     """[n_units] bool: the units of a weight that are decomposed (``indices`` of a head or neuron
     slice; None: all)."""
+    if indices is None:
+        return torch.ones(n_units, dtype=torch.bool)
     mask = torch.zeros(n_units, dtype=torch.bool)
-    mask[list(range(n_units)) if indices is None else list(indices)] = True
+    mask[list(indices)] = True
     return mask
 
 

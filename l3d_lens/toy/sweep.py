@@ -20,10 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
-import torch
-
 from ..config import L3DConfig
-from ..data import Data, check_batch, check_data, run_row
+from ..data import Data, check_batch, check_data, first_batch, run_row
 from ..decomposition import Decomposition, build_task, check_memory, decompose
 
 
@@ -75,8 +73,7 @@ def _check_fits(adapter, given: Data, paired: bool, name: str, autocast: Optiona
         check_data(adapter, given, None, paired and name == "data")
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: {e}") from None
-    first = given if isinstance(given, torch.Tensor) else next(iter(given))
-    row = check_batch(adapter, first[0] if isinstance(first, (tuple, list)) else first, name)[:1]
+    row = check_batch(adapter, first_batch(given)[0], name)[:1]
     try:
         run_row(adapter, row, autocast)
     except RuntimeError as e:
