@@ -133,7 +133,9 @@ class PatchingComparison:
     through the unit's output, see ``l3d_scores``), ``l3d_share`` (their squared-norm share on
     the unit, for reference; not ranked), ``rank_<method>`` (1 = most important, ties averaged)
     and, with a ground truth, ``ground_truth`` (bool).
-    agreement: one row per (level, method pair): Spearman correlation and top-k overlap.
+    agreement: one row per (level, method pair): Spearman correlation, top-k overlap, and
+    ``top_k_chance`` = k / units, the overlap two random top-k sets have on average (1 when k
+    covers every unit of the level: the overlap then says nothing).
     auroc: method -> AUROC of head recovery, plus ``l3d_share`` (None without ``ground_truth``).
     """
 
@@ -538,7 +540,7 @@ def _agreement(level: str, df: pd.DataFrame, k: int) -> list[dict[str, Any]]:
     keys = {m: (df[m].abs() if m != "l3d" else df[m]).to_numpy() for m in METHODS}
     for a, b in itertools.combinations(METHODS, 2):
         rows.append({"level": level, "method_a": a, "method_b": b, "spearman": spearman(keys[a], keys[b]),
-                     "top_k": k, "top_k_overlap": top_k_overlap(keys[a], keys[b], k)})
+                     "top_k": k, "top_k_overlap": top_k_overlap(keys[a], keys[b], k), "top_k_chance": k / len(df)})
     return rows
 
 

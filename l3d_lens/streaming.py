@@ -36,8 +36,8 @@ class TokenStream:
     """Batches of token ids [batch_size, seq_len] cut from a text source.
 
     source: a text file, a folder of ``*.txt`` files, a list of files, or an HF dataset saved
-    with ``save_to_disk`` (read with memory mapping, column ``text_column``). Texts are
-    tokenised one at a time, joined with ``separator`` ids (e.g. [bos]) and cut into
+    with ``save_to_disk`` (read with memory mapping, column ``text_column``). Blank lines and
+    blank or missing (None) dataset texts are skipped. Texts are tokenised one at a time, joined with ``separator`` ids (e.g. [bos]) and cut into
     sequences of ``seq_len``; ``prefix`` ids start every sequence. ``max_batches`` caps a pass.
     """
 
@@ -89,9 +89,15 @@ class TokenStream:
             ds = ds[self.split]
         if self.text_column not in ds.column_names:
             raise ValueError(f"{path} has no column {self.text_column!r}; columns: {ds.column_names}")
-        for row in ds:
+        for i, row in enumerate(ds):
+            text = row[self.text_column]
+            if text is None or (isinstance(text, str) and not text.strip()):
+                continue  # blank rows (WikiText has many) would only add separators, as blank lines would
+            if not isinstance(text, str):
+                raise TypeError(f"{path}: column {self.text_column!r} holds {type(text).__name__} at row {i}; "
+                                f"it must hold text (str)")
             self.texts_read += 1
-            yield row[self.text_column]
+            yield text
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.texts_read = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -179,6 +180,10 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             x = x.to(task.adapter.device)
             paired = paired.to(task.adapter.device) if paired is not None else None
             if batch_index == 0 and epoch in resample_at:
+                if n_steps < cfg.dead_steps:
+                    warnings.warn(f"resampling at epoch {epoch} comes after {n_steps} steps, fewer than dead_steps="
+                                  f"{cfg.dead_steps}: no subnetwork can count as dead yet, so none is resampled; "
+                                  f"lower dead_steps or resample at a later epoch", stacklevel=2)
                 sums.n_resampled = resample_dead(task, f, opt, x, paired, gen, sums.last_active, n_steps)
             step(task, f, opt, x, paired, gen, sums, n_steps, epoch)
             n_steps += 1
@@ -187,6 +192,11 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
                 save_checkpoint(epoch, batch_index)
         skip = 0
         sched.step()
+        if cfg.aux_coef > 0 and epoch + 1 == min(cfg.aux_epochs or cfg.epochs, cfg.epochs) and n_steps <= cfg.dead_steps:
+            warnings.warn(f"aux_coef={cfg.aux_coef} never applied: its {n_steps} steps end before any subnetwork "
+                          f"can be dead for dead_steps={cfg.dead_steps} steps; lower dead_steps or raise "
+                          f"{'aux_epochs' if cfg.aux_epochs is not None and cfg.aux_epochs < cfg.epochs else 'epochs'}",
+                          stacklevel=2)
         p_act = sums.active / max(sums.n_seen, 1)
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum()), "n_resampled": sums.n_resampled}

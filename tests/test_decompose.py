@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -296,3 +297,20 @@ def test_a_small_batch_of_an_iterable_joins_the_one_before():
     cfg = L3DConfig(components=["fc1"], n_subnetworks=2, rank=1, epochs=1, reference="random")
     stream_run = decompose(model, stream, cfg.replace(batch_size=4), progress=False)  # raised on the last batch
     assert all(torch.isfinite(v).all() for v in stream_run.factors.values())
+
+
+def test_a_remedy_that_can_never_act_is_named():
+    """Resampling at epoch 1 after 4 steps with dead_steps=20 resampled nothing, silently; an
+    aux loss whose window ends before dead_steps steps never applied, silently."""
+    model, x = TinyMLP(), torch.rand(32, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    base = L3DConfig(components=["fc1", "fc2"], n_subnetworks=3, rank=1, epochs=3, batch_size=8)
+    with pytest.warns(UserWarning, match=r"resampling at epoch 1 comes after 4 steps, fewer than dead_steps=20"):
+        decompose(model, x, base.replace(resample_epochs=(1,)), progress=False)
+    with pytest.warns(UserWarning, match=r"aux_coef=0.1 never applied: its 8 steps .* raise aux_epochs"):
+        decompose(model, x, base.replace(aux_coef=0.1, aux_epochs=2), progress=False)
+    with pytest.warns(UserWarning, match=r"its 12 steps .* raise epochs"):
+        decompose(model, x, base.replace(aux_coef=0.1), progress=False)
+    with warnings.catch_warnings():  # one step more than dead_steps, and a resampling just late enough
+        warnings.simplefilter("error")
+        decompose(model, x, base.replace(aux_coef=0.1, dead_steps=11), progress=False)
+        decompose(model, x, base.replace(resample_epochs=(2,), dead_steps=8), progress=False)

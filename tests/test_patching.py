@@ -244,6 +244,8 @@ def test_scores_accounting_and_frames(lm_kind):
     assert res.auroc["patching"] == pytest.approx(auroc(key.values, res.heads["ground_truth"].values))
     assert list(res.agreement["level"]).count("head") == 3 and list(res.agreement["level"]).count("neuron") == 3
     assert res.agreement["top_k_overlap"].between(0, 1).all()
+    units = res.agreement["level"].map({"head": len(res.heads), "mlp": len(res.mlp), "neuron": len(res.neurons)})
+    assert (res.agreement["top_k_chance"] == res.agreement["top_k"] / units).all()
     assert "AUROC" in res.summary()
 
 

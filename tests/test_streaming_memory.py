@@ -56,6 +56,21 @@ def test_token_stream_from_hf_dataset_on_disk(tmp_path):
         next(iter(TokenStream(tmp_path / "ds", char_ids, seq_len=5, batch_size=3, text_column="body")))
 
 
+def test_token_stream_skips_blank_dataset_rows(tmp_path):
+    """WikiText-style rows ('' and ' ') added a separator each, and a None text failed inside the
+    tokenizer; blank lines of a text file were already skipped."""
+    import datasets
+
+    texts = ["alpha", "", " \n", None, "beta"]
+    datasets.Dataset.from_dict({"text": texts, "n": [1, 2, 3, 4, 5]}).save_to_disk(str(tmp_path / "ds"))
+    stream = TokenStream(tmp_path / "ds", char_ids, seq_len=4, batch_size=1, separator=[0])
+    flat = torch.cat(list(stream)).reshape(-1).tolist()
+    assert flat == (char_ids("alpha") + [0] + char_ids("beta") + [0])[:8] and len(flat) == 8  # 11 ids: two rows of 4
+    assert stream.texts_read == 2
+    with pytest.raises(TypeError, match=r"column 'n' holds int at row 0; it must hold text"):
+        next(iter(TokenStream(tmp_path / "ds", char_ids, seq_len=4, batch_size=1, text_column="n")))
+
+
 def test_token_stream_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         TokenStream(tmp_path / "missing.txt", char_ids, 5, 2)
