@@ -103,7 +103,8 @@ def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
     than the model's parameters does not run through the model: one no-grad row in eval mode,
     under ``autocast`` as training runs it. A float64 batch for a float32 model would fail
     inside F.linear at the first step; a model that casts its input, or float32 data under
-    autocast, passes. Iterables are checked on their first batch."""
+    autocast, passes. Iterables are checked on their first batch; ``batches`` refuses a later
+    batch whose dtype or sample shape differs from the first's."""
     if adapter.is_language_model:
         return
     inputs, paired = first_batch(data)
@@ -146,16 +147,30 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
             x = check_batch(adapter, data[idx])
             yield x, (check_batch(adapter, reference[idx], "reference") if reference is not None else None)
         return
-    def read(item):
+    first: list[torch.Tensor] = []
+
+    def read(i: int, item) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if reference is None and isinstance(item, (tuple, list)) and len(item) == 2:
-            return check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
-        return check_batch(adapter, item), None
+            x, ref = check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
+        else:
+            x, ref = check_batch(adapter, item), None
+        if not first:
+            first.append(x)
+        elif not adapter.is_language_model and (x.dtype, x.shape[1:]) != (first[0].dtype, first[0].shape[1:]):
+            raise ValueError(f"batch {i} of the data is {x.dtype} of shape {tuple(x.shape)}, unlike the first batch "
+                             f"({first[0].dtype}, shape {tuple(first[0].shape)}); every batch needs the first's "
+                             f"dtype and sample shape")
+        return x, ref
 
     def merged():
         held = None
-        for item in data:
-            x, ref = read(item)
+        for i, item in enumerate(data):
+            x, ref = read(i, item)
             if held is not None and x.shape[0] < min_batch:
+                if x.shape[1:] != held[0].shape[1:]:
+                    raise ValueError(f"batch {i} of the data has {x.shape[0]} rows, fewer than the {min_batch} a "
+                                     f"batch needs, and cannot join the batch before: shapes {tuple(x.shape)} and "
+                                     f"{tuple(held[0].shape)}; give it at least {min_batch} rows")
                 held = (torch.cat([held[0], x]), None if ref is None else torch.cat([held[1], ref]))
                 continue
             if held is not None:

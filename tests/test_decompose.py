@@ -314,3 +314,23 @@ def test_a_remedy_that_can_never_act_is_named():
         warnings.simplefilter("error")
         decompose(model, x, base.replace(aux_coef=0.1, dead_steps=11), progress=False)
         decompose(model, x, base.replace(resample_epochs=(2,), dead_steps=8), progress=False)
+
+
+def test_a_later_stream_batch_unlike_the_first_is_named(lm_kind):
+    """Only a stream's first batch was checked: a float64 or wider batch later failed inside
+    F.linear mid-run, and a small last batch of other sequences failed inside torch.cat."""
+    model = TinyMLP(dtype=torch.float32)
+    x = torch.rand(24, 5, generator=torch.Generator().manual_seed(0))
+    cfg = L3DConfig(components=["fc1"], n_subnetworks=2, rank=1, epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match=r"batch 1 of the data is torch.float64 of shape \(8, 5\), unlike the first "
+                                         r"batch \(torch.float32, shape \(8, 5\)\)"):
+        decompose(model, [x[:8], x[8:16].double(), x[16:]], cfg, progress=False)
+    with pytest.raises(ValueError, match=r"batch 2 of the data is torch.float32 of shape \(8, 6\)"):
+        decompose(model, [x[:8], x[8:16], torch.rand(8, 6)], cfg, progress=False)
+    lm, t = tiny_lm(lm_kind), tokens(9, 6)
+    lm_cfg = L3DConfig(components="blocks.0.attn", n_subnetworks=2, rank=1, epochs=1, sample="sequence")
+    with pytest.raises(ValueError, match=r"batch 1 of the data has 1 rows, fewer than the 2 a batch needs, and "
+                                         r"cannot join the batch before: shapes \(1, 4\) and \(8, 6\)"):
+        decompose(lm, [t[:8], t[8:, :4]], lm_cfg, progress=False)
+    run = decompose(lm, [t[:4], t[4:, :4]], lm_cfg, progress=False)  # other lengths in batches of their own
+    assert run.history[-1]["steps"] == 2
