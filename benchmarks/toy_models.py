@@ -192,7 +192,11 @@ def _stats(values) -> str:
 
 
 def _pct(values) -> str:
-    return _stats([100 * v for v in values]).replace(" (", "% (").replace(")", "%)")
+    values = [100 * float(v) for v in values]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3g}% ± {sd:.2g}% ({min(values):.3g}%–{max(values):.3g}%)"
 
 
 def _live_purity(row: dict[str, Any]) -> float:
@@ -211,11 +215,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| toy model | metric | paper | paper's settings: mean ± sd (min–max) | our settings: mean ± sd (min–max) "
              "| target | met (our settings) |", "|---|---|---|---|---|---|---|"]
 
-    def add(toy, metric, paper, fmt, target="–", ok=None, ours_setting="ours"):
+    def add(toy, metric, paper, fmt, target="–", ok=None, ours_setting="ours", paper_column=None):
         paper_rows = [x for x in rows if x["toy"] == toy and x["setting"] == "paper"]
         ours = [x for x in rows if x["toy"] == toy and x["setting"] == ours_setting]
-        # an extra shape (``EXTRA``) was run with our settings only
-        cells = [(fmt(paper_rows) if paper_rows else "n/a") if ours_setting == "ours" else "–",
+        # the paper's-settings column only on rows of its shape (x²: 5 × rank 2, ``ours_5x2``)
+        paper_column = ours_setting == "ours" if paper_column is None else paper_column
+        cells = [(fmt(paper_rows) if paper_rows else "n/a") if paper_column else "–",
                  fmt(ours) if ours else "n/a"]
         met = _count(ok(x) for x in ours) if ok and ours else "–"
         label = {"tms": "TMS", "tmcs": "TMCS", "higher_rank": "higher-rank", "square": "x²"}[toy]
@@ -286,7 +291,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         for setting, shape in (("ours", "10 × rank 1"), ("ours_5x2", "5 × rank 2")):
             if not any(x["toy"] == "square" and x["setting"] == setting for x in rows):
                 continue
-            kw = dict(ours_setting=setting)
+            kw = dict(ours_setting=setting, paper_column=setting == "ours_5x2")
             tag = f"**{shape}**: " if setting == "ours" else f"{shape} (our settings, the paper's shape): "
             add("square", tag + "reconstruction error", "32% (5 × rank 2)", pct("error"), "≤ 32%",
                 lambda x: x["error"] <= 0.32, **kw)

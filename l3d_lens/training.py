@@ -183,7 +183,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
                 if n_steps < cfg.dead_steps:
                     warnings.warn(f"resampling at epoch {epoch} comes after {n_steps} steps, fewer than dead_steps="
                                   f"{cfg.dead_steps}: no subnetwork can count as dead yet, so none is resampled; "
-                                  f"lower dead_steps or resample at a later epoch", stacklevel=2)
+                                  f"lower dead_steps or resample at a later epoch", stacklevel=3)
                 sums.n_resampled = resample_dead(task, f, opt, x, paired, gen, sums.last_active, n_steps)
             step(task, f, opt, x, paired, gen, sums, n_steps, epoch)
             n_steps += 1
@@ -196,7 +196,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             warnings.warn(f"aux_coef={cfg.aux_coef} never applied: its {n_steps} steps end before any subnetwork "
                           f"can be dead for dead_steps={cfg.dead_steps} steps; lower dead_steps or raise "
                           f"{'aux_epochs' if cfg.aux_epochs is not None and cfg.aux_epochs < cfg.epochs else 'epochs'}",
-                          stacklevel=2)
+                          stacklevel=3)
         p_act = sums.active / max(sums.n_seen, 1)
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum()), "n_resampled": sums.n_resampled}

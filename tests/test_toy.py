@@ -769,6 +769,17 @@ def test_square_subnetworks_specialise_on_features():
     assert rt["one_per_feature_none_shared"] == (rt["one_per_feature"] and rt["feature_pure"])
     assert len(rt["sign_alignment"]) == 5 and all(0 <= c <= 1 + 1e-9 for c in rt["sign_alignment"])
     assert torch.tensor(rt["circuit_share"]).nansum() > torch.tensor(ru["circuit_share"]).nansum() + 1.0
+    # the model's own directions are taken against the decomposition's reference: against the
+    # batch mean for a mean-reference run (they were always against zero)
+    from l3d_lens.toy.reproduce import square_reference
+    mean_run = l3d_lens.decompose(toy.model, toy.l3d_data, recommended_config("square", epochs=1, reference="mean"),
+                                  progress=False)
+    rm = evaluate(toy, mean_run)
+    want = square_reference(toy.model, toy.eval_data, "mean")
+    assert rm["gradient_reference"] == "mean" and {k: rm[k] for k in want} == want
+    zero = {k: v for k, v in rt.items() if k.startswith("reference_")}
+    assert zero == {k: v for k, v in square_reference(toy.model, toy.eval_data).items() if k.startswith("reference_")}
+    assert zero["reference_selectivity_by_output"] != want["reference_selectivity_by_output"]
 
 
 def test_signed_feature_activity_splits_each_feature_by_sign():

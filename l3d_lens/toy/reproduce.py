@@ -209,7 +209,7 @@ def evaluate(toy: Toy, dec, seed: int = 0) -> dict[str, Any]:
                    **{f"circuit_{k}": v for k, v in _selectivities(toy.model, subs, x, circuit_owner, circuits).items()})
         # the issue's x² target: every feature has its own subnetwork(s), none serves two
         out["one_per_feature_none_shared"] = bool(out["one_per_feature"] and out["feature_pure"])
-        out.update(square_reference(toy.model, x))
+        out.update(square_reference(toy.model, x, grad_ref))
     return out
 
 
@@ -219,15 +219,16 @@ def _can_match(dec, n_features: int) -> bool:
     return dec.n_subnetworks >= n_features
 
 
-def square_reference(model, x: torch.Tensor) -> dict[str, Any]:
+def square_reference(model, x: torch.Tensor, reference: str = "zero") -> dict[str, Any]:
     """What the x² model itself allows, with no decomposition: the selectivities (as in
     ``evaluate``: ``reference_*`` per feature, ``reference_circuit_*`` per (feature, sign)) of
-    the principal direction of each feature's (circuit's) own gradients, the direction a
+    the principal direction of each feature's (circuit's) own gradients, taken against
+    ``reference`` ("zero" or "mean", as ``metrics.gradient_directions``), the direction a
     subnetwork that reconstructs them exactly would take, and ``sign_alignment``."""
     names = [n for n, _ in model.named_parameters()]
     features, circuits = _feature_targets(x), _circuit_targets(x)
-    own = metrics.gradient_directions(model, x, names)
-    signed_dirs = metrics.signed_gradient_directions(model, x, names)
+    own = metrics.gradient_directions(model, x, names, reference=reference)
+    signed_dirs = metrics.signed_gradient_directions(model, x, names, reference=reference)
     out: dict[str, Any] = {"sign_alignment": metrics.sign_alignment(signed_dirs).tolist()}
     out.update({f"reference_{k}": v for k, v in _selectivities(
         model, own, x, _defined(own, len(features)), features).items()})
