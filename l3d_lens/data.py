@@ -45,7 +45,8 @@ def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor
 def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_mode: bool) -> None:
     """Validate data (and reference data) up front; for iterables, the first batch."""
     if paired_mode and reference is None and isinstance(data, torch.Tensor):
-        raise ValueError("reference='paired' needs reference data: decompose(model, data, cfg, reference=<tensor like data>)")
+        raise ValueError("reference='paired' needs reference data: pass reference=<tensor like data> (to decompose, "
+                         "and to a contrastive decomposition's coefficients, impact, top_samples, ...)")
     if reference is not None and not paired_mode:
         raise ValueError("reference data was given but cfg.reference is not 'paired'; set reference='paired'")
     if isinstance(data, torch.Tensor):

@@ -265,12 +265,14 @@ class Decomposition:
 
         return impact(self, data, n_references, reference, seed)
 
-    def top_samples(self, data, subnetwork: int, k: int = 10, *, impacts=None, to_str=None, context: int = 8):
+    def top_samples(self, data, subnetwork: int, k: int = 10, *, impacts=None, to_str=None, context: int = 8,
+                    reference=None):
         """DataFrame of the k (sequence, position) samples where ``subnetwork`` matters most,
-        with their token context (``to_str``: ids -> list of strings, e.g. model.to_str_tokens)."""
+        with their token context (``to_str``: ids -> list of strings, e.g. model.to_str_tokens;
+        ``reference``: paired data, for a contrastive decomposition)."""
         from .analysis.impact import top_samples
 
-        return top_samples(self, data, subnetwork, k, impacts, to_str, context)
+        return top_samples(self, data, subnetwork, k, impacts, to_str, context, reference)
 
     def top_logits(self, data, subnetwork: int, k: int = 10, *, to_str=None, positions=None):
         """DataFrame of the k logits most moved along ``subnetwork`` (forward-mode derivative),
@@ -303,12 +305,13 @@ class Decomposition:
         return edit_weights(adapter, weight_changes(adapter, self.subnetworks(), ks, deltas))
 
     def intervention_curve(self, data, subnetwork: int, deltas=(-4, -2, -1, -0.5, 0.5, 1, 2, 4), *,
-                           top_fraction: float = 0.1, impacts=None):
+                           top_fraction: float = 0.1, impacts=None, reference=None):
         """DataFrame (delta, change_top, change_rest, selectivity): output change on the
-        subnetwork's top-impact samples vs the rest when moving the weights along it."""
+        subnetwork's top-impact samples vs the rest when moving the weights along it
+        (``reference``: paired data, for a contrastive decomposition's impacts)."""
         from .analysis.impact import intervention_curve
 
-        return intervention_curve(self, data, subnetwork, deltas, top_fraction, impacts)
+        return intervention_curve(self, data, subnetwork, deltas, top_fraction, impacts, reference)
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:  # noqa: F821
         """Write ``path/`` with factors.safetensors and decomposition.json (no pickles)."""

@@ -124,3 +124,51 @@ def test_impacts_of_the_wrong_shape_are_rejected():
     seq = dec_of(tiny_lm("bridge"), ["blocks.0.attn"], sample="sequence")
     with pytest.raises(ValueError, match=r"must be \(4, 2\)"):
         seq.top_samples(x, 0, impacts=imp)
+
+
+# --- 5. a contrastive decomposition's analyses, and lists of batches ---------------------------
+
+def test_top_samples_and_curve_of_a_contrastive_decomposition_take_the_reference(lm_kind):
+    """They computed impacts without reference data and failed, pointing at decompose."""
+    clean, corrupted = tokens(8, 6, seed=3), tokens(8, 6, seed=4)
+    cfg = l3d_lens.L3DConfig(components="blocks.0.attn", n_subnetworks=2, rank=2, epochs=1, dtype="float64",
+                             sample="sequence", reference="paired")
+    dec = l3d_lens.decompose(tiny_lm(lm_kind), clean, cfg, reference=corrupted, progress=False)
+    imp = dec.impact(clean, reference=corrupted)
+    assert dec.top_samples(clean, 1, k=3, reference=corrupted).equals(dec.top_samples(clean, 1, k=3, impacts=imp))
+    curve = dec.intervention_curve(clean, 1, [0.5, 2.0], reference=corrupted)
+    assert curve.equals(dec.intervention_curve(clean, 1, [0.5, 2.0], impacts=imp))
+    for call in (lambda: dec.top_samples(clean, 1), lambda: dec.intervention_curve(clean, 1, [1.0])):
+        with pytest.raises(ValueError, match=r"contrastive \(reference='paired'\): pass its reference="):
+            call()
+
+
+def test_analyses_join_a_list_of_batches_and_name_a_stream():
+    """dec.impact on a list of batches in token mode raised AttributeError ('list' has no shape),
+    as did top_samples and intervention_curve; decompose and coefficients take lists."""
+    dec = dec_of(tiny_lm("bridge"), ["blocks.0.attn"])
+    x = tokens(6, 6, seed=5)
+    parts = [x[:4], x[4:]]
+    assert torch.equal(dec.impact(parts, n_references=2), dec.impact(x, n_references=2))
+    assert dec.top_samples(parts, 0, k=4).equals(dec.top_samples(x, 0, k=4))
+    assert dec.intervention_curve(parts, 0, [1.0]).equals(dec.intervention_curve(x, 0, [1.0]))
+    assert dec.top_logits(parts, 0, k=3).equals(dec.top_logits(x, 0, k=3))
+    with pytest.raises(ValueError, match=r"batches of different sample shapes \[\(5,\), \(6,\)\]"):
+        dec.impact([x[:4], x[4:, :5]])
+    with pytest.raises(TypeError, match=r"data must be a tensor \[n, \.\.\.\] or a list of tensor batches here"):
+        dec.top_samples(iter([x]), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine): run where a "
+                                                          "GPU is lent, e.g. by benchmarks/gpu_toy.py's check")
+def test_every_analysis_runs_on_the_models_gpu():
+    """Factors live on the model's device; attribution read them with .numpy(), and the curve
+    indexed a CPU mask with device indices."""
+    model = tiny_lm("hooked", dtype=torch.float32).to("cuda")
+    x = tokens(8, 6).to("cuda")
+    dec = l3d_lens.decompose(model, x, l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.mlp"],
+                                                          n_subnetworks=2, rank=2, epochs=1), progress=False)
+    assert dec.attribution().groupby("subnetwork")["share"].sum().tolist() == pytest.approx([1.0, 1.0])
+    assert dec.head_attribution(as_tensor=True).shape == (2, 2, 2) and len(dec.neuron_attribution()) > 0
+    assert len(dec.top_samples(x, 0, k=3)) == 3 and len(dec.top_logits(x, 0, k=3)) == 3
+    assert len(dec.intervention_curve(x, 0, [1.0])) == 1 and dec.head_effects(as_tensor=True).shape == (2, 2, 2)

@@ -14,6 +14,7 @@ COLUMNS = ["subnetwork", "weight", "kind", "layer", "head", "neuron", "share"]
 
 def _frames(subnetworks: dict[str, torch.Tensor], sites) -> list[pd.DataFrame]:
     """One frame per weight: a row per (subnetwork, head or neuron, or the whole weight)."""
+    subnetworks = {k: v.detach().cpu() for k, v in subnetworks.items()}  # a GPU model's factors: for numpy
     total = sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in subnetworks.values())
     frames = []
     for name, v in subnetworks.items():

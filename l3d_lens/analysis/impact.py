@@ -14,12 +14,29 @@ from torch.func import jvp
 from ..interventions import check_subnetworks, perturbed_forward, weight_changes
 
 
+def as_samples(data, what: str = "data") -> torch.Tensor:
+    """The analyses index samples, so they take one tensor [n, ...]: a list or tuple of
+    tensor batches of one sample shape is joined; a stream has no index, so it is refused."""
+    if isinstance(data, torch.Tensor) or data is None:
+        return data
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
+        shapes = sorted({tuple(b.shape[1:]) for b in data})
+        if len(shapes) > 1:
+            raise ValueError(f"{what}: batches of different sample shapes {shapes} cannot be indexed as one tensor; "
+                             f"pass batches of one shape, or one tensor")
+        return torch.cat(list(data))
+    raise TypeError(f"{what} must be a tensor [n, ...] or a list of tensor batches here (samples are indexed), got "
+                    f"{type(data).__name__}; for a stream, pass torch.cat(list(stream)) of the part to analyse, and "
+                    f"paired reference data as reference=")
+
+
 def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[torch.Tensor] = None,
            seed: int = 0) -> Float[torch.Tensor, "n *pos k"]:
     """Mean over references of |V_in . g| (the paper's impact), [n, pos, K] in token mode,
     [n, K] otherwise. Paired, mean and uniform references are single, so averaged once."""
     if not isinstance(n_references, int) or n_references < 1:
         raise ValueError(f"n_references must be an int >= 1, got {n_references!r}")
+    data, reference = as_samples(data), as_samples(reference, "reference")
     repeats = n_references if dec.cfg.reference == "random" and reference is None else 1
     total = sum(dec.coefficients(data, reference, seed=seed + r).abs() for r in range(repeats)) / repeats
     if dec._task.token_mode:
@@ -27,10 +44,15 @@ def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[
     return total
 
 
-def _impacts(dec, data: torch.Tensor, impacts: Optional[torch.Tensor]) -> torch.Tensor:
-    """``impacts`` if given (it must be ``impact(dec, data)``; its shape is checked), else computed."""
+def _impacts(dec, data: torch.Tensor, impacts: Optional[torch.Tensor],
+             reference: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``impacts`` if given (it must be ``impact(dec, data)``; its shape is checked), else
+    computed (against paired ``reference`` data for a contrastive decomposition)."""
     if impacts is None:
-        return impact(dec, data)
+        if dec.cfg.reference == "paired" and reference is None:
+            raise ValueError("this decomposition is contrastive (reference='paired'): pass its reference=<tensor like "
+                             "data>, or impacts=dec.impact(data, reference=...)")
+        return impact(dec, data, reference=reference)
     n, K = data.shape[0], dec.n_subnetworks
     want = (n, data.shape[1], K) if dec._task.token_mode else (n, K)
     if tuple(impacts.shape) != want:
@@ -40,11 +62,13 @@ def _impacts(dec, data: torch.Tensor, impacts: Optional[torch.Tensor]) -> torch.
 
 
 def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: Optional[torch.Tensor] = None,
-                to_str: Optional[Callable[[torch.Tensor], list[str]]] = None, context: int = 8) -> pd.DataFrame:
+                to_str: Optional[Callable[[torch.Tensor], list[str]]] = None, context: int = 8,
+                reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
     """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
     tokens leading up to that position."""
     check_subnetworks(subnetwork, dec.n_subnetworks)
-    imp = _impacts(dec, data, impacts)[..., subnetwork]
+    data, reference = as_samples(data), as_samples(reference, "reference")
+    imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     token = imp.dim() == 2
     flat = imp.reshape(-1)
     order = torch.argsort(flat, descending=True)[:k]
@@ -63,6 +87,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
 def output_derivative(dec, data: torch.Tensor, subnetwork: int) -> torch.Tensor:
     """d/d delta f(x; W0 + delta v_k) at delta = 0, for every output (forward mode, one JVP)."""
     check_subnetworks(subnetwork, dec.n_subnetworks)
+    data = as_samples(data)
     adapter = dec.adapter
     subs = dec.subnetworks()
     base = {n: adapter.weight(n) for n in subs}
@@ -79,7 +104,7 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
     over the samples and ``positions``), with the signed mean; signs are relative (v ~ -v).
     ``positions`` defaults to all of them in token mode and with position="all", else to the
     decomposed ``cfg.position``."""
-    d = output_derivative(dec, data, subnetwork)
+    d = output_derivative(dec, data, subnetwork).cpu()
     if positions is None and dec.adapter.is_language_model and not dec._task.token_mode \
             and dec.cfg.position != "all":
         positions = [dec.cfg.position]
@@ -102,16 +127,19 @@ def output_change(before: torch.Tensor, after: torch.Tensor, language_model: boo
 
 
 def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Sequence[float],
-                       top_fraction: float = 0.1, impacts: Optional[torch.Tensor] = None) -> pd.DataFrame:
+                       top_fraction: float = 0.1, impacts: Optional[torch.Tensor] = None,
+                       reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
     """Selectivity across delta: mean output change on the subnetwork's top-impact samples over
-    the mean change on the rest, running the model at W0 + delta v_k."""
+    the mean change on the rest, running the model at W0 + delta v_k (``reference``: the paired
+    data a contrastive decomposition's impacts are taken against)."""
     check_subnetworks(subnetwork, dec.n_subnetworks)
     if not 0 < top_fraction < 1:
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
     deltas = [float(x) for x in deltas]
     if not deltas or not all(torch.isfinite(torch.tensor(deltas))):
         raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas!r}")
-    imp = _impacts(dec, data, impacts)[..., subnetwork]
+    data, reference = as_samples(data), as_samples(reference, "reference")
+    imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     adapter = dec.adapter
     x = data.to(adapter.device)
     with adapter.session(), torch.no_grad():
