@@ -172,6 +172,29 @@ class Adapter:
             return logits
         raise TypeError(f"the model returned {type(out).__name__}; l3d_lens needs a tensor of outputs (logits)")
 
+    def head_modules(self) -> list[nn.Module]:
+        """The modules from ``head_point`` to the logits, which token mode's backward shortcut
+        takes to act on each position alone."""
+        return []
+
+    def check_layout(self) -> None:
+        """Raise if the model was reconfigured since the adapter read it (fast engine)."""
+
+    def check_no_backward_hooks(self) -> None:
+        """L3D differentiates the model's forward pass: torch.func (engine='exact') cannot run
+        backward hooks, and one may change the gradients the fast engine reads."""
+        hooked = [name or "<the model>" for name, m in self.model.named_modules()
+                  if m._backward_hooks or m._backward_pre_hooks]
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+            hooked.append("<every module: a global hook>")
+        if hooked:
+            more = f" and {len(hooked) - 5} more" if len(hooked) > 5 else ""
+            raise ValueError(f"the model has backward hooks on {', '.join(hooked[:5])}{more}: L3D differentiates the "
+                             f"forward pass itself, which they may change (and torch.func cannot run); remove them "
+                             f"first (TransformerLens: model.reset_hooks(including_permanent=True))")
+
     def capture_point(self, key: str) -> tuple[nn.Module, str]:
         """(module, role): the module whose first positional input ("in"), output ("out") or
         keyword argument (its name) is the activation."""
@@ -197,10 +220,14 @@ class Adapter:
             yield
 
     @contextlib.contextmanager
-    def forward_hooks(self, hooks: Mapping[nn.Module, Callable]) -> Iterator[None]:
-        """Attach PyTorch forward hooks (fn(module, args, kwargs, output) -> output) for the body only."""
+    def forward_hooks(self, hooks: Mapping[nn.Module, Callable],
+                      first: Optional[Mapping[nn.Module, Callable]] = None) -> Iterator[None]:
+        """Attach PyTorch forward hooks (fn(module, args, kwargs, output) -> output) for the body
+        only: ``hooks`` after every hook the module already has, ``first`` before them."""
         handles = []
         try:
+            for module, fn in (first or {}).items():
+                handles.append(module.register_forward_hook(fn, with_kwargs=True, prepend=True))
             for module, fn in hooks.items():
                 handles.append(module.register_forward_hook(fn, with_kwargs=True))
             yield
@@ -219,6 +246,9 @@ class TransformerLensAdapter(Adapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.cfg = model.cfg
+
+    def head_modules(self) -> list[nn.Module]:
+        return list(self.model.get_submodule("unembed").modules())
 
     @property
     def n_layers(self) -> int:

@@ -15,7 +15,8 @@ class HookedAdapter(TransformerLensAdapter):
         super().__init__(model)
         cfg = model.cfg
         params = dict(model.named_parameters())
-        fast_qkv = not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
+        self._layout = self._layout_flags()
+        fast_qkv = not (self._layout["use_split_qkv_input"] or self._layout["use_attn_in"])
         def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True):
             if name not in params:
                 return
@@ -29,8 +30,20 @@ class HookedAdapter(TransformerLensAdapter):
                 if fast and key is not None and key not in (TOKENS, POSITIONS) and key not in self._capture:
                     self._capture[key] = (model.get_submodule(key), "out")
 
-        add("embed.W_E", "W_E", None, ("d_vocab", "d_model"), ("d_vocab",), ("d_model",), TOKENS, "hook_embed")
-        add("pos_embed.W_pos", "W_pos", None, ("n_ctx", "d_model"), ("n_ctx",), ("d_model",), POSITIONS, "hook_pos_embed")
+        # with post_embedding_ln, hook_embed follows the embedding's LayerNorm: W_E's own output
+        # is not exposed there
+        add("embed.W_E", "W_E", None, ("d_vocab", "d_model"), ("d_vocab",), ("d_model",), TOKENS, "hook_embed",
+            fast=not getattr(cfg, "post_embedding_ln", False))
+        positions = getattr(cfg, "positional_embedding_type", "standard")
+        if positions in ("standard", "shortformer"):
+            add("pos_embed.W_pos", "W_pos", None, ("n_ctx", "d_model"), ("n_ctx",), ("d_model",), POSITIONS,
+                "hook_pos_embed")
+        elif "pos_embed.W_pos" in params:
+            self.unsupported["pos_embed.W_pos"] = (f"unused: positional_embedding_type={positions!r} never reads "
+                                                   f"the learned position embedding")
+        # TransformerLens's gated MLP with a LayerNorm activation (solu_ln) computes ln(act(pre))
+        # and never reads W_in or b_in
+        ln_gated = getattr(cfg, "gated_mlp", False) and str(getattr(cfg, "act_fn", "")).endswith("_ln")
         for i in range(cfg.n_layers):
             b = f"blocks.{i}"
             # Q/K/V and MLP inputs are read where the block hands them to the module (attention's
@@ -57,6 +70,11 @@ class HookedAdapter(TransformerLensAdapter):
                 f"{b}.attn.hook_z", f"{b}.attn")
             add(f"{b}.attn.b_O", "b_O", i, ("d_model",), (), ("d_model",), None, f"{b}.attn")
             gated = getattr(cfg, "gated_mlp", False)
+            for name in (f"{b}.mlp.W_in", f"{b}.mlp.b_in") if ln_gated else ():
+                if name in params:
+                    self.unsupported[name] = (f"unused: TransformerLens's gated MLP with act_fn={cfg.act_fn!r} "
+                                              f"computes ln(act(pre)) and never reads it")
+                    del params[name]  # so add() skips it
             add(f"{b}.mlp.W_in", "W_in", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.mlp:in",
                 f"{b}.mlp.hook_pre_linear" if gated else f"{b}.mlp.hook_pre")
             add(f"{b}.mlp.W_gate", "W_gate", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.mlp:in",
@@ -72,3 +90,14 @@ class HookedAdapter(TransformerLensAdapter):
         add("unembed.W_U", "W_U", None, ("d_model", "d_vocab"), ("d_model",), ("d_vocab",), "unembed.hook_in",
             "unembed.hook_out")
         add("unembed.b_U", "b_U", None, ("d_vocab",), (), ("d_vocab",), None, "unembed.hook_out")
+
+    def _layout_flags(self) -> dict[str, bool]:
+        return {k: bool(getattr(self.model.cfg, k, False)) for k in ("use_split_qkv_input", "use_attn_in")}
+
+    def check_layout(self) -> None:
+        changed = {k: v for k, v in self._layout_flags().items() if v != self._layout[k]}
+        if changed:
+            raise ValueError(f"the model's cfg changed since this decomposition read it: "
+                             f"{', '.join(f'{k}={v} (was {self._layout[k]})' for k, v in changed.items())}; set it "
+                             f"back (e.g. model.set_{next(iter(changed))}({self._layout[next(iter(changed))]})) "
+                             f"or decompose again")

@@ -26,6 +26,7 @@ class NonFiniteGradient(FloatingPointError):
 
 def batch_stats(task: Task, f: Factors, inputs: torch.Tensor, generator: Optional[torch.Generator],
                 paired: Optional[torch.Tensor] = None) -> Stats:
+    task.adapter.check_no_backward_hooks()
     if task.cfg.engine == "exact":
         grads = per_sample_gradients(task, inputs, generator, paired)
         for name, g in grads.items():

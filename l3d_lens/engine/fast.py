@@ -33,6 +33,7 @@ class Captured:
 def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generator],
             paired: Optional[torch.Tensor] = None) -> Captured:
     adapter = task.adapter
+    adapter.check_layout()
     sites = [s.site for s in task.selected]
     slow = [s.name for s in sites if not s.fast]
     if slow:
@@ -46,6 +47,8 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
     if head is not None and any(adapter.capture_point(k)[0] is adapter.capture_point(head)[0]
                                 or k == adapter.logits_point for k in out_keys):
         head = None
+    if head is not None and any(m._forward_hooks or m._forward_pre_hooks for m in adapter.head_modules()):
+        head = None  # a hook of the user's there may mix positions: take the backward from the logits
     if head is not None:
         out_keys = out_keys | {head}
     store_in: dict[str, torch.Tensor] = {}
@@ -67,37 +70,49 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
                              f"reshapes its samples before this layer); use engine='exact'")
         if key not in store_in:
             store_in[key] = value.detach()
-        elif not torch.allclose(store_in[key], value, rtol=0, atol=0, equal_nan=True):
+        elif store_in[key].shape != value.shape or not torch.allclose(store_in[key], value, rtol=0, atol=0,
+                                                                      equal_nan=True):
             raise ValueError(f"engine='fast' cannot decompose the weights at {key}: the model calls that layer more "
                              f"than once per forward on different inputs (a shared layer); use engine='exact'")
 
-    def make_hook(entries):
+    def make_output_hook(keys):
+        """Runs first among the module's forward hooks: the weight's own output, before any hook
+        of the user's changes it (the gradient then flows back through theirs)."""
+        def hook(module, args, kwargs, output):
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            for key in keys:
+                store_out.setdefault(key, []).append(output)
+            return output
+        return hook
+
+    def make_input_hook(entries):
+        """Runs last: the activation the next weight really reads, after every other hook."""
         def hook(module, args, kwargs, output):
             for key, role in entries:
                 if role == "in":
                     keep_input(key, args[0])
-                elif role != "out" and role in kwargs:  # a keyword input, e.g. attention's query_input
+                elif role == "out":
+                    keep_input(key, output)
+                elif role in kwargs:  # a keyword input, e.g. attention's query_input
                     keep_input(key, kwargs[role])
-            if any(role == "out" and key in out_keys for key, role in entries) and not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            for key, role in entries:
-                if role == "out":
-                    if key in in_keys:
-                        keep_input(key, output)
-                    if key in out_keys:
-                        store_out.setdefault(key, []).append(output)
-            return output
         return hook
 
+    first = {}
     for mid, entries in by_module.items():
-        hooks[modules[mid]] = make_hook(entries)
+        outs = [key for key, role in entries if role == "out" and key in out_keys]
+        ins = [(key, role) for key, role in entries if key in in_keys]
+        if outs:
+            first[modules[mid]] = make_output_hook(outs)
+        if ins:
+            hooks[modules[mid]] = make_input_hook(ins)
 
     with adapter.session(), torch.enable_grad():
         paired_outputs = None
         if paired is not None:
             with torch.no_grad():
                 paired_outputs = adapter.forward(paired)
-        with adapter.forward_hooks(hooks), autocast_context(task.cfg.autocast, inputs.device):
+        with adapter.forward_hooks(hooks, first), autocast_context(task.cfg.autocast, inputs.device):
             outputs = adapter.forward(inputs)
         missing = sorted((in_keys - store_in.keys()) | (out_keys - store_out.keys()))
         if missing:
