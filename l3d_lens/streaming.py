@@ -1,11 +1,13 @@
-"""Streaming token batches from text files or an HF dataset saved on disk, tokenised on the
-fly: only the current batch of text is in memory. The stream is re-iterable (each pass
+"""Streaming token batches from text or .jsonl files or an HF dataset saved on disk, tokenised
+on the fly: only the current batch of text is in memory. The stream is re-iterable (each pass
 re-reads the source in the same order), so it works as ``decompose`` data and resumes from
 a checkpoint by skipping batches.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -15,14 +17,41 @@ import torch
 Tokenize = Union[Callable[[str], Sequence[int]], object]
 
 
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` names the keyword argument ``name`` (a ``**kwargs`` catch-all does not count)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try it
+        try:
+            fn("a", **{name: False})
+        except Exception:  # noqa: BLE001 - it does not take the keyword (or cannot be probed)
+            return False
+        return True
+    p = params.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _ids(out) -> list[int]:
+    out = getattr(out, "ids", out)  # a `tokenizers` Encoding holds its ids in .ids
+    return [int(i) for i in out]
+
+
 def _tokenizer(tokenize: Tokenize) -> Callable[[str], list[int]]:
-    if hasattr(tokenize, "tokenizer") and getattr(tokenize, "tokenizer") is not None:  # a TL model
+    if hasattr(tokenize, "tokenizer"):  # a TL model: use its tokenizer
+        if tokenize.tokenizer is None:
+            raise TypeError(f"tokenize: this {type(tokenize).__name__} has no tokenizer (its .tokenizer is None); "
+                            "pass a tokenizer or a callable str -> list[int]")
         tokenize = tokenize.tokenizer
     if hasattr(tokenize, "encode"):
         enc = tokenize.encode
-        return lambda text: list(enc(text))
+        # A Hugging Face tokenizer adds its special tokens by default (TransformerLens turns on
+        # add_bos_token, so encode(text) starts with BOS): leave them out, so that the ids between
+        # texts and at the start of sequences are exactly `separator` and `prefix`.
+        if _takes_keyword(enc, "add_special_tokens"):
+            return lambda text: _ids(enc(text, add_special_tokens=False))
+        return lambda text: _ids(enc(text))
     if callable(tokenize):
-        return lambda text: list(tokenize(text))
+        return lambda text: _ids(tokenize(text))
     raise TypeError("tokenize must be a callable str -> list[int], a tokenizer with .encode, or a model with "
                     f".tokenizer; got {type(tokenize).__name__}")
 
@@ -32,13 +61,44 @@ def _is_dataset_dir(path: Path) -> bool:
                               or (path / "dataset_dict.json").is_file())
 
 
+def _saved_splits(path: Path) -> Optional[list[str]]:
+    """The splits of a DatasetDict saved at ``path``, read from its dataset_dict.json (cheap: no
+    import of ``datasets``); None for a single Dataset or when the file cannot be read."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sorted(str(s) for s in splits) if isinstance(splits, list) else None
+
+
+def _check_split(path: Path, splits: list[str], split: Optional[str]) -> None:
+    if split is None:
+        raise ValueError(f"{path} holds splits {splits}; pass split=")
+    if split not in splits:
+        raise ValueError(f"{path}: no split {split!r}; it has {splits}")
+
+
 class TokenStream:
     """Batches of token ids [batch_size, seq_len] cut from a text source.
 
-    source: a text file, a folder of ``*.txt`` files, a list of files, or an HF dataset saved
-    with ``save_to_disk`` (read with memory mapping, column ``text_column``). Blank lines and
-    blank or missing (None) dataset texts are skipped. Texts are tokenised one at a time, joined with ``separator`` ids (e.g. [bos]) and cut into
-    sequences of ``seq_len``; ``prefix`` ids start every sequence. ``max_batches`` caps a pass.
+    source: a text file, a ``.jsonl`` file (one JSON object a line, text in its ``text_column``
+    field), a folder of ``*.txt`` and ``*.jsonl`` files (read in name order), a list of these, or
+    an HF dataset saved with ``save_to_disk`` (read with memory mapping, column ``text_column``;
+    a DatasetDict needs ``split=``).
+
+    Texts: each line of a text file is one text and keeps its newline, so with the default
+    ``separator=()`` a file streams as its own text; each ``.jsonl`` record and each dataset row
+    is one text. Blank lines and blank or missing (None) texts are skipped.
+
+    Texts are tokenised one at a time and joined with ``separator`` ids (nothing by default: pass
+    e.g. ``[tokenizer.eos_token_id]`` to mark where one document ends and the next begins), then
+    cut into sequences of ``seq_len``; ``prefix`` ids (e.g. ``[tokenizer.bos_token_id]``) start
+    every sequence. ``max_batches`` (None or >= 1) caps a pass.
+
+    tokenize: a callable str -> list[int] (used as it is), a tokenizer with ``.encode``, or a
+    model with ``.tokenizer`` (a TransformerLens model). A Hugging Face tokenizer is called with
+    ``add_special_tokens=False``: the BOS a TransformerLens tokenizer adds to every text would
+    otherwise double ``separator``/``prefix``; the ids you pass there are the only ones added.
     """
 
     def __init__(self, source: Union[str, Path, Sequence[Union[str, Path]]], tokenize: Tokenize, seq_len: int,
@@ -48,10 +108,17 @@ class TokenStream:
             raise ValueError(f"seq_len must be an int > len(prefix) = {len(prefix)}, got {seq_len!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                        or max_batches < 1):
+            raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
         self.sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
         missing = [str(s) for s in self.sources if not s.exists()]
         if missing:
             raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+        for src in self.sources:
+            splits = _saved_splits(src) if _is_dataset_dir(src) else None
+            if splits is not None:
+                _check_split(src, splits, split)
         self.encode = _tokenizer(tokenize)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.text_column, self.split = text_column, split
@@ -64,10 +131,13 @@ class TokenStream:
             if _is_dataset_dir(src):
                 yield from self._dataset_texts(src)
             elif src.is_dir():
-                for f in sorted(src.glob("*.txt")):
-                    yield from self._file_texts(f)
+                for f in sorted([*src.glob("*.txt"), *src.glob("*.jsonl")]):
+                    yield from self._path_texts(f)
             else:
-                yield from self._file_texts(src)
+                yield from self._path_texts(src)
+
+    def _path_texts(self, path: Path) -> Iterator[str]:
+        return self._jsonl_texts(path) if path.suffix.lower() == ".jsonl" else self._file_texts(path)
 
     def _file_texts(self, path: Path) -> Iterator[str]:
         with open(path, encoding="utf-8") as fh:
@@ -75,7 +145,27 @@ class TokenStream:
                 line = line.rstrip("\n")
                 if line.strip():
                     self.texts_read += 1
-                    yield line
+                    yield line + "\n"  # the line's newline is text too (added to a last line without one)
+
+    def _jsonl_texts(self, path: Path) -> Iterator[str]:
+        col = self.text_column
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or col not in record:
+                    raise ValueError(f"{path}:{n}: not a JSON object with a {col!r} field")
+                text = record[col]
+                if text is None or (isinstance(text, str) and not text.strip()):
+                    continue  # as blank or missing dataset texts
+                if not isinstance(text, str):
+                    raise TypeError(f"{path}:{n}: field {col!r} holds {type(text).__name__}; it must hold text (str)")
+                self.texts_read += 1
+                yield text
 
     def _dataset_texts(self, path: Path) -> Iterator[str]:
         try:
@@ -84,8 +174,7 @@ class TokenStream:
             raise ImportError("reading an HF dataset from disk needs the 'datasets' package: pip install datasets") from None
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            if self.split is None:
-                raise ValueError(f"{path} holds splits {list(ds)}; pass split=")
+            _check_split(path, sorted(ds), self.split)
             ds = ds[self.split]
         if self.text_column not in ds.column_names:
             raise ValueError(f"{path} has no column {self.text_column!r}; columns: {ds.column_names}")

@@ -32,7 +32,7 @@ def test_token_stream_from_text_files(tmp_path):
     expected = []
     for name in ("a.txt", "b.txt"):
         for line in (tmp_path / name).read_text().splitlines():
-            expected += char_ids(line)
+            expected += char_ids(line + "\n")  # each line keeps its newline
     assert flat == expected[: len(flat)] and len(expected) - len(flat) < 5
     assert [b.tolist() for b in stream] == [b.tolist() for b in batches]  # re-iterable, same order
 
