@@ -1,9 +1,12 @@
 """Atomic training checkpoints: factors, Adam state, LR schedule, RNG state, the epoch's data
 order and position, history and running sums; safetensors + JSON, never pickles.
 
-Each checkpoint is written to a fresh ``step-<n>/`` folder, then ``latest.json`` is replaced
-atomically to point at it, then older folders are removed: a process killed at any moment
-leaves the previous checkpoint readable.
+Each checkpoint is written to a hidden ``.tmp-step-<n>-<pid>/`` folder, renamed to a folder no
+checkpoint uses yet (``step-<n>/``, or ``step-<n>-<i>/`` when step n was saved before, as an epoch
+end does after a save on its last batch), then ``latest.json`` is replaced atomically to point
+at it, then older folders and leftovers of killed saves are removed: no folder latest.json names
+is touched before latest.json names another, so a process killed at any moment leaves the
+previous checkpoint readable.
 """
 
 from __future__ import annotations
@@ -23,32 +26,62 @@ VERSION = 1
 
 def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    folder = path / f"step-{state['step']}"
-    tmp = path / f".tmp-step-{state['step']}-{os.getpid()}"
+    step = state["step"]
+    tmp = path / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"version": VERSION, **state}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    # never over an existing folder: the one latest.json names may have this step's name
+    name, i = f"step-{step}", 0
+    while (path / name).exists():
+        i += 1
+        name = f"step-{step}-{i}"
+    os.replace(tmp, path / name)
     pointer = path / f".{LATEST}.tmp"
-    pointer.write_text(json.dumps({"folder": folder.name, "step": state["step"]}))
+    pointer.write_text(json.dumps({"folder": name, "step": step}))
     os.replace(pointer, path / LATEST)
-    for old in path.glob("step-*"):
-        if old.name != folder.name:
+    for old in [*path.glob("step-*"), *path.glob(".tmp-step-*")]:  # older checkpoints, leftovers of killed saves
+        if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: Path) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """The latest checkpoint in ``path``, or None if there is none."""
+    """The latest checkpoint in ``path``, or None if there is none. Folders of unfinished saves
+    (``.tmp-*``) are ignored, except that if latest.json names a missing folder (what an
+    earlier l3d_lens left when killed while saving a step a second time), the complete save
+    of that step waiting in its ``.tmp-step-<n>-<pid>`` folder is read."""
     pointer = path / LATEST
     if not pointer.is_file():
         return None
-    folder = path / json.loads(pointer.read_text())["folder"]
+    latest = json.loads(pointer.read_text())
+    folder = path / latest["folder"]
+    if not (folder / "state.json").is_file():
+        folder = _unmoved_save(path, latest.get("step"))
+        if folder is None:
+            raise FileNotFoundError(
+                f"{path}: {LATEST} names {latest['folder']}, which is missing or incomplete, and no complete save of "
+                f"step {latest.get('step')} is left beside it; this checkpoint cannot be resumed: remove the folder "
+                f"or use a fresh checkpoint folder")
     state = json.loads((folder / "state.json").read_text())
     if state.get("version") != VERSION:
         raise ValueError(f"{folder}: checkpoint version {state.get('version')!r}; this l3d_lens reads {VERSION}")
     return state, load_file(str(folder / "tensors.safetensors"))
+
+
+def _unmoved_save(path: Path, step: Any) -> Optional[Path]:
+    """A ``.tmp-step-<step>-<pid>`` folder holding a complete save of ``step``: its state.json is
+    written after its tensors, so a readable one with that step is complete."""
+    if not isinstance(step, int):
+        return None
+    for tmp in sorted(path.glob(f".tmp-step-{step}-*")):
+        try:
+            state = json.loads((tmp / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("step") == step and (tmp / "tensors.safetensors").is_file():
+            return tmp
+    return None
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

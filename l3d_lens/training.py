@@ -50,7 +50,7 @@ def data_fingerprint(data: Data) -> str:
         h = hashlib.sha256()
         for t in tensors:
             h.update(str(list(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(_bytes(t))
         return h.hexdigest()
 
     if isinstance(data, torch.Tensor):
@@ -58,6 +58,53 @@ def data_fingerprint(data: Data) -> str:
     if isinstance(data, (list, tuple)):  # batches, or (data, reference) pairs
         return f"batches:{len(data)}:" + digest(t for b in data for t in (b if isinstance(b, (tuple, list)) else (b,)))
     return f"iterable:{type(data).__name__}"
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw bytes (the same as ``.numpy().tobytes()``, also for dtypes numpy lacks, e.g. bf16)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def model_fingerprint(task: Task) -> dict[str, Any]:
+    """What a checkpoint must have been trained on, of the model: the decomposed weights as
+    ``Decomposition.load`` checks them (names, shapes, SHA-256), and a SHA-256 of every other
+    parameter (they shape every gradient too), by name, dtype, shape and bytes."""
+    names = [s.name for s in task.selected]
+    decomposed = {id(task.adapter.weight(n)) for n in names}
+    h = hashlib.sha256()
+    for name, p in task.adapter.model.named_parameters():
+        if id(p) in decomposed:
+            continue
+        h.update(f"{name}:{p.dtype}:{list(p.shape)}".encode())
+        if not p.is_meta:  # offloaded: no bytes to read here
+            h.update(_bytes(p))
+    return {"weights": task.adapter.fingerprint(names), "others": h.hexdigest()}
+
+
+def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's identity and this run's, in words (parts the
+    checkpoint does not record are left out)."""
+    out = []
+    if saved["config"] != identity["config"]:
+        fields = sorted(k for k in {**saved["config"], **identity["config"]}
+                        if saved["config"].get(k) != identity["config"].get(k))
+        out.append("config (" + ", ".join(f"{k}: {saved['config'].get(k)!r} in the checkpoint, "
+                                          f"{identity['config'].get(k)!r} now" for k in fields) + ")")
+    if "model" in saved and saved["model"] != identity["model"]:
+        if saved["model"].get("weights") != identity["model"]["weights"]:
+            out.append("model weights (the decomposed weights: "
+                       + ("their names or shapes" if saved["model"].get("weights", {}).get("shapes")
+                          != identity["model"]["weights"]["shapes"] else "their values") + ")")
+        else:
+            out.append("model weights (outside the decomposed weights)")
+    if saved["data"] != identity["data"]:
+        out.append("data")
+    if "reference" in saved and saved["reference"] != identity["reference"]:
+        out.append("reference data (reference=)")
+    if saved["world"] != identity["world"]:
+        out.append(f"world size ({saved['world']} in the checkpoint, {identity['world']} now)")
+    return out
 
 
 def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
@@ -136,24 +183,42 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     history: list[dict[str, Any]] = []
     n_steps, start_epoch, skip, order = 0, 0, 0, None
     sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64), torch.zeros(cfg.n_subnetworks))
-    identity = {"config": cfg.to_dict(), "data": data_fingerprint(data), "world": distributed.world()}
     path = Path(checkpoint) if checkpoint is not None else None
+    identity = None if path is None else {
+        "config": cfg.to_dict(), "model": model_fingerprint(task), "data": data_fingerprint(data),
+        "reference": None if reference is None else data_fingerprint(reference), "world": distributed.world()}
     if path is not None and (saved := ckpt.load(path)) is not None:
         state, tensors = saved
         saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"].get("config", {}))}
-        if saved_identity != identity:
-            raise ValueError(f"checkpoint in {path} belongs to another run (config, data or world size differ); "
-                             f"use a fresh checkpoint folder")
+        if differ := identity_mismatch(saved_identity, identity):
+            raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
+                             f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
+        unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
+        if unrecorded:
+            warnings.warn(f"checkpoint in {path} does not record the {' or '.join(unrecorded)} it was made with "
+                          f"(an earlier l3d_lens wrote it), so it cannot be checked against this call's; resuming "
+                          f"it as this run: if it was made for another model or reference data, use a fresh "
+                          f"checkpoint folder", stacklevel=3)
         with torch.no_grad():
             for k, t in f.items():
                 t.copy_(tensors[f"factor/{k}"])
         ckpt.restore_optimizer(opt, tensors, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state["step"] > 0:  # Adam has stepped: no "lr_scheduler.step() before optimizer.step()" warning when an
+            opt._opt_called = True  # epoch-0 checkpoint saved on its last batch resumes straight into sched.step()
         gen.set_state(tensors["rng"])
         order = tensors.get("order")
         n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
         sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
                          state["loss_den"], state.get("n_resampled", 0))
+        from .streaming import TokenStream  # re-reads its source in the same order on every pass
+
+        if start_epoch < cfg.epochs and not isinstance(data, (torch.Tensor, list, tuple, TokenStream)):
+            warnings.warn(f"the checkpoint in {path} resumes at step {n_steps} (epoch {start_epoch}, batch {skip}) "
+                          f"on a {type(data).__name__}, which a checkpoint knows by its type only: the "
+                          f"result equals an uninterrupted run's only if it yields the same batches in the same "
+                          f"order on every pass (a DataLoader with shuffle=True does not, unless seeded anew "
+                          f"for each pass); pass a tensor or a list of batches to resume exactly", stacklevel=3)
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         if path is None or distributed.rank() != 0:

@@ -1,0 +1,282 @@
+"""Checkpoint review: a checkpoint names the model and the paired reference it was made for; a
+save of a step already saved never removes the checkpoint latest.json names before it is
+replaced; loading copes with leftovers of a killed save; resuming a stream mid-run warns that
+it is bit-identical only if the stream repeats itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import l3d_lens
+from l3d_lens import checkpoint as ckpt
+from l3d_lens import training
+
+from .helpers import TinyMLP, tiny_lm, tokens
+
+torch.set_num_threads(1)
+
+
+def mlp_setup(**kw):
+    x = torch.rand(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = l3d_lens.L3DConfig(**{**dict(components=["fc1", "fc2"], n_subnetworks=3, rank=1, epochs=2, batch_size=6,
+                                       lr=0.05), **kw})
+    return x, cfg
+
+
+def same(a, b) -> bool:
+    return a.factors.keys() == b.factors.keys() and all(torch.equal(a.factors[k], b.factors[k]) for k in a.factors)
+
+
+class Killer:
+    """Stands in for the ``os`` or ``shutil`` module inside l3d_lens.checkpoint, counting the
+    calls of the functions named in ``ops`` and raising KeyboardInterrupt (a kill) at call
+    ``kill_at`` (1-based; 0: never)."""
+
+    def __init__(self, real, ops, log, kill_at):
+        self._real = real
+        for name in ops:
+            setattr(self, name, self._wrap(name, getattr(real, name), log, kill_at))
+
+    @staticmethod
+    def _wrap(name, fn, log, kill_at):
+        def wrapped(*args, **kwargs):
+            log.append((name, [os.path.basename(str(a)) for a in args]))
+            if len(log) == kill_at:
+                raise KeyboardInterrupt(f"killed at {name}{tuple(log[-1][1])}")
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+# --- 1. the model ----------------------------------------------------------------------------
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    x, cfg = mlp_setup()
+    first = l3d_lens.decompose(TinyMLP(seed=0), x, cfg, progress=False, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match=r"belongs to another run: model weights.*fresh checkpoint folder"):
+        l3d_lens.decompose(TinyMLP(seed=1), x, cfg, progress=False, checkpoint=tmp_path)
+    # the same weights in another object are the same model: the finished run comes back
+    again = l3d_lens.decompose(TinyMLP(seed=0), x, cfg, progress=False, checkpoint=tmp_path)
+    assert same(again, first)
+
+
+def test_checkpoint_of_a_model_differing_outside_the_decomposed_weights_is_refused(tmp_path):
+    """Only fc1 is decomposed, but fc2 shapes every gradient: another fc2 is another run."""
+    x, cfg = mlp_setup(components=["fc1"])
+    l3d_lens.decompose(TinyMLP(seed=0), x, cfg, progress=False, checkpoint=tmp_path)
+    other = TinyMLP(seed=0)
+    with torch.no_grad():
+        other.fc2.weight.mul_(2)
+    with pytest.raises(ValueError, match=r"belongs to another run: model weights \(outside the decomposed"):
+        l3d_lens.decompose(other, x, cfg, progress=False, checkpoint=tmp_path)
+
+
+def test_checkpoint_of_another_language_model_is_refused(tmp_path, lm_kind):
+    """The same language model built again resumes (its fingerprint is stable across builds and
+    calls); another one is refused."""
+    data = tokens(8, 5)
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=1, batch_size=8,
+                             sample="sequence")
+    model = tiny_lm(lm_kind, seed=0)
+    first = l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
+    assert same(l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path), first)
+    assert same(l3d_lens.decompose(tiny_lm(lm_kind, seed=0), data, cfg, progress=False, checkpoint=tmp_path), first)
+    with pytest.raises(ValueError, match=r"belongs to another run: model weights \(the decomposed"):
+        l3d_lens.decompose(tiny_lm(lm_kind, seed=1), data, cfg, progress=False, checkpoint=tmp_path)
+
+
+def test_the_refusal_names_what_differs(tmp_path):
+    x, cfg = mlp_setup()
+    l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match=r"belongs to another run: config \(seed: 0 in the checkpoint, 3 now\)"):
+        l3d_lens.decompose(TinyMLP(), x, cfg.replace(seed=3), progress=False, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match=r"belongs to another run: data differ"):
+        l3d_lens.decompose(TinyMLP(), x.flip(0), cfg, progress=False, checkpoint=tmp_path)
+
+
+# --- 2. the paired reference ------------------------------------------------------------------
+
+
+def test_checkpoint_with_another_paired_reference_is_refused(tmp_path):
+    x, cfg = mlp_setup(reference="paired")
+    ref_a = torch.rand(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_b = torch.rand(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    first = l3d_lens.decompose(TinyMLP(), x, cfg, reference=ref_a, progress=False, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match=r"belongs to another run: reference data.*fresh checkpoint folder"):
+        l3d_lens.decompose(TinyMLP(), x, cfg, reference=ref_b, progress=False, checkpoint=tmp_path)
+    again = l3d_lens.decompose(TinyMLP(), x, cfg, reference=ref_a.clone(), progress=False, checkpoint=tmp_path)
+    assert same(again, first)
+
+
+def test_a_checkpoint_from_before_model_and_reference_were_recorded_resumes_with_a_warning(tmp_path):
+    x, cfg = mlp_setup()
+    l3d_lens.decompose(TinyMLP(), x, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    folder = tmp_path / json.loads((tmp_path / "latest.json").read_text())["folder"]
+    state = json.loads((folder / "state.json").read_text())
+    for part in ("model", "reference"):
+        del state["identity"][part]
+    state["identity"]["config"]["epochs"] = 2
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="does not record the model it was made with"):
+        resumed = l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path)
+    assert same(resumed, l3d_lens.decompose(TinyMLP(), x, cfg, progress=False))
+
+
+# --- 3. atomic saving --------------------------------------------------------------------------
+
+
+def test_a_kill_at_any_step_of_any_save_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
+    """checkpoint_every=1 saves every step, so each epoch end saves the step its last batch saved
+    again; the checkpoint module's os.replace and shutil.rmtree are each, in turn, where the run
+    is killed. Every rerun of the same call must give the uninterrupted result (the old save
+    removed step-<n> before moving the new step-<n> in: a kill there left latest.json naming a
+    missing folder and every rerun failed with FileNotFoundError)."""
+    x, cfg = mlp_setup()
+    straight = l3d_lens.decompose(TinyMLP(), x, cfg, progress=False)
+
+    def run(folder, kill_at):
+        log = []
+        monkeypatch.setattr(ckpt, "os", Killer(os, ["replace"], log, kill_at))
+        monkeypatch.setattr(ckpt, "shutil", Killer(shutil, ["rmtree"], log, kill_at))
+        try:
+            l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=folder, checkpoint_every=1)
+        finally:
+            monkeypatch.undo()
+        return log
+
+    n_ops = len(run(tmp_path / "count", 0))
+    assert n_ops > 10
+    for k in range(1, n_ops + 1):
+        folder = tmp_path / f"kill-{k}"
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, k)
+        resumed = l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=folder, checkpoint_every=1)
+        assert same(resumed, straight), f"killed at operation {k}"
+        assert resumed.history == straight.history
+        # a kill while removing older folders (after latest.json moved on) may leave one; the next save removes it
+        assert json.loads((folder / "latest.json").read_text())["step"] == 4
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".tmp")], k
+
+
+def test_loading_recovers_the_checkpoint_a_killed_old_save_left_in_its_tmp_folder(tmp_path):
+    """The state an earlier l3d_lens left when killed between removing step-<n> and moving the
+    new step-<n> in: latest.json names a missing folder; the complete save is in .tmp-step-<n>-<pid>."""
+    x, cfg = mlp_setup()
+    l3d_lens.decompose(TinyMLP(), x, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    pointer = json.loads((tmp_path / "latest.json").read_text())
+    os.rename(tmp_path / pointer["folder"], tmp_path / f".tmp-step-{pointer['step']}-99999")
+    (tmp_path / f".tmp-step-{pointer['step']}-88888").mkdir()  # an incomplete one, killed while writing
+    loaded = ckpt.load(tmp_path)
+    assert loaded is not None and loaded[0]["step"] == pointer["step"]
+    resumed = l3d_lens.decompose(TinyMLP(), x, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    assert same(resumed, l3d_lens.decompose(TinyMLP(), x, cfg.replace(epochs=1), progress=False))
+
+
+def test_a_leftover_tmp_folder_is_ignored_and_removed_by_the_next_save(tmp_path, monkeypatch):
+    x, cfg = mlp_setup()
+    killed_at_step(monkeypatch, 3)  # mid epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    monkeypatch.undo()
+    leftover = tmp_path / ".tmp-step-7-12345"  # a save killed while writing its tensors
+    leftover.mkdir()
+    (leftover / "tensors.safetensors").write_bytes(b"\x00" * 10)
+    resumed = l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path)
+    assert same(resumed, l3d_lens.decompose(TinyMLP(), x, cfg, progress=False))
+    assert not leftover.exists()
+
+
+def test_a_pointer_to_a_missing_folder_is_named(tmp_path):
+    x, cfg = mlp_setup()
+    l3d_lens.decompose(TinyMLP(), x, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    shutil.rmtree(tmp_path / json.loads((tmp_path / "latest.json").read_text())["folder"])
+    with pytest.raises(FileNotFoundError, match=r"latest.json names step-2, which is missing.*fresh checkpoint"):
+        l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path)
+
+
+# --- 4. streams --------------------------------------------------------------------------------
+
+
+def killed_at_step(monkeypatch, at):
+    real = training.step
+
+    def step(task, f, opt, x, paired, gen, sums, i, epoch):
+        if i == at:
+            raise KeyboardInterrupt
+        return real(task, f, opt, x, paired, gen, sums, i, epoch)
+
+    monkeypatch.setattr(training, "step", step)
+
+
+def stream_warnings(record):
+    return [w for w in record if "same batches in the same order" in str(w.message)]
+
+
+def test_resuming_a_stream_warns_it_must_repeat_itself(tmp_path, monkeypatch):
+    x, cfg = mlp_setup(epochs=2, batch_size=3)
+
+    def loader():
+        return DataLoader(x, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    killed_at_step(monkeypatch, 5)  # mid epoch 1 (4 batches an epoch)
+    with pytest.raises(KeyboardInterrupt):
+        l3d_lens.decompose(TinyMLP(), loader(), cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"resumes at step 5 \(epoch 1, batch 1\) on a DataLoader.*same batches in the "
+                                         r"same order on every pass.*shuffle=True"):
+        l3d_lens.decompose(TinyMLP(), loader(), cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    with warnings.catch_warnings(record=True) as record:  # finished: nothing left to read, nothing to warn of
+        warnings.simplefilter("always")
+        l3d_lens.decompose(TinyMLP(), loader(), cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    assert not stream_warnings(record)
+
+
+def test_resuming_a_list_of_batches_does_not_warn(tmp_path, monkeypatch):
+    x, cfg = mlp_setup(epochs=2, batch_size=3)
+    data = [x[i : i + 3] for i in range(0, 12, 3)]
+    killed_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        l3d_lens.decompose(TinyMLP(), data, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    monkeypatch.undo()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        resumed = l3d_lens.decompose(TinyMLP(), data, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    assert not stream_warnings(record)
+    assert same(resumed, l3d_lens.decompose(TinyMLP(), data, cfg, progress=False))
+
+
+def test_resuming_a_token_stream_does_not_warn_and_is_bit_identical(tmp_path, monkeypatch):
+    """TokenStream re-reads its source in the same order on every pass: it resumes exactly."""
+    from l3d_lens.streaming import TokenStream
+
+    text = tmp_path / "a.txt"
+    text.write_text("".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12)))
+
+    def stream():
+        return TokenStream(text, lambda s: [ord(c) % 19 + 1 for c in s], seq_len=5, batch_size=4)
+
+    assert len(list(stream())) >= 3
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=2, batch_size=4,
+                             sample="sequence")
+    model = tiny_lm("bridge")
+    straight = l3d_lens.decompose(model, stream(), cfg, progress=False)
+    killed_at_step(monkeypatch, len(list(stream())) + 1)  # mid epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck", checkpoint_every=1)
+    monkeypatch.undo()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        resumed = l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck")
+    assert not stream_warnings(record)
+    assert same(resumed, straight) and resumed.history == straight.history
