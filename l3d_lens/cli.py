@@ -50,7 +50,10 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
         from .zoo import induction
 
         kind = None if model_class == "auto" else model_class
-        model = induction.load(kind)
+        try:
+            model = induction.load(kind)
+        except (RuntimeError, NotImplementedError) as e:
+            raise UserError(f"could not load the embedded model: {_first_line(e)}") from None
         model._l3d_embedded = True  # marks the embedded task's data and vocabulary
     elif Path(spec).exists():
         path = Path(spec)
@@ -66,20 +69,24 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
     return model.eval()
 
 
-def _check_device(device: str) -> None:
-    """A --device torch can name and this machine has, before any model is loaded."""
+def _check_device(device: Any, flag: str = "--device", fix: Optional[str] = None) -> None:
+    """A device torch can name and this machine has, before any model is loaded. ``flag``
+    names where it came from in messages (--device, or the config's device); ``fix``: the
+    advice when this machine lacks the device."""
+    if not isinstance(device, str):
+        raise UserError(f"{flag} {device!r}: must be a string, e.g. cpu, cuda, cuda:1")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"--device {device!r}: {_first_line(e)}; e.g. cpu, cuda, cuda:1") from None
+        raise UserError(f"{flag} {device!r}: {_first_line(e)}; e.g. cpu, cuda, cuda:1") from None
     if dev.type == "meta":
-        raise UserError("--device meta holds no weights to run; e.g. cpu, cuda, cuda:1")
+        raise UserError(f"{flag} meta holds no weights to run; e.g. cpu, cuda, cuda:1")
     backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
     if backend is not None and not (backend and backend.is_available()):
-        raise UserError(f"--device {device}: no {dev.type} device is available to this torch ({torch.__version__}); "
-                        f"use --device cpu")
+        raise UserError(f"{flag} {device}: no {dev.type} device is available to this torch ({torch.__version__}); "
+                        f"{fix or ('use --device cpu' if flag == '--device' else 'use cpu')}")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _load_local(path: Path, model_class: str) -> torch.nn.Module:
@@ -87,7 +94,8 @@ def _load_local(path: Path, model_class: str) -> torch.nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return _boot_local(path, model_class)
-    except (OSError, ValueError, KeyError, AttributeError, ImportError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, ImportError, NotImplementedError) as e:
+        # NotImplementedError: an architecture this TransformerLens does not support
         raise UserError(f"could not load the model in {path}: {_first_line(e)}") from None
 
 
@@ -142,8 +150,10 @@ def _tokenizer(model: torch.nn.Module):
 
 
 def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences: int) -> torch.Tensor:
-    """Tokenize, join documents with the end-of-text token and cut into sequences of
-    ``seq_len`` tokens, each starting with BOS when the tokenizer has one."""
+    """Tokenize without the tokenizer's own special tokens, join documents with one
+    end-of-text token each and cut into sequences of ``seq_len`` tokens, each starting with
+    one BOS when the tokenizer has one. (TransformerLens makes its tokenizers prepend BOS, so
+    ``tok(text)`` alone would give two per document.)"""
     tok = _tokenizer(model)
     bos = getattr(tok, "bos_token_id", None)
     eos = getattr(tok, "eos_token_id", None)
@@ -154,7 +164,10 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
     for text in texts:
         if not text:
             continue
-        ids = tok(text)["input_ids"]
+        try:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        except TypeError:  # a tokenizer without the option adds none
+            ids = tok(text)["input_ids"]
         stream.extend(int(i) for i in ids)
         if eos is not None:
             stream.append(int(eos))
@@ -169,7 +182,14 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
     return x
 
 
-def _texts_from_dataset(path: Path, column: str, split: Optional[str]):
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _texts_from_dataset(path: Path, column: Optional[str], split: Optional[str]):
+    """(texts, None) or (None, token id rows). ``column`` None: the ``text`` column, else an
+    ``input_ids``/``tokens`` column; a column the user named must exist."""
     try:
         import datasets
     except ImportError:
@@ -184,21 +204,80 @@ def _texts_from_dataset(path: Path, column: str, split: Optional[str]):
         if split not in ds:
             raise UserError(f"{path}: no split {split!r}; it has {sorted(ds)}")
         ds = ds[split]
-    for ids_col in ("input_ids", "tokens"):
-        if column == ids_col or (column not in ds.column_names and ids_col in ds.column_names):
-            return None, ds[ids_col]
-    if column not in ds.column_names:
-        raise UserError(f"{path}: no column {column!r}; it has {ds.column_names} (choose one with --text-column)")
-    return ds[column], None
+    name = column or "text"
+    if name in ("input_ids", "tokens") and name in ds.column_names:
+        return None, ds[name]
+    if name not in ds.column_names:
+        if column is None:  # not named by the user: token ids will do
+            for ids_col in ("input_ids", "tokens"):
+                if ids_col in ds.column_names:
+                    return None, ds[ids_col]
+        raise UserError(f"{path}: no column {name!r}; it has {ds.column_names} (choose one with --text-column)")
+    texts = list(ds[name])
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise UserError(f"{path}: row {i} of column {name!r} is {_short(t)}, not a string "
+                            f"(choose the text column with --text-column)")
+    return texts, None
+
+
+def _texts_from_json(path: Path, column: str) -> list[str]:
+    """A .json file: an array of strings, or of objects with a ``column`` string field."""
+    formats = "(or use .jsonl, text files, .pt token ids or a saved dataset)"
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 JSON file") from None
+    if not isinstance(items, list):
+        raise UserError(f"{path}: a .json data file must hold a JSON array of strings or of objects with a "
+                        f"{column!r} field, not a {type(items).__name__} {formats}")
+    texts = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            if column not in item:
+                raise UserError(f"{path}: item {i}: no {column!r} field (choose one with --text-column)")
+            item = item[column]
+            if not isinstance(item, str):
+                raise UserError(f"{path}: item {i}: the {column!r} field is {_short(item)}, not a string")
+        elif not isinstance(item, str):
+            raise UserError(f"{path}: item {i}: {_short(item)} is neither a string nor an object with a "
+                            f"{column!r} field")
+        texts.append(item)
+    return texts
+
+
+def _texts_from_jsonl(path: Path, column: str) -> list[str]:
+    texts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 JSON lines file") from None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)[column]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            raise UserError(f"{path}:{i + 1}: not a JSON object with a {column!r} field") from None
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{i + 1}: the {column!r} field is {_short(value)}, not a string")
+        texts.append(value)
+    return texts
 
 
 def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int], max_sequences: int,
-              text_column: str = "text", split: Optional[str] = None, seed: int = 0) -> torch.Tensor:
+              text_column: Optional[str] = None, split: Optional[str] = None, seed: int = 0) -> torch.Tensor:
     """Token ids [n, seq] from: nothing (the embedded model's own task), .pt files of token
-    ids, text files (.txt/.md/...), .jsonl (``text_column``), or Hugging Face datasets saved
-    with ``save_to_disk`` (a text column, or an ``input_ids``/``tokens`` column)."""
+    ids, text files (.txt/.md/...), .jsonl (``text_column``, default ``text``), .json (an
+    array of strings or of objects with ``text_column``), or Hugging Face datasets saved with
+    ``save_to_disk`` (``text_column``; when it is None, the ``text`` column or else an
+    ``input_ids``/``tokens`` column)."""
     from .adapters import make_adapter
 
+    if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
+        raise UserError(f"max_sequences must be an int >= 1, got {max_sequences!r}")
     adapter = make_adapter(model)
     n_ctx = adapter.n_ctx or 1024
     if seq_len is not None and not 2 <= seq_len <= n_ctx:
@@ -208,8 +287,10 @@ def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int
             from .zoo import induction
 
             return induction.repeated_sequences(max_sequences, seed=seed)
-        raise UserError("--data is required for this model (text files, .jsonl, .pt token ids or a saved dataset)")
+        raise UserError("--data is required for this model (text files, .jsonl, .json, .pt token ids or a saved "
+                        "dataset)")
     seq_len = seq_len or min(32, n_ctx)
+    column = text_column or "text"
     texts: list[str] = []
     tensors: list[torch.Tensor] = []
     for p in paths:
@@ -219,7 +300,7 @@ def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int
         if path.is_dir():
             col, ids = _texts_from_dataset(path, text_column, split)
             if col is not None:
-                texts.extend(str(t) for t in col)
+                texts.extend(col)
             else:
                 rows = [list(r)[:seq_len] for r in ids if len(r) >= seq_len]
                 if not rows:
@@ -230,23 +311,28 @@ def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int
                 t = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001
                 raise UserError(f"{path}: cannot read token ids ({_first_line(e)})") from None
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point():
-                raise UserError(f"{path}: expected an integer tensor of token ids [n, seq]")
+            if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype == torch.bool or t.is_floating_point()
+                    or t.is_complex()):
+                got = (f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor)
+                       else f"a {type(t).__name__}")
+                raise UserError(f"{path}: expected an integer tensor of token ids [n, seq], got {got}")
+            if t.numel() == 0:
+                raise UserError(f"{path}: holds no token ids (shape {list(t.shape)})")
             tensors.append(t.long())
         elif path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-                if line.strip():
-                    try:
-                        texts.append(str(json.loads(line)[text_column]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{path}:{i + 1}: not a JSON object with a {text_column!r} field") from None
+            texts.extend(_texts_from_jsonl(path, column))
+        elif path.suffix == ".json":
+            texts.extend(_texts_from_json(path, column))
         else:
             try:
                 texts.append(path.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
-                raise UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .pt token ids or a saved dataset)") from None
+                raise UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .json, .pt token ids or a saved "
+                                f"dataset)") from None
     if texts:
         tensors.append(_pack(model, texts, seq_len, max_sequences))
+    if not tensors:
+        raise UserError(f"the data ({', '.join(paths)}) hold no text or token ids")
     lengths = {t.shape[1] for t in tensors}
     if len(lengths) > 1:
         raise UserError(f"the data give sequences of different lengths {sorted(lengths)}; use one kind of data")
@@ -348,10 +434,45 @@ def _threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
-def _report_path(path: str) -> Path:
+def _count(text: str) -> int:
+    """argparse type of the count flags: an int >= 1 (argparse names the flag)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return n
+
+
+def _blocking_file(path: Path) -> Optional[Path]:
+    """The first existing parent of ``path`` that is not a folder (so nothing can be written there)."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def _check_folder(path: Path, flag: str = "--out") -> Path:
+    """An output folder that exists or can be made, checked before any work."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} exists and is not a folder")
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        raise UserError(f"{flag} {path}: {blocking} is not a folder")
+    return path
+
+
+def _report_path(path: Any, flag: str = "--out") -> Path:
+    """An .html file that can be written, checked before any work."""
     p = Path(path)
     if p.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"report path must end in .html, got {path}")
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name the .html file to write")
+    blocking = _blocking_file(p)
+    if blocking is not None:
+        raise UserError(f"{flag} {path}: {blocking} is not a folder")
     return p
 
 
@@ -381,6 +502,39 @@ def induction_pairs(n: int, seed: int):
         return lp.gather(-1, targets[..., None].to(lp.device)).mean()
 
     return clean, corrupted, metric
+
+
+def _summary_lines(dec, data: torch.Tensor, half: Optional[int] = None) -> list[str]:
+    """Per subnetwork: the top heads when attention heads are decomposed, else the top MLP
+    neurons, else the top weights."""
+    df = dec.attribution()
+    if df["head"].notna().any():
+        return _summary_table(dec, data, half)
+    p_act = dec.fraction_active
+    order = torch.argsort(p_act, descending=True, stable=True).tolist()
+    if df["neuron"].notna().any():
+        norms = dec.neuron_attribution()
+        effects = dec.neuron_effects()
+        if len(effects):
+            total = effects.groupby("subnetwork")["effect"].transform("sum")
+            effects = effects.assign(share=effects["effect"] / total.where(total > 0, 1.0))
+
+        def top(frame, k):
+            rows = frame[frame.subnetwork == k].nlargest(3, "share")
+            return ", ".join(f"L{int(r.layer)}N{int(r.neuron)} {r.share:.2f}" for r in rows.itertuples())
+
+        lines = [f"{'subnet':>6} {'P_act':>6}  {'top neurons (share of squared norm)':<40}"
+                 + (f" {'top neurons (share of output effect)':<40}" if len(effects) else "")]
+        for k in order:
+            lines.append(f"{k:>6} {p_act[k]:>6.3f}  {top(norms, k):<40}"
+                         + (f" {top(effects, k):<40}" if len(effects) else ""))
+        return lines
+    weights = df.groupby(["subnetwork", "weight"], as_index=False)["share"].sum()
+    lines = [f"{'subnet':>6} {'P_act':>6}  top weights (share of squared norm)"]
+    for k in order:
+        rows = weights[weights.subnetwork == k].nlargest(3, "share")
+        lines.append(f"{k:>6} {p_act[k]:>6.3f}  " + ", ".join(f"{r.weight} {r.share:.2f}" for r in rows.itertuples()))
+    return lines
 
 
 def _summary_table(dec, data: torch.Tensor, half: Optional[int] = None) -> list[str]:
@@ -415,7 +569,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     _threads(args)
     start = time.perf_counter()
-    out = Path(args.out)
+    out = _check_folder(Path(args.out))
+    _check_folder(out / "decomposition")
+    if not args.no_report:
+        _report_path(out / "report.html")
+    cfg = L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=args.n_subnetworks, rank=4,
+                    top_k=0.1, sample="token", epochs=args.epochs, batch_size=32, lr=0.01, lr_step=4,
+                    include_biases=False, seed=args.seed)
     model = induction.load()
     model._l3d_embedded = True
     data = induction.repeated_sequences(args.n_sequences, seed=args.seed)
@@ -423,9 +583,6 @@ def _demo(args: argparse.Namespace) -> int:
           f"2-layer attention-only model trained on repeated random words; torch threads: {args.threads}")
     first, second = induction.induction_loss(model)
     print(f"model loss on the first half {first:.3f} nats, on the repeated half {second:.4f} nats (induction)")
-    cfg = L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=args.n_subnetworks, rank=4,
-                    top_k=0.1, sample="token", epochs=args.epochs, batch_size=32, lr=0.01, lr_step=4,
-                    include_biases=False, seed=args.seed)
     dec = decompose(model, data, cfg, progress=not args.quiet)
     dec.save(out / "decomposition")
     _write_record(out / "decomposition", {"model": "induction", "model_class": "auto", "data": [],
@@ -481,10 +638,12 @@ def _decompose(args: argparse.Namespace) -> int:
     _threads(args)
     start = time.perf_counter()
     cfg = build_config(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    model = load_model(args.model, args.model_class, args.device)
+    out = _check_folder(Path(args.out))
+    report_path = _report_path(args.report, "--report") if args.report else None
+    if cfg.device is not None:  # from --device, --config or --set: checked alike, and the model goes there
+        _check_device(cfg.device, "--device" if args.device is not None and cfg.device == args.device
+                      else "--set/--config device")
+    model = load_model(args.model, args.model_class, cfg.device)
     data = load_data(model, args.data, seq_len=args.seq_len, max_sequences=args.max_sequences,
                      text_column=args.text_column, split=args.split, seed=args.data_seed)
     if not args.quiet:
@@ -492,22 +651,43 @@ def _decompose(args: argparse.Namespace) -> int:
               f"{list(cfg.components)}, {cfg.n_subnetworks} subnetworks")
     dec = decompose(model, data, cfg, progress=not args.quiet)
     dec.save(out)
-    _write_record(out, {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+    _write_record(out, {"model": _model_record(args.model),
                         "model_class": args.model_class, "data": [str(Path(p).resolve()) for p in args.data],
                         "seq_len": args.seq_len, "max_sequences": args.max_sequences, "text_column": args.text_column,
                         "split": args.split, "seed": args.data_seed})
     last = dec.history[-1]
     print(f"reconstruction loss {last['loss']:.4f}, dead {last['n_dead']}/{dec.n_subnetworks}; saved to {out}")
-    if dec.adapter.n_heads:
-        print("\n".join(_summary_table(dec, data)))
-    if args.report:
+    print("\n".join(_summary_lines(dec, data)))
+    if report_path is not None:
         from .viz import report
 
-        path = report(dec, data, _report_path(args.report), to_str=to_str_for(model), progress=not args.quiet)
+        path = report(dec, data, report_path, to_str=to_str_for(model), progress=not args.quiet)
         print(f"report: {path}")
     if not args.quiet:
         print(f"wall time {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _model_record(spec: str) -> str:
+    """How ``load_model`` found ``spec``: the embedded model's name wins over a folder of that
+    name; another existing path is recorded absolute."""
+    if spec in EMBEDDED:
+        return spec
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def _check_saved_device(folder: Path) -> None:
+    """The factors load onto the device the decomposition was computed with: one this machine has."""
+    from .io import META
+
+    try:
+        device = json.loads((folder / META).read_text(encoding="utf-8"))["config"].get("device")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # Decomposition.load says what is wrong with the file
+    if device is None:
+        return
+    _check_device(device, "the saved decomposition's device", fix=f'set "device" to null in {folder / META} to '
+                  f"load it on this machine")
 
 
 def _load_saved(args: argparse.Namespace):
@@ -519,15 +699,20 @@ def _load_saved(args: argparse.Namespace):
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder holding a saved decomposition")
     record = _read_record(folder)
+    _check_saved_device(folder)
     spec = args.model or record.get("model")
     if not spec:
         raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
     model = load_model(spec, args.model_class or record.get("model_class", "auto"), args.device)
-    dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights)
+    try:
+        dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights)
+    except ValueError as e:
+        raise UserError(_first_line(e).replace("pass check_weights=False", "pass --no-check-weights")) from None
     paths = args.data if args.data else record.get("data", [])
     seed = record.get("seed", 0) + (1 if not args.data and not paths else 0)  # embedded task: fresh sequences
+    recorded_column = record.get("text_column")  # "text" was also the recorded default: it may fall back
     data = load_data(model, paths, seq_len=args.seq_len or record.get("seq_len"), max_sequences=args.max_sequences,
-                     text_column=args.text_column or record.get("text_column") or "text",
+                     text_column=args.text_column or (None if recorded_column in (None, "text") else recorded_column),
                      split=args.split or record.get("split"), seed=seed)
     return model, dec, data
 
@@ -564,11 +749,11 @@ def _comparison(model, data: torch.Tensor, args: argparse.Namespace):
 
 def _compare(args: argparse.Namespace) -> int:
     _threads(args)
+    out = _check_folder(Path(args.out)) if args.out else None
     model = load_model(args.model, args.model_class, args.device)
     comparison = _comparison(model, None, args)
     print(comparison.summary())
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("heads", "mlp", "neurons", "agreement"):
             frame = getattr(comparison, name, None)
@@ -594,15 +779,14 @@ def _model_args(p: argparse.ArgumentParser, default_class: Optional[str] = "auto
     p.add_argument("--device", default=None, help="torch device for the model (default: where it loads)")
 
 
-def _data_args(p: argparse.ArgumentParser, max_sequences: int, required_help: str, text_column: Optional[str]) -> None:
+def _data_args(p: argparse.ArgumentParser, max_sequences: int, required_help: str, column_help: str) -> None:
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
-                   help=f"text files, .jsonl, .pt token ids [n, seq] or Hugging Face datasets saved with "
-                        f"save_to_disk; {required_help}")
+                   help=f"text files, .jsonl, .json (an array of texts), .pt token ids [n, seq] or Hugging Face "
+                        f"datasets saved with save_to_disk; {required_help}")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence for text data (default min(32, n_ctx))")
-    p.add_argument("--max-sequences", type=int, default=max_sequences,
+    p.add_argument("--max-sequences", type=_count, default=max_sequences,
                    help=f"use at most this many sequences (default {max_sequences})")
-    p.add_argument("--text-column", default=text_column,
-                   help="text field of .jsonl / dataset rows (default text)")
+    p.add_argument("--text-column", default=None, help=f"text field of .jsonl / .json / dataset rows ({column_help})")
     p.add_argument("--split", default=None, help="dataset split (default train, else the first)")
 
 
@@ -624,12 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Decompose the embedded 2-layer induction model, compare with activation "
                                       "patching, write OUT/report.html and OUT/decomposition/.")
     demo.add_argument("--out", default="l3d_demo_out", help="output folder (default: l3d_demo_out)")
-    demo.add_argument("--n-sequences", type=int, default=512, help="number of training sequences (default 512)")
+    demo.add_argument("--n-sequences", type=_count, default=512, help="number of training sequences (default 512)")
     demo.add_argument("--n-subnetworks", type=int, default=8, help="default 8")
     demo.add_argument("--epochs", type=int, default=10, help="default 10")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--n-pairs", type=int, default=32, help="(clean, corrupted) pairs for the patching comparison")
-    demo.add_argument("--report-sequences", type=int, default=128, help="held-out sequences in the report (default 128)")
+    demo.add_argument("--n-pairs", type=_count, default=32, help="(clean, corrupted) pairs for the patching comparison")
+    demo.add_argument("--report-sequences", type=_count, default=128, help="held-out sequences in the report (default 128)")
     demo.add_argument("--no-compare", action="store_true", help="skip the activation-patching comparison")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     _common(demo)
@@ -642,7 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with L3DConfig fields), then the flags below, then --set.")
     dec.add_argument("model", help="TransformerLens model name, local HF model directory, or 'induction'")
     dec.add_argument("--out", required=True, help="folder to save the decomposition in")
-    _data_args(dec, 2048, "required except for the embedded model", "text")
+    _data_args(dec, 2048, "required except for the embedded model",
+               "default text; a dataset without a text column may give an input_ids or tokens column instead")
     dec.add_argument("--data-seed", type=int, default=0, help="seed of the embedded model's generated data")
     dec.add_argument("--config", help="YAML or JSON file of L3DConfig fields")
     g = dec.add_argument_group("L3D settings (override --config)")
@@ -677,11 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("decomposition", help="folder of a saved decomposition")
     rep.add_argument("--out", default="l3d_report.html", help="HTML file to write (default l3d_report.html)")
     rep.add_argument("--model", help="model (default: the one recorded with the decomposition)")
-    _data_args(rep, 128, "default: the data recorded with the decomposition", None)
-    rep.add_argument("--n-references", type=int, default=4, help="references averaged for impact (default 4)")
+    _data_args(rep, 128, "default: the data recorded with the decomposition",
+               "default: the one recorded with the decomposition, else text")
+    rep.add_argument("--n-references", type=_count, default=4, help="references averaged for impact (default 4)")
     rep.add_argument("--title", default=None)
     rep.add_argument("--compare", action="store_true", help="add the activation-patching comparison (embedded model)")
-    rep.add_argument("--n-pairs", type=int, default=32, help="pairs for --compare (default 32)")
+    rep.add_argument("--n-pairs", type=_count, default=32, help="pairs for --compare (default 32)")
     rep.add_argument("--no-check-weights", action="store_true",
                      help="load even if the model's weights differ from those decomposed")
     _model_args(rep, default_class=None)
@@ -693,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "From the command line: the embedded model's induction task (clean repeated "
                                       "sequences vs a different first half); other models: use the Python API.")
     cmp_.add_argument("model", nargs="?", default="induction", help="'induction' (default)")
-    cmp_.add_argument("--n-pairs", type=int, default=32, help="(clean, corrupted) pairs (default 32)")
+    cmp_.add_argument("--n-pairs", type=_count, default=32, help="(clean, corrupted) pairs (default 32)")
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.add_argument("--out", help="folder for heads.csv, agreement.csv, ...")
     _model_args(cmp_)

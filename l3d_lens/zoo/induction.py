@@ -250,12 +250,34 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
 def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default") -> nn.Module:
     """A shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge: the default
     one (one previous-token head L0H2, one induction head L1H0, six silent heads) or, with
-    ``variant="redundant"``, the one trained without the head penalty (four induction heads)."""
+    ``variant="redundant"``, the one trained without the head penalty (four induction heads).
+
+    Checked on load: the stored config and vocabulary, and the stored probe logits (one
+    forward of the 4 stored probe sequences; the last position of the first must match within
+    a tolerance scaled to ``dtype``). A mismatch raises RuntimeError."""
     path = _asset_dir(variant)
     meta = json.loads((path / "meta.json").read_text())
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
         raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's default architecture")
-    return load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
+    model = load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
+    _check_probe(model, meta, path, dtype)
+    return model
+
+
+def _check_probe(model: nn.Module, meta: dict, path: Path, dtype: torch.dtype) -> None:
+    """The model's logits on the stored probe tokens match those stored when it was saved."""
+    if "probe_tokens" not in meta or "probe_logits_first" not in meta:
+        return
+    with torch.no_grad():
+        out = model(torch.tensor(meta["probe_tokens"], dtype=torch.long))
+    logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, -1].double().cpu()
+    expected = torch.tensor(meta["probe_logits_first"], dtype=torch.float64)
+    # float32/float64: 1e-3 (the shipped models match to ~1e-5); half precisions: their rounding
+    tol = max(1e-3, 16 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
+    err = (logits - expected).abs().max().item() if logits.shape == expected.shape else float("inf")
+    if not err <= tol * (1 + expected.abs().max().item()):
+        raise RuntimeError(f"{path}: the loaded model's probe logits differ from those stored with it (max |diff| "
+                           f"{err:.3g}); the weights or this TransformerLens version compute something else")
 
 
 def metadata(variant: str = "default") -> dict:
