@@ -16,7 +16,7 @@ import torch
 import l3d_lens
 from l3d_lens.decomposition import build_task
 
-from .helpers import HAS_HOOKED, tiny_lm, tokens
+from .helpers import HAS_HOOKED, TL_VERSION, tiny_lm, tokens
 from .test_exactness import check, setup
 
 torch.set_num_threads(1)
@@ -185,3 +185,78 @@ def test_a_reconfigured_model_is_named():
         dec.coefficients(tokens(2, 5))
     model.set_use_split_qkv_input(False)
     assert dec.coefficients(tokens(2, 5)).shape == (10, 2)
+
+
+# --- Hugging Face architectures through the bridge -----------------------------------------------
+
+def _scale_native_embedding(model, factor):
+    """Gemma's embedding multiplies by sqrt(d_model) inside the module whose output is
+    embed.hook_out; a forward hook on the wrapped nn.Embedding does the same here."""
+    native = getattr(model.embed, "original_component", None) or model.embed._original_component
+    return native.register_forward_hook(lambda module, args, out: out * factor)
+
+
+@pytest.mark.parametrize("kind", ["bridge", "bridge_compat"])
+def test_a_scaled_embedding_is_left_to_the_exact_engine(kind):
+    """The fast engine took embed.hook_out to be the row W_E[token]: on Gemma it was
+    sqrt(d_model) times that, and W_E's ||g||^2 came out 1/d_model of the truth."""
+    model = tiny_lm(kind)
+    handle = _scale_native_embedding(model, 4.0)
+    try:
+        x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+        with pytest.raises(ValueError, match=r"engine='fast' cannot decompose \['embed.W_E'\]"):
+            setup(model, ["embed", "blocks.0.attn"], "token", "fast")
+        task, f = setup(model, ["embed", "pos_embed", "blocks.0.attn"], "token", "exact")
+        check(task, f, model, x, ref)
+        task, f = setup(model, ["pos_embed", "blocks.0.attn"], "token", "fast")  # W_pos is still its rows
+        check(task, f, model, x, ref)
+    finally:
+        handle.remove()
+
+
+def test_an_exact_engine_model_torch_func_cannot_run_is_named():
+    """Bloom's GELU is an autograd.Function without setup_context: the exact engine failed with
+    functorch's own message."""
+
+    class OldStyleGelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.nn.functional.gelu(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                return torch.autograd.grad(torch.nn.functional.gelu(x), x, g)[0]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.fc2(OldStyleGelu.apply(self.fc1(x)))
+
+    x = torch.rand(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = l3d_lens.L3DConfig(components=["fc1", "fc2"], n_subnetworks=2, rank=1, epochs=1, engine="exact")
+    with pytest.raises(ValueError, match=r"engine='exact' cannot run this model: .*use engine='fast'"):
+        l3d_lens.decompose(Net(), x, cfg, progress=False)
+    l3d_lens.decompose(Net(), x, cfg.replace(engine="fast"), progress=False)
+
+
+@pytest.mark.skipif(not TL_VERSION.startswith("3."), reason="TransformerLens 4's compatibility-mode gated MLP "
+                                                             "computes with its parameters (checked by test_exactness)")
+def test_a_gated_mlp_that_computes_with_copies_is_not_decomposed():
+    """TransformerLens 3.x's compatibility-mode gated MLP runs on _processed_W_* copies: the exact
+    engine substituted the unused parameters and returned zero gradients, silently."""
+    model = tiny_lm("bridge_compat", gated=True, dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"'blocks.0' leaves out blocks.0.mlp.W_in, .*processed copies"):
+        task = build_task(model, l3d_lens.L3DConfig(components="blocks.0"))
+    assert not any(".mlp." in s.name for s in task.selected) and any(".attn." in s.name for s in task.selected)
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp': blocks.0.mlp.W_in, .*blocks.0.mlp.W_gate, .*blocks.0.mlp.W_out "
+                                         r"cannot be decomposed: TransformerLens 3.x's"):
+        build_task(model, l3d_lens.L3DConfig(components="blocks.0.mlp"))
+    with pytest.raises(ValueError, match=r"blocks.1.mlp.W_out cannot be decomposed: TransformerLens 3.x's"):
+        build_task(model, l3d_lens.L3DConfig(components="blocks.1.mlp.W_out"))

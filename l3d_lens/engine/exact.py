@@ -53,4 +53,11 @@ def per_sample_gradients(task: Task, inputs: torch.Tensor, generator: Optional[t
         xs, rs = inputs, refs
         masks = torch.zeros(inputs.shape[0], dtype=refs.dtype, device=refs.device)
     with adapter.session():
-        return vmap(grad(one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(params, xs, rs, masks)
+        try:
+            return vmap(grad(one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(params, xs, rs, masks)
+        except RuntimeError as e:
+            if "setup_context" not in str(e) and "functorch" not in str(e):
+                raise
+            raise ValueError("engine='exact' cannot run this model: its forward uses an operation torch.func cannot "
+                             "transform (an autograd.Function without setup_context, e.g. a custom activation); "
+                             "use engine='fast'") from e
