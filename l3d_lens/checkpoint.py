@@ -1,7 +1,7 @@
 """Atomic training checkpoints: factors, Adam state, LR schedule, RNG state, the epoch's data
 order and position, history and running sums; safetensors + JSON, never pickles.
 
-Each checkpoint is written to a hidden ``.tmp-step-<n>-<pid>/`` folder, renamed to a folder no
+Each checkpoint is written to a hidden ``.tmp-step-<n>-<pid>-<random>/`` folder, renamed to a folder no
 checkpoint uses yet (``step-<n>/``, or ``step-<n>-<i>/`` when step n was saved before, as an epoch
 end does after a save on its last batch), then ``latest.json`` is replaced atomically to point
 at it, then older folders and leftovers of killed saves are removed: no folder latest.json names
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,8 +28,9 @@ VERSION = 1
 def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     step = state["step"]
-    tmp = path / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a name no earlier save used: a recovered leftover of a killed save (``load``) may hold this
+    # step, and the same process id comes back in containers
+    tmp = path / f".tmp-step-{step}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"version": VERSION, **state}))

@@ -213,11 +213,14 @@ def _texts_from_dataset(path: Path, column: Optional[str], split: Optional[str])
                 if ids_col in ds.column_names:
                     return None, ds[ids_col]
         raise UserError(f"{path}: no column {name!r}; it has {ds.column_names} (choose one with --text-column)")
-    texts = list(ds[name])
-    for i, t in enumerate(texts):
+    texts = []
+    for i, t in enumerate(ds[name]):
+        if t is None or (isinstance(t, str) and not t.strip()):
+            continue  # blank or missing rows, as TokenStream skips them
         if not isinstance(t, str):
             raise UserError(f"{path}: row {i} of column {name!r} is {_short(t)}, not a string "
                             f"(choose the text column with --text-column)")
+        texts.append(t)
     return texts, None
 
 

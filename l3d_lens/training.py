@@ -50,7 +50,7 @@ def data_fingerprint(data: Data) -> str:
         h = hashlib.sha256()
         for t in tensors:
             h.update(str(list(t.shape)).encode())
-            h.update(_bytes(t))
+            h.update(_buffer(t))
         return h.hexdigest()
 
     if isinstance(data, torch.Tensor):
@@ -60,10 +60,10 @@ def data_fingerprint(data: Data) -> str:
     return f"iterable:{type(data).__name__}"
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    """A tensor's raw bytes (the same as ``.numpy().tobytes()``, also for dtypes numpy lacks, e.g. bf16)."""
+def _buffer(t: torch.Tensor):
+    """A tensor's raw bytes as a buffer (no copy on the CPU; also for dtypes numpy lacks, e.g. bf16)."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
 def model_fingerprint(task: Task) -> dict[str, Any]:
@@ -71,14 +71,14 @@ def model_fingerprint(task: Task) -> dict[str, Any]:
     ``Decomposition.load`` checks them (names, shapes, SHA-256), and a SHA-256 of every other
     parameter (they shape every gradient too), by name, dtype, shape and bytes."""
     names = [s.name for s in task.selected]
-    decomposed = {id(task.adapter.weight(n)) for n in names}
+    decomposed = {id(task.adapter.native_parameter(n)) for n in names}
     h = hashlib.sha256()
     for name, p in task.adapter.model.named_parameters():
         if id(p) in decomposed:
             continue
         h.update(f"{name}:{p.dtype}:{list(p.shape)}".encode())
         if not p.is_meta:  # offloaded: no bytes to read here
-            h.update(_bytes(p))
+            h.update(_buffer(p))
     return {"weights": task.adapter.fingerprint(names), "others": h.hexdigest()}
 
 

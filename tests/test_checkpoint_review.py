@@ -280,3 +280,36 @@ def test_resuming_a_token_stream_does_not_warn_and_is_bit_identical(tmp_path, mo
         resumed = l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck")
     assert not stream_warnings(record)
     assert same(resumed, straight) and resumed.history == straight.history
+
+
+def test_the_model_fingerprint_leaves_the_decomposed_weights_to_their_own_hash():
+    """It compared ids of detached views, so no decomposed weight was ever left out of the
+    "others" hash: every parameter was hashed, the decomposed ones twice."""
+    from l3d_lens.decomposition import build_task
+
+    model = TinyMLP()
+    task = build_task(model, l3d_lens.L3DConfig(components="fc1"))
+    before = training.model_fingerprint(task)
+    with torch.no_grad():
+        model.fc1.weight[0, 0] += 1.0
+    moved = training.model_fingerprint(task)
+    assert moved["weights"] != before["weights"] and moved["others"] == before["others"]
+    with torch.no_grad():
+        model.fc2.bias[0] += 1.0
+    assert training.model_fingerprint(task)["others"] != moved["others"]
+
+
+def test_a_save_never_reuses_the_folder_of_a_recovered_leftover(tmp_path, monkeypatch):
+    """A leftover .tmp-step-<n>-<pid> that load() recovers was removed by the next save of step n
+    from a process with the same id (common in containers) before that save was in place."""
+    x, cfg = mlp_setup()
+    l3d_lens.decompose(TinyMLP(), x, cfg.replace(epochs=1), progress=False, checkpoint=tmp_path)
+    pointer = json.loads((tmp_path / "latest.json").read_text())
+    recovered = tmp_path / f".tmp-step-{pointer['step']}-4242"
+    os.rename(tmp_path / pointer["folder"], recovered)
+    state, tensors = ckpt.load(tmp_path)
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(tmp_path, state, tensors)
+    assert ckpt.load(tmp_path)[0]["step"] == pointer["step"]

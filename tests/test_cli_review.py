@@ -262,6 +262,13 @@ def test_an_explicit_text_column_is_not_replaced_by_token_ids(capsys, tmp_path, 
     datasets.Dataset.from_dict({"text": [1, 2, 3]}).save_to_disk(numbers)
     with pytest.raises(cli.UserError, match="row 0 of column 'text' is 1, not a string"):
         cli.load_data(model, [str(numbers)], seq_len=8, max_sequences=4)
+    # blank and missing rows (WikiText has many) are skipped, as TokenStream skips them
+    sparse, full = tmp_path / "ds_sparse", tmp_path / "ds_full"
+    words = [f"alpha beta gamma {i} delta" for i in range(12)]
+    datasets.Dataset.from_dict({"text": [w for t in words for w in (t, None, " ")]}).save_to_disk(sparse)
+    datasets.Dataset.from_dict({"text": words}).save_to_disk(full)
+    assert torch.equal(cli.load_data(model, [str(sparse)], seq_len=8, max_sequences=4),
+                       cli.load_data(model, [str(full)], seq_len=8, max_sequences=4))
 
 
 def test_json_arrays_are_read_as_documents(tiny, tmp_path):

@@ -32,6 +32,10 @@ def _mix_positions(t, hook):  # each position's logits also carry the previous p
     return out
 
 
+def _zero_in_place(t, hook):  # as in the TransformerLens tutorials: edit, return nothing
+    t[..., :3] = 0
+
+
 def _recorded(model, name, x):
     """A patch from a cache: ``name``'s activation on the first of other inputs, a constant
     hook that puts it in every row (a row's value cannot depend on the batch: the oracle runs
@@ -53,6 +57,8 @@ CASES = {
                    lambda m: [("hook_embed", _double), ("hook_pos_embed", lambda t, hook: 3 * t)]),
     "logits_mix_positions": (["blocks.0.attn", "blocks.1.mlp", "unembed"],
                              lambda m: [("unembed.hook_out", _mix_positions)]),
+    "in_place": (["blocks.1.mlp", "blocks.0.attn"], lambda m: [("blocks.1.mlp.hook_pre", _zero_in_place),
+                                                             ("blocks.0.attn.hook_v", _zero_in_place)]),
 }
 
 
@@ -70,6 +76,18 @@ def test_user_forward_hooks_are_part_of_the_model(lm_kind, engine, sample, case)
         check(task, f, model, x, ref)
     finally:
         model.reset_hooks(including_permanent=True)
+
+
+def test_an_in_place_hook_on_a_frozen_model(lm_kind):
+    """With requires_grad off, the captured output is a leaf: an in-place hook on it raised
+    "a view of a leaf Variable ... in-place operation"."""
+    model = tiny_lm(lm_kind).requires_grad_(False)
+    model.add_hook("blocks.1.mlp.hook_pre", _zero_in_place)
+    try:
+        task, f = setup(model, ["blocks.1.mlp"], "token", "fast")
+        check(task, f, model, tokens(3, 5, seed=1), tokens(3, 5, seed=2))
+    finally:
+        model.reset_hooks()
 
 
 def test_a_patched_activation_leaves_its_weight_no_gradient():
@@ -204,8 +222,10 @@ def test_a_scaled_embedding_is_left_to_the_exact_engine(kind):
     handle = _scale_native_embedding(model, 4.0)
     try:
         x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
-        with pytest.raises(ValueError, match=r"engine='fast' cannot decompose \['embed.W_E'\]"):
-            setup(model, ["embed", "blocks.0.attn"], "token", "fast")
+        task, f = setup(model, ["embed", "blocks.0.attn"], "token", "fast")
+        with pytest.raises(ValueError, match=r"engine='fast' cannot decompose embed.W_E on this model: its output "
+                                             r"\(embed.hook_out\) is not the rows of embed.W_E its input picks"):
+            check(task, f, model, x, ref)
         task, f = setup(model, ["embed", "pos_embed", "blocks.0.attn"], "token", "exact")
         check(task, f, model, x, ref)
         task, f = setup(model, ["pos_embed", "blocks.0.attn"], "token", "fast")  # W_pos is still its rows
@@ -248,15 +268,38 @@ def test_an_exact_engine_model_torch_func_cannot_run_is_named():
 
 @pytest.mark.skipif(not TL_VERSION.startswith("3."), reason="TransformerLens 4's compatibility-mode gated MLP "
                                                              "computes with its parameters (checked by test_exactness)")
-def test_a_gated_mlp_that_computes_with_copies_is_not_decomposed():
+@pytest.mark.parametrize("engine", ["fast", "exact"])
+def test_a_gated_mlp_that_computes_with_copies_is_decomposed_on_its_parameters(engine):
     """TransformerLens 3.x's compatibility-mode gated MLP runs on _processed_W_* copies: the exact
-    engine substituted the unused parameters and returned zero gradients, silently."""
+    engine substituted the unused parameters and returned zero gradients, silently. In a session
+    the MLP runs on its parameters (same values, same logits), restored after. float32: this
+    MLP fails on float64 in TransformerLens's own forward."""
     model = tiny_lm("bridge_compat", gated=True, dtype=torch.float32)
-    with pytest.warns(UserWarning, match=r"'blocks.0' leaves out blocks.0.mlp.W_in, .*processed copies"):
-        task = build_task(model, l3d_lens.L3DConfig(components="blocks.0"))
-    assert not any(".mlp." in s.name for s in task.selected) and any(".attn." in s.name for s in task.selected)
-    with pytest.raises(ValueError, match=r"'blocks.0.mlp': blocks.0.mlp.W_in, .*blocks.0.mlp.W_gate, .*blocks.0.mlp.W_out "
-                                         r"cannot be decomposed: TransformerLens 3.x's"):
-        build_task(model, l3d_lens.L3DConfig(components="blocks.0.mlp"))
-    with pytest.raises(ValueError, match=r"blocks.1.mlp.W_out cannot be decomposed: TransformerLens 3.x's"):
-        build_task(model, l3d_lens.L3DConfig(components="blocks.1.mlp.W_out"))
+    mlps = [block.mlp for block in model.blocks]
+    x, ref = tokens(3, 5, seed=1), tokens(3, 5, seed=2)
+    with torch.no_grad():
+        before = model(x)
+    task, f = setup(model, ["blocks.0.mlp", "blocks.1.attn"], "token", engine)
+    assert {"blocks.0.mlp.W_in", "blocks.0.mlp.W_gate", "blocks.0.mlp.W_out"} <= {s.name for s in task.selected}
+    for m in mlps:  # the oracle differentiates the parameters: run it on them too
+        m._use_processed_weights = False
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(x), before)
+        from l3d_lens.decomposition import Decomposition
+
+        from .reference import loss_and_coefficients, per_sample_grads
+        from .test_exactness import library, rel
+        st, _, _ = library(task, f, x, ref)
+        g = {k: v.double() for k, v in per_sample_grads(model, [s.name for s in task.selected], x, ref, "token", -1,
+                                                        task.cfg.divergence).items()}
+        dec = Decomposition(task, f, [])
+        coef, _ = loss_and_coefficients(g, dec.encoders(), dec.subnetworks(), task.cfg.top_k)
+        gsq = sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in g.values())
+        assert rel(st.A, coef) < 1e-4 and rel(st.gsq, gsq) < 1e-4 and gsq.min() > 0  # float32 model
+    finally:
+        for m in mlps:
+            m._use_processed_weights = True
+    l3d_lens.decompose(model, x, l3d_lens.L3DConfig(components="blocks.0.mlp", n_subnetworks=2, rank=1, epochs=1,
+                                                    engine=engine), progress=False)
+    assert all(m._use_processed_weights for m in mlps)

@@ -9,7 +9,8 @@ Parameters are addressed by module-tree path, never by the bridge's aliased name
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+from collections.abc import Iterator
 from typing import Callable, Optional
 
 import torch
@@ -24,7 +25,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def _computes_with_copies(mlp: Optional[nn.Module]) -> bool:
     """TransformerLens 3.x's compatibility-mode gated MLP runs on ``_processed_W_*`` tensors
-    copied from its parameters, so the parameters themselves are never used."""
+    taken from its parameters, so a functional call that substitutes a parameter misses it."""
     return mlp is not None and bool(getattr(mlp, "_use_processed_weights", False)) and any(
         k.startswith("_processed_W") and isinstance(v, torch.Tensor) for k, v in vars(mlp).items())
 
@@ -38,6 +39,7 @@ class BridgeAdapter(TransformerLensAdapter):
         self._hooks = model.hook_dict
         cfg = self.cfg
         h, dh = cfg.n_heads, cfg.d_head
+        self._copies: list[nn.Module] = []  # MLPs run on parameters, not copies, in a session
 
         self._linear_site("embed.W_E", "W_E", None, model.embed, "weight", ("d_vocab", "d_model"),
                           ("d_vocab",), ("d_model",), TOKENS, "embed.hook_out", layout="same")
@@ -71,16 +73,7 @@ class BridgeAdapter(TransformerLensAdapter):
                                   f"{b}.attn.o.hook_out", layout="same")
             mlp = getattr(block, "mlp", None)
             if _computes_with_copies(mlp):
-                reason = ("TransformerLens 3.x's compatibility-mode gated MLP computes with processed copies of its "
-                          "weights (_processed_W_in, ...), not with these parameters: substituting or editing them "
-                          "changes nothing (use TransformerLens 4, or the bridge without enable_compatibility_mode())")
-                for attr, tl in (("in", "in"), ("gate", "gate"), ("out", "out")):
-                    comp = getattr(mlp, attr, None)
-                    for p_attr, prefix in (("weight", "W_"), ("bias", "b_")):
-                        if isinstance(comp, nn.Module) and isinstance(getattr(self._native(comp), p_attr, None),
-                                                                      nn.Parameter):
-                            self.unsupported[f"{b}.mlp.{prefix}{tl}"] = reason
-                mlp = None
+                self._copies.append(mlp)
             for attr, tl, modes in (("in", "W_in", ("d_model", "d_mlp")), ("gate", "W_gate", ("d_model", "d_mlp")),
                                     ("out", "W_out", ("d_mlp", "d_model"))):
                 comp = getattr(mlp, attr, None) if mlp is not None else None
@@ -106,7 +99,22 @@ class BridgeAdapter(TransformerLensAdapter):
         self._linear_site("unembed.b_U", "b_U", None, model.unembed, "bias", ("d_vocab",), (), ("d_vocab",), None,
                           "unembed.hook_out", layout="same")
         self._check_against_bridge_views()
-        self._check_embedding_outputs()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """As ``Adapter.session``; TransformerLens 3.x's compatibility-mode gated MLPs also run on
+        their parameters rather than the ``_processed_W_*`` copies (the same values, the same
+        logits), so that substituting a parameter, as the exact engine and a perturbed forward
+        do, reaches the output."""
+        saved = [(m, m._use_processed_weights) for m in self._copies]
+        with super().session():
+            try:
+                for m, _ in saved:
+                    m._use_processed_weights = False
+                yield
+            finally:
+                for m, flag in saved:
+                    m._use_processed_weights = flag
 
     # --- construction helpers ------------------------------------------------------------
     def _native(self, comp: nn.Module) -> nn.Module:
@@ -153,42 +161,6 @@ class BridgeAdapter(TransformerLensAdapter):
             if isinstance(view, torch.Tensor) and view.shape == self.weight(name).shape:
                 if not torch.equal(view.detach(), self.weight(name)):
                     raise RuntimeError(f"l3d_lens: layout conversion of {name} disagrees with the bridge's own view")
-
-    def _check_embedding_outputs(self) -> None:
-        """The fast engine takes W_E's and W_pos's output to be the rows W[token] and W[position]
-        (their input is a one-hot). Not so for a scaled embedding (Gemma multiplies by
-        sqrt(d_model) inside the module), an offset position table (OPT reads row position + 2),
-        or an output hook the bridge skips (Granite): the start of one forward of two tokens
-        checks it (stopped once both are seen, before any hook of the user's runs), and a site
-        that fails, or cannot be checked, is left to the exact engine."""
-        points = {"embed.W_E": "embed.hook_out", "pos_embed.W_pos": "pos_embed.hook_out"}
-        checks = {n: p for n, p in points.items() if n in self.sites and self.sites[n].fast}
-        if not checks or any(p.is_meta for p in self.model.parameters()):
-            return
-        tokens = torch.tensor([[0, min(1, self.d_vocab - 1)]], device=self.device)
-        seen: dict[str, torch.Tensor] = {}
-
-        class Seen(Exception):
-            pass
-
-        def keep(point):
-            def hook(module, args, kwargs, out):
-                seen.setdefault(point, out.detach())
-                if len(seen) == len(checks):
-                    raise Seen
-            return hook
-
-        with self.session(), torch.no_grad(), self.forward_hooks({}, {self._hooks[p]: keep(p) for p in checks.values()}):
-            try:
-                self.model(tokens)
-            except Exception:  # noqa: BLE001 - Seen, or a forward that fails here: what was not seen is not fast
-                pass
-        for name, point in checks.items():
-            want = self.weight(name)[tokens[0] if name == "embed.W_E" else torch.arange(2, device=self.device)]
-            got = seen.get(point)
-            if got is None or got.numel() != want.numel() or not torch.allclose(
-                    got.reshape(want.shape).to(want.dtype), want, rtol=1e-4, atol=1e-6 * float(want.abs().max())):
-                self.sites[name] = dataclasses.replace(self.sites[name], input=None, output=None)
 
     # --- description -----------------------------------------------------------------------
 

@@ -75,15 +75,18 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
             raise ValueError(f"engine='fast' cannot decompose the weights at {key}: the model calls that layer more "
                              f"than once per forward on different inputs (a shared layer); use engine='exact'")
 
+    user_hooked = {mid for mid, m in modules.items() if m._forward_hooks}
+
     def make_output_hook(keys):
         """Runs first among the module's forward hooks: the weight's own output, before any hook
-        of the user's changes it (the gradient then flows back through theirs)."""
+        of the user's changes it (the gradient then flows back through theirs). Their hooks get
+        a copy, which one editing in place (``t[:, :, h] = 0``) may change."""
         def hook(module, args, kwargs, output):
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             for key in keys:
                 store_out.setdefault(key, []).append(output)
-            return output
+            return output.clone() if id(module) in user_hooked else output
         return hook
 
     def make_input_hook(entries):
@@ -117,6 +120,9 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         missing = sorted((in_keys - store_in.keys()) | (out_keys - store_out.keys()))
         if missing:
             raise RuntimeError(f"capture points {missing} did not fire during the forward pass; use engine='exact'")
+        for site in sites:
+            if site.input in (TOKENS, POSITIONS):
+                _check_gathered_rows(adapter, site, store_out[site.output][0], inputs)
         refs = task.references(outputs, generator, paired_outputs)
         d = task.divergence(task.view(outputs), refs)
         if head is not None:
@@ -154,3 +160,20 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         i += len(parts)
         douts[k] = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
     return Captured(store_in, douts, inputs if adapter.is_language_model else None, d.detach())
+
+
+def _check_gathered_rows(adapter, site, output: torch.Tensor, tokens: torch.Tensor) -> None:
+    """W_E and W_pos take a one-hot input: their output must be the rows W[token] / W[position].
+    Not so for a scaled embedding (Gemma multiplies by sqrt(d_model) inside the module) or an
+    offset position table (OPT reads row position + 2), where the gradient would be wrong."""
+    w = adapter.weight(site.name).detach()
+    rows = w[tokens] if site.input == TOKENS else w[: tokens.shape[1]]
+    got = output.detach().to(rows.dtype)
+    try:
+        ok = torch.allclose(got, rows.expand_as(got), rtol=1e-4, atol=1e-6 * float(rows.abs().max()))
+    except RuntimeError:  # shapes that do not broadcast
+        ok = False
+    if not ok:
+        raise ValueError(f"engine='fast' cannot decompose {site.name} on this model: its output ({site.output}) is "
+                         f"not the rows of {site.name} its input picks (a scaled or offset embedding, e.g. Gemma's "
+                         f"sqrt(d_model) or OPT's position offset); use engine='exact' or leave it out")
