@@ -27,6 +27,7 @@ from .data import Data, batch_starts, batches
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
+from .streaming import TokenStream
 from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
 
@@ -211,8 +212,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
         sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
                          state["loss_den"], state.get("n_resampled", 0))
-        from .streaming import TokenStream  # re-reads its source in the same order on every pass
-
+        # a TokenStream re-reads its source in the same order on every pass
         if start_epoch < cfg.epochs and not isinstance(data, (torch.Tensor, list, tuple, TokenStream)):
             warnings.warn(f"the checkpoint in {path} resumes at step {n_steps} (epoch {start_epoch}, batch {skip}) "
                           f"on a {type(data).__name__}, which a checkpoint knows by its type only: the "

@@ -4,7 +4,9 @@ generation (HookedTransformer exists in 2.x/3.x only; TransformerBridge in 3.x/4
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import zlib
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -77,3 +79,40 @@ class TinyMLP(nn.Module):
 
 def tokens(n=4, seq=6, d_vocab=20, seed=1):
     return torch.randint(0, d_vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+EOT = 256  # <|endoftext|> of the tiny byte-level GPT-2 vocabulary
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_gpt2(out: Path, model: bool = False) -> Path:
+    """A byte-level GPT-2 tokenizer (ids = bytes, <|endoftext|> = 256, no merges) in ``out``, and
+    with ``model`` a 2-layer GPT-2 (d_model 32, seeded): a Hugging Face model directory, offline."""
+    from transformers import GPT2Tokenizer
+
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab["<|endoftext|>"] = EOT
+    out.mkdir(exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    GPT2Tokenizer(str(out / "vocab.json"), str(out / "merges.txt")).save_pretrained(out)
+    if model:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, n_ctx=64, vocab_size=257, bos_token_id=EOT,
+                         eos_token_id=EOT)
+        GPT2LMHeadModel(cfg).save_pretrained(out)
+    return out

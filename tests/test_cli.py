@@ -15,39 +15,13 @@ import torch
 
 from l3d_lens.cli import main
 
-from .helpers import HAS_HOOKED
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+from .helpers import HAS_HOOKED, write_tiny_gpt2
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 (d_model 32) with a 256-byte vocabulary + <|endoftext|>, no merges."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-gpt2")
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    vocab["<|endoftext|>"] = 256
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = GPT2Tokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, n_ctx=64, vocab_size=257, bos_token_id=256,
-                     eos_token_id=256)
-    GPT2LMHeadModel(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return write_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), model=True)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

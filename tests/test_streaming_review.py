@@ -12,9 +12,9 @@ import torch
 
 from l3d_lens.streaming import TokenStream
 
-torch.set_num_threads(1)
+from .helpers import EOT, write_tiny_gpt2
 
-EOT = 256  # <|endoftext|> of the tiny byte-level GPT-2 vocabulary
+torch.set_num_threads(1)
 
 
 def char_ids(text):
@@ -27,39 +27,6 @@ def chars(ids):
 
 def flat(stream):
     return torch.cat([b.reshape(-1) for b in stream]).tolist()
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_tiny_gpt2(out, model=False):
-    """A byte-level GPT-2 tokenizer (ids = bytes, <|endoftext|> = 256) and optionally a 2-layer model."""
-    from transformers import GPT2Tokenizer
-
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    vocab["<|endoftext|>"] = EOT
-    out.mkdir(exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-    GPT2Tokenizer(str(out / "vocab.json"), str(out / "merges.txt")).save_pretrained(out)
-    if model:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, n_ctx=64, vocab_size=257, bos_token_id=EOT,
-                         eos_token_id=EOT)
-        GPT2LMHeadModel(cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.modules import module as torch_module
 
 TOKENS = "<tokens>"
 POSITIONS = "<positions>"
@@ -185,8 +186,6 @@ class Adapter:
         backward hooks, and one may change the gradients the fast engine reads."""
         hooked = [name or "<the model>" for name, m in self.model.named_modules()
                   if m._backward_hooks or m._backward_pre_hooks]
-        from torch.nn.modules import module as torch_module
-
         if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
             hooked.append("<every module: a global hook>")
         if hooked:
