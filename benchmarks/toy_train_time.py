@@ -128,7 +128,8 @@ def section(rows, args, measured: Measured) -> str:
         SECTION, "toy_train_time.py", args, measured,
         f"`make_toy(name, seed)` with its defaults ({', '.join(f'{n} {e}' for n, e in DEFAULT_EPOCHS.items())} "
         "epochs; TMS and x² keep the best of a few starts, x² trains a fresh block of starts when its kept model "
-        "never learned a feature and gives a kept start up early when it is far from it, `train.GIVE_UP`), timed "
+        "never learned a feature and gives a kept start up early when it is far from it, `train.GIVE_UP`; every "
+        "step but TMS's tied training model's by `toy.chain_step`, autograd's numbers without its overhead), timed "
         "from the call to the trained model (data, training, and the learned checks). \"Same model as recorded\": "
         "its final training loss equals, bit for bit, the one saved by the runs of record made on a CPU of this "
         "capability (AVX512: `toy_heldout.py` for TMCS and x², `toy_square_recipe.py` for x²; AVX2: "

@@ -1,11 +1,11 @@
 """Seeded training of the toy models, following the paper (10,000 samples, batch 32, AdamW,
 MSE) with three departures, each measured: fewer epochs (``DEFAULT_EPOCHS``; the paper's 1,000
-epochs, 313k steps, take 2-3 minutes per model with one CPU thread, 3.5-4 for x^2 with its probe
-starts, and the losses of TMS, TMCS and the higher-rank model plateau within 60 epochs); the
-paper's initialisation for the superposition models but PyTorch's for the x^2 MLP; and lr 1e-2
-for the x^2 MLP (``LR``). ``make_toy(name, seed, epochs=1000, lr=1e-3)`` trains with the paper's
-epochs and learning rate (BENCHMARKS.md, "Toy models: x² training recipe", compares the two for
-x^2).
+epochs, 313k steps, took 2-3 minutes per model with one CPU thread and autograd's step, 3.5-4 for
+x^2 with its probe starts, and the losses of TMS, TMCS and the higher-rank model plateau within
+60 epochs); the paper's initialisation for the superposition models but PyTorch's for the x^2
+MLP; and lr 1e-2 for the x^2 MLP (``LR``). ``make_toy(name, seed, epochs=1000, lr=1e-3)`` trains
+with the paper's epochs and learning rate (BENCHMARKS.md, "Toy models: x² training recipe",
+compares the two for x^2).
 
 TMS is trained with its decoder tied to the encoder, as in the paper's code, and returned
 untied (``fit_tms`` says why); TMS and x^2 keep the best of a few starts by training loss
@@ -30,8 +30,8 @@ from jaxtyping import Float
 from torch import nn
 
 from ..checks import as_index
+from . import chain_step, metrics, models
 from . import data as toy_data
-from . import metrics, models
 
 #: epochs per toy model (paper: 1,000): chosen so that each trains in about a minute or less
 #: with one thread here; BENCHMARKS.md lists the losses reached.
@@ -100,9 +100,10 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
         epochs: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
         check: Optional[tuple[Union[int, Collection[int]], Callable[[nn.Module], bool]]] = None) -> list[float]:
     """Train ``model`` in place on MSE(model(x), y) with AdamW, shuffling from ``seed``;
-    returns the mean training loss of every epoch. Fused AdamW (where available) and one
-    gather of the shuffled data per epoch (not one per batch) only to cut per-step overhead: the
-    update rule and the batches are the same. With ``check = (e, ok)``, training stops
+    returns the mean training loss of every epoch. Fused AdamW (where available), one gather
+    of the shuffled data per epoch (not one per batch) and, for the toy chains, a hand-written
+    step (``chain_step``, the same numbers bit for bit) only to cut per-step overhead: the update
+    rule and the batches are the same. With ``check = (e, ok)``, training stops
     after epoch ``e`` unless ``ok(model)`` (fewer losses come back); with a collection of
     epochs it checks after each and stops at the first failure (the last epoch is never
     checked). ``ok`` must not change the model, so a model that passes trains exactly as
@@ -114,6 +115,7 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
     device = next(model.parameters()).device  # AdamW refused a model without parameters
+    step = _step(model, opt, x, y)
     at = () if check is None else {check[0]} if isinstance(check[0], int) else set(check[0])
     losses = []
     model.train()
@@ -121,11 +123,7 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
         order = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
         total = 0.0
         for xb, yb in zip(x[order].to(device).split(batch_size), y[order].to(device).split(batch_size)):
-            loss = nn.functional.mse_loss(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * xb.shape[0]
+            total += step(xb, yb).item() * xb.shape[0]
         losses.append(total / x.shape[0])
         if len(losses) in at and len(losses) < epochs:
             model.eval()
@@ -135,6 +133,25 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     model.zero_grad(set_to_none=True)
     model.eval()
     return losses
+
+
+def _step(model: nn.Module, opt: torch.optim.AdamW, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    """``fit``'s training step: ``chain_step.ChainStep`` (the same numbers, without autograd's and
+    the optimizer's per-step overhead) for a toy chain trained by fused AdamW on 2-d data of its
+    shapes, else autograd and ``opt``; either returns the batch's loss before the update."""
+    chain = chain_step.linear_chain(model)
+    if (chain is not None and opt.defaults.get("fused") and x.dim() == 2 and y.dim() == 2
+            and x.shape[1] == chain[0][0].in_features and y.shape[1] == chain[-1][0].out_features):
+        return chain_step.ChainStep(chain, opt)
+
+    def autograd_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.mse_loss(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return autograd_step
 
 
 class _TiedTMS(nn.Module):
