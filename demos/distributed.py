@@ -6,6 +6,8 @@ The result equals a single-process run on the same global batches (up to the ord
 floating-point sums); rank 0 saves it. A checkpoint folder makes the run resumable.
 """
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -13,9 +15,15 @@ import l3d_lens
 from l3d_lens.zoo import induction
 
 torch.set_num_threads(1)
-dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+if torch.cuda.is_available():  # NCCL: one GPU per rank, and the model (so the data and collectives) on it
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl")
+else:
+    device = torch.device("cpu")
+    dist.init_process_group("gloo")
 try:
-    model = induction.load()
+    model = induction.load().to(device)
     data = induction.repeated_sequences(256, seed=0)
     cfg = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=8, rank=4, epochs=2,
                              batch_size=64, include_biases=False)

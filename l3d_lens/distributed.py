@@ -4,12 +4,13 @@ Every rank holds the same factors and draws the same global batch (same seed); e
 computes the statistics of its contiguous shard. What makes the result equal to one process
 on the global batch: references are drawn over the gathered global batch, batch top-k runs on
 the gathered coefficients, the loss is normalised by the global sum of ||g||^2, and factor
-gradients are summed over ranks before the (identical) Adam step.
+gradients are summed over ranks before the (identical) Adam step. Every tensor handed to a
+collective lives on the data's device (NCCL moves CUDA tensors only; gloo takes either).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -47,15 +48,15 @@ def gather_cat(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
     rows of the result that are this rank's."""
     if not active():
         return x, slice(0, x.shape[0])
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
-    biggest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((biggest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    counts = torch.cat(sizes).tolist()
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded.contiguous())
-    start = int(sum(s.item() for s in sizes[: rank()]))
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]), slice(start, start + x.shape[0])
+    start = sum(counts[: rank()])
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), slice(start, start + x.shape[0])
 
 
 def all_reduce_(*tensors: torch.Tensor) -> None:
@@ -65,9 +66,10 @@ def all_reduce_(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def sum_scalar(value: float, dtype: torch.dtype = torch.float64) -> float:
+def sum_scalar(value: float, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float64) -> float:
+    """``value`` summed over ranks, sent from ``device`` (the data's: NCCL needs a CUDA one)."""
     if not active():
         return value
-    t = torch.tensor([value], dtype=dtype)
+    t = torch.tensor([value], dtype=dtype, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()

@@ -137,7 +137,7 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     errors = sample_errors(A, B, stats.gsq, G, kept)
     norm = cfg.loss_norm if cfg.loss_norm_epochs is None or epoch < cfg.loss_norm_epochs else "batch"
     num, den_local = loss_terms(errors, stats.gsq, norm)
-    den = distributed.sum_scalar(den_local)
+    den = distributed.sum_scalar(den_local, coef_all.device)
     if not den > 0:  # every gradient of the global batch is zero: nothing to fit (0/0 made the factors NaN)
         return
     loss = num / den
@@ -147,7 +147,7 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
         frozen = {"frozen" + k[3:]: v.detach() for k, v in f_out.items()}
         G_frozen = gram({**f_out, **frozen}, task.selected, "frozen", "out")
         aux = aux_errors(A, B, errors, G_frozen, G, kept, aux_mask.index_select(1, idx)).sum()
-        aux_den = distributed.sum_scalar(errors.detach().sum().item())
+        aux_den = distributed.sum_scalar(errors.detach().sum().item(), coef_all.device)
         loss = loss + cfg.aux_coef * aux / max(aux_den, 1e-30)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -159,7 +159,7 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     sums.last_active[counts > 0] = step_index + 1
     sums.active += counts
     sums.n_seen += coef_all.shape[0]
-    sums.loss_num += distributed.sum_scalar(num.item())
+    sums.loss_num += distributed.sum_scalar(num.item(), coef_all.device)
     sums.loss_den += den
 
 

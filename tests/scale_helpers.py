@@ -40,19 +40,24 @@ def ddp_setup(sample: str):
     return model, tokens(27, 6), cfg  # 27: the last global batch is uneven across 2 ranks
 
 
-def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str) -> None:
+def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str, backend: str = "gloo") -> None:
+    """One rank of a data-parallel run; with NCCL, rank r's model (so its data) is on GPU r."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         model, data, cfg = ddp_setup(sample)
+        if backend == "nccl":
+            model.to(f"cuda:{rank}")
         dec = l3d_lens.decompose(model, data, cfg, progress=False)
         if rank == 0:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in dec.factors.items()}, out)
+            save_file({k: v.detach().cpu().contiguous() for k, v in dec.factors.items()}, out)
             with open(out + ".history", "w") as fh:
                 import json
 

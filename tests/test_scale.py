@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
@@ -107,6 +108,20 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, sample):
     history = json.loads(Path(out + ".history").read_text())
     assert [h["p_act"] for h in history] == [h["p_act"] for h in single.history]  # same top-k choices
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single.history], rel=1e-9)
+
+
+@pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+                    reason="needs 2 CUDA GPUs and NCCL (data-parallel NCCL run; the gloo test covers the CPU)")
+def test_two_nccl_ranks_on_two_gpus_equal_one_process(tmp_path):
+    """NCCL moves CUDA tensors only: every collective (gathered sizes, summed scalars) must be on
+    the data's GPU, or the first step fails."""
+    out = str(tmp_path / "factors.safetensors")
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), out, "token", "nccl"), nprocs=2, join=True)
+    model, data, cfg = ddp_setup("token")
+    single = l3d_lens.decompose(model.to("cuda:0"), data, cfg, progress=False)
+    ddp = load_file(out)
+    for k, v in single.factors.items():
+        assert torch.allclose(ddp[k], v.cpu(), rtol=1e-9, atol=1e-12), k
 
 
 def test_a_batch_smaller_than_the_world_is_refused_before_training(tmp_path):
