@@ -4,7 +4,8 @@ fails at once with the numbers, instead of after minutes (or an OOM kill).
 The estimate adds: factors with their gradients and Adam moments; the captured activations
 and output gradients (token mode: one output gradient per target position); the model's own
 forward/backward activations (token mode: the backward is batched over positions); and, for
-the exact engine, the materialised per-sample gradients. It is an order-of-magnitude guide.
+the exact engine, the materialised per-sample gradients. It is a guide that errs high, by up to
+about 2x where measured (BENCHMARKS.md, "Memory estimate").
 """
 
 from __future__ import annotations
@@ -51,8 +52,18 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
     if lm:
         c = task.adapter.cfg
         d_mlp = getattr(c, "d_mlp", None) or 0
-        per_token = c.n_layers * (16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp) + 2 * c.d_vocab
-        model = tokens * per_token * abytes * (1 + per_target)
+        per_layer = 16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp
+        per_token = c.n_layers * per_layer + 2 * c.d_vocab
+        if task.token_mode and cfg.engine == "fast":
+            # the backward per target position is batched (is_grads_batched) and frees each
+            # block's gradients as it goes down: its working set is a few of the widest
+            # activations per target, whichever blocks it walks (12 of them covers the measured
+            # peaks, BENCHMARKS.md "Memory estimate"), plus the logits' gradient without a head point
+            widest = max(c.d_model, d_mlp, c.n_heads * seq_len)
+            batched = 12 * widest + (0 if task.adapter.head_point else 2 * c.d_vocab)
+            model = tokens * abytes * (per_token + per_target * batched)
+        else:
+            model = tokens * per_token * abytes * (1 + per_target)
     exact = 0
     if cfg.engine == "exact":
         n_samples = batch_size * (seq_len if task.token_mode else 1)

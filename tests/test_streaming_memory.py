@@ -103,6 +103,22 @@ def test_memory_estimate_grows_and_fails_early(monkeypatch):
         l3d_lens.decompose(model, tokens(8, 6), cfg, progress=False)
 
 
+def test_the_fast_token_mode_estimate_charges_each_block_once_not_once_per_target():
+    """Token mode's batched backward frees each block's gradients as it goes, so a deeper model
+    adds its blocks' activations once, not once per target position: the estimate once charged
+    every block per target, 16x the measured peak on TinyStories-8M at 64 tokens (BENCHMARKS.md
+    "Memory estimate"), and refused runs that fit. Which block is decomposed does not change it."""
+    def model_part(n_layers, components="blocks.1.attn", sample="token"):
+        cfg = l3d_lens.L3DConfig(components=components, n_subnetworks=4, rank=2, sample=sample)
+        task = build_task(tiny_lm("bridge", dtype=torch.float32, n_layers=n_layers), cfg)
+        return memory.estimate(task, 8, 6)["model forward/backward"]
+
+    deeper_token = model_part(4) - model_part(2)
+    deeper_sequence = model_part(4, sample="sequence") - model_part(2, sample="sequence")
+    assert 0 < deeper_token <= deeper_sequence
+    assert model_part(4, "blocks.3.attn") == model_part(4, "blocks.0.attn")
+
+
 def test_bf16_autocast_runs_with_fp32_factors():
     model = tiny_lm("bridge", dtype=torch.float32)
     x = tokens(8, 6)
