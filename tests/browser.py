@@ -147,5 +147,5 @@ def parse(html: str) -> Node:
     return b.root
 
 
-def mount_points(root: Node, pattern: str = r"l3d-(\d+-)?cv-\d+") -> list[Node]:
+def mount_points(root: Node, pattern: str = r"l3d-([0-9a-f]+-)?cv-\d+") -> list[Node]:
     return [n for n in root.elements() if n.tag == "div" and re.fullmatch(pattern, n.attrs.get("id") or "")]

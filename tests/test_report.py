@@ -20,7 +20,7 @@ from l3d_lens.zoo import induction
 from .helpers import HAS_HOOKED, TinyMLP, tiny_lm, tokens
 
 KIND = "hooked" if HAS_HOOKED else "bridge"
-MOUNT = re.compile(r'<div id="(l3d-(?:\d+-)?cv-\d+)" class="l3d-cv" data-component="(\w+)"></div>')
+MOUNT = re.compile(r'<div id="(l3d-(?:[0-9a-f]+-)?cv-\d+)" class="l3d-cv" data-component="(\w+)"></div>')
 
 
 @pytest.fixture(scope="module")

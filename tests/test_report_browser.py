@@ -107,14 +107,14 @@ def test_no_nan_reaches_a_view(page):
 
 def test_inline_view_renders_standalone(tmp_path, chromium, page):
     """The Jupyter path (_repr_html_) is self-contained too: put it in a bare page."""
-    rep = build(page["dec"], page["x"][:8], to_str=hostile_to_str, inline=True, n_top=1, n_references=1)
+    rep = build(page["dec"], page["x"][:8], to_str=hostile_to_str, n_top=1, n_references=1)
     shell = tmp_path / "inline.html"
     shell.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
                      + rep._repr_html_() + "</body></html>", encoding="utf-8")
     run = browser.run(chromium, shell)
     mounts = browser.mount_points(browser.parse(run.dom))
     assert mounts and all(any(True for _ in m.elements()) for m in mounts)
-    assert all(re.fullmatch(r"l3d-\d+-cv-\d+", m.attrs["id"]) for m in mounts)
+    assert all(re.fullmatch(r"l3d-[0-9a-f]{12}-cv-\d+", m.attrs["id"]) for m in mounts)
     assert not [line for line in run.console if "Uncaught" in line]
     assert run.page_requests == []
 

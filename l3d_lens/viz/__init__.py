@@ -39,6 +39,9 @@ def report(dec, data, path="l3d_report.html", *, comparison: Any = None, to_str:
         live, by P_act), deltas (intervention curve), title.
     Same inputs give a byte-identical file.
     """
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"report path must end in .html, got {str(path)!r}")
     return build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference,
                  progress=progress, **options).save(path)
 
@@ -48,8 +51,7 @@ def show(dec, data, *, comparison: Any = None, to_str: Optional[ToStr] = None,
     """The report's views inline in Jupyter, offline. In an IPython session this displays the
     report and returns None; elsewhere it returns the ``Report`` (``.html``, ``.save(path)``,
     ``_repr_html_``). Arguments as for ``report``."""
-    rep = build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, inline=True,
-                **options)
+    rep = build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, **options)
     try:
         from IPython import get_ipython
         from IPython.display import display

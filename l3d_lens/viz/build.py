@@ -6,7 +6,8 @@ public API; rendering goes through ``html``, ``charts`` and ``tables``."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import math
+import uuid
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -23,8 +24,10 @@ ToStr = Callable[[torch.Tensor], list[str]]
 DELTAS = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Options:
+    """The report's options, checked when made (before any analysis runs)."""
+
     max_sequences: int = 128
     n_references: int = 4
     n_top: int = 4
@@ -34,6 +37,19 @@ class Options:
     subnetworks: Optional[Sequence[int]] = None
     deltas: Sequence[float] = DELTAS
     title: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("max_sequences", "n_references", "n_top", "n_heads", "n_logits", "n_neurons"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"report option {name} must be an int >= 1, got {value!r}")
+        deltas = self.deltas
+        if (isinstance(deltas, (str, bytes)) or not isinstance(deltas, Sequence) or not deltas
+                or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) for d in deltas)):
+            raise ValueError(f"report option deltas must be a non-empty sequence of finite numbers (the intervention "
+                             f"curve's steps along each subnetwork), got {deltas!r}")
+        if self.title is not None and not isinstance(self.title, str):
+            raise TypeError(f"report option title must be a str or None, got {type(self.title).__name__}")
 
 
 def default_to_str(model: torch.nn.Module) -> ToStr:
@@ -110,6 +126,12 @@ class Builder:
         self.progress = progress
         self.views = Views(prefix)
         n, K = self.x.shape[0], dec.n_subnetworks
+        if options.subnetworks is not None:
+            from ..interventions import check_subnetworks
+
+            chosen = check_subnetworks(list(options.subnetworks), K)
+        if self.lm:
+            self.to_str(self.x[0])  # one string per token, before the analyses
         if impacts is None:
             impacts = dec.impact(self.x, n_references=options.n_references, reference=self.reference)
         else:
@@ -127,9 +149,7 @@ class Builder:
         self.neurons = dec.neuron_attribution() if attribution["neuron"].notna().any() else None
         live = [k for k in range(K) if self.p_act[k] > 0] or list(range(K))
         if options.subnetworks is not None:
-            from ..interventions import check_subnetworks
-
-            live = check_subnetworks(list(options.subnetworks), K)
+            live = chosen
         self.shown = sorted(live, key=lambda k: (-float(self.p_act[k]), k))
         self.summary: dict[int, dict[str, Any]] = {}
 
@@ -272,9 +292,9 @@ class Builder:
         if d.dim() == 3:
             if top[0][1] is not None:
                 d = torch.stack([d[i, pos] for i, (_, pos, _) in enumerate(top)])
-            else:
+            else:  # sequence mode: at the decomposed position, or over every position (as ``top_logits``)
                 p = self.sample_position()
-                d = d[:, p] if p is not None else d.mean(1)
+                d = d[:, p] if p is not None else d.flatten(0, 1)
         d = torch.nan_to_num(d, nan=0.0)
         mean_abs, mean = d.abs().mean(0), d.mean(0)
         order = torch.argsort(mean_abs, descending=True, stable=True)[: self.opt.n_logits]
@@ -417,17 +437,25 @@ class Builder:
 class Report:
     """A built report: ``html`` is the full self-contained page, ``save(path)`` writes it,
     and ``_repr_html_`` gives the same views for inline display in Jupyter (the bundle
-    inlined, nothing fetched: CircuitsVis' own ``_repr_html_`` probes the internet)."""
+    inlined, nothing fetched: CircuitsVis' own ``_repr_html_`` probes the internet).
 
-    def __init__(self, body: str, title: str, summary: list[dict[str, Any]], inline_body: Optional[str] = None):
+    ``body`` numbers its CircuitsVis mount points after ``prefix``, a random string no token or
+    title can contain: the page numbers them ``l3d-cv-0, 1, ...`` (same inputs, same file), and
+    every inline display gets a fresh prefix, so reports shown in one notebook page (also from
+    before a kernel restart) never share an id."""
+
+    def __init__(self, body: str, title: str, summary: list[dict[str, Any]], prefix: str = "l3d-cv-"):
         self.body = body
         self.title = title
         self.summary = summary
-        self._inline_body = inline_body or body
+        self.prefix = prefix
+
+    def _body(self, prefix: str) -> str:
+        return self.body.replace(self.prefix, prefix)
 
     @property
     def html(self) -> str:
-        return page(self.title, self.body)
+        return page(self.title, self._body("l3d-cv-"))
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -438,28 +466,24 @@ class Report:
         return path
 
     def _repr_html_(self) -> str:
-        return fragment(self._inline_body)
+        return fragment(self._body(f"l3d-{uuid.uuid4().hex[:12]}-cv-"))
 
     def __repr__(self) -> str:
         return f"<l3d_lens report {self.title!r}: {len(self.summary)} subnetworks shown>"
 
 
-_inline_counter = itertools.count(1)
-
-
 def build(dec, data, *, comparison=None, to_str: Optional[ToStr] = None, impacts: Optional[torch.Tensor] = None,
-          reference: Any = None, progress: bool = False, inline: bool = False, **options: Any) -> Report:
-    """Compute every view of the report; see ``l3d_lens.report`` for the arguments. With
-    ``inline`` the mount-point ids get a per-process number, so several reports can share
-    one notebook page."""
+          reference: Any = None, progress: bool = False, **options: Any) -> Report:
+    """Compute every view of the report; see ``l3d_lens.report`` for the arguments. Every
+    option is checked before any analysis runs."""
     valid = sorted(f.name for f in dataclasses.fields(Options))
     unknown = set(options) - set(valid)
     if unknown:
         raise TypeError(f"unknown report option(s) {sorted(unknown)}; valid: {valid}")
     opt = Options(**options)
-    prefix = f"l3d-{next(_inline_counter)}-cv-" if inline else "l3d-cv-"
+    prefix = f"l3d-{uuid.uuid4().hex}-cv-"
     b = Builder(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, options=opt,
                 progress=progress, prefix=prefix)
     body = b.body()
     summary = [b.summary[k] for k in b.shown if k in b.summary]
-    return Report(body, b.title, summary)
+    return Report(body, b.title, summary, prefix)
