@@ -4,8 +4,9 @@ fails at once with the numbers, instead of after minutes (or an OOM kill).
 The estimate adds: factors with their gradients and Adam moments; the captured activations
 and output gradients (token mode: one output gradient per target position); the model's own
 forward/backward activations (token mode: the backward is batched over positions); and, for
-the exact engine, the materialised per-sample gradients. It is a guide that errs high, by up to
-about 2x where measured (BENCHMARKS.md, "Memory estimate").
+the exact engine, the materialised per-sample gradients. It is a guide: where measured it errs
+high by up to 2x, except on the smallest step (4 x 16 tokens: 0.5x, fixed costs it leaves out)
+(BENCHMARKS.md, "Memory estimate").
 """
 
 from __future__ import annotations
