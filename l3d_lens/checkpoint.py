@@ -6,23 +6,68 @@ checkpoint uses yet (``step-<n>/``, or ``step-<n>-<i>/`` when step n was saved b
 end does after a save on its last batch), then ``latest.json`` is replaced atomically to point
 at it, then older folders and leftovers of killed saves are removed: no folder latest.json names
 is touched before latest.json names another, so a process killed at any moment leaves the
-previous checkpoint readable.
+previous checkpoint readable. Only folders a save made are removed: a name of that pattern
+holding nothing but a save's files, and for ``step-*`` the marker file every save writes first
+(a ``step-*`` folder of an l3d_lens that wrote no marker is left in place). Reading checks the
+pointer, the state's keys and types and that the tensors file reads; ``training`` checks the rest
+against the run before restoring anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import reprlib
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest.json"
 VERSION = 1
+STATE, TENSORS = "state.json", "tensors.safetensors"
+MARKER = ".l3d_lens-checkpoint"  # written first into every save's folder: the folders a save may remove
+STEP_FOLDER = re.compile(r"step-\d+(-\d+)?")
+TMP_FOLDER = re.compile(r"\.tmp-step-\d+-\d+(-[0-9a-f]{12})?")  # without the random part: an earlier l3d_lens
+NUMBER = (int, float)
+STATE_TYPES: dict[str, Any] = {"identity": dict, "step": int, "epoch": int, "batch": int, "history": list,
+                               "n_seen": int, "loss_num": NUMBER, "loss_den": NUMBER, "optimizer": dict,
+                               "scheduler": dict}
+TYPE_WORDS = {dict: "an object", int: "an int", list: "a list", NUMBER: "a number"}
+
+
+def check_folder(checkpoint: Any) -> None:
+    """Before any training: ``checkpoint`` is None or a path that is a folder or can be made one
+    (a save would otherwise fail after the first epoch)."""
+    if checkpoint is None:
+        return
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a folder path (str or os.PathLike) or None, got "
+                        f"{type(checkpoint).__name__}")
+    path = Path(checkpoint)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return
+        if p.exists():
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: {'it' if p == path else f'its parent {p}'} is a file, "
+                             f"not a folder; a checkpoint is a folder (created if missing) that holds {LATEST} and "
+                             f"step-<n>/ folders: pass a folder path")
+
+
+def damaged(path: Path, file: Path, problem: str) -> ValueError:
+    """The error for a checkpoint in ``path`` that cannot be resumed, naming the file and what is wrong."""
+    return ValueError(f"{file}: {problem}; this checkpoint cannot be resumed: remove the folder {path} or pass "
+                      f"another checkpoint folder to start this run afresh")
+
+
+def is_a(value: Any, kind: Any) -> bool:
+    """isinstance, except that a bool is no int or float (JSON true is not a step)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -32,8 +77,9 @@ def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     # step, and the same process id comes back in containers
     tmp = path / f".tmp-step-{step}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"version": VERSION, **state}))
+    (tmp / MARKER).write_text("l3d_lens checkpoint: removed by l3d_lens once a newer checkpoint is in place\n")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+    (tmp / STATE).write_text(json.dumps({"version": VERSION, **state}))
     # never over an existing folder: the one latest.json names may have this step's name
     name, i = f"step-{step}", 0
     while (path / name).exists():
@@ -43,32 +89,88 @@ def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     pointer = path / f".{LATEST}.tmp"
     pointer.write_text(json.dumps({"folder": name, "step": step}))
     os.replace(pointer, path / LATEST)
-    for old in [*path.glob("step-*"), *path.glob(".tmp-step-*")]:  # older checkpoints, leftovers of killed saves
-        if old.name != name:
+    for old in sorted(path.iterdir()):  # older checkpoints, leftovers of killed saves
+        if old.name != name and _made_by_save(old):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _made_by_save(folder: Path) -> bool:
+    """Whether ``folder`` is one a save made, so one a save may remove: a name of the pattern saves
+    use, holding no file but those a save writes; a ``step-*`` folder also holds the marker (a
+    ``.tmp-step-*`` one may lack it: a save killed before writing it, or one of an earlier l3d_lens)."""
+    if not (STEP_FOLDER.fullmatch(folder.name) or TMP_FOLDER.fullmatch(folder.name)):
+        return False
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    if any(e.name not in (MARKER, STATE, TENSORS) or e.is_symlink() or not e.is_file() for e in entries):
+        return False
+    return TMP_FOLDER.fullmatch(folder.name) is not None or (folder / MARKER).is_file()
+
+
 def load(path: Path) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """The latest checkpoint in ``path``, or None if there is none. Folders of unfinished saves
-    (``.tmp-*``) are ignored, except that if latest.json names a missing folder (what an
-    earlier l3d_lens left when killed while saving a step a second time), the complete save
-    of that step waiting in its ``.tmp-step-<n>-<pid>`` folder is read."""
+    """The latest checkpoint in ``path`` as (state, tensors), or None if there is none (see ``read``)."""
+    found = read(path)
+    return None if found is None else found[1:]
+
+
+def read(path: Path) -> Optional[tuple[Path, dict[str, Any], dict[str, torch.Tensor]]]:
+    """The latest checkpoint in ``path`` as (its folder, state, tensors), or None if there is none;
+    ValueError naming the file and the problem if latest.json, state.json (its keys and their
+    types) or the tensors file is damaged. Folders of unfinished saves (``.tmp-*``) are ignored,
+    except that if latest.json names a missing folder (what an earlier l3d_lens left when killed
+    while saving a step a second time), the complete save of that step waiting in its
+    ``.tmp-step-<n>-<pid>`` folder is read."""
     pointer = path / LATEST
-    if not pointer.is_file():
+    if not pointer.exists():
         return None
-    latest = json.loads(pointer.read_text())
+    if not pointer.is_file():
+        raise damaged(path, pointer, "is not a file (a save writes the pointer to the latest checkpoint there)")
+    latest = _json_object(path, pointer)
+    if not (isinstance(latest.get("folder"), str) and STEP_FOLDER.fullmatch(latest["folder"])
+            and is_a(latest.get("step"), int) and latest["step"] >= 0):
+        raise damaged(path, pointer, f"must hold {{\"folder\": \"step-<n>\", \"step\": <n>}} as a save writes it, got "
+                                     f"{reprlib.repr(latest)}")
     folder = path / latest["folder"]
-    if not (folder / "state.json").is_file():
-        folder = _unmoved_save(path, latest.get("step"))
+    if not (folder / STATE).is_file():
+        folder = _unmoved_save(path, latest["step"])
         if folder is None:
             raise FileNotFoundError(
                 f"{path}: {LATEST} names {latest['folder']}, which is missing or incomplete, and no complete save of "
-                f"step {latest.get('step')} is left beside it; this checkpoint cannot be resumed: remove the folder "
+                f"step {latest['step']} is left beside it; this checkpoint cannot be resumed: remove the folder "
                 f"or use a fresh checkpoint folder")
-    state = json.loads((folder / "state.json").read_text())
+    state = _json_object(path, folder / STATE)
     if state.get("version") != VERSION:
         raise ValueError(f"{folder}: checkpoint version {state.get('version')!r}; this l3d_lens reads {VERSION}")
-    return state, load_file(str(folder / "tensors.safetensors"))
+    missing = [k for k in STATE_TYPES if k not in state]
+    if missing:
+        raise damaged(path, folder / STATE, f"lacks {missing}, which every save writes")
+    for k, kind in STATE_TYPES.items():
+        if not is_a(state[k], kind):
+            raise damaged(path, folder / STATE, f"{k!r} must be {TYPE_WORDS[kind]}, got {reprlib.repr(state[k])}")
+    if state["step"] != latest["step"]:
+        raise damaged(path, folder / STATE, f"holds step {state['step']}; {LATEST} names it step {latest['step']}")
+    if not (folder / TENSORS).is_file():
+        raise damaged(path, folder / TENSORS, "is missing")
+    try:
+        tensors = load_file(str(folder / TENSORS))
+    except (SafetensorError, OSError) as e:
+        raise damaged(path, folder / TENSORS, f"is not a readable safetensors file ({e})") from None
+    return folder, state, tensors
+
+
+def _json_object(path: Path, file: Path) -> dict[str, Any]:
+    """The JSON object a save wrote in ``file``; the checkpoint's error otherwise."""
+    try:
+        out = json.loads(file.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise damaged(path, file, f"is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise damaged(path, file, f"holds a JSON {type(out).__name__}, not the object a save writes")
+    return out
 
 
 def _unmoved_save(path: Path, step: Any) -> Optional[Path]:
@@ -78,12 +180,35 @@ def _unmoved_save(path: Path, step: Any) -> Optional[Path]:
         return None
     for tmp in sorted(path.glob(f".tmp-step-{step}-*")):
         try:
-            state = json.loads((tmp / "state.json").read_text())
+            state = json.loads((tmp / STATE).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(state, dict) and state.get("step") == step and (tmp / "tensors.safetensors").is_file():
+        if isinstance(state, dict) and state.get("step") == step and (tmp / TENSORS).is_file():
             return tmp
     return None
+
+
+def check_tensors(path: Path, file: Path, tensors: dict[str, torch.Tensor],
+                  expected: dict[str, tuple[tuple[int, ...], Optional[torch.dtype]]], optional: tuple[str, ...] = ()
+                  ) -> None:
+    """That ``tensors`` (read from ``file``) are exactly those of ``expected`` (name: shape, dtype;
+    None: any floating-point dtype), those in ``optional`` perhaps missing, floating-point ones
+    finite; the checkpoint's error otherwise."""
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise damaged(path, file, f"holds unexpected tensors {reprlib.repr(extra)}, which this run does not save")
+    for k, (shape, dtype) in expected.items():
+        t = tensors.get(k)
+        if t is None:
+            if k in optional:
+                continue
+            raise damaged(path, file, f"lacks {k!r}, expected shape {shape}")
+        if tuple(t.shape) != shape:
+            raise damaged(path, file, f"{k!r} has shape {tuple(t.shape)}; this run's is {shape}")
+        if (t.dtype != dtype) if dtype is not None else not t.is_floating_point():
+            raise damaged(path, file, f"{k!r} has dtype {t.dtype}; this run's is {dtype or 'floating point'}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise damaged(path, file, f"{k!r} holds NaN or inf; a checkpoint's values are finite")
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

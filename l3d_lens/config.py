@@ -217,13 +217,26 @@ class L3DConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], divergence: Union[Callable, None] = None) -> "L3DConfig":
+        """The config ``to_dict`` gave; ``divergence``: the callable a saved "callable:<name>" stands
+        for, the same function again (a function's qualified name must be <name>), and only for
+        such a save."""
         d = dict(d)
-        if isinstance(d.get("divergence"), str) and d["divergence"].startswith("callable:"):
+        saved = d.get("divergence")
+        if isinstance(saved, str) and saved.startswith("callable:"):
+            name = saved[len("callable:"):]
             if divergence is None:
-                raise ValueError(
-                    f"this decomposition used a custom divergence ({d['divergence'][9:]}); pass it again as divergence="
-                )
+                raise ValueError(f"this decomposition used a custom divergence ({name}); pass it again as divergence=")
+            if not callable(divergence):
+                raise TypeError(f"divergence= must be the callable this decomposition used ({name}), "
+                                f"got {divergence!r}")
+            given = getattr(divergence, "__qualname__", None)  # a partial or callable object has none: not compared
+            if given is not None and given != name:
+                raise ValueError(f"this decomposition used the custom divergence {name}, but divergence= is {given}; "
+                                 f"pass the same function (its qualified name is compared)")
             d["divergence"] = divergence
+        elif divergence is not None:
+            raise ValueError(f"this decomposition used the built-in divergence {saved!r}, which loads by itself; "
+                             f"divergence= is only for one computed with a custom callable: leave it out")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -73,8 +73,10 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     Launched with torchrun (torch.distributed initialised), each rank trains on its shard of
     every global batch. The model is left exactly as it was: same weights, same mode, no hooks.
     """
+    from .checkpoint import check_folder
     from .training import train
 
+    check_folder(checkpoint)
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
     check_position(task.adapter, data, task.cfg.position)  # token mode keeps -1 (resolve_config)
@@ -314,18 +316,23 @@ class Decomposition:
         return intervention_curve(self, data, subnetwork, deltas, top_fraction, impacts, reference)
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:  # noqa: F821
-        """Write ``path/`` with factors.safetensors and decomposition.json (no pickles)."""
+        """Write ``path/`` with factors.safetensors and decomposition.json (no pickles); other files
+        there are left alone, and a save that fails leaves an earlier one there loadable, as it was."""
         from .io import save
 
         save(self, path)
 
     @classmethod
-    def load(cls, path, model: nn.Module, *, divergence=None, check_weights: bool = True) -> "Decomposition":
+    def load(cls, path, model: nn.Module, *, divergence=None, check_weights: bool = True,
+             device: Union[str, torch.device, None] = None) -> "Decomposition":
         """Load a saved decomposition onto ``model``; fails clearly if its weights' shapes (or,
-        with check_weights, values) differ from those it was computed on."""
+        with check_weights, the values of the decomposed weights and of every other parameter)
+        differ from those it was computed on. divergence: the custom callable it was computed with
+        (only then). device: where the factors go (default: the saved config's device, or the
+        model's if this machine lacks it)."""
         from .io import load
 
-        return load(path, model, divergence=divergence, check_weights=check_weights)
+        return load(path, model, divergence=divergence, check_weights=check_weights, device=device)
 
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}

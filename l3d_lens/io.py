@@ -1,17 +1,23 @@
 """Saving and loading decompositions: safetensors for the factors, JSON for the rest
 (config, history, library and TransformerLens versions, a fingerprint of the decomposed
-weights). Loading checks the format version, every key and factor the decomposition needs,
-the model's shapes and, by default, values; a file from a newer l3d_lens loads with a warning."""
+weights and one of the model's other parameters, a SHA-256 of the factors). Loading checks the
+format version, every key, history entry and factor the decomposition needs, that the factors
+are those the JSON was saved with, the model's shapes and, by default, its weights; a file from
+a newer l3d_lens loads with a warning."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import reprlib
+import secrets
 import warnings
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +31,7 @@ FORMAT_VERSION = 1
 FACTORS = "factors.safetensors"
 META = "decomposition.json"
 META_TYPES = {"config": dict, "adapter": str, "weights": list, "fingerprint": dict, "history": list, "versions": dict}
+HISTORY_NEEDS = ("loss", "p_act", "n_dead")  # what the library reads of every epoch's record
 
 
 def versions() -> dict[str, str]:
@@ -38,25 +45,59 @@ def versions() -> dict[str, str]:
 
 
 def save(dec, path) -> None:
+    """Write ``path/`` (factors.safetensors, decomposition.json) so that a failed save leaves an
+    earlier one there as it was: both go to temporary names first, then replace the old files, the
+    JSON first (its old text is put back if the factors' replace fails). The JSON records the
+    factors' SHA-256, so a kill between the two replaces loads as an error, never as a mix."""
+    from .training import model_fingerprint
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in dec.factors.items()}
+    model = model_fingerprint(dec._task)
     meta = {
         "format_version": FORMAT_VERSION,
         "config": dec.cfg.to_dict(),
         "adapter": dec.adapter.kind,
         "weights": dec.weight_names,
-        "fingerprint": dec.adapter.fingerprint(dec.weight_names),
+        "fingerprint": {**model["weights"], "others": model["others"]},
+        "factors_sha256": tensors_sha256(tensors),
         "history": dec.history,
         "versions": versions(),
     }
-    tmp = path / (META + ".tmp")
-    save_file(tensors, str(path / FACTORS), metadata={"format_version": str(FORMAT_VERSION)})
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / META)
+    text = json.dumps(meta, indent=1)
+    old_meta = (path / META).read_bytes() if (path / META).is_file() else None
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp_factors, tmp_meta = path / f".{FACTORS}.{tag}", path / f".{META}.{tag}"
+    try:
+        save_file(tensors, str(tmp_factors), metadata={"format_version": str(FORMAT_VERSION)})
+        tmp_meta.write_text(text)
+        os.replace(tmp_meta, path / META)
+        try:
+            os.replace(tmp_factors, path / FACTORS)
+        except BaseException:
+            if old_meta is not None:
+                tmp_meta.write_bytes(old_meta)
+                os.replace(tmp_meta, path / META)
+            raise
+    finally:
+        for tmp in (tmp_factors, tmp_meta):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
-def load(path, model: nn.Module, divergence=None, check_weights: bool = True):
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of CPU tensors by name, dtype, shape and bytes (not of the file, whose header may vary)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{list(tensors[k].shape)}".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
+         device: Union[str, torch.device, None] = None):
     from .decomposition import Decomposition, build_task
 
     path = Path(path)
@@ -69,6 +110,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True):
         raise ValueError(f"{path / META}, 'config': {e}") from None
     if cfg.sample == "token" and cfg.position != -1:  # saved before token mode refused it; it was unused
         cfg = cfg.replace(position=-1)
+    _check_history(path / META, meta["history"], cfg.n_subnetworks)
+    cfg = cfg.replace(device=_factor_device(path / META, cfg.device, device))
     try:
         task = build_task(model, cfg)
     except ValueError as e:
@@ -76,17 +119,78 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True):
     names = [s.name for s in task.selected]
     if names != meta["weights"]:
         raise ValueError(f"the saved decomposition covers {meta['weights']}, but on this model the selection gives {names}")
-    fp = task.adapter.fingerprint(names)
     saved = meta["fingerprint"]
+    others = check_weights and "others" in saved
+    if others:
+        from .training import model_fingerprint
+
+        fp = model_fingerprint(task)
+        fp, fp_others = fp["weights"], fp["others"]
+    else:
+        fp = task.adapter.fingerprint(names)
     if fp["shapes"] != saved["shapes"]:
         diff = {n: (saved["shapes"].get(n), fp["shapes"].get(n)) for n in names if saved["shapes"].get(n) != fp["shapes"].get(n)}
         raise ValueError(f"weight shapes differ from the saved decomposition's (saved, this model): {diff}")
     if check_weights and fp["sha256"] != saved["sha256"]:
         raise ValueError("this model's weights differ from those the decomposition was computed on "
                          "(pass check_weights=False to load it anyway)")
-    device = torch.device(cfg.device) if cfg.device else task.adapter.device
-    factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, device)
+    if others and fp_others != saved["others"]:
+        raise ValueError("this model's parameters outside the decomposed weights differ from those the decomposition "
+                         "was computed on; they shape every gradient, so its coefficients would differ too "
+                         "(pass check_weights=False to load it anyway)")
+    if check_weights and not others:
+        warnings.warn(f"{path / META} was saved by an earlier l3d_lens that did not fingerprint the model's other "
+                      f"parameters: only the decomposed weights were checked", stacklevel=3)
+    target = torch.device(cfg.device) if cfg.device else task.adapter.device
+    factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
+                            meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"])
+
+
+def _factor_device(file: Path, saved: Any, given: Union[str, torch.device, None]) -> Optional[str]:
+    """The device the factors load on, for the loaded config: ``given`` (load's device=), else the
+    saved one if this machine has it, else None (the model's device, with a warning)."""
+    if saved is not None:
+        if not isinstance(saved, str):
+            raise ValueError(f"{file}, 'config': device must be null or a string (e.g. 'cpu', 'cuda', 'cuda:1'), "
+                             f"got {reprlib.repr(saved)}")
+        try:
+            stored = torch.device(saved)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{file}, 'config': device {saved!r} is not a device torch knows "
+                             f"({str(e).splitlines()[0]}); expected null or e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    if given is not None:
+        if not isinstance(given, (str, torch.device)):
+            raise TypeError(f"device= must be a string or torch.device (e.g. 'cpu', 'cuda:1'), got {given!r}")
+        try:
+            dev = torch.device(given)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"device={given!r} is not a device torch knows ({str(e).splitlines()[0]}); "
+                             f"e.g. 'cpu', 'cuda', 'cuda:1'") from None
+        problem = _unavailable(dev)
+        if problem:
+            raise ValueError(f"device={given!r}: {problem}")
+        return str(dev)
+    if saved is None:
+        return None
+    problem = _unavailable(stored)
+    if problem:
+        warnings.warn(f"{file} was computed on device {saved!r}, but {problem}; its factors load on the model's "
+                      f"device (pass device= to choose another)", stacklevel=4)
+        return None
+    return saved
+
+
+def _unavailable(dev: torch.device) -> Optional[str]:
+    """Why this machine cannot hold tensors on ``dev``, in words; None if it can."""
+    if dev.type == "meta":
+        return "the meta device holds no values"
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
+    if backend is not None and not (backend and backend.is_available()):
+        return f"no {dev.type} device is available to this torch ({torch.__version__})"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def expected_shapes(selected, cfg: L3DConfig) -> dict[str, tuple[int, ...]]:
@@ -117,8 +221,9 @@ def _read_meta(file: Path) -> dict:
     """The saved JSON, with every key ``save`` writes, of the right type; ValueError naming the
     file and the key otherwise. Warns if a newer l3d_lens saved it."""
     meta = read_json_object(file, "Decomposition.save")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format version {meta.get('format_version')!r}; this l3d_lens reads {FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
+        raise ValueError(f"{file}: format version {version!r}; this l3d_lens reads {FORMAT_VERSION} (an int)")
     missing = [k for k in META_TYPES if k not in meta]
     if missing:
         raise ValueError(f"{file} lacks the keys {missing}, which Decomposition.save always writes")
@@ -128,6 +233,11 @@ def _read_meta(file: Path) -> dict:
     fp = meta["fingerprint"]
     if not (isinstance(fp.get("shapes"), dict) and isinstance(fp.get("sha256"), str)):
         raise ValueError(f"{file}: 'fingerprint' must be a dict with 'shapes' and 'sha256', got {reprlib.repr(fp)}")
+    if not isinstance(fp.get("others", ""), str):
+        raise ValueError(f"{file}: 'fingerprint'['others'] must be a SHA-256 string, got {reprlib.repr(fp['others'])}")
+    if not isinstance(meta.get("factors_sha256", ""), str):
+        raise ValueError(f"{file}: 'factors_sha256' must be a SHA-256 string, "
+                         f"got {reprlib.repr(meta['factors_sha256'])}")
     saved, mine = meta["versions"].get("l3d_lens"), versions()["l3d_lens"]
     if _major_minor(saved) > _major_minor(mine) and _major_minor(mine) > (-1, -1):
         warnings.warn(f"{file} was saved by l3d_lens {saved}, newer than the installed {mine}; "
@@ -141,27 +251,66 @@ def _major_minor(version) -> tuple[int, int]:
     return (int(m[1]), int(m[2])) if m else (-1, -1)
 
 
-def _read_factors(file: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """The saved factors in ``dtype`` on ``device``, after checking that they are exactly those
-    of ``shapes``, floating point and finite; ValueError naming the file and tensor otherwise."""
+def _check_history(file: Path, history: list, n_subnetworks: int) -> None:
+    """Every epoch's record is a dict with what the library reads of it, of the right type, and a
+    P_act per subnetwork; ValueError naming the file and entry otherwise."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    checks = {"loss": (number, "a number"), "lr": (number, "a number"), "epoch": (count, "an int >= 0"),
+              "steps": (count, "an int >= 0"), "n_resampled": (count, "an int >= 0"),
+              "n_dead": (lambda v: count(v) and v <= n_subnetworks, f"an int in 0..{n_subnetworks}"),
+              "p_act": (lambda v: isinstance(v, list) and len(v) == n_subnetworks
+                        and all(number(p) and 0 <= p <= 1 for p in v),
+                        f"a list of {n_subnetworks} fractions in [0, 1], one per subnetwork")}
+    for i, entry in enumerate(history):
+        where = f"{file}: 'history'[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a dict (one epoch's record), got {reprlib.repr(entry)}")
+        missing = [k for k in HISTORY_NEEDS if k not in entry]
+        if missing:
+            raise ValueError(f"{where} lacks the keys {missing}, which training records for every epoch")
+        for k, (ok, what) in checks.items():
+            if k in entry and not ok(entry[k]):
+                raise ValueError(f"{where}[{k!r}] must be {what}, got {reprlib.repr(entry[k])}")
+
+
+def _read_factors(file: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                  sha256: Optional[str] = None, meta_file: Optional[Path] = None) -> dict[str, torch.Tensor]:
+    """The saved factors on ``device``, after checking that they are exactly those of ``shapes``,
+    in ``dtype``, finite and (given the ``sha256`` that ``meta_file`` records) those saved with
+    it; ValueError naming the file and tensor otherwise."""
     try:
         saved = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+    mismatch = sha256 is not None and tensors_sha256(saved) != sha256
+
+    def fail(problem: str):
+        return ValueError(problem + (f"; also, its tensors' SHA-256 is not the one {meta_file.name} records"
+                                     if mismatch else ""))
+
     extra = sorted(set(saved) - set(shapes))
     if extra:
-        raise ValueError(f"{file} holds unexpected tensors {extra}, which this decomposition's config does not build")
-    out = {}
+        raise fail(f"{file} holds unexpected tensors {extra}, which this decomposition's config does not build")
     for k, shape in shapes.items():
         t = saved.get(k)
         if t is None:
-            raise ValueError(f"{file} lacks {k!r}, expected shape {shape}")
+            raise fail(f"{file} lacks {k!r}, expected shape {shape}")
         if not t.is_floating_point():
-            raise ValueError(f"{file}: {k!r} has dtype {t.dtype}; expected a floating-point dtype")
+            raise fail(f"{file}: {k!r} has dtype {t.dtype}; expected a floating-point dtype")
+        if t.dtype != dtype:
+            raise fail(f"{file}: {k!r} has dtype {t.dtype}, but the config's dtype is {dtype} (save writes the "
+                       f"factors in it; loading does not convert them)")
         if tuple(t.shape) != shape:
-            raise ValueError(f"{file}: {k!r} has shape {tuple(t.shape)}; expected {shape}")
-        out[k] = t.to(device=device, dtype=dtype)
-        if not torch.isfinite(out[k]).all():
-            raise ValueError(f"{file}: {k!r} holds NaN or inf (in {dtype}); a trained decomposition's factors are finite")
-    return out
+            raise fail(f"{file}: {k!r} has shape {tuple(t.shape)}; expected {shape}")
+        if not torch.isfinite(t).all():
+            raise fail(f"{file}: {k!r} holds NaN or inf; a trained decomposition's factors are finite")
+    if mismatch:
+        raise ValueError(f"{file} does not hold the factors {meta_file} was saved with (their SHA-256 differs): the "
+                         f"two files come from different saves (one interrupted between writing them?) or one was "
+                         f"edited; save the decomposition again")
+    return {k: saved[k].to(device=device) for k in shapes}

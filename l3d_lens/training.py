@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
+import math
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -108,6 +111,97 @@ def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[s
     return out
 
 
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # what torch.optim.Adam (amsgrad=False) keeps per parameter
+
+
+@dataclasses.dataclass
+class Fresh:
+    """What ``train`` builds before resuming: a checkpoint must fit these."""
+
+    f: Factors
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+
+
+def check_identity(path: Path, folder: Path, identity: dict[str, Any]) -> None:
+    """A checkpoint's identity has the parts ``identity_mismatch`` compares, of their types (model
+    and reference may be missing: an earlier l3d_lens did not record them)."""
+    model, reference = identity.get("model", {}), identity.get("reference")
+    if not (isinstance(identity.get("config"), dict) and isinstance(identity.get("data"), str)
+            and ckpt.is_a(identity.get("world"), int) and isinstance(model, dict)
+            and isinstance(model.get("weights", {}), dict) and (reference is None or isinstance(reference, str))):
+        raise ckpt.damaged(path, folder / ckpt.STATE, "'identity' must hold config (an object), data (a string), "
+                                                      "world (an int), model (an object) and reference (a string or "
+                                                      f"null) as a save writes them, got {reprlib.repr(identity)}")
+
+
+def check_resumable(path: Path, folder: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], fresh: Fresh,
+                    cfg: L3DConfig, data: Data, min_batch: int) -> None:
+    """Refuse, before anything is restored, a checkpoint of this run that cannot be resumed as
+    saved: its position (step, epoch, batch), history, running sums, optimizer and scheduler
+    state as a save of this run writes them, and every tensor it restores present with the shape
+    and dtype of this run's, finite. ``ckpt.read`` checked the keys and types of the state."""
+    state_file, tensors_file = folder / ckpt.STATE, folder / ckpt.TENSORS
+
+    def bad(problem: str, file: Path = state_file) -> ValueError:
+        return ckpt.damaged(path, file, problem)
+
+    n_steps, epoch, batch, k = state["step"], state["epoch"], state["batch"], cfg.n_subnetworks
+    if not 0 <= epoch <= cfg.epochs:
+        raise bad(f"'epoch' is {epoch}; this run's epochs are 0 to {cfg.epochs}")
+    n_batches = len(batch_starts(data.shape[0], cfg.batch_size, min_batch)) if isinstance(data, torch.Tensor) else None
+    if batch < 0 or n_steps < batch or (epoch == cfg.epochs and batch != 0) or (
+            n_batches is not None and (batch > n_batches or n_steps != epoch * n_batches + batch)):
+        raise bad(f"step {n_steps} at batch {batch} of epoch {epoch} is no position of this run "
+                  f"({f'{n_batches} batches' if n_batches is not None else 'batches'} an epoch, {cfg.epochs} epochs)")
+    history = state["history"]
+    if len(history) != epoch or any(not isinstance(h, dict) or h.get("epoch") != i for i, h in enumerate(history)):
+        raise bad(f"'history' must hold the records of epochs 0 to {epoch - 1}, got {reprlib.repr(history)}")
+    n_resampled = state.get("n_resampled", 0)
+    if state["n_seen"] < 0 or not (ckpt.is_a(n_resampled, int) and 0 <= n_resampled <= k) or not (
+            math.isfinite(state["loss_num"]) and math.isfinite(state["loss_den"]) and state["loss_den"] >= 0):
+        raise bad(f"its running sums (n_seen {state['n_seen']!r}, loss_num {state['loss_num']!r}, loss_den "
+                  f"{state['loss_den']!r}, n_resampled {n_resampled!r}) are not those a save writes")
+    params = list(fresh.f.values())
+    meta = state["optimizer"]
+    keys, groups = meta.get("state_keys"), meta.get("param_groups")
+    group = json.loads(json.dumps(fresh.opt.state_dict()["param_groups"][0]))  # as JSON gives it back
+    if not (isinstance(keys, dict) and set(keys) <= {str(i) for i in range(len(params))}
+            and all(isinstance(v, list) and sorted(v) == sorted(ADAM_STATE) for v in keys.values())
+            and isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and all(groups[0][g] == group[g] for g in groups[0].keys() & group.keys() - {"lr"})
+            and ckpt.is_a(groups[0].get("lr"), ckpt.NUMBER) and math.isfinite(groups[0]["lr"])):
+        raise bad(f"'optimizer' is not the state of this run's Adam on its {len(params)} factors "
+                  f"(state_keys {reprlib.repr(keys)}, param_groups {reprlib.repr(groups)})")
+    sched, mine = state["scheduler"], json.loads(json.dumps(fresh.sched.state_dict()))
+    if sched.get("last_epoch") != epoch or any(sched[g] != mine[g] for g in sched.keys() & mine.keys()
+                                               - {"last_epoch", "_step_count", "_last_lr"}):
+        raise bad(f"'scheduler' is not this run's learning-rate schedule at epoch {epoch}: {reprlib.repr(sched)}")
+    expected: dict[str, tuple[tuple[int, ...], Optional[torch.dtype]]] = {
+        **{f"factor/{name}": (tuple(t.shape), t.dtype) for name, t in fresh.f.items()},
+        "rng": (tuple(fresh.gen.get_state().shape), torch.uint8), "active": ((k,), None), "last_active": ((k,), None)}
+    for i in keys:
+        p = params[int(i)]
+        expected.update({f"adam/{i}/step": ((), None), f"adam/{i}/exp_avg": (tuple(p.shape), p.dtype),
+                         f"adam/{i}/exp_avg_sq": (tuple(p.shape), p.dtype)})
+    if isinstance(data, torch.Tensor):
+        expected["order"] = ((data.shape[0],), torch.int64)
+    ckpt.check_tensors(path, tensors_file, tensors, expected, optional=() if batch > 0 else ("order",))
+    adam_steps = [float(tensors[f"adam/{i}/step"]) for i in keys]
+    if any(not (0 <= s <= n_steps and s.is_integer()) for s in adam_steps) or any(
+            (tensors[f"adam/{i}/exp_avg_sq"] < 0).any() for i in keys):
+        raise bad(f"its Adam state (steps {adam_steps}, exp_avg_sq) is not one {n_steps} steps leave", tensors_file)
+    if (tensors["active"] < 0).any() or ((tensors["last_active"] < 0) | (tensors["last_active"] > n_steps)).any():
+        raise bad(f"'active' or 'last_active' is not one {n_steps} steps leave", tensors_file)
+    if "order" in tensors and not torch.equal(tensors["order"].sort().values, torch.arange(data.shape[0])):
+        raise bad(f"'order' is not an order of the {data.shape[0]} rows of the data", tensors_file)
+    try:
+        torch.Generator().set_state(tensors["rng"])
+    except RuntimeError as e:
+        raise bad(f"'rng' is not a random generator's state ({e})", tensors_file) from None
+
+
 def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
          gen: torch.Generator, sums: EpochSums, step_index: int, epoch: int) -> None:
     """One optimisation step on one global batch (this rank's shard of it)."""
@@ -188,12 +282,14 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     identity = None if path is None else {
         "config": cfg.to_dict(), "model": model_fingerprint(task), "data": data_fingerprint(data),
         "reference": None if reference is None else data_fingerprint(reference), "world": distributed.world()}
-    if path is not None and (saved := ckpt.load(path)) is not None:
-        state, tensors = saved
-        saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"].get("config", {}))}
+    if path is not None and (saved := ckpt.read(path)) is not None:
+        folder, state, tensors = saved
+        check_identity(path, folder, state["identity"])
+        saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"]["config"])}
         if differ := identity_mismatch(saved_identity, identity):
             raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
                              f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
+        check_resumable(path, folder, state, tensors, Fresh(f, opt, sched, gen), cfg, data, task.min_batch)
         unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
         if unrecorded:
             warnings.warn(f"checkpoint in {path} does not record the {' or '.join(unrecorded)} it was made with "

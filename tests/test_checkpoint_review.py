@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -313,3 +314,152 @@ def test_a_save_never_reuses_the_folder_of_a_recovered_leftover(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         ckpt.save(tmp_path, state, tensors)
     assert ckpt.load(tmp_path)[0]["step"] == pointer["step"]
+
+
+# --- 5. damaged checkpoints, the checkpoint path, folders that are not a save's -----------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch checkpoint (saved every 2 steps) and the result it resumes to."""
+    folder = tmp_path_factory.mktemp("finished")
+    x, cfg = mlp_setup()
+    return folder, l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=folder, checkpoint_every=2)
+
+
+def _state(s, key, value):
+    s[key] = value
+
+
+def _factor(t, value):
+    k = "factor/in/fc1.weight/U0"  # [3, 4, 1]
+    t[k] = value(t[k].clone())
+
+
+def _nan(t):
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+DAMAGE = {
+    "pointer not JSON": ("latest.json", lambda d: (d / "latest.json").write_text("{oops"), r"not valid JSON"),
+    "pointer a list": ("latest.json", lambda d: (d / "latest.json").write_text("[]"), r"holds a JSON list"),
+    "pointer without folder": ("latest.json", lambda d: (d / "latest.json").write_text('{"step": 4}'),
+                               r"must hold \{\"folder\""),
+    "pointer outside": ("latest.json", lambda d: (d / "latest.json").write_text('{"folder": "../x", "step": 4}'),
+                        r"must hold \{\"folder\""),
+    "pointer a folder": ("latest.json", lambda d: ((d / "latest.json").unlink(), (d / "latest.json").mkdir()),
+                         r"is not a file"),
+    "state not JSON": ("state.json", lambda s: None, r"not valid JSON"),
+    "no optimizer": ("state.json", lambda s: s.pop("optimizer"), r"lacks \['optimizer'\]"),
+    "no identity": ("state.json", lambda s: s.pop("identity"), r"lacks \['identity'\]"),
+    "identity world": ("state.json", lambda s: s["identity"].pop("world"), r"'identity' must hold config"),
+    "step a string": ("state.json", lambda s: _state(s, "step", "4"), r"'step' must be an int, got '4'"),
+    "step differs": ("state.json", lambda s: _state(s, "step", 3), r"holds step 3; latest.json names it step 4"),
+    "epoch -5": ("state.json", lambda s: _state(s, "epoch", -5), r"'epoch' is -5; this run's epochs are 0 to 2"),
+    "epoch 1 of step 4": ("state.json", lambda s: _state(s, "epoch", 1),
+                          r"step 4 at batch 0 of epoch 1 is no position"),
+    "batch": ("state.json", lambda s: _state(s, "batch", 1), r"step 4 at batch 1 of epoch 2"),
+    "history": ("state.json", lambda s: s["history"].pop(), r"'history' must hold the records of epochs 0 to 1"),
+    "loss_den": ("state.json", lambda s: _state(s, "loss_den", -1.0), r"running sums"),
+    "adam keys": ("state.json", lambda s: s["optimizer"]["state_keys"].update({"99": ["step"]}), r"'optimizer' is not"),
+    "adam betas": ("state.json", lambda s: s["optimizer"]["param_groups"][0].update(betas=[0.5, 0.5]),
+                   r"'optimizer' is not"),
+    "scheduler": ("state.json", lambda s: s["scheduler"].update(last_epoch=7), r"'scheduler' is not"),
+    "factor missing": ("tensors", lambda t: t.pop("factor/in/fc1.weight/U0"), r"lacks 'factor/in/fc1.weight/U0'"),
+    "rng missing": ("tensors", lambda t: t.pop("rng"), r"lacks 'rng'"),
+    "factor broadcastable": ("tensors", lambda t: _factor(t, lambda v: v[:1].clone()),
+                             r"'factor/in/fc1.weight/U0' has shape \(1, 4, 1\); this run's is \(3, 4, 1\)"),
+    "factor 7x7": ("tensors", lambda t: _factor(t, lambda v: torch.zeros(7, 7, dtype=v.dtype)), r"has shape \(7, 7\)"),
+    "factor float64": ("tensors", lambda t: _factor(t, lambda v: v.double()),
+                       r"has dtype torch.float64; this run's is torch.float32"),
+    "factor NaN": ("tensors", lambda t: _factor(t, _nan), r"'factor/in/fc1.weight/U0' holds NaN or inf"),
+    "extra tensor": ("tensors", lambda t: t.update(extra=torch.zeros(1)), r"unexpected tensors \['extra'\]"),
+    "exp_avg_sq": ("tensors", lambda t: t.update({"adam/0/exp_avg_sq": -t["adam/0/exp_avg_sq"] - 1}), r"Adam state"),
+    "order": ("tensors", lambda t: t.update(order=torch.zeros(12, dtype=torch.int64)), r"'order' is not an order"),
+    "rng garbage": ("tensors", lambda t: t.update(rng=torch.zeros_like(t["rng"])), r"'rng' is not a random"),
+    "tensors file garbage": ("tensors.safetensors", lambda f: f.write_bytes(b"junk"), r"not a readable safetensors"),
+}
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_naming_its_file_before_anything_changes(finished, tmp_path, case, monkeypatch):
+    """Each was resumed silently (a [1, 4, 1] factor broadcast into [3, 4, 1], a NaN factor came
+    back, epoch -5 trained 7 more epochs) or crashed with a raw KeyError/TypeError/RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    src, _ = finished
+    folder = tmp_path / "ck"
+    shutil.copytree(src, folder)
+    step_folder = folder / json.loads((folder / "latest.json").read_text())["folder"]
+    where, edit, message = DAMAGE[case]
+    if where == "latest.json":
+        edit(folder)
+        file = folder / "latest.json"
+    elif where == "state.json":
+        file = step_folder / "state.json"
+        state = json.loads(file.read_text())
+        edit(state)
+        file.write_text("{oops" if case == "state not JSON" else json.dumps(state))
+    elif where == "tensors":
+        file = step_folder / "tensors.safetensors"
+        tensors = load_file(file)
+        edit(tensors)
+        save_file(tensors, file)
+    else:
+        file = step_folder / where
+        edit(file)
+    before = snapshot(folder)
+    x, cfg = mlp_setup()
+    model, data = TinyMLP(), x.clone()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(training, "step", lambda *a: pytest.fail("trained on a damaged checkpoint"))
+    with pytest.raises(ValueError, match=re.escape(str(file)) + ": .*" + message + r".*cannot be resumed: remove "
+                                         r"the folder .* or pass another checkpoint folder") as e:
+        l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=folder)
+    assert str(folder) in str(e.value)
+    assert snapshot(folder) == before
+    assert torch.equal(data, x) and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_the_undamaged_copy_resumes_to_the_finished_result(finished, tmp_path):
+    """The cases above differ from a checkpoint that resumes only by their damage."""
+    src, result = finished
+    shutil.copytree(src, tmp_path / "ck")
+    x, cfg = mlp_setup()
+    assert same(l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path / "ck"), result)
+
+
+def test_a_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch):
+    """It failed after the first epoch with a raw FileExistsError from the first save."""
+    x, cfg = mlp_setup()
+    afile = tmp_path / "afile.txt"
+    afile.write_text("user data")
+    monkeypatch.setattr(training, "step", lambda *a: pytest.fail("trained before checking the checkpoint path"))
+    with pytest.raises(ValueError, match=r"checkpoint=.*afile.txt': it is a file, not a folder.*pass a folder path"):
+        l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=afile)
+    with pytest.raises(ValueError, match=r"its parent .*afile.txt is a file, not a folder"):
+        l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=afile / "ck")
+    with pytest.raises(TypeError, match=r"checkpoint must be a folder path \(str or os.PathLike\) or None, got int"):
+        l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=3)
+    assert afile.read_text() == "user data" and sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def test_a_save_removes_only_the_folders_saves_made(tmp_path):
+    """Every save removed any step-* folder beside it, e.g. a user's step-results/."""
+    mine = {"step-results/notes.txt": "results", "step-3/notes.txt": "a step-<n> name, a user's file",
+            "step-5/state.json": "a save's file name, no marker", "step-log.txt": "a file",
+            ".tmp-step-9-1/notes.txt": "a leftover's name, a user's file"}
+    for name, text in mine.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    x, cfg = mlp_setup()
+    l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    assert {name: (tmp_path / name).read_text() for name in mine} == mine
+    latest = json.loads((tmp_path / "latest.json").read_text())["folder"]
+    saves = sorted(p.name for p in tmp_path.iterdir() if (p / ckpt.MARKER).is_file())
+    assert saves == [latest]  # the older saves (steps 1 to 4, and step 4 again at the epoch end) are gone
