@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import reprlib
 import sys
 import time
 import warnings
@@ -625,14 +626,42 @@ def _write_record(folder: Path, record: dict[str, Any]) -> None:
     (folder / RECORD).write_text(json.dumps(record, indent=1))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: the fields of a RECORD that ``_load_saved`` reads: field -> (check, what it must be)
+_RECORD_FIELDS = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a non-empty string (the model's name or folder)"),
+    "model_class": (lambda v: v in ("auto", "hooked", "bridge"), "one of 'auto', 'hooked', 'bridge'"),
+    "data": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths (strings)"),
+    "seed": (_is_int, "an integer (the data seed)"),
+    "seq_len": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "text_column": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "split": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
 def _read_record(folder: Path) -> dict[str, Any]:
+    """The record ``decompose`` wrote next to a saved decomposition ({} where there is none):
+    a JSON object whose fields that ``_load_saved`` reads have their types; UserError naming the
+    file and the field otherwise, before any model is loaded."""
     path = folder / RECORD
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 JSON file") from None
+    fix = "fix it or delete the file and pass --model and --data"
+    if not isinstance(record, dict):
+        raise UserError(f"{path} must hold a JSON object (as decompose writes it), got {reprlib.repr(record)}; {fix}")
+    for key, (ok, what) in _RECORD_FIELDS.items():
+        if key in record and not ok(record[key]):
+            raise UserError(f"{path}: {key!r} must be {what}, got {reprlib.repr(record[key])}; {fix}")
+    return record
 
 
 def _decompose(args: argparse.Namespace) -> int:
@@ -646,6 +675,9 @@ def _decompose(args: argparse.Namespace) -> int:
     if cfg.device is not None:  # from --device, --config or --set: checked alike, and the model goes there
         _check_device(cfg.device, "--device" if args.device is not None and cfg.device == args.device
                       else "--set/--config device")
+    missing = [p for p in args.data or () if not Path(p).exists()]
+    if missing:  # before the model loads (a hub model downloads first)
+        raise UserError(f"data {missing[0]} does not exist")
     model = load_model(args.model, args.model_class, cfg.device)
     data = load_data(model, args.data, seq_len=args.seq_len, max_sequences=args.max_sequences,
                      text_column=args.text_column, split=args.split, seed=args.data_seed)

@@ -156,3 +156,17 @@ def test_local_model_as_hooked_transformer(capsys, tmp_path, hf_dir):
     assert code == 0, err
     assert json.loads((tmp_path / "dec" / "decomposition.json").read_text())["adapter"] == "hooked_transformer"
     assert (tmp_path / "r.html").is_file()
+
+
+def test_missing_data_is_named_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    """A model given by name is downloaded and loaded first; a mistyped --data path must not wait
+    for that."""
+    import l3d_lens.cli as cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --data was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    code, _, err = run(capsys, "decompose", "induction", "--components", "blocks.0.attn", "--data",
+                       tmp_path / "missing.txt", "--out", tmp_path / "dec")
+    assert code == 2 and "missing.txt does not exist" in err and "Traceback" not in err

@@ -4,10 +4,12 @@ rest. Loading checks the JSON before it reads a tensor (format version, then the
 of every field: the toy's name, seed, ...), then every weight's shape and that the two files
 belong together: the JSON holds the tensors file's sha256, and the tensors file's header the JSON
 fields that make the toy (``TOY_FIELDS``), so a JSON edited after saving (a seed, a truth) is
-refused. The toy comes back on the CPU in the dtype it was saved in, and its input distribution
-``inputs`` is rebuilt from the saved seed (a ``Toy`` made by hand, without one, loads with
-``inputs=None``). Only a model of the architecture ``make_toy`` builds for the toy's name can be
-saved.
+refused; and that the tensors are those the toy's name implies (``_check_tensors``: no more, no
+fewer, in their shapes, floating point and finite). The toy comes back on the CPU in the dtype it
+was saved in, and its input distribution ``inputs`` is rebuilt from the saved seed (a ``Toy``
+made by hand, without one, loads with ``inputs=None``). Only a model of the architecture
+``make_toy`` builds for the toy's name can be saved. A save writes both files under temporary
+names before it moves them over an older toy's (``save_toy``).
 """
 
 from __future__ import annotations
@@ -123,16 +125,54 @@ def _built_like(name: str, seed, model_class: str, state: dict[str, torch.Tensor
     return built
 
 
+def _d_in(model: nn.Module) -> int:
+    """The input width of a toy model: that of its first matrix."""
+    return next(p for p in model.parameters() if p.dim() == 2).shape[1]
+
+
+def _check_tensors(name: str, seed: Optional[int], tensors: dict[str, torch.Tensor], d_in: int, where: str) -> None:
+    """ValueError starting with ``where`` unless ``tensors`` (keyed as in the tensors file) are
+    what a toy ``name`` holds besides its weights' names and shapes (``_built_like`` checks those):
+    ``l3d_data`` and ``eval_data`` [n >= 1, d_in], the truth's tensors (exactly those ``make_toy``
+    gives a toy with a seed; a toy made by hand, without one, may hold others of any dtype), the
+    toy's own truth tensors (TMCS's ``A``) in their shape, every other tensor floating point, and
+    every tensor finite.
+    Save checks what it is about to write and load what it read, so a toy that saves loads back."""
+    own = {f"truth.{k}": v for k, v in _task(name, 0 if seed is None else seed)[3].items()
+           if isinstance(v, torch.Tensor)}
+    rest = {k for k in tensors if not k.startswith("model.")}
+    required = {"l3d_data", "eval_data", *(own if seed is not None else ())}
+    missing = sorted(required - rest)
+    unknown = sorted(k for k in rest - required if seed is not None or not k.startswith("truth."))
+    if missing or unknown:
+        expected = sorted({*required, *own})
+        raise ValueError(f"{where}: tensors {expected} (besides the model's) expected for {name!r}"
+                         f"{'' if seed is not None else ' made by hand'}; "
+                         + "; ".join(f"{what} {keys}" for what, keys in (("missing", missing), ("unknown", unknown))
+                                     if keys))
+    for key, value in tensors.items():
+        if not value.dtype.is_floating_point and (key in own or not key.startswith("truth.")):
+            raise ValueError(f"{where}: {key} is {value.dtype}; a toy's tensors are floating point")
+        if key in ("l3d_data", "eval_data") and (value.dim() != 2 or value.shape[0] < 1 or value.shape[1] != d_in):
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; the model takes [n, {d_in}] with n >= 1")
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; {name!r} needs {tuple(own[key].shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: {key} holds NaN or infinite values")
+
+
 def save_toy(toy: Toy, path: PathLike) -> Path:
     """Write ``toy`` to the folder ``path`` (created if needed) and return it. Everything is
-    checked before a file is touched (the JSON fields as ``load_toy`` checks them); an older toy
-    there is replaced (its JSON removed first, the new JSON written last), so a folder either
-    loads as the new toy or is refused."""
+    checked before a file is touched (the JSON fields and the tensors as ``load_toy`` checks
+    them). Both files are written under temporary names first, then moved over an older toy's:
+    a save that fails leaves the older toy as it was, and one killed between the two moves
+    leaves the new tensors with the old JSON, which loading refuses (the JSON's sha256 is that
+    of its own tensors file). Other files in the folder are left alone."""
     truth: dict[str, Any] = {k: v for k, v in toy.truth.items() if not isinstance(v, torch.Tensor)}
     meta = _checked({"name": toy.name, "seed": toy.seed, "blocks": toy.blocks,
                      "train_losses": [float(v) for v in toy.train_losses], "truth": truth,
                      "model_class": type(toy.model).__name__}, "cannot save this toy")
-    _built_like(toy.name, meta["seed"], meta["model_class"], toy.model.state_dict(), "cannot save this toy")
+    built = _built_like(toy.name, meta["seed"], meta["model_class"], toy.model.state_dict(), "cannot save this toy")
     try:
         same = json.loads(json.dumps(truth)) == truth
     except (TypeError, ValueError):
@@ -145,23 +185,27 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     tensors = {f"model.{k}": v for k, v in toy.model.state_dict().items()}
     tensors.update({"l3d_data": toy.l3d_data, "eval_data": toy.eval_data})
     tensors.update({f"truth.{k}": v for k, v in toy.truth.items() if isinstance(v, torch.Tensor)})
+    _check_tensors(toy.name, meta["seed"], tensors, _d_in(built), "cannot save this toy")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / META).unlink(missing_ok=True)
-    tmp = path / (TENSORS + ".tmp")
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
-    meta["sha256"] = _sha256(tmp)
-    os.replace(tmp, path / TENSORS)
-    tmp = path / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / META)
+    tmp_tensors, tmp_meta = path / (TENSORS + ".tmp"), path / (META + ".tmp")
+    try:
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp_tensors),
+                  metadata={"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
+        meta["sha256"] = _sha256(tmp_tensors)
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_tensors, path / TENSORS)
+        os.replace(tmp_meta, path / META)
+    finally:
+        tmp_tensors.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
     return path
 
 
 def load_toy(path: PathLike) -> Toy:
     """The ``Toy`` that ``save_toy`` wrote to ``path``: its model (built as ``make_toy`` builds
-    it, in the saved dtype, then loaded strictly), data, ground truth, training losses and seed."""
+    it, in the saved dtype, then loaded strictly), data, ground truth, training losses and seed.
+    ValueError naming the folder and what is wrong for a JSON or tensors file that is not one."""
     path = Path(path)
     if not (path / META).is_file() or not (path / TENSORS).is_file():
         raise FileNotFoundError(f"{path} is not a saved toy (needs {META} and {TENSORS})")
@@ -175,15 +219,12 @@ def load_toy(path: PathLike) -> Toy:
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model = _built_like(name, seed, meta["model_class"], state, f"{path}: the saved toy does not fit")
     _check_not_edited(path, meta, header)
+    _check_tensors(name, seed, tensors, _d_in(model), str(path))
     dtypes = {v.dtype for v in state.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{path}: the saved weights mix dtypes {sorted(map(str, dtypes))}")
     model = model.to(dtypes.pop())
     model.load_state_dict(state)
-    d_in = next(p for p in model.parameters() if p.dim() == 2).shape[1]
-    for key in ("l3d_data", "eval_data"):
-        if tensors[key].dim() != 2 or tensors[key].shape[1] != d_in:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}; the model takes [n, {d_in}]")
     truth = {**meta["truth"], **{k[len("truth."):]: v for k, v in tensors.items() if k.startswith("truth.")}}
     inputs = None if seed is None else _task(name, seed)[1]
     return Toy(name, model.eval(), meta["train_losses"], tensors["l3d_data"], tensors["eval_data"],

@@ -111,13 +111,25 @@ def state_dict_tl(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_tl_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """Write TL-layout weights into any supported model (in place)."""
+    """Write TL-layout weights into any supported model (in place). Every weight of the model
+    must be given, in its TL shape exactly (a broadcastable one would load repeated rows), and
+    every key must name one of them; the one exception is an all-zero bias the model lacks
+    (TL 4's native model has no unembedding bias; the shipped models keep theirs at zero)."""
     from ..adapters import make_adapter
 
     adapter = make_adapter(model)
     missing = sorted(set(adapter.sites) - set(weights))
     if missing:
         raise ValueError(f"weights missing for {missing}")
+    extra = sorted(k for k in set(weights) - set(adapter.sites)
+                   if not (k.rpartition(".")[2].startswith("b_") and not weights[k].any()))
+    if extra:
+        raise ValueError(f"weights given for {extra}, which this model does not have (its weights: "
+                         f"{sorted(adapter.sites)})")
+    wrong = [f"{name} has shape {tuple(weights[name].shape)}, the model's is {tuple(adapter.weight(name).shape)}"
+             for name in adapter.sites if weights[name].shape != adapter.weight(name).shape]
+    if wrong:
+        raise ValueError(f"weights of the wrong shape: {'; '.join(wrong)}")
     with torch.no_grad():
         for name in adapter.sites:
             param = adapter.native_parameter(name)
@@ -252,9 +264,10 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant
     one (one previous-token head L0H2, one induction head L1H0, six silent heads) or, with
     ``variant="redundant"``, the one trained without the head penalty (four induction heads).
 
-    Checked on load: the stored config and vocabulary, and the stored probe logits (one
-    forward of the 4 stored probe sequences; the last position of the first must match within
-    a tolerance scaled to ``dtype``). A mismatch raises RuntimeError."""
+    Checked on load: the weights' names and shapes (``load_tl_weights``, ValueError), the stored
+    config and vocabulary, and the stored probe logits (one forward of the 4 stored probe
+    sequences; the last position of the first, and the sum of all, must match within a tolerance
+    scaled to ``dtype``); a mismatch of these raises RuntimeError."""
     path = _asset_dir(variant)
     meta = json.loads((path / "meta.json").read_text())
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
@@ -265,19 +278,29 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant
 
 
 def _check_probe(model: nn.Module, meta: dict, path: Path, dtype: torch.dtype) -> None:
-    """The model's logits on the stored probe tokens match those stored when it was saved."""
-    if "probe_tokens" not in meta or "probe_logits_first" not in meta:
+    """The model's logits on the stored probe tokens match those stored when it was saved: the
+    last position of the first sequence (``probe_logits_first``) and the sum of all of them
+    (``probe_logits_sum``), each where the metadata has it."""
+    if "probe_tokens" not in meta or not {"probe_logits_first", "probe_logits_sum"} & set(meta):
         return
     with torch.no_grad():
         out = model(torch.tensor(meta["probe_tokens"], dtype=torch.long))
-    logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, -1].double().cpu()
-    expected = torch.tensor(meta["probe_logits_first"], dtype=torch.float64)
+    logits = (out if isinstance(out, torch.Tensor) else out.logits).double().cpu()
     # float32/float64: 1e-3 (the shipped models match to ~1e-5); half precisions: their rounding
     tol = max(1e-3, 16 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
-    err = (logits - expected).abs().max().item() if logits.shape == expected.shape else float("inf")
-    if not err <= tol * (1 + expected.abs().max().item()):
-        raise RuntimeError(f"{path}: the loaded model's probe logits differ from those stored with it (max |diff| "
-                           f"{err:.3g}); the weights or this TransformerLens version compute something else")
+    if "probe_logits_first" in meta:
+        expected = torch.tensor(meta["probe_logits_first"], dtype=torch.float64)
+        first = logits[0, -1]
+        err = (first - expected).abs().max().item() if first.shape == expected.shape else float("inf")
+        if not err <= tol * (1 + expected.abs().max().item()):
+            raise RuntimeError(f"{path}: the loaded model's probe logits differ from those stored with it (max "
+                               f"|diff| {err:.3g}); the weights or this TransformerLens version compute something else")
+    if "probe_logits_sum" in meta:
+        # rounding errors of the summands partly cancel: allow tol x sqrt(count) x the largest logit
+        err = abs(logits.sum().item() - meta["probe_logits_sum"])
+        if not err <= tol * (1 + logits.numel() ** 0.5 * logits.abs().max().item()):
+            raise RuntimeError(f"{path}: the sum of the loaded model's probe logits differs from the one stored with "
+                               f"it by {err:.3g}; the weights or this TransformerLens version compute something else")
 
 
 def metadata(variant: str = "default") -> dict:

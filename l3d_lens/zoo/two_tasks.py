@@ -38,7 +38,7 @@ from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .induction import load_tl_weights, state_dict_tl, variant_dir
+from .induction import _check_probe, load_tl_weights, state_dict_tl, variant_dir
 
 #: shipped variants -> asset folder (see the module docstring)
 VARIANTS = {"default": "two_tasks", "unpruned": "two_tasks_unpruned"}
@@ -288,13 +288,18 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
 
 def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default") -> nn.Module:
     """The shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge;
-    ``variant="unpruned"``: with the unused heads' W_O as trained (see the module docstring)."""
+    ``variant="unpruned"``: with the unused heads' W_O as trained (see the module docstring).
+
+    Checked on load: the stored config, vocabulary and task heads, and the sum of the stored
+    probe's logits (as in ``induction.load``). A mismatch raises RuntimeError."""
     path = _asset_dir(variant)
     meta = json.loads((path / "meta.json").read_text())
     task_heads = {k: tuple(tuple(h) for h in v) for k, v in meta["task_heads"].items()}
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB) or task_heads != TASK_HEADS:
         raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's two-task architecture")
-    return load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
+    model = load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
+    _check_probe(model, meta, path, dtype)
+    return model
 
 
 def metadata(variant: str = "default") -> dict:
