@@ -193,6 +193,18 @@ def test_a_toy_made_by_hand_keeps_its_own_truth_tensors(tmp_path, toys):
         dataclasses.replace(by_hand, truth={"A": torch.zeros(3)}).save(tmp_path / "other")
 
 
+def test_a_toy_made_by_hand_may_have_no_held_out_rows_and_its_own_truth_may_hold_nan(tmp_path, toys):
+    """What saved and loaded before the tensor checks still does: a hand-made toy without
+    held-out rows, and its own truth tensor with a NaN (e.g. the r^2 of a feature never active);
+    a toy with a seed still needs rows, and its own truth (TMCS's A) finite."""
+    r2 = torch.tensor([float("nan"), 0.9])
+    by_hand = dataclasses.replace(toys[0], seed=None, eval_data=toys[0].eval_data[:0], truth={"r2": r2})
+    back = load_toy(by_hand.save(tmp_path / "toy"))
+    assert back.eval_data.shape == (0, toys[0].eval_data.shape[1]) and torch.equal(back.truth["r2"].isnan(), r2.isnan())
+    with pytest.raises(ValueError, match="with n >= 1"):
+        dataclasses.replace(toys[0], eval_data=toys[0].eval_data[:0]).save(tmp_path / "seeded")
+
+
 # --- cli_inputs.json ----------------------------------------------------------------------------
 
 

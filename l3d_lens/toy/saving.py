@@ -133,10 +133,10 @@ def _d_in(model: nn.Module) -> int:
 def _check_tensors(name: str, seed: Optional[int], tensors: dict[str, torch.Tensor], d_in: int, where: str) -> None:
     """ValueError starting with ``where`` unless ``tensors`` (keyed as in the tensors file) are
     what a toy ``name`` holds besides its weights' names and shapes (``_built_like`` checks those):
-    ``l3d_data`` and ``eval_data`` [n >= 1, d_in], the truth's tensors (exactly those ``make_toy``
-    gives a toy with a seed; a toy made by hand, without one, may hold others of any dtype), the
-    toy's own truth tensors (TMCS's ``A``) in their shape, every other tensor floating point, and
-    every tensor finite.
+    ``l3d_data`` and ``eval_data`` [n, d_in] (a toy made by hand may have no rows), the truth's
+    tensors (exactly those ``make_toy`` gives a toy with a seed; a toy made by hand, without one,
+    may hold others of any dtype and values), the toy's own truth tensors (TMCS's ``A``) in their
+    shape, every other tensor floating point, and all but a hand-made toy's other truth finite.
     Save checks what it is about to write and load what it read, so a toy that saves loads back."""
     own = {f"truth.{k}": v for k, v in _task(name, 0 if seed is None else seed)[3].items()
            if isinstance(v, torch.Tensor)}
@@ -153,11 +153,14 @@ def _check_tensors(name: str, seed: Optional[int], tensors: dict[str, torch.Tens
     for key, value in tensors.items():
         if not value.dtype.is_floating_point and (key in own or not key.startswith("truth.")):
             raise ValueError(f"{where}: {key} is {value.dtype}; a toy's tensors are floating point")
-        if key in ("l3d_data", "eval_data") and (value.dim() != 2 or value.shape[0] < 1 or value.shape[1] != d_in):
-            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; the model takes [n, {d_in}] with n >= 1")
+        if key in ("l3d_data", "eval_data") and (value.dim() != 2 or value.shape[1] != d_in
+                                                 or (seed is not None and value.shape[0] < 1)):
+            rows = "n >= 1" if seed is not None else "n >= 0"
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; the model takes [n, {d_in}] with {rows}")
         if key in own and value.shape != own[key].shape:
             raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; {name!r} needs {tuple(own[key].shape)}")
-        if not torch.isfinite(value).all():
+        users = key.startswith("truth.") and key not in own and seed is None  # a hand-made toy's own truth
+        if not users and value.dtype.is_floating_point and not torch.isfinite(value).all():
             raise ValueError(f"{where}: {key} holds NaN or infinite values")
 
 
