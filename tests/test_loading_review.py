@@ -242,3 +242,25 @@ def test_a_record_that_is_not_utf8_names_the_file_and_a_good_one_reads_back(tmp_
               "max_sequences": 16, "text_column": None, "split": None}
     (tmp_path / RECORD).write_text(json.dumps(record))
     assert _read_record(tmp_path) == record
+
+
+def test_tl_layout_weights_refuse_a_model_whose_grouped_query_k_and_v_they_cannot_carry():
+    """A grouped-query model's K and V have no TL-layout weight here: state_dict_tl left them out
+    and load_tl_weights left the target's own, so a round trip "loaded" a different model."""
+    from l3d_lens.zoo.induction import load_tl_weights, state_dict_tl
+
+    from .helpers import HAS_HOOKED, tiny_lm
+
+    kind = "hooked" if HAS_HOOKED else "bridge"
+    source, target = (tiny_lm(kind, seed=s, n_key_value_heads=1) for s in (0, 1))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="state_dict_tl cannot carry this model's parameters"):
+        state_dict_tl(source)
+    full = state_dict_tl(tiny_lm(kind, seed=0))
+    with pytest.raises(ValueError, match="load_tl_weights cannot carry this model's parameters"):
+        load_tl_weights(target, full)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+    plain = tiny_lm(kind, seed=1)
+    load_tl_weights(plain, full)
+    x = torch.randint(0, 20, (2, 6))
+    assert torch.allclose(plain(x), tiny_lm(kind, seed=0)(x))

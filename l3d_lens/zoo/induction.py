@@ -102,11 +102,23 @@ def build(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.
     raise ValueError(f"kind={kind!r}; choose 'hooked', 'bridge' or None")
 
 
+def _check_all_sites(adapter, model: nn.Module, what: str) -> None:
+    """ValueError naming the model's parameters that no TL-layout weight reads or writes (a
+    grouped-query model's K and V): ``what`` would leave them out, silently."""
+    covered = {id(adapter.native_parameter(name)) for name in adapter.sites}
+    left = [name for name, p in model.named_parameters() if id(p) not in covered]
+    if left:
+        raise ValueError(f"{what} cannot carry this model's parameters {left}: they have no TransformerLens-layout "
+                         f"weight here (grouped-query K and V have none), so they would be left out")
+
+
 def state_dict_tl(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight in TransformerLens layout, keyed by TL name."""
+    """Every weight in TransformerLens layout, keyed by TL name (every parameter of the model
+    must be one of them)."""
     from ..adapters import make_adapter
 
     adapter = make_adapter(model)
+    _check_all_sites(adapter, model, "state_dict_tl")
     return {name: adapter.weight(name).detach().clone().contiguous() for name in adapter.sites}
 
 
@@ -118,6 +130,7 @@ def load_tl_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Mo
     from ..adapters import make_adapter
 
     adapter = make_adapter(model)
+    _check_all_sites(adapter, model, "load_tl_weights")
     missing = sorted(set(adapter.sites) - set(weights))
     if missing:
         raise ValueError(f"weights missing for {missing}")
