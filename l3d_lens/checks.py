@@ -10,6 +10,16 @@ from typing import Optional
 import torch
 
 
+def is_int(value: object) -> bool:
+    """A Python int and not a bool (True is an int to Python, not a count or a seed to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A Python int or float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def as_index(value: object) -> Optional[int]:
     """``value`` as an int if ``operator.index`` takes it (int, numpy integer, one-element
     integer tensor such as ``fraction_active.argmax()``), else None."""

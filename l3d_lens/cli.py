@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from .checks import is_int
+
 EMBEDDED = ("induction", "default")
 RECORD = "cli_inputs.json"  # written next to a saved decomposition: how to rebuild model and data
 
@@ -82,12 +84,12 @@ def _check_device(device: Any, flag: str = "--device", fix: Optional[str] = None
         raise UserError(f"{flag} {device!r}: {_first_line(e)}; e.g. cpu, cuda, cuda:1") from None
     if dev.type == "meta":
         raise UserError(f"{flag} meta holds no weights to run; e.g. cpu, cuda, cuda:1")
-    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
-    if backend is not None and not (backend and backend.is_available()):
-        raise UserError(f"{flag} {device}: no {dev.type} device is available to this torch ({torch.__version__}); "
-                        f"{fix or ('use --device cpu' if flag == '--device' else 'use cpu')}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    from .io import unavailable
+
+    problem = unavailable(dev)
+    if problem:
+        advice = fix or ("use --device cpu" if flag == "--device" else "use cpu")
+        raise UserError(f"{flag} {device}: {problem}; {advice}")
 
 
 def _load_local(path: Path, model_class: str) -> torch.nn.Module:
@@ -626,17 +628,13 @@ def _write_record(folder: Path, record: dict[str, Any]) -> None:
     (folder / RECORD).write_text(json.dumps(record, indent=1))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 #: the fields of a RECORD that ``_load_saved`` reads: field -> (check, what it must be)
 _RECORD_FIELDS = {
     "model": (lambda v: isinstance(v, str) and v != "", "a non-empty string (the model's name or folder)"),
     "model_class": (lambda v: v in ("auto", "hooked", "bridge"), "one of 'auto', 'hooked', 'bridge'"),
     "data": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths (strings)"),
-    "seed": (_is_int, "an integer (the data seed)"),
-    "seq_len": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "seed": (is_int, "an integer (the data seed)"),
+    "seq_len": (lambda v: v is None or is_int(v), "an integer or null"),
     "text_column": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "split": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }

@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import torch
 
+from .checks import is_int, is_number
+
 Rank = Union[int, float, Mapping[str, Union[int, float, Sequence[int]]]]
 
 DIVERGENCES = ("auto", "kl", "mse")
@@ -24,15 +26,6 @@ ENGINES = ("fast", "exact")
 LOSS_NORMS = ("batch", "sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _is_int(value: Any) -> bool:
-    """An int and not a bool (True is an int to Python, not a count or a seed to a user)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -137,15 +130,15 @@ class L3DConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if not _is_int(self.n_subnetworks) or self.n_subnetworks < 1:
+        if not is_int(self.n_subnetworks) or self.n_subnetworks < 1:
             raise ValueError(f"n_subnetworks must be an int >= 1, got {self.n_subnetworks!r}")
-        if not _is_number(self.top_k) or not 0 < self.top_k <= 1:
+        if not is_number(self.top_k) or not 0 < self.top_k <= 1:
             raise ValueError(f"top_k must be a fraction in (0, 1] (1.0 keeps every coefficient), got {self.top_k!r}")
         _check_rank(self.rank)
         if not callable(self.divergence):
             _choice("divergence", self.divergence, DIVERGENCES + ("<a callable (output, reference) -> per-sample tensor>",))
         _choice("sample", self.sample, SAMPLES)
-        if not _is_int(self.position) and self.position != "all":
+        if not is_int(self.position) and self.position != "all":
             raise ValueError(f"position must be an int (e.g. -1 for the last token) or 'all', got {self.position!r}")
         _choice("reference", self.reference, REFERENCES)
         for ref, needs in (("uniform", "kl"), ("zero", "mse")):
@@ -154,7 +147,7 @@ class L3DConfig:
         _choice("engine", self.engine, ENGINES)
         _choice("loss_norm", self.loss_norm, LOSS_NORMS)
         if self.loss_norm_epochs is not None:
-            if not _is_int(self.loss_norm_epochs) or self.loss_norm_epochs < 1:
+            if not is_int(self.loss_norm_epochs) or self.loss_norm_epochs < 1:
                 raise ValueError(f"loss_norm_epochs must be None (all epochs) or an int >= 1, "
                                  f"got {self.loss_norm_epochs!r}")
             if self.loss_norm == "batch":
@@ -166,23 +159,23 @@ class L3DConfig:
             raise ValueError("autocast applies to the model's forward/backward in engine='fast'; use engine='fast'")
         for name in ("epochs", "batch_size", "lr_step"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not _is_number(self.lr) or not 0 < self.lr < math.inf:
+        if not is_number(self.lr) or not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not _is_number(self.lr_decay) or not 0 < self.lr_decay <= 1:
+        if not is_number(self.lr_decay) or not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
-        if not _is_number(self.aux_coef) or not 0 <= self.aux_coef < math.inf:
+        if not is_number(self.aux_coef) or not 0 <= self.aux_coef < math.inf:
             raise ValueError(f"aux_coef must be a finite number >= 0 (0 turns the dead-subnetwork loss off), got {self.aux_coef!r}")
-        if not _is_int(self.dead_steps) or self.dead_steps < 1:
+        if not is_int(self.dead_steps) or self.dead_steps < 1:
             raise ValueError(f"dead_steps must be an int >= 1, got {self.dead_steps!r}")
-        if self.aux_epochs is not None and (not _is_int(self.aux_epochs) or self.aux_epochs < 1):
+        if self.aux_epochs is not None and (not is_int(self.aux_epochs) or self.aux_epochs < 1):
             raise ValueError(f"aux_epochs must be None (all epochs) or an int >= 1, got {self.aux_epochs!r}")
         _check_resample_epochs(self.resample_epochs, self.epochs)
-        if self.resample_max is not None and (not _is_int(self.resample_max) or self.resample_max < 1):
+        if self.resample_max is not None and (not is_int(self.resample_max) or self.resample_max < 1):
             raise ValueError(f"resample_max must be None (every dead subnetwork) or an int >= 1, "
                              f"got {self.resample_max!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     @property
@@ -256,7 +249,7 @@ def _check_resample_epochs(epochs_list: Any, epochs: int) -> None:
     """Resampling happens at the start of an epoch after the first (before it nothing can be
     dead) and before the end of training, each epoch once."""
     valid = (isinstance(epochs_list, tuple)
-             and all(_is_int(e) and 1 <= e < epochs for e in epochs_list)
+             and all(is_int(e) and 1 <= e < epochs for e in epochs_list)
              and list(epochs_list) == sorted(set(epochs_list)))
     if not valid:
         span = f"1..{epochs - 1}" if epochs > 1 else "none: epochs=1 leaves no epoch to resample at"
@@ -275,7 +268,7 @@ def _check_rank(rank: Rank) -> None:
             if not 0 < r < 1:
                 raise ValueError(f"rank{where} as a fraction must be in (0, 1), got {r}; use an int for absolute ranks")
         elif isinstance(r, (list, tuple)) and where:
-            if not r or not all(_is_int(x) and x >= 1 for x in r):
+            if not r or not all(is_int(x) and x >= 1 for x in r):
                 raise ValueError(f"rank{where} as a tuple must list one int >= 1 per mode, got {r!r}")
         else:
             raise ValueError(f"rank{where} must be an int >= 1, a fraction in (0, 1) or (per weight) a tuple, got {r!r}")

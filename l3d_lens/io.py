@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checks import is_int, is_number
 from .config import L3DConfig
 from .subnetworks import SIDES, key, resolve_ranks
 
@@ -167,13 +168,13 @@ def _factor_device(file: Path, saved: Any, given: Union[str, torch.device, None]
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"device={given!r} is not a device torch knows ({str(e).splitlines()[0]}); "
                              f"e.g. 'cpu', 'cuda', 'cuda:1'") from None
-        problem = _unavailable(dev)
+        problem = unavailable(dev)
         if problem:
             raise ValueError(f"device={given!r}: {problem}")
         return str(dev)
     if saved is None:
         return None
-    problem = _unavailable(stored)
+    problem = unavailable(stored)
     if problem:
         warnings.warn(f"{file} was computed on device {saved!r}, but {problem}; its factors load on the model's "
                       f"device (pass device= to choose another)", stacklevel=4)
@@ -181,8 +182,9 @@ def _factor_device(file: Path, saved: Any, given: Union[str, torch.device, None]
     return saved
 
 
-def _unavailable(dev: torch.device) -> Optional[str]:
-    """Why this machine cannot hold tensors on ``dev``, in words; None if it can."""
+def unavailable(dev: torch.device) -> Optional[str]:
+    """Why this machine cannot hold tensors on ``dev``, in words; None if it can (the CLI's
+    device check uses it too)."""
     if dev.type == "meta":
         return "the meta device holds no values"
     backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
@@ -254,17 +256,14 @@ def _major_minor(version) -> tuple[int, int]:
 def _check_history(file: Path, history: list, n_subnetworks: int) -> None:
     """Every epoch's record is a dict with what the library reads of it, of the right type, and a
     P_act per subnetwork; ValueError naming the file and entry otherwise."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     def count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return is_int(v) and v >= 0
 
-    checks = {"loss": (number, "a number"), "lr": (number, "a number"), "epoch": (count, "an int >= 0"),
+    checks = {"loss": (is_number, "a number"), "lr": (is_number, "a number"), "epoch": (count, "an int >= 0"),
               "steps": (count, "an int >= 0"), "n_resampled": (count, "an int >= 0"),
               "n_dead": (lambda v: count(v) and v <= n_subnetworks, f"an int in 0..{n_subnetworks}"),
               "p_act": (lambda v: isinstance(v, list) and len(v) == n_subnetworks
-                        and all(number(p) and 0 <= p <= 1 for p in v),
+                        and all(is_number(p) and 0 <= p <= 1 for p in v),
                         f"a list of {n_subnetworks} fractions in [0, 1], one per subnetwork")}
     for i, entry in enumerate(history):
         where = f"{file}: 'history'[{i}]"

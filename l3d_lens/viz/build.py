@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..checks import is_number
 from . import charts, tables
 from .attention import head_patterns
 from .html import Views, esc, fragment, page
@@ -45,7 +46,7 @@ class Options:
                 raise ValueError(f"report option {name} must be an int >= 1, got {value!r}")
         deltas = self.deltas
         if (isinstance(deltas, (str, bytes)) or not isinstance(deltas, Sequence) or not deltas
-                or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) for d in deltas)):
+                or not all(is_number(d) and math.isfinite(d) for d in deltas)):
             raise ValueError(f"report option deltas must be a non-empty sequence of finite numbers (the intervention "
                              f"curve's steps along each subnetwork), got {deltas!r}")
         if self.title is not None and not isinstance(self.title, str):
