@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from .build import DELTAS, Options, Report, ToStr, build
+from .build import DELTAS, Options, Report, ToStr, build, html_path
 
 __all__ = ["report", "show", "build", "Report", "Options", "DELTAS"]
 
@@ -39,9 +39,7 @@ def report(dec, data, path="l3d_report.html", *, comparison: Any = None, to_str:
         live, by P_act), deltas (intervention curve), title.
     Same inputs give a byte-identical file.
     """
-    path = Path(path)
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"report path must end in .html, got {str(path)!r}")
+    path = html_path(path)  # before any analysis
     return build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference,
                  progress=progress, **options).save(path)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checks import is_number
+from ..checks import is_int, is_number
 from . import charts, tables
 from .attention import head_patterns
 from .html import Views, esc, fragment, page
@@ -42,7 +42,7 @@ class Options:
     def __post_init__(self):
         for name in ("max_sequences", "n_references", "n_top", "n_heads", "n_logits", "n_neurons"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"report option {name} must be an int >= 1, got {value!r}")
         deltas = self.deltas
         if (isinstance(deltas, (str, bytes)) or not isinstance(deltas, Sequence) or not deltas
@@ -51,6 +51,14 @@ class Options:
                              f"curve's steps along each subnetwork), got {deltas!r}")
         if self.title is not None and not isinstance(self.title, str):
             raise TypeError(f"report option title must be a str or None, got {type(self.title).__name__}")
+
+
+def html_path(path) -> Path:
+    """``path`` as a Path if it names an .html (.htm) file; ValueError otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"report path must end in .html, got {str(path)!r}")
+    return path
 
 
 def default_to_str(model: torch.nn.Module) -> ToStr:
@@ -459,9 +467,7 @@ class Report:
         return page(self.title, self._body("l3d-cv-"))
 
     def save(self, path) -> Path:
-        path = Path(path)
-        if path.suffix.lower() not in (".html", ".htm"):
-            raise ValueError(f"report path must end in .html, got {str(path)!r}")
+        path = html_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.html, encoding="utf-8")
         return path
