@@ -113,3 +113,26 @@ def test_chain_step_refuses_an_optimizer_it_does_not_reproduce():
                 torch.optim.AdamW(model.parameters(), foreach=False)):
         with pytest.raises(ValueError, match="fused AdamW"):
             chain_step.ChainStep(chain, opt)
+
+
+def test_a_model_with_parameters_of_two_dtypes_is_not_a_chain_for_one_fused_call():
+    """``ChainStep`` updates every parameter in one fused AdamW call, which takes one device and
+    dtype: a model mixing dtypes is left to autograd, and ``ChainStep`` itself refuses it."""
+    model = models.tmcs(0)
+    chain = chain_step.linear_chain(model)
+    model.decoder.bias.data = model.decoder.bias.data.double()
+    assert chain_step.linear_chain(model) is None
+    with pytest.raises(ValueError, match="one device in one dtype"):
+        chain_step.ChainStep(chain, torch.optim.AdamW(model.parameters(), fused=True))
+
+
+def test_the_step_count_is_shared_and_counts_every_step():
+    """One step tensor serves every parameter (AdamW's per-parameter counts are always equal
+    here): after n steps it reads n, as AdamW's own state would."""
+    build, x, y, lr = _task("square")
+    model = build(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    step = chain_step.ChainStep(chain_step.linear_chain(model), opt)
+    for xb, yb in zip(x.split(32), y.split(32)):
+        step(xb, yb)
+    assert all(s is step.step for s in step.steps) and step.step.item() == 10
