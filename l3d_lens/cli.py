@@ -554,13 +554,15 @@ def _summary_table(dec, data: torch.Tensor, half: Optional[int] = None) -> list[
         probe = data[: min(64, len(data))]
         coef = dec.coefficients(probe).abs().reshape(len(probe), probe.shape[1], -1)
         ratio = coef[:, half + 1 :].mean((0, 1)) / coef[:, 1 : half + 1].mean((0, 1)).clamp_min(1e-12)
+    def top(shares: torch.Tensor) -> str:
+        """The 3 heads with the largest share, leaving out heads with none (e.g. of layers or
+        heads not decomposed)."""
+        flat = shares.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:3].tolist()
+        return ", ".join(f"L{i // shares.shape[1]}H{i % shares.shape[1]} {flat[i]:.2f}" for i in order if flat[i] > 0)
+
     for k in torch.argsort(p_act, descending=True, stable=True).tolist():
-        flat = heads[k].flatten()
-        top = torch.argsort(flat, descending=True, stable=True)[:3].tolist()
-        desc = ", ".join(f"L{i // heads.shape[2]}H{i % heads.shape[2]} {flat[i]:.2f}" for i in top)
-        eff = effects[k].flatten()
-        top_e = torch.argsort(eff, descending=True, stable=True)[:3].tolist()
-        desc_e = ", ".join(f"L{i // heads.shape[2]}H{i % heads.shape[2]} {eff[i]:.2f}" for i in top_e)
+        desc, desc_e = top(heads[k]), top(effects[k])
         lines.append(f"{k:>6} {p_act[k]:>6.3f}  {desc:<40} {desc_e:<40}"
                      + (f" {ratio[k].item():>24.1f}" if ratio is not None else ""))
     return lines
@@ -709,18 +711,33 @@ def _model_record(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def _check_saved_device(folder: Path) -> None:
-    """The factors load onto the device the decomposition was computed with: one this machine has."""
-    from .io import META
+def _saved_device(folder: Path, given: Optional[str]) -> Optional[str]:
+    """Where ``report`` / ``compare`` put the model and the factors: ``--device`` if given, else
+    the device the decomposition was computed on if this machine has it, else None (where the
+    model loads; a note on stderr says so). A saved device torch cannot name is an error here,
+    before any model is loaded."""
+    from .io import META, unavailable
 
     try:
         device = json.loads((folder / META).read_text(encoding="utf-8"))["config"].get("device")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return  # Decomposition.load says what is wrong with the file
+        return given  # Decomposition.load says what is wrong with the file
     if device is None:
-        return
-    _check_device(device, "the saved decomposition's device", fix=f'set "device" to null in {folder / META} to '
-                  f"load it on this machine")
+        return given
+    fix = f'set "device" to null in {folder / META}'
+    if not isinstance(device, str):
+        raise UserError(f"the saved decomposition's device {device!r}: must be a string, e.g. cpu, cuda; {fix}")
+    try:
+        problem = unavailable(torch.device(device))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"the saved decomposition's device {device!r}: {_first_line(e)}; {fix}") from None
+    if given is not None:
+        return given
+    if problem:
+        print(f"l3d-lens: {folder} was computed on {device}, but {problem}; loading it where the model loads "
+              f"(--device to choose)", file=sys.stderr)
+        return None
+    return device
 
 
 def _load_saved(args: argparse.Namespace):
@@ -732,13 +749,14 @@ def _load_saved(args: argparse.Namespace):
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder holding a saved decomposition")
     record = _read_record(folder)
-    _check_saved_device(folder)
+    device = _saved_device(folder, args.device)
     spec = args.model or record.get("model")
     if not spec:
         raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
-    model = load_model(spec, args.model_class or record.get("model_class", "auto"), args.device)
+    model = load_model(spec, args.model_class or record.get("model_class", "auto"), device)
+    device = device or str(next(model.parameters()).device)  # the factors go where the model is
     try:
-        dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights)
+        dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights, device=device)
     except ValueError as e:
         raise UserError(_first_line(e).replace("pass check_weights=False", "pass --no-check-weights")) from None
     paths = args.data if args.data else record.get("data", [])

@@ -360,11 +360,44 @@ def test_the_embedded_model_checks_its_probe_logits_on_load(tmp_path, monkeypatc
         induction.load(kind)
 
 
-def test_a_saved_device_this_machine_lacks_is_one_line(capsys, embedded_dec, tmp_path, no_model_loading):
+def _with_saved_device(embedded_dec, tmp_path, device) -> Path:
     dec = tmp_path / "dec"
     shutil.copytree(embedded_dec, dec)
     meta = json.loads((dec / "decomposition.json").read_text())
-    meta["config"]["device"] = "cuda:99"
+    meta["config"]["device"] = device
     (dec / "decomposition.json").write_text(json.dumps(meta))
-    line = one_line_error(capsys, "report", dec, "--out", tmp_path / "r.html", "--quiet")
-    assert "the saved decomposition's device cuda:99" in line
+    return dec
+
+
+def test_a_saved_device_this_machine_lacks_loads_where_the_model_loads_with_a_note(capsys, embedded_dec, tmp_path):
+    """A decomposition computed on a GPU reports on a machine without one: the factors go where
+    the model loads and stderr says so (no JSON to edit); with --device there is no note."""
+    dec = _with_saved_device(embedded_dec, tmp_path, "cuda:99")
+    argv = ("report", dec, "--out", tmp_path / "r.html", "--max-sequences", "4", "--n-references", "1", "--quiet")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"{dec} was computed on cuda:99" in err and "loading it where the model loads" in err
+    code, _, err = run(capsys, *argv, "--device", "cpu")
+    assert code == 0 and "computed on" not in err, err
+
+
+def test_a_saved_device_torch_cannot_name_is_one_line_before_the_model_loads(capsys, embedded_dec, tmp_path,
+                                                                           no_model_loading):
+    dec = _with_saved_device(embedded_dec, tmp_path, "gpu:x")
+    for extra in ((), ("--device", "cpu")):
+        line = one_line_error(capsys, "report", dec, "--out", tmp_path / "r.html", "--quiet", *extra)
+        assert "the saved decomposition's device 'gpu:x'" in line and 'set "device" to null' in line
+
+
+def test_the_summary_lists_only_heads_the_subnetwork_lies_in(capsys, tmp_path):
+    """One decomposed head (layer 1, head 2): each subnetwork's top heads are that head alone, not
+    two more with share 0 from the rest of the model."""
+    import re
+
+    code, out, err = run(capsys, "decompose", "induction", "--components", "blocks.1.attn[2]", "--max-sequences",
+                         "16", "--out", tmp_path / "dec", *TINY[:-1])
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+\d\.\d{3}\s", line)]
+    assert len(rows) == 2, out
+    for line in rows:
+        assert re.findall(r"L\d+H\d+", line) == ["L1H2", "L1H2"], line
