@@ -264,3 +264,28 @@ def test_tl_layout_weights_refuse_a_model_whose_grouped_query_k_and_v_they_canno
     load_tl_weights(plain, full)
     x = torch.randint(0, 20, (2, 6))
     assert torch.allclose(plain(x), tiny_lm(kind, seed=0)(x))
+
+
+def test_tl_weights_round_trip_exactly_between_raw_and_compatibility_mode_bridges():
+    """``state_dict_tl`` of a TransformerBridge in compatibility mode, loaded into a fresh bridge
+    (raw or in compatibility mode), gives the same logits bit for bit. Compatibility mode itself
+    changes the logits (it centres the unembedding and folds the value biases into b_O) by a
+    constant per position only, so the log-probabilities agree to float32 rounding."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = induction.load("bridge")
+    tokens = induction.repeated_sequences(4, seed=0)
+    with torch.no_grad():
+        raw = model(tokens)
+        model.enable_compatibility_mode()
+        compat = model(tokens)
+        weights = induction.state_dict_tl(model)
+        for mode in ("raw", "compat"):
+            fresh = induction.build("bridge")
+            if mode == "compat":
+                fresh.enable_compatibility_mode()
+            assert torch.equal(induction.load_tl_weights(fresh, weights)(tokens), compat), mode
+    assert (compat - raw).abs().max() > 0.1
+    torch.testing.assert_close(compat.log_softmax(-1), raw.log_softmax(-1), rtol=0, atol=1e-4)
