@@ -6,6 +6,7 @@ a checkpoint by skipping batches.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +72,11 @@ def _saved_splits(path: Path) -> Optional[list[str]]:
     return sorted(str(s) for s in splits) if isinstance(splits, list) else None
 
 
+def _folder_files(folder: Path) -> list[Path]:
+    """The files a folder source streams, in reading order."""
+    return sorted([*folder.glob("*.txt"), *folder.glob("*.jsonl")])
+
+
 def _check_split(path: Path, splits: list[str], split: Optional[str]) -> None:
     if split is None:
         raise ValueError(f"{path} holds splits {splits}; pass split=")
@@ -131,10 +137,31 @@ class TokenStream:
             if _is_dataset_dir(src):
                 yield from self._dataset_texts(src)
             elif src.is_dir():
-                for f in sorted([*src.glob("*.txt"), *src.glob("*.jsonl")]):
+                for f in _folder_files(src):
                     yield from self._path_texts(f)
             else:
                 yield from self._path_texts(src)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint knows this stream by (``training.data_fingerprint``): its settings,
+        the files it reads (name and size, in reading order; a saved dataset's files too) and
+        the SHA-256 of its first batch, which also changes with the tokenizer. Cheap: it reads
+        the first batch only. Moving the files elsewhere keeps it; editing them to the same
+        size past the first batch does not change it."""
+        h = hashlib.sha256()
+        settings = [self.seq_len, self.batch_size, self.text_column, self.split, self.separator, self.prefix,
+                    self.max_batches]
+        h.update(json.dumps(settings).encode())
+        for src in self.sources:
+            files = (sorted(p for p in src.rglob("*") if p.is_file()) if _is_dataset_dir(src)
+                     else _folder_files(src) if src.is_dir() else [src])
+            for f in files:
+                h.update(f"{f.relative_to(src) if f != src else f.name}:{f.stat().st_size}\n".encode())
+        first = next(iter(self), None)
+        if first is not None:
+            h.update(f"{list(first.shape)}".encode())
+            h.update(first.numpy().tobytes())
+        return h.hexdigest()
 
     def _path_texts(self, path: Path) -> Iterator[str]:
         return self._jsonl_texts(path) if path.suffix.lower() == ".jsonl" else self._file_texts(path)

@@ -49,7 +49,8 @@ class EpochSums:
 
 def data_fingerprint(data: Data) -> str:
     """What a checkpoint must have been trained on: a tensor, or a list/tuple of batches, by its
-    bytes; another iterable (a stream, a DataLoader that may shuffle) by its type only."""
+    bytes; a ``TokenStream`` by its settings, files and first batch (``TokenStream.fingerprint``);
+    another iterable (a DataLoader that may shuffle) by its type only."""
     def digest(tensors) -> str:
         h = hashlib.sha256()
         for t in tensors:
@@ -61,6 +62,8 @@ def data_fingerprint(data: Data) -> str:
         return f"tensor:{list(data.shape)}:" + digest([data])
     if isinstance(data, (list, tuple)):  # batches, or (data, reference) pairs
         return f"batches:{len(data)}:" + digest(t for b in data for t in (b if isinstance(b, (tuple, list)) else (b,)))
+    if isinstance(data, TokenStream):
+        return "tokenstream:" + data.fingerprint()
     return f"iterable:{type(data).__name__}"
 
 
@@ -308,7 +311,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
         sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
                          state["loss_den"], state.get("n_resampled", 0))
-        # a TokenStream re-reads its source in the same order on every pass
+        # a TokenStream re-reads its source in the same order on every pass, and its fingerprint was checked
         if start_epoch < cfg.epochs and not isinstance(data, (torch.Tensor, list, tuple, TokenStream)):
             warnings.warn(f"the checkpoint in {path} resumes at step {n_steps} (epoch {start_epoch}, batch {skip}) "
                           f"on a {type(data).__name__}, which a checkpoint knows by its type only: the "

@@ -463,3 +463,43 @@ def test_a_save_removes_only_the_folders_saves_made(tmp_path):
     latest = json.loads((tmp_path / "latest.json").read_text())["folder"]
     saves = sorted(p.name for p in tmp_path.iterdir() if (p / ckpt.MARKER).is_file())
     assert saves == [latest]  # the older saves (steps 1 to 4, and step 4 again at the epoch end) are gone
+
+
+def test_a_token_stream_checkpoint_refuses_another_stream_and_follows_moved_files(tmp_path, monkeypatch):
+    """A checkpoint knows a TokenStream by its settings, files and first batch: another file,
+    seq_len, batch_size, tokenizer or text is refused as other data (it resumed silently, mixing
+    the two streams); the same file moved to another folder resumes, bit-identical."""
+    from l3d_lens.streaming import TokenStream
+
+    def write(folder, text):
+        folder.mkdir(exist_ok=True)
+        (folder / "a.txt").write_text(text)
+        return folder / "a.txt"
+
+    text = "".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12))
+    source = write(tmp_path / "src", text)
+
+    def encode(s):
+        return [ord(c) % 19 + 1 for c in s]
+
+    def stream(path=source, tokenize=encode, seq_len=5, batch_size=4):
+        return TokenStream(path, tokenize, seq_len=seq_len, batch_size=batch_size)
+
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=2, batch_size=4,
+                             sample="sequence")
+    model = tiny_lm("bridge")
+    straight = l3d_lens.decompose(model, stream(), cfg, progress=False)
+    killed_at_step(monkeypatch, len(list(stream())) + 1)
+    with pytest.raises(KeyboardInterrupt):
+        l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck", checkpoint_every=1)
+    monkeypatch.undo()
+    others = {"another file": stream(write(tmp_path / "b", "sun moon day night\n" * 6)),
+              "edited text": stream(write(tmp_path / "c", text.replace("line 000", "LINE 000"))),
+              "seq_len": stream(seq_len=6), "batch_size": stream(batch_size=3),
+              "tokenizer": stream(tokenize=lambda s: [ord(c) % 17 + 1 for c in s])}
+    for what, other in others.items():
+        with pytest.raises(ValueError, match=r"differs.*\bdata\b|\bdata\b.*differ"):
+            l3d_lens.decompose(model, other, cfg, progress=False, checkpoint=tmp_path / "ck")
+    moved = write(tmp_path / "moved", text)
+    resumed = l3d_lens.decompose(model, stream(moved), cfg, progress=False, checkpoint=tmp_path / "ck")
+    assert same(resumed, straight) and resumed.history == straight.history
