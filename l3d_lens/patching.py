@@ -227,8 +227,11 @@ def _check_tokens(adapter: Adapter, clean: Any, corrupted: Any) -> tuple[torch.T
 def _metric_value(metric: Metric, logits: torch.Tensor, what: str) -> torch.Tensor:
     try:
         value = metric(logits)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise type(e)(f"metric failed on the model's logits of shape {tuple(logits.shape)} ({what} run): {e}") from e
+    except Exception as e:  # noqa: BLE001 - re-raised as it is, with a note saying where (Python 3.11+)
+        if hasattr(e, "add_note"):
+            e.add_note(f"(l3d_lens: the metric failed on the model's logits of shape {tuple(logits.shape)}, "
+                       f"{what} run)")
+        raise
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"metric must return a torch.Tensor (a scalar), got {type(value).__name__}; e.g. "
                         f"lambda logits: logits[:, -1, a].mean() - logits[:, -1, b].mean()")
@@ -343,23 +346,33 @@ def activation_patching(model: nn.Module, base: torch.Tensor, source_cache, metr
                         neurons) -> dict[str, torch.Tensor]:
     """metric(base run with one unit's activation taken from ``source_cache``) per unit, with
     transformer_lens.patching: heads via get_act_patch_attn_head_out_all_pos ("z"), MLPs and
-    neurons via generic_activation_patch ("mlp_out" / "post", all positions)."""
+    neurons via generic_activation_patch ("mlp_out" / "post", all positions). The values are
+    the metric's own, in its dtype (TransformerLens keeps them in a float32 tensor)."""
     from transformer_lens import patching
+
+    def run(patch, *args) -> torch.Tensor:
+        values: list[torch.Tensor] = []
+
+        def recorded(logits: torch.Tensor) -> torch.Tensor:
+            value = metric(logits)
+            values.append(value.detach().reshape(()))
+            return value
+
+        stored = patch(model, base, source_cache, recorded, *args)
+        return torch.stack(values).reshape(stored.shape) if len(values) == stored.numel() else stored
 
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if heads:
             index = pd.DataFrame(heads, columns=["layer", "head"])
-            out["heads"] = patching.get_act_patch_attn_head_out_all_pos(model, base, source_cache, metric,
-                                                                        index_axis_names=None, index_df=index)
+            out["heads"] = run(lambda *a: patching.get_act_patch_attn_head_out_all_pos(
+                *a, index_axis_names=None, index_df=index))
         if mlp_layers:
             index = pd.DataFrame({"layer": mlp_layers})
-            out["mlp"] = patching.generic_activation_patch(model, base, source_cache, metric, _whole_activation,
-                                                           "mlp_out", None, index)
+            out["mlp"] = run(patching.generic_activation_patch, _whole_activation, "mlp_out", None, index)
         if neurons:
             index = pd.DataFrame(neurons, columns=["layer", "neuron"])
-            out["neurons"] = patching.generic_activation_patch(model, base, source_cache, metric, _neuron_setter,
-                                                               "post", None, index)
+            out["neurons"] = run(patching.generic_activation_patch, _neuron_setter, "post", None, index)
     return {k: v.detach().to("cpu", torch.float64).flatten() for k, v in out.items()}
 
 

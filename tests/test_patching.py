@@ -192,7 +192,8 @@ def test_activation_patching_sane(lm_kind):
             z[:, :, h] = src_clean[f"blocks.{layer}.attn.hook_z"][:, :, h]
             return z
         patched = run_metric(model, corrupted, [(f"blocks.{row.layer}.attn.hook_z", hook)])
-        assert row.patching == pytest.approx(patched - m_corr, rel=1e-6, abs=1e-7)  # TL stores float32
+        # the metric's own float64 values (TransformerLens's table of them is float32)
+        assert row.patching == pytest.approx(patched - m_corr, rel=1e-12, abs=1e-14)
 
     # patching every head's clean output (all layers, all positions) recovers the clean metric,
     # whose positions (the last two) carry the same tokens in both runs
@@ -347,6 +348,26 @@ def test_error_midway_leaves_model_untouched(lm_kind):
         compare_with_patching(model, clean, corrupted, flaky, cfg=small_cfg(model, 6))
     assert n["calls"] == 5
     assert_untouched(model, before, training=True)
+
+
+def test_a_failing_metric_raises_its_own_exception_with_a_note(lm_kind):
+    """The user's exception comes back as it was raised (same type and object; an exception
+    class needing constructor arguments used to become a TypeError), with a note saying where."""
+    model = tiny_lm(lm_kind, dtype=torch.float32)
+
+    class MetricError(Exception):
+        def __init__(self, code, message):
+            super().__init__(message)
+            self.code = code
+
+    def failing(logits):
+        raise MetricError(7, "no such token")
+
+    clean, corrupted = pairs()
+    with pytest.raises(MetricError, match="no such token") as info:
+        compare_with_patching(model, clean, corrupted, failing, cfg=small_cfg(model, 6))
+    assert info.value.code == 7
+    assert any("metric failed on the model's logits" in note for note in getattr(info.value, "__notes__", []))
 
 
 # --- circuit recovery on the shipped models ---------------------------------------------------
