@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -37,6 +37,19 @@ def check_subnetworks(subnetwork: Subnets, n_subnetworks: int) -> list[int]:
     return ks
 
 
+def check_subnetwork(subnetwork: int, n_subnetworks: int) -> int:
+    """One subnetwork index as an int in 0..n_subnetworks-1 (an int, numpy integer or 0-d
+    integer tensor), for the analyses of a single subnetwork: a list or a one-element tensor
+    is refused, as indexing with it would add an axis and mix or misplace the results."""
+    k = None if getattr(subnetwork, "ndim", 0) else as_index(subnetwork)
+    if k is None:
+        raise ValueError(f"subnetwork must be one int in 0..{n_subnetworks - 1} (this analysis takes a single "
+                         f"subnetwork), got {subnetwork!r}")
+    if not 0 <= k < n_subnetworks:
+        raise ValueError(f"subnetwork {k} out of range; valid: 0..{n_subnetworks - 1}")
+    return k
+
+
 def check_deltas(delta: Deltas, n: int) -> list[float]:
     """One finite float per subnetwork: a single number is used for all n."""
     one = as_number(delta)
@@ -55,15 +68,43 @@ def check_deltas(delta: Deltas, n: int) -> list[float]:
     return out
 
 
+def check_intervention(subnetwork: Subnets, delta: Optional[Deltas], ablate: bool,
+                       n_subnetworks: int) -> tuple[list[int], Optional[list[float]]]:
+    """The subnetworks and deltas of an intervention (deltas None: ablate). ``delta`` None means
+    the default step 1.0, so a delta given with ``ablate=True``, which ablation would silently
+    ignore, is told apart and refused."""
+    ks = check_subnetworks(subnetwork, n_subnetworks)
+    if not ablate:
+        return ks, check_deltas(1.0 if delta is None else delta, len(ks))
+    if delta is not None:
+        raise ValueError(f"delta={delta!r} with ablate=True: ablation projects span{{v_j}} out of the weights and "
+                         f"takes no delta; pass either delta or ablate=True")
+    return ks, None
+
+
+def check_finite(adapter: Adapter, changes: dict[str, torch.Tensor], deltas: list[float]) -> None:
+    """Refuse changes that take a finite weight out of its dtype's range (W0 + change inf or NaN,
+    e.g. delta=1e39 on a float32 model), which would silently turn every output into NaN."""
+    for name, change in changes.items():
+        w = adapter.weight(name)
+        if (torch.isfinite(w) & ~torch.isfinite(w + change.to(w.device, w.dtype))).any():
+            shown = deltas[0] if len(deltas) == 1 else deltas
+            raise ValueError(f"delta {shown} makes {name} non-finite in {w.dtype} (W0 + delta v overflows); "
+                             f"use a smaller |delta|")
+
+
 def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: list[int],
                    deltas: list[float] | None) -> dict[str, torch.Tensor]:
-    """TL-layout change per weight: sum_j delta_j v_j, or (deltas None) minus the projection of
-    the current weights onto span{v_j} (joint over all decomposed weights)."""
+    """TL-layout change per weight: sum_j delta_j v_j (refused if it overflows a weight's dtype),
+    or (deltas None) minus the projection of the current weights onto span{v_j} (joint over all
+    decomposed weights)."""
     names = list(subnetworks)
     if deltas is not None:
-        return {n: sum(d * subnetworks[n][k].double() for k, d in zip(ks, deltas)) for n in names}
+        changes = {n: sum(d * subnetworks[n][k].double() for k, d in zip(ks, deltas)) for n in names}
+        check_finite(adapter, changes, deltas)
+        return changes
     flat_v = torch.cat([subnetworks[n][ks].double().reshape(len(ks), -1) for n in names], 1)
-    basis = torch.linalg.qr(flat_v.T).Q  # orthonormal basis of the span, [n_params, len(ks)]
+    basis = span_basis(flat_v.T)
     w = torch.cat([adapter.weight(n).double().reshape(-1).to(basis.device) for n in names])
     change = -(basis @ (basis.T @ w))
     out, i = {}, 0
@@ -72,6 +113,15 @@ def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: l
         out[n] = change[i : i + size].reshape(subnetworks[n].shape[1:])
         i += size
     return out
+
+
+def span_basis(vectors: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [n, r] of the span of the columns of ``vectors`` [n, m], r = its rank:
+    left singular vectors above a relative tolerance, so linearly dependent subnetworks (v1 = v0,
+    v1 = -2 v0, v1 = 0) add no direction outside the span (QR would give every column one)."""
+    u, s, _ = torch.linalg.svd(vectors, full_matrices=False)
+    tol = s.max() * max(vectors.shape) * torch.finfo(vectors.dtype).eps
+    return u[:, s > tol]
 
 
 @contextlib.contextmanager

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch.func import jvp
 
-from ..interventions import check_subnetworks, perturbed_forward, weight_changes
+from ..checks import as_number
+from ..interventions import check_subnetwork, perturbed_forward, weight_changes
 
 
 def as_samples(data, what: str = "data") -> torch.Tensor:
@@ -66,7 +68,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
                 reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
     """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
     tokens leading up to that position."""
-    check_subnetworks(subnetwork, dec.n_subnetworks)
+    subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
     data, reference = as_samples(data), as_samples(reference, "reference")
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     token = imp.dim() == 2
@@ -86,7 +88,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
 
 def output_derivative(dec, data: torch.Tensor, subnetwork: int) -> torch.Tensor:
     """d/d delta f(x; W0 + delta v_k) at delta = 0, for every output (forward mode, one JVP)."""
-    check_subnetworks(subnetwork, dec.n_subnetworks)
+    subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
     data = as_samples(data)
     adapter = dec.adapter
     subs = dec.subnetworks()
@@ -126,18 +128,33 @@ def output_change(before: torch.Tensor, after: torch.Tensor, language_model: boo
     return (after - before).pow(2).sum(-1)
 
 
-def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Sequence[float],
+def check_curve_deltas(deltas) -> list[float]:
+    """The curve's steps as a non-empty list of finite floats; a single number (as
+    ``intervene``'s delta) is a one-step curve. Strings and bools are not numbers here."""
+    one = as_number(deltas)
+    try:
+        ds = [one] if one is not None else list(deltas)
+    except TypeError:  # not a number and not iterable (a bool, a 0-d bool tensor)
+        ds = []
+    if not ds or isinstance(deltas, (str, bytes)):
+        raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas!r}")
+    out = [as_number(d) for d in ds]
+    for d, x in zip(ds, out):
+        if x is None or not math.isfinite(x):
+            raise ValueError(f"deltas must be a non-empty list of finite numbers, got {d!r} in {deltas!r}")
+    return out
+
+
+def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[float, Sequence[float]],
                        top_fraction: float = 0.1, impacts: Optional[torch.Tensor] = None,
                        reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
     """Selectivity across delta: mean output change on the subnetwork's top-impact samples over
     the mean change on the rest, running the model at W0 + delta v_k (``reference``: the paired
     data a contrastive decomposition's impacts are taken against)."""
-    check_subnetworks(subnetwork, dec.n_subnetworks)
+    subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
     if not 0 < top_fraction < 1:
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
-    deltas = [float(x) for x in deltas]
-    if not deltas or not all(torch.isfinite(torch.tensor(deltas))):
-        raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas!r}")
+    deltas = check_curve_deltas(deltas)
     data, reference = as_samples(data), as_samples(reference, "reference")
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     adapter = dec.adapter
