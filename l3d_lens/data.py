@@ -7,7 +7,6 @@ shape (or batches of (data, reference) pairs).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator
 from typing import Optional, Union
 
@@ -81,13 +80,28 @@ def first_batch(data: Data) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
 
 
 def check_position(adapter: Adapter, data: Data, position: Union[int, str]) -> None:
-    """An int ``position`` (sample='sequence') must lie in the sequences of ``data`` (the first
-    batch of an iterable), counted from either end as Python indexes."""
+    """An int ``position`` (sample='sequence') must lie in the sequences of ``data``, counted from
+    either end as Python indexes: a tensor's, those of every batch of a list or tuple (they are
+    in memory), the first batch of another iterable (``batches``, given the position, checks
+    each of its batches as it reads them). A paired batch's reference is checked too."""
     if not adapter.is_language_model or position == "all":
         return
-    seq = first_batch(data)[0].shape[1]
+    if isinstance(data, torch.Tensor):
+        _check_in(position, data.shape[1], "")
+        return
+    items = data if isinstance(data, (list, tuple)) else [first_batch(data)]
+    seqs = [(x.shape[1], i) for i, item in enumerate(items)
+            for x in (item if isinstance(item, (tuple, list)) else (item,))
+            if isinstance(x, torch.Tensor) and x.dim() >= 2]  # batches() refuses other batches by their type
+    if seqs:  # the shortest sequences: a position in range for them is in range for every batch
+        seq, i = min(seqs)
+        _check_in(position, seq, f" (batch {i} of the data)")
+
+
+def _check_in(position: int, seq: int, where: str) -> None:
+    """ValueError unless ``position`` indexes a sequence of ``seq`` tokens; ``where`` names the batch."""
     if not -seq <= position < seq:
-        raise ValueError(f"position={position} is outside the sequences of length {seq}; choose one of "
+        raise ValueError(f"position={position} is outside the sequences of length {seq}{where}; choose one of "
                          f"{-seq}..{seq - 1} (-1: the last token) or 'all'")
 
 
@@ -130,16 +144,20 @@ def batch_starts(n: int, batch_size: int, min_batch: int = 1) -> list[int]:
 
 
 def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,
-            order: Optional[torch.Tensor] = None, min_batch: int = 1,
-            skip: int = 0) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(inputs, paired reference or None) per batch, skipping the first ``skip`` batches.
-    Tensors are taken in ``order`` (default: as stored); a last batch smaller than
-    ``min_batch`` joins the one before. Iterables are read as they come, and a batch of theirs
-    smaller than ``min_batch`` joins the one before too (one batch is held back to allow it)."""
+            order: Optional[torch.Tensor] = None, min_batch: int = 1, skip: int = 0, *,
+            position: Union[int, str] = "all") -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(inputs, paired reference or None) per batch, skipping the first ``skip`` batches (a
+    resumed checkpoint's; data with fewer batches than that is not the checkpointed run's: a
+    ValueError). Tensors are taken in ``order`` (default: as stored); a last batch smaller than
+    ``min_batch`` joins the one before. Iterables are read as they come, each batch checked
+    against ``position`` as ``check_position`` checks the first, and a batch of theirs smaller
+    than ``min_batch`` joins the one before too (one batch is held back to allow it)."""
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
         order = torch.arange(n) if order is None else order
         starts = batch_starts(n, batch_size, min_batch)
+        if skip > len(starts):
+            raise _resume_error(len(starts), skip)
         for i, a in enumerate(starts):
             if i < skip:
                 continue
@@ -161,6 +179,9 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
             raise ValueError(f"batch {i} of the data is {x.dtype} of shape {tuple(x.shape)}, unlike the first batch "
                              f"({first[0].dtype}, shape {tuple(first[0].shape)}); every batch needs the first's "
                              f"dtype and sample shape")
+        if adapter.is_language_model and position != "all":
+            for t in (x, ref) if ref is not None else (x,):
+                _check_in(position, t.shape[1], f" (batch {i} of the data)")
         return x, ref
 
     def merged():
@@ -180,4 +201,14 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
         if held is not None:
             yield held
 
-    yield from itertools.islice(merged(), skip, None)
+    n_read = 0
+    for n_read, batch in enumerate(merged(), 1):
+        if n_read > skip:
+            yield batch
+    if n_read < skip:
+        raise _resume_error(n_read, skip)
+
+
+def _resume_error(n: int, skip: int) -> ValueError:
+    return ValueError(f"the data has only {n} batches but the checkpoint resumes after batch {skip}: the data differs "
+                      f"from the checkpointed run's; pass that data again or use a fresh checkpoint folder")

@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import nn
 
 from .adapters import Adapter, make_adapter
+from .checks import is_int
 from .config import L3DConfig
 from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
@@ -67,9 +68,11 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     whose few active ones reconstruct each sample's gradient of divergence from its reference.
 
     data: token ids [n, seq] (language model), floats [n, ...] (plain module), or a
-    re-iterable of batches. reference: paired reference data for ``cfg.reference='paired'``.
-    checkpoint: a folder for atomic checkpoints (every ``checkpoint_every`` steps and at each
-    epoch end); if it holds one of the same run, training resumes from it, bit-identically.
+    re-iterable of batches (trained on as they come: ``cfg.batch_size`` applies to tensor data
+    only, though the saved config records it). reference: paired reference data for
+    ``cfg.reference='paired'``. checkpoint: a folder for atomic checkpoints (every
+    ``checkpoint_every`` steps, which needs the folder, and at each epoch end); if it holds
+    one of the same run, training resumes from it, bit-identically.
     Launched with torchrun (torch.distributed initialised), each rank trains on its shard of
     every global batch. The model is left exactly as it was: same weights, same mode, no hooks.
     """
@@ -77,13 +80,17 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     from .training import train
 
     check_folder(checkpoint)
+    if not is_int(checkpoint_every) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
+    if checkpoint_every and checkpoint is None:
+        raise ValueError(f"checkpoint_every={checkpoint_every} saves a checkpoint every {checkpoint_every} steps "
+                         f"into the checkpoint folder, but checkpoint is None; pass checkpoint=<folder> or leave "
+                         f"checkpoint_every at 0")
     task = build_task(model, cfg)
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
     check_position(task.adapter, data, task.cfg.position)  # token mode keeps -1 (resolve_config)
     check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
     factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
     return Decomposition(task, factors, history)
 
@@ -158,7 +165,8 @@ class Decomposition:
         check_position(task.adapter, data, task.cfg.position)
         gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
         with torch.no_grad():
-            for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, task.min_batch):
+            for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, task.min_batch,
+                                  position=task.cfg.position):
                 x = x.to(task.adapter.device)
                 ref = ref.to(task.adapter.device) if ref is not None else None
                 yield batch_stats(task, self._factors, x, gen, ref)

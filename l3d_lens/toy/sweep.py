@@ -20,9 +20,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
+import torch
+
 from ..config import L3DConfig
-from ..data import Data, check_batch, check_data, first_batch, run_row
+from ..data import Data, check_batch, check_data, check_position, first_batch, run_row
 from ..decomposition import Decomposition, build_task, check_memory, decompose
+from ..task import Task
 
 
 def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Sequence[Any] = (),
@@ -34,8 +37,9 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     and return one dict per run: the settings, ``error`` (reconstruction error on
     ``eval_data``, default ``data``), ``train_error`` (last epoch), ``dead_fraction``,
     ``seconds`` and the entries of ``score(dec)`` if given. Every grid point (with its memory),
-    ``data`` and ``eval_data`` are checked before the first run, so a bad value late in the grid
-    costs no finished run.
+    ``data`` and ``eval_data`` (as each run and its ``reconstruction_error`` take them, with
+    ``cfg.position``) are checked before the first run, so a bad value late in the grid costs
+    no finished run. With ``reference='paired'`` both are iterables of (data, reference) batches.
 
     A ``score`` key that would overwrite one of the sweep's is an error; to add the toy metrics,
     prefix them: ``score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()}``."""
@@ -48,8 +52,8 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     configs = [cfg.replace(**settings) for settings in grid]  # L3DConfig checks each value
     tasks = [build_task(model, c) for c in configs]  # and against the model (a rank above its sizes)
     for name, given in (("data", data), ("eval_data", eval_data)):
-        if given is not None:
-            _check_fits(tasks[0].adapter, given, cfg.reference == "paired", name, cfg.autocast)
+        if given is not None:  # reference, position and autocast are the same at every grid point
+            _check_fits(tasks[0], given, name)
     for task in tasks:  # a grid point too large for the device, before any run
         check_memory(task, data)
     return [_run(model, data, run_cfg, settings, eval_data, score, progress)
@@ -64,22 +68,32 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
     return list(values) or [default]
 
 
-def _check_fits(adapter, given: Data, paired: bool, name: str, autocast: Optional[str]) -> None:
+def _check_fits(task: Task, given: Data, name: str) -> None:
     """Fail on ``data`` or ``eval_data`` (``name``) the model cannot take, as the first run (or
-    its ``reconstruction_error``) would: its type and dtype as ``decompose`` checks data, then one
-    no-grad forward of its first row (in eval mode, so no module changes state; under
-    ``autocast`` as the runs take it, so what ``decompose`` accepts passes)."""
+    its ``reconstruction_error``) would: its type, dtype and ``position`` as ``decompose``
+    checks data (no reference argument: paired data comes as (data, reference) batches), then
+    one no-grad forward of its first row and of its first batch's reference's (in eval mode, so
+    no module changes state; under ``autocast`` as the runs take it, so what ``decompose``
+    accepts passes)."""
+    adapter, cfg = task.adapter, task.cfg
+    paired = cfg.reference == "paired"
+    if paired and isinstance(given, torch.Tensor):
+        raise ValueError(f"{name}: with reference='paired' a sweep takes {name} as an iterable of (data, reference) "
+                         f"batches, e.g. [(x, ref)], not a tensor")
     try:
-        check_data(adapter, given, None, paired and name == "data")
+        check_data(adapter, given, None, paired)
+        check_position(adapter, given, cfg.position)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: {e}") from None
-    row = check_batch(adapter, first_batch(given)[0], name)[:1]
-    try:
-        run_row(adapter, row, autocast)
-    except RuntimeError as e:
-        under = f" under {autocast} autocast" if autocast else ""
-        raise ValueError(f"{name} does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
-                         f"{row.dtype}){under} failed: {e}") from None
+    inputs, reference = first_batch(given)
+    for what, x in [(name, inputs)] + ([(f"the reference of {name}", reference)] if reference is not None else []):
+        row = check_batch(adapter, x, what)[:1]
+        try:
+            run_row(adapter, row, cfg.autocast)
+        except RuntimeError as e:
+            under = f" under {cfg.autocast} autocast" if cfg.autocast else ""
+            raise ValueError(f"{what} does not fit the model: a forward of its first row (shape {tuple(row.shape)}, "
+                             f"{row.dtype}){under} failed: {e}") from None
 
 
 def _run(model, data, run_cfg: L3DConfig, settings: dict[str, Any], eval_data, score, progress: bool) -> dict[str, Any]:
