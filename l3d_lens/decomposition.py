@@ -87,12 +87,27 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
                          f"into the checkpoint folder, but checkpoint is None; pass checkpoint=<folder> or leave "
                          f"checkpoint_every at 0")
     task = build_task(model, cfg)
+    check_run(task, data, reference)
+    factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
+    return Decomposition(task, factors, history)
+
+
+def check_run(task: Task, data: Data, reference: Optional[Data] = None) -> None:
+    """What ``decompose`` checks before training, so that a run that cannot work stops before
+    any work (``compare_with_patching`` runs it before its patching sweeps): the config's device
+    is one this machine has, the data (and paired reference) fit the model, the position lies in
+    its sequences, the dtypes suit the model, and the estimated peak memory fits the device."""
+    if task.cfg.device is not None:
+        from .io import unavailable
+
+        problem = unavailable(torch.device(task.cfg.device))
+        if problem:
+            raise ValueError(f"device={task.cfg.device!r}: {problem}; use one this machine has (e.g. 'cpu'), or "
+                             f"None for the model's device")
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
     check_position(task.adapter, data, task.cfg.position)  # token mode keeps -1 (resolve_config)
     check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)
-    factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
-    return Decomposition(task, factors, history)
 
 
 def check_memory(task: Task, data: Data) -> None:
@@ -291,17 +306,19 @@ class Decomposition:
 
         return top_logits(self, data, subnetwork, k, to_str, positions)
 
-    def intervene(self, model: Optional[nn.Module] = None, subnetwork=0, delta=1.0, *, ablate: bool = False):
-        """Context manager: the model's weights at W0 + sum_j delta_j v_j (or, with ``ablate``,
-        with span{v_j} projected out) inside the block; restored bit-exactly on exit, even on error.
+    def intervene(self, model: Optional[nn.Module] = None, subnetwork=0, delta=None, *, ablate: bool = False):
+        """Context manager: the model's weights at W0 + sum_j delta_j v_j (delta: one number for
+        all, one per subnetwork, or None for 1.0) or, with ``ablate`` (and no delta), with
+        span{v_j} projected out, inside the block; restored bit-exactly on exit, even on error.
 
             with dec.intervene(subnetwork=3, delta=-2.0):
                 logits = model(tokens)
         """
-        from .interventions import check_deltas, check_subnetworks, edit_weights, weight_changes
+        from .interventions import check_intervention, edit_weights, weight_changes
 
-        ks = check_subnetworks(subnetwork, self.n_subnetworks)
-        deltas = None if ablate else check_deltas(delta, len(ks))
+        if not isinstance(ablate, bool):
+            raise TypeError(f"ablate must be True or False, got {ablate!r}")
+        ks, deltas = check_intervention(subnetwork, delta, ablate, self.n_subnetworks)
         adapter = self.adapter
         if model is not None and model is not self.model:
             from .adapters import make_adapter

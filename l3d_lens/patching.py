@@ -609,11 +609,12 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     if cfg.reference != "paired":
         raise ValueError(f"cfg.reference={cfg.reference!r}; contrastive L3D needs reference='paired' (the other "
                          f"input of each pair is the reference)")
-    from .decomposition import build_task, decompose
+    from .decomposition import build_task, check_run, decompose
 
-    _check_l3d_coverage(build_task(model, cfg), head_list, mlp_layers, neuron_list)
-
+    task = build_task(model, cfg)
+    _check_l3d_coverage(task, head_list, mlp_layers, neuron_list)
     base, source = (clean, corrupted) if direction == "noise" else (corrupted, clean)
+    check_run(task, base, source)  # what decompose would refuse, before the patching sweeps
     with _untouched(model), _quiet(progress):
         m_clean, m_corr = _check_metric(adapter, metric, clean, corrupted)
         m_base = m_clean if direction == "noise" else m_corr

@@ -340,7 +340,8 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             order = torch.randperm(data.shape[0], generator=gen) if isinstance(data, torch.Tensor) else None
         lr = opt.param_groups[0]["lr"]
         batch_index = skip
-        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, task.min_batch, skip):
+        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, task.min_batch, skip,
+                                 position=cfg.position):
             x = x.to(task.adapter.device)
             paired = paired.to(task.adapter.device) if paired is not None else None
             if batch_index == 0 and epoch in resample_at:

@@ -167,3 +167,23 @@ def test_checkpoint_every_is_an_int_and_needs_a_checkpoint_folder(kw, message):
     cfg = l3d_lens.L3DConfig(components="fc1", n_subnetworks=2, rank=1, epochs=1, batch_size=6)
     with pytest.raises(ValueError, match=message):
         l3d_lens.decompose(TinyMLP(), x, cfg, progress=False, **kw)
+
+
+def test_decompose_checks_each_batch_of_a_stream_against_the_position():
+    """A stream's later, shorter batch stops training with the position's message (it was a bare
+    IndexError from inside the step)."""
+    model = tiny_lm("bridge")
+    cfg = l3d_lens.L3DConfig(components="blocks.0.attn", n_subnetworks=2, rank=1, epochs=1, sample="sequence",
+                             position=4, reference="uniform")
+    with pytest.raises(ValueError, match=r"position=4 is outside the sequences of length 3 \(batch 1 of the data\)"):
+        l3d_lens.decompose(model, Stream([tokens(4, 6), tokens(4, 3, seed=3)]), cfg, progress=False)
+
+
+def test_decompose_names_a_device_this_machine_lacks_before_any_work():
+    """cfg.device='cuda:7' on a machine without it: one ValueError naming the device (it was an
+    AssertionError from inside torch, 'Torch not compiled with CUDA enabled', on a CPU build)."""
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a CUDA device 7")
+    cfg = l3d_lens.L3DConfig(components="fc1", n_subnetworks=2, rank=1, epochs=1, device="cuda:7")
+    with pytest.raises(ValueError, match=r"device='cuda:7': .*use one this machine has"):
+        l3d_lens.decompose(TinyMLP(), torch.rand(8, 5, dtype=torch.float64), cfg, progress=False)

@@ -150,3 +150,23 @@ def test_check_intervention_refuses_a_delta_with_ablate():
             check_intervention([0, 1], delta, True, 3)
     with pytest.raises(ValueError, match=r"subnetwork 3 out of range"):
         check_intervention(3, None, True, 3)
+
+
+def test_intervene_refuses_a_delta_with_ablate_and_defaults_to_one():
+    """dec.intervene(delta=..., ablate=True) ran the ablation and dropped the delta silently."""
+    model = tiny_lm("bridge", dtype=torch.float64)
+    dec = dec_of(model)
+    before = params(model)
+    with pytest.raises(ValueError, match=r"delta=2.0 with ablate=True"):
+        dec.intervene(subnetwork=[0, 1], delta=2.0, ablate=True)
+    with pytest.raises(TypeError, match=r"ablate must be True or False"):
+        dec.intervene(subnetwork=0, ablate="yes")
+    assert_restored(model, before)
+    x = tokens(2, 6)
+    with torch.no_grad():
+        with dec.intervene(subnetwork=1):
+            default = model(x)
+        with dec.intervene(subnetwork=1, delta=1.0):
+            one = model(x)
+    assert torch.equal(default, one)
+    assert_restored(model, before)

@@ -269,6 +269,7 @@ def bad_inputs():
         return logits[:, -1, 0].mean() * float("nan")
 
     layer0 = L3DConfig(components="blocks.0.attn", reference="paired", sample="sequence", top_k=1.0, epochs=1)
+    paired_all = L3DConfig(components="blocks.*.attn", reference="paired", top_k=1.0, epochs=1)
     return [
         (dict(corrupted=corrupted[:, :5]), ValueError, "same shape"),
         (dict(corrupted=corrupted[:4]), ValueError, "same shape"),
@@ -297,6 +298,10 @@ def bad_inputs():
         (dict(cfg=layer0), ValueError, "do not cover the output weights \\(W_V or W_O\\) of the heads"),
         (dict(cfg=layer0, heads=[(0, 0), (0, 1)], mlp=True), ValueError, "do not cover the output weights \\(W_out\\) of the MLP"),
         (dict(cfg="default"), TypeError, "L3DConfig"),
+        # what decompose refuses before training, refused before the patching sweeps too
+        (dict(cfg=paired_all.replace(sample="sequence", position=99)), ValueError, "position=99 is outside"),
+        (dict(cfg=paired_all.replace(device="cuda:7")), ValueError, "device='cuda:7'"),
+        (dict(cfg=paired_all.replace(n_subnetworks=10**9, rank=1)), MemoryError, "needs about"),
     ]
 
 
