@@ -4,8 +4,8 @@ BENCHMARKS.md (other sections are kept).
 
     python benchmarks/toy_train_time.py --seeds $(seq 0 9) 34 86 89 93 101 107 \
         --json benchmarks/results/toy_train_time.json
-        # 2 jobs x 1 thread (about 13 min on AVX2); seeds 0-9 and the other x² seeds of 0-119
-        # that need a second block of starts ("Toy models: x² give-up check")
+        # 2 jobs x 1 thread (about 11 min on an AVX2 host, 3 on an AVX512 one); seeds 0-9 and the
+        # other x² seeds of 0-119 that need a second block of starts ("Toy models: x² give-up check")
 
 Each model's final training loss is compared with the one recorded for the same toy and seed by
 the runs of record made on a CPU of the same capability (``RECORDS``): equal means the model is
@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import DEFAULT_SEEDS, Measured, jobs_section, pool_map, saved_run, seeds_jobs_main, span  # noqa: E402
+from benchmarks.common import (DEFAULT_SEEDS, RESULTS, Measured, jobs_section, pool_map, saved_run,  # noqa: E402
+                               seeds_jobs_main, span)
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.train import DEFAULT_EPOCHS, TOY_NAMES  # noqa: E402
 
@@ -38,6 +39,15 @@ LIMIT = 60.0
 #: BENCHMARKS.md): x² training rounds differently with AVX2 and AVX512 kernels
 RECORDS = {"AVX512": ("toy_heldout.json", "toy_square_recipe.json"),
            "AVX2": ("toy_switch_epoch.json", "toy_give_up.json", "toy_remedies.json", "toy_resampling.json")}
+#: earlier saved runs (``benchmarks/results``) summarised under the latest one, with what they
+#: measured: the hosts of this machine differ from session to session (AVX2 or AVX512 CPUs of
+#: different speeds), and the training step has changed since some of them
+EARLIER = {
+    "toy_train_time_e5ed19a_avx2.json": "commit e5ed19a (`toy.chain_step` before its per-step lookups were hoisted "
+                                        "and its AdamW call made direct), on an AVX2 host",
+    "toy_train_time_e5ed19a_avx512.json": "commit e5ed19a (the same older step), on an AVX512 host: the latest "
+                                          "run's host, run just before it",
+}
 
 
 def run_one(name: str, seed: int, threads: int) -> dict[str, Any]:
@@ -85,11 +95,16 @@ def table(rows: list[dict[str, Any]], saved) -> str:
         cells = []
         for name in TOY_NAMES:
             r = by[(name, s)]
-            text = f"{r['seconds']:.0f}" + (f", {r['blocks']} blocks" if r["blocks"] > 1 else "")
+            text = _secs(r["seconds"]) + (f", {r['blocks']} blocks" if r["blocks"] > 1 else "")
             text = f"**{text}**" if r["seconds"] >= LIMIT else text
             cells.append(f"{text} ({_match(r, saved)})")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _secs(seconds: float) -> str:
+    """Seconds as the table shows them: one decimal under 10 s, whole seconds above."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
 
 
 def summary(rows: list[dict[str, Any]], saved) -> str:
@@ -97,9 +112,9 @@ def summary(rows: list[dict[str, Any]], saved) -> str:
     for name in TOY_NAMES:
         sel = [r for r in rows if r["toy"] == name]
         secs = [r["seconds"] for r in sel]
-        over = [f"seed {r['seed']} ({r['seconds']:.0f} s)" for r in sel if r["seconds"] >= LIMIT]
+        over = [f"seed {r['seed']} ({_secs(r['seconds'])} s)" for r in sel if r["seconds"] >= LIMIT]
         matches = [_match(r, saved) for r in sel]
-        line = (f"- {name}: {min(secs):.0f}-{max(secs):.0f} s (median {statistics.median(secs):.0f} s); "
+        line = (f"- {name}: {_secs(min(secs))}-{_secs(max(secs))} s (median {_secs(statistics.median(secs))} s); "
                 f"over a minute: {', '.join(over) if over else 'none'}")
         if name == "square":
             line += f"; more than one block of starts: {sum(r['blocks'] > 1 for r in sel)}/{len(sel)} seeds"
@@ -136,7 +151,40 @@ def section(rows, args, measured: Measured) -> str:
         "`toy_switch_epoch.py` for TMCS, `toy_give_up.py` for x², `toy_remedies.py` for seeds 0-2, "
         "`toy_resampling.py` for the higher-rank model and TMCS; – where none trained that model). Bold: a minute "
         "or more." + note,
-        table(rows, saved), summary(rows, saved))
+        table(rows, saved), summary(rows, saved) + same_as_earlier(rows), *earlier())
+
+
+def same_as_earlier(rows: list[dict[str, Any]]) -> str:
+    """A line per earlier run (``EARLIER``) on a CPU of the same capability: how many of these
+    models end at its final training loss, bit for bit (a faster step must change none)."""
+    lines = []
+    for name in EARLIER:
+        if not (RESULTS / name).is_file():
+            continue
+        theirs = {(r["toy"], r["seed"]): r for r in saved_run(name)["rows"]}
+        pairs = [(r, theirs[(r["toy"], r["seed"])]) for r in rows if (r["toy"], r["seed"]) in theirs
+                 and theirs[(r["toy"], r["seed"])]["cpu_capability"] == r["cpu_capability"]]
+        if pairs:
+            same = sum(a["final_loss"] == b["final_loss"] for a, b in pairs)
+            lines.append(f"\n- Same final training loss, bit for bit, as the earlier run `{name}` (below): "
+                         f"{same}/{len(pairs)} models.")
+    return "".join(lines)
+
+
+def earlier() -> list[str]:
+    """A block per saved run of ``EARLIER``: what it measured and its summary lines."""
+    blocks = []
+    for name, what in EARLIER.items():
+        if not (RESULTS / name).is_file():
+            continue
+        run = saved_run(name)
+        rows = run["rows"]
+        capability = {r["cpu_capability"] for r in rows}
+        saved = recorded(capability.pop()) if len(capability) == 1 else {}
+        blocks.append(f"Earlier run, {what}: `{Measured(**{k: run[k] for k in ('argv', 'machine', 'seconds', 'args')}).command('toy_train_time.py')}` "
+                      f"({run['args']['jobs']} jobs); machine: {run['machine']}; total {run['seconds'] / 60:.1f} min.\n\n"
+                      + summary(rows, saved))
+    return blocks
 
 
 def main(argv=None) -> None:
