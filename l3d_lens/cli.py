@@ -669,6 +669,8 @@ def _decompose(args: argparse.Namespace) -> int:
 
     _threads(args)
     start = time.perf_counter()
+    if args.device is not None:  # named as the flag (the config would name its own field)
+        _check_device(args.device)
     cfg = build_config(args)
     out = _check_folder(Path(args.out))
     report_path = _report_path(args.report, "--report") if args.report else None

@@ -123,6 +123,8 @@ class L3DConfig:
             object.__setattr__(self, "rank", {k: tuple(v) if isinstance(v, list) else v for k, v in self.rank.items()})
         if isinstance(self.resample_epochs, (list, tuple)):
             object.__setattr__(self, "resample_epochs", tuple(self.resample_epochs))
+        if isinstance(self.device, torch.device):  # kept as its string: the config is saved as JSON
+            object.__setattr__(self, "device", str(self.device))
         if isinstance(self.dtype, torch.dtype):
             inverse = {v: k for k, v in DTYPES.items()}
             _choice("dtype", self.dtype, list(DTYPES.values()))
@@ -141,6 +143,7 @@ class L3DConfig:
         if not is_int(self.position) and self.position != "all":
             raise ValueError(f"position must be an int (e.g. -1 for the last token) or 'all', got {self.position!r}")
         _choice("reference", self.reference, REFERENCES)
+        _check_device(self.device)
         for ref, needs in (("uniform", "kl"), ("zero", "mse")):
             if self.reference == ref and isinstance(self.divergence, str) and self.divergence not in ("auto", needs):
                 raise ValueError(f"reference={ref!r} needs divergence={needs!r}, got divergence={self.divergence!r}")
@@ -235,6 +238,22 @@ class L3DConfig:
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(known)}")
         return cls(**d)
+
+
+def _check_device(device: object) -> None:
+    """None (the model's device) or a device string torch can parse. Whether this machine has
+    it is checked when a run starts (``decomposition.check_run``): a config may be saved on one
+    machine and loaded on another."""
+    if device is None:
+        return
+    if not isinstance(device, str):
+        raise ValueError(f"device must be None (the model's device) or a string such as 'cpu', 'cuda', 'cuda:1', "
+                         f"got {device!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device={device!r} is not a device torch knows ({str(e).splitlines()[0]}); e.g. 'cpu', "
+                         f"'cuda', 'cuda:1', or None for the model's device") from None
 
 
 def autocast_context(autocast: Union[str, None], device: torch.device):

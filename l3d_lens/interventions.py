@@ -84,7 +84,8 @@ def check_intervention(subnetwork: Subnets, delta: Optional[Deltas], ablate: boo
 
 def check_finite(adapter: Adapter, changes: dict[str, torch.Tensor], deltas: list[float]) -> None:
     """Refuse changes that take a finite weight out of its dtype's range (W0 + change inf or NaN,
-    e.g. delta=1e39 on a float32 model), which would silently turn every output into NaN."""
+    e.g. delta=1e40 on a float32 model). Only the weights are checked: a delta that leaves them
+    finite can still overflow the forward pass."""
     for name, change in changes.items():
         w = adapter.weight(name)
         if (torch.isfinite(w) & ~torch.isfinite(w + change.to(w.device, w.dtype))).any():
@@ -104,7 +105,7 @@ def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: l
         check_finite(adapter, changes, deltas)
         return changes
     flat_v = torch.cat([subnetworks[n][ks].double().reshape(len(ks), -1) for n in names], 1)
-    basis = span_basis(flat_v.T)
+    basis = span_basis(flat_v.T, torch.finfo(subnetworks[names[0]].dtype).eps)
     w = torch.cat([adapter.weight(n).double().reshape(-1).to(basis.device) for n in names])
     change = -(basis @ (basis.T @ w))
     out, i = {}, 0
@@ -115,12 +116,14 @@ def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: l
     return out
 
 
-def span_basis(vectors: torch.Tensor) -> torch.Tensor:
+def span_basis(vectors: torch.Tensor, eps: float) -> torch.Tensor:
     """Orthonormal basis [n, r] of the span of the columns of ``vectors`` [n, m], r = its rank:
-    left singular vectors above a relative tolerance, so linearly dependent subnetworks (v1 = v0,
-    v1 = -2 v0, v1 = 0) add no direction outside the span (QR would give every column one)."""
+    left singular vectors above a tolerance relative to the largest, with ``eps`` the machine
+    epsilon of the dtype the vectors were computed in (float32 subnetworks: float32's, even when
+    projected in float64), so linearly dependent subnetworks (v1 = v0, v1 = 3 v0, v1 = 0) add
+    no rounding-noise direction outside the span (QR would give every column one)."""
     u, s, _ = torch.linalg.svd(vectors, full_matrices=False)
-    tol = s.max() * max(vectors.shape) * torch.finfo(vectors.dtype).eps
+    tol = s.max() * max(vectors.shape) * eps
     return u[:, s > tol]
 
 

@@ -150,16 +150,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
 
 def _factor_device(file: Path, saved: Any, given: Union[str, torch.device, None]) -> Optional[str]:
     """The device the factors load on, for the loaded config: ``given`` (load's device=), else the
-    saved one if this machine has it, else None (the model's device, with a warning)."""
-    if saved is not None:
-        if not isinstance(saved, str):
-            raise ValueError(f"{file}, 'config': device must be null or a string (e.g. 'cpu', 'cuda', 'cuda:1'), "
-                             f"got {reprlib.repr(saved)}")
-        try:
-            stored = torch.device(saved)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"{file}, 'config': device {saved!r} is not a device torch knows "
-                             f"({str(e).splitlines()[0]}); expected null or e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    saved one if this machine has it, else None (the model's device, with a warning). The saved
+    one is a device torch knows: ``L3DConfig`` checked it."""
     if given is not None:
         if not isinstance(given, (str, torch.device)):
             raise TypeError(f"device= must be a string or torch.device (e.g. 'cpu', 'cuda:1'), got {given!r}")
@@ -174,7 +166,7 @@ def _factor_device(file: Path, saved: Any, given: Union[str, torch.device, None]
         return str(dev)
     if saved is None:
         return None
-    problem = unavailable(stored)
+    problem = unavailable(torch.device(saved))
     if problem:
         warnings.warn(f"{file} was computed on device {saved!r}, but {problem}; its factors load on the model's "
                       f"device (pass device= to choose another)", stacklevel=4)
@@ -187,8 +179,11 @@ def unavailable(dev: torch.device) -> Optional[str]:
     device check uses it too)."""
     if dev.type == "meta":
         return "the meta device holds no values"
-    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
-    if backend is not None and not (backend and backend.is_available()):
+    # cuda, mps, xpu, ...: asked of the backend module torch has for the type; a type with none
+    # (e.g. xla, whose package registers no torch.xla) is left to the first tensor put there
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None) if dev.type != "cpu" else None
+    if callable(available) and not available():
         return f"no {dev.type} device is available to this torch ({torch.__version__})"
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"this machine has {torch.cuda.device_count()} CUDA device(s)"

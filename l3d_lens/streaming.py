@@ -15,6 +15,8 @@ from typing import Optional, Union
 
 import torch
 
+from .checks import as_index
+
 Tokenize = Union[Callable[[str], Sequence[int]], object]
 
 
@@ -77,6 +79,33 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("*.txt"), *folder.glob("*.jsonl")])
 
 
+def _dataset_files(path: Path, split: Optional[str]) -> list[Path]:
+    """The files of a dataset saved with ``save_to_disk`` that a stream of it reads: its data
+    files as its state.json lists them (of ``split`` in a DatasetDict), with that state.json and
+    dataset_info.json; not the ``cache-*.arrow`` files that ``.map``/``.filter`` on the loaded
+    dataset add, nor other splits. Without a readable state.json: every file but those caches."""
+    folder = path / split if split is not None and (path / "dataset_dict.json").is_file() else path
+    meta = [f for f in (folder / "state.json", folder / "dataset_info.json") if f.is_file()]
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        data = [folder / d["filename"] for d in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(("cache-", ".")))
+    return meta + [f for f in data if f.is_file()]
+
+
+def _token_ids(arg: str, ids: Sequence[int]) -> list[int]:
+    """``ids`` (ints, numpy integers or a 1-d integer tensor, e.g. ``model.to_tokens("")[0]``) as
+    a list of Python ints; TypeError naming ``arg`` otherwise."""
+    try:
+        out = [as_index(i) for i in ids]
+    except TypeError:  # not iterable: one id, say, without its list
+        out = [None]
+    if isinstance(ids, (str, bytes)) or any(i is None or i < 0 for i in out):
+        raise TypeError(f"{arg} must be a sequence of token ids (ints >= 0), got {ids!r}")
+    return out
+
+
 def _check_split(path: Path, splits: list[str], split: Optional[str]) -> None:
     if split is None:
         raise ValueError(f"{path} holds splits {splits}; pass split=")
@@ -128,7 +157,7 @@ class TokenStream:
         self.encode = _tokenizer(tokenize)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.text_column, self.split = text_column, split
-        self.separator, self.prefix = list(separator), list(prefix)
+        self.separator, self.prefix = _token_ids("separator", separator), _token_ids("prefix", prefix)
         self.max_batches = max_batches
         self.texts_read = 0
 
@@ -144,19 +173,22 @@ class TokenStream:
 
     def fingerprint(self) -> str:
         """What a checkpoint knows this stream by (``training.data_fingerprint``): its settings,
-        the files it reads (name and size, in reading order; a saved dataset's files too) and
-        the SHA-256 of its first batch, which also changes with the tokenizer. Cheap: it reads
-        the first batch only. Moving the files elsewhere keeps it; editing them to the same
+        the files it reads (name and size, in reading order; of a saved dataset, its split's data
+        files and its state and info JSON, which hold the dataset's own fingerprint) and the
+        SHA-256 of its first batch, which also changes with the tokenizer. Cheap: it reads the
+        first batch only. Moving the files elsewhere keeps it; editing a text file to the same
         size past the first batch does not change it."""
         h = hashlib.sha256()
         settings = [self.seq_len, self.batch_size, self.text_column, self.split, self.separator, self.prefix,
                     self.max_batches]
         h.update(json.dumps(settings).encode())
         for src in self.sources:
-            files = (sorted(p for p in src.rglob("*") if p.is_file()) if _is_dataset_dir(src)
+            files = (_dataset_files(src, self.split) if _is_dataset_dir(src)
                      else _folder_files(src) if src.is_dir() else [src])
             for f in files:
                 h.update(f"{f.relative_to(src) if f != src else f.name}:{f.stat().st_size}\n".encode())
+                if f.suffix == ".json":  # a saved dataset's state: its own fingerprint of the data
+                    h.update(f.read_bytes())
         first = next(iter(self), None)
         if first is not None:
             h.update(f"{list(first.shape)}".encode())

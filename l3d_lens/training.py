@@ -89,6 +89,12 @@ def model_fingerprint(task: Task) -> dict[str, Any]:
     return {"weights": task.adapter.fingerprint(names), "others": h.hexdigest()}
 
 
+def older_stream(saved: Optional[str], now: Optional[str]) -> bool:
+    """A TokenStream recorded by an earlier l3d_lens, by its type only: it cannot be checked
+    against this one (``train`` warns and resumes, as for other parts it did not record)."""
+    return saved == "iterable:TokenStream" and isinstance(now, str) and now.startswith("tokenstream:")
+
+
 def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's identity and this run's, in words (parts the
     checkpoint does not record are left out)."""
@@ -105,9 +111,10 @@ def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[s
                           != identity["model"]["weights"]["shapes"] else "their values") + ")")
         else:
             out.append("model weights (outside the decomposed weights)")
-    if saved["data"] != identity["data"]:
+    if saved["data"] != identity["data"] and not older_stream(saved["data"], identity["data"]):
         out.append("data")
-    if "reference" in saved and saved["reference"] != identity["reference"]:
+    if "reference" in saved and saved["reference"] != identity["reference"] and not older_stream(
+            saved["reference"], identity["reference"]):
         out.append("reference data (reference=)")
     if saved["world"] != identity["world"]:
         out.append(f"world size ({saved['world']} in the checkpoint, {identity['world']} now)")
@@ -294,10 +301,12 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
                              f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
         check_resumable(path, folder, state, tensors, Fresh(f, opt, sched, gen), cfg, data, task.min_batch)
         unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
+        unrecorded += [f"{part} (a TokenStream, known then by its type only)" for part in ("data", "reference")
+                       if older_stream(saved_identity.get(part), identity[part])]
         if unrecorded:
             warnings.warn(f"checkpoint in {path} does not record the {' or '.join(unrecorded)} it was made with "
                           f"(an earlier l3d_lens wrote it), so it cannot be checked against this call's; resuming "
-                          f"it as this run: if it was made for another model or reference data, use a fresh "
+                          f"it as this run: if it was made for another model or other data, use a fresh "
                           f"checkpoint folder", stacklevel=3)
         with torch.no_grad():
             for k, t in f.items():

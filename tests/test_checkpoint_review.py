@@ -503,3 +503,93 @@ def test_a_token_stream_checkpoint_refuses_another_stream_and_follows_moved_file
     moved = write(tmp_path / "moved", text)
     resumed = l3d_lens.decompose(model, stream(moved), cfg, progress=False, checkpoint=tmp_path / "ck")
     assert same(resumed, straight) and resumed.history == straight.history
+
+
+def _interrupted_stream_run(tmp_path, monkeypatch):
+    """(model, stream factory, cfg, straight result) with a checkpoint of the same run, stopped mid
+    epoch 1, in tmp_path / "ck"."""
+    from l3d_lens.streaming import TokenStream
+
+    text = tmp_path / "a.txt"
+    text.write_text("".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12)))
+
+    def stream():
+        return TokenStream(text, lambda s: [ord(c) % 19 + 1 for c in s], seq_len=5, batch_size=4)
+
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=2, batch_size=4,
+                             sample="sequence")
+    model = tiny_lm("bridge")
+    straight = l3d_lens.decompose(model, stream(), cfg, progress=False)
+    killed_at_step(monkeypatch, len(list(stream())) + 1)
+    with pytest.raises(KeyboardInterrupt):
+        l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck", checkpoint_every=1)
+    monkeypatch.undo()
+    return model, stream, cfg, straight
+
+
+def test_a_token_stream_checkpoint_of_an_earlier_l3d_lens_resumes_with_a_warning(tmp_path, monkeypatch):
+    """An earlier l3d_lens recorded a TokenStream as 'iterable:TokenStream': it cannot be checked
+    against this stream, so it resumes with a warning (as other unrecorded parts), not refused as
+    other data."""
+    model, stream, cfg, straight = _interrupted_stream_run(tmp_path, monkeypatch)
+    rewritten = 0
+    for file in (tmp_path / "ck").rglob("*.json"):
+        meta = json.loads(file.read_text())
+        if str(meta.get("identity", {}).get("data", "")).startswith("tokenstream:"):
+            meta["identity"]["data"] = "iterable:TokenStream"
+            file.write_text(json.dumps(meta))
+            rewritten += 1
+    assert rewritten
+    with pytest.warns(UserWarning, match=r"does not record the data \(a TokenStream, known then by its type only\)"):
+        resumed = l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck")
+    assert same(resumed, straight) and resumed.history == straight.history
+
+
+def test_token_stream_ids_may_be_numpy_or_a_tensor_and_must_be_ids():
+    """prefix=model.to_tokens('')[0] (a tensor) or numpy ids streamed, but a checkpoint's
+    fingerprint could not serialise them; they are read as ints. Other values are refused."""
+    import numpy as np
+
+    from l3d_lens.streaming import TokenStream
+
+    source = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+    def stream(**kw):
+        return TokenStream(source, lambda s: [ord(c) % 19 + 1 for c in s[:40]], seq_len=6, batch_size=2,
+                           max_batches=2, **kw)
+
+    plain = stream(prefix=[3], separator=[1, 2])
+    for kw in ({"prefix": np.array([3]), "separator": np.array([1, 2])},
+               {"prefix": torch.tensor([3]), "separator": torch.tensor([1, 2])}):
+        other = stream(**kw)
+        assert other.fingerprint() == plain.fingerprint()
+        assert all(torch.equal(a, b) for a, b in zip(other, plain))
+    for bad in ("ab", [1.5], [-1], 7, [True]):
+        with pytest.raises(TypeError, match=r"separator must be a sequence of token ids"):
+            stream(separator=bad)
+
+
+def test_a_saved_dataset_stream_is_known_by_the_files_it_reads(tmp_path):
+    """A dataset folder's fingerprint covers its split's data files: a cache file that .map()
+    on the loaded dataset writes there, or a change to another split, leaves it as it was (it
+    refused the resume); other data in the split changes it."""
+    datasets = pytest.importorskip("datasets")
+    from l3d_lens.streaming import TokenStream
+
+    def save(folder, texts):
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                              "test": datasets.Dataset.from_dict({"text": ["held out"] * 3})}).save_to_disk(str(folder))
+
+    texts = [f"some text number {i} here" for i in range(50)]
+    save(tmp_path / "ds", texts)
+
+    def fingerprint(folder=tmp_path / "ds"):
+        return TokenStream(folder, lambda s: [ord(c) % 50 for c in s], 8, 4, split="train").fingerprint()
+
+    before = fingerprint()
+    datasets.load_from_disk(str(tmp_path / "ds"))["train"].map(lambda r: {"n": len(r["text"])})
+    assert any(p.name.startswith("cache-") for p in (tmp_path / "ds" / "train").iterdir())
+    (tmp_path / "ds" / "test" / "notes.txt").write_text("a change to another split")
+    assert fingerprint() == before
+    save(tmp_path / "other", texts[:49] + ["some text number 49 HERE"])
+    assert fingerprint(tmp_path / "other") != before

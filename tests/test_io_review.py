@@ -181,8 +181,8 @@ def test_a_bad_device_argument_is_a_clear_error(decs, tmp_path, device, error, m
 
 
 @pytest.mark.parametrize("value, match", [
-    ("banana", r"decomposition\.json, 'config': device 'banana' is not a device torch knows"),
-    (3, r"decomposition\.json, 'config': device must be null or a string"),
+    ("banana", r"decomposition\.json, 'config': device='banana' is not a device torch knows"),
+    (3, r"decomposition\.json, 'config': device must be None \(the model's device\) or a string"),
 ])
 def test_an_invalid_saved_device_is_named(decs, tmp_path, value, match):
     model, dec_a, _ = decs

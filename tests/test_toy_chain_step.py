@@ -136,3 +136,19 @@ def test_the_step_count_is_shared_and_counts_every_step():
     for xb, yb in zip(x.split(32), y.split(32)):
         step(xb, yb)
     assert all(s is step.step for s in step.steps) and step.step.item() == 10
+
+
+def test_fit_under_autocast_is_left_to_autograd(monkeypatch):
+    """Under torch.autocast the forward casts to the autocast dtype, which the hand-written step
+    does not: it failed ('expected scalar type Float but found BFloat16'); autograd trains it."""
+    build, x, y, lr = _task("square")
+    with torch.autocast("cpu", torch.bfloat16):
+        assert chain_step.linear_chain(build(1)) is None
+        model = build(1)
+        losses = fit(model, x, y, epochs=2, seed=5, lr=lr)
+    assert chain_step.linear_chain(build(1)) is not None
+    _autograd_only(monkeypatch)
+    with torch.autocast("cpu", torch.bfloat16):
+        again = build(1)
+        assert fit(again, x, y, epochs=2, seed=5, lr=lr) == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

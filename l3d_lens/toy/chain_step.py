@@ -30,8 +30,9 @@ def linear_chain(model: nn.Module) -> Optional[list[tuple[nn.Linear, Optional[st
     autograd would: a ``SquareMLP`` or ``SuperpositionModel`` (not a subclass, whose forward may
     differ) with every parameter trainable and no module, parameter or global hook (which autograd
     would run), contiguous weights at least 2 wide on each side (autograd's matmul backward
-    picks another order of operands for some width-1 strides), and every parameter on one device
-    in one dtype (one fused AdamW call); None otherwise."""
+    picks another order of operands for some width-1 strides), every parameter on one device in
+    one dtype (one fused AdamW call), and no autocast on that device (whose casts the step does
+    not make); None otherwise."""
     if type(model) is models.SquareMLP:
         layers = list(model.layers)
         chain = [(layer, "gelu") for layer in layers[:-1]] + [(layers[-1], None)]
@@ -47,7 +48,8 @@ def linear_chain(model: nn.Module) -> Optional[list[tuple[nn.Linear, Optional[st
     hooked = hooked or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
     shaped = all(layer.weight.is_contiguous() and min(layer.weight.shape) >= 2 for layer, _ in chain)
     one_kind = len({(p.device, p.dtype) for p in params}) == 1  # one fused AdamW call, as ``ChainStep`` makes
-    if hooked or not shaped or not one_kind or not all(p.requires_grad for p in params):
+    autocast = one_kind and torch.is_autocast_enabled(params[0].device.type)  # autograd's forward would cast
+    if hooked or not shaped or not one_kind or autocast or not all(p.requires_grad for p in params):
         return None
     return chain
 
