@@ -408,6 +408,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+#: --set values written as Python writes them, read as JSON's true, false and null
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
 def build_config(args: argparse.Namespace):
     from .config import L3DConfig
 
@@ -423,7 +427,7 @@ def build_config(args: argparse.Namespace):
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: write FIELD=VALUE, e.g. --set aux_coef=0.1")
         try:
-            settings[key.strip()] = json.loads(raw)
+            settings[key.strip()] = _PYTHON_LITERALS[raw.strip()] if raw.strip() in _PYTHON_LITERALS else json.loads(raw)
         except json.JSONDecodeError:
             settings[key.strip()] = raw
     if "components" not in settings:
@@ -902,7 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "float64"))
     g.add_argument("--no-biases", action="store_true", help="leave biases out of the decomposition")
     g.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="any other L3DConfig field (VALUE parsed as JSON), e.g. --set aux_coef=0.1; repeatable")
+                   help="any other L3DConfig field (VALUE parsed as JSON; True, False, None too), e.g. --set aux_coef=0.1; "
+                        "repeatable")
     dec.add_argument("--report", metavar="HTML", help="also write the HTML report here")
     _model_args(dec)
     _common(dec)

@@ -144,6 +144,8 @@ class L3DConfig:
             raise ValueError(f"position must be an int (e.g. -1 for the last token) or 'all', got {self.position!r}")
         _choice("reference", self.reference, REFERENCES)
         _check_device(self.device)
+        if not isinstance(self.include_biases, bool):  # a string such as "False" would count as true
+            raise ValueError(f"include_biases must be True or False, got {self.include_biases!r}")
         for ref, needs in (("uniform", "kl"), ("zero", "mse")):
             if self.reference == ref and isinstance(self.divergence, str) and self.divergence not in ("auto", needs):
                 raise ValueError(f"reference={ref!r} needs divergence={needs!r}, got divergence={self.divergence!r}")

@@ -401,3 +401,23 @@ def test_the_summary_lists_only_heads_the_subnetwork_lies_in(capsys, tmp_path):
     assert len(rows) == 2, out
     for line in rows:
         assert re.findall(r"L\d+H\d+", line) == ["L1H2", "L1H2"], line
+
+
+@pytest.mark.parametrize("value, biases", [("False", False), ("false", False), ("True", True)])
+def test_set_include_biases_takes_python_and_json_booleans(capsys, tmp_path, value, biases):
+    """--set include_biases=False stored the string 'False', which counts as true: the biases were
+    decomposed against the user's word. Python's True/False/None now read as JSON's."""
+    code, _, err = run(capsys, "decompose", "induction", "--components", "blocks.0.attn", "--set",
+                       f"include_biases={value}", "--max-sequences", "8", "--out", tmp_path / "dec", *TINY)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "dec" / "decomposition.json").read_text())
+    assert meta["config"]["include_biases"] is biases
+    assert any(w.endswith(".b_Q") for w in meta["weights"]) is biases
+
+
+def test_include_biases_must_be_a_bool():
+    import l3d_lens
+
+    for bad in ("False", "no", 0, None):
+        with pytest.raises(ValueError, match=r"include_biases must be True or False"):
+            l3d_lens.L3DConfig(components="blocks.0.attn", include_biases=bad)
