@@ -4,7 +4,8 @@ to decompose.
 Grammar: a glob over TransformerLens weight names, matching a weight or any weight under a
 prefix (``blocks.3`` = the whole block, ``blocks.*.mlp``, ``blocks.3.attn.W_Q``, ``embed``,
 ``unembed``), optionally followed by ``[i,j,a:b]``: heads of attention weights, or neurons
-(d_mlp) of MLP weights. Weights without that axis (b_O, b_out) drop out of a sliced selection.
+(d_mlp) of MLP weights, never both from one list. Weights without that axis (b_O, b_out) drop
+out of a sliced selection.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from .adapters import Adapter, Site
 
 _SUBSET = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[-0-9,:\s]*)\]$")
+_TRAILING = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[^\[\]]*)\]$")  # any last [..], index list or glob
 _SYNTAX = "write [i,j,a:b] of indices >= 0 right after the name, e.g. 'blocks.0.attn[0,2]', 'blocks.1.mlp[3:9,20]'"
 _LAYER = re.compile(r"^blocks\.(\d+)(\.|$)")
 _BIAS_KINDS = ("bias", "ln_b")
@@ -118,6 +120,67 @@ def _left_out(adapter: Adapter, selector: str, pattern: str, matched_any: bool, 
     warnings.warn(f"selector {selector!r} leaves out {', '.join(covered)}: {why}", stacklevel=4)
 
 
+def _matching(adapter: Adapter, pattern: str) -> list[Site]:
+    """Sites whose name matches the glob, or lies under a module the glob names."""
+    return [s for s in adapter.sites.values()
+            if fnmatch.fnmatchcase(s.name, pattern) or fnmatch.fnmatchcase(s.name, pattern + ".*")]
+
+
+def _bad_item(text: str) -> Optional[str]:
+    """The first entry of ``[text]`` that is neither an index >= 0 nor an a:b range, or None."""
+    for item in text.split(","):
+        a, colon, b = item.strip().partition(":")
+        if not (a.strip().isdigit() and (not colon or b.strip().isdigit())):
+            return item.strip()
+    return None
+
+
+def _no_match(adapter: Adapter, selector: str, sel: str, biases: list[Site]) -> ValueError:
+    """Why a selector selects nothing: only biases that include_biases=False leaves out, a
+    malformed index list after a name that does match, or no weight of that name."""
+    if biases:
+        shown = ", ".join(s.name for s in biases[:4]) + (", ..." if len(biases) > 4 else "")
+        return ValueError(
+            f"selector {selector!r} matches only biases ({shown}), which include_biases=False leaves out; "
+            f"name them exactly (e.g. {biases[0].name!r}) or set include_biases=True"
+        )
+    last = _TRAILING.match(sel)
+    bad = _bad_item(last.group("items")) if last else None
+    if bad is not None and _matching(adapter, last.group("pattern")):
+        dash = re.fullmatch(r"(\d+)\s*-\s*(\d+)", bad)
+        hint = f"; a range is start:stop with stop left out, here {dash[1]}:{int(dash[2]) + 1}" if dash else ""
+        return ValueError(f"selector {selector!r}: bad index {bad!r} in [{last.group('items')}]{hint} "
+                          f"(an index list: {_SYNTAX})")
+    hint = f" (an index list: {_SYNTAX})" if sel.endswith("]") else ""
+    return ValueError(f"selector {selector!r} matches no weight{hint}; available: {available(adapter)}")
+
+
+def _module_glob(sites: list[Site]) -> str:
+    """One glob naming the modules of these weights: 'blocks.1.attn', or 'blocks.*.attn' over layers."""
+    modules = list(dict.fromkeys(s.name.rpartition(".")[0] for s in sites))
+    folded = list(dict.fromkeys(_LAYER.sub(r"blocks.*\2", m) for m in modules))
+    return modules[0] if len(modules) == 1 else folded[0]
+
+
+def _sliceable(selector: str, text: str, matched: list[Site]) -> list[Site]:
+    """The matched weights an index list slices: all attention weights (by head) or all MLP
+    weights (by neuron). One list over both would pick head i and neuron i at once."""
+    heads = [s for s in matched if "head" in s.modes]
+    neurons = [s for s in matched if "head" not in s.modes and "d_mlp" in s.modes]
+    if not heads and not neurons:
+        raise ValueError(
+            f"selector {selector!r}: an index list [..] selects heads of attention weights or neurons of "
+            f"MLP weights, and none of the matched weights has either axis"
+        )
+    if heads and neurons:
+        raise ValueError(
+            f"selector {selector!r}: one index list must address one kind of unit, but it covers attention "
+            f"weights (heads) and MLP weights (neurons); write '{_module_glob(heads)}[{text.strip()}]' for heads "
+            f"or '{_module_glob(neurons)}[{text.strip()}]' for neurons"
+        )
+    return heads or neurons
+
+
 def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = True) -> list[Selected]:
     """Resolve selectors to the list of decomposed weights, in model order."""
     chosen: dict[str, Optional[set[int]]] = {}
@@ -135,22 +198,13 @@ def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = 
                 f"selector {selector!r}: layer {layer.group(1)} out of range; the model has {adapter.n_layers} "
                 f"layers (0..{adapter.n_layers - 1})"
             )
-        matched = [s for s in adapter.sites.values() if fnmatch.fnmatchcase(s.name, pattern)
-                   or fnmatch.fnmatchcase(s.name, pattern + ".*")]
-        exact = [s for s in matched if s.name == pattern]
-        if not include_biases:
-            matched = [s for s in matched if not _is_bias(s) or s in exact]
+        found = _matching(adapter, pattern)
+        matched = found if include_biases else [s for s in found if not _is_bias(s) or s.name == pattern]
         _left_out(adapter, selector, pattern, bool(matched), include_biases)
         if not matched:
-            hint = f" (an index list: {_SYNTAX})" if sel.endswith("]") else ""
-            raise ValueError(f"selector {selector!r} matches no weight{hint}; available: {available(adapter)}")
+            raise _no_match(adapter, selector, sel, found)
         if items is not None:
-            matched = [s for s in matched if "head" in s.modes or "d_mlp" in s.modes]
-            if not matched:
-                raise ValueError(
-                    f"selector {selector!r}: an index list [..] selects heads of attention weights or neurons of "
-                    f"MLP weights, and none of the matched weights has either axis"
-                )
+            matched = _sliceable(selector, m.group("items"), matched)
         for s in matched:
             if items is None:
                 chosen[s.name] = None

@@ -91,7 +91,7 @@ def test_top_logits_of_a_plain_module_reads_its_whole_output():
     ("blocks.0.attn[0,,1]", r"empty entry in \[0,,1\].*\[i,j,a:b\]"),
     ("blocks.0.attn[0,1,]", r"empty entry"),
     ("blocks.0.attn[1:-1]", r"negative index"),
-    ("blocks.0.attn[a]", r"matches no weight \(an index list: write \[i,j,a:b\]"),
+    ("blocks.0.attn[a]", r"bad index 'a' in \[a\] \(an index list: write \[i,j,a:b\]"),
 ])
 def test_bad_index_lists_are_named(selector, match):
     adapter = make_adapter(tiny_lm("bridge"))
