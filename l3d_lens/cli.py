@@ -720,7 +720,8 @@ def _model_record(spec: str) -> str:
 def _saved_device(folder: Path, given: Optional[str]) -> Optional[str]:
     """Where ``report`` / ``compare`` put the model and the factors: ``--device`` if given, else
     the device the decomposition was computed on if this machine has it, else None (where the
-    model loads; a note on stderr says so). A saved device torch cannot name is an error here,
+    model loads; a note on stderr says so, or, for a device this torch cannot name,
+    ``Decomposition.load``'s warning). A saved device that is not a string is an error here,
     before any model is loaded."""
     from .io import META, unavailable
 
@@ -730,13 +731,13 @@ def _saved_device(folder: Path, given: Optional[str]) -> Optional[str]:
         return given  # Decomposition.load says what is wrong with the file
     if device is None:
         return given
-    fix = f'set "device" to null in {folder / META}'
     if not isinstance(device, str):
-        raise UserError(f"the saved decomposition's device {device!r}: must be a string, e.g. cpu, cuda; {fix}")
+        raise UserError(f"the saved decomposition's device {device!r}: must be a string, e.g. cpu, cuda; set "
+                        f'"device" to null in {folder / META}')
     try:
         problem = unavailable(torch.device(device))
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"the saved decomposition's device {device!r}: {_first_line(e)}; {fix}") from None
+    except (RuntimeError, ValueError):  # a device of a torch extension: Decomposition.load warns and falls back
+        return given
     if given is not None:
         return given
     if problem:

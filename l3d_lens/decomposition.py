@@ -47,10 +47,12 @@ def check_untied(adapter: Adapter, names: list[str]) -> None:
                              f"it (give each module its own nn.Parameter(p.detach().clone())) or leave it out")
 
 
-def build_task(model: nn.Module, cfg: L3DConfig) -> Task:
+def build_task(model: nn.Module, cfg: L3DConfig, *, saved: bool = False) -> Task:
+    """The model's adapter, the resolved config and the selected weights (``saved``: of a saved
+    decomposition, whose selectors are read as the l3d_lens that saved it read them)."""
     adapter = make_adapter(model)
     cfg = resolve_config(adapter, cfg)
-    selected = select(adapter, tuple(cfg.components), cfg.include_biases)
+    selected = select(adapter, tuple(cfg.components), cfg.include_biases, saved=saved)
     resolve_ranks(selected, cfg.rank)
     check_untied(adapter, [s.name for s in selected])
     if cfg.engine == "fast":

@@ -118,12 +118,14 @@ def weight_changes(adapter: Adapter, subnetworks: dict[str, torch.Tensor], ks: l
 
 def span_basis(vectors: torch.Tensor, eps: float) -> torch.Tensor:
     """Orthonormal basis [n, r] of the span of the columns of ``vectors`` [n, m], r = its rank:
-    left singular vectors above a tolerance relative to the largest, with ``eps`` the machine
-    epsilon of the dtype the vectors were computed in (float32 subnetworks: float32's, even when
-    projected in float64), so linearly dependent subnetworks (v1 = v0, v1 = 3 v0, v1 = 0) add
-    no rounding-noise direction outside the span (QR would give every column one)."""
+    left singular vectors above 64 m eps times the largest, with ``eps`` the machine epsilon of
+    the dtype the vectors were computed in (float32 subnetworks: float32's, even when projected
+    in float64). So linearly dependent subnetworks (v1 = v0, v1 = 3 v0, v1 = 0), whose rounding
+    noise is ~1e-8 of the largest in float32, add no direction outside the span (QR would give
+    every column one), while distinct ones are kept however many weights they span: the
+    tolerance does not grow with n (n eps would exceed 1 from n ~ 8e6 weights in float32)."""
     u, s, _ = torch.linalg.svd(vectors, full_matrices=False)
-    tol = s.max() * max(vectors.shape) * eps
+    tol = s.max() * 64 * vectors.shape[1] * eps
     return u[:, s > tol]
 
 

@@ -106,7 +106,7 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
         raise FileNotFoundError(f"{path} is not a saved decomposition (needs {META} and {FACTORS})")
     meta = _read_meta(path / META)
     try:
-        cfg = L3DConfig.from_dict(meta["config"], divergence=divergence)
+        cfg = L3DConfig.from_dict(_as_saved(path / META, meta["config"]), divergence=divergence)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path / META}, 'config': {e}") from None
     if cfg.sample == "token" and cfg.position != -1:  # saved before token mode refused it; it was unused
@@ -114,7 +114,7 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     _check_history(path / META, meta["history"], cfg.n_subnetworks)
     cfg = cfg.replace(device=_factor_device(path / META, cfg.device, device))
     try:
-        task = build_task(model, cfg)
+        task = build_task(model, cfg, saved=True)
     except ValueError as e:
         raise ValueError(f"the saved decomposition does not fit this model: {e}") from None
     names = [s.name for s in task.selected]
@@ -146,6 +146,29 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"])
+
+
+def _as_saved(file: Path, config: dict) -> dict:
+    """A saved config as the l3d_lens that saved it ran it, for the fields that version took more
+    loosely than ``L3DConfig`` does now, with a warning for each: a non-bool ``include_biases``
+    counted by its truth (the string "False", which an earlier CLI's --set stored, is true), and
+    a device string this torch cannot parse (e.g. 'npu:0' of a torch extension) becomes None,
+    the model's device, as a device this machine lacks does."""
+    config = dict(config)
+    biases = config.get("include_biases", True)
+    if not isinstance(biases, bool):
+        config["include_biases"] = bool(biases)
+        warnings.warn(f"{file}: include_biases is {biases!r}, which the l3d_lens that saved it counted as "
+                      f"{bool(biases)}; loaded so (L3DConfig now takes True or False only)", stacklevel=4)
+    device = config.get("device")
+    if isinstance(device, str):
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            config["device"] = None
+            warnings.warn(f"{file} was computed on device {device!r}, which this torch does not know; its factors "
+                          f"load on the model's device (pass device= to choose another)", stacklevel=4)
+    return config
 
 
 def _factor_device(file: Path, saved: Any, given: Union[str, torch.device, None]) -> Optional[str]:

@@ -162,9 +162,10 @@ def _module_glob(sites: list[Site]) -> str:
     return modules[0] if len(modules) == 1 else folded[0]
 
 
-def _sliceable(selector: str, text: str, matched: list[Site]) -> list[Site]:
+def _sliceable(selector: str, text: str, matched: list[Site], saved: bool = False) -> list[Site]:
     """The matched weights an index list slices: all attention weights (by head) or all MLP
-    weights (by neuron). One list over both would pick head i and neuron i at once."""
+    weights (by neuron). One list over both would pick head i and neuron i at once: refused,
+    except in a selection ``saved`` by an earlier l3d_lens, which took both (with a warning)."""
     heads = [s for s in matched if "head" in s.modes]
     neurons = [s for s in matched if "head" not in s.modes and "d_mlp" in s.modes]
     if not heads and not neurons:
@@ -173,16 +174,20 @@ def _sliceable(selector: str, text: str, matched: list[Site]) -> list[Site]:
             f"MLP weights, and none of the matched weights has either axis"
         )
     if heads and neurons:
-        raise ValueError(
-            f"selector {selector!r}: one index list must address one kind of unit, but it covers attention "
-            f"weights (heads) and MLP weights (neurons); write '{_module_glob(heads)}[{text.strip()}]' for heads "
-            f"or '{_module_glob(neurons)}[{text.strip()}]' for neurons"
-        )
+        forms = f"'{_module_glob(heads)}[{text.strip()}]' for heads or '{_module_glob(neurons)}[{text.strip()}]' for neurons"
+        if not saved:
+            raise ValueError(f"selector {selector!r}: one index list must address one kind of unit, but it covers "
+                             f"attention weights (heads) and MLP weights (neurons); write {forms}")
+        warnings.warn(f"selector {selector!r} (saved by an earlier l3d_lens) slices heads and neurons with one index "
+                      f"list; loaded as it was computed, but a new run refuses it: write {forms}", stacklevel=5)
+        return [s for s in matched if s in heads or s in neurons]
     return heads or neurons
 
 
-def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = True) -> list[Selected]:
-    """Resolve selectors to the list of decomposed weights, in model order."""
+def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = True, *,
+           saved: bool = False) -> list[Selected]:
+    """Resolve selectors to the list of decomposed weights, in model order. ``saved``: the
+    selectors of a saved decomposition, read as the l3d_lens that saved them read them."""
     chosen: dict[str, Optional[set[int]]] = {}
     for selector in selectors:
         sel = selector.strip()
@@ -204,7 +209,7 @@ def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = 
         if not matched:
             raise _no_match(adapter, selector, sel, found)
         if items is not None:
-            matched = _sliceable(selector, m.group("items"), matched)
+            matched = _sliceable(selector, m.group("items"), matched, saved)
         for s in matched:
             if items is None:
                 chosen[s.name] = None

@@ -79,19 +79,20 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("*.txt"), *folder.glob("*.jsonl")])
 
 
-def _dataset_files(path: Path, split: Optional[str]) -> list[Path]:
-    """The files of a dataset saved with ``save_to_disk`` that a stream of it reads: its data
-    files as its state.json lists them (of ``split`` in a DatasetDict), with that state.json and
-    dataset_info.json; not the ``cache-*.arrow`` files that ``.map``/``.filter`` on the loaded
-    dataset add, nor other splits. Without a readable state.json: every file but those caches."""
+def _dataset_files(path: Path, split: Optional[str]) -> tuple[list[Path], list[Path]]:
+    """(metadata, data) files of a dataset saved with ``save_to_disk`` that a stream of it reads:
+    its state.json and dataset_info.json, and its data files as that state.json lists them (of
+    ``split`` in a DatasetDict); not the ``cache-*.arrow`` files that ``.map``/``.filter`` on the
+    loaded dataset add, nor other splits. Without a readable state.json: no metadata, and every
+    file but those caches as data."""
     folder = path / split if split is not None and (path / "dataset_dict.json").is_file() else path
-    meta = [f for f in (folder / "state.json", folder / "dataset_info.json") if f.is_file()]
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         data = [folder / d["filename"] for d in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError):
-        return sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(("cache-", ".")))
-    return meta + [f for f in data if f.is_file()]
+        return [], sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(("cache-", ".")))
+    meta = [f for f in (folder / "state.json", folder / "dataset_info.json") if f.is_file()]
+    return meta, [f for f in data if f.is_file()]
 
 
 def _token_ids(arg: str, ids: Sequence[int]) -> list[int]:
@@ -139,6 +140,7 @@ class TokenStream:
     def __init__(self, source: Union[str, Path, Sequence[Union[str, Path]]], tokenize: Tokenize, seq_len: int,
                  batch_size: int, *, text_column: str = "text", split: Optional[str] = None,
                  separator: Sequence[int] = (), prefix: Sequence[int] = (), max_batches: Optional[int] = None):
+        separator, prefix = _token_ids("separator", separator), _token_ids("prefix", prefix)
         if not isinstance(seq_len, int) or seq_len < 1 + len(prefix):
             raise ValueError(f"seq_len must be an int > len(prefix) = {len(prefix)}, got {seq_len!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -157,7 +159,7 @@ class TokenStream:
         self.encode = _tokenizer(tokenize)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.text_column, self.split = text_column, split
-        self.separator, self.prefix = _token_ids("separator", separator), _token_ids("prefix", prefix)
+        self.separator, self.prefix = separator, prefix
         self.max_batches = max_batches
         self.texts_read = 0
 
@@ -183,12 +185,12 @@ class TokenStream:
                     self.max_batches]
         h.update(json.dumps(settings).encode())
         for src in self.sources:
-            files = (_dataset_files(src, self.split) if _is_dataset_dir(src)
-                     else _folder_files(src) if src.is_dir() else [src])
+            meta, files = (_dataset_files(src, self.split) if _is_dataset_dir(src)
+                           else ([], _folder_files(src) if src.is_dir() else [src]))
+            for f in meta:  # a saved dataset's state and info: small, and hold its own fingerprint of the data
+                h.update(f.read_bytes())
             for f in files:
                 h.update(f"{f.relative_to(src) if f != src else f.name}:{f.stat().st_size}\n".encode())
-                if f.suffix == ".json":  # a saved dataset's state: its own fingerprint of the data
-                    h.update(f.read_bytes())
         first = next(iter(self), None)
         if first is not None:
             h.update(f"{list(first.shape)}".encode())

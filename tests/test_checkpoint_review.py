@@ -593,3 +593,21 @@ def test_a_saved_dataset_stream_is_known_by_the_files_it_reads(tmp_path):
     assert fingerprint() == before
     save(tmp_path / "other", texts[:49] + ["some text number 49 HERE"])
     assert fingerprint(tmp_path / "other") != before
+
+
+def test_a_token_stream_fingerprint_reads_a_json_source_as_text_not_whole(tmp_path, monkeypatch):
+    """A single-file source named *.json (read as text) was read whole for the fingerprint; only a
+    saved dataset's metadata files are. And prefix=7 (not a list) names the argument."""
+    from pathlib import Path
+
+    from l3d_lens.streaming import TokenStream
+
+    source = tmp_path / "corpus.json"
+    source.write_text("a line of text\n" * 20_000)
+    real = Path.read_bytes
+    read = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self) or real(self))
+    TokenStream(source, lambda s: [ord(c) % 19 for c in s], seq_len=8, batch_size=2).fingerprint()
+    assert read == []
+    with pytest.raises(TypeError, match=r"prefix must be a sequence of token ids"):
+        TokenStream(source, lambda s: [1], seq_len=8, batch_size=2, prefix=7)

@@ -381,12 +381,23 @@ def test_a_saved_device_this_machine_lacks_loads_where_the_model_loads_with_a_no
     assert code == 0 and "computed on" not in err, err
 
 
-def test_a_saved_device_torch_cannot_name_is_one_line_before_the_model_loads(capsys, embedded_dec, tmp_path,
-                                                                           no_model_loading):
-    dec = _with_saved_device(embedded_dec, tmp_path, "gpu:x")
+def test_a_saved_device_torch_cannot_name_loads_where_the_model_loads_with_a_warning(capsys, embedded_dec,
+                                                                                    tmp_path):
+    """A device of a torch extension this torch lacks ('npu:0'): loaded where the model loads, as a
+    device this machine lacks; one that is not a string is one error line before the model loads."""
+    dec = _with_saved_device(embedded_dec, tmp_path, "npu:0")
     for extra in ((), ("--device", "cpu")):
-        line = one_line_error(capsys, "report", dec, "--out", tmp_path / "r.html", "--quiet", *extra)
-        assert "the saved decomposition's device 'gpu:x'" in line and 'set "device" to null' in line
+        with pytest.warns(UserWarning, match=r"computed on device 'npu:0', which this torch does not know"):
+            code, _, err = run(capsys, "report", dec, "--out", tmp_path / "r.html", "--max-sequences", "4",
+                               "--n-references", "1", "--quiet", *extra)
+        assert code == 0, err
+
+
+def test_a_saved_device_that_is_not_a_string_is_one_line_before_the_model_loads(capsys, embedded_dec, tmp_path,
+                                                                              no_model_loading):
+    dec = _with_saved_device(embedded_dec, tmp_path, 3)
+    line = one_line_error(capsys, "report", dec, "--out", tmp_path / "r.html", "--quiet")
+    assert "the saved decomposition's device 3" in line and 'set "device" to null' in line
 
 
 def test_the_summary_lists_only_heads_the_subnetwork_lies_in(capsys, tmp_path):

@@ -187,3 +187,20 @@ def test_decompose_names_a_device_this_machine_lacks_before_any_work():
     cfg = l3d_lens.L3DConfig(components="fc1", n_subnetworks=2, rank=1, epochs=1, device="cuda:7")
     with pytest.raises(ValueError, match=r"device='cuda:7': .*use one this machine has"):
         l3d_lens.decompose(TinyMLP(), torch.rand(8, 5, dtype=torch.float64), cfg, progress=False)
+
+
+def test_a_config_device_is_kept_as_a_string_and_any_backend_is_asked():
+    """A torch.device is kept as its string (the config is saved as JSON); availability is asked
+    of the device type's backend module (device='xpu' on a build without it was an AssertionError
+    from inside torch)."""
+    from l3d_lens.io import unavailable
+
+    cfg = l3d_lens.L3DConfig(components="fc1", device=torch.device("cpu"))
+    assert cfg.device == "cpu" and l3d_lens.L3DConfig.from_dict(cfg.to_dict()) == cfg
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        assert "no xpu device is available" in unavailable(torch.device("xpu"))
+        with pytest.raises(ValueError, match=r"device='xpu': no xpu device is available"):
+            l3d_lens.decompose(TinyMLP(), torch.rand(8, 5, dtype=torch.float64),
+                               l3d_lens.L3DConfig(components="fc1", n_subnetworks=2, rank=1, device="xpu"),
+                               progress=False)
+    assert unavailable(torch.device("cpu")) is None

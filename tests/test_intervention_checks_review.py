@@ -189,3 +189,24 @@ def test_intervene_refuses_a_delta_with_ablate_and_defaults_to_one():
             one = model(x)
     assert torch.equal(default, one)
     assert_restored(model, before)
+
+
+def test_the_span_basis_keeps_distinct_subnetworks_of_many_weights():
+    """The rank tolerance grew with the number of weights: from ~8e6 float32 weights it exceeded
+    the largest singular value and ablation changed nothing; on 2e6 weights two unit vectors at
+    cosine 0.97 lost their second direction. Neither depends on n now."""
+    from l3d_lens.interventions import span_basis
+
+    eps = torch.finfo(torch.float32).eps
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(10_000_000, 1, generator=g, dtype=torch.float64)
+    assert span_basis(one, eps).shape == (10_000_000, 1)
+    a = torch.randn(2_000_000, generator=g, dtype=torch.float64)
+    b = torch.randn(2_000_000, generator=g, dtype=torch.float64)
+    a, b = a / a.norm(), b - (b @ a) * a
+    b = 0.97 * a + (1 - 0.97 ** 2) ** 0.5 * b / b.norm()
+    pair = torch.stack([a, b], 1).float().double()  # float32 subnetworks, projected in float64
+    basis = span_basis(pair, eps)
+    assert basis.shape[1] == 2
+    assert torch.allclose(basis @ (basis.T @ pair), pair, atol=1e-10)
+    assert span_basis(torch.stack([a, 3 * a], 1).float().double(), eps).shape[1] == 1

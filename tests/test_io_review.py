@@ -180,15 +180,43 @@ def test_a_bad_device_argument_is_a_clear_error(decs, tmp_path, device, error, m
         Decomposition.load(tmp_path / "d", model, device=device)
 
 
-@pytest.mark.parametrize("value, match", [
-    ("banana", r"decomposition\.json, 'config': device='banana' is not a device torch knows"),
-    (3, r"decomposition\.json, 'config': device must be None \(the model's device\) or a string"),
-])
-def test_an_invalid_saved_device_is_named(decs, tmp_path, value, match):
+def test_an_invalid_saved_device_is_named(decs, tmp_path):
     model, dec_a, _ = decs
-    folder = edited(tmp_path, dec_a, meta=_device(value))
-    with pytest.raises(ValueError, match=match):
+    folder = edited(tmp_path, dec_a, meta=_device(3))
+    with pytest.raises(ValueError, match=r"decomposition\.json, 'config': device must be None \(the model's "
+                                         r"device\) or a string"):
         Decomposition.load(folder, model)
+
+
+@pytest.mark.parametrize("given", [None, "cpu"])
+def test_a_saved_device_this_torch_cannot_name_loads_on_the_model_or_given_device(decs, tmp_path, given):
+    """'npu:0' (a torch extension's device) could not be loaded anywhere, even with device='cpu':
+    it now loads as a device this machine lacks does, with a warning."""
+    model, dec_a, _ = decs
+    folder = edited(tmp_path, dec_a, meta=_device("npu:0"))
+    with pytest.warns(UserWarning, match=r"computed on device 'npu:0', which this torch does not know"):
+        loaded = Decomposition.load(folder, model, device=given)
+    assert all(t.device.type == "cpu" for t in loaded.factors.values())
+    assert torch.equal(loaded.coefficients(DATA), dec_a.coefficients(DATA))
+
+
+def test_a_saved_non_bool_include_biases_loads_as_the_run_counted_it(tmp_path):
+    """An earlier CLI stored --set include_biases=False as the string 'False', which counted as
+    true: the run decomposed the biases. Such a save loads as it was computed, with a warning
+    (L3DConfig itself now takes a bool only)."""
+    from .helpers import TinyMLP
+
+    model = TinyMLP()
+    x = torch.rand(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = L3DConfig(components="fc1", n_subnetworks=2, rank=1, epochs=1, include_biases=True)
+    dec = decompose(model, x, cfg, progress=False)
+    dec.save(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "decomposition.json").read_text())
+    meta["config"]["include_biases"] = "False"
+    (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"include_biases is 'False', which the l3d_lens that saved it counted as True"):
+        loaded = Decomposition.load(tmp_path / "d", model)
+    assert loaded.cfg.include_biases is True and loaded.weight_names == dec.weight_names
 
 
 # --- 4. history entries ---------------------------------------------------------------------------

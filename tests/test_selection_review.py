@@ -11,7 +11,7 @@ from l3d_lens.adapters import make_adapter
 from l3d_lens.decomposition import build_task
 from l3d_lens.selection import select
 
-from .helpers import tiny_lm
+from .helpers import tiny_lm, tokens
 
 torch.set_num_threads(1)
 
@@ -92,3 +92,31 @@ def test_globs_with_brackets_are_untouched(adapter):
     assert picked(adapter, "blocks.[0-1]") == picked(adapter, "blocks.0", "blocks.1")
     with pytest.raises(ValueError, match=r"'blocks.0.attn.W_\[XY\]' matches no weight .*; available: "):
         select(adapter, ("blocks.0.attn.W_[XY]",))
+
+
+def test_a_saved_mixed_index_list_still_loads_as_it_was_computed(tmp_path, monkeypatch):
+    """'blocks.1[0]' sliced head 0 and neuron 0 at once before new runs refused it: a decomposition
+    saved with it (made here as that l3d_lens made it) loads onto the same model with a warning, on
+    the weights it was computed on; a new run is refused."""
+    import warnings
+
+    import l3d_lens
+    from l3d_lens import decomposition
+
+    model = tiny_lm("bridge", dtype=torch.float64)
+    cfg = l3d_lens.L3DConfig(components="blocks.1[0]", n_subnetworks=2, rank=1, epochs=1)
+    data = tokens(8, 6)
+    with pytest.raises(ValueError, match="one index list must address one kind of unit"):
+        l3d_lens.decompose(model, data, cfg, progress=False)
+    monkeypatch.setattr(decomposition, "select", lambda *a, **k: select(*a, **{**k, "saved": True}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = l3d_lens.decompose(model, data, cfg, progress=False)
+    monkeypatch.undo()
+    assert {name.split(".")[2] for name in dec.weight_names} == {"attn", "mlp"}
+    dec.save(tmp_path / "d")
+    with pytest.warns(UserWarning, match=r"selector 'blocks.1\[0\]' \(saved by an earlier l3d_lens\) slices heads "
+                                         r"and neurons.*'blocks.1.attn\[0\]' for heads or 'blocks.1.mlp\[0\]'"):
+        loaded = l3d_lens.Decomposition.load(tmp_path / "d", model)
+    assert loaded.weight_names == dec.weight_names
+    assert torch.equal(loaded.coefficients(data), dec.coefficients(data))

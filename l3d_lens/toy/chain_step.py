@@ -25,6 +25,14 @@ _GELU_BACKWARD, _THRESHOLD_BACKWARD = _aten.gelu_backward.default, _aten.thresho
 _MSE, _MSE_BACKWARD = _aten.mse_loss.default, _aten.mse_loss_backward.default
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no per-device query)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def linear_chain(model: nn.Module) -> Optional[list[tuple[nn.Linear, Optional[str]]]]:
     """``model`` as (layer, activation after it) pairs when ``ChainStep`` trains it exactly as
     autograd would: a ``SquareMLP`` or ``SuperpositionModel`` (not a subclass, whose forward may
@@ -48,7 +56,7 @@ def linear_chain(model: nn.Module) -> Optional[list[tuple[nn.Linear, Optional[st
     hooked = hooked or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
     shaped = all(layer.weight.is_contiguous() and min(layer.weight.shape) >= 2 for layer, _ in chain)
     one_kind = len({(p.device, p.dtype) for p in params}) == 1  # one fused AdamW call, as ``ChainStep`` makes
-    autocast = one_kind and torch.is_autocast_enabled(params[0].device.type)  # autograd's forward would cast
+    autocast = one_kind and _autocast_on(params[0].device.type)  # autograd's forward would cast
     if hooked or not shaped or not one_kind or autocast or not all(p.requires_grad for p in params):
         return None
     return chain
