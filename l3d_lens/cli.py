@@ -245,8 +245,12 @@ def _texts_from_json(path: Path, column: str) -> list[str]:
             if column not in item:
                 raise UserError(f"{path}: item {i}: no {column!r} field (choose one with --text-column)")
             item = item[column]
+            if _blank(item):
+                continue
             if not isinstance(item, str):
                 raise UserError(f"{path}: item {i}: the {column!r} field is {_short(item)}, not a string")
+        elif _blank(item):
+            continue
         elif not isinstance(item, str):
             raise UserError(f"{path}: item {i}: {_short(item)} is neither a string nor an object with a "
                             f"{column!r} field")
@@ -267,10 +271,18 @@ def _texts_from_jsonl(path: Path, column: str) -> list[str]:
             value = json.loads(line)[column]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             raise UserError(f"{path}:{i + 1}: not a JSON object with a {column!r} field") from None
+        if _blank(value):
+            continue
         if not isinstance(value, str):
             raise UserError(f"{path}:{i + 1}: the {column!r} field is {_short(value)}, not a string")
         texts.append(value)
     return texts
+
+
+def _blank(text: Any) -> bool:
+    """A missing (null) or blank text, which every data reader skips (as TokenStream and the
+    dataset readers do: WikiText has many)."""
+    return text is None or (isinstance(text, str) and not text.strip())
 
 
 def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int], max_sequences: int,

@@ -236,7 +236,7 @@ def test_bool_token_ids_are_refused(capsys, tmp_path):
     assert "expected an integer tensor of token ids" in line and "torch.bool" in line
 
 
-@pytest.mark.parametrize("value", [None, 5, ["a"]])
+@pytest.mark.parametrize("value", [5, ["a"]])
 def test_jsonl_texts_must_be_strings(tiny, tmp_path, value):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "a fine document"}) + "\n\n" + json.dumps({"text": value}) + "\n")
@@ -432,3 +432,20 @@ def test_include_biases_must_be_a_bool():
     for bad in ("False", "no", 0, None):
         with pytest.raises(ValueError, match=r"include_biases must be True or False"):
             l3d_lens.L3DConfig(components="blocks.0.attn", include_biases=bad)
+
+
+def test_null_and_blank_texts_are_skipped_by_every_reader_as_by_token_stream(tiny, tmp_path):
+    """The CLI's .jsonl and .json readers refused a null text, which TokenStream and the dataset
+    readers skip: the same file now gives the same tokens with or without its null and blank rows."""
+    model = tiny["bridge"]
+    docs = [f"document {i} says something" for i in range(8)]
+    sparse = [d for doc in docs for d in (doc, None, "  ")]
+    files = {"full.jsonl": "\n".join(json.dumps({"text": d}) for d in docs),
+             "sparse.jsonl": "\n".join(json.dumps({"text": d}) for d in sparse),
+             "sparse_objects.json": json.dumps([{"text": d} for d in sparse]),
+             "sparse_strings.json": json.dumps(sparse)}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    expected = cli.load_data(model, [str(tmp_path / "full.jsonl")], seq_len=12, max_sequences=8)
+    for name in ("sparse.jsonl", "sparse_objects.json", "sparse_strings.json"):
+        assert torch.equal(cli.load_data(model, [str(tmp_path / name)], seq_len=12, max_sequences=8), expected), name
