@@ -31,6 +31,8 @@ from .subnetworks import SIDES, key, resolve_ranks
 FORMAT_VERSION = 1
 FACTORS = "factors.safetensors"
 META = "decomposition.json"
+#: the model classes a save names (``Adapter.kind``); a decomposition loads onto any of them
+ADAPTER_KINDS = ("hooked_transformer", "transformer_bridge", "module")
 META_TYPES = {"config": dict, "adapter": str, "weights": list, "fingerprint": dict, "history": list, "versions": dict}
 HISTORY_NEEDS = ("loss", "p_act", "n_dead")  # what the library reads of every epoch's record
 
@@ -258,6 +260,11 @@ def _read_meta(file: Path) -> dict:
     if not isinstance(meta.get("factors_sha256", ""), str):
         raise ValueError(f"{file}: 'factors_sha256' must be a SHA-256 string, "
                          f"got {reprlib.repr(meta['factors_sha256'])}")
+    if meta["adapter"] not in ADAPTER_KINDS:
+        raise ValueError(f"{file}: 'adapter' is {reprlib.repr(meta['adapter'])}; a save writes one of {ADAPTER_KINDS}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["versions"].items()):
+        raise ValueError(f"{file}: 'versions' must map package names to version strings, as a save writes them, "
+                         f"got {reprlib.repr(meta['versions'])}")
     saved, mine = meta["versions"].get("l3d_lens"), versions()["l3d_lens"]
     if _major_minor(saved) > _major_minor(mine) and _major_minor(mine) > (-1, -1):
         warnings.warn(f"{file} was saved by l3d_lens {saved}, newer than the installed {mine}; "

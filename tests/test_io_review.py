@@ -291,3 +291,16 @@ def test_the_format_version_must_be_the_int(decs, tmp_path, version):
     folder = edited(tmp_path, dec_a, meta=lambda m: m.__setitem__("format_version", version))
     with pytest.raises(ValueError, match=r"decomposition\.json: format version .*this l3d_lens reads 1 \(an int\)"):
         Decomposition.load(folder, model)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("adapter", "hooked", r"'adapter' is 'hooked'; a save writes one of \('hooked_transformer'"),
+    ("versions", {"l3d_lens": 0.1}, r"'versions' must map package names to version strings"),
+])
+def test_tampered_adapter_and_versions_fields_are_named(decs, tmp_path, key, value, match):
+    """A hand-edited 'adapter' or 'versions' loaded without a word (only their JSON types were
+    checked); they are now what a save writes."""
+    model, dec_a, _ = decs
+    folder = edited(tmp_path, dec_a, meta=lambda m: m.__setitem__(key, value))
+    with pytest.raises(ValueError, match=r"decomposition\.json: " + match):
+        Decomposition.load(folder, model)
