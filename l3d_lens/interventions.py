@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Optional, Union
 
 import torch
@@ -50,22 +50,36 @@ def check_subnetwork(subnetwork: int, n_subnetworks: int) -> int:
     return k
 
 
+def listed(value: object) -> Optional[list]:
+    """The items of a list-like ``value`` (a list, tuple, tensor, array ...); None for a string,
+    bytes or anything not iterable (a bool, a 0-d bool tensor)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        return None
+
+
+def finite_floats(items: list, error: Callable[[object], str]) -> list[float]:
+    """``items`` as floats; ValueError ``error(item)`` for the first that is not a finite real
+    number (strings, bools and complex numbers included)."""
+    out = [as_number(d) for d in items]
+    for d, x in zip(items, out):
+        if x is None or not math.isfinite(x):
+            raise ValueError(error(d))
+    return out
+
+
 def check_deltas(delta: Deltas, n: int) -> list[float]:
     """One finite float per subnetwork: a single number is used for all n."""
     one = as_number(delta)
-    try:
-        ds = [one] * n if one is not None else list(delta)
-    except TypeError:  # not a number and not iterable (a bool, a 0-d bool tensor)
-        ds = None
-    if ds is None or isinstance(delta, (str, bytes)):
+    ds = [one] * n if one is not None else listed(delta)
+    if ds is None:
         raise ValueError(f"delta must be a finite number or a list of {n} (one per subnetwork), got {delta!r}")
     if len(ds) != n:
         raise ValueError(f"{len(ds)} deltas for {n} subnetworks; give one delta or one per subnetwork")
-    out = [as_number(d) for d in ds]
-    for d, x in zip(ds, out):
-        if x is None or not math.isfinite(x):
-            raise ValueError(f"delta must be a finite number, got {d!r}")
-    return out
+    return finite_floats(ds, lambda d: f"delta must be a finite number, got {d!r}")
 
 
 def check_intervention(subnetwork: Subnets, delta: Optional[Deltas], ablate: bool,

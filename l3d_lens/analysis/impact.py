@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
@@ -13,7 +12,7 @@ from jaxtyping import Float
 from torch.func import jvp
 
 from ..checks import as_number
-from ..interventions import check_subnetwork, perturbed_forward, weight_changes
+from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
 
 def as_samples(data, what: str = "data") -> torch.Tensor:
@@ -132,17 +131,10 @@ def check_curve_deltas(deltas) -> list[float]:
     """The curve's steps as a non-empty list of finite floats; a single number (as
     ``intervene``'s delta) is a one-step curve. Strings and bools are not numbers here."""
     one = as_number(deltas)
-    try:
-        ds = [one] if one is not None else list(deltas)
-    except TypeError:  # not a number and not iterable (a bool, a 0-d bool tensor)
-        ds = []
-    if not ds or isinstance(deltas, (str, bytes)):
+    ds = [one] if one is not None else listed(deltas)
+    if not ds:
         raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas!r}")
-    out = [as_number(d) for d in ds]
-    for d, x in zip(ds, out):
-        if x is None or not math.isfinite(x):
-            raise ValueError(f"deltas must be a non-empty list of finite numbers, got {d!r} in {deltas!r}")
-    return out
+    return finite_floats(ds, lambda d: f"deltas must be a non-empty list of finite numbers, got {d!r} in {deltas!r}")
 
 
 def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[float, Sequence[float]],
