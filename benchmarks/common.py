@@ -242,6 +242,11 @@ def _spelled_out(ap: argparse.ArgumentParser, values: dict[str, Any]) -> tuple[s
 SAVED_KEYS = ("rows", "seconds", "argv", "machine", "args")
 
 
+def measured_of(saved: dict[str, Any]) -> Measured:
+    """How a run saved with ``--json`` (``saved_run``) was measured."""
+    return Measured(tuple(saved["argv"]), saved["machine"], saved["seconds"], saved["args"])
+
+
 def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Path], to_json: Optional[Path],
                 argv: list[str], args: dict[str, Any]) -> tuple[list[dict[str, Any]], Measured]:
     """(rows, how they were measured): ``run()`` timed here with arguments ``argv`` as typed and
@@ -253,7 +258,7 @@ def run_or_load(run: Callable[[], list[dict[str, Any]]], from_json: Optional[Pat
         if missing:
             raise ValueError(f"{from_json} lacks {missing} (a saved run holds {list(SAVED_KEYS)}); without them the "
                              "section cannot say how and where the rows were measured")
-        return saved["rows"], Measured(tuple(saved["argv"]), saved["machine"], saved["seconds"], saved["args"])
+        return saved["rows"], measured_of(saved)
     start = time.perf_counter()
     rows = run()
     measured = Measured(tuple(argv), this_machine(), time.perf_counter() - start, args)

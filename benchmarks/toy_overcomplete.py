@@ -36,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, Measured, jobs_section, pool_map, saved_run, seeds_jobs_main, span  # noqa: E402
+from benchmarks.common import (RESULTS, Measured, jobs_section, measured_of, pool_map, saved_run,  # noqa: E402
+                               seeds_jobs_main, span)
 from l3d_lens import decompose  # noqa: E402
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.reproduce import evaluate, recommended_config, scaled_lr_step  # noqa: E402
@@ -188,7 +189,7 @@ def held_out() -> str:
     run = _held_out_run()
     if run is None:
         return "No held-out run saved (`" + HELD_OUT + "`)."
-    measured = Measured(tuple(run["argv"]), run["machine"], run["seconds"], run["args"])
+    measured = measured_of(run)
     return (f"Held out: seeds {span(run['args']['seeds'])}, run after K = 15 was singled out on the seeds above "
             f"(`{measured.command('toy_overcomplete.py')}`, {run['seconds'] / 60:.1f} min on the same machine):\n\n"
             + table(run["rows"]) + "\n\n" + summary(run["rows"], compare=False))
@@ -206,7 +207,7 @@ def per_sample(rows: list[dict[str, Any]]) -> str:
     run = _per_sample_run()
     if run is None:
         return "No per-sample run saved (`" + PER_SAMPLE + "`)."
-    measured = Measured(tuple(run["argv"]), run["machine"], run["seconds"], run["args"])
+    measured = measured_of(run)
     batch = {r["seed"]: r for r in rows + (_held_out_run() or {"rows": []})["rows"] if r["k"] == 15}
     sample = [r for r in run["rows"] if r["k"] == 15 and r["seed"] in batch]
     gap = {name: [r["r2_decoder"] - r["r2_model"] for r in sel] for name, sel in

@@ -16,6 +16,7 @@ cores, as in the other toy sections.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -28,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (DEFAULT_SEEDS, RESULTS, Measured, jobs_section, pool_map, saved_run,  # noqa: E402
-                               seeds_jobs_main, span)
+from benchmarks.common import (DEFAULT_SEEDS, RESULTS, Measured, jobs_header, jobs_section, measured_of,  # noqa: E402
+                               pool_map, saved_run, seeds_jobs_main, span)
 from l3d_lens.toy import make_toy  # noqa: E402
 from l3d_lens.toy.train import DEFAULT_EPOCHS, TOY_NAMES  # noqa: E402
 
@@ -130,6 +131,7 @@ def section(rows, args, measured: Measured) -> str:
     if len(capability) != 1:
         raise ValueError(f"rows from CPUs of several capabilities: {sorted(capability)}")
     saved = recorded(capability.pop())
+    runs = earlier_runs()
     seeds = sorted({r["seed"] for r in rows})
     extra = sorted(set(seeds) - set(DEFAULT_SEEDS))
     note = ""
@@ -152,17 +154,20 @@ def section(rows, args, measured: Measured) -> str:
         "`toy_switch_epoch.py` for TMCS, `toy_give_up.py` for x², `toy_remedies.py` for seeds 0-2, "
         "`toy_resampling.py` for the higher-rank model and TMCS; – where none trained that model). Bold: a minute "
         "or more." + note,
-        table(rows, saved), summary(rows, saved) + same_as_earlier(rows), *earlier())
+        table(rows, saved), summary(rows, saved) + same_as_earlier(rows, runs), *earlier(runs))
 
 
-def same_as_earlier(rows: list[dict[str, Any]]) -> str:
-    """A line per earlier run (``EARLIER``) on a CPU of the same capability: how many of these
+def earlier_runs() -> list[tuple[str, str, dict[str, Any]]]:
+    """(file, what it measured, saved run) of each run of ``EARLIER`` that is saved."""
+    return [(name, what, saved_run(name)) for name, what in EARLIER.items() if (RESULTS / name).is_file()]
+
+
+def same_as_earlier(rows: list[dict[str, Any]], runs) -> str:
+    """A line per earlier run (``earlier_runs``) on a CPU of the same capability: how many of these
     models end at its final training loss, bit for bit (a faster step must change none)."""
     lines = []
-    for name in EARLIER:
-        if not (RESULTS / name).is_file():
-            continue
-        theirs = {(r["toy"], r["seed"]): r for r in saved_run(name)["rows"]}
+    for name, _, run in runs:
+        theirs = {(r["toy"], r["seed"]): r for r in run["rows"]}
         pairs = [(r, theirs[(r["toy"], r["seed"])]) for r in rows if (r["toy"], r["seed"]) in theirs
                  and theirs[(r["toy"], r["seed"])]["cpu_capability"] == r["cpu_capability"]]
         if pairs:
@@ -172,19 +177,15 @@ def same_as_earlier(rows: list[dict[str, Any]]) -> str:
     return "".join(lines)
 
 
-def earlier() -> list[str]:
-    """A block per saved run of ``EARLIER``: what it measured and its summary lines."""
+def earlier(runs) -> list[str]:
+    """A block per earlier run (``earlier_runs``): what it measured, its command line as a
+    section's, and its summary lines."""
     blocks = []
-    for name, what in EARLIER.items():
-        if not (RESULTS / name).is_file():
-            continue
-        run = saved_run(name)
-        rows = run["rows"]
-        capability = {r["cpu_capability"] for r in rows}
+    for _, what, run in runs:
+        capability = {r["cpu_capability"] for r in run["rows"]}
         saved = recorded(capability.pop()) if len(capability) == 1 else {}
-        blocks.append(f"Earlier run, {what}: `{Measured(**{k: run[k] for k in ('argv', 'machine', 'seconds', 'args')}).command('toy_train_time.py')}` "
-                      f"({run['args']['jobs']} jobs); machine: {run['machine']}; total {run['seconds'] / 60:.1f} min.\n\n"
-                      + summary(rows, saved))
+        header = jobs_header("toy_train_time.py", argparse.Namespace(**run["args"]), measured_of(run))
+        blocks.append(f"Earlier run, {what}. {header}\n\n" + summary(run["rows"], saved))
     return blocks
 
 
