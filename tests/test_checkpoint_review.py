@@ -257,28 +257,45 @@ def test_resuming_a_list_of_batches_does_not_warn(tmp_path, monkeypatch):
     assert same(resumed, l3d_lens.decompose(TinyMLP(), data, cfg, progress=False))
 
 
-def test_resuming_a_token_stream_does_not_warn_and_is_bit_identical(tmp_path, monkeypatch):
-    """TokenStream re-reads its source in the same order on every pass: it resumes exactly."""
+#: the text of the one-file source the TokenStream tests stream
+STREAM_TEXT = "".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12))
+
+
+def _encode(text):
+    return [ord(c) % 19 + 1 for c in text]
+
+
+def _stream(source, tokenize=_encode, seq_len=5, batch_size=4):
     from l3d_lens.streaming import TokenStream
 
-    text = tmp_path / "a.txt"
-    text.write_text("".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12)))
+    return TokenStream(source, tokenize, seq_len=seq_len, batch_size=batch_size)
 
-    def stream():
-        return TokenStream(text, lambda s: [ord(c) % 19 + 1 for c in s], seq_len=5, batch_size=4)
 
-    assert len(list(stream())) >= 3
+def _interrupted_stream_run(tmp_path, monkeypatch):
+    """(model, source, cfg, straight): ``STREAM_TEXT`` in tmp_path / "src" / "a.txt", a run on its
+    stream, and a checkpoint of the same run stopped mid epoch 1 in tmp_path / "ck"."""
+    source = tmp_path / "src" / "a.txt"
+    source.parent.mkdir()
+    source.write_text(STREAM_TEXT)
     cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=2, batch_size=4,
                              sample="sequence")
     model = tiny_lm("bridge")
-    straight = l3d_lens.decompose(model, stream(), cfg, progress=False)
-    killed_at_step(monkeypatch, len(list(stream())) + 1)  # mid epoch 1
+    straight = l3d_lens.decompose(model, _stream(source), cfg, progress=False)
+    killed_at_step(monkeypatch, len(list(_stream(source))) + 1)  # mid epoch 1
     with pytest.raises(KeyboardInterrupt):
-        l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck", checkpoint_every=1)
+        l3d_lens.decompose(model, _stream(source), cfg, progress=False, checkpoint=tmp_path / "ck",
+                           checkpoint_every=1)
     monkeypatch.undo()
+    return model, source, cfg, straight
+
+
+def test_resuming_a_token_stream_does_not_warn_and_is_bit_identical(tmp_path, monkeypatch):
+    """TokenStream re-reads its source in the same order on every pass: it resumes exactly."""
+    model, source, cfg, straight = _interrupted_stream_run(tmp_path, monkeypatch)
+    assert len(list(_stream(source))) >= 3
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        resumed = l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck")
+        resumed = l3d_lens.decompose(model, _stream(source), cfg, progress=False, checkpoint=tmp_path / "ck")
     assert not stream_warnings(record)
     assert same(resumed, straight) and resumed.history == straight.history
 
@@ -469,69 +486,30 @@ def test_a_token_stream_checkpoint_refuses_another_stream_and_follows_moved_file
     """A checkpoint knows a TokenStream by its settings, files and first batch: another file,
     seq_len, batch_size, tokenizer or text is refused as other data (it resumed silently, mixing
     the two streams); the same file moved to another folder resumes, bit-identical."""
-    from l3d_lens.streaming import TokenStream
+    model, source, cfg, straight = _interrupted_stream_run(tmp_path, monkeypatch)
 
     def write(folder, text):
         folder.mkdir(exist_ok=True)
         (folder / "a.txt").write_text(text)
         return folder / "a.txt"
 
-    text = "".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12))
-    source = write(tmp_path / "src", text)
-
-    def encode(s):
-        return [ord(c) % 19 + 1 for c in s]
-
-    def stream(path=source, tokenize=encode, seq_len=5, batch_size=4):
-        return TokenStream(path, tokenize, seq_len=seq_len, batch_size=batch_size)
-
-    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=2, batch_size=4,
-                             sample="sequence")
-    model = tiny_lm("bridge")
-    straight = l3d_lens.decompose(model, stream(), cfg, progress=False)
-    killed_at_step(monkeypatch, len(list(stream())) + 1)
-    with pytest.raises(KeyboardInterrupt):
-        l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck", checkpoint_every=1)
-    monkeypatch.undo()
-    others = {"another file": stream(write(tmp_path / "b", "sun moon day night\n" * 6)),
-              "edited text": stream(write(tmp_path / "c", text.replace("line 000", "LINE 000"))),
-              "seq_len": stream(seq_len=6), "batch_size": stream(batch_size=3),
-              "tokenizer": stream(tokenize=lambda s: [ord(c) % 17 + 1 for c in s])}
+    others = {"another file": _stream(write(tmp_path / "b", "sun moon day night\n" * 6)),
+              "edited text": _stream(write(tmp_path / "c", STREAM_TEXT.replace("line 000", "LINE 000"))),
+              "seq_len": _stream(source, seq_len=6), "batch_size": _stream(source, batch_size=3),
+              "tokenizer": _stream(source, tokenize=lambda s: [ord(c) % 17 + 1 for c in s])}
     for what, other in others.items():
         with pytest.raises(ValueError, match=r"differs.*\bdata\b|\bdata\b.*differ"):
             l3d_lens.decompose(model, other, cfg, progress=False, checkpoint=tmp_path / "ck")
-    moved = write(tmp_path / "moved", text)
-    resumed = l3d_lens.decompose(model, stream(moved), cfg, progress=False, checkpoint=tmp_path / "ck")
+    moved = write(tmp_path / "moved", STREAM_TEXT)
+    resumed = l3d_lens.decompose(model, _stream(moved), cfg, progress=False, checkpoint=tmp_path / "ck")
     assert same(resumed, straight) and resumed.history == straight.history
-
-
-def _interrupted_stream_run(tmp_path, monkeypatch):
-    """(model, stream factory, cfg, straight result) with a checkpoint of the same run, stopped mid
-    epoch 1, in tmp_path / "ck"."""
-    from l3d_lens.streaming import TokenStream
-
-    text = tmp_path / "a.txt"
-    text.write_text("".join(f"line {i:03d} {'x' * (i % 5)}\n" for i in range(12)))
-
-    def stream():
-        return TokenStream(text, lambda s: [ord(c) % 19 + 1 for c in s], seq_len=5, batch_size=4)
-
-    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=1, epochs=2, batch_size=4,
-                             sample="sequence")
-    model = tiny_lm("bridge")
-    straight = l3d_lens.decompose(model, stream(), cfg, progress=False)
-    killed_at_step(monkeypatch, len(list(stream())) + 1)
-    with pytest.raises(KeyboardInterrupt):
-        l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck", checkpoint_every=1)
-    monkeypatch.undo()
-    return model, stream, cfg, straight
 
 
 def test_a_token_stream_checkpoint_of_an_earlier_l3d_lens_resumes_with_a_warning(tmp_path, monkeypatch):
     """An earlier l3d_lens recorded a TokenStream as 'iterable:TokenStream': it cannot be checked
     against this stream, so it resumes with a warning (as other unrecorded parts), not refused as
     other data."""
-    model, stream, cfg, straight = _interrupted_stream_run(tmp_path, monkeypatch)
+    model, source, cfg, straight = _interrupted_stream_run(tmp_path, monkeypatch)
     rewritten = 0
     for file in (tmp_path / "ck").rglob("*.json"):
         meta = json.loads(file.read_text())
@@ -541,7 +519,7 @@ def test_a_token_stream_checkpoint_of_an_earlier_l3d_lens_resumes_with_a_warning
             rewritten += 1
     assert rewritten
     with pytest.warns(UserWarning, match=r"does not record the data \(a TokenStream, known then by its type only\)"):
-        resumed = l3d_lens.decompose(model, stream(), cfg, progress=False, checkpoint=tmp_path / "ck")
+        resumed = l3d_lens.decompose(model, _stream(source), cfg, progress=False, checkpoint=tmp_path / "ck")
     assert same(resumed, straight) and resumed.history == straight.history
 
 
