@@ -690,9 +690,8 @@ def _decompose(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out = _check_folder(Path(args.out))
     report_path = _report_path(args.report, "--report") if args.report else None
-    if cfg.device is not None:  # from --device, --config or --set: checked alike, and the model goes there
-        _check_device(cfg.device, "--device" if args.device is not None and cfg.device == args.device
-                      else "--set/--config device")
+    if cfg.device is not None and cfg.device != args.device:  # from --config or --set (--device: checked above)
+        _check_device(cfg.device, "--set/--config device")
     missing = [p for p in args.data or () if not Path(p).exists()]
     if missing:  # before the model loads (a hub model downloads first)
         raise UserError(f"data {missing[0]} does not exist")

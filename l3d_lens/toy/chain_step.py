@@ -92,10 +92,11 @@ class ChainStep:
             raise ValueError("ChainStep needs every parameter on one device in one dtype, as one fused AdamW call")
         index = {id(p): i for i, p in enumerate(params)}
         self.params = [p.detach() for p in params]  # same storage: no graph to build, no grad mode to set
-        self.layers = [_Layer(self.params[index[id(layer.weight)]], self.params[index[id(layer.weight)]].t(),
-                              None if layer.bias is None else self.params[index[id(layer.bias)]], act,
-                              index[id(layer.weight)], None if layer.bias is None else index[id(layer.bias)])
-                       for layer, act in chain]
+        self.layers = []
+        for layer, act in chain:
+            w, b = index[id(layer.weight)], None if layer.bias is None else index[id(layer.bias)]
+            bias = None if b is None else self.params[b]
+            self.layers.append(_Layer(self.params[w], self.params[w].t(), bias, act, w, b))
         self.hyper = {"lr": group["lr"], "beta1": group["betas"][0], "beta2": group["betas"][1],
                       "weight_decay": group["weight_decay"], "eps": group["eps"]}
         self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
