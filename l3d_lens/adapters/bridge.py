@@ -54,10 +54,13 @@ class BridgeAdapter(TransformerLensAdapter):
                 if comp is None:
                     continue
                 X = x.upper()
-                weight = getattr(self._native(comp), "weight", None)
+                native = self._native(comp)
+                weight = getattr(native, "weight", None)
                 if isinstance(weight, torch.Tensor) and weight.numel() != h * dh * cfg.d_model:
                     reason = gqa_reason(weight.numel() // (dh * cfg.d_model), h)
-                    self.unsupported.update({f"{b}.attn.W_{X}": reason, f"{b}.attn.b_{X}": reason})
+                    self.unsupported[f"{b}.attn.W_{X}"] = reason
+                    if isinstance(getattr(native, "bias", None), nn.Parameter):  # a bias-free model has no b_K
+                        self.unsupported[f"{b}.attn.b_{X}"] = reason
                     continue
                 self._linear_site(f"{b}.attn.W_{X}", f"W_{X}", i, comp, "weight", ("head", "d_model", "d_head"),
                                   ("d_model",), ("head", "d_head"), f"{b}.attn.{x}.hook_in", f"{b}.attn.{x}.hook_out",

@@ -17,13 +17,15 @@ class HookedAdapter(TransformerLensAdapter):
         params = dict(model.named_parameters())
         self._layout = self._layout_flags()
         fast_qkv = not (self._layout["use_split_qkv_input"] or self._layout["use_attn_in"])
-        def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True):
-            if name not in params:
+        def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True, param=None):
+            """Site ``name`` for the Parameter at path ``param`` (default: ``name`` itself)."""
+            param = param or name
+            if param not in params:
                 return
-            shape = tuple(params[name].shape)
+            shape = tuple(params[param].shape)
             self.sites[name] = Site(name, kind, layer, modes, shape, in_modes, out_modes,
                                     input if fast else None, output if fast else None)
-            self._param_path[name] = name
+            self._param_path[name] = param
             self._to_native[name] = identity
             self._from_native[name] = identity
             for key in (input, output):
@@ -58,13 +60,21 @@ class HookedAdapter(TransformerLensAdapter):
                 add(f"{b}.{ln}.w", "ln_w", i, ("d_model",), ("d_model",), ("d_model",), f"{b}.{ln}.hook_normalized", out)
                 add(f"{b}.{ln}.b", "ln_b", i, ("d_model",), (), ("d_model",), None, out)
             for x in "QKV":
-                if f"{b}.attn._W_{x}" in params:  # grouped-query attention keeps K and V per key/value head
-                    reason = gqa_reason(params[f"{b}.attn._W_{x}"].shape[0], cfg.n_heads)
+                # GroupedQueryAttention (built whenever cfg.n_key_value_heads is set) keeps K and V
+                # in _W_K/_b_K/... per key/value head: with fewer of them than query heads they
+                # are shared and left out; with as many, they are per-head weights like W_Q, and
+                # hook_k/hook_v carry every head
+                own = f"{b}.attn._" if f"{b}.attn._W_{x}" in params else f"{b}.attn."
+                n_kv = params[f"{own}W_{x}"].shape[0] if f"{own}W_{x}" in params else cfg.n_heads
+                if n_kv < cfg.n_heads:
+                    reason = gqa_reason(n_kv, cfg.n_heads)
                     self.unsupported.update({f"{b}.attn.W_{x}": reason, f"{b}.attn.b_{x}": reason})
+                    continue
                 hook = f"{b}.attn.hook_{x.lower()}"
                 add(f"{b}.attn.W_{x}", f"W_{x}", i, ("head", "d_model", "d_head"), ("d_model",), ("head", "d_head"),
-                    f"{b}.attn:{x.lower()}_input", hook, fast_qkv)
-                add(f"{b}.attn.b_{x}", f"b_{x}", i, ("head", "d_head"), (), ("head", "d_head"), None, hook)
+                    f"{b}.attn:{x.lower()}_input", hook, fast_qkv, param=f"{own}W_{x}")
+                add(f"{b}.attn.b_{x}", f"b_{x}", i, ("head", "d_head"), (), ("head", "d_head"), None, hook,
+                    param=f"{own}b_{x}")
             # outputs at the attention / MLP module, before any norm the block applies to them
             add(f"{b}.attn.W_O", "W_O", i, ("head", "d_head", "d_model"), ("head", "d_head"), ("d_model",),
                 f"{b}.attn.hook_z", f"{b}.attn")

@@ -1,7 +1,10 @@
 """Where a subnetwork lives: its squared norm split over attention heads (per Q/K/V/O and
 bias), MLP neurons and every other decomposed weight. Shares sum to 1 per subnetwork over
 everything decomposed, and are computed in TransformerLens layout, so they are the same
-whichever TransformerLens generation or weight layout the model uses."""
+whichever TransformerLens generation or weight layout the model uses, with one exception: a
+gated MLP's b_in, which HookedTransformer adds after the product, act(x W_gate) * (x W_in) + b_in,
+and the bridge inside it (up_proj's bias), act(x W_gate) * (x W_in + b_in): a different weight
+with different gradients, so its shares differ."""
 
 from __future__ import annotations
 
@@ -52,13 +55,16 @@ def head_attribution(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def neuron_attribution(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows on MLP neurons, summed over W_in, b_in and W_out: subnetwork, layer, neuron, share."""
+    """Rows on MLP neurons, summed over W_in, b_in and W_out: subnetwork, layer, neuron, share.
+    A gated MLP's b_in is HookedTransformer's (added after act(x W_gate) * (x W_in)) or the
+    bridge's (up_proj's bias, inside the product), so the two generations' sums differ by it."""
     neurons = df[df["neuron"].notna()]
     return neurons.groupby(["subnetwork", "layer", "neuron"], as_index=False)["share"].sum()
 
 
 def head_tensor(df: pd.DataFrame, n_subnetworks: int, n_layers: int, n_heads: int) -> Float[torch.Tensor, "k layer head"]:
-    """[n_subnetworks, n_layers, n_heads] share per head (all of Q/K/V/O and head biases),
+    """[n_subnetworks, n_layers, n_heads] share per head (every decomposed Q/K/V/O weight and
+    head bias: under grouped-query attention K and V are not decomposed, so only Q, O and b_Q),
     laid out like TransformerLens patching results."""
     out = torch.zeros(n_subnetworks, n_layers, n_heads)
     heads = head_attribution(df).groupby(["subnetwork", "layer", "head"], as_index=False)["share"].sum()
