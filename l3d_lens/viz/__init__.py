@@ -32,11 +32,14 @@ def report(dec, data, path="l3d_report.html", *, comparison: Any = None, to_str:
         ``.heads`` DataFrame; its other DataFrame attributes are shown too).
     to_str: token ids (1-D tensor) -> list of strings, e.g. ``model.to_str_tokens``; default:
         the model's tokenizer one token at a time, or the ids.
-    impacts: precomputed ``dec.impact(data)`` to reuse (else computed with ``n_references``).
+    impacts: precomputed ``dec.impact(data)`` to reuse (else computed with ``n_references``);
+        pass the ``n_references`` they used too, or the caption says only "as supplied".
     reference: the paired reference data, for a decomposition with ``reference="paired"``.
-    options: max_sequences=128, n_references=4, n_top=4 (samples per subnetwork), n_heads=4
-        (attention patterns shown), n_logits=10, n_neurons=16, subnetworks=None (default: all
-        live, by P_act), deltas (intervention curve), title.
+    options: max_sequences=128, n_references=None (4 when the report computes the impacts; with
+        ``impacts``, how many references those averaged, for the caption), n_top=4 (samples per
+        subnetwork), n_heads=4 (attention patterns shown), n_logits=10, n_neurons=16,
+        subnetworks=None (default: all live, by P_act), deltas (intervention curve), title (no
+        lone surrogate).
     Same inputs give a byte-identical file.
     """
     path = html_path(path)  # before any analysis
@@ -46,16 +49,24 @@ def report(dec, data, path="l3d_report.html", *, comparison: Any = None, to_str:
 
 def show(dec, data, *, comparison: Any = None, to_str: Optional[ToStr] = None,
          impacts: Optional[torch.Tensor] = None, reference: Any = None, **options: Any) -> Optional[Report]:
-    """The report's views inline in Jupyter, offline. In an IPython session this displays the
-    report and returns None; elsewhere it returns the ``Report`` (``.html``, ``.save(path)``,
-    ``_repr_html_``). Arguments as for ``report``."""
+    """The report's views inline in Jupyter, offline. In a Jupyter kernel this displays the
+    report once and returns None; elsewhere (a script, a terminal IPython, which cannot draw
+    HTML) it returns the ``Report`` (``.html``, ``.save(path)``, ``_repr_html_``), so the
+    computed report is kept. Arguments as for ``report``."""
     rep = build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, **options)
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
-    except ImportError:
+    if not in_kernel():
         return rep
-    if get_ipython() is None:
-        return rep
+    from IPython.display import display
+
     display(rep)
     return None
+
+
+def in_kernel() -> bool:
+    """Whether this runs in an IPython kernel (Jupyter, VS Code, Colab: a front end that draws
+    HTML), told by the shell's ``kernel`` attribute, which a terminal IPython lacks."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -23,14 +24,21 @@ from .html import Views, esc, fragment, page
 ToStr = Callable[[torch.Tensor], list[str]]
 
 DELTAS = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0)
+N_REFERENCES = 4  # random references per impact when the report computes the impacts
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The report's options, checked when made (before any analysis runs)."""
+    """The report's options, checked when made (before any analysis runs).
+
+    n_references: random references per impact. None (the default) means ``N_REFERENCES`` (4)
+    when the report computes the impacts; with precomputed ``impacts=`` the report cannot know
+    how many they averaged, so its caption states a number only when n_references is given.
+    title: a str with no lone surrogate (it could not be written as UTF-8)."""
 
     max_sequences: int = 128
-    n_references: int = 4
+    n_references: Optional[int] = None
     n_top: int = 4
     n_heads: int = 4
     n_logits: int = 10
@@ -42,6 +50,8 @@ class Options:
     def __post_init__(self):
         for name in ("max_sequences", "n_references", "n_top", "n_heads", "n_logits", "n_neurons"):
             value = getattr(self, name)
+            if name == "n_references" and value is None:
+                continue
             if not is_int(value) or value < 1:
                 raise ValueError(f"report option {name} must be an int >= 1, got {value!r}")
         deltas = self.deltas
@@ -51,6 +61,10 @@ class Options:
                              f"curve's steps along each subnetwork), got {deltas!r}")
         if self.title is not None and not isinstance(self.title, str):
             raise TypeError(f"report option title must be a str or None, got {type(self.title).__name__}")
+        bad = SURROGATE.search(self.title or "")
+        if bad:
+            raise ValueError(f"report option title has a lone surrogate {bad.group()!r} at index {bad.start()} "
+                             f"(it cannot be written as UTF-8): {self.title!r}")
 
 
 def html_path(path) -> Path:
@@ -70,12 +84,19 @@ def default_to_str(model: torch.nn.Module) -> ToStr:
 
 
 def checked_to_str(to_str: ToStr) -> ToStr:
+    """``to_str`` made to return a list of one str per token id (any iterable of them is taken).
+    A lone surrogate in a token (not valid UTF-8: the report could not be written) becomes
+    U+FFFD, as a decoder shows bytes it cannot read: a token only labels a view, and one odd
+    token of a tokenizer the caller may not control should not stop the report."""
     def wrapped(ids: torch.Tensor) -> list[str]:
         out = to_str(ids)
-        if isinstance(out, str) or len(out) != ids.numel():
-            raise ValueError(f"to_str must return one string per token id: got {type(out).__name__} of length "
-                             f"{len(out)} for {ids.numel()} ids")
-        return [str(t) for t in out]
+        kind = type(out).__name__
+        if not isinstance(out, str) and hasattr(out, "__iter__"):
+            out = list(out)
+        if not isinstance(out, list) or len(out) != ids.numel():
+            size = f" of length {len(out)}" if hasattr(out, "__len__") else ""
+            raise ValueError(f"to_str must return one string per token id: got {kind}{size} for {ids.numel()} ids")
+        return [SURROGATE.sub("\ufffd", str(t)) for t in out]
 
     return wrapped
 
@@ -141,8 +162,11 @@ class Builder:
             chosen = check_subnetworks(list(options.subnetworks), K)
         if self.lm:
             self.to_str(self.x[0])  # one string per token, before the analyses
+        # None: supplied impacts whose number of references the caller did not state
+        self.n_references = options.n_references
         if impacts is None:
-            impacts = dec.impact(self.x, n_references=options.n_references, reference=self.reference)
+            self.n_references = options.n_references or N_REFERENCES
+            impacts = dec.impact(self.x, n_references=self.n_references, reference=self.reference)
         else:
             impacts = impacts[:n]
         want = (n, self.x.shape[1], K) if self.token_mode else (n, K)
@@ -156,7 +180,9 @@ class Builder:
         attribution = dec.attribution()
         self.attribution = attribution
         self.neurons = dec.neuron_attribution() if attribution["neuron"].notna().any() else None
-        live = [k for k in range(K) if self.p_act[k] > 0] or list(range(K))
+        live = [k for k in range(K) if self.p_act[k] > 0]
+        self.all_dead = not live and options.subnetworks is None
+        live = live or list(range(K))
         if options.subnetworks is not None:
             live = chosen
         self.shown = sorted(live, key=lambda k: (-float(self.p_act[k]), k))
@@ -235,8 +261,10 @@ class Builder:
         # where it acts
         top = self.top_sequences(k)
         info["peak impact"] = top[0][2] if top else float("nan")
-        if dec.cfg.reference == "random":
-            how = f"mean |V_in &middot; g| over {opt.n_references} random references"
+        if dec.cfg.reference == "random" and self.n_references is None:
+            how = "mean |V_in &middot; g| over random references, as supplied (impacts=)"
+        elif dec.cfg.reference == "random":
+            how = f"mean |V_in &middot; g| over {self.n_references} random references"
         else:
             how = f"|V_in &middot; g| against the {esc(dec.cfg.reference)} reference"
         unit = "per token" if self.token_mode else "per sequence"
@@ -440,6 +468,8 @@ class Builder:
             head.append(self.comparison_html())
         if dead:
             head.append(f"<p class=\"muted\">Not shown (dead or not selected): {esc(', '.join(map(str, dead)))}</p>")
+        if self.all_dead:
+            head.append(f"<p><strong>{esc('Every subnetwork is dead (P_act 0): all of them are shown.')}</strong></p>")
         return '<div class="l3d-report">\n' + "\n".join(head + sections) + "\n</div>\n"
 
 
