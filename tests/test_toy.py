@@ -606,7 +606,8 @@ def test_selectivity_separates_targeted_from_global_directions():
 
 def _full_sweep_selectivity(model, direction, x, relevant, fraction=0.5, deltas=None):
     """``selectivity`` as its definition reads, with no early stop: every delta of both signs,
-    the smallest |delta| that hits (+ on a tie), else the largest relevant change."""
+    the smallest |delta| that hits, else the largest relevant change; between the signs a tie
+    goes to the larger relevant change, then the smaller selectivity, then +."""
     grid = sorted(abs(d) for d in (torch.logspace(-3, 2, 251).tolist() if deltas is None else deltas))
     with torch.no_grad():
         target = fraction * model(x)[relevant].abs().mean().item()
@@ -616,10 +617,13 @@ def _full_sweep_selectivity(model, direction, x, relevant, fraction=0.5, deltas=
         rel, oth = change[:, relevant].mean(1), change[:, ~relevant].mean(1)
         hit = (rel >= target).nonzero()
         if len(hit):
-            hits.append((grid[int(hit[0])], -sign, sign * grid[int(hit[0])], float(rel[hit[0]]), float(oth[hit[0]])))
+            j = int(hit[0])
+            r, o = float(rel[j]), float(oth[j])
+            hits.append(((grid[j], -r, r / max(o, 1e-300), -sign), sign * grid[j], r, o))
         i = int(rel.argmax())
-        peaks.append((float(rel[i]), sign, sign * grid[i], float(rel[i]), float(oth[i])))
-    _, _, delta, rel_change, other_change = min(hits) if hits else max(peaks)
+        r, o = float(rel[i]), float(oth[i])
+        peaks.append(((-r, r / max(o, 1e-300), -sign), sign * grid[i], r, o))
+    _, delta, rel_change, other_change = min(hits or peaks)
     return {"delta": delta, "relevant_change": rel_change, "other_change": other_change, "reached": bool(hits)}
 
 
@@ -644,13 +648,42 @@ def test_selectivity_stops_early_with_the_full_sweeps_answer():
                 chunks_walked.add(grid.index(abs(got["delta"])) // metrics.SWEEP_CHUNK)
     assert len(chunks_walked) >= 3  # the hits fall in several different chunks, not only the first
     tie = metrics.selectivity(m, {"layers.4.bias": torch.ones(5)}, x, relevant, deltas=[-1.0, 1.0])
-    assert tie["delta"] == 1.0
+    assert tie["delta"] == 1.0  # a tie in every value: + is read (the numbers are the same either way)
     # a direction that moves nothing never hits, and every delta ties at no change: the first
     # (+, smallest) is read, as the full sweep's argmax does
     still = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
     got, want = metrics.selectivity(m, still, x, relevant), _full_sweep_selectivity(m, still, x, relevant)
     assert {key: got[key] for key in want} == want and not got["reached"]
     assert got["delta"] == torch.logspace(-3, 2, 251)[0].item()
+
+
+def test_selectivity_is_the_same_for_v_and_minus_v():
+    """A subnetwork has no sign: v and -v must score the same, up to the sign of delta. On a
+    log grid both signs often first reach the half change at the same |delta| (a tie); reading
+    + there made the score depend on v's arbitrary sign. Random directions of the x² model
+    with feature 2's positive rows relevant, from hits in several chunks to no hit at all."""
+    m = models.square_mlp(2)
+    x = data.sparse_features(300, 5, seed=4, signed=True)
+    relevant = torch.zeros(300, 5, dtype=torch.bool)
+    relevant[:, 2] = x[:, 2] > 0
+    gen = torch.Generator().manual_seed(0)
+    ties = 0
+    for k in range(24):
+        v = {n: torch.randn(*p.shape, generator=gen) for n, p in m.named_parameters()}
+        minus = {n: -t for n, t in v.items()}
+        for fraction in (0.5, 3.0):
+            a = metrics.selectivity(m, v, x, relevant, fraction=fraction)
+            b = metrics.selectivity(m, minus, x, relevant, fraction=fraction)
+            same = ("selectivity", "relevant_change", "other_change", "reached")
+            assert {key: a[key] for key in same} == {key: b[key] for key in same}, (k, fraction)
+            assert a["delta"] == -b["delta"], (k, fraction)
+            want = _full_sweep_selectivity(m, v, x, relevant, fraction=fraction)
+            assert {key: a[key] for key in want} == want, (k, fraction)
+            # a tie: the other sign also hits at this |delta|
+            if a["reached"]:
+                change = metrics.intervention_change(m, v, x, [-a["delta"]])
+                ties += bool(change[0][relevant].mean() >= a["target_change"])
+    assert ties >= 1  # the case this test is about occurs among these directions
 
 
 def test_selectivity_keeps_the_full_sweeps_first_nan_when_nothing_hits():

@@ -490,6 +490,24 @@ def _larger(value: float, than: float) -> bool:
     return not math.isnan(than) and (math.isnan(value) or value > than)
 
 
+def _ratio(c: dict[str, Any]) -> float:
+    return c["relevant_change"] / max(c["other_change"], 1e-300)
+
+
+def _tied_less_selective(c: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether ``c`` replaces ``than`` on a tie of relevant change: it is less selective."""
+    return c["relevant_change"] == than["relevant_change"] and _ratio(c) < _ratio(than)
+
+
+def _sooner(c: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether the hit ``c`` (one sign) replaces ``than`` (the other): a smaller |delta|, or at
+    the same |delta| a larger relevant change, or at that too a smaller selectivity. Neither
+    rule looks at the sign, which v does not have."""
+    if abs(c["delta"]) != abs(than["delta"]):
+        return abs(c["delta"]) < abs(than["delta"])
+    return c["relevant_change"] > than["relevant_change"] or _tied_less_selective(c, than)
+
+
 #: deltas per forward batch of ``selectivity``'s sweep, which stops after the chunk of its first hit
 SWEEP_CHUNK = 16
 
@@ -533,9 +551,11 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
     """Mean change of the relevant (sample, output) entries over mean change of the ``other``
     entries (default: every entry that is not relevant) when running the model at
     W0 + delta * v, at the smallest |delta| (either sign: v has none) where the relevant
-    entries have changed by ``fraction`` of their mean |value|; a tie between the signs goes to
-    +delta. If no delta on the grid gets there, the largest relevant change found is used and
-    ``reached`` is False.
+    entries have changed by ``fraction`` of their mean |value|. When both signs first get there
+    at the same |delta| of the grid, the one with the larger relevant change is read (it crossed
+    the threshold first between grid points), then the less selective: the answer is the same
+    for v and -v, up to the sign of ``delta``. If no delta on the grid gets there, the largest
+    relevant change found is used (ties likewise) and ``reached`` is False.
 
     The grid is walked up from the smallest |delta| in chunks of ``SWEEP_CHUNK`` for both signs
     and stops after the chunk of the first hit: no larger delta can be the answer, and each
@@ -578,7 +598,7 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
                 i = int(hit[0])
                 cand = {"delta": sign * chunk[i], "relevant_change": float(rel[i]),
                         "other_change": float(other_change[i]), "reached": True}
-                if best is None or abs(cand["delta"]) < abs(best["delta"]):
+                if best is None or _sooner(cand, best):
                     best = cand
             i = int(rel.argmax())  # the first maximum; the first NaN if there is one, as over the whole grid
             if sign not in fallback or _larger(float(rel[i]), fallback[sign]["relevant_change"]):
@@ -586,7 +606,12 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
                                   "other_change": float(other_change[i]), "reached": False}
         if best is not None:
             break
-    out = best if best is not None else max(fallback.values(), key=lambda c: c["relevant_change"])
-    out["selectivity"] = out["relevant_change"] / max(out["other_change"], 1e-300)
+    if best is None:
+        best = fallback[1.0]
+        if _larger(fallback[-1.0]["relevant_change"], best["relevant_change"]) or _tied_less_selective(
+                fallback[-1.0], best):
+            best = fallback[-1.0]
+    out = best
+    out["selectivity"] = _ratio(out)
     out["target_change"] = target
     return out
