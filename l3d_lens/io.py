@@ -63,7 +63,7 @@ def save(dec, path) -> None:
         "config": dec.cfg.to_dict(),
         "adapter": dec.adapter.kind,
         "weights": dec.weight_names,
-        "fingerprint": {**model["weights"], "others": model["others"]},
+        "fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(dec._task)},
         "factors_sha256": tensors_sha256(tensors),
         "history": dec.history,
         "versions": versions(),
@@ -87,6 +87,36 @@ def save(dec, path) -> None:
         for tmp in (tmp_factors, tmp_meta):
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def others_sha256(task) -> str:
+    """SHA-256 of the model's parameters outside the decomposed weights, as TransformerLens names
+    and lays them out where the adapter has a site for them (a HookedTransformer and a
+    TransformerBridge of the same weights agree), else by the model's own name; a bias of zeros
+    counts as none (a HookedTransformer always has b_U, a bridge of a bias-free model has none)."""
+    from .training import _buffer
+
+    adapter, chosen = task.adapter, {s.name for s in task.selected}
+    covered = {id(adapter.native_parameter(n)) for n in adapter.sites}
+    parts = []
+    for name in adapter.sites:
+        if name in chosen:
+            continue
+        if adapter.native_parameter(name).is_meta:  # offloaded: no bytes to read here
+            parts.append((name, None))
+            continue
+        w = adapter.weight(name).detach()
+        if not (adapter.sites[name].kind.startswith("b_") and not w.any()):
+            parts.append((name, w))
+    decomposed = {id(adapter.native_parameter(n)) for n in chosen}
+    parts += [(f"native:{n}", None if p.is_meta else p.detach()) for n, p in adapter.model.named_parameters()
+              if id(p) not in covered and id(p) not in decomposed]
+    h = hashlib.sha256()
+    for name, w in sorted(parts, key=lambda part: part[0]):
+        h.update(f"{name}:{w.dtype}:{list(w.shape)}".encode() if w is not None else f"{name}:meta".encode())
+        if w is not None:
+            h.update(_buffer(w))
+    return h.hexdigest()
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -123,23 +153,26 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     if names != meta["weights"]:
         raise ValueError(f"the saved decomposition covers {meta['weights']}, but on this model the selection gives {names}")
     saved = meta["fingerprint"]
-    others = check_weights and "others" in saved
-    if others:
+    others = check_weights and ("others_tl" in saved or "others" in saved)
+    fp = task.adapter.fingerprint(names)
+    if others and "others_tl" in saved:  # in TransformerLens layout: any model class or TL version
+        same_others = others_sha256(task) == saved["others_tl"]
+    elif others:  # saved before others_tl: by the model's own names, which differ between classes
         from .training import model_fingerprint
 
-        fp = model_fingerprint(task)
-        fp, fp_others = fp["weights"], fp["others"]
-    else:
-        fp = task.adapter.fingerprint(names)
+        same_others = model_fingerprint(task)["others"] == saved["others"]
     if fp["shapes"] != saved["shapes"]:
         diff = {n: (saved["shapes"].get(n), fp["shapes"].get(n)) for n in names if saved["shapes"].get(n) != fp["shapes"].get(n)}
         raise ValueError(f"weight shapes differ from the saved decomposition's (saved, this model): {diff}")
     if check_weights and fp["sha256"] != saved["sha256"]:
         raise ValueError("this model's weights differ from those the decomposition was computed on "
                          "(pass check_weights=False to load it anyway)")
-    if others and fp_others != saved["others"]:
+    if others and not same_others:
+        kind = "" if "others_tl" in saved or meta["adapter"] == task.adapter.kind else (
+            f" (or only their names: it was saved from a {meta['adapter']} model by an l3d_lens that compared "
+            f"them by the model's own names, and this is a {task.adapter.kind} model)")
         raise ValueError("this model's parameters outside the decomposed weights differ from those the decomposition "
-                         "was computed on; they shape every gradient, so its coefficients would differ too "
+                         f"was computed on{kind}; they shape every gradient, so its coefficients would differ too "
                          "(pass check_weights=False to load it anyway)")
     if check_weights and not others:
         warnings.warn(f"{path / META} was saved by an earlier l3d_lens that did not fingerprint the model's other "
@@ -255,8 +288,9 @@ def _read_meta(file: Path) -> dict:
     fp = meta["fingerprint"]
     if not (isinstance(fp.get("shapes"), dict) and isinstance(fp.get("sha256"), str)):
         raise ValueError(f"{file}: 'fingerprint' must be a dict with 'shapes' and 'sha256', got {reprlib.repr(fp)}")
-    if not isinstance(fp.get("others", ""), str):
-        raise ValueError(f"{file}: 'fingerprint'['others'] must be a SHA-256 string, got {reprlib.repr(fp['others'])}")
+    for k in ("others", "others_tl"):
+        if not isinstance(fp.get(k, ""), str):
+            raise ValueError(f"{file}: 'fingerprint'[{k!r}] must be a SHA-256 string, got {reprlib.repr(fp[k])}")
     if not isinstance(meta.get("factors_sha256", ""), str):
         raise ValueError(f"{file}: 'factors_sha256' must be a SHA-256 string, "
                          f"got {reprlib.repr(meta['factors_sha256'])}")
