@@ -26,6 +26,8 @@ ENGINES = ("fast", "exact")
 LOSS_NORMS = ("batch", "sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the seeds a torch generator takes (``torch.Generator().manual_seed`` overflows outside them)
+SEED_RANGE = (-2**63, 2**64 - 1)
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -180,8 +182,9 @@ class L3DConfig:
         if self.resample_max is not None and (not is_int(self.resample_max) or self.resample_max < 1):
             raise ValueError(f"resample_max must be None (every dead subnetwork) or an int >= 1, "
                              f"got {self.resample_max!r}")
-        if not is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an int in -2**63 .. 2**64 - 1 (the seeds a torch generator takes), "
+                             f"got {self.seed!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from safetensors.torch import load_file, save_file
@@ -70,15 +72,40 @@ def _asset_dir(variant: str = "default") -> Path:
     return variant_dir(VARIANTS, variant)
 
 
+@contextlib.contextmanager
+def global_rngs_kept():
+    """Restore torch's (CPU, and CUDA where initialised), numpy's and Python's global random
+    states on exit (also a decorator). TransformerLens reseeds them all while it builds a model
+    (``HookedTransformerConfig(seed=...)``, ``init_weights``), so without this every load would
+    reset a user's seeded stream to the same draws. Before CUDA starts, torch queues its seed
+    for it: the queue is kept too."""
+    cpu, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    lazy = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    queued = dict(vars(lazy)) if lazy is not None and cuda is None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        elif queued is not None and not torch.cuda.is_initialized():
+            vars(lazy).update(queued)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 def _hooked_cfg(dtype: torch.dtype):
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(**{k: v for k, v in CONFIG.items() if k != "d_mlp"}, dtype=dtype, seed=0)
 
 
+@global_rngs_kept()
 def build(kind: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """An untrained model of the default architecture: "hooked" (HookedTransformer) or
-    "bridge" (TransformerBridge.boot_native); None picks HookedTransformer where it exists."""
+    "bridge" (TransformerBridge.boot_native); None picks HookedTransformer where it exists.
+    The global random states are left as they were (``global_rngs_kept``)."""
     if kind is None:
         try:
             from transformer_lens import HookedTransformer  # noqa: F401
@@ -150,6 +177,7 @@ def load_tl_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Mo
     return model
 
 
+@global_rngs_kept()
 def train(steps: int = 8000, batch: int = 64, lr: float = 1e-3, seed: int = 0, kind: Optional[str] = None,
           head_sparsity: float = 0.1, log_every: int = 1000) -> nn.Module:
     """Train the default model on periodic sequences (about 4 minutes on one CPU thread).
@@ -160,7 +188,8 @@ def train(steps: int = 8000, batch: int = 64, lr: float = 1e-3, seed: int = 0, k
     computes with as few heads as it can. With 0.1 the circuit is one previous-token head (L0H2)
     and one induction head (L1H0) and the other six heads write nothing; with 0 the model spreads
     the induction step over four redundant layer-1 heads (see BENCHMARKS.md). Needs
-    ``kind="hooked"`` (a HookedTransformer) when the penalty is on."""
+    ``kind="hooked"`` (a HookedTransformer) when the penalty is on. Seeds torch from ``seed``
+    inside, and leaves the global random states as they were (``global_rngs_kept``)."""
     if head_sparsity < 0:
         raise ValueError(f"head_sparsity must be >= 0 (0 turns the penalty off), got {head_sparsity!r}")
     torch.manual_seed(seed)

@@ -38,7 +38,7 @@ from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .induction import _check_probe, load_tl_weights, state_dict_tl, variant_dir
+from .induction import _check_probe, global_rngs_kept, load_tl_weights, state_dict_tl, variant_dir
 
 #: shipped variants -> asset folder (see the module docstring)
 VARIANTS = {"default": "two_tasks", "unpruned": "two_tasks_unpruned"}
@@ -132,9 +132,11 @@ def _asset_dir(variant: str = "default") -> Path:
     return variant_dir(VARIANTS, variant)
 
 
+@global_rngs_kept()
 def build(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     """An untrained model of this architecture: "hooked" (HookedTransformer) or "bridge"
-    (TransformerBridge.boot_native); None picks HookedTransformer where it exists."""
+    (TransformerBridge.boot_native); None picks HookedTransformer where it exists. Initialised
+    from ``seed``; the global random states are left as they were (``global_rngs_kept``)."""
     if kind is None:
         try:
             from transformer_lens import HookedTransformer  # noqa: F401
@@ -190,13 +192,15 @@ def prune_unused_heads(model: nn.Module) -> nn.Module:
     return load_tl_weights(model, weights)
 
 
+@global_rngs_kept()
 def train(steps: int = 2500, batch: int = 128, lr: float = 3e-3, seed: int = 0, kind: Optional[str] = None,
           silence: float = 10.0, log_every: int = 250, prune: bool = True) -> nn.Module:
     """Train on mixed tasks (about a minute on one CPU thread). Loss: cross-entropy of the
     answer for the full model and for the model with the other task's heads (and the unused
     heads) zeroed at the answer position, ``silence`` x their squared hook_z there, and
     next-word cross-entropy at the word positions (unpredictable: keeps those outputs flat).
-    ``prune``: then ``prune_unused_heads`` (the default variant; False gives "unpruned")."""
+    ``prune``: then ``prune_unused_heads`` (the default variant; False gives "unpruned").
+    Seeds torch from ``seed`` inside, and leaves the global random states as they were."""
     torch.manual_seed(seed)
     model = build(kind, seed=seed)
     model.train()
