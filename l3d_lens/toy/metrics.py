@@ -1,7 +1,9 @@
 """Ground-truth recovery metrics for a ``Decomposition`` of a model whose answer is known.
 
 Every function takes plain tensors or a ``Decomposition`` and knows nothing of how the model
-was trained, so any model with a known answer can use them:
+was trained, so any model with a known answer can use them; those that read a
+circuit-superposition model's W_in or W_out take the weights' names (``w_in=``, ``w_out=``,
+``weight=``; by default ``SuperpositionModel``'s ``encoder.weight`` and ``decoder.weight``):
 
 - ``feature_r2``: how well the model itself computes each feature's output (x^2: a feature
   it never learned has no circuit to find).
@@ -12,7 +14,8 @@ was trained, so any model with a known answer can use them:
   reference for the cosine scores.
 - ``assign``: the one-to-one matching of features to subnetworks that maximises a score.
 - ``output_effects`` / ``coefficient_r2`` / ``circuit_recovery``: recover TMCS's A from
-  subnetworks and score it; ``rank_bound_r2``: the best r^2 a rank-limited model can reach.
+  subnetworks and score it; ``model_circuit_matrix``: the A the model itself computes, a
+  reference for them; ``rank_bound_r2``: the best r^2 a rank-limited matrix can reach.
 - ``signed_gradient_directions`` / ``sign_alignment``: does the model serve both signs of a
   feature with one parameter direction?
 - ``feature_activity``, ``group_of_subnetworks``, ``live_per_group``, ``dead_fraction``.
@@ -174,27 +177,48 @@ def masked_weights(model: nn.Module, masks: Mapping[str, Bool[torch.Tensor, "f .
             for n, m in masks.items()}
 
 
-def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows: bool = False) -> dict[str, torch.Tensor]:
-    """True per-feature directions of a ``SuperpositionModel``: feature i's columns of W_in
+#: what the weight-name arguments of the circuit-superposition metrics name
+_WEIGHT_ROLES = {"w_in": "the [hidden, d_in] weight whose input columns are the features",
+                 "w_out": "the [d_out, hidden] weight from the hidden layer to the outputs"}
+
+
+def _model_weight(model: nn.Module, name: str, arg: str) -> torch.Tensor:
+    """The model's weight matrix ``name``, given as ``arg=``; a KeyError naming the argument and
+    the model's parameters if it has none of that name (a model whose weights are not called
+    ``encoder.weight`` / ``decoder.weight`` as in ``SuperpositionModel``)."""
+    try:
+        weight = model.get_parameter(name)
+    except AttributeError:
+        raise KeyError(f"the model has no weight {name!r} ({arg}=); its parameters are "
+                       f"{[n for n, _ in model.named_parameters()]}: pass {arg}= {_WEIGHT_ROLES[arg]}") from None
+    if weight.dim() != 2:
+        raise ValueError(f"{arg}={name!r} must name {_WEIGHT_ROLES[arg]}, got a weight of shape {tuple(weight.shape)}")
+    return weight
+
+
+def superposition_directions(model: nn.Module, group_size: int = 1, decoder_rows: bool = False, *,
+                             w_in: str = "encoder.weight", w_out: str = "decoder.weight") -> dict[str, torch.Tensor]:
+    """True per-feature directions of a ``SuperpositionModel``, or of any model of its shape whose
+    weights named ``w_in`` and ``w_out`` are W_in and W_out: feature i's columns of W_in
     (``encoder.weight[:, i]``, or a group's columns) and, with ``decoder_rows`` (TMS, where output
     i decodes feature i), row i of W_out. The bias is left out: its share of a feature's
     gradient depends on the feature's value, so it has no fixed true direction."""
-    w_in = model.get_parameter("encoder.weight")
-    n_in = w_in.shape[1]
+    enc = _model_weight(model, w_in, "w_in")
+    n_in = enc.shape[1]
     check_group_size(group_size, n_in)
     n_feat = n_in // group_size
-    cols = torch.zeros(n_feat, *w_in.shape, dtype=torch.bool, device=w_in.device)
+    cols = torch.zeros(n_feat, *enc.shape, dtype=torch.bool, device=enc.device)
     for f in range(n_feat):
         cols[f, :, f * group_size:(f + 1) * group_size] = True
-    masks = {"encoder.weight": cols}
+    masks = {w_in: cols}
     if decoder_rows:
-        w_out = model.get_parameter("decoder.weight")
-        if w_out.shape[0] != n_feat:
-            raise ValueError(f"decoder_rows needs one output per feature; W_out has {w_out.shape[0]} rows, {n_feat} features")
-        rows = torch.zeros(n_feat, *w_out.shape, dtype=torch.bool, device=w_out.device)
+        dec = _model_weight(model, w_out, "w_out")
+        if dec.shape[0] != n_feat:
+            raise ValueError(f"decoder_rows needs one output per feature; W_out has {dec.shape[0]} rows, {n_feat} features")
+        rows = torch.zeros(n_feat, *dec.shape, dtype=torch.bool, device=dec.device)
         for f in range(n_feat):
             rows[f, f] = True
-        masks["decoder.weight"] = rows
+        masks[w_out] = rows
     return masked_weights(model, masks)
 
 
@@ -304,7 +328,9 @@ def assign(score: Float[torch.Tensor, "f k"]) -> list[int]:
 def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Tensor, "n d_in"],
                    which: Optional[Sequence[int]] = None) -> Float[torch.Tensor, "k n d_out"]:
     """First-order change of the outputs along each subnetwork, d/d delta f(x; W0 + delta v_k)
-    at delta = 0 (a forward-mode JVP; the model's weights are not touched)."""
+    at delta = 0 (a forward-mode JVP; the model's weights are not touched). The subnetworks may
+    leave weights of the model out (they do not move) but not name weights it lacks: their
+    effect would be silently left out."""
     from torch.func import functional_call, jvp
 
     _check_inputs(model, x)
@@ -313,6 +339,11 @@ def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Ten
     if not names:
         raise ValueError(f"the subnetworks name no weight of the model (they have {sorted(subnetworks)}, "
                          f"the model {sorted(params)})")
+    unknown = [n for n in subnetworks if n not in params]
+    if unknown:
+        raise ValueError(f"the subnetworks name weights {unknown} that the model does not have (it has "
+                         f"{sorted(params)}); pass subnetworks of this model, e.g. dec.subnetworks()")
+    _check_subnetwork_shapes(subnetworks, params)
     ks = range(subnetworks[names[0]].shape[0]) if which is None else which
     out = []
     for k in ks:
@@ -323,6 +354,17 @@ def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Ten
 
         out.append(jvp(f, tuple(params[n] for n in names), tangent)[1])
     return torch.stack(out)
+
+
+def _check_subnetwork_shapes(subnetworks: Directions, params: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless every ``subnetworks[name]`` is [n, *weight shape], with one n for all."""
+    for n, v in subnetworks.items():
+        if v.dim() < 1 or tuple(v.shape[1:]) != tuple(params[n].shape):
+            raise ValueError(f"subnetworks[{n!r}] must be [n_subnetworks, *{tuple(params[n].shape)}] (the weight's "
+                             f"shape), got {tuple(v.shape)}")
+    counts = {n: v.shape[0] for n, v in subnetworks.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"the subnetworks have different leading sizes across weights: {counts}")
 
 
 def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tensor, "f d"]) -> float:
@@ -338,19 +380,25 @@ def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tens
     return float(1 - res / tot) if tot > 0 else float("nan")
 
 
-def model_circuit_matrix(model: nn.Module) -> Float[torch.Tensor, "d_out d_in"]:
+def model_circuit_matrix(model: nn.Module, *, w_in: str = "encoder.weight") -> Float[torch.Tensor, "d_out d_in"]:
     """The matrix a trained circuit-superposition model actually computes, column i =
-    f(e_i) - f(0): the most any decomposition of this model can give back of A."""
-    w_in = model.get_parameter("encoder.weight")
-    n_in, like = w_in.shape[1], dict(dtype=w_in.dtype, device=w_in.device)
+    f(e_i) - f(0) (``w_in`` names W_in, whose columns are the inputs): a reference for
+    ``circuit_recovery``, what following the model's own computation gives back of A. Not an
+    upper bound: ``r2_decoder`` applies each feature's own subnetwork's W_out part to its hidden
+    embedding, neither the model's one W_out nor its ReLU, and can give back more of A (all of
+    it, for hand-made subnetworks that map each W_in column to its column of A)."""
+    enc = _model_weight(model, w_in, "w_in")
+    n_in, like = enc.shape[1], dict(dtype=enc.dtype, device=enc.device)
     with torch.no_grad():
         return (model(torch.eye(n_in, **like)) - model(torch.zeros(1, n_in, **like))).T
 
 
 def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
     """The largest ``coefficient_r2`` against A that any matrix of rank <= ``rank`` reaches
-    (its best rank-``rank`` approximation, Eckart-Young): the bound for a circuit-superposition
-    model whose linear part W_out W_in has ``rank`` = n_hidden, before its ReLU."""
+    (its best rank-``rank`` approximation, Eckart-Young): the bound for the linear part W_out W_in
+    of a circuit-superposition model, of ``rank`` = n_hidden, before its ReLU. It bounds neither
+    the model with its ReLU nor a decomposition's scores (``circuit_recovery`` takes every
+    feature's column from its own subnetwork, not from one shared W_out)."""
     given, rank = rank, as_index(rank)
     if rank is None or rank < 1:
         raise ValueError(f"rank must be a positive integer (e.g. n_hidden), got {given!r}")
@@ -360,7 +408,8 @@ def rank_bound_r2(A: Float[torch.Tensor, "d_out d_in"], rank: int) -> float:
 
 
 def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.Tensor, "d_out d_in"],
-                     group_size: int = 1) -> dict[str, Any]:
+                     group_size: int = 1, *, w_in: str = "encoder.weight", w_out: str = "decoder.weight"
+                     ) -> dict[str, Any]:
     """Match each input feature of a circuit-superposition model to a subnetwork (one-to-one,
     by |cos| with the feature's W_in columns) and score how well the matched subnetworks give
     back A (y = A x): ``r2`` uses each subnetwork's first-order effect on the outputs of the
@@ -370,23 +419,29 @@ def circuit_recovery(model: nn.Module, subnetworks: Directions, A: Float[torch.T
     figure labels it r^2) between the entries of A and those of the subnetworks' own products
     V_k[W_out] @ V_k[W_in][:, i] (sign-free: -v gives the same product). With ``group_size`` > 1
     (the higher-rank model) subnetworks are matched to groups of inputs, and every input of a
-    group is scored on its group's subnetwork; ``match`` then lists one subnetwork per group."""
-    w_in = model.get_parameter("encoder.weight").detach()
-    n_out = model.get_parameter("decoder.weight").shape[0]
-    if tuple(A.shape) != (n_out, w_in.shape[1]):
-        raise ValueError(f"A must be [d_out, d_in] = {(n_out, w_in.shape[1])} for this model, got {tuple(A.shape)}")
-    truth = superposition_directions(model, group_size)
+    group is scored on its group's subnetwork; ``match`` then lists one subnetwork per group.
+    ``w_in`` and ``w_out`` name W_in and W_out, in the model and in ``subnetworks``."""
+    enc = _model_weight(model, w_in, "w_in").detach()
+    n_out = _model_weight(model, w_out, "w_out").shape[0]
+    if tuple(A.shape) != (n_out, enc.shape[1]):
+        raise ValueError(f"A must be [d_out, d_in] = {(n_out, enc.shape[1])} for this model, got {tuple(A.shape)}")
+    missing = [n for n in (w_in, w_out) if n not in subnetworks]
+    if missing:
+        raise KeyError(f"the subnetworks hold no {missing} (w_in={w_in!r}, w_out={w_out!r}); they have "
+                       f"{sorted(subnetworks)}: circuit_recovery reads each subnetwork's W_in and W_out parts "
+                       "(decompose with components='*')")
+    truth = superposition_directions(model, group_size, w_in=w_in)
     cos = cosine_matrix(truth, subnetworks)
     match = assign(cos)
     n_in = A.shape[1]
-    eye = torch.eye(n_in, dtype=w_in.dtype, device=w_in.device)
+    eye = torch.eye(n_in, dtype=enc.dtype, device=enc.device)
     jvp_cols, dec_cols, own_cols = [], [], []
     for i in range(n_in):
         k = match[i // group_size]
         jvp_cols.append(output_effects(model, subnetworks, eye[i:i + 1], [k])[0, 0])
-        v_out = subnetworks["decoder.weight"][k].to(w_in)
-        dec_cols.append(v_out @ w_in[:, i])
-        own_cols.append(v_out @ subnetworks["encoder.weight"][k].to(w_in)[:, i])
+        v_out = subnetworks[w_out][k].to(enc)
+        dec_cols.append(v_out @ enc[:, i])
+        own_cols.append(v_out @ subnetworks[w_in][k].to(enc)[:, i])
     true = A.T  # [features, outputs]
     return {"match": match, "match_cos": cos[torch.arange(len(match), device=cos.device), match],
             "r2": coefficient_r2(true, torch.stack(jvp_cols)),
@@ -434,7 +489,8 @@ def live_per_group(dec, group_size: int, weight: str = "encoder.weight") -> dict
     how purely: the higher-rank target is exactly one live subnetwork per group, rest dead
     (``one_per_group``). A live subnetwork with less than ``PURE_GROUP`` of its ``weight`` mass
     in its group (mixed, or with none there) fails that target (``n_live_impure``) but is still
-    counted for the group holding most of it (``live_per_group``; one with none, for none)."""
+    counted for the group holding most of it (``live_per_group``, one count for each of the
+    ``n_groups`` groups; one with none, for none)."""
     subs = dec.subnetworks()
     if weight not in subs:
         raise KeyError(f"{weight!r} is not in the decomposition (it has {sorted(subs)}); pass weight= the "
@@ -449,7 +505,8 @@ def live_per_group(dec, group_size: int, weight: str = "encoder.weight") -> dict
     order = torch.argsort(dec.fraction_active, descending=True, stable=True)
     top, rest = order[:n_groups], order[n_groups:]
     top_groups = sorted(group[top].tolist()) if bool(live[top].all()) else []
-    return {"live_per_group": counts.tolist(), "n_live": int(live.sum()), "n_dead": int((~live).sum()),
+    return {"live_per_group": counts.tolist(), "n_groups": n_groups,
+            "n_live": int(live.sum()), "n_dead": int((~live).sum()),
             "group": group.tolist(), "purity": purity.tolist(), "p_act": dec.fraction_active.tolist(),
             "n_live_impure": n_impure, "one_per_group": bool((counts == 1).all()) and n_impure == 0,
             "most_active_one_per_group": top_groups == list(range(n_groups)),
