@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import nn
 
 from .adapters import Adapter, make_adapter
-from .checks import is_int
+from .checks import as_index, is_int
 from .config import L3DConfig
 from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
@@ -94,11 +94,36 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     return Decomposition(task, factors, history)
 
 
+def check_autograd(what: str = "L3D") -> None:
+    """``what`` differentiates through the model, which torch.inference_mode() rules out: its
+    tensors cannot be saved for backward, even where gradients are turned back on. No_grad and
+    set_grad_enabled(False) (as TransformerLens tutorials start) are fine: training and the
+    per-sample gradients turn gradients on where they need them."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} needs autograd; call it outside torch.inference_mode() (torch.no_grad() or "
+                           f"torch.set_grad_enabled(False) around it are fine)")
+
+
+def analysis_seed(seed: Any, default: int) -> int:
+    """The seed an analysis draws its random references from: ``default`` (cfg.seed) for None,
+    else an integer (Python, numpy or one-element integer tensor, never a bool) in the range a
+    torch generator takes."""
+    if seed is None:
+        return default
+    value = as_index(seed)
+    if value is None or not -2**63 <= value < 2**64:
+        raise ValueError(f"seed must be an integer in -2**63 .. 2**64 - 1, or None for cfg.seed ({default}); "
+                         f"got {seed!r}")
+    return value
+
+
 def check_run(task: Task, data: Data, reference: Optional[Data] = None) -> None:
     """What ``decompose`` checks before training, so that a run that cannot work stops before
-    any work (``compare_with_patching`` runs it before its patching sweeps): the config's device
-    is one this machine has, the data (and paired reference) fit the model, the position lies in
-    its sequences, the dtypes suit the model, and the estimated peak memory fits the device."""
+    any work (``compare_with_patching`` runs it before its patching sweeps): autograd is
+    available (not under torch.inference_mode()), the config's device is one this machine has,
+    the data (and paired reference) fit the model, the position lies in its sequences, the
+    dtypes suit the model, and the estimated peak memory fits the device."""
+    check_autograd()
     if task.cfg.device is not None:
         from .io import unavailable
 
@@ -176,11 +201,16 @@ class Decomposition:
                 else torch.zeros(self.n_subnetworks, device="cpu"))
 
     def _stats(self, data: Data, reference: Optional[Data], seed: Optional[int]):
+        """Per-sample gradient statistics batch by batch (``cfg.batch_size`` chunks of a tensor,
+        or the batches as given), random references drawn within each batch from one generator
+        seeded by ``seed`` (None: cfg.seed)."""
         task = self._task
+        check_autograd()
+        seed = analysis_seed(seed, self.cfg.seed)
         paired = task.cfg.reference == "paired"
         check_data(task.adapter, data, reference, paired)
         check_position(task.adapter, data, task.cfg.position)
-        gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, task.min_batch,
                                   position=task.cfg.position):
@@ -191,8 +221,11 @@ class Decomposition:
     def coefficients(self, data: Data, reference: Optional[Data] = None, *,
                      seed: Optional[int] = None) -> Float[torch.Tensor, "n_samples k"]:
         """V_in . g per sample, [n_samples, n_subnetworks] (token mode: sequence-major
-        (sequence, position) samples). References are drawn from ``seed`` (default cfg.seed)
-        unless paired ``reference`` data is given, which makes the result deterministic."""
+        (sequence, position) samples). References are drawn from ``seed`` (an integer; default
+        cfg.seed) unless paired ``reference`` data is given, which makes the result deterministic.
+        Random references are drawn within each batch (the ``cfg.batch_size`` chunks of a tensor,
+        or the batches as given in a list), so a sample's coefficients depend on the other
+        samples passed with it."""
         return torch.cat([st.A for st in self._stats(data, reference, seed)])
 
     def gradient_norms(self, data: Data, reference: Optional[Data] = None, *, seed: Optional[int] = None) -> torch.Tensor:
@@ -201,7 +234,10 @@ class Decomposition:
 
     def reconstruction_error(self, data: Data, reference: Optional[Data] = None, *, seed: Optional[int] = None,
                              top_k: Optional[float] = None) -> float:
-        """sum_i ||g_i - V_out c_i||^2 / sum_i ||g_i||^2 with batch top-k as in training."""
+        """sum_i ||g_i - V_out c_i||^2 / sum_i ||g_i||^2 with batch top-k as in training.
+        Random references (from ``seed``, default cfg.seed) and the top-k are taken within each
+        batch (the ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so
+        the result depends on how the samples are batched."""
         k = self.cfg.top_k if top_k is None else top_k
         G = gram(self._factors, self._task.selected)
         num = den = 0.0
@@ -285,9 +321,15 @@ class Decomposition:
         df = self._effect_frame(self._unit_effects("neurons", data, reference, seed), "neuron")
         return df.dropna(subset=["effect"]).reset_index(drop=True)
 
-    def impact(self, data: Data, n_references: int = 10, reference: Optional[Data] = None, seed: int = 0):
+    def impact(self, data: Data, n_references: int = 10, reference: Optional[Data] = None,
+               seed: Optional[int] = None):
         """Mean |V_in . g| over ``n_references`` random references (the paper's impact):
-        [n, pos, n_subnetworks] in token mode, [n, n_subnetworks] otherwise."""
+        [n, pos, n_subnetworks] in token mode, [n, n_subnetworks] otherwise. ``seed`` (default
+        cfg.seed, as for ``coefficients``) gives the first reference's draw (one reference is
+        |coefficients(seed=seed)|) and the others' seeds (``analysis.impact.reference_seeds``):
+        different seeds share no draw. As in ``coefficients``, references are drawn within each
+        batch (the ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so a
+        sample's impact depends on the other samples passed with it."""
         from .analysis.impact import impact
 
         return impact(self, data, n_references, reference, seed)

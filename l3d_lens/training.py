@@ -1,7 +1,8 @@
 """The training loop: Adam on the Tucker factors of V_in and V_out (the model never
 changes), step decay of the learning rate per epoch, V_out renormalised after every step,
 P_act and dead counts per epoch. Everything random comes from one generator seeded by
-``cfg.seed``, so the same seed and data give a bit-identical result on CPU; with
+``cfg.seed``, so the same seed and data give a bit-identical result on one CPU, torch build
+and thread count; with
 ``checkpoint`` set, an interrupted run resumes to the same bit-identical result. Under
 torch.distributed, each rank trains on its shard of every global batch (see distributed.py).
 With ``cfg.resample_epochs``, dead subnetworks are re-initialised at the start of those epochs
@@ -27,6 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import L3DConfig
 from .data import Data, batch_starts, batches
+from .decomposition import check_autograd
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
@@ -267,8 +269,14 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     sums.loss_den += den
 
 
+@torch.enable_grad()
 def train(task: Task, data: Data, reference: Optional[Data], progress: bool = True,
           checkpoint: Union[str, Path, None] = None, checkpoint_every: int = 0) -> tuple[Factors, list[dict[str, Any]]]:
+    """Train the factors on ``data``; returns them and the history (one record per epoch). Runs
+    under torch.enable_grad(), so a caller under no_grad or set_grad_enabled(False) (as
+    TransformerLens tutorials start) trains the same, bit for bit, and gets its mode back;
+    under torch.inference_mode() it stops before any work (``check_autograd``)."""
+    check_autograd()
     cfg = task.cfg
     task = dataclasses.replace(task, sharded=distributed.active())
     if task.sharded and isinstance(data, torch.Tensor):  # before any work: a batch too small to share

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
@@ -12,6 +13,7 @@ from jaxtyping import Float
 from torch.func import jvp
 
 from ..checks import as_number
+from ..decomposition import analysis_seed, check_autograd
 from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
 
@@ -31,15 +33,33 @@ def as_samples(data, what: str = "data") -> torch.Tensor:
                     f"paired reference data as reference=")
 
 
+def reference_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of ``impact``'s ``n`` random references: ``seed`` itself first (so one reference
+    gives |coefficients(seed=seed)|), then 63 bits of SHA-256 of (seed, r) for r = 1 .. n - 1.
+    Two seeds share no draw (with ``seed + r``, seeds 0 and 1 shared n - 1 of their n), and the
+    first n of a seed's references are the same for any larger n."""
+    def derived(r: int) -> int:
+        digest = hashlib.sha256(f"l3d_lens.impact:{seed}:{r}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
+
+    return [seed] + [derived(r) for r in range(1, n)]
+
+
 def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[torch.Tensor] = None,
-           seed: int = 0) -> Float[torch.Tensor, "n *pos k"]:
+           seed: Optional[int] = None) -> Float[torch.Tensor, "n *pos k"]:
     """Mean over references of |V_in . g| (the paper's impact), [n, pos, K] in token mode,
-    [n, K] otherwise. Paired, mean and uniform references are single, so averaged once."""
+    [n, K] otherwise. Paired, mean and uniform references are single, so averaged once. The
+    random references come from ``reference_seeds(seed, n_references)`` (seed: an integer,
+    default cfg.seed, as for ``coefficients``) and are drawn within each batch (the
+    ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so a sample's
+    impact depends on the other samples passed with it."""
     if not isinstance(n_references, int) or n_references < 1:
         raise ValueError(f"n_references must be an int >= 1, got {n_references!r}")
+    check_autograd()
+    seed = analysis_seed(seed, dec.cfg.seed)
     data, reference = as_samples(data), as_samples(reference, "reference")
     repeats = n_references if dec.cfg.reference == "random" and reference is None else 1
-    total = sum(dec.coefficients(data, reference, seed=seed + r).abs() for r in range(repeats)) / repeats
+    total = sum(dec.coefficients(data, reference, seed=s).abs() for s in reference_seeds(seed, repeats)) / repeats
     if dec._task.token_mode:
         return total.reshape(data.shape[0], data.shape[1], -1)
     return total

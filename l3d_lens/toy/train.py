@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import nn
 
 from ..checks import as_index
+from ..decomposition import check_autograd
 from . import chain_step, metrics, models
 from . import data as toy_data
 
@@ -108,7 +109,10 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     epochs it checks after each and stops at the first failure (the last epoch is never
     checked). ``ok`` must not change the model, so a model that passes trains exactly as
     without it. Batches go to the model's device; the model comes back in eval mode with no
-    ``.grad`` left from training."""
+    ``.grad`` left from training. Training runs under torch.enable_grad(), so a caller under
+    no_grad or set_grad_enabled(False) trains the same and gets its mode back; torch.inference_mode()
+    is refused before any work."""
+    check_autograd("fit (it trains the model)")
     gen = torch.Generator().manual_seed(seed)
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
@@ -119,17 +123,18 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     at = () if check is None else {check[0]} if isinstance(check[0], int) else set(check[0])
     losses = []
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
-        total = 0.0
-        for xb, yb in zip(x[order].to(device).split(batch_size), y[order].to(device).split(batch_size)):
-            total += step(xb, yb).item() * xb.shape[0]
-        losses.append(total / x.shape[0])
-        if len(losses) in at and len(losses) < epochs:
-            model.eval()
-            if not check[1](model):
-                break
-            model.train()
+    with torch.enable_grad():  # the caller's grad mode comes back on exit
+        for _ in range(epochs):
+            order = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
+            total = 0.0
+            for xb, yb in zip(x[order].to(device).split(batch_size), y[order].to(device).split(batch_size)):
+                total += step(xb, yb).item() * xb.shape[0]
+            losses.append(total / x.shape[0])
+            if len(losses) in at and len(losses) < epochs:
+                model.eval()
+                if not check[1](model):
+                    break
+                model.train()
     model.zero_grad(set_to_none=True)
     model.eval()
     return losses
@@ -344,7 +349,9 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     the paper's recipe. The x² model must learn every feature (``LEARNED_R2``): it is retrained
     from fresh starts if not, and a RuntimeError says so after ``fit_best_of``'s last block
     (likely with a few epochs); ``check_learned=False`` keeps the best start however it did, for
-    a quick look."""
+    a quick look. Under no_grad or set_grad_enabled(False) it trains the same (``fit``); under
+    torch.inference_mode() it stops before any work."""
+    check_autograd("make_toy (it trains the toy model)")
     check_toy_name(name)
     seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from", MAX_SEED)
     if epochs is not None:
