@@ -7,10 +7,12 @@ print one line ``l3d-lens <command>: error: ...`` and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import reprlib
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +24,10 @@ from .checks import is_int
 
 EMBEDDED = ("induction", "default")
 RECORD = "cli_inputs.json"  # written next to a saved decomposition: how to rebuild model and data
+MANIFEST = "l3d_lens_outputs.json"  # in each output folder: {file name: SHA-256} of the files l3d-lens wrote
+COMPARE_EMBEDDED_ONLY = ("compare needs (clean, corrupted) pairs and a metric; from the command line this is "
+                         "available for the embedded model only -- use l3d_lens.patching.compare_with_patching "
+                         "from Python for other models")
 
 
 class UserError(Exception):
@@ -137,9 +143,9 @@ def _load_named(name: str, model_class: str) -> torch.nn.Module:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an error's message, whole: it may end in a long list of valid choices."""
     text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) < 300 else line[:297] + "..."
+    return text[0] if text else type(e).__name__
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
         raise UserError(f"--seq-len {seq_len} is too short")
     stream: list[int] = []
     for text in texts:
-        if not text:
+        if _blank(text):
             continue
         try:
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -482,6 +488,7 @@ def _check_folder(path: Path, flag: str = "--out") -> Path:
     blocking = _blocking_file(path)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is not a folder")
+    _check_writable(path, path, flag)
     return path
 
 
@@ -495,7 +502,90 @@ def _report_path(path: Any, flag: str = "--out") -> Path:
     blocking = _blocking_file(p)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is not a folder")
+    _check_writable(p.parent, p, flag)
     return p
+
+
+def _check_writable(folder: Path, shown: Path, flag: str) -> None:
+    """UserError unless files can be made in ``folder`` (or, where it does not exist yet, in its
+    nearest existing ancestor, where it will be made): a temporary file is created there and
+    deleted, so nothing is left behind. os.access alone would miss read-only mounts, /proc and
+    immutable folders, and says yes to root everywhere."""
+    base = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {shown}: not writable (no permission to write in {base})")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".l3d-lens-check-", dir=base)
+    except OSError as e:
+        raise UserError(f"{flag} {shown}: not writable (cannot create a file in {base}: {e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _sha256(file: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (factors may be large)."""
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> Optional[dict[str, str]]:
+    """The {file name: SHA-256} that l3d-lens keeps in ``folder`` ({} where there is none yet;
+    None where a file of that name is not such a manifest)."""
+    file = folder / MANIFEST
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError too
+        return None
+    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        return data
+    return None
+
+
+def _by_folder(files: list[Path]) -> dict[Path, list[str]]:
+    """File names grouped by their folder, each folder keeping one manifest."""
+    folders: dict[Path, list[str]] = {}
+    for f in files:
+        folders.setdefault(f.parent, []).append(f.name)
+    return folders
+
+
+def _check_outputs(files: list[Path], overwrite: bool) -> None:
+    """Before any work: each of ``files`` (what the command will write) that exists already must
+    be an unchanged earlier output of l3d-lens, listed with its current SHA-256 in its folder's
+    MANIFEST, so a rerun replaces its own outputs but never a user's file; --overwrite
+    (``overwrite``) lifts this. A folder where a file is to go is refused either way."""
+    for folder, names in _by_folder(files).items():
+        for name in (*names, MANIFEST):
+            if (folder / name).is_dir():
+                raise UserError(f"{folder / name} is a folder, where l3d-lens would write a file")
+    if overwrite:
+        return
+    taken = []
+    for folder, names in _by_folder(files).items():
+        manifest = _manifest(folder)
+        if manifest is None:
+            taken.append(folder / MANIFEST)
+            manifest = {}
+        taken += [folder / n for n in names if (folder / n).exists() and manifest.get(n) != _sha256(folder / n)]
+    if taken:
+        raise UserError(f"would overwrite {', '.join(str(f) for f in taken)} (not written by l3d-lens, or changed "
+                        f"since); move them or pass --overwrite to replace them")
+
+
+def _record_outputs(files: list[Path]) -> None:
+    """Add ``files``, just written, with their SHA-256 to their folders' MANIFEST (replaced
+    whole, so a reader never sees half of it)."""
+    for folder, names in _by_folder(files).items():
+        manifest = _manifest(folder) or {}
+        manifest.update({n: _sha256(folder / n) for n in names if (folder / n).is_file()})
+        tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, folder / MANIFEST)
 
 
 def _patching_available() -> tuple[bool, str]:
@@ -527,9 +617,13 @@ def induction_pairs(n: int, seed: int):
 
 
 def _summary_lines(dec, data: torch.Tensor, half: Optional[int] = None) -> list[str]:
-    """Per subnetwork: the top heads when attention heads are decomposed, else the top MLP
-    neurons, else the top weights."""
+    """Per subnetwork: with attention and MLP weights both decomposed, the split between them
+    and the top units across both; else the top heads when attention heads are decomposed, else
+    the top MLP neurons, else the top weights."""
     df = dec.attribution()
+    parts = df["weight"].map(_part)
+    if {"attn", "mlp"} <= set(parts):
+        return _summary_mixed(dec, df.assign(part=parts))
     if df["head"].notna().any():
         return _summary_table(dec, data, half)
     p_act = dec.fraction_active
@@ -556,6 +650,33 @@ def _summary_lines(dec, data: torch.Tensor, half: Optional[int] = None) -> list[
     for k in order:
         rows = weights[weights.subnetwork == k].nlargest(3, "share")
         lines.append(f"{k:>6} {p_act[k]:>6.3f}  " + ", ".join(f"{r.weight} {r.share:.2f}" for r in rows.itertuples()))
+    return lines
+
+
+def _part(weight: str) -> str:
+    """attn, mlp or other: where a decomposed weight (a TransformerLens name) sits."""
+    names = weight.split(".")
+    return "attn" if "attn" in names else "mlp" if "mlp" in names else "other"
+
+
+def _summary_mixed(dec, df) -> list[str]:
+    """Per subnetwork: its squared norm split over attention, MLP and other weights, and its 3
+    top units across all of them (heads LxHy, neurons LxNy, or whole weights such as biases), as
+    shares of its whole squared norm, so that a subnetwork living in the MLP does not read as a
+    head circuit."""
+    split = df.pivot_table(index="subnetwork", columns="part", values="share", aggfunc="sum", fill_value=0.0)
+    layer = df["layer"].astype("string")
+    unit = df["weight"].astype("string")
+    unit = unit.mask(df["neuron"].notna(), "L" + layer + "N" + df["neuron"].astype("string"))
+    unit = unit.mask(df["head"].notna(), "L" + layer + "H" + df["head"].astype("string"))
+    units = df.assign(unit=unit).groupby(["subnetwork", "unit"], as_index=False)["share"].sum()
+    p_act = dec.fraction_active
+    lines = [f"{'subnet':>6} {'P_act':>6} {'attn':>6} {'mlp':>6} {'other':>6}  top units (share of squared norm)"]
+    for k in torch.argsort(p_act, descending=True, stable=True).tolist():
+        share = {part: float(split.loc[k, part]) if part in split.columns else 0.0 for part in ("attn", "mlp", "other")}
+        rows = units[units.subnetwork == k].nlargest(3, "share")
+        lines.append(f"{k:>6} {p_act[k]:>6.3f} {share['attn']:>6.2f} {share['mlp']:>6.2f} {share['other']:>6.2f}  "
+                     + ", ".join(f"{r.unit} {r.share:.2f}" for r in rows.itertuples()))
     return lines
 
 
@@ -597,6 +718,9 @@ def _demo(args: argparse.Namespace) -> int:
     _check_folder(out / "decomposition")
     if not args.no_report:
         _report_path(out / "report.html")
+    _check_outputs(_decomposition_files(out / "decomposition")
+                   + ([] if args.no_compare else [out / "comparison_heads.csv"])
+                   + ([] if args.no_report else [out / "report.html"]), args.overwrite)
     cfg = L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=args.n_subnetworks, rank=4,
                     top_k=0.1, sample="token", epochs=args.epochs, batch_size=32, lr=0.01, lr_step=4,
                     include_biases=False, seed=args.seed)
@@ -611,8 +735,9 @@ def _demo(args: argparse.Namespace) -> int:
     dec.save(out / "decomposition")
     _write_record(out / "decomposition", {"model": "induction", "model_class": "auto", "data": [],
                                           "seed": args.seed, "max_sequences": args.n_sequences})
-    print(f"\nreconstruction error {dec.history[-1]['loss']:.3f}, dead subnetworks {dec.history[-1]['n_dead']}"
-          f"/{dec.n_subnetworks}")
+    _record_outputs(_decomposition_files(out / "decomposition"))
+    print(f"\nreconstruction error {dec.history[-1]['loss']:.3f} (training, mean over the last epoch), dead "
+          f"subnetworks {dec.history[-1]['n_dead']}/{dec.n_subnetworks}")
     print("\n".join(_summary_table(dec, data, induction.HALF)))
     print(f"\nsaved to {out / 'decomposition'} (safetensors + JSON)")
 
@@ -631,12 +756,14 @@ def _demo(args: argparse.Namespace) -> int:
                                                progress=not args.quiet)
             print(comparison.summary())
             comparison.heads.to_csv(out / "comparison_heads.csv", index=False)
+            _record_outputs([out / "comparison_heads.csv"])
     if not args.no_report:
         from .viz import report
 
         held_out = induction.repeated_sequences(args.report_sequences, seed=args.seed + 1)
         path = report(dec, held_out, out / "report.html", comparison=comparison, to_str=to_str_for(model),
                       progress=not args.quiet, title="L3D report: the embedded induction model")
+        _record_outputs([path])
         print(f"\nreport: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
     print(f"wall time {time.perf_counter() - start:.1f} s")
     return 0
@@ -644,6 +771,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _write_record(folder: Path, record: dict[str, Any]) -> None:
     (folder / RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _decomposition_files(folder: Path) -> list[Path]:
+    """What saving a decomposition from the command line writes in ``folder``: the two files of
+    ``Decomposition.save`` (which replaces them and leaves other files alone) and the record."""
+    from .io import FACTORS, META
+
+    return [folder / META, folder / FACTORS, folder / RECORD]
 
 
 #: the fields of a RECORD that ``_load_saved`` reads: field -> (check, what it must be)
@@ -690,6 +825,7 @@ def _decompose(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     out = _check_folder(Path(args.out))
     report_path = _report_path(args.report, "--report") if args.report else None
+    _check_outputs(_decomposition_files(out) + ([report_path] if report_path else []), args.overwrite)
     if cfg.device is not None and cfg.device != args.device:  # from --config or --set (--device: checked above)
         _check_device(cfg.device, "--set/--config device")
     missing = [p for p in args.data or () if not Path(p).exists()]
@@ -698,6 +834,7 @@ def _decompose(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.model_class, cfg.device)
     data = load_data(model, args.data, seq_len=args.seq_len, max_sequences=args.max_sequences,
                      text_column=args.text_column, split=args.split, seed=args.data_seed)
+    _note_unused_data_flags(args, args.data)
     if not args.quiet:
         print(f"l3d-lens decompose: {type(model).__name__}, data {tuple(data.shape)}, components "
               f"{list(cfg.components)}, {cfg.n_subnetworks} subnetworks")
@@ -707,13 +844,16 @@ def _decompose(args: argparse.Namespace) -> int:
                         "model_class": args.model_class, "data": [str(Path(p).resolve()) for p in args.data],
                         "seq_len": args.seq_len, "max_sequences": args.max_sequences, "text_column": args.text_column,
                         "split": args.split, "seed": args.data_seed})
+    _record_outputs(_decomposition_files(out))
     last = dec.history[-1]
-    print(f"reconstruction loss {last['loss']:.4f}, dead {last['n_dead']}/{dec.n_subnetworks}; saved to {out}")
+    print(f"reconstruction loss {last['loss']:.4f} (training, mean over the last epoch), dead {last['n_dead']}/"
+          f"{dec.n_subnetworks}; saved to {out}")
     print("\n".join(_summary_lines(dec, data)))
     if report_path is not None:
         from .viz import report
 
         path = report(dec, data, report_path, to_str=to_str_for(model), progress=not args.quiet)
+        _record_outputs([path])
         print(f"report: {path}")
     if not args.quiet:
         print(f"wall time {time.perf_counter() - start:.1f} s")
@@ -767,23 +907,66 @@ def _load_saved(args: argparse.Namespace):
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder holding a saved decomposition")
     record = _read_record(folder)
+    _refuse_paired(folder)
     device = _saved_device(folder, args.device)
     spec = args.model or record.get("model")
     if not spec:
         raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
+    if args.compare and spec not in EMBEDDED:  # before loading it
+        raise UserError(COMPARE_EMBEDDED_ONLY)
+    paths = args.data if args.data else record.get("data", [])
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        where = "" if args.data else f" (recorded in {folder / RECORD}; pass --data to use other data)"
+        raise UserError(f"data {missing[0]} does not exist{where}")
     model = load_model(spec, args.model_class or record.get("model_class", "auto"), device)
     device = device or str(next(model.parameters()).device)  # the factors go where the model is
     try:
         dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights, device=device)
     except ValueError as e:
         raise UserError(_first_line(e).replace("pass check_weights=False", "pass --no-check-weights")) from None
-    paths = args.data if args.data else record.get("data", [])
     seed = record.get("seed", 0) + (1 if not args.data and not paths else 0)  # embedded task: fresh sequences
     recorded_column = record.get("text_column")  # "text" was also the recorded default: it may fall back
     data = load_data(model, paths, seq_len=args.seq_len or record.get("seq_len"), max_sequences=args.max_sequences,
                      text_column=args.text_column or (None if recorded_column in (None, "text") else recorded_column),
                      split=args.split or record.get("split"), seed=seed)
+    _note_unused_data_flags(args, paths)
     return model, dec, data
+
+
+def _refuse_paired(folder: Path) -> None:
+    """A contrastive decomposition's report needs its paired reference data, which no flag can
+    give: refused before any model is loaded (an unreadable file: ``Decomposition.load`` says why)."""
+    from .io import META
+
+    try:
+        reference = json.loads((folder / META).read_text(encoding="utf-8"))["config"].get("reference")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if reference == "paired":
+        raise UserError(f"{folder} is a contrastive decomposition (reference='paired'): its report needs the paired "
+                        f"reference data, which the command line cannot pass; write it from Python with "
+                        f"l3d_lens.report(dec, data, reference=...)")
+
+
+def _note_unused_data_flags(args: argparse.Namespace, paths: list[str]) -> None:
+    """A note on stderr for each of --seq-len, --text-column and --split given but unused by
+    the data: .pt token ids keep their own rows, plain text files have no columns, only saved
+    datasets have splits, and the embedded model's generated sequences use none of them."""
+    used: set[str] = set()
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            used |= {"seq_len", "text_column", "split"}
+        elif path.suffix in (".jsonl", ".json"):
+            used |= {"seq_len", "text_column"}
+        elif path.suffix != ".pt":
+            used.add("seq_len")
+    data = ", ".join(paths) if paths else "the embedded model's generated sequences"
+    for name in ("seq_len", "text_column", "split"):
+        if getattr(args, name, None) is not None and name not in used:
+            print(f"l3d-lens: note: --{name.replace('_', '-')} {getattr(args, name)} is ignored: it does not "
+                  f"apply to the data ({data})", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -791,12 +974,14 @@ def _report(args: argparse.Namespace) -> int:
 
     _threads(args)
     out = _report_path(args.out)
+    _check_outputs([out], args.overwrite)
     model, dec, data = _load_saved(args)
     comparison = None
     if args.compare:
         comparison = _comparison(model, data, args)
     path = report(dec, data, out, comparison=comparison, to_str=to_str_for(model), progress=not args.quiet,
                   n_references=args.n_references, title=args.title)
+    _record_outputs([path])
     print(f"report: {path}")
     return 0
 
@@ -810,24 +995,30 @@ def _comparison(model, data: torch.Tensor, args: argparse.Namespace):
     if _is_embedded(model):
         clean, corrupted, metric = induction_pairs(args.n_pairs, seed=getattr(args, "seed", 0) + 100)
     else:
-        raise UserError("compare needs (clean, corrupted) pairs and a metric; from the command line this is "
-                        "available for the embedded model only -- use l3d_lens.patching.compare_with_patching "
-                        "from Python for other models")
+        raise UserError(COMPARE_EMBEDDED_ONLY)
     return compare_with_patching(model, clean, corrupted, metric, direction="denoise", progress=not args.quiet)
 
 
 def _compare(args: argparse.Namespace) -> int:
     _threads(args)
     out = _check_folder(Path(args.out)) if args.out else None
+    tables = ("heads", "mlp", "neurons", "agreement")
+    if out is not None:
+        _check_outputs([out / f"{name}.csv" for name in tables], args.overwrite)
+    if args.model not in EMBEDDED:  # before loading it
+        raise UserError(COMPARE_EMBEDDED_ONLY)
     model = load_model(args.model, args.model_class, args.device)
     comparison = _comparison(model, None, args)
     print(comparison.summary())
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("heads", "mlp", "neurons", "agreement"):
+        written = []
+        for name in tables:
             frame = getattr(comparison, name, None)
             if frame is not None:
                 frame.to_csv(out / f"{name}.csv", index=False)
+                written.append(out / f"{name}.csv")
+        _record_outputs(written)
         print(f"tables written to {out}")
     return 0
 
@@ -837,6 +1028,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small models)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace existing files at the output names even if l3d-lens did not write them (by "
+                        f"default only its own unchanged earlier outputs, listed in {MANIFEST}, are replaced)")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
