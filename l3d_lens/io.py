@@ -8,6 +8,7 @@ a newer l3d_lens loads with a warning."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,30 +94,60 @@ def others_sha256(task) -> str:
     """SHA-256 of the model's parameters outside the decomposed weights, as TransformerLens names
     and lays them out where the adapter has a site for them (a HookedTransformer and a
     TransformerBridge of the same weights agree), else by the model's own name; a bias of zeros
-    counts as none (a HookedTransformer always has b_U, a bridge of a bias-free model has none)."""
+    counts as none (a HookedTransformer always has b_U, a bridge of a bias-free model has none).
+    A parameter whose every byte the sites' parameters hold (a GPT-2 bridge's fused qkv, of
+    which W_Q, W_K and W_V are views) is covered by them."""
     from .training import _buffer
 
     adapter, chosen = task.adapter, {s.name for s in task.selected}
-    covered = {id(adapter.native_parameter(n)) for n in adapter.sites}
+    native = {n: adapter.native_parameter(n) for n in adapter.sites}
+    ids, spans = {id(p) for p in native.values()}, _merged([_span(p) for p in native.values() if not p.is_meta])
     parts = []
     for name in adapter.sites:
         if name in chosen:
             continue
-        if adapter.native_parameter(name).is_meta:  # offloaded: no bytes to read here
-            parts.append((name, None))
+        if native[name].is_meta:  # offloaded: no bytes to read here
+            parts.append((name, native[name].dtype, tuple(native[name].shape), None))
             continue
         w = adapter.weight(name).detach()
         if not (adapter.sites[name].kind.startswith("b_") and not w.any()):
-            parts.append((name, w))
-    decomposed = {id(adapter.native_parameter(n)) for n in chosen}
-    parts += [(f"native:{n}", None if p.is_meta else p.detach()) for n, p in adapter.model.named_parameters()
-              if id(p) not in covered and id(p) not in decomposed]
+            parts.append((name, w.dtype, tuple(w.shape), w))
+    parts += [(f"native:{n}", p.dtype, tuple(p.shape), None if p.is_meta else p.detach())
+              for n, p in adapter.model.named_parameters() if id(p) not in ids and not _inside(p, spans)]
     h = hashlib.sha256()
-    for name, w in sorted(parts, key=lambda part: part[0]):
-        h.update(f"{name}:{w.dtype}:{list(w.shape)}".encode() if w is not None else f"{name}:meta".encode())
+    for name, dtype, shape, w in sorted(parts, key=lambda part: part[0]):
+        h.update(f"{name}:{dtype}:{list(shape)}{'' if w is not None else ':meta'}".encode())
         if w is not None:
             h.update(_buffer(w))
     return h.hexdigest()
+
+
+def _span(t: torch.Tensor) -> tuple[str, int, int]:
+    """The memory a tensor's elements lie in: device, first byte, one past the last."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return str(t.device), start, start
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return str(t.device), start, start + (last + 1) * t.element_size()
+
+
+def _merged(spans: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Overlapping or touching spans of one device joined."""
+    out: list[tuple[str, int, int]] = []
+    for device, a, b in sorted(spans):
+        if out and out[-1][0] == device and a <= out[-1][2]:
+            out[-1] = (device, out[-1][1], max(out[-1][2], b))
+        else:
+            out.append((device, a, b))
+    return out
+
+
+def _inside(p: torch.Tensor, spans: list[tuple[str, int, int]]) -> bool:
+    """Whether every byte of ``p`` lies in the sites' parameters (a fused weight they are views of)."""
+    if p.is_meta or p.numel() == 0:
+        return False
+    device, a, b = _span(p)
+    return any(d == device and lo <= a and b <= hi for d, lo, hi in spans)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -149,9 +180,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
         task = build_task(model, cfg, saved=True)
     except ValueError as e:
         raise ValueError(f"the saved decomposition does not fit this model: {e}") from None
+    task = _as_computed(path / META, task, meta["weights"])
     names = [s.name for s in task.selected]
-    if names != meta["weights"]:
-        raise ValueError(f"the saved decomposition covers {meta['weights']}, but on this model the selection gives {names}")
     saved = meta["fingerprint"]
     others = check_weights and ("others_tl" in saved or "others" in saved)
     fp = task.adapter.fingerprint(names)
@@ -181,6 +211,23 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"])
+
+
+def _as_computed(file: Path, task, saved: list[str]):
+    """``task`` narrowed to the weights the decomposition was computed on, where its selectors
+    now also select weights the l3d_lens that saved it could not decompose (e.g. K and V of a
+    HookedTransformer whose key/value heads are as many as its query heads), with a warning;
+    any other difference is an error."""
+    names = [s.name for s in task.selected]
+    if names == saved:
+        return task
+    narrower = [s for s in task.selected if s.name in set(saved)]
+    if [s.name for s in narrower] != saved:
+        raise ValueError(f"the saved decomposition covers {saved}, but on this model the selection gives {names}")
+    extra = [n for n in names if n not in set(saved)]
+    warnings.warn(f"{file}: on this model its components also select {extra}, which the l3d_lens that saved it did "
+                  f"not decompose; loaded with the weights it was computed on", stacklevel=4)
+    return dataclasses.replace(task, selected=narrower)
 
 
 def _as_saved(file: Path, config: dict) -> dict:

@@ -69,3 +69,70 @@ def test_an_earlier_save_loads_into_its_own_class_and_names_the_classes_when_ref
     assert all(torch.equal(loaded.factors[k], dec.factors[k]) for k in dec.factors)
     with pytest.raises(ValueError, match=r"saved from a hooked_transformer model .* this is a transformer_bridge"):
         Decomposition.load(old, induction.load("bridge"))
+
+
+def test_a_gpt2_decomposition_crosses_between_hooked_and_bridge(tmp_path):
+    """A GPT-2 bridge keeps the fused qkv weight as a parameter of its own, of which W_Q, W_K and
+    W_V are views: it is covered by them, so a HookedTransformer of the same weights matches."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from .helpers import write_tiny_gpt2
+
+    folder = write_tiny_gpt2(tmp_path / "gpt2", model=True)
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf, dtype=torch.float32,
+                                                 tokenizer=AutoTokenizer.from_pretrained(folder))
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=128, d_vocab=257, n_ctx=64,
+                                  act_fn="gelu_new", normalization_type="LN", default_prepend_bos=False)
+    hooked = HookedTransformer(cfg)
+    hooked.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    hooked.eval()
+    x = torch.randint(0, 256, (6, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(hooked(x), bridge(x))  # the same function, bit for bit
+    for components in (["blocks.1.attn"], ["blocks.0.mlp"]):
+        dec = decompose(hooked, x, L3DConfig(components=components, n_subnetworks=2, rank=1, epochs=1, seed=0,
+                                             include_biases=False), progress=False)
+        dec.save(tmp_path / components[0])
+        loaded = Decomposition.load(tmp_path / components[0], bridge)
+        torch.testing.assert_close(loaded.coefficients(x[:2]), dec.coefficients(x[:2]), rtol=1e-5, atol=1e-7)
+        with torch.no_grad():  # the fused qkv of layer 0 is still checked, through W_Q/W_K/W_V
+            qkv = next(p for n, p in bridge.named_parameters() if "h.0" in n and "qkv" in n and p.dim() == 2)
+            qkv.mul_(2)
+        try:
+            if components == ["blocks.1.attn"]:
+                with pytest.raises(ValueError, match="parameters outside the decomposed weights differ"):
+                    Decomposition.load(tmp_path / components[0], bridge)
+        finally:
+            with torch.no_grad():
+                qkv.div_(2)
+
+
+def test_an_earlier_save_whose_selection_now_gives_more_weights_loads_as_computed(tmp_path):
+    """K and V of a HookedTransformer with as many key/value heads as query heads were not
+    decomposed before 0464d22: a save of ``blocks.0.attn`` from then covers Q and O only, and
+    loads with those, with a warning, instead of being refused."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=20,
+                                                      n_ctx=8, attn_only=True, n_key_value_heads=2)).eval()
+    x = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(0))
+    cfg = L3DConfig(components=["blocks.0.attn.W_Q", "blocks.0.attn.W_O"], n_subnetworks=2, rank=1, epochs=1, seed=0,
+                    include_biases=False)
+    dec = decompose(model, x, cfg, progress=False)
+    dec.save(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "decomposition.json").read_text())
+    meta["config"]["components"] = ["blocks.0.attn"]  # as the earlier l3d_lens saved it: its selection gave Q and O
+    (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"also select \['blocks.0.attn.W_K', 'blocks.0.attn.W_V'\].*computed on"):
+        loaded = Decomposition.load(tmp_path / "d", model)
+    assert loaded.weight_names == ["blocks.0.attn.W_Q", "blocks.0.attn.W_O"]
+    torch.testing.assert_close(loaded.coefficients(x[:2]), dec.coefficients(x[:2]), rtol=0, atol=0)
+    meta["weights"] = ["blocks.0.attn.W_O", "blocks.0.attn.W_Q"]  # not what the selection gives, in part or whole
+    (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="the saved decomposition covers"):
+        Decomposition.load(tmp_path / "d", model)

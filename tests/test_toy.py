@@ -686,6 +686,29 @@ def test_selectivity_is_the_same_for_v_and_minus_v():
     assert ties >= 1  # the case this test is about occurs among these directions
 
 
+def test_selectivity_without_a_hit_reads_the_nearer_nan_for_v_and_minus_v():
+    """Outputs that turn NaN on both sides, sooner for +delta: v and -v must read the same NaN
+    (the one at the smaller |delta|), not each its own +delta side."""
+    class TwoSided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.s = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):  # NaN for s > 1.01 and for s < -2.01, a tiny change in between
+            return self.lin(x) + 1e-3 * (torch.sqrt(1.01 - self.s) + torch.sqrt(2.01 + self.s))
+
+    torch.manual_seed(0)
+    m = TwoSided()
+    x = torch.randn(20, 3)
+    relevant = torch.zeros(20, 2, dtype=torch.bool)
+    relevant[:, 0] = True
+    a = metrics.selectivity(m, {"s": torch.tensor(1.0)}, x, relevant)
+    b = metrics.selectivity(m, {"s": torch.tensor(-1.0)}, x, relevant)
+    assert not a["reached"] and math.isnan(a["relevant_change"])
+    assert a["delta"] == -b["delta"] and 1.01 < a["delta"] < 1.1
+
+
 def test_selectivity_keeps_the_full_sweeps_first_nan_when_nothing_hits():
     """A model whose output turns NaN from delta = 1 on (grid index 150, in the tenth chunk)
     and never changes by half: the full sweep's argmax reads the first NaN; the chunked sweep

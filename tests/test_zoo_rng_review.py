@@ -38,8 +38,10 @@ def _global_states():
 def _same(a, b) -> bool:
     (cpu_a, cuda_a, np_a, py_a, q_a), (cpu_b, cuda_b, np_b, py_b, q_b) = a, b
     same_np = np_a[0] == np_b[0] and np.array_equal(np_a[1], np_b[1]) and np_a[2:] == np_b[2:]
-    same_cuda = (cuda_a is None) == (cuda_b is None) and all(map(torch.equal, cuda_a or [], cuda_b or []))
-    same_queue = q_a is None or all(q_a[k] is q_b[k] for k in ("manual_seed_all_cb", "manual_seed_cb"))
+    # CUDA started by the call (a model built on a GPU): its seeding is checked by
+    # test_cuda_started_inside_the_guard_gets_the_users_queued_seed_again
+    same_cuda = cuda_a is None or (cuda_b is not None and all(map(torch.equal, cuda_a, cuda_b)))
+    same_queue = q_a is None or q_b is None or all(q_a[k] is q_b[k] for k in ("manual_seed_all_cb", "manual_seed_cb"))
     return torch.equal(cpu_a, cpu_b) and same_cuda and same_np and py_a == py_b and same_queue
 
 
@@ -115,3 +117,28 @@ def test_config_seeds_at_the_ends_of_the_range_decompose(seed):
     dec = l3d_lens.decompose(model, tokens, cfg, progress=False)
     assert dec.cfg.seed == seed
     assert torch.isfinite(dec.coefficients(tokens[:2])).all()
+
+
+def test_cuda_started_inside_the_guard_gets_the_users_queued_seed_again(monkeypatch):
+    """On a GPU machine TransformerLens builds the model on CUDA, so CUDA starts inside the guard
+    and runs the seed TransformerLens queued (0). Simulated here (no GPU needed): the user's
+    queued seed callbacks must run again on exit, and with none queued CUDA's default seed is set."""
+    lazy = torch.cuda._lazy_seed_tracker
+    state = {"initialised": False}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: state["initialised"])
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("default", seed)))
+    monkeypatch.setattr(lazy, "manual_seed_all_cb", (lambda: seeded.append("user's seed_all"), []))
+    monkeypatch.setattr(lazy, "manual_seed_cb", None)
+    monkeypatch.setattr(lazy, "call_order", [None, lazy.manual_seed_all_cb])
+    with induction.global_rngs_kept():
+        lazy.queue_seed_all(lambda: seeded.append("TransformerLens's seed 0"), [])
+        state["initialised"] = True  # the model moved to CUDA: torch ran the queue (not simulated)
+    assert seeded == ["user's seed_all"]
+    seeded.clear()
+    state["initialised"] = False
+    monkeypatch.setattr(lazy, "manual_seed_all_cb", None)
+    monkeypatch.setattr(lazy, "call_order", [])
+    with induction.global_rngs_kept():
+        state["initialised"] = True
+    assert seeded == [("default", induction.CUDA_DEFAULT_SEED)]

@@ -64,7 +64,8 @@ def neuron_attribution(df: pd.DataFrame) -> pd.DataFrame:
 
 def head_tensor(df: pd.DataFrame, n_subnetworks: int, n_layers: int, n_heads: int) -> Float[torch.Tensor, "k layer head"]:
     """[n_subnetworks, n_layers, n_heads] share per head (every decomposed Q/K/V/O weight and
-    head bias: under grouped-query attention K and V are not decomposed, so only Q, O and b_Q),
+    head bias: under grouped-query attention with fewer key/value heads than query heads K and V
+    are not decomposed, so only Q, O and b_Q),
     laid out like TransformerLens patching results."""
     out = torch.zeros(n_subnetworks, n_layers, n_heads)
     heads = head_attribution(df).groupby(["subnetwork", "layer", "head"], as_index=False)["share"].sum()

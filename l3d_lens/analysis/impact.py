@@ -36,7 +36,8 @@ def as_samples(data, what: str = "data") -> torch.Tensor:
 def reference_seeds(seed: int, n: int) -> list[int]:
     """The seeds of ``impact``'s ``n`` random references: ``seed`` itself first (so one reference
     gives |coefficients(seed=seed)|), then 63 bits of SHA-256 of (seed, r) for r = 1 .. n - 1.
-    Two seeds share no draw (with ``seed + r``, seeds 0 and 1 shared n - 1 of their n), and the
+    Two seeds share no draw (with ``seed + r``, seeds 0 and 1 shared n - 1 of their n; torch
+    takes seeds modulo 2**64, so -1 and 2**64 - 1 are one seed to it), and the
     first n of a seed's references are the same for any larger n."""
     def derived(r: int) -> int:
         digest = hashlib.sha256(f"l3d_lens.impact:{seed}:{r}".encode()).digest()

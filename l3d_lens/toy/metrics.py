@@ -664,10 +664,13 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
         if best is not None:
             break
     if best is None:
-        best = fallback[1.0]
-        if _larger(fallback[-1.0]["relevant_change"], best["relevant_change"]) or _tied_less_selective(
-                fallback[-1.0], best):
-            best = fallback[-1.0]
+        plus, minus = fallback[1.0], fallback[-1.0]
+        if math.isnan(plus["relevant_change"]) and math.isnan(minus["relevant_change"]):  # the first NaN of either
+            best = minus if abs(minus["delta"]) < abs(plus["delta"]) else plus
+        elif _larger(minus["relevant_change"], plus["relevant_change"]) or _tied_less_selective(minus, plus):
+            best = minus
+        else:
+            best = plus
     out = best
     out["selectivity"] = _ratio(out)
     out["target_change"] = target

@@ -72,13 +72,19 @@ def _asset_dir(variant: str = "default") -> Path:
     return variant_dir(VARIANTS, variant)
 
 
+#: the seed CUDA's generators start from when nothing was queued for them (c10's default_rng_seed_val)
+CUDA_DEFAULT_SEED = 67280421310721
+
+
 @contextlib.contextmanager
 def global_rngs_kept():
     """Restore torch's (CPU, and CUDA where initialised), numpy's and Python's global random
     states on exit (also a decorator). TransformerLens reseeds them all while it builds a model
     (``HookedTransformerConfig(seed=...)``, ``init_weights``), so without this every load would
     reset a user's seeded stream to the same draws. Before CUDA starts, torch queues its seed
-    for it: the queue is kept too."""
+    for it: the queue is kept too, and where CUDA starts inside (a model built on the GPU runs
+    TransformerLens's queued seed), the user's queued seeds are run again, or CUDA's default seed
+    set, so CUDA draws as it would have from the user's seed."""
     cpu, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     lazy = getattr(torch.cuda, "_lazy_seed_tracker", None)
@@ -91,6 +97,12 @@ def global_rngs_kept():
             torch.cuda.set_rng_state_all(cuda)
         elif queued is not None and not torch.cuda.is_initialized():
             vars(lazy).update(queued)
+        elif queued is not None:  # CUDA started inside, seeded from TransformerLens's queue
+            calls = [call for call in queued.get("call_order", []) if call]
+            if not calls:
+                torch.cuda.manual_seed_all(CUDA_DEFAULT_SEED)
+            for callback, _ in calls:
+                callback()
         np.random.set_state(np_state)
         random.setstate(py_state)
 
