@@ -10,7 +10,8 @@ previous checkpoint readable. Only folders a save made are removed: a name of th
 holding nothing but a save's files, and for ``step-*`` the marker file every save writes first
 (a ``step-*`` folder of an l3d_lens that wrote no marker is left in place). Reading checks the
 pointer, the state's keys and types and that the tensors file reads; ``training`` checks the rest
-against the run before restoring anything.
+against the run before restoring anything. A run holds its folder's lock (``FolderLock``) while
+it trains, so that a second run cannot remove its unfinished saves or overwrite its checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import reprlib
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +33,7 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest.json"
 VERSION = 1
 STATE, TENSORS = "state.json", "tensors.safetensors"
+LOCK = ".l3d_lens-lock"  # "<host> <pid>" of the run that saves into the folder
 MARKER = ".l3d_lens-checkpoint"  # written first into every save's folder: the folders a save may remove
 STEP_FOLDER = re.compile(r"step-\d+(-\d+)?")
 TMP_FOLDER = re.compile(r"\.tmp-step-\d+-\d+(-[0-9a-f]{12})?")  # without the random part: an earlier l3d_lens
@@ -57,6 +60,70 @@ def check_folder(checkpoint: Any) -> None:
             raise ValueError(f"checkpoint={str(checkpoint)!r}: {'it' if p == path else f'its parent {p}'} is a file, "
                              f"not a folder; a checkpoint is a folder (created if missing) that holds {LATEST} and "
                              f"step-<n>/ folders: pass a folder path")
+
+
+class FolderLock:
+    """A run's exclusive hold on its checkpoint folder (``take``), released on exit: a lock file
+    made with O_EXCL that names the host and process id. Two runs saving into one folder at once
+    would remove each other's unfinished saves and overwrite each other's checkpoints, so the
+    second is refused; a lock left by a process of this host that no longer runs (a killed run)
+    is taken over."""
+
+    def __init__(self) -> None:
+        self.file: Optional[Path] = None
+
+    def take(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        file = path / LOCK
+        for _ in range(3):  # a stale lock is removed, then made anew (a racing run may make it first)
+            try:
+                fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(file)
+                if holder is not None:
+                    raise RuntimeError(f"checkpoint folder {path} is in use by {holder} (its lock file {file}); "
+                                       f"wait for that run to end or pass another checkpoint folder; if no run "
+                                       f"uses it, remove {file}") from None
+                file.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self.file = file
+            return
+        raise RuntimeError(f"checkpoint folder {path}: its lock file {file} is taken by other runs as fast as it is "
+                           f"freed; pass a checkpoint folder that one run alone uses")
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+            self.file = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _lock_holder(file: Path) -> Optional[str]:
+    """Who holds the lock ``file``, in words ("process N", "process N on host H"), or None if it
+    is stale: it names a process of this host that no longer runs, or it vanished meanwhile."""
+    try:
+        host, pid = file.read_text().split()
+        pid = int(pid)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # being written this moment, or not a lock a run wrote: in use
+        return "another run"
+    if host != socket.gethostname():
+        return f"process {pid} on host {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it runs, as another user
+        pass
+    return f"process {pid}"
 
 
 def damaged(path: Path, file: Path, problem: str) -> ValueError:

@@ -1,7 +1,8 @@
 """Data-parallel L3D with torch.distributed (launched by torchrun, any backend).
 
-Every rank holds the same factors and draws the same global batch (same seed); each
-computes the statistics of its contiguous shard. What makes the result equal to one process
+Every rank holds the same factors and draws the same global batch (same seed, and the same
+whole data on every rank, which ``training`` checks); each computes the statistics of its
+contiguous shard. What makes the result equal to one process
 on the global batch: references are drawn over the gathered global batch, batch top-k runs on
 the gathered coefficients, the loss is normalised by the global sum of ||g||^2, and factor
 gradients are summed over ranks before the (identical) Adam step. Every tensor handed to a
@@ -10,6 +11,7 @@ collective lives on the data's device (NCCL moves CUDA tensors only; gloo takes 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Union
 
 import torch
@@ -73,3 +75,36 @@ def sum_scalar(value: float, device: Union[str, torch.device] = "cpu", dtype: to
     t = torch.tensor([value], dtype=dtype, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
+
+
+def digest_words(text: Optional[str]) -> list[int]:
+    """``text`` as 5 int64s for ``gather_ints``: 1 and its SHA-256 in 4 words (0s for None), so
+    that any string is compared across ranks as one small tensor."""
+    if text is None:
+        return [0] * 5
+    d = hashlib.sha256(text.encode()).digest()
+    return [1] + [int.from_bytes(d[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
+
+
+def gather_ints(values: list[int], device: Union[str, torch.device] = "cpu") -> list[list[int]]:
+    """Every rank's ``values`` (as many on every rank), in rank order, sent from ``device``
+    (the data's: NCCL needs a CUDA one); ``[values]`` without torch.distributed."""
+    if not active():
+        return [list(values)]
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t)
+    return [p.tolist() for p in parts]
+
+
+def differing(parts: dict[str, Optional[str]], device: Union[str, torch.device] = "cpu") -> dict[str, list[int]]:
+    """The names of ``parts`` (the same names on every rank) whose value is not the same on every
+    rank, each with the ranks whose value differs from rank 0's; every rank gets the same answer."""
+    names = list(parts)
+    rows = gather_ints([w for name in names for w in digest_words(parts[name])], device)
+    out = {}
+    for i, name in enumerate(names):
+        words = [row[5 * i:5 * i + 5] for row in rows]
+        if others := [r for r, w in enumerate(words) if w != words[0]]:
+            out[name] = others
+    return out

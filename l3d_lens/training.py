@@ -4,7 +4,10 @@ P_act and dead counts per epoch. Everything random comes from one generator seed
 ``cfg.seed``, so the same seed and data give a bit-identical result on one CPU, torch build
 and thread count; with
 ``checkpoint`` set, an interrupted run resumes to the same bit-identical result. Under
-torch.distributed, each rank trains on its shard of every global batch (see distributed.py).
+torch.distributed, each rank trains on its shard of every global batch (see distributed.py):
+the ranks check that they were given the same config, model and data (``check_same_run``,
+``same_batches``) and took up the same checkpoint (``check_same_resume``); an iterable's batch
+with fewer rows than ranks joins the one before, so that batch differs from a one-process run's.
 With ``cfg.resample_epochs``, dead subnetworks are re-initialised at the start of those epochs
 (``resampling.resample_dead``).
 """
@@ -214,6 +217,61 @@ def check_resumable(path: Path, folder: Path, state: dict[str, Any], tensors: di
         raise bad(f"'rng' is not a random generator's state ({e})", tensors_file) from None
 
 
+@dataclasses.dataclass
+class Resumed:
+    """Where a resumed checkpoint takes training up: its position, history, running sums and the
+    epoch's data order (tensor data)."""
+
+    n_steps: int
+    start_epoch: int
+    skip: int
+    history: list[dict[str, Any]]
+    sums: EpochSums
+    order: Optional[torch.Tensor]
+
+
+def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, data: Data,
+           min_batch: int) -> Optional[Resumed]:
+    """Restore the checkpoint in ``path`` into ``fresh`` (factors, Adam, schedule, generator) once
+    it is checked to be this run's and resumable; None (nothing restored) if there is none."""
+    if (saved := ckpt.read(path)) is None:
+        return None
+    folder, state, tensors = saved
+    check_identity(path, folder, state["identity"])
+    saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"]["config"])}
+    if differ := identity_mismatch(saved_identity, identity):
+        raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
+                         f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
+    check_resumable(path, folder, state, tensors, fresh, cfg, data, min_batch)
+    unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
+    unrecorded += [f"{part} (a TokenStream, known then by its type only)" for part in ("data", "reference")
+                   if older_stream(saved_identity.get(part), identity[part])]
+    if unrecorded:
+        warnings.warn(f"checkpoint in {path} does not record the {' or '.join(unrecorded)} it was made with "
+                      f"(an earlier l3d_lens wrote it), so it cannot be checked against this call's; resuming "
+                      f"it as this run: if it was made for another model or other data, use a fresh "
+                      f"checkpoint folder", stacklevel=5)
+    with torch.no_grad():
+        for k, t in fresh.f.items():
+            t.copy_(tensors[f"factor/{k}"])
+    ckpt.restore_optimizer(fresh.opt, tensors, state["optimizer"])
+    fresh.sched.load_state_dict(state["scheduler"])
+    if state["step"] > 0:  # Adam has stepped: no "lr_scheduler.step() before optimizer.step()" warning when an
+        fresh.opt._opt_called = True  # epoch-0 checkpoint saved on its last batch resumes straight into sched.step()
+    fresh.gen.set_state(tensors["rng"])
+    sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
+                     state["loss_den"], state.get("n_resampled", 0))
+    n_steps, start_epoch, skip = state["step"], state["epoch"], state["batch"]
+    # a TokenStream re-reads its source in the same order on every pass, and its fingerprint was checked
+    if start_epoch < cfg.epochs and not isinstance(data, (torch.Tensor, list, tuple, TokenStream)):
+        warnings.warn(f"the checkpoint in {path} resumes at step {n_steps} (epoch {start_epoch}, batch {skip}) "
+                      f"on a {type(data).__name__}, which a checkpoint knows by its type only: the "
+                      f"result equals an uninterrupted run's only if it yields the same batches in the same "
+                      f"order on every pass (a DataLoader with shuffle=True does not, unless seeded anew "
+                      f"for each pass); pass a tensor or a list of batches to resume exactly", stacklevel=5)
+    return Resumed(n_steps, start_epoch, skip, state["history"], sums, tensors.get("order"))
+
+
 def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
          gen: torch.Generator, sums: EpochSums, step_index: int, epoch: int) -> None:
     """One optimisation step on one global batch (this rank's shard of it)."""
@@ -269,14 +327,96 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
     sums.loss_den += den
 
 
+SAME_DATA = ("every rank must pass the same config, model and whole data (not a DistributedSampler shard): each "
+             "rank trains on its own share of every batch")
+
+
+def check_same_run(fingerprints: dict[str, Any], device: torch.device) -> None:
+    """Under torch.distributed, before any training: every rank was given the same config, model
+    and data (``fingerprints``, as a checkpoint records them), or the result would match no
+    single-process run (and data of different lengths would hang in a collective). Every rank
+    raises the same ValueError, naming what differs."""
+    words = {"config": "config", "model": "model (its parameters)", "data": "data", "reference": "reference data"}
+    differ = distributed.differing({k: json.dumps(v, sort_keys=True) for k, v in fingerprints.items()}, device)
+    if differ:
+        parts = "; ".join(f"{words[k]} (rank {', '.join(map(str, r))} unlike rank 0)" for k, r in differ.items())
+        raise ValueError(f"the ranks of this torch.distributed run were given different {parts}; {SAME_DATA}")
+
+
+def batch_digest(x: torch.Tensor, paired: Optional[torch.Tensor]) -> str:
+    """SHA-256 of a batch (and its paired reference): shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for t in (x, paired) if paired is not None else (x,):
+        h.update(f"{t.dtype}:{list(t.shape)}".encode())
+        h.update(_buffer(t))
+    return h.hexdigest()
+
+
+def same_batches(items, device: torch.device, epoch: int, first: int):
+    """``items`` (an iterable's batches, from batch ``first`` of ``epoch``), each checked to be
+    the same on every rank, and their end too: a rank whose data ran out would otherwise wait in
+    a collective until the process-group timeout while another trains on. An iterable is
+    fingerprinted up front by its type (a TokenStream by its first batch) only, as reading it
+    whole would cost a pass. Every rank raises the same ValueError."""
+    it = iter(items)
+    for i in itertools.count(first):
+        item = next(it, None)
+        rows = distributed.gather_ints(distributed.digest_words(None if item is None else batch_digest(*item)), device)
+        ended = [r for r, row in enumerate(rows) if row[0] == 0]
+        if 0 < len(ended) < len(rows):
+            raise ValueError(f"the data of rank {', '.join(map(str, ended))} ends after batch {i - 1} of epoch {epoch}, "
+                             f"that of the other ranks does not; {SAME_DATA}")
+        if unlike := [r for r, row in enumerate(rows) if row != rows[0]]:
+            raise ValueError(f"batch {i} of epoch {epoch} differs between ranks (rank {', '.join(map(str, unlike))} "
+                             f"unlike rank 0); {SAME_DATA}")
+        if item is None:
+            return
+        yield item
+
+
+def check_same_resume(path: Optional[Path], resumed: Optional[Resumed], f: Factors, error: Optional[Exception],
+                      device: torch.device) -> None:
+    """Under torch.distributed, after each rank took up the checkpoint (or found none): all did
+    the same. A folder some ranks do not see (a node-local disk, a relative path from another
+    working directory) would have one rank resume and another start afresh, their gradients
+    summed anyway. A rank that failed re-raises its error; the others raise a ValueError."""
+    digest = None
+    if resumed is not None:
+        h = hashlib.sha256(f"{resumed.n_steps}:{resumed.start_epoch}:{resumed.skip}".encode())
+        for t in f.values():
+            h.update(_buffer(t))
+        digest = h.hexdigest()
+    rows = distributed.gather_ints([int(error is not None), resumed.n_steps if resumed else -1]
+                                   + distributed.digest_words(digest), device)
+    if failed := [r for r, row in enumerate(rows) if row[0]]:
+        if error is not None:
+            raise error
+        raise ValueError(f"rank {', '.join(map(str, failed))} could not take up the checkpoint in {path} (see its "
+                         f"error); every rank stops")
+    if any(row != rows[0] for row in rows):
+        what = ", ".join(f"rank {r} {'resumes step ' + str(row[1]) if row[2] else 'finds no checkpoint'}"
+                         for r, row in enumerate(rows))
+        raise ValueError(f"the ranks of this torch.distributed run took up different checkpoints from {path} ({what}); "
+                         f"the checkpoint folder must be shared storage that every rank sees at the same path (an "
+                         f"absolute path, or the same working directory)")
+
+
 @torch.enable_grad()
 def train(task: Task, data: Data, reference: Optional[Data], progress: bool = True,
           checkpoint: Union[str, Path, None] = None, checkpoint_every: int = 0) -> tuple[Factors, list[dict[str, Any]]]:
     """Train the factors on ``data``; returns them and the history (one record per epoch). Runs
     under torch.enable_grad(), so a caller under no_grad or set_grad_enabled(False) (as
     TransformerLens tutorials start) trains the same, bit for bit, and gets its mode back;
-    under torch.inference_mode() it stops before any work (``check_autograd``)."""
+    under torch.inference_mode() it stops before any work (``check_autograd``). The checkpoint
+    folder is locked (on rank 0) while the run trains (``ckpt.FolderLock``)."""
     check_autograd()
+    with ckpt.FolderLock() as lock:
+        return _train(task, data, reference, progress, checkpoint, checkpoint_every, lock)
+
+
+def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, checkpoint: Union[str, Path, None],
+           checkpoint_every: int, lock: ckpt.FolderLock) -> tuple[Factors, list[dict[str, Any]]]:
+    """``train``'s work; rank 0 takes ``lock`` on the checkpoint folder before reading it."""
     cfg = task.cfg
     task = dataclasses.replace(task, sharded=distributed.active())
     if task.sharded and isinstance(data, torch.Tensor):  # before any work: a batch too small to share
@@ -285,6 +425,16 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         if smallest < distributed.world():
             raise ValueError(f"with {n} rows and batch_size={cfg.batch_size}, a batch of {smallest} rows cannot be "
                              f"split over {distributed.world()} ranks; choose them so every batch has a row per rank")
+    # an iterable's batch with fewer rows than ranks joins the one before, as one smaller than min_batch does
+    min_batch = max(task.min_batch, distributed.world()) if task.sharded and not isinstance(data, torch.Tensor) \
+        else task.min_batch
+    path = Path(checkpoint) if checkpoint is not None else None
+    fingerprints = None if path is None and not task.sharded else {
+        "config": cfg.to_dict(), "model": model_fingerprint(task), "data": data_fingerprint(data),
+        "reference": None if reference is None else data_fingerprint(reference)}
+    if task.sharded:
+        check_same_run(fingerprints, task.adapter.device)
+    identity = None if path is None else {**fingerprints, "world": distributed.world()}
     device = torch.device(cfg.device) if cfg.device else task.adapter.device
     gen = torch.Generator().manual_seed(cfg.seed)
     ranks = resolve_ranks(task.selected, cfg.rank)
@@ -296,45 +446,20 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
     history: list[dict[str, Any]] = []
     n_steps, start_epoch, skip, order = 0, 0, 0, None
     sums = EpochSums(torch.zeros(cfg.n_subnetworks, dtype=torch.float64), torch.zeros(cfg.n_subnetworks))
-    path = Path(checkpoint) if checkpoint is not None else None
-    identity = None if path is None else {
-        "config": cfg.to_dict(), "model": model_fingerprint(task), "data": data_fingerprint(data),
-        "reference": None if reference is None else data_fingerprint(reference), "world": distributed.world()}
-    if path is not None and (saved := ckpt.read(path)) is not None:
-        folder, state, tensors = saved
-        check_identity(path, folder, state["identity"])
-        saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"]["config"])}
-        if differ := identity_mismatch(saved_identity, identity):
-            raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
-                             f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
-        check_resumable(path, folder, state, tensors, Fresh(f, opt, sched, gen), cfg, data, task.min_batch)
-        unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
-        unrecorded += [f"{part} (a TokenStream, known then by its type only)" for part in ("data", "reference")
-                       if older_stream(saved_identity.get(part), identity[part])]
-        if unrecorded:
-            warnings.warn(f"checkpoint in {path} does not record the {' or '.join(unrecorded)} it was made with "
-                          f"(an earlier l3d_lens wrote it), so it cannot be checked against this call's; resuming "
-                          f"it as this run: if it was made for another model or other data, use a fresh "
-                          f"checkpoint folder", stacklevel=3)
-        with torch.no_grad():
-            for k, t in f.items():
-                t.copy_(tensors[f"factor/{k}"])
-        ckpt.restore_optimizer(opt, tensors, state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state["step"] > 0:  # Adam has stepped: no "lr_scheduler.step() before optimizer.step()" warning when an
-            opt._opt_called = True  # epoch-0 checkpoint saved on its last batch resumes straight into sched.step()
-        gen.set_state(tensors["rng"])
-        order = tensors.get("order")
-        n_steps, start_epoch, skip, history = state["step"], state["epoch"], state["batch"], state["history"]
-        sums = EpochSums(tensors["active"].double(), tensors["last_active"], state["n_seen"], state["loss_num"],
-                         state["loss_den"], state.get("n_resampled", 0))
-        # a TokenStream re-reads its source in the same order on every pass, and its fingerprint was checked
-        if start_epoch < cfg.epochs and not isinstance(data, (torch.Tensor, list, tuple, TokenStream)):
-            warnings.warn(f"the checkpoint in {path} resumes at step {n_steps} (epoch {start_epoch}, batch {skip}) "
-                          f"on a {type(data).__name__}, which a checkpoint knows by its type only: the "
-                          f"result equals an uninterrupted run's only if it yields the same batches in the same "
-                          f"order on every pass (a DataLoader with shuffle=True does not, unless seeded anew "
-                          f"for each pass); pass a tensor or a list of batches to resume exactly", stacklevel=3)
+    resumed, error = None, None
+    try:
+        if path is not None and distributed.rank() == 0:  # only rank 0 saves
+            lock.take(path)
+        resumed = None if path is None else resume(path, identity, Fresh(f, opt, sched, gen), cfg, data, min_batch)
+    except Exception as e:
+        if not task.sharded:
+            raise
+        error = e  # every rank stops with it (``check_same_resume``), none waits in a collective
+    if task.sharded:
+        check_same_resume(path, resumed, f, error, task.adapter.device)
+    if resumed is not None:
+        n_steps, start_epoch, skip = resumed.n_steps, resumed.start_epoch, resumed.skip
+        history, sums, order = resumed.history, resumed.sums, resumed.order
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         if path is None or distributed.rank() != 0:
@@ -357,15 +482,17 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             order = torch.randperm(data.shape[0], generator=gen) if isinstance(data, torch.Tensor) else None
         lr = opt.param_groups[0]["lr"]
         batch_index = skip
-        for x, paired in batches(task.adapter, data, reference, cfg.batch_size, order, task.min_batch, skip,
-                                 position=cfg.position):
+        items = batches(task.adapter, data, reference, cfg.batch_size, order, min_batch, skip, position=cfg.position)
+        if task.sharded and not isinstance(data, (torch.Tensor, list, tuple)):  # those are compared whole up front
+            items = same_batches(items, task.adapter.device, epoch, skip)
+        for x, paired in items:
             x = x.to(task.adapter.device)
             paired = paired.to(task.adapter.device) if paired is not None else None
             if batch_index == 0 and epoch in resample_at:
                 if n_steps < cfg.dead_steps:
                     warnings.warn(f"resampling at epoch {epoch} comes after {n_steps} steps, fewer than dead_steps="
                                   f"{cfg.dead_steps}: no subnetwork can count as dead yet, so none is resampled; "
-                                  f"lower dead_steps or resample at a later epoch", stacklevel=3)
+                                  f"lower dead_steps or resample at a later epoch", stacklevel=4)
                 sums.n_resampled = resample_dead(task, f, opt, x, paired, gen, sums.last_active, n_steps)
             step(task, f, opt, x, paired, gen, sums, n_steps, epoch)
             n_steps += 1
@@ -378,7 +505,7 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
             warnings.warn(f"aux_coef={cfg.aux_coef} never applied: its {n_steps} steps end before any subnetwork "
                           f"can be dead for dead_steps={cfg.dead_steps} steps; lower dead_steps or raise "
                           f"{'aux_epochs' if cfg.aux_epochs is not None and cfg.aux_epochs < cfg.epochs else 'epochs'}",
-                          stacklevel=3)
+                          stacklevel=4)
         p_act = sums.active / max(sums.n_seen, 1)
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum()), "n_resampled": sums.n_resampled}
