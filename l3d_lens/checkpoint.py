@@ -16,6 +16,7 @@ it trains, so that a second run cannot remove its unfinished saves or overwrite 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -29,6 +30,11 @@ from typing import Any, Optional
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: checkpoint folders are not locked
+    fcntl = None
 
 LATEST = "latest.json"
 VERSION = 1
@@ -63,40 +69,43 @@ def check_folder(checkpoint: Any) -> None:
 
 
 class FolderLock:
-    """A run's exclusive hold on its checkpoint folder (``take``), released on exit: a lock file
-    made with O_EXCL that names the host and process id. Two runs saving into one folder at once
-    would remove each other's unfinished saves and overwrite each other's checkpoints, so the
-    second is refused; a lock left by a process of this host that no longer runs (a killed run)
-    is taken over."""
+    """A run's exclusive hold on its checkpoint folder (``take``), released on exit: an advisory
+    ``fcntl.flock`` on a lock file, which the kernel drops when the process ends, however it ends
+    (a killed or preempted run's folder resumes at once, on this host or another). Two runs saving
+    into one folder at once would remove each other's unfinished saves and overwrite each other's
+    checkpoints, so the second is refused. Where there is no flock (Windows) or the folder cannot
+    be written (a finished checkpoint on read-only storage), nothing is locked."""
 
     def __init__(self) -> None:
-        self.file: Optional[Path] = None
+        self.fd: Optional[int] = None
 
     def take(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        file = path / LOCK
-        for _ in range(3):  # a stale lock is removed, then made anew (a racing run may make it first)
-            try:
-                fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(file)
-                if holder is not None:
-                    raise RuntimeError(f"checkpoint folder {path} is in use by {holder} (its lock file {file}); "
-                                       f"wait for that run to end or pass another checkpoint folder; if no run "
-                                       f"uses it, remove {file}") from None
-                file.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
-            self.file = file
+        if fcntl is None:
             return
-        raise RuntimeError(f"checkpoint folder {path}: its lock file {file} is taken by other runs as fast as it is "
-                           f"freed; pass a checkpoint folder that one run alone uses")
+        file = path / LOCK
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(file, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # nothing can be saved here either
+                return
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RuntimeError(f"checkpoint folder {path} is in use by {_lock_holder(file)} (it holds {file}); wait "
+                               f"for that run to end or pass another checkpoint folder") from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
 
     def release(self) -> None:
-        if self.file is not None:
-            self.file.unlink(missing_ok=True)
-            self.file = None
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # drops the flock
 
     def __enter__(self) -> "FolderLock":
         return self
@@ -105,25 +114,13 @@ class FolderLock:
         self.release()
 
 
-def _lock_holder(file: Path) -> Optional[str]:
-    """Who holds the lock ``file``, in words ("process N", "process N on host H"), or None if it
-    is stale: it names a process of this host that no longer runs, or it vanished meanwhile."""
+def _lock_holder(file: Path) -> str:
+    """Who holds the lock ``file``, in words, from what its holder wrote in it."""
     try:
         host, pid = file.read_text().split()
-        pid = int(pid)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # being written this moment, or not a lock a run wrote: in use
+    except (OSError, ValueError):  # being written this moment
         return "another run"
-    if host != socket.gethostname():
-        return f"process {pid} on host {host}"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it runs, as another user
-        pass
-    return f"process {pid}"
+    return f"process {pid}" + ("" if host == socket.gethostname() else f" on host {host}")
 
 
 def damaged(path: Path, file: Path, problem: str) -> ValueError:

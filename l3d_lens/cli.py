@@ -485,6 +485,8 @@ def _check_folder(path: Path, flag: str = "--out") -> Path:
     """An output folder that exists or can be made, checked before any work."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} exists and is not a folder")
+    if path.is_symlink() and not path.exists():  # a dangling link: no folder can be made there
+        raise UserError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     blocking = _blocking_file(path)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is not a folder")
@@ -573,8 +575,9 @@ def _check_outputs(files: list[Path], overwrite: bool) -> None:
             manifest = {}
         taken += [folder / n for n in names if (folder / n).exists() and manifest.get(n) != _sha256(folder / n)]
     if taken:
-        raise UserError(f"would overwrite {', '.join(str(f) for f in taken)} (not written by l3d-lens, or changed "
-                        f"since); move them or pass --overwrite to replace them")
+        raise UserError(f"would overwrite {', '.join(str(f) for f in taken)} (not recorded in {MANIFEST}: another "
+                        f"program's file, an earlier l3d-lens's, one changed since, or one an interrupted run wrote "
+                        f"before recording it); move them or pass --overwrite to replace them")
 
 
 def _record_outputs(files: list[Path]) -> None:
@@ -1012,13 +1015,11 @@ def _compare(args: argparse.Namespace) -> int:
     print(comparison.summary())
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        written = []
         for name in tables:
             frame = getattr(comparison, name, None)
             if frame is not None:
                 frame.to_csv(out / f"{name}.csv", index=False)
-                written.append(out / f"{name}.csv")
-        _record_outputs(written)
+                _record_outputs([out / f"{name}.csv"])  # each as written: a failed write leaves the others rerunnable
         print(f"tables written to {out}")
     return 0
 

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import reprlib
 import warnings
 from pathlib import Path
@@ -336,11 +337,19 @@ def check_same_run(fingerprints: dict[str, Any], device: torch.device) -> None:
     and data (``fingerprints``, as a checkpoint records them), or the result would match no
     single-process run (and data of different lengths would hang in a collective). Every rank
     raises the same ValueError, naming what differs."""
-    words = {"config": "config", "model": "model (its parameters)", "data": "data", "reference": "reference data"}
-    differ = distributed.differing({k: json.dumps(v, sort_keys=True) for k, v in fingerprints.items()}, device)
+    words = {"model": "model (its parameters)", "data": "data", "reference": "reference data"}
+    parts = {}
+    for k, v in fingerprints.items():
+        if k != "config":
+            parts[words[k]] = json.dumps(v, sort_keys=True)
+            continue
+        for field, value in v.items():  # by field, to name it; a callable by its name, not its address
+            if field != "device":  # each rank's own GPU ('cuda:0', 'cuda:1') is the usual setup
+                parts[f"config {field}"] = re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(value, sort_keys=True))
+    differ = distributed.differing(parts, device)
     if differ:
-        parts = "; ".join(f"{words[k]} (rank {', '.join(map(str, r))} unlike rank 0)" for k, r in differ.items())
-        raise ValueError(f"the ranks of this torch.distributed run were given different {parts}; {SAME_DATA}")
+        what = "; ".join(f"{k} (rank {', '.join(map(str, r))} unlike rank 0)" for k, r in differ.items())
+        raise ValueError(f"the ranks of this torch.distributed run were given different {what}; {SAME_DATA}")
 
 
 def batch_digest(x: torch.Tensor, paired: Optional[torch.Tensor]) -> str:
@@ -360,8 +369,19 @@ def same_batches(items, device: torch.device, epoch: int, first: int):
     whole would cost a pass. Every rank raises the same ValueError."""
     it = iter(items)
     for i in itertools.count(first):
-        item = next(it, None)
-        rows = distributed.gather_ints(distributed.digest_words(None if item is None else batch_digest(*item)), device)
+        error = None
+        try:
+            item = next(it, None)
+        except Exception as e:  # a batch this rank cannot read or merge: every rank stops, none waits
+            item, error = None, e
+        rows = distributed.gather_ints([int(error is not None)] + distributed.digest_words(
+            None if item is None else batch_digest(*item)), device)
+        if failed := [r for r, row in enumerate(rows) if row[0]]:
+            if error is not None:
+                raise error
+            raise ValueError(f"rank {', '.join(map(str, failed))} failed while reading its data for batch {i} of "
+                             f"epoch {epoch} (see its error); every rank stops")
+        rows = [row[1:] for row in rows]
         ended = [r for r, row in enumerate(rows) if row[0] == 0]
         if 0 < len(ended) < len(rows):
             raise ValueError(f"the data of rank {', '.join(map(str, ended))} ends after batch {i - 1} of epoch {epoch}, "
@@ -419,12 +439,6 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     """``train``'s work; rank 0 takes ``lock`` on the checkpoint folder before reading it."""
     cfg = task.cfg
     task = dataclasses.replace(task, sharded=distributed.active())
-    if task.sharded and isinstance(data, torch.Tensor):  # before any work: a batch too small to share
-        n = data.shape[0]
-        smallest = min(b - a for a, b in itertools.pairwise(batch_starts(n, cfg.batch_size, task.min_batch) + [n]))
-        if smallest < distributed.world():
-            raise ValueError(f"with {n} rows and batch_size={cfg.batch_size}, a batch of {smallest} rows cannot be "
-                             f"split over {distributed.world()} ranks; choose them so every batch has a row per rank")
     # an iterable's batch with fewer rows than ranks joins the one before, as one smaller than min_batch does
     min_batch = max(task.min_batch, distributed.world()) if task.sharded and not isinstance(data, torch.Tensor) \
         else task.min_batch
@@ -432,8 +446,14 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     fingerprints = None if path is None and not task.sharded else {
         "config": cfg.to_dict(), "model": model_fingerprint(task), "data": data_fingerprint(data),
         "reference": None if reference is None else data_fingerprint(reference)}
-    if task.sharded:
+    if task.sharded:  # first: a rank that stops before this collective leaves the others waiting in it
         check_same_run(fingerprints, task.adapter.device)
+    if task.sharded and isinstance(data, torch.Tensor):  # before any work: a batch too small to share
+        n = data.shape[0]
+        smallest = min(b - a for a, b in itertools.pairwise(batch_starts(n, cfg.batch_size, task.min_batch) + [n]))
+        if smallest < distributed.world():
+            raise ValueError(f"with {n} rows and batch_size={cfg.batch_size}, a batch of {smallest} rows cannot be "
+                             f"split over {distributed.world()} ranks; choose them so every batch has a row per rank")
     identity = None if path is None else {**fingerprints, "world": distributed.world()}
     device = torch.device(cfg.device) if cfg.device else task.adapter.device
     gen = torch.Generator().manual_seed(cfg.seed)

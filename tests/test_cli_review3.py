@@ -91,6 +91,15 @@ def test_an_unwritable_output_is_refused_before_any_model_loads(capsys, tmp_path
     assert f"{flag} {PROC}" in line and ": not writable (cannot create a file in /proc" in line, line
 
 
+def test_a_dangling_symbolic_link_is_refused_before_any_model_loads(capsys, tmp_path, no_model_loading):
+    """It was taken for a folder to be made (its parent writable), and failed after training."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "sub")
+    line = one_line_error(capsys, "decompose", "induction", "--components", "blocks.0.attn", "--out",
+                          tmp_path / "dangling", "--quiet")
+    assert f"--out {tmp_path / 'dangling'} is a symbolic link to {tmp_path / 'nowhere' / 'sub'}, which does not " \
+           f"exist" in line, line
+
+
 def test_a_read_only_folder_is_refused(capsys, tmp_path, no_model_loading):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -134,7 +143,7 @@ def test_a_user_file_at_an_output_name_is_refused_and_left_alone(capsys, tmp_pat
     user.write_bytes(b"USER DATA\n")
     argv = [str(a).replace("OUT", str(out)) for a in argv]
     line = one_line_error(capsys, *argv, "--quiet")
-    assert f"would overwrite {user} (not written by l3d-lens" in line and "--overwrite" in line, line
+    assert f"would overwrite {user} (not recorded in {MANIFEST}: another program" in line and "--overwrite" in line, line
     assert user.read_bytes() == b"USER DATA\n"
 
 

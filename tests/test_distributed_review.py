@@ -8,8 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import subprocess
-import sys
+import functools
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import l3d_lens
-from l3d_lens.checkpoint import LOCK
+from l3d_lens.checkpoint import LOCK, FolderLock
+from l3d_lens.divergence import mse
 
 from .helpers import tokens
 from .scale_helpers import ddp_setup
@@ -45,11 +45,23 @@ def case_data(case: str, rank: int):
         return Batches([data[:8], data[8:16] if rank == 0 else data[16:24]])
     if case == "small_last":  # 8, 8, 1 rows: the last cannot be split over 2 ranks
         return Batches([data[:8], data[8:16], data[16:17]])
+    if case == "bad_batch":  # rank 1's second batch is not token ids: only rank 1 fails to read it
+        return Batches([data[:8], data[8:16].float() if rank == 1 else data[8:16]])
     return data
 
 
+def case_config(case: str, rank: int, cfg):
+    """The config rank ``rank`` passes in ``case``."""
+    if case == "per_rank_device":  # each rank its own device string, and a callable divergence (a partial:
+        # its repr holds a memory address, which differs between processes)
+        return cfg.replace(divergence=functools.partial(mse), device="cpu" if rank == 0 else "cpu:0")
+    if case == "lr":
+        return cfg.replace(lr=0.02 if rank == 0 else 0.03)
+    return cfg
+
+
 def worker(rank: int, world: int, init_file: str, out: str, case: str, checkpoint: str = "") -> None:
-    """One rank: decompose the data of ``case``; the ValueError it raises goes to ``out.<rank>``,
+    """One rank: decompose the data of ``case``; the ValueError or TypeError it raises goes to ``out.<rank>``,
     rank 0's factors to ``out``."""
     import torch.distributed as dist
 
@@ -58,10 +70,11 @@ def worker(rank: int, world: int, init_file: str, out: str, case: str, checkpoin
                             timeout=datetime.timedelta(seconds=60))
     try:
         model, _, cfg = ddp_setup("token")
+        cfg = case_config(case, rank, cfg)
         try:
             dec = l3d_lens.decompose(model, case_data(case, rank), cfg, progress=False,
                                      checkpoint=f"{checkpoint}-r{rank}" if checkpoint else None)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             Path(f"{out}.{rank}").write_text(str(e))
         else:
             if rank == 0:
@@ -95,6 +108,27 @@ def test_different_data_on_the_ranks_stops_every_rank(tmp_path, case, message):
     assert not Path(out).exists()
 
 
+def test_a_config_field_that_differs_is_named_and_per_rank_devices_are_fine(tmp_path):
+    """Ranks compare their configs field by field: a different lr is named; each rank's own
+    device and a callable divergence (whose repr names an address) are the same run."""
+    out = run_ranks(tmp_path, "lr", name="lr")
+    assert all(e.startswith("the ranks of this torch.distributed run were given different config lr (rank 1 "
+                            "unlike rank 0); every rank must pass") for e in errors(out)), errors(out)
+    out = run_ranks(tmp_path, "per_rank_device", name="devices")
+    assert errors(out) == ["", ""] and Path(out).exists()
+
+
+def test_a_batch_one_rank_cannot_read_stops_every_rank(tmp_path):
+    """Rank 1's second batch is floats: rank 1 raises its own error, rank 0 says which rank
+    failed, instead of waiting in the step's collective until the timeout."""
+    out = run_ranks(tmp_path, "bad_batch")
+    rank0, rank1 = errors(out)
+    # batch 0: an iterable is read one batch ahead (a too-small batch joins the one before)
+    assert rank0 == "rank 1 failed while reading its data for batch 0 of epoch 0 (see its error); every rank stops", \
+        rank0
+    assert rank1.startswith("data must hold token ids (an integer tensor [n, seq]), got dtype torch.float32"), rank1
+
+
 def test_a_checkpoint_folder_only_some_ranks_see_is_refused(tmp_path):
     """Each rank passes its own folder, as with node-local disks: only rank 0's holds the
     checkpoint (rank 0 saves), so rank 0 would resume and rank 1 start afresh."""
@@ -123,14 +157,16 @@ def test_an_iterables_last_batch_smaller_than_the_world_joins_the_one_before(tmp
 
 def test_a_checkpoint_folder_in_use_is_refused(tmp_path):
     """A second run in a folder a live run holds would remove its unfinished saves and overwrite
-    its checkpoints; the lock of a process that no longer runs is taken over, and released."""
+    its checkpoints, so it is refused; a lock file a killed run left (its flock gone with it), even
+    one naming this very process or another host, does not stop a resume."""
     model, data, cfg = ddp_setup("token")
     cfg = cfg.replace(epochs=1)
-    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-    with pytest.raises(RuntimeError, match=f"checkpoint folder {tmp_path} is in use by process {os.getpid()} "):
-        l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
+    with FolderLock() as held:  # another run holding the folder (a separate open file: flock conflicts)
+        held.take(tmp_path)
+        with pytest.raises(RuntimeError, match=f"checkpoint folder {tmp_path} is in use by process {os.getpid()} "):
+            l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
     assert not (tmp_path / "latest.json").exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {int(dead.stdout)}\n")
-    l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-4"]
+    for left in (f"{socket.gethostname()} {os.getpid()}\n", "old-node-7 1\n"):  # a restarted pod; a requeue
+        (tmp_path / LOCK).write_text(left)
+        l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK, "latest.json", "step-4"]
