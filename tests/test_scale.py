@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import l3d_lens
+from l3d_lens.checkpoint import LOCK
 
 from .scale_helpers import ddp_setup, ddp_small_batch_worker, ddp_worker, resume_setup
 
@@ -50,7 +51,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert all(torch.equal(resumed.factors[k], straight.factors[k]) for k in straight.factors)
     assert resumed.history == straight.history
     assert json.loads((ckpt / "latest.json").read_text())["step"] == 20
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step-20"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [LOCK, "latest.json", "step-20"]  # the lock file stays
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
