@@ -125,13 +125,15 @@ references, `notebooks/tm2_circuit_superposition.ipynb` for the TMCS statistic.
   the larger change there (then the less selective), the same for v and -v. Until 3f8c7ca it read
   +delta, which made the score depend on v's arbitrary sign; on the same models and
   decompositions as the run before, that changed seed 1's minimum over circuits in two rows (the
-  reference 6.70 to 6.82; 5 × rank 2 2.32 to 2.16) and no other number of this table.
+  reference 6.70 to 6.82; 5 × rank 2 2.32 to 2.16) and no other number of this table. "Toy models:
+  more seeds" was rerun with it too (seed 4's best of 3 went from 8.51 to 10.4, its reference
+  10.4); the sections "x² training recipe", "per-sample loss" and "per-sample, then batch" were
+  measured with the earlier rule.
 - **x² on 10 seeds** (section "Toy models: more seeds", the same models as seeds 0-2 here). A single
   L3D run shares a subnetwork between two features in 1 of 10 seeds (8); the best of 3 L3D
   seeds by final training loss gets one subnetwork per feature, none shared, in 10 of 10, and
-  selectivity >= 10 in 5 of 10, where the model's own reference reaches it in 6. Below 10 the
-  reference is too (seeds 1, 3, 7, 8: 4.7-9.4, L3D 0.05-1.2 under it) except in seed 4 (L3D 8.5,
-  reference 10.4). Seed 3's x² model used to leave feature 4 unlearned (r² -0.45), so that row
+  selectivity >= 10 in 6 of 10, as does the model's own reference. Below 10 the reference is too
+  (seeds 1, 3, 7, 8: 4.7-9.4, L3D 0.05-1.2 under it). Seed 3's x² model used to leave feature 4 unlearned (r² -0.45), so that row
   scored a model of 4 features; `make_toy` now replaces such a model (`LEARNED_R2`), and the
   retrained seed-3 model is one of the least selective (reference 4.7). Training is
   bit-reproducible on one machine but not across CPUs (x² seed 0 trained to loss 0.002027 on
