@@ -60,16 +60,6 @@ def tiny(hf_dir):  # noqa: F811
     return {kind: cli.load_model(str(hf_dir), kind) for kind in KINDS}
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if any model is loaded (checks must come first)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(cli, "load_model", refuse)
-    monkeypatch.setattr(induction, "load", refuse)
-
-
 # --- 1. text packing ---------------------------------------------------------------------------
 
 

@@ -20,42 +20,15 @@ import torch
 import l3d_lens.cli as cli
 from l3d_lens import L3DConfig, decompose
 from l3d_lens.cli import MANIFEST, main
-from l3d_lens.zoo import induction
 
 from .test_cli import hf_dir  # noqa: F401 - the tiny local GPT-2 fixture
+from .test_cli_review import EOT, TINY, one_line_error, run
 
 torch.set_num_threads(1)
 
-EOT = 256  # the tiny GPT-2's <|endoftext|>
-TINY = ["--n-subnetworks", "2", "--rank", "1", "--epochs", "1", "--quiet"]
 EMBEDDED_DEC = ["decompose", "induction", "--components", "blocks.0.attn", "--max-sequences", "16", *TINY]
 SMALL_DEMO = ["--n-sequences", "32", "--epochs", "1", "--n-pairs", "4", "--report-sequences", "4", "--quiet"]
 PROC = Path("/proc")
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(capsys, command: str, *argv) -> str:
-    """Run ``command argv`` expecting exit 2 and one error line, no traceback; return it."""
-    code, _, err = run(capsys, command, *argv)
-    lines = [line for line in err.strip().splitlines() if line.startswith("l3d-lens")]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-    assert lines[0].startswith(f"l3d-lens {command}: error: "), err
-    return lines[0]
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if any model is loaded (checks must come first)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(cli, "load_model", refuse)
-    monkeypatch.setattr(induction, "load", refuse)
 
 
 @pytest.fixture(scope="module")
