@@ -361,6 +361,18 @@ def batch_digest(x: torch.Tensor, paired: Optional[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def gather_or_stop(values: list[int], error: Optional[Exception], device: torch.device, failed: str) -> list[list[int]]:
+    """Every rank's ``values`` (``distributed.gather_ints``), unless a rank met ``error`` before
+    this collective: then that rank re-raises it and the others raise a ValueError saying which
+    rank ``failed``, so that no rank waits in a later collective for one that stopped."""
+    rows = distributed.gather_ints([int(error is not None), *values], device)
+    if stopped := [r for r, row in enumerate(rows) if row[0]]:
+        if error is not None:
+            raise error
+        raise ValueError(f"rank {', '.join(map(str, stopped))} {failed} (see its error); every rank stops")
+    return [row[1:] for row in rows]
+
+
 def same_batches(items, device: torch.device, epoch: int, first: int):
     """``items`` (an iterable's batches, from batch ``first`` of ``epoch``), each checked to be
     the same on every rank, and their end too: a rank whose data ran out would otherwise wait in
@@ -374,14 +386,8 @@ def same_batches(items, device: torch.device, epoch: int, first: int):
             item = next(it, None)
         except Exception as e:  # a batch this rank cannot read or merge: every rank stops, none waits
             item, error = None, e
-        rows = distributed.gather_ints([int(error is not None)] + distributed.digest_words(
-            None if item is None else batch_digest(*item)), device)
-        if failed := [r for r, row in enumerate(rows) if row[0]]:
-            if error is not None:
-                raise error
-            raise ValueError(f"rank {', '.join(map(str, failed))} failed while reading its data for batch {i} of "
-                             f"epoch {epoch} (see its error); every rank stops")
-        rows = [row[1:] for row in rows]
+        rows = gather_or_stop(distributed.digest_words(None if item is None else batch_digest(*item)), error,
+                              device, f"failed while reading its data for batch {i} of epoch {epoch}")
         ended = [r for r, row in enumerate(rows) if row[0] == 0]
         if 0 < len(ended) < len(rows):
             raise ValueError(f"the data of rank {', '.join(map(str, ended))} ends after batch {i - 1} of epoch {epoch}, "
@@ -406,15 +412,10 @@ def check_same_resume(path: Optional[Path], resumed: Optional[Resumed], f: Facto
         for t in f.values():
             h.update(_buffer(t))
         digest = h.hexdigest()
-    rows = distributed.gather_ints([int(error is not None), resumed.n_steps if resumed else -1]
-                                   + distributed.digest_words(digest), device)
-    if failed := [r for r, row in enumerate(rows) if row[0]]:
-        if error is not None:
-            raise error
-        raise ValueError(f"rank {', '.join(map(str, failed))} could not take up the checkpoint in {path} (see its "
-                         f"error); every rank stops")
+    rows = gather_or_stop([resumed.n_steps if resumed else -1] + distributed.digest_words(digest), error, device,
+                          f"could not take up the checkpoint in {path}")
     if any(row != rows[0] for row in rows):
-        what = ", ".join(f"rank {r} {'resumes step ' + str(row[1]) if row[2] else 'finds no checkpoint'}"
+        what = ", ".join(f"rank {r} {'resumes step ' + str(row[0]) if row[1] else 'finds no checkpoint'}"
                          for r, row in enumerate(rows))
         raise ValueError(f"the ranks of this torch.distributed run took up different checkpoints from {path} ({what}); "
                          f"the checkpoint folder must be shared storage that every rank sees at the same path (an "
