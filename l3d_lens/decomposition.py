@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import Adapter, make_adapter
 from .checks import as_index, is_int
-from .config import L3DConfig
+from .config import SEED_RANGE, L3DConfig
 from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
 from .objective import sample_errors, topk_mask
@@ -111,7 +111,7 @@ def analysis_seed(seed: Any, default: int) -> int:
     if seed is None:
         return default
     value = as_index(seed)
-    if value is None or not -2**63 <= value < 2**64:
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
         raise ValueError(f"seed must be an integer in -2**63 .. 2**64 - 1, or None for cfg.seed ({default}); "
                          f"got {seed!r}")
     return value
