@@ -871,7 +871,19 @@ def _model_record(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def _saved_device(folder: Path, given: Optional[str]) -> Optional[str]:
+def _saved_config(folder: Path) -> dict:
+    """The config a saved decomposition records, for the checks made before any model loads;
+    {} where the file cannot be read that way (``Decomposition.load`` then says what is wrong)."""
+    from .io import META
+
+    try:
+        config = json.loads((folder / META).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _saved_device(folder: Path, config: dict, given: Optional[str]) -> Optional[str]:
     """Where ``report`` / ``compare`` put the model and the factors: ``--device`` if given, else
     the device the decomposition was computed on if this machine has it, else None (where the
     model loads; a note on stderr says so, or, for a device this torch cannot name,
@@ -879,10 +891,7 @@ def _saved_device(folder: Path, given: Optional[str]) -> Optional[str]:
     before any model is loaded."""
     from .io import META, unavailable
 
-    try:
-        device = json.loads((folder / META).read_text(encoding="utf-8"))["config"].get("device")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return given  # Decomposition.load says what is wrong with the file
+    device = config.get("device")
     if device is None:
         return given
     if not isinstance(device, str):
@@ -910,8 +919,9 @@ def _load_saved(args: argparse.Namespace):
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder holding a saved decomposition")
     record = _read_record(folder)
-    _refuse_paired(folder)
-    device = _saved_device(folder, args.device)
+    config = _saved_config(folder)
+    _refuse_paired(folder, config)
+    device = _saved_device(folder, config, args.device)
     spec = args.model or record.get("model")
     if not spec:
         raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
@@ -937,16 +947,10 @@ def _load_saved(args: argparse.Namespace):
     return model, dec, data
 
 
-def _refuse_paired(folder: Path) -> None:
+def _refuse_paired(folder: Path, config: dict) -> None:
     """A contrastive decomposition's report needs its paired reference data, which no flag can
-    give: refused before any model is loaded (an unreadable file: ``Decomposition.load`` says why)."""
-    from .io import META
-
-    try:
-        reference = json.loads((folder / META).read_text(encoding="utf-8"))["config"].get("reference")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return
-    if reference == "paired":
+    give: refused before any model is loaded."""
+    if config.get("reference") == "paired":
         raise UserError(f"{folder} is a contrastive decomposition (reference='paired'): its report needs the paired "
                         f"reference data, which the command line cannot pass; write it from Python with "
                         f"l3d_lens.report(dec, data, reference=...)")
