@@ -152,10 +152,7 @@ def cosine_matrix(truth: Directions, subnetworks: Directions) -> Float[torch.Ten
             raise ValueError(f"truth[{n!r}] must be [n_features, *{tuple(subnetworks[n].shape[1:])}] like the "
                              f"subnetworks' [n, *weight shape], got {tuple(truth[n].shape)}")
     for side, dirs in (("truth", truth), ("subnetworks", subnetworks)):
-        counts = {dirs[n].shape[0] for n in names}
-        if len(counts) > 1:
-            raise ValueError(f"{side} has different leading sizes across weights: "
-                             f"{ {n: dirs[n].shape[0] for n in names} }")
+        _one_count(dirs, names, side)
     t = _flat(truth, names)
     s = _flat(subnetworks, names).to(t.device)
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
@@ -362,9 +359,14 @@ def _check_subnetwork_shapes(subnetworks: Directions, params: Mapping[str, torch
         if v.dim() < 1 or tuple(v.shape[1:]) != tuple(params[n].shape):
             raise ValueError(f"subnetworks[{n!r}] must be [n_subnetworks, *{tuple(params[n].shape)}] (the weight's "
                              f"shape), got {tuple(v.shape)}")
-    counts = {n: v.shape[0] for n, v in subnetworks.items()}
+    _one_count(subnetworks, list(subnetworks), "subnetworks")
+
+
+def _one_count(dirs: Directions, names: list[str], side: str) -> None:
+    """ValueError unless ``dirs[name]`` has one leading size (directions) for every name."""
+    counts = {n: dirs[n].shape[0] for n in names}
     if len(set(counts.values())) > 1:
-        raise ValueError(f"the subnetworks have different leading sizes across weights: {counts}")
+        raise ValueError(f"{side} has different leading sizes across weights: {counts}")
 
 
 def coefficient_r2(true: Float[torch.Tensor, "f d"], recovered: Float[torch.Tensor, "f d"]) -> float:
