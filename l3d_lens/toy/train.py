@@ -97,6 +97,7 @@ def _check_int(arg: str, value: Any, minimum: int, what: str, maximum: Optional[
     return number
 
 
+@torch.enable_grad()  # the caller's grad mode comes back on return
 def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tensor, "n d_out"], *,
         epochs: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
         check: Optional[tuple[Union[int, Collection[int]], Callable[[nn.Module], bool]]] = None) -> list[float]:
@@ -123,18 +124,17 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     at = () if check is None else {check[0]} if isinstance(check[0], int) else set(check[0])
     losses = []
     model.train()
-    with torch.enable_grad():  # the caller's grad mode comes back on exit
-        for _ in range(epochs):
-            order = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
-            total = 0.0
-            for xb, yb in zip(x[order].to(device).split(batch_size), y[order].to(device).split(batch_size)):
-                total += step(xb, yb).item() * xb.shape[0]
-            losses.append(total / x.shape[0])
-            if len(losses) in at and len(losses) < epochs:
-                model.eval()
-                if not check[1](model):
-                    break
-                model.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
+        total = 0.0
+        for xb, yb in zip(x[order].to(device).split(batch_size), y[order].to(device).split(batch_size)):
+            total += step(xb, yb).item() * xb.shape[0]
+        losses.append(total / x.shape[0])
+        if len(losses) in at and len(losses) < epochs:
+            model.eval()
+            if not check[1](model):
+                break
+            model.train()
     model.zero_grad(set_to_none=True)
     model.eval()
     return losses
