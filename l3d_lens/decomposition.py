@@ -379,7 +379,9 @@ class Decomposition:
                            top_fraction: float = 0.1, impacts=None, reference=None):
         """DataFrame (delta, change_top, change_rest, selectivity): output change on the
         subnetwork's top-impact samples vs the rest when moving the weights along it
-        (``reference``: paired data, for a contrastive decomposition's impacts)."""
+        (``reference``: paired data, for a contrastive decomposition's impacts). Needs at least
+        2 samples; each group keeps at least one. Selectivity is inf only where the rest do not
+        change and the top samples do, NaN where neither changes."""
         from .analysis.impact import intervention_curve
 
         return intervention_curve(self, data, subnetwork, deltas, top_fraction, impacts, reference)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapters.base import inside, merged, span
 from .checks import is_int, is_number
 from .config import L3DConfig
 from .subnetworks import SIDES, key, resolve_ranks
@@ -101,7 +102,7 @@ def others_sha256(task) -> str:
 
     adapter, chosen = task.adapter, {s.name for s in task.selected}
     native = {n: adapter.native_parameter(n) for n in adapter.sites}
-    ids, spans = {id(p) for p in native.values()}, _merged([_span(p) for p in native.values() if not p.is_meta])
+    ids, spans = {id(p) for p in native.values()}, merged([span(p) for p in native.values() if not p.is_meta])
     parts = []
     for name in adapter.sites:
         if name in chosen:
@@ -113,41 +114,13 @@ def others_sha256(task) -> str:
         if not (adapter.sites[name].kind.startswith("b_") and not w.any()):
             parts.append((name, w.dtype, tuple(w.shape), w))
     parts += [(f"native:{n}", p.dtype, tuple(p.shape), None if p.is_meta else p.detach())
-              for n, p in adapter.model.named_parameters() if id(p) not in ids and not _inside(p, spans)]
+              for n, p in adapter.model.named_parameters() if id(p) not in ids and not inside(p, spans)]
     h = hashlib.sha256()
     for name, dtype, shape, w in sorted(parts, key=lambda part: part[0]):
         h.update(f"{name}:{dtype}:{list(shape)}{'' if w is not None else ':meta'}".encode())
         if w is not None:
             h.update(_buffer(w))
     return h.hexdigest()
-
-
-def _span(t: torch.Tensor) -> tuple[str, int, int]:
-    """The memory a tensor's elements lie in: device, first byte, one past the last."""
-    start = t.data_ptr()
-    if t.numel() == 0:
-        return str(t.device), start, start
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return str(t.device), start, start + (last + 1) * t.element_size()
-
-
-def _merged(spans: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
-    """Overlapping or touching spans of one device joined."""
-    out: list[tuple[str, int, int]] = []
-    for device, a, b in sorted(spans):
-        if out and out[-1][0] == device and a <= out[-1][2]:
-            out[-1] = (device, out[-1][1], max(out[-1][2], b))
-        else:
-            out.append((device, a, b))
-    return out
-
-
-def _inside(p: torch.Tensor, spans: list[tuple[str, int, int]]) -> bool:
-    """Whether every byte of ``p`` lies in the sites' parameters (a fused weight they are views of)."""
-    if p.is_meta or p.numel() == 0:
-        return False
-    device, a, b = _span(p)
-    return any(d == device and lo <= a and b <= hi for d, lo, hi in spans)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -106,18 +106,30 @@ def available(adapter: Adapter) -> str:
     return ", ".join(seen)
 
 
+#: how many left-out weights a message names before "and N more"
+MAX_LISTED = 8
+
+
 def _left_out(adapter: Adapter, selector: str, pattern: str, matched_any: bool, include_biases: bool) -> None:
     """Weights the selector covers that the adapter cannot decompose (``adapter.unsupported``):
     an error that says why when nothing else matched, else a warning that they are left out."""
     covered = [n for n in adapter.unsupported
                if (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*"))
-               and (include_biases or n == pattern or not n.rpartition(".")[2].startswith("b_"))]
+               and (include_biases or n == pattern or not _bias_name(n))]
     if not covered:
         return
     why = adapter.unsupported[covered[0]]
+    more = f" and {len(covered) - MAX_LISTED} more" if len(covered) > MAX_LISTED else ""
+    names = ", ".join(covered[:MAX_LISTED]) + more
     if not matched_any:
-        raise ValueError(f"selector {selector!r}: {', '.join(covered)} cannot be decomposed: {why}")
-    warnings.warn(f"selector {selector!r} leaves out {', '.join(covered)}: {why}", stacklevel=4)
+        raise ValueError(f"selector {selector!r}: {names} cannot be decomposed: {why}")
+    warnings.warn(f"selector {selector!r} leaves out {names}: {why}", stacklevel=4)
+
+
+def _bias_name(name: str) -> bool:
+    """A bias by its last segment: TransformerLens's b_Q ... b_U, a LayerNorm's b, a module's bias."""
+    last = name.rpartition(".")[2]
+    return last.startswith("b_") or last in ("b", "bias")
 
 
 def _matching(adapter: Adapter, pattern: str) -> list[Site]:

@@ -54,6 +54,14 @@ class Site:
         return self.input is None and self.output is not None
 
 
+#: the segments a TransformerBridge adds around the modules it wraps
+WRAPPERS = frozenset({"_original_component", "original_component"})
+#: why a parameter outside TransformerLens's standard weights is left out
+NO_SITE = ("l3d_lens has no decomposition site for these (it decomposes W_E, W_pos, W_Q/K/V/O, W_in/W_gate/W_out, "
+           "W_U, their biases and the ln1/ln2/ln_final scales and biases; not QK-norm or post-norm scales, an "
+           "MLP's own LayerNorm or MoE experts)")
+
+
 def identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -75,6 +83,34 @@ def gqa_reason(n_kv_heads: int, n_heads: int) -> str:
     """Why grouped-query attention's K and V are not decomposed."""
     return (f"grouped-query attention: {n_kv_heads} key/value heads shared by {n_heads} query heads "
             f"(l3d_lens decomposes Q, O and the MLPs of such models, not K and V)")
+
+
+def span(t: torch.Tensor) -> tuple[str, int, int]:
+    """The memory a tensor's elements lie in: device, first byte, one past the last."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return str(t.device), start, start
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return str(t.device), start, start + (last + 1) * t.element_size()
+
+
+def merged(spans: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Overlapping or touching spans of one device joined."""
+    out: list[tuple[str, int, int]] = []
+    for device, a, b in sorted(spans):
+        if out and out[-1][0] == device and a <= out[-1][2]:
+            out[-1] = (device, out[-1][1], max(out[-1][2], b))
+        else:
+            out.append((device, a, b))
+    return out
+
+
+def inside(p: torch.Tensor, spans: list[tuple[str, int, int]]) -> bool:
+    """Whether every byte of ``p`` lies in the sites' parameters (a fused weight they are views of)."""
+    if p.is_meta or p.numel() == 0:
+        return False
+    device, a, b = span(p)
+    return any(d == device and lo <= a and b <= hi for d, lo, hi in spans)
 
 
 class Adapter:
@@ -245,6 +281,35 @@ class TransformerLensAdapter(Adapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.cfg = model.cfg
+
+    def _note_without_site(self, explained: set[int]) -> None:
+        """Record in ``unsupported``, under its module-tree path, every parameter that no site
+        exposes, no site's bytes hold (a fused qkv) and no reason given already covers
+        (``explained``, by id): QK-norm and post-norm scales, an MLP's own LayerNorm, MoE
+        experts. A selector that spans one then warns that it leaves it out, rather than
+        silently decomposing less of the block than it names."""
+        native = [self.native_parameter(n) for n in self.sites]
+        seen = {id(p) for p in native} | explained
+        spans = merged([span(p) for p in native if not p.is_meta])
+        extra = []
+        for (module, attr), (_, p) in self._parameter_slots().items():
+            if id(p) not in seen and not inside(p, spans):
+                extra.append((module, attr))
+            seen.add(id(p))
+        if extra:
+            paths = self._readable_paths()
+            for module, attr in extra:
+                self.unsupported.setdefault(f"{paths[module]}.{attr}".lstrip("."), NO_SITE)
+
+    def _readable_paths(self) -> dict[int, str]:
+        """Each module's shortest path with a bridge's wrapper segments (``_original_component``)
+        dropped, so a name left out reads as a selector would write it (``blocks.0.attn.q_norm``)."""
+        best: dict[int, str] = {}
+        for path, module in self.model.named_modules(remove_duplicate=False):
+            clean = ".".join(part for part in path.split(".") if part not in WRAPPERS)
+            if id(module) not in best or len(clean) < len(best[id(module)]):
+                best[id(module)] = clean
+        return best
 
     def head_modules(self) -> list[nn.Module]:
         return list(self.model.get_submodule("unembed").modules())

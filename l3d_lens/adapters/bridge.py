@@ -40,6 +40,7 @@ class BridgeAdapter(TransformerLensAdapter):
         cfg = self.cfg
         h, dh = cfg.n_heads, cfg.d_head
         self._copies: list[nn.Module] = []  # MLPs run on parameters, not copies, in a session
+        explained: set[int] = set()  # parameters left out with a reason of their own
 
         self._linear_site("embed.W_E", "W_E", None, model.embed, "weight", ("d_vocab", "d_model"),
                           ("d_vocab",), ("d_model",), TOKENS, "embed.hook_out", layout="same")
@@ -59,14 +60,21 @@ class BridgeAdapter(TransformerLensAdapter):
                 if isinstance(weight, torch.Tensor) and weight.numel() != h * dh * cfg.d_model:
                     reason = gqa_reason(weight.numel() // (dh * cfg.d_model), h)
                     self.unsupported[f"{b}.attn.W_{X}"] = reason
+                    explained.add(id(weight))
                     if isinstance(getattr(native, "bias", None), nn.Parameter):  # a bias-free model has no b_K
                         self.unsupported[f"{b}.attn.b_{X}"] = reason
+                        explained.add(id(native.bias))
                     continue
                 self._linear_site(f"{b}.attn.W_{X}", f"W_{X}", i, comp, "weight", ("head", "d_model", "d_head"),
                                   ("d_model",), ("head", "d_head"), f"{b}.attn.{x}.hook_in", f"{b}.attn.{x}.hook_out",
                                   layout="split_out", heads=(h, dh))
                 self._linear_site(f"{b}.attn.b_{X}", f"b_{X}", i, comp, "bias", ("head", "d_head"), (),
                                   ("head", "d_head"), None, f"{b}.attn.{x}.hook_out", layout="split_bias", heads=(h, dh))
+            qkv = getattr(attn, "qkv", None) if attn is not None else None
+            if isinstance(qkv, nn.Module) and all(f"{b}.attn.W_{X}" in self.sites for X in "QKV"):
+                # a fused qkv the bridge splits into q, k and v: their source, not read again
+                # (NeoX, BLOOM: a copy whose gradient is None; GPT-2: W_Q/W_K/W_V are views of it)
+                explained.update(id(p) for p in self._native(qkv).parameters(recurse=False))
             o = getattr(attn, "o", None) if attn is not None else None
             if o is not None:
                 self._linear_site(f"{b}.attn.W_O", "W_O", i, o, "weight", ("head", "d_head", "d_model"),
@@ -101,6 +109,7 @@ class BridgeAdapter(TransformerLensAdapter):
                           ("d_model",), ("d_vocab",), "unembed.hook_in", "unembed.hook_out", layout="linear")
         self._linear_site("unembed.b_U", "b_U", None, model.unembed, "bias", ("d_vocab",), (), ("d_vocab",), None,
                           "unembed.hook_out", layout="same")
+        self._note_without_site(explained)
         self._check_against_bridge_views()
 
     @contextlib.contextmanager

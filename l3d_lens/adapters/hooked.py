@@ -15,6 +15,7 @@ class HookedAdapter(TransformerLensAdapter):
         super().__init__(model)
         cfg = model.cfg
         params = dict(model.named_parameters())
+        explained: set[int] = set()  # parameters left out with a reason of their own
         self._layout = self._layout_flags()
         fast_qkv = not (self._layout["use_split_qkv_input"] or self._layout["use_attn_in"])
         def add(name, kind, layer, modes, in_modes=(), out_modes=(), input=None, output=None, fast=True, param=None):
@@ -41,6 +42,7 @@ class HookedAdapter(TransformerLensAdapter):
             add("pos_embed.W_pos", "W_pos", None, ("n_ctx", "d_model"), ("n_ctx",), ("d_model",), POSITIONS,
                 "hook_pos_embed")
         elif "pos_embed.W_pos" in params:
+            explained.add(id(params["pos_embed.W_pos"]))
             self.unsupported["pos_embed.W_pos"] = (f"unused: positional_embedding_type={positions!r} never reads "
                                                    f"the learned position embedding")
         # TransformerLens's gated MLP with a LayerNorm activation (solu_ln) computes ln(act(pre))
@@ -69,6 +71,7 @@ class HookedAdapter(TransformerLensAdapter):
                 if n_kv < cfg.n_heads:
                     reason = gqa_reason(n_kv, cfg.n_heads)
                     self.unsupported.update({f"{b}.attn.W_{x}": reason, f"{b}.attn.b_{x}": reason})
+                    explained.update(id(params[n]) for n in (f"{own}W_{x}", f"{own}b_{x}") if n in params)
                     continue
                 hook = f"{b}.attn.hook_{x.lower()}"
                 add(f"{b}.attn.W_{x}", f"W_{x}", i, ("head", "d_model", "d_head"), ("d_model",), ("head", "d_head"),
@@ -84,7 +87,7 @@ class HookedAdapter(TransformerLensAdapter):
                 if name in params:
                     self.unsupported[name] = (f"unused: TransformerLens's gated MLP with act_fn={cfg.act_fn!r} "
                                               f"computes ln(act(pre)) and never reads it")
-                    del params[name]  # so add() skips it
+                    explained.add(id(params.pop(name)))  # so add() skips it
             add(f"{b}.mlp.W_in", "W_in", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.mlp:in",
                 f"{b}.mlp.hook_pre_linear" if gated else f"{b}.mlp.hook_pre")
             add(f"{b}.mlp.W_gate", "W_gate", i, ("d_model", "d_mlp"), ("d_model",), ("d_mlp",), f"{b}.mlp:in",
@@ -100,6 +103,7 @@ class HookedAdapter(TransformerLensAdapter):
         add("unembed.W_U", "W_U", None, ("d_model", "d_vocab"), ("d_model",), ("d_vocab",), "unembed.hook_in",
             "unembed.hook_out")
         add("unembed.b_U", "b_U", None, ("d_vocab",), (), ("d_vocab",), None, "unembed.hook_out")
+        self._note_without_site(explained)
 
     def _layout_flags(self) -> dict[str, bool]:
         return {k: bool(getattr(self.model.cfg, k, False)) for k in ("use_split_qkv_input", "use_attn_in")}

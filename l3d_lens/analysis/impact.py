@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch.func import jvp
 
-from ..checks import as_number
+from ..checks import as_index, as_number
 from ..decomposition import analysis_seed, check_autograd
 from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
@@ -88,7 +88,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
                 reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
     """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
     tokens leading up to that position."""
-    subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
+    subnetwork, k = check_subnetwork(subnetwork, dec.n_subnetworks), check_k(k)
     data, reference = as_samples(data), as_samples(reference, "reference")
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     token = imp.dim() == 2
@@ -104,6 +104,15 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
             row["context"] = " ".join(to_str(ids)) if to_str else " ".join(map(str, ids.tolist()))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def check_k(k) -> int:
+    """How many rows a top-k table has: an int >= 1 (a negative k would slice off the last |k|
+    rows, and 0 give an empty table, both silently)."""
+    n = as_index(k)
+    if n is None or n < 1:
+        raise ValueError(f"k must be an int >= 1 (how many rows to list), got {k!r}")
+    return n
 
 
 def output_derivative(dec, data: torch.Tensor, subnetwork: int) -> torch.Tensor:
@@ -126,6 +135,7 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
     over the samples and ``positions``), with the signed mean; signs are relative (v ~ -v).
     ``positions`` defaults to all of them in token mode and with position="all", else to the
     decomposed ``cfg.position``."""
+    k = check_k(k)
     d = output_derivative(dec, data, subnetwork).cpu()
     if positions is None and dec.adapter.is_language_model and not dec._task.token_mode \
             and dec.cfg.position != "all":
@@ -158,6 +168,20 @@ def check_curve_deltas(deltas) -> list[float]:
     return finite_floats(ds, lambda d: f"deltas must be a non-empty list of finite numbers, got {d!r} in {deltas!r}")
 
 
+def curve_samples(dec, data: torch.Tensor) -> int:
+    """How many samples ``intervention_curve`` ranks by impact: (sequence, position) pairs in
+    token mode, else sequences (or rows of a non-language model)."""
+    return data.shape[0] * (data.shape[1] if dec._task.token_mode else 1)
+
+
+def ratio(on: float, off: float) -> float:
+    """Selectivity on / off: inf only where the top samples change and the rest do not; NaN
+    where neither changes or a change is NaN (no evidence either way)."""
+    if off > 0:
+        return on / off
+    return float("inf") if on > 0 and off == 0 else float("nan")
+
+
 def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[float, Sequence[float]],
                        top_fraction: float = 0.1, impacts: Optional[torch.Tensor] = None,
                        reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
@@ -169,13 +193,17 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[f
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
     deltas = check_curve_deltas(deltas)
     data, reference = as_samples(data), as_samples(reference, "reference")
+    n = curve_samples(dec, data)
+    if n < 2:
+        raise ValueError(f"intervention_curve compares a subnetwork's top-impact samples with the rest, so it needs "
+                         f"at least 2 samples; these data have {n}")
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     adapter = dec.adapter
     x = data.to(adapter.device)
     with adapter.session(), torch.no_grad():
         before = adapter.forward(x)
     view = dec._task.view  # for position="all" the changes are summed over positions below
-    n_top = max(1, int(round(top_fraction * imp.numel())))
+    n_top = min(max(1, int(round(top_fraction * n))), n - 1)  # both groups non-empty
     top = torch.zeros(imp.numel(), dtype=torch.bool)
     top[torch.argsort(imp.reshape(-1), descending=True)[:n_top]] = True
     subs = dec.subnetworks()
@@ -187,6 +215,5 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[f
             change = change.sum(-1)
         change = change.reshape(-1).cpu()
         on, off = change[top].mean().item(), change[~top].mean().item()
-        rows.append({"delta": delta, "change_top": on, "change_rest": off,
-                     "selectivity": on / off if off > 0 else float("inf")})
+        rows.append({"delta": delta, "change_top": on, "change_rest": off, "selectivity": ratio(on, off)})
     return pd.DataFrame(rows)

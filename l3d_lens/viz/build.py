@@ -304,19 +304,31 @@ class Builder:
 
         # what it does to the outputs
         out.append(self.logits_html(k, top))
-        curve = dec.intervention_curve(self.x, k, list(opt.deltas), impacts=self.impacts.to(torch.float32))
-        one = curve[curve["delta"] == 1.0]
-        info["selectivity (delta=1)"] = float(one["selectivity"].iloc[0]) if len(one) else float("nan")
-        out.append('<h3>Intervention curve <span class="muted">(output change when the weights move to W0 + delta '
-                   "v_k: its top 10% impact samples vs the rest)</span></h3>")
-        ylab = "mean KL(before || after)" if self.lm else "mean squared change"
-        out.append('<div class="row"><div>' + charts.line_chart(
-            curve["delta"].tolist(), {"top samples": curve["change_top"].tolist(),
-                                      "other samples": curve["change_rest"].tolist()},
-            x_label="delta", y_label=ylab) + "</div><div>" + tables.dataframe(curve) + "</div></div>")
+        out.append(self.curve_html(k, info))
         out.append("</section>\n")
         self.summary[k] = info
         return "\n".join(out)
+
+    def curve_html(self, k: int, info: dict[str, Any]) -> str:
+        """The intervention curve of subnetwork k (selectivity at delta = 1 goes into ``info``);
+        a note instead where the data have a single sample, as it compares top samples with the rest."""
+        from ..analysis.impact import curve_samples
+
+        dec, opt = self.dec, self.opt
+        head = ('<h3>Intervention curve <span class="muted">(output change when the weights move to W0 + delta '
+                "v_k: its top 10% impact samples vs the rest)</span></h3>")
+        if curve_samples(dec, self.x) < 2:
+            info["selectivity (delta=1)"] = float("nan")
+            return head + '<p class="muted">Not drawn: it compares top-impact samples with the rest, and these data ' \
+                          "have a single sample.</p>"
+        curve = dec.intervention_curve(self.x, k, list(opt.deltas), impacts=self.impacts.to(torch.float32))
+        one = curve[curve["delta"] == 1.0]
+        info["selectivity (delta=1)"] = float(one["selectivity"].iloc[0]) if len(one) else float("nan")
+        ylab = "mean KL(before || after)" if self.lm else "mean squared change"
+        return head + '<div class="row"><div>' + charts.line_chart(
+            curve["delta"].tolist(), {"top samples": curve["change_top"].tolist(),
+                                      "other samples": curve["change_rest"].tolist()},
+            x_label="delta", y_label=ylab) + "</div><div>" + tables.dataframe(curve) + "</div></div>"
 
     def logits_html(self, k: int, top: list[tuple[int, Optional[int], float]]) -> str:
         """Most affected outputs at the top samples: d output / d delta along v_k (forward mode)."""
