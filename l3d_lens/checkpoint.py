@@ -29,7 +29,9 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .io import write_safetensors
 
 try:
     import fcntl
@@ -142,7 +144,7 @@ def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     tmp = path / f".tmp-step-{step}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     (tmp / MARKER).write_text("l3d_lens checkpoint: removed by l3d_lens once a newer checkpoint is in place\n")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+    write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / TENSORS)
     (tmp / STATE).write_text(json.dumps({"version": VERSION, **state}))
     # never over an existing folder: the one latest.json names may have this step's name
     name, i = f"step-{step}", 0

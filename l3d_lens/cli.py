@@ -378,7 +378,7 @@ def to_str_for(model: torch.nn.Module):
     if _is_embedded(model):
         from .zoo import induction
 
-        return lambda ids: [w if w == induction.BOS else " " + w for w in induction.to_str_tokens(ids.reshape(-1))]
+        return induction.to_str_words
     return None
 
 
@@ -450,6 +450,10 @@ def build_config(args: argparse.Namespace):
             settings[key.strip()] = raw
     if "components" not in settings:
         raise UserError("no components to decompose: pass --components (e.g. blocks.0.attn) or a config file")
+    if settings.get("reference") == "paired":
+        raise UserError("reference='paired' (contrastive L3D) needs a reference input paired with each sample, which "
+                        "no flag of the CLI takes; run it from Python (decompose(model, data, cfg, reference=...)) "
+                        "or choose random, mean, uniform or zero")
     return L3DConfig.from_dict(settings)
 
 
@@ -768,6 +772,12 @@ def _demo(args: argparse.Namespace) -> int:
                       progress=not args.quiet, title="L3D report: the embedded induction model")
         _record_outputs([path])
         print(f"\nreport: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
+    skipped = {out / "comparison_heads.csv": "--no-compare" if args.no_compare else None,
+               out / "report.html": "--no-report" if args.no_report else None}
+    stale = [f"{f} ({flag})" for f, flag in skipped.items() if flag and f.exists()]
+    if stale:
+        print(f"note: {', '.join(stale)} in {out} are not from this run, which skipped them; they describe an earlier "
+              f"decomposition (delete them, or rerun without the flag to replace them)", file=sys.stderr)
     print(f"wall time {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -53,7 +53,8 @@ class L3DConfig:
         the paper's TMCS and higher-rank scripts; see BENCHMARKS.md "Toy models"), or "paired"
         (reference data passed to ``decompose``: contrastive pairs).
     dtype: of the factors (and of the contractions); autocast: run the model's forward and
-        backward under torch.autocast in "bf16" or "fp16" (GPU), factors stay in ``dtype``.
+        backward under torch.autocast in "bf16" or "fp16" on the model's device (meant for GPUs;
+        CPU autocast runs too), factors stay in ``dtype``.
     aux_coef: weight of an auxiliary loss that revives dead subnetworks (0: off, as in the
         paper): subnetworks outside every batch top-k for ``dead_steps`` steps are trained to
         reconstruct the residual g - g_hat with their own top-k coefficients (AuxK, as for

@@ -22,7 +22,8 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .adapters.base import inside, merged, span
@@ -75,7 +76,7 @@ def save(dec, path) -> None:
     tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp_factors, tmp_meta = path / f".{FACTORS}.{tag}", path / f".{META}.{tag}"
     try:
-        save_file(tensors, str(tmp_factors), metadata={"format_version": str(FORMAT_VERSION)})
+        write_safetensors(tensors, tmp_factors, {"format_version": str(FORMAT_VERSION)})
         tmp_meta.write_text(text)
         os.replace(tmp_meta, path / META)
         try:
@@ -89,6 +90,13 @@ def save(dec, path) -> None:
         for tmp in (tmp_factors, tmp_meta):
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file written as any other file (safetensors' own save_file creates it
+    readable by its owner only, whatever the umask: ranks or users sharing a folder could not
+    read it, while the JSON beside it they could)."""
+    path.write_bytes(safetensors_bytes(tensors, metadata=metadata))
 
 
 def others_sha256(task) -> str:

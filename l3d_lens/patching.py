@@ -23,6 +23,9 @@ behaviour. ``direction="denoise"`` is the mirror image (TransformerLens's usual 
 activations into the corrupted run; L3D on the corrupted inputs with the clean outputs as
 references). Effects are ``metric(patched base run) - metric(base run)``; methods are ranked
 by ``|effect|``, ``|estimate|`` and the (non-negative) L3D score, rank 1 = most important.
+An effect or estimate within ``noise_floor`` of the metric's clean-corrupted gap counts as
+none: a head that does nothing scores float round-off (about 1e-6 of the gap in float32), and
+ranking those would let noise decide the ranks, the agreement and the AUROC.
 
 The model is left exactly as it was: same weights, train/eval mode restored, every hook this
 module adds removed (even on error); bad input fails before any expensive work.
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, make_adapter
-from .checks import as_index
+from .checks import as_index, as_number
 from .config import L3DConfig
 from .data import check_batch
 
@@ -52,6 +55,8 @@ Units = Union[bool, Iterable]
 METHODS = ("patching", "attribution", "l3d")
 DIRECTIONS = ("noise", "denoise")
 MLP_KINDS = ("W_in", "W_gate", "W_out", "b_in", "b_gate", "b_out")
+#: |effect| at most this fraction of |metric_clean - metric_corrupted| ranks as no effect
+NOISE_FLOOR = 1e-4
 
 
 # --- statistics (no scipy / sklearn) ---------------------------------------------------------
@@ -135,8 +140,11 @@ class PatchingComparison:
     and, with a ground truth, ``ground_truth`` (bool).
     agreement: one row per (level, method pair): Spearman correlation, top-k overlap, and
     ``top_k_chance`` = k / units, the overlap two random top-k sets have on average (1 when k
-    covers every unit of the level: the overlap then says nothing).
+    covers every unit of the level: the overlap then says nothing). k is at most the number of
+    units either method scores above the noise floor (0: the overlap is NaN).
     auroc: method -> AUROC of head recovery, plus ``l3d_share`` (None without ``ground_truth``).
+    noise_floor: the |effect| (and |estimate|) at or below which a unit ranks as no effect, in
+    metric units (``compare_with_patching``'s relative ``noise_floor`` times the gap).
     """
 
     heads: Optional[pd.DataFrame]
@@ -148,12 +156,13 @@ class PatchingComparison:
     metric_corrupted: float
     direction: str
     top_k: int
+    noise_floor: float = 0.0
     decomposition: Any = dataclasses.field(repr=False, default=None)
     cfg: Optional[L3DConfig] = dataclasses.field(repr=False, default=None)
 
     def summary(self) -> str:
         lines = [f"metric clean {self.metric_clean:.4f}, corrupted {self.metric_corrupted:.4f} "
-                 f"(direction={self.direction!r})"]
+                 f"(direction={self.direction!r}; |effect| <= {self.noise_floor:.3g} ranks as none)"]
         if self.auroc:
             lines.append("AUROC: " + ", ".join(f"{m} {v:.3f}" for m, v in self.auroc.items()))
         lines.append(self.agreement.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -535,32 +544,46 @@ def l3d_scores(dec, data: torch.Tensor, reference: torch.Tensor) -> dict[str, to
 # --- the comparison -------------------------------------------------------------------------
 
 
-def _frame(index: pd.DataFrame, scores: dict[str, torch.Tensor], truth: Optional[set]) -> pd.DataFrame:
+def rank_keys(df: pd.DataFrame, floor: float) -> dict[str, np.ndarray]:
+    """What each method is ranked by: |effect| and |estimate| with those at or below ``floor``
+    set to 0 (tied: no effect), and the L3D score as it is."""
+    keys = {}
+    for m in METHODS:
+        v = df[m].to_numpy(dtype=np.float64)
+        keys[m] = v if m == "l3d" else np.where(np.abs(v) > floor, np.abs(v), 0.0)
+    return keys
+
+
+def _frame(index: pd.DataFrame, scores: dict[str, torch.Tensor], truth: Optional[set], floor: float) -> pd.DataFrame:
     df = index.copy()
     for m in METHODS:
         df[m] = scores[m].numpy()
     df["l3d_share"] = scores["l3d_share"].numpy()
-    for m in METHODS:
-        key = df[m].abs() if m != "l3d" else df[m]
-        df[f"rank_{m}"] = len(df) + 1 - rankdata(key.to_numpy()).numpy()
+    for m, key in rank_keys(df, floor).items():
+        df[f"rank_{m}"] = len(df) + 1 - rankdata(key).numpy()
     if truth is not None:
         df["ground_truth"] = [tuple(int(v) for v in row) in truth for row in index.itertuples(index=False)]
     return df
 
 
-def _agreement(level: str, df: pd.DataFrame, k: int) -> list[dict[str, Any]]:
+def _agreement(level: str, df: pd.DataFrame, k: int, floor: float) -> list[dict[str, Any]]:
+    """Spearman and top-k overlap per method pair, on the floored keys; k shrinks to the units
+    both methods score above 0, so units tied at no effect never fill a top-k set by position."""
     rows = []
-    keys = {m: (df[m].abs() if m != "l3d" else df[m]).to_numpy() for m in METHODS}
+    keys = rank_keys(df, floor)
     for a, b in itertools.combinations(METHODS, 2):
+        k_ab = min(k, int((keys[a] > 0).sum()), int((keys[b] > 0).sum()))
+        overlap = top_k_overlap(keys[a], keys[b], k_ab) if k_ab else float("nan")
         rows.append({"level": level, "method_a": a, "method_b": b, "spearman": spearman(keys[a], keys[b]),
-                     "top_k": k, "top_k_overlap": top_k_overlap(keys[a], keys[b], k), "top_k_chance": k / len(df)})
+                     "top_k": k_ab, "top_k_overlap": overlap, "top_k_chance": k_ab / len(df)})
     return rows
 
 
 def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric, *,
                           cfg: Optional[L3DConfig] = None, heads: Units = True, mlp: Units = False,
                           neurons: Units = False, ground_truth: Optional[Iterable] = None, top_k: int = 5,
-                          direction: str = "noise", progress: bool = False) -> PatchingComparison:
+                          direction: str = "noise", noise_floor: float = NOISE_FLOOR,
+                          progress: bool = False) -> PatchingComparison:
     """Activation patching, attribution patching and contrastive L3D on the same (clean,
     corrupted) pairs, per head (and per MLP layer / neuron when asked).
 
@@ -571,7 +594,9 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     (layer, neuron); mlp: True, False or a list of layers. ground_truth: a set of (layer,
     head) the behaviour is known to use; gives each method's AUROC for recovering it.
     top_k: k of the top-k overlaps (at most the number of units of each level). direction:
-    "noise" (default) or "denoise" (see the module docstring).
+    "noise" (default) or "denoise" (see the module docstring). noise_floor: an |effect| or
+    |estimate| at most this fraction of |metric_clean - metric_corrupted| ranks as no effect
+    (tied with the others there) in the ranks, the agreement and the AUROC; 0 ranks raw values.
     """
     adapter = make_adapter(model)
     if adapter.kind not in ("hooked_transformer", "transformer_bridge"):
@@ -602,6 +627,10 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
             raise ValueError("ground_truth contains every compared head; AUROC needs at least one negative")
     if as_index(top_k) is None or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    nf = as_number(noise_floor)
+    if nf is None or not 0 <= nf < 1:
+        raise ValueError(f"noise_floor must be a number in [0, 1) (a fraction of |metric_clean - metric_corrupted|; "
+                         f"0 ranks raw values), got {noise_floor!r}")
     if cfg is None:
         cfg = default_l3d_config(model, clean.shape[0], mlp=bool(mlp_layers or neuron_list))
     if not isinstance(cfg, L3DConfig):
@@ -631,6 +660,7 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
         dec = decompose(model, base, cfg, reference=source, progress=progress)
         l3d = l3d_scores(dec, base, source)
 
+    floor = nf * abs(m_clean - m_corr)
     frames: dict[str, Optional[pd.DataFrame]] = {"heads": None, "mlp": None, "neurons": None}
     rows: list[dict[str, Any]] = []
     if head_list:
@@ -638,28 +668,28 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
         sc = torch.stack([l3d["heads"][lay, h] for lay, h in head_list])
         share = torch.stack([l3d["heads_share"][lay, h] for lay, h in head_list])
         frames["heads"] = _frame(idx, {"patching": effects["heads"], "attribution": estimates["heads"], "l3d": sc,
-                                       "l3d_share": share}, truth)
-        rows += _agreement("head", frames["heads"], min(top_k, len(head_list)))
+                                       "l3d_share": share}, truth, floor)
+        rows += _agreement("head", frames["heads"], min(top_k, len(head_list)), floor)
     if mlp_layers:
         idx = pd.DataFrame({"layer": mlp_layers})
         sc = torch.stack([l3d["mlp"][lay] for lay in mlp_layers])
         share = torch.stack([l3d["mlp_share"][lay] for lay in mlp_layers])
         frames["mlp"] = _frame(idx, {"patching": effects["mlp"], "attribution": estimates["mlp"], "l3d": sc,
-                                     "l3d_share": share}, None)
-        rows += _agreement("mlp", frames["mlp"], min(top_k, len(mlp_layers)))
+                                     "l3d_share": share}, None, floor)
+        rows += _agreement("mlp", frames["mlp"], min(top_k, len(mlp_layers)), floor)
     if neuron_list:
         idx = pd.DataFrame(neuron_list, columns=["layer", "neuron"])
         sc = torch.stack([l3d["neurons"][lay, n] for lay, n in neuron_list])
         share = torch.stack([l3d["neurons_share"][lay, n] for lay, n in neuron_list])
         frames["neurons"] = _frame(idx, {"patching": effects["neurons"], "attribution": estimates["neurons"],
-                                         "l3d": sc, "l3d_share": share}, None)
-        rows += _agreement("neuron", frames["neurons"], min(top_k, len(neuron_list)))
+                                         "l3d": sc, "l3d_share": share}, None, floor)
+        rows += _agreement("neuron", frames["neurons"], min(top_k, len(neuron_list)), floor)
     aurocs = None
     if truth is not None:
         df = frames["heads"]
-        aurocs = {m: auroc((df[m].abs() if m != "l3d" else df[m]).to_numpy(), df["ground_truth"].to_numpy())
-                  for m in METHODS}
+        aurocs = {m: auroc(key, df["ground_truth"].to_numpy()) for m, key in rank_keys(df, floor).items()}
         aurocs["l3d_share"] = auroc(df["l3d_share"].to_numpy(), df["ground_truth"].to_numpy())
     return PatchingComparison(heads=frames["heads"], mlp=frames["mlp"], neurons=frames["neurons"],
                               agreement=pd.DataFrame(rows), auroc=aurocs, metric_clean=m_clean,
-                              metric_corrupted=m_corr, direction=direction, top_k=top_k, decomposition=dec, cfg=cfg)
+                              metric_corrupted=m_corr, direction=direction, top_k=top_k, noise_floor=floor,
+                              decomposition=dec, cfg=cfg)

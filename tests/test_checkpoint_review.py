@@ -327,7 +327,7 @@ def test_a_save_never_reuses_the_folder_of_a_recovered_leftover(tmp_path, monkey
     os.rename(tmp_path / pointer["folder"], recovered)
     state, tensors = ckpt.load(tmp_path)
     monkeypatch.setattr(os, "getpid", lambda: 4242)
-    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(ckpt, "write_safetensors", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         ckpt.save(tmp_path, state, tensors)
     assert ckpt.load(tmp_path)[0]["step"] == pointer["step"]

@@ -73,7 +73,7 @@ def _raise(*args, **kwargs):
 
 @pytest.mark.parametrize("target, attr, fake", [
     (Path, "write_text", _raise),  # the JSON's write
-    (l3d_io, "save_file", _raise),  # the factors' write
+    (l3d_io, "write_safetensors", _raise),  # the factors' write
     (l3d_io.os, "replace", _failing_replace()),  # the factors' replace, after the JSON's
 ], ids=["json-write", "factors-write", "factors-replace"])
 def test_a_failed_save_leaves_the_earlier_save_and_other_files_as_they_were(decs, tmp_path, monkeypatch,

@@ -90,7 +90,7 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-@pytest.mark.parametrize("target", ["save_file", "_sha256"])
+@pytest.mark.parametrize("target", ["write_safetensors", "_sha256"])
 def test_a_failed_save_leaves_the_earlier_toy_as_it_was(tmp_path, monkeypatch, toys, target):
     folder = toys[0].save(tmp_path / "toy")
     (folder / "notes.txt").write_text("mine")

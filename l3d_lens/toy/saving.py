@@ -24,10 +24,9 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..io import read_json_object, versions
+from ..io import read_json_object, versions, write_safetensors
 from .train import MAX_SEED, Toy, _check_int, _task, check_toy_name
 
 FORMAT_VERSION = 1
@@ -193,8 +192,8 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tmp_tensors, tmp_meta = path / (TENSORS + ".tmp"), path / (META + ".tmp")
     try:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp_tensors),
-                  metadata={"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
+        write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp_tensors,
+                          {"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
         meta["sha256"] = _sha256(tmp_tensors)
         tmp_meta.write_text(json.dumps(meta, indent=1))
         os.replace(tmp_tensors, path / TENSORS)

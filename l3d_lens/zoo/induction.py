@@ -60,6 +60,12 @@ def to_str_tokens(ids: torch.Tensor) -> list[str]:
     return [VOCAB[i] for i in ids.tolist()]
 
 
+def to_str_words(ids: torch.Tensor) -> list[str]:
+    """The tokens as a report's token views draw them: each word after a space, as a tokenizer's
+    tokens carry theirs (``to_str_tokens`` gives bare words, which the views run together)."""
+    return [w if w == BOS else " " + w for w in to_str_tokens(ids.reshape(-1))]
+
+
 def variant_dir(variants: dict[str, str], variant: str) -> Path:
     """The asset folder of a shipped model ``variant`` (``variants``: variant -> folder under
     l3d_lens/assets); an unknown variant is an error that names the choices."""
@@ -313,16 +319,21 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
     return path
 
 
-def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default") -> nn.Module:
+def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default",
+         path: Union[str, Path, None] = None) -> nn.Module:
     """A shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge: the default
     one (one previous-token head L0H2, one induction head L1H0, six silent heads) or, with
-    ``variant="redundant"``, the one trained without the head penalty (four induction heads).
+    ``variant="redundant"``, the one trained without the head penalty (four induction heads);
+    ``path``: a folder ``save`` wrote instead (a retrained model).
 
     Checked on load: the weights' names and shapes (``load_tl_weights``, ValueError), the stored
     config and vocabulary, and the stored probe logits (one forward of the 4 stored probe
     sequences; the last position of the first, and the sum of all, must match within a tolerance
     scaled to ``dtype``); a mismatch of these raises RuntimeError."""
-    path = _asset_dir(variant)
+    path = Path(path) if path is not None else _asset_dir(variant)
+    if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} holds no saved induction model (meta.json and model.safetensors, as "
+                                f"induction.save writes them)")
     meta = json.loads((path / "meta.json").read_text())
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
         raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's default architecture")
