@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import l3d_lens  # noqa: E402
 from benchmarks.common import BENCHMARKS_MD, environment, setup_threads, write_section  # noqa: E402
 from l3d_lens.adapters import make_adapter  # noqa: E402
-from l3d_lens.patching import auroc, compare_with_patching, default_l3d_config  # noqa: E402
+from l3d_lens.patching import NOISE_FLOOR, auroc, compare_with_patching, default_l3d_config  # noqa: E402
 from l3d_lens.zoo import induction, two_tasks  # noqa: E402
 
 SECTION = "## Circuit recovery (AUROC)"
@@ -422,7 +422,9 @@ def main() -> None:
         f"wall {wall:.0f} s. Methods (`l3d_lens.patching.compare_with_patching`, {N_PAIRS} pairs, seeds "
         f"{', '.join(map(str, SEEDS))} for the pairs and L3D): **patching** = TransformerLens activation patching "
         "of each head's `hook_z` at all positions (`get_act_patch_attn_head_out_all_pos`), score |effect|; "
-        "**attribution** = attribution patching, |sum grad x (act_other - act_base)| at the same hook; **l3d** = "
+        "**attribution** = attribution patching, |sum grad x (act_other - act_base)| at the same hook (for both, "
+        f"a score within {NOISE_FLOOR:g} of |metric clean - metric corrupted| counts as 0, tied: "
+        "`compare_with_patching`'s `noise_floor`, so round-off never orders heads that do nothing); **l3d** = "
         "contrastive L3D (`default_l3d_config`: every attention W_Q/W_K/W_V/W_O, reference = the other input's "
         "output, KL summed over positions, top_k 1.0, 4 subnetworks, rank max(4, n_heads), ~150 Adam steps), "
         "score(head) = mean_i |sum_k c_ik e_k(head)| with e_k = <v_k, W0> over the head's W_O and W_V slices "
