@@ -67,6 +67,7 @@ def save(dec, path) -> None:
         "adapter": dec.adapter.kind,
         "weights": dec.weight_names,
         "fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(dec._task)},
+        "model_dtype": str(dec.adapter.model_dtype).removeprefix("torch."),
         "factors_sha256": tensors_sha256(tensors),
         "history": dec.history,
         "versions": versions(),
@@ -163,6 +164,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
         raise ValueError(f"the saved decomposition does not fit this model: {e}") from None
     task = _as_computed(path / META, task, meta["weights"])
     names = [s.name for s in task.selected]
+    if check_weights:
+        _check_model_dtype(path / META, meta.get("model_dtype"), task.adapter.model_dtype)
     saved = meta["fingerprint"]
     others = check_weights and ("others_tl" in saved or "others" in saved)
     fp = task.adapter.fingerprint(names)
@@ -192,6 +195,21 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"])
+
+
+def _check_model_dtype(file: Path, saved: Any, now: torch.dtype) -> None:
+    """The model's dtype as saved (decompositions saved before it was recorded have none): another
+    one computes other gradients (at bfloat16's precision, a few percent), and its fingerprints
+    differ too, which would otherwise read as other weights."""
+    if saved is None:
+        return
+    if not isinstance(saved, str):
+        raise ValueError(f"{file}: 'model_dtype' must be a dtype name such as 'float32', got {reprlib.repr(saved)}")
+    here = str(now).removeprefix("torch.")
+    if saved != here:
+        raise ValueError(f"the decomposition was computed on a {saved} model and this one is {here}: its gradients, "
+                         f"and so the coefficients, differ by the coarser dtype's rounding; load it into the model "
+                         f"as it was (model.to(torch.{saved})), or pass check_weights=False to use it anyway")
 
 
 def _as_computed(file: Path, task, saved: list[str]):

@@ -45,7 +45,10 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
         if site.input not in (None, TOKENS, POSITIONS):
             keys_in[site.input] = math.prod(size[m] for m in site.in_modes)
         keys_out[site.output] = math.prod(size[m] for m in site.out_modes)
-    captured = tokens * abytes * (sum(keys_in.values()) + per_target * sum(keys_out.values()))
+    # the engine contracts them in the factors' dtype: where the model's differs, a copy of each
+    # (kept for the backward) comes on top
+    copy = fbytes if cfg.torch_dtype != task.adapter.model_dtype else 0
+    captured = tokens * (abytes + copy) * (sum(keys_in.values()) + per_target * sum(keys_out.values()))
     # contraction intermediates: about one more captured-size tensor per factor side
     contraction = 2 * tokens * fbytes * per_target * cfg.n_subnetworks * max(1, max(
         (max(ranks[s.name]) for s in task.selected), default=1))

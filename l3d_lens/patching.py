@@ -23,9 +23,10 @@ behaviour. ``direction="denoise"`` is the mirror image (TransformerLens's usual 
 activations into the corrupted run; L3D on the corrupted inputs with the clean outputs as
 references). Effects are ``metric(patched base run) - metric(base run)``; methods are ranked
 by ``|effect|``, ``|estimate|`` and the (non-negative) L3D score, rank 1 = most important.
-An effect or estimate within ``noise_floor`` of the metric's clean-corrupted gap counts as
-none: a head that does nothing scores float round-off (about 1e-6 of the gap in float32), and
-ranking those would let noise decide the ranks, the agreement and the AUROC.
+An effect or estimate within ``noise_floor`` of the metric's clean-corrupted gap, or within one
+rounding step of the metric at the model's precision (eps x |metric|: the larger in bfloat16),
+counts as none: a head that does nothing scores float round-off (about 1e-7 of the gap in
+float32), and ranking those would let noise decide the ranks, the agreement and the AUROC.
 
 The model is left exactly as it was: same weights, train/eval mode restored, every hook this
 module adds removed (even on error); bad input fails before any expensive work.
@@ -144,7 +145,8 @@ class PatchingComparison:
     units either method scores above the noise floor (0: the overlap is NaN).
     auroc: method -> AUROC of head recovery, plus ``l3d_share`` (None without ``ground_truth``).
     noise_floor: the |effect| (and |estimate|) at or below which a unit ranks as no effect, in
-    metric units (``compare_with_patching``'s relative ``noise_floor`` times the gap).
+    metric units (``compare_with_patching``'s relative ``noise_floor`` times the gap, or one
+    rounding step of the metric in the model's dtype if larger).
     """
 
     heads: Optional[pd.DataFrame]
@@ -544,6 +546,13 @@ def l3d_scores(dec, data: torch.Tensor, reference: torch.Tensor) -> dict[str, to
 # --- the comparison -------------------------------------------------------------------------
 
 
+def resolution(dtype: torch.dtype, *metrics: float) -> float:
+    """One rounding step of the metric at the model's precision (eps x its largest value): in
+    bfloat16 it is far above a fraction of the gap, and an effect below it is rounding."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return eps * max(abs(m) for m in metrics)
+
+
 def rank_keys(df: pd.DataFrame, floor: float) -> dict[str, np.ndarray]:
     """What each method is ranked by: |effect| and |estimate| with those at or below ``floor``
     set to 0 (tied: no effect), and the L3D score as it is."""
@@ -595,8 +604,9 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     head) the behaviour is known to use; gives each method's AUROC for recovering it.
     top_k: k of the top-k overlaps (at most the number of units of each level). direction:
     "noise" (default) or "denoise" (see the module docstring). noise_floor: an |effect| or
-    |estimate| at most this fraction of |metric_clean - metric_corrupted| ranks as no effect
-    (tied with the others there) in the ranks, the agreement and the AUROC; 0 ranks raw values.
+    |estimate| at most this fraction of |metric_clean - metric_corrupted|, or at most one
+    rounding step of the metric in the model's dtype, ranks as no effect (tied with the others
+    there) in the ranks, the agreement and the AUROC; 0 leaves only the rounding step.
     """
     adapter = make_adapter(model)
     if adapter.kind not in ("hooked_transformer", "transformer_bridge"):
@@ -630,7 +640,7 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     nf = as_number(noise_floor)
     if nf is None or not 0 <= nf < 1:
         raise ValueError(f"noise_floor must be a number in [0, 1) (a fraction of |metric_clean - metric_corrupted|; "
-                         f"0 ranks raw values), got {noise_floor!r}")
+                         f"0 leaves only the rounding step of the model's dtype), got {noise_floor!r}")
     if cfg is None:
         cfg = default_l3d_config(model, clean.shape[0], mlp=bool(mlp_layers or neuron_list))
     if not isinstance(cfg, L3DConfig):
@@ -660,7 +670,7 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
         dec = decompose(model, base, cfg, reference=source, progress=progress)
         l3d = l3d_scores(dec, base, source)
 
-    floor = nf * abs(m_clean - m_corr)
+    floor = max(nf * abs(m_clean - m_corr), resolution(adapter.model_dtype, m_clean, m_corr))
     frames: dict[str, Optional[pd.DataFrame]] = {"heads": None, "mlp": None, "neurons": None}
     rows: list[dict[str, Any]] = []
     if head_list:

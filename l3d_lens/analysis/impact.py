@@ -14,6 +14,7 @@ from torch.func import jvp
 
 from ..checks import as_index, as_number
 from ..decomposition import analysis_seed, check_autograd
+from ..divergence import wide
 from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
 
@@ -151,7 +152,10 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
 
 
 def output_change(before: torch.Tensor, after: torch.Tensor, language_model: bool) -> torch.Tensor:
-    """Per sample: KL(before || after) of next-token distributions, or squared error."""
+    """Per sample: KL(before || after) of next-token distributions, or squared error; in
+    float32 at least (``divergence.wide``: in bfloat16 the KL of a small change came out
+    negative about as often as positive)."""
+    before, after = wide(before), wide(after)
     if language_model:
         lp0, lp1 = before.log_softmax(-1), after.log_softmax(-1)
         return (lp0.exp() * (lp0 - lp1)).sum(-1)
