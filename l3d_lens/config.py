@@ -1,7 +1,9 @@
 """L3DConfig: every setting of one decomposition, frozen and validated on construction.
 
-The defaults follow the paper's language-model setting (token samples, a random other
-sample as reference, KL divergence, k = 0.1) except where marked "auto", which resolves
+The defaults take the paper's language-model choices of method (token samples, a random other
+sample as reference, KL divergence, k = 0.1, rank a tenth of each dimension) but a smaller,
+quicker run than its (20 subnetworks, 10 epochs and lr 0.01 with no decay within them; the
+paper: 100 subnetworks, 100 epochs, lr 0.005 decayed every 10). Fields marked "auto" resolve
 against the model at ``decompose`` time (language model vs. plain regression module).
 """
 
@@ -63,7 +65,8 @@ class L3DConfig:
     resample_epochs: epochs (each in 1..epochs-1) at whose start every dead subnetwork (outside
         every batch top-k for ``dead_steps`` steps) is re-initialised toward what the live ones
         fail to reconstruct: the residual g - g_hat of a high-error sample of that epoch's first
-        batch, with fresh Adam state (resampling, as for sparse autoencoders). Resampling only
+        batch, its Adam moments zeroed (resampling, as for sparse autoencoders; Adam's step count,
+        one per factor tensor, runs on, so its first updates are a few times lr). Resampling only
         early in training lets the ones that are not needed die again. () turns it off. On the
         higher-rank toy model one resampling of at most one, at 1/12 of training, gives one live
         subnetwork per group and the rest dead in 10 of 10 seeds (BENCHMARKS.md, "Toy models:

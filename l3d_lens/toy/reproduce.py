@@ -28,7 +28,9 @@ def paper_config(name: str, **overrides: Any) -> L3DConfig:
     """L3D on all parameter tensors (biases too), k = 0.1, batch 32, 1,000 epochs, Adam lr 0.01
     decayed x0.8 every 100 epochs, MSE against another random sample of the batch. Given
     ``epochs`` and no ``lr_step``, the decay is scaled to them (``scaled_lr_step``: the same ten
-    steps); ``cfg.replace(epochs=...)`` keeps the step as it was."""
+    steps); ``cfg.replace(epochs=...)`` keeps the step as it was. The reference is the one the
+    paper states; its public scripts use zero or the batch mean instead (``recommended_config``,
+    BENCHMARKS.md "Toy models"), so these runs show the stated method, not the scripts' runs."""
     check_toy_name(name)
     n_sub, rank = PAPER_SHAPES[name]
     cfg = dict(components="*", n_subnetworks=n_sub, rank=rank, top_k=0.1, divergence="mse", reference="random",
