@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import Adapter, make_adapter
 from .checks import as_index, is_int
-from .config import AUTOCASTS, SEED_RANGE, L3DConfig
+from .config import SEED_RANGE, L3DConfig
 from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
 from .objective import sample_errors, topk_mask
@@ -61,10 +61,9 @@ def build_task(model: nn.Module, cfg: L3DConfig, *, saved: bool = False) -> Task
         if slow:
             raise ValueError(f"engine='fast' cannot decompose {slow}: their input/output activations are not "
                              f"exposed by this model; use engine='exact' or leave them out")
-    if cfg.autocast is not None and adapter.model_dtype in (torch.float64, AUTOCASTS[cfg.autocast]) and not saved:
-        warnings.warn(f"autocast={cfg.autocast!r} leaves a {str(adapter.model_dtype).removeprefix('torch.')} model's "
-                      f"computation as it is (torch.autocast does not lower float64, and this model is in "
-                      f"{cfg.autocast} already); the run is the same as with autocast=None", stacklevel=3)
+    if cfg.autocast is not None and adapter.model_dtype == torch.float64 and not saved:
+        warnings.warn(f"autocast={cfg.autocast!r} leaves a float64 model's computation as it is (torch.autocast "
+                      f"does not lower float64); the run is the same as with autocast=None", stacklevel=3)
     return Task(adapter, selected, cfg)
 
 

@@ -22,8 +22,7 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.base import inside, merged, span
@@ -94,10 +93,23 @@ def save(dec, path) -> None:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """A safetensors file written as any other file (safetensors' own save_file creates it
-    readable by its owner only, whatever the umask: ranks or users sharing a folder could not
+    """A safetensors file with the permissions any new file gets (safetensors' save_file creates
+    it readable by its owner only, whatever the umask: ranks or users sharing a folder could not
     read it, while the JSON beside it they could)."""
-    path.write_bytes(safetensors_bytes(tensors, metadata=metadata))
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    read it by setting it, which another thread could see)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def others_sha256(task) -> str:

@@ -546,6 +546,16 @@ def l3d_scores(dec, data: torch.Tensor, reference: torch.Tensor) -> dict[str, to
 # --- the comparison -------------------------------------------------------------------------
 
 
+def _check_finite(method: str, scores: dict[str, torch.Tensor], units: dict[str, list]) -> None:
+    """A NaN or infinite score (the metric or a gradient broke on a patched run) is an error
+    naming the unit, before the L3D run: it would otherwise rank as no effect, under the floor."""
+    for level, values in scores.items():
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{method} gave {values[bad[0]].item()} for {level} {units[level][bad[0]]} ({len(bad)} "
+                             f"non-finite of {values.numel()}): the metric or its gradient is not finite on that run")
+
+
 def resolution(dtype: torch.dtype, *metrics: float) -> float:
     """One rounding step of the metric at the model's precision (eps x its largest value): in
     bfloat16 it is far above a fraction of the gap, and an effect below it is rounding."""
@@ -666,6 +676,9 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
         effects = {k: v - m_base for k, v in patched.items()}
         # (b) attribution patching
         estimates = attribution_patching(adapter, base, source, metric, head_list, mlp_layers, neuron_list)
+        units = {"heads": head_list, "mlp": mlp_layers, "neurons": neuron_list}
+        for method, scores in (("activation patching", effects), ("attribution patching", estimates)):
+            _check_finite(method, scores, units)
         # (c) contrastive L3D
         dec = decompose(model, base, cfg, reference=source, progress=progress)
         l3d = l3d_scores(dec, base, source)

@@ -118,12 +118,21 @@ def _left_out(adapter: Adapter, selector: str, pattern: str, matched_any: bool, 
                and (include_biases or n == pattern or not _bias_name(n))]
     if not covered:
         return
-    why = adapter.unsupported[covered[0]]
-    more = f" and {len(covered) - MAX_LISTED} more" if len(covered) > MAX_LISTED else ""
-    names = ", ".join(covered[:MAX_LISTED]) + more
+    by_reason: dict[str, list[str]] = {}
+    for n in covered:
+        by_reason.setdefault(adapter.unsupported[n], []).append(n)
+    parts = [f"{_listed(names)}: {why}" for why, names in by_reason.items()]
     if not matched_any:
-        raise ValueError(f"selector {selector!r}: {names} cannot be decomposed: {why}")
-    warnings.warn(f"selector {selector!r} leaves out {names}: {why}", stacklevel=4)
+        raise ValueError(f"selector {selector!r}: " + "; and ".join(p.replace(": ", " cannot be decomposed: ", 1)
+                                                                     for p in parts))
+    for part in parts:  # one warning per reason, each naming its own weights
+        warnings.warn(f"selector {selector!r} leaves out {part}", stacklevel=4)
+
+
+def _listed(names: list[str]) -> str:
+    """The first ``MAX_LISTED`` names, then how many more."""
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
 
 
 def _bias_name(name: str) -> bool:

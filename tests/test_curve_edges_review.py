@@ -14,7 +14,7 @@ from l3d_lens.adapters import make_adapter
 from l3d_lens.analysis.impact import output_change, ratio
 from l3d_lens.interventions import perturbed_forward, weight_changes
 
-from .helpers import tiny_lm, tokens
+from .helpers import HAS_HOOKED, tiny_lm, tokens
 
 torch.set_num_threads(1)
 
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 def seq_dec():
     cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=3, rank=2, epochs=1, batch_size=8,
                              dtype="float64", sample="sequence", position=-1, reference="uniform")
-    return l3d_lens.decompose(tiny_lm("hooked"), tokens(8, 6), cfg, progress=False)
+    return l3d_lens.decompose(tiny_lm("hooked" if HAS_HOOKED else "bridge"), tokens(8, 6), cfg, progress=False)
 
 
 def test_curve_keeps_one_sample_in_the_rest(seq_dec):

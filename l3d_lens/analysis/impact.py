@@ -14,7 +14,6 @@ from torch.func import jvp
 
 from ..checks import as_index, as_number
 from ..decomposition import analysis_seed, check_autograd
-from ..divergence import wide
 from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
 
@@ -152,13 +151,14 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
 
 
 def output_change(before: torch.Tensor, after: torch.Tensor, language_model: bool) -> torch.Tensor:
-    """Per sample: KL(before || after) of next-token distributions, or squared error; in
-    float32 at least (``divergence.wide``: in bfloat16 the KL of a small change came out
-    negative about as often as positive)."""
-    before, after = wide(before), wide(after)
+    """Per sample: KL(before || after) of next-token distributions, or squared error, in float64
+    (of the outputs as the model gave them): in the model's precision the KL of a small change
+    cancels to rounding, negative about as often as positive (bfloat16 at any delta, float32 at
+    delta ~1e-4), which made selectivity NaN, negative or far off. A KL is never below 0."""
+    before, after = before.double(), after.double()
     if language_model:
         lp0, lp1 = before.log_softmax(-1), after.log_softmax(-1)
-        return (lp0.exp() * (lp0 - lp1)).sum(-1)
+        return (lp0.exp() * (lp0 - lp1)).sum(-1).clamp_min(0.0)
     return (after - before).pow(2).sum(-1)
 
 

@@ -18,8 +18,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from jaxtyping import Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from ..io import write_safetensors
 
 # shipped variants: "default" was trained with head_sparsity=0.1 (one previous-token head, one
 # induction head), "redundant" without it (one previous-token head, four redundant induction heads)
@@ -307,7 +309,7 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
     asset folder."""
     path = Path(path) if path is not None else _asset_dir(variant)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_tl(model), str(path / "model.safetensors"))
+    write_safetensors(state_dict_tl(model), path / "model.safetensors")
     probe = repeated_sequences(4, seed=7)
     with torch.no_grad():
         logits = model(probe)
@@ -319,24 +321,28 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
     return path
 
 
-def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default",
+def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: Optional[str] = None,
          path: Union[str, Path, None] = None) -> nn.Module:
     """A shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge: the default
     one (one previous-token head L0H2, one induction head L1H0, six silent heads) or, with
     ``variant="redundant"``, the one trained without the head penalty (four induction heads);
-    ``path``: a folder ``save`` wrote instead (a retrained model).
+    ``path``: a folder ``save`` wrote instead (a retrained model; not with ``variant``).
 
     Checked on load: the weights' names and shapes (``load_tl_weights``, ValueError), the stored
     config and vocabulary, and the stored probe logits (one forward of the 4 stored probe
     sequences; the last position of the first, and the sum of all, must match within a tolerance
     scaled to ``dtype``); a mismatch of these raises RuntimeError."""
-    path = Path(path) if path is not None else _asset_dir(variant)
+    if path is not None and variant is not None:
+        raise ValueError(f"load takes either variant= (a shipped model) or path= (a saved one), got variant={variant!r} "
+                         f"and path={str(path)!r}")
+    what = "saved" if path is not None else "shipped"
+    path = Path(path) if path is not None else _asset_dir(variant or "default")
     if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path} holds no saved induction model (meta.json and model.safetensors, as "
                                 f"induction.save writes them)")
     meta = json.loads((path / "meta.json").read_text())
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
-        raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's default architecture")
+        raise RuntimeError(f"{path}: {what} model does not match this l3d_lens version's default architecture")
     model = load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
     _check_probe(model, meta, path, dtype)
     return model

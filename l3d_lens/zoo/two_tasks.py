@@ -35,9 +35,10 @@ from typing import Optional, Union
 import pandas as pd
 import torch
 from jaxtyping import Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..io import write_safetensors
 from .induction import _check_probe, global_rngs_kept, load_tl_weights, state_dict_tl, variant_dir
 
 #: shipped variants -> asset folder (see the module docstring)
@@ -276,7 +277,7 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
     asset folder."""
     path = Path(path) if path is not None else _asset_dir(variant)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_tl(model), str(path / "model.safetensors"))
+    write_safetensors(state_dict_tl(model), path / "model.safetensors")
     probe = sequences(4, "mixed", seed=7)
     with torch.no_grad():
         logits, _ = _forward_masked(model, probe, None)
