@@ -154,6 +154,8 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
     than ``min_batch`` joins the one before too (one batch is held back to allow it)."""
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
+        if n < min_batch:
+            raise _too_few(n, min_batch)
         order = torch.arange(n) if order is None else order
         starts = batch_starts(n, batch_size, min_batch)
         if skip > len(starts):
@@ -199,6 +201,8 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
                 yield held
             held = (x, ref)
         if held is not None:
+            if held[0].shape[0] < min_batch:  # the only batch: nothing to join
+                raise _too_few(held[0].shape[0], min_batch)
             yield held
 
     n_read = 0
@@ -207,6 +211,14 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
             yield batch
     if n_read < skip:
         raise _resume_error(n_read, skip)
+
+
+def _too_few(n: int, min_batch: int) -> ValueError:
+    """Data of fewer rows than a batch needs: against a random reference a lone sample has no
+    other to draw, and against the batch mean it is its own reference (every gradient zero)."""
+    return ValueError(f"the data has {n} row(s), fewer than the {min_batch} a batch needs against a random or mean "
+                      f"reference (a lone sample has no other to draw, and is its own mean: every gradient zero); "
+                      f"pass more samples, or use reference='uniform' (KL), 'zero' (MSE) or 'paired'")
 
 
 def _resume_error(n: int, skip: int) -> ValueError:

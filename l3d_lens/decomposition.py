@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import nn
 
 from .adapters import Adapter, make_adapter
-from .checks import as_index, is_int
+from .checks import as_index, is_int, is_number
 from .config import SEED_RANGE, L3DConfig
 from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
@@ -214,6 +214,7 @@ class Decomposition:
         paired = task.cfg.reference == "paired"
         check_data(task.adapter, data, reference, paired)
         check_position(task.adapter, data, task.cfg.position)
+        check_dtype(task.adapter, data, reference, task.cfg.autocast)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for x, ref in batches(task.adapter, data, reference, self.cfg.batch_size, None, task.min_batch,
@@ -243,11 +244,16 @@ class Decomposition:
         batch (the ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so
         the result depends on how the samples are batched."""
         k = self.cfg.top_k if top_k is None else top_k
+        if not is_number(k) or not 0 < k <= 1:
+            raise ValueError(f"top_k must be a fraction in (0, 1] (1.0 keeps every coefficient), got {top_k!r}")
         G = gram(self._factors, self._task.selected)
         num = den = 0.0
         for st in self._stats(data, reference, seed):
             num += sample_errors(st.A, st.B, st.gsq, G, topk_mask(st.A, k)).sum().item()
             den += st.gsq.sum().item()
+        if den == 0:
+            raise ValueError("every per-sample gradient of these data is zero (each output equals its reference), so "
+                             "there is nothing to reconstruct: the error is undefined")
         return num / den
 
     def attribution(self):
@@ -330,10 +336,11 @@ class Decomposition:
         """Mean |V_in . g| over ``n_references`` random references (the paper's impact):
         [n, pos, n_subnetworks] in token mode, [n, n_subnetworks] otherwise. ``seed`` (default
         cfg.seed, as for ``coefficients``) gives the first reference's draw (one reference is
-        |coefficients(seed=seed)|) and the others' seeds (``analysis.impact.reference_seeds``):
-        different seeds share no draw. As in ``coefficients``, references are drawn within each
-        batch (the ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so a
-        sample's impact depends on the other samples passed with it."""
+        |coefficients(seed=seed)| of the same tensor) and the others' seeds
+        (``analysis.impact.reference_seeds``): different seeds share no draw. References are drawn
+        within each batch (the ``cfg.batch_size`` chunks of the samples; unlike ``coefficients``,
+        a list of batches is joined first, as the analyses index samples), so a sample's impact
+        depends on the other samples passed with it."""
         from .analysis.impact import impact
 
         return impact(self, data, n_references, reference, seed)
@@ -372,6 +379,11 @@ class Decomposition:
             from .adapters import make_adapter
 
             adapter = make_adapter(model)
+            missing = [n for n in self.weight_names if n not in adapter.sites]
+            if missing:
+                raise ValueError(f"model has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: it is "
+                                 f"not a model of the decomposition's architecture (its weights: "
+                                 f"{', '.join(self.weight_names[:4])}{' ...' if len(self.weight_names) > 4 else ''})")
             fp = adapter.fingerprint(self.weight_names)["shapes"]
             mine = self.adapter.fingerprint(self.weight_names)["shapes"]
             if fp != mine:

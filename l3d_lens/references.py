@@ -34,14 +34,14 @@ def references(targets: torch.Tensor, mode: str, divergence, generator: Optional
         return targets[draw_partners(targets.shape[0], generator).to(targets.device)]
     if mode == "mean":
         if divergence == "kl":
-            mean = torch.logsumexp(targets, dim=0) - torch.log(torch.tensor(float(targets.shape[0])))
+            mean = torch.logsumexp(targets, dim=0) - _log(targets.shape[0], targets.dtype)
         else:
             mean = targets.mean(0)
         return mean.expand_as(targets)
     if mode == "uniform":
         if divergence != "kl":
             raise ValueError("reference='uniform' is defined for divergence='kl' only; use 'random', 'mean' or 'paired'")
-        return torch.full_like(targets, -torch.log(torch.tensor(float(targets.shape[-1]))).item())
+        return torch.full_like(targets, -_log(targets.shape[-1], targets.dtype).item())
     if mode == "zero":
         if divergence == "kl":
             raise ValueError("reference='zero' is defined for divergence='mse' (or a callable) only; for KL use "
@@ -52,3 +52,8 @@ def references(targets: torch.Tensor, mode: str, divergence, generator: Optional
             raise ValueError("reference='paired' needs reference data: decompose(model, data, cfg, reference=...)")
         return paired.detach()
     raise ValueError(f"unknown reference {mode!r}; choose 'random', 'mean', 'uniform', 'zero' or 'paired'")
+
+
+def _log(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """log(n) in the targets' dtype (a float32 log of a float64 run's count was 3e-8 off)."""
+    return torch.log(torch.tensor(float(n), dtype=dtype if dtype.is_floating_point else torch.float32))

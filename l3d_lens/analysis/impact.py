@@ -13,6 +13,7 @@ from jaxtyping import Float
 from torch.func import jvp
 
 from ..checks import as_index, as_number
+from ..data import check_data, check_dtype
 from ..decomposition import analysis_seed, check_autograd
 from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
@@ -52,10 +53,12 @@ def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[
     [n, K] otherwise. Paired, mean and uniform references are single, so averaged once. The
     random references come from ``reference_seeds(seed, n_references)`` (seed: an integer,
     default cfg.seed, as for ``coefficients``) and are drawn within each batch (the
-    ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so a sample's
+    ``cfg.batch_size`` chunks of the samples; a list of batches is joined first), so a sample's
     impact depends on the other samples passed with it."""
-    if not isinstance(n_references, int) or n_references < 1:
+    n_refs = as_index(n_references)
+    if n_refs is None or n_refs < 1:
         raise ValueError(f"n_references must be an int >= 1, got {n_references!r}")
+    n_references = n_refs
     check_autograd()
     seed = analysis_seed(seed, dec.cfg.seed)
     data, reference = as_samples(data), as_samples(reference, "reference")
@@ -106,6 +109,22 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
     return pd.DataFrame(rows)
 
 
+def check_positions(dec, data: torch.Tensor, positions) -> Optional[list[int]]:
+    """``top_logits``' positions as a non-empty list of ints within the sequences (one int is a
+    one-position list); None keeps the default. A plain module has no positions to choose."""
+    if positions is None:
+        return None
+    if not dec.adapter.is_language_model:
+        raise ValueError("positions= applies to a language model's sequences; this model's outputs have none")
+    one = as_index(positions)
+    items = [one] if one is not None else listed(positions)
+    seq = data.shape[1]
+    if not items or any(as_index(p) is None or not -seq <= as_index(p) < seq for p in items):
+        raise ValueError(f"positions must be an int or a non-empty list of ints in -{seq}..{seq - 1} (the sequences "
+                         f"have {seq} positions), got {positions!r}")
+    return [as_index(p) for p in items]
+
+
 def check_k(k) -> int:
     """How many rows a top-k table has: an int >= 1 (a negative k would slice off the last |k|
     rows, and 0 give an empty table, both silently)."""
@@ -120,6 +139,8 @@ def output_derivative(dec, data: torch.Tensor, subnetwork: int) -> torch.Tensor:
     subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
     data = as_samples(data)
     adapter = dec.adapter
+    check_data(adapter, data, None, False)
+    check_dtype(adapter, data)
     subs = dec.subnetworks()
     base = {n: adapter.weight(n) for n in subs}
     tangent = {n: subs[n][subnetwork].to(base[n].dtype) for n in subs}
@@ -136,6 +157,7 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
     ``positions`` defaults to all of them in token mode and with position="all", else to the
     decomposed ``cfg.position``."""
     k = check_k(k)
+    positions = check_positions(dec, as_samples(data), positions)
     d = output_derivative(dec, data, subnetwork).cpu()
     if positions is None and dec.adapter.is_language_model and not dec._task.token_mode \
             and dec.cfg.position != "all":
@@ -197,6 +219,7 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[f
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
     deltas = check_curve_deltas(deltas)
     data, reference = as_samples(data), as_samples(reference, "reference")
+    check_dtype(dec.adapter, data, reference)
     n = curve_samples(dec, data)
     if n < 2:
         raise ValueError(f"intervention_curve compares a subnetwork's top-impact samples with the rest, so it needs "
