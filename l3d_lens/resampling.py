@@ -6,6 +6,8 @@ so data-parallel runs stay identical to one process."""
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 from typing import Optional
 
@@ -129,10 +131,14 @@ def reset_adam_rows_(opt: torch.optim.Optimizer, f: Factors, which: list[int]) -
 def pick_rows(errors: Float[torch.Tensor, " s"], n: int, gen: torch.Generator) -> Optional[list[int]]:
     """n rows drawn with probability proportional to their squared error (the worst
     reconstructed ones most often), without replacement while there are enough rows with an
-    error; None if nothing is left to reconstruct."""
+    error; None if nothing is left to reconstruct, or if an error is not finite (a diverged run:
+    ``sweep`` and ``best_of`` rank it last by its NaN loss rather than lose the other runs)."""
     weights = errors.detach().double().cpu().clamp_min(0).pow(2)
-    if not bool(torch.isfinite(weights).all()):
-        raise FloatingPointError("non-finite reconstruction error while resampling dead subnetworks")
+    if not bool(torch.isfinite(weights).all()):  # the factors diverged: nothing to aim at
+        warnings.warn("non-finite reconstruction errors at a resampling: the factors have diverged (lower lr); no "
+                      "subnetwork is resampled, and the run ends with a NaN loss as it would without resampling",
+                      stacklevel=5)
+        return None
     if not weights.sum() > 0:
         return None
     return torch.multinomial(weights, n, replacement=n > int((weights > 0).sum()), generator=gen).tolist()

@@ -91,7 +91,8 @@ def test_top_logits_takes_one_position_as_an_int(lm_dec):
 
 def test_positions_on_a_plain_module_is_refused(mlp_dec):
     _, x, dec = mlp_dec
-    with pytest.raises(ValueError, match="positions= applies to a language model"):
+    with pytest.raises(ValueError, match=r"positions= picks along the axis after the samples', which these data "
+                                         r"\[n, d\] \(shape \(16, 5\)\) do not have"):
         dec.top_logits(x, 0, positions=[0])
 
 

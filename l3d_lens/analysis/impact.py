@@ -111,11 +111,13 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
 
 def check_positions(dec, data: torch.Tensor, positions) -> Optional[list[int]]:
     """``top_logits``' positions as a non-empty list of ints within the sequences (one int is a
-    one-position list); None keeps the default. A plain module has no positions to choose."""
+    one-position list); None keeps the default. A plain module's samples [rows, d] have no
+    positions to choose (samples [rows, m, d] do: the m axis)."""
     if positions is None:
         return None
-    if not dec.adapter.is_language_model:
-        raise ValueError("positions= applies to a language model's sequences; this model's outputs have none")
+    if not dec.adapter.is_language_model and data.dim() < 3:
+        raise ValueError(f"positions= picks along the axis after the samples', which these data [n, d] (shape "
+                         f"{tuple(data.shape)}) do not have")
     one = as_index(positions)
     items = [one] if one is not None else listed(positions)
     seq = data.shape[1]

@@ -14,6 +14,8 @@ the toy models are where a sweep is cheap enough to run).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import operator
 import time
@@ -22,10 +24,15 @@ from typing import Any, Optional
 
 import torch
 
+from ..checks import as_number
 from ..config import L3DConfig
 from ..data import Data, check_batch, check_data, check_position, first_batch, run_row
 from ..decomposition import Decomposition, build_task, check_memory, decompose
 from ..task import Task
+
+
+#: the seed of the random references each row's ``error`` is measured against (``evaluate``'s)
+EVAL_SEED = 0
 
 
 def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Sequence[Any] = (),
@@ -42,7 +49,10 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     no finished run. With ``reference='paired'`` both are iterables of (data, reference) batches.
 
     A ``score`` key that would overwrite one of the sweep's is an error; to add the toy metrics,
-    prefix them: ``score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()}``."""
+    prefix them: ``score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()}``.
+    If a run or ``score`` fails (or is interrupted), the exception carries the finished rows as
+    ``.rows``. ``error`` draws random references from seed 0 at every grid point (as
+    ``evaluate`` does), so rows of different L3D seeds are scored on the same references."""
     axes = {"top_k": _values("top_k", top_k, cfg.top_k), "rank": _values("rank", rank, cfg.rank),
             "n_subnetworks": _values("n_subnetworks", n_subnetworks, cfg.n_subnetworks),
             "seed": _values("seeds", seeds, cfg.seed)}
@@ -56,16 +66,37 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
             _check_fits(tasks[0], given, name)
     for task in tasks:  # a grid point too large for the device, before any run
         check_memory(task, data)
-    return [_run(model, data, run_cfg, settings, eval_data, score, progress)
-            for settings, run_cfg in zip(grid, configs)]
+    rows: list[dict[str, Any]] = []
+    for settings, run_cfg in zip(grid, configs):
+        try:
+            rows.append(_run(model, data, run_cfg, settings, eval_data, score, progress))
+        except BaseException as e:  # an error or an interrupt: keep what is finished
+            with contextlib.suppress(AttributeError, TypeError):
+                e.rows = rows
+                e.add_note(f"sweep: {len(rows)} of {len(grid)} grid points finished before this one; their rows "
+                           f"are this exception's .rows")
+            raise
+    return rows
 
 
 def _values(name: str, values: Any, default: Any) -> list[Any]:
-    """One axis of the grid: the values to try (a list, tuple, range ...), or ``[default]``."""
+    """One axis of the grid: the values to try (a list, tuple, range ...), or ``[default]``; a
+    number given as a 0-d tensor or numpy scalar is taken as the number, and a value given twice
+    is an error (its run would repeat another's)."""
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a sequence of values to try, e.g. {name}=[{default!r}], got {values!r}; "
                         f"put a single value in a list")
-    return list(values) or [default]
+    out = []
+    for v in values:
+        if name == "seeds" and isinstance(v, bool):
+            raise TypeError(f"seeds must be integers, got {v!r} in {values!r}")
+        number = None if isinstance(v, (bool, int, float, Mapping)) else as_number(v)
+        if number is not None:  # a 0-d tensor or numpy scalar
+            v = int(number) if name != "top_k" and number.is_integer() else number
+        if v in out:
+            raise ValueError(f"{name} gives {v!r} twice in {values!r}: that run would repeat another; give each once")
+        out.append(v)
+    return out or [default]
 
 
 def _check_fits(task: Task, given: Data, name: str) -> None:
@@ -100,8 +131,8 @@ def _run(model, data, run_cfg: L3DConfig, settings: dict[str, Any], eval_data, s
     """One grid point: decompose, then the sweep's row plus ``score``'s entries."""
     start = time.perf_counter()
     dec = decompose(model, data, run_cfg, progress=progress)
-    row = dict(settings, seconds=time.perf_counter() - start,
-               error=dec.reconstruction_error(data if eval_data is None else eval_data),
+    row = dict(copy.deepcopy(settings), seconds=time.perf_counter() - start,  # a rank dict of its own
+               error=dec.reconstruction_error(data if eval_data is None else eval_data, seed=EVAL_SEED),
                train_error=dec.history[-1]["loss"] if dec.history else float("nan"),
                dead_fraction=float((dec.fraction_active == 0).double().mean()))
     if score is not None:
@@ -137,7 +168,10 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     L3D seeds, e.g. ``range(3)``."""
     if isinstance(seeds, (int, str)) or not hasattr(seeds, "__iter__"):
         raise TypeError(f"seeds must be an iterable of L3D seeds, e.g. range(3), got {seeds!r}")
+    seeds = list(seeds)
     try:
+        if any(isinstance(s, bool) for s in seeds):
+            raise TypeError
         seeds = [operator.index(s) for s in seeds]
     except TypeError:
         raise TypeError(f"seeds must be integers, e.g. range(3), got {seeds!r}") from None
