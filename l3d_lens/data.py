@@ -157,7 +157,7 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
         if n < min_batch:
             raise _too_few(n, min_batch)
         order = torch.arange(n) if order is None else order
-        starts = batch_starts(n, batch_size, min_batch)
+        starts = batch_starts(n, max(batch_size, min_batch), min_batch)
         if skip > len(starts):
             raise _resume_error(len(starts), skip)
         for i, a in enumerate(starts):
@@ -190,11 +190,13 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
         held = None
         for i, item in enumerate(data):
             x, ref = read(i, item)
-            if held is not None and x.shape[0] < min_batch:
+            # a short batch joins the one before; a short first batch is joined by the next
+            if held is not None and (x.shape[0] < min_batch or held[0].shape[0] < min_batch):
                 if x.shape[1:] != held[0].shape[1:]:
-                    raise ValueError(f"batch {i} of the data has {x.shape[0]} rows, fewer than the {min_batch} a "
-                                     f"batch needs, and cannot join the batch before: shapes {tuple(x.shape)} and "
-                                     f"{tuple(held[0].shape)}; give it at least {min_batch} rows")
+                    raise ValueError(f"batch {i} of the data ({x.shape[0]} rows) and the batch before "
+                                     f"({held[0].shape[0]}) must join, as one has fewer than the {min_batch} rows a "
+                                     f"batch needs, but their shapes differ: {tuple(x.shape)} and "
+                                     f"{tuple(held[0].shape)}; give every batch at least {min_batch} rows")
                 held = (torch.cat([held[0], x]), None if ref is None else torch.cat([held[1], ref]))
                 continue
             if held is not None:
@@ -215,10 +217,12 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
 
 def _too_few(n: int, min_batch: int) -> ValueError:
     """Data of fewer rows than a batch needs: against a random reference a lone sample has no
-    other to draw, and against the batch mean it is its own reference (every gradient zero)."""
-    return ValueError(f"the data has {n} row(s), fewer than the {min_batch} a batch needs against a random or mean "
-                      f"reference (a lone sample has no other to draw, and is its own mean: every gradient zero); "
-                      f"pass more samples, or use reference='uniform' (KL), 'zero' (MSE) or 'paired'")
+    other to draw, against the batch mean it is its own reference (every gradient zero), and a
+    distributed run shares each batch out a row per rank."""
+    return ValueError(f"the data has {n} row(s), fewer than the {min_batch} a batch needs (against a random or mean "
+                      f"reference a lone sample has no other to draw and is its own mean, every gradient zero; a "
+                      f"distributed run needs a row per rank); pass at least {min_batch} samples (to decompose: or "
+                      f"choose reference='uniform' (KL), 'zero' (MSE) or 'paired')")
 
 
 def _resume_error(n: int, skip: int) -> ValueError:

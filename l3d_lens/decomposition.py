@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import nn
 
 from .adapters import Adapter, make_adapter
-from .checks import as_index, is_int, is_number
+from .checks import as_index, as_number, is_int
 from .config import SEED_RANGE, L3DConfig
 from .data import Data, batches, check_data, check_dtype, check_position
 from .engine import batch_stats
@@ -61,10 +61,15 @@ def build_task(model: nn.Module, cfg: L3DConfig, *, saved: bool = False) -> Task
         if slow:
             raise ValueError(f"engine='fast' cannot decompose {slow}: their input/output activations are not "
                              f"exposed by this model; use engine='exact' or leave them out")
+    task = Task(adapter, selected, cfg)
+    if task.min_batch > cfg.batch_size and not saved:
+        raise ValueError(f"batch_size={cfg.batch_size} with reference={cfg.reference!r} in sequence mode: a batch "
+                         f"needs {task.min_batch} samples (a lone sample has no other to draw, and is its own mean); "
+                         f"use batch_size >= {task.min_batch}")
     if cfg.autocast is not None and adapter.model_dtype == torch.float64 and not saved:
         warnings.warn(f"autocast={cfg.autocast!r} leaves a float64 model's computation as it is (torch.autocast "
                       f"does not lower float64); the run is the same as with autocast=None", stacklevel=3)
-    return Task(adapter, selected, cfg)
+    return task
 
 
 def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Optional[Data] = None,
@@ -243,8 +248,8 @@ class Decomposition:
         Random references (from ``seed``, default cfg.seed) and the top-k are taken within each
         batch (the ``cfg.batch_size`` chunks of a tensor, or the batches as given in a list), so
         the result depends on how the samples are batched."""
-        k = self.cfg.top_k if top_k is None else top_k
-        if not is_number(k) or not 0 < k <= 1:
+        k = self.cfg.top_k if top_k is None else as_number(top_k)
+        if k is None or not 0 < k <= 1:
             raise ValueError(f"top_k must be a fraction in (0, 1] (1.0 keeps every coefficient), got {top_k!r}")
         G = gram(self._factors, self._task.selected)
         num = den = 0.0
@@ -382,7 +387,7 @@ class Decomposition:
             missing = [n for n in self.weight_names if n not in adapter.sites]
             if missing:
                 raise ValueError(f"model has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: it is "
-                                 f"not a model of the decomposition's architecture (its weights: "
+                                 f"not a model of the decomposition's architecture (the decomposition's weights: "
                                  f"{', '.join(self.weight_names[:4])}{' ...' if len(self.weight_names) > 4 else ''})")
             fp = adapter.fingerprint(self.weight_names)["shapes"]
             mine = self.adapter.fingerprint(self.weight_names)["shapes"]

@@ -55,5 +55,6 @@ def references(targets: torch.Tensor, mode: str, divergence, generator: Optional
 
 
 def _log(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """log(n) in the targets' dtype (a float32 log of a float64 run's count was 3e-8 off)."""
-    return torch.log(torch.tensor(float(n), dtype=dtype if dtype.is_floating_point else torch.float32))
+    """log(n) in float64 for float64 targets (a float32 log was 3e-8 off), else in float32 as
+    before (a half-precision n would round: 257 in bfloat16 is 256)."""
+    return torch.log(torch.tensor(float(n), dtype=torch.float64 if dtype == torch.float64 else torch.float32))

@@ -116,3 +116,20 @@ def test_float64_references_take_log_in_float64(mode):
     want = torch.full_like(logp, -math.log(7)) if mode == "uniform" else \
         (torch.logsumexp(logp, 0) - math.log(5)).expand_as(logp)
     assert torch.allclose(ref, want, rtol=0, atol=1e-15)
+
+
+def test_a_batch_size_below_what_the_reference_needs_is_refused():
+    """batch_size=1 against the mean trained every batch on its own row: zero gradients."""
+    model = TinyMLP(dtype=torch.float32)
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    cfg = l3d_lens.L3DConfig(components=["fc1"], n_subnetworks=2, rank=1, epochs=1, batch_size=1, divergence="mse",
+                             reference="mean")
+    with pytest.raises(ValueError, match=r"batch_size=1 with reference='mean' in sequence mode: a batch needs 2"):
+        l3d_lens.decompose(model, x, cfg, progress=False)
+
+
+def test_a_short_first_batch_joins_the_next(mlp_dec):
+    _, x, dec = mlp_dec
+    joined = dec.coefficients([x[:1], x[1:9]])
+    assert torch.equal(joined, dec.coefficients([x[:9]]))
+    assert joined[0].abs().sum() > 0  # against the mean of 9 rows, not of itself

@@ -329,8 +329,9 @@ def test_a_later_stream_batch_unlike_the_first_is_named(lm_kind):
         decompose(model, [x[:8], x[8:16], torch.rand(8, 6)], cfg, progress=False)
     lm, t = tiny_lm(lm_kind), tokens(9, 6)
     lm_cfg = L3DConfig(components="blocks.0.attn", n_subnetworks=2, rank=1, epochs=1, sample="sequence")
-    with pytest.raises(ValueError, match=r"batch 1 of the data has 1 rows, fewer than the 2 a batch needs, and "
-                                         r"cannot join the batch before: shapes \(1, 4\) and \(8, 6\)"):
+    with pytest.raises(ValueError, match=r"batch 1 of the data \(1 rows\) and the batch before \(8\) must join, as "
+                                         r"one has fewer than the 2 rows a batch needs, but their shapes differ: "
+                                         r"\(1, 4\) and \(8, 6\)"):
         decompose(lm, [t[:8], t[8:, :4]], lm_cfg, progress=False)
     run = decompose(lm, [t[:4], t[4:, :4]], lm_cfg, progress=False)  # other lengths in batches of their own
     assert run.history[-1]["steps"] == 2

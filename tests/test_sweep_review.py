@@ -35,7 +35,7 @@ def test_a_failing_score_keeps_the_finished_rows(tmcs):
 
     with pytest.raises(RuntimeError, match="the user's score broke") as e:
         sweep(tmcs.model, tmcs.l3d_data, cfg, top_k=[0.05, 0.1, 0.2], score=score)
-    assert [r["top_k"] for r in e.value.rows] == [0.05]
+    assert [r["top_k"] for r in e.value.sweep_rows] == [0.05]
     assert "1 of 3 grid points finished before this one" in e.value.__notes__[0]
 
 
@@ -82,3 +82,23 @@ def test_tensor_values_are_taken_as_numbers_and_rows_own_their_rank(tmcs):
 def test_best_of_refuses_bool_seeds(tmcs):
     with pytest.raises(TypeError, match="seeds must be integers"):
         best_of(tmcs.model, tmcs.l3d_data, recommended_config("tmcs", epochs=1), seeds=[True])
+
+
+def test_large_numpy_seeds_are_taken_exactly(tmcs):
+    import numpy as np
+
+    seeds = np.array([2 ** 62, 2 ** 62 + 1])
+    rows = sweep(tmcs.model, tmcs.l3d_data, recommended_config("tmcs", epochs=1), seeds=seeds)
+    assert [r["seed"] for r in rows] == [2 ** 62, 2 ** 62 + 1]
+
+
+def test_an_exception_keeps_its_own_rows_attribute(tmcs):
+    class HasRows(Exception):
+        rows = "the user's"
+
+    def score(dec):
+        raise HasRows()
+
+    with pytest.raises(HasRows) as e:
+        sweep(tmcs.model, tmcs.l3d_data, recommended_config("tmcs", epochs=1), score=score)
+    assert e.value.rows == "the user's" and e.value.sweep_rows == []

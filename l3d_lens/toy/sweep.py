@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checks import as_number
+from ..checks import as_index, as_number
 from ..config import L3DConfig
 from ..data import Data, check_batch, check_data, check_position, first_batch, run_row
 from ..decomposition import Decomposition, build_task, check_memory, decompose
@@ -51,7 +51,7 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     A ``score`` key that would overwrite one of the sweep's is an error; to add the toy metrics,
     prefix them: ``score=lambda dec: {"eval_" + k: v for k, v in evaluate(toy, dec).items()}``.
     If a run or ``score`` fails (or is interrupted), the exception carries the finished rows as
-    ``.rows``. ``error`` draws random references from seed 0 at every grid point (as
+    ``.sweep_rows``. ``error`` draws random references from seed 0 at every grid point (as
     ``evaluate`` does), so rows of different L3D seeds are scored on the same references."""
     axes = {"top_k": _values("top_k", top_k, cfg.top_k), "rank": _values("rank", rank, cfg.rank),
             "n_subnetworks": _values("n_subnetworks", n_subnetworks, cfg.n_subnetworks),
@@ -71,10 +71,10 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
         try:
             rows.append(_run(model, data, run_cfg, settings, eval_data, score, progress))
         except BaseException as e:  # an error or an interrupt: keep what is finished
-            with contextlib.suppress(AttributeError, TypeError):
-                e.rows = rows
+            with contextlib.suppress(Exception):
+                e.sweep_rows = rows
                 e.add_note(f"sweep: {len(rows)} of {len(grid)} grid points finished before this one; their rows "
-                           f"are this exception's .rows")
+                           f"are this exception's .sweep_rows")
             raise
     return rows
 
@@ -90,9 +90,10 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
     for v in values:
         if name == "seeds" and isinstance(v, bool):
             raise TypeError(f"seeds must be integers, got {v!r} in {values!r}")
-        number = None if isinstance(v, (bool, int, float, Mapping)) else as_number(v)
-        if number is not None:  # a 0-d tensor or numpy scalar
-            v = int(number) if name != "top_k" and number.is_integer() else number
+        if not isinstance(v, (bool, int, float, Mapping)):  # a 0-d tensor or numpy scalar: its number
+            exact = as_index(v) if name != "top_k" else None  # an int exactly (no float round trip)
+            number = exact if exact is not None else as_number(v)
+            v = v if number is None else number
         if v in out:
             raise ValueError(f"{name} gives {v!r} twice in {values!r}: that run would repeat another; give each once")
         out.append(v)
