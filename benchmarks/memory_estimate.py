@@ -38,17 +38,25 @@ CASES = [
     (8, 64, "token", "fast", "block-0 attention", BLOCK0_ATTN),
     (32, 16, "token", "exact", "block-4 attention", PAPER["components"]),
 ]
+#: every weight of every block (attention and MLP) of a smaller model: many captured sites at once
+SMALL = dict(n_layers=6, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=64, d_vocab=100, act_fn="gelu")
+SMALL_CASES = [
+    (8, 64, "token", "fast", "every block weight (6 layers, d_model 128, vocab 100)", ["blocks.*"]),
+    (8, 64, "sequence", "fast", "every block weight (6 layers, d_model 128, vocab 100)", ["blocks.*"]),
+]
 
 
 def main() -> None:
     threads = setup_threads(1)
     start = time.perf_counter()
-    model = build_model(MODEL)
+    models = {"tinystories": build_model(MODEL), "small": build_model(MODEL, **SMALL)}
     rows = []
-    for batch, seq, sample, engine, label, components in CASES:
+    for shape, (batch, seq, sample, engine, label, components) in (
+            [("tinystories", c) for c in CASES] + [("small", c) for c in SMALL_CASES]):
         spec = {"model": MODEL, "batch": batch, "seq": seq, "kind": "l3d", "threads": threads,
-                "cfg": {"sample": sample, "engine": engine, "components": components}}
-        parts = memory.estimate(build_task(model, l3d_cfg(spec)), batch, seq)
+                "cfg": {"sample": sample, "engine": engine, "components": components},
+                **({"model_overrides": SMALL} if shape == "small" else {})}
+        parts = memory.estimate(build_task(models[shape], l3d_cfg(spec)), batch, seq)
         measured = measure_memory(spec)
         estimate = sum(parts.values()) / 2**20
         largest = max(parts, key=parts.get)
@@ -64,7 +72,8 @@ def main() -> None:
         SECTION, "",
         f"Command: `python benchmarks/memory_estimate.py` (one thread); machine: {env['machine']}; torch {env['torch']}, "
         f"TL {env['transformer_lens']}, l3d_lens {env['l3d_lens']}; total {(time.perf_counter() - start) / 60:.1f} min. "
-        f"Model: TinyStories-8M shape with random weights (as \"Fast engine\"); L3D: the paper's setting there (100 "
+        f"Model: TinyStories-8M shape with random weights (as \"Fast engine\"), and for the last rows the same with 6 "
+        "layers, d_model 128, d_mlp 512, vocab 100; L3D: the paper's setting there (100 "
         "subnetworks, rank 25, top_k 0.1, KL to a random other sample) on the selection named. Estimate: "
         "`l3d_lens.memory.estimate` (what `decompose` checks before training), its largest part in brackets; "
         "measured: the peak RSS of one step after a warm-up step minus the RSS with the model and data loaded, in a "
