@@ -1,12 +1,13 @@
 """A peak-memory estimate made before training starts, so that a selection that cannot fit
 fails at once with the numbers, instead of after minutes (or an OOM kill).
 
-The estimate adds: factors with their gradients and Adam moments; the captured activations
-and output gradients (token mode: one output gradient per target position); the model's own
-forward/backward activations (token mode: the backward is batched over positions); and, for
-the exact engine, the materialised per-sample gradients. It is a guide: where measured it errs
-high by up to 2x, except on the smallest step (4 x 16 tokens: 0.5x, fixed costs it leaves out)
-(BENCHMARKS.md, "Memory estimate").
+The estimate adds: factors with their gradients and Adam moments; the Gram matrix's per-mode
+factor products; the captured activations and output gradients (token mode: one output
+gradient per target position); the model's own forward/backward activations (token mode: the
+backward is batched over positions); and, for the exact engine, the materialised per-sample
+gradients. It is a guide, measured in BENCHMARKS.md ("Memory estimate"): on one attention block
+it errs high by up to 2x, except on the smallest step (4 x 16 tokens: 0.5x, fixed costs it leaves
+out); on every weight of every block it errs low in token mode (see the ratio there).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
         r = ranks[s.name]
         n_factor += math.prod(r) + sum(i * ri for i, ri in zip(s.shape, r))
     factors = 2 * cfg.n_subnetworks * n_factor * fbytes * 4
+    # the Gram matrix <V_k, V_l> goes through per-mode factor products U_m^T U_m, [K, K, r_m, r_m]
+    # for every mode of every weight, kept for the backward: with many weights, many subnetworks
+    # and a high rank they outweigh the factors (BENCHMARKS.md "Memory estimate", every block weight)
+    gram = cfg.n_subnetworks ** 2 * fbytes * sum(r * r for s in task.selected for r in ranks[s.name])
     lm = task.adapter.is_language_model
     tokens = batch_size * (seq_len if lm else 1)
     per_target = seq_len if task.token_mode else 1
@@ -72,7 +77,8 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
     if cfg.engine == "exact":
         n_samples = batch_size * (seq_len if task.token_mode else 1)
         exact = n_samples * sum(math.prod(s.shape) for s in task.selected) * fbytes * 2
-    return {"factors and Adam state": factors, "captured activations and gradients": captured,
+    return {"factors and Adam state": factors, "Gram matrix factor products": gram,
+            "captured activations and gradients": captured,
             "contractions": contraction, "model forward/backward": model, "per-sample gradients (exact)": exact}
 
 
