@@ -149,9 +149,11 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
     """(inputs, paired reference or None) per batch, skipping the first ``skip`` batches (a
     resumed checkpoint's; data with fewer batches than that is not the checkpointed run's: a
     ValueError). Tensors are taken in ``order`` (default: as stored); a last batch smaller than
-    ``min_batch`` joins the one before. Iterables are read as they come, each batch checked
-    against ``position`` as ``check_position`` checks the first, and a batch of theirs smaller
-    than ``min_batch`` joins the one before too (one batch is held back to allow it)."""
+    ``min_batch`` joins the one before, and no batch is cut smaller than ``min_batch``. Iterables
+    are read as they come, each batch checked against ``position`` as ``check_position`` checks
+    the first; their batches smaller than ``min_batch`` gather with the next until they have
+    that many rows, and a short last one joins the batch before (one batch is held back to
+    allow it)."""
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
         if n < min_batch:
@@ -186,26 +188,33 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
                 _check_in(position, t.shape[1], f" (batch {i} of the data)")
         return x, ref
 
+    def joined(i: int, a, b):
+        """Batch ``a`` then ``b`` as one (at least one of them is short)."""
+        if a[0].shape[1:] != b[0].shape[1:]:
+            raise ValueError(f"batch {i} of the data ({b[0].shape[0]} rows) and the batch before ({a[0].shape[0]}) "
+                             f"must join, as one has fewer than the {min_batch} rows a batch needs, but their shapes "
+                             f"differ: {tuple(b[0].shape)} and {tuple(a[0].shape)}; give every batch at least "
+                             f"{min_batch} rows")
+        return torch.cat([a[0], b[0]]), None if b[1] is None else torch.cat([a[1], b[1]])
+
     def merged():
-        held = None
+        # short batches gather until they reach min_batch (so a stream of short batches stays
+        # short batches, not one batch of everything); a short tail joins the last full batch
+        ready = short = None
+        i = -1
         for i, item in enumerate(data):
-            x, ref = read(i, item)
-            # a short batch joins the one before; a short first batch is joined by the next
-            if held is not None and (x.shape[0] < min_batch or held[0].shape[0] < min_batch):
-                if x.shape[1:] != held[0].shape[1:]:
-                    raise ValueError(f"batch {i} of the data ({x.shape[0]} rows) and the batch before "
-                                     f"({held[0].shape[0]}) must join, as one has fewer than the {min_batch} rows a "
-                                     f"batch needs, but their shapes differ: {tuple(x.shape)} and "
-                                     f"{tuple(held[0].shape)}; give every batch at least {min_batch} rows")
-                held = (torch.cat([held[0], x]), None if ref is None else torch.cat([held[1], ref]))
-                continue
-            if held is not None:
-                yield held
-            held = (x, ref)
-        if held is not None:
-            if held[0].shape[0] < min_batch:  # the only batch: nothing to join
-                raise _too_few(held[0].shape[0], min_batch)
-            yield held
+            x = read(i, item)
+            short = x if short is None else joined(i, short, x)
+            if short[0].shape[0] >= min_batch:
+                if ready is not None:
+                    yield ready
+                ready, short = short, None
+        if short is not None:
+            if ready is None:  # nothing to join
+                raise _too_few(short[0].shape[0], min_batch)
+            ready = joined(i, ready, short)
+        if ready is not None:
+            yield ready
 
     n_read = 0
     for n_read, batch in enumerate(merged(), 1):

@@ -62,10 +62,6 @@ def build_task(model: nn.Module, cfg: L3DConfig, *, saved: bool = False) -> Task
             raise ValueError(f"engine='fast' cannot decompose {slow}: their input/output activations are not "
                              f"exposed by this model; use engine='exact' or leave them out")
     task = Task(adapter, selected, cfg)
-    if task.min_batch > cfg.batch_size and not saved:
-        raise ValueError(f"batch_size={cfg.batch_size} with reference={cfg.reference!r} in sequence mode: a batch "
-                         f"needs {task.min_batch} samples (a lone sample has no other to draw, and is its own mean); "
-                         f"use batch_size >= {task.min_batch}")
     if cfg.autocast is not None and adapter.model_dtype == torch.float64 and not saved:
         warnings.warn(f"autocast={cfg.autocast!r} leaves a float64 model's computation as it is (torch.autocast "
                       f"does not lower float64); the run is the same as with autocast=None", stacklevel=3)
@@ -141,6 +137,10 @@ def check_run(task: Task, data: Data, reference: Optional[Data] = None) -> None:
             raise ValueError(f"device={task.cfg.device!r}: {problem}; use one this machine has (e.g. 'cpu'), or "
                              f"None for the model's device")
     check_data(task.adapter, data, reference, task.cfg.reference == "paired")
+    if isinstance(data, torch.Tensor) and task.min_batch > task.cfg.batch_size:  # an iterable's batches are its own
+        raise ValueError(f"batch_size={task.cfg.batch_size} with reference={task.cfg.reference!r} in sequence mode: "
+                         f"a batch needs {task.min_batch} samples (a lone sample has no other to draw, and is its "
+                         f"own mean); use batch_size >= {task.min_batch}")
     check_position(task.adapter, data, task.cfg.position)  # token mode keeps -1 (resolve_config)
     check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)

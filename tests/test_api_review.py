@@ -133,3 +133,19 @@ def test_a_short_first_batch_joins_the_next(mlp_dec):
     joined = dec.coefficients([x[:1], x[1:9]])
     assert torch.equal(joined, dec.coefficients([x[:9]]))
     assert joined[0].abs().sum() > 0  # against the mean of 9 rows, not of itself
+
+
+def test_a_stream_of_short_batches_gathers_to_min_batch_not_to_one_batch(mlp_dec):
+    """Every batch short used to chain into one batch of the whole stream (one step per epoch)."""
+    model, x, dec = mlp_dec
+    stream = [x[i:i + 1] for i in range(8)]
+    pairs = dec.coefficients(stream)
+    assert torch.equal(pairs, torch.cat([dec.coefficients(x[i:i + 2]) for i in range(0, 8, 2)]))
+    cfg = dec.cfg.replace(batch_size=1, epochs=1)  # an iterable's batches are its own: batch_size is unused
+    run = l3d_lens.decompose(model, stream, cfg, progress=False)
+    assert run.history[-1]["steps"] == 4
+
+
+def test_a_short_tail_joins_the_last_batch(mlp_dec):
+    _, x, dec = mlp_dec
+    assert torch.equal(dec.coefficients([x[:4], x[4:5]]), dec.coefficients([x[:5]]))

@@ -102,3 +102,8 @@ def test_an_exception_keeps_its_own_rows_attribute(tmcs):
     with pytest.raises(HasRows) as e:
         sweep(tmcs.model, tmcs.l3d_data, recommended_config("tmcs", epochs=1), score=score)
     assert e.value.rows == "the user's" and e.value.sweep_rows == []
+
+
+def test_integral_float_tensor_seeds_are_ints(tmcs):
+    rows = sweep(tmcs.model, tmcs.l3d_data, recommended_config("tmcs", epochs=1), seeds=torch.arange(2.0))
+    assert [r["seed"] for r in rows] == [0, 1] and all(type(r["seed"]) is int for r in rows)

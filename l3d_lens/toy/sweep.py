@@ -93,6 +93,8 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
         if not isinstance(v, (bool, int, float, Mapping)):  # a 0-d tensor or numpy scalar: its number
             exact = as_index(v) if name != "top_k" else None  # an int exactly (no float round trip)
             number = exact if exact is not None else as_number(v)
+            if isinstance(number, float) and name != "top_k" and number.is_integer():
+                number = int(number)  # torch.arange(5.) as seeds, as a plain list of them would be
             v = v if number is None else number
         if v in out:
             raise ValueError(f"{name} gives {v!r} twice in {values!r}: that run would repeat another; give each once")
