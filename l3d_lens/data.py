@@ -136,8 +136,9 @@ def check_dtype(adapter: Adapter, data: Data, reference: Optional[Data] = None,
 
 
 def batch_starts(n: int, batch_size: int, min_batch: int = 1) -> list[int]:
-    """First row of each batch of n rows; a last batch smaller than ``min_batch`` joins the one before."""
-    starts = list(range(0, n, batch_size))
+    """First row of each batch of n rows, cut ``max(batch_size, min_batch)`` rows long; a last
+    batch smaller than ``min_batch`` joins the one before."""
+    starts = list(range(0, n, max(batch_size, min_batch)))
     if len(starts) > 1 and n - starts[-1] < min_batch:
         starts.pop()
     return starts
@@ -159,7 +160,7 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
         if n < min_batch:
             raise _too_few(n, min_batch)
         order = torch.arange(n) if order is None else order
-        starts = batch_starts(n, max(batch_size, min_batch), min_batch)
+        starts = batch_starts(n, batch_size, min_batch)
         if skip > len(starts):
             raise _resume_error(len(starts), skip)
         for i, a in enumerate(starts):

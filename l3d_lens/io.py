@@ -25,7 +25,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.base import inside, merged, span
 from .checks import is_int, is_number
 from .config import L3DConfig
 from .subnetworks import SIDES, key, resolve_ranks
@@ -66,7 +65,7 @@ def save(dec, path) -> None:
         "adapter": dec.adapter.kind,
         "weights": dec.weight_names,
         "fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(dec._task)},
-        "model_dtype": str(dec.adapter.model_dtype).removeprefix("torch."),
+        "model_dtype": dtype_name(dec.adapter.model_dtype),
         "factors_sha256": tensors_sha256(tensors),
         "history": dec.history,
         "versions": versions(),
@@ -122,20 +121,19 @@ def others_sha256(task) -> str:
     from .training import _buffer
 
     adapter, chosen = task.adapter, {s.name for s in task.selected}
-    native = {n: adapter.native_parameter(n) for n in adapter.sites}
-    ids, spans = {id(p) for p in native.values()}, merged([span(p) for p in native.values() if not p.is_meta])
     parts = []
     for name in adapter.sites:
         if name in chosen:
             continue
-        if native[name].is_meta:  # offloaded: no bytes to read here
-            parts.append((name, native[name].dtype, tuple(native[name].shape), None))
+        native = adapter.native_parameter(name)
+        if native.is_meta:  # offloaded: no bytes to read here
+            parts.append((name, native.dtype, tuple(native.shape), None))
             continue
         w = adapter.weight(name).detach()
         if not (adapter.sites[name].kind.startswith("b_") and not w.any()):
             parts.append((name, w.dtype, tuple(w.shape), w))
     parts += [(f"native:{n}", p.dtype, tuple(p.shape), None if p.is_meta else p.detach())
-              for n, p in adapter.model.named_parameters() if id(p) not in ids and not inside(p, spans)]
+              for n, p in adapter.uncovered_parameters()]
     h = hashlib.sha256()
     for name, dtype, shape, w in sorted(parts, key=lambda part: part[0]):
         h.update(f"{name}:{dtype}:{list(shape)}{'' if w is not None else ':meta'}".encode())
@@ -217,11 +215,16 @@ def _check_model_dtype(file: Path, saved: Any, now: torch.dtype) -> None:
         return
     if not isinstance(saved, str):
         raise ValueError(f"{file}: 'model_dtype' must be a dtype name such as 'float32', got {reprlib.repr(saved)}")
-    here = str(now).removeprefix("torch.")
+    here = dtype_name(now)
     if saved != here:
         raise ValueError(f"the decomposition was computed on a {saved} model and this one is {here}: its gradients, "
                          f"and so the coefficients, differ by the coarser dtype's rounding; load it into the model "
                          f"as it was (model.to(torch.{saved})), or pass check_weights=False to use it anyway")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as a save records it: ``float32``, ``bfloat16`` (``torch.`` left off)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _as_computed(file: Path, task, saved: list[str]):

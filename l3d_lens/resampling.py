@@ -7,7 +7,6 @@ so data-parallel runs stay identical to one process."""
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable
 from typing import Optional
 

@@ -121,12 +121,11 @@ def _left_out(adapter: Adapter, selector: str, pattern: str, matched_any: bool, 
     by_reason: dict[str, list[str]] = {}
     for n in covered:
         by_reason.setdefault(adapter.unsupported[n], []).append(n)
-    parts = [f"{_listed(names)}: {why}" for why, names in by_reason.items()]
     if not matched_any:
-        raise ValueError(f"selector {selector!r}: " + "; and ".join(p.replace(": ", " cannot be decomposed: ", 1)
-                                                                     for p in parts))
-    for part in parts:  # one warning per reason, each naming its own weights
-        warnings.warn(f"selector {selector!r} leaves out {part}", stacklevel=4)
+        raise ValueError(f"selector {selector!r}: " + "; and ".join(f"{_listed(names)} cannot be decomposed: {why}"
+                                                                     for why, names in by_reason.items()))
+    for why, names in by_reason.items():  # one warning per reason, each naming its own weights
+        warnings.warn(f"selector {selector!r} leaves out {_listed(names)}: {why}", stacklevel=4)
 
 
 def _listed(names: list[str]) -> str:

@@ -173,6 +173,14 @@ class Adapter:
                 for path, module in self.model.named_modules()
                 for attr, param in module._parameters.items() if param is not None}
 
+    def uncovered_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The model's parameters (by ``named_parameters`` name) that no site exposes and whose
+        every byte no site's parameter holds (a GPT-2 bridge's fused qkv, of which W_Q, W_K and
+        W_V are views, is covered): what the sites leave of the model."""
+        native = [self.native_parameter(n) for n in self.sites]
+        ids, spans = {id(p) for p in native}, merged([span(p) for p in native if not p.is_meta])
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) not in ids and not inside(p, spans)]
+
     def tied_paths(self, name: str) -> list[str]:
         """Every slot that holds the Parameter behind ``name``: more than one when the model ties
         it to another weight."""
@@ -283,23 +291,18 @@ class TransformerLensAdapter(Adapter):
         self.cfg = model.cfg
 
     def _note_without_site(self, explained: set[int]) -> None:
-        """Record in ``unsupported``, under its module-tree path, every parameter that no site
-        exposes, no site's bytes hold (a fused qkv) and no reason given already covers
-        (``explained``, by id): QK-norm and post-norm scales, an MLP's own LayerNorm, MoE
-        experts. A selector that spans one then warns that it leaves it out, rather than
-        silently decomposing less of the block than it names."""
-        native = [self.native_parameter(n) for n in self.sites]
-        seen = {id(p) for p in native} | explained
-        spans = merged([span(p) for p in native if not p.is_meta])
-        extra = []
-        for (module, attr), (_, p) in self._parameter_slots().items():
-            if id(p) not in seen and not inside(p, spans):
-                extra.append((module, attr))
-            seen.add(id(p))
+        """Record in ``unsupported``, under its module-tree path, every parameter outside the
+        sites (``uncovered_parameters``) that no reason given already covers (``explained``, by
+        id): QK-norm and post-norm scales, an MLP's own LayerNorm, MoE experts. A selector that
+        spans one then warns that it leaves it out, rather than silently decomposing less of the
+        block than it names."""
+        extra = [name for name, p in self.uncovered_parameters() if id(p) not in explained]
         if extra:
             paths = self._readable_paths()
-            for module, attr in extra:
-                self.unsupported.setdefault(f"{paths[module]}.{attr}".lstrip("."), NO_SITE)
+            for name in extra:
+                prefix, _, attr = name.rpartition(".")
+                self.unsupported.setdefault(f"{paths[id(self.model.get_submodule(prefix))]}.{attr}".lstrip("."),
+                                            NO_SITE)
 
     def _readable_paths(self) -> dict[int, str]:
         """Each module's shortest path with a bridge's wrapper segments (``_original_component``)

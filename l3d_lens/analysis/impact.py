@@ -119,12 +119,12 @@ def check_positions(dec, data: torch.Tensor, positions) -> Optional[list[int]]:
         raise ValueError(f"positions= picks along the axis after the samples', which these data [n, d] (shape "
                          f"{tuple(data.shape)}) do not have")
     one = as_index(positions)
-    items = [one] if one is not None else listed(positions)
+    picked = [one] if one is not None else [as_index(p) for p in listed(positions) or []]
     seq = data.shape[1]
-    if not items or any(as_index(p) is None or not -seq <= as_index(p) < seq for p in items):
+    if not picked or any(p is None or not -seq <= p < seq for p in picked):
         raise ValueError(f"positions must be an int or a non-empty list of ints in -{seq}..{seq - 1} (the sequences "
                          f"have {seq} positions), got {positions!r}")
-    return [as_index(p) for p in items]
+    return picked
 
 
 def check_k(k) -> int:
@@ -158,8 +158,8 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
     over the samples and ``positions``), with the signed mean; signs are relative (v ~ -v).
     ``positions`` defaults to all of them in token mode and with position="all", else to the
     decomposed ``cfg.position``."""
-    k = check_k(k)
-    positions = check_positions(dec, as_samples(data), positions)
+    k, data = check_k(k), as_samples(data)
+    positions = check_positions(dec, data, positions)
     d = output_derivative(dec, data, subnetwork).cpu()
     if positions is None and dec.adapter.is_language_model and not dec._task.token_mode \
             and dec.cfg.position != "all":
