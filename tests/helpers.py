@@ -116,3 +116,27 @@ def write_tiny_gpt2(out: Path, model: bool = False) -> Path:
                          eos_token_id=EOT)
         GPT2LMHeadModel(cfg).save_pretrained(out)
     return out
+
+
+def hf_bridge(folder: Path, model_cls, config):
+    """A TransformerBridge of ``model_cls(config)`` (a Hugging Face causal LM, seeded with 0),
+    saved with a 20-word tokenizer to ``folder`` and booted from there offline (skips where
+    transformers or tokenizers are missing)."""
+    import warnings
+
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(0)
+    hf = model_cls(config).eval()
+    hf.config.save_pretrained(folder)
+    vocab = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(20)}, unk_token="t0"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="t0", pad_token="t1", eos_token="t2",
+                                         bos_token="t3").save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(str(folder), hf_model=hf, dtype=torch.float32,
+                                                   tokenizer=transformers.AutoTokenizer.from_pretrained(folder))

@@ -25,7 +25,7 @@ from l3d_lens.engine import batch_stats
 from l3d_lens.engine.exact import per_sample_gradients
 from l3d_lens.subnetworks import init_factors, resolve_ranks
 
-from .helpers import HAS_HOOKED, tiny_lm, tokens
+from .helpers import HAS_HOOKED, hf_bridge, tiny_lm, tokens
 from .reference import loss_and_coefficients, per_sample_grads
 
 RTOL = 1e-9
@@ -139,22 +139,10 @@ def test_hooked_grouped_query_attention_still_refuses_k_and_v():
 def _bias_free_llama_bridge(tmp_path):
     """A 1-layer Hugging Face Llama bridge, 2 query heads, 1 key/value head, no biases."""
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
                                    intermediate_size=24, num_hidden_layers=1, vocab_size=20,
                                    max_position_embeddings=8, tie_word_embeddings=False, attention_bias=False)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.config.save_pretrained(tmp_path)
-    vocab = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(20)}, unk_token="t0"))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="t0", pad_token="t1", eos_token="t2",
-                                         bos_token="t3").save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(str(tmp_path), hf_model=hf, dtype=torch.float32,
-                                                   tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path))
+    return hf_bridge(tmp_path, transformers.LlamaForCausalLM, cfg)
 
 
 def test_bias_free_gqa_bridge_names_no_k_or_v_bias(tmp_path):

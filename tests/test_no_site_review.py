@@ -15,7 +15,7 @@ import l3d_lens
 from l3d_lens.adapters import make_adapter
 from l3d_lens.decomposition import build_task
 
-from .helpers import HAS_HOOKED, tiny_lm
+from .helpers import HAS_HOOKED, hf_bridge, tiny_lm
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in TransformerLens 4")
 torch.set_num_threads(1)
@@ -102,23 +102,6 @@ def test_a_gpt2_bridge_fused_qkv_is_covered(tmp_path):
     assert make_adapter(bridge).unsupported == {}
 
 
-def _hf_bridge(tmp_path, model_cls, config):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    torch.manual_seed(0)
-    hf = model_cls(config).eval()
-    hf.config.save_pretrained(tmp_path)
-    vocab = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(20)}, unk_token="t0"))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="t0", pad_token="t1", eos_token="t2",
-                                         bos_token="t3").save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(str(tmp_path), hf_model=hf, dtype=torch.float32,
-                                                   tokenizer=transformers.AutoTokenizer.from_pretrained(tmp_path))
-
-
 def test_a_neox_bridge_fused_qkv_is_not_left_out(tmp_path):
     """A NeoX bridge splits attention.query_key_value into q, k and v copies; the forward never
     reads the fused weight again (its gradient stays None), so no selector leaves it out."""
@@ -126,7 +109,7 @@ def test_a_neox_bridge_fused_qkv_is_not_left_out(tmp_path):
     cfg = transformers.GPTNeoXConfig(hidden_size=16, num_attention_heads=2, intermediate_size=24, num_hidden_layers=1,
                                      vocab_size=20, max_position_embeddings=8, rotary_pct=0.5,
                                      tie_word_embeddings=False)
-    bridge = _hf_bridge(tmp_path, transformers.GPTNeoXForCausalLM, cfg)
+    bridge = hf_bridge(tmp_path, transformers.GPTNeoXForCausalLM, cfg)
     qkv = bridge.blocks[0].attn.qkv
     weight = getattr(qkv, "original_component", None) or qkv._original_component
     bridge(torch.randint(0, 20, (1, 4))).sum().backward()
@@ -141,7 +124,7 @@ def test_a_qwen3_bridge_names_its_qk_norm_as_a_selector_would(tmp_path):
     cfg = transformers.Qwen3Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                    intermediate_size=24, num_hidden_layers=1, vocab_size=20,
                                    max_position_embeddings=8, tie_word_embeddings=False)
-    bridge = _hf_bridge(tmp_path, transformers.Qwen3ForCausalLM, cfg)
+    bridge = hf_bridge(tmp_path, transformers.Qwen3ForCausalLM, cfg)
     warned, _ = left_out(bridge, "blocks.0.attn")
     assert warned and warned[0].startswith(
         "selector 'blocks.0.attn' leaves out blocks.0.attn.q_norm.weight, blocks.0.attn.k_norm.weight: ")
