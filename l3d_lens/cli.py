@@ -836,6 +836,7 @@ def _decompose(args: argparse.Namespace) -> int:
     if args.device is not None:  # named as the flag (the config would name its own field)
         _check_device(args.device)
     cfg = build_config(args)
+    _check_batch_size(cfg)
     out = _check_folder(Path(args.out))
     report_path = _report_path(args.report, "--report") if args.report else None
     _check_outputs(_decomposition_files(out) + ([report_path] if report_path else []), args.overwrite)
@@ -871,6 +872,18 @@ def _decompose(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"wall time {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _check_batch_size(cfg) -> None:
+    """``check_run``'s batch-size rule, before the model loads: every model the CLI loads is a
+    language model, on which sample 'auto' means token mode."""
+    from .task import min_batch
+
+    need = min_batch(cfg.sample != "sequence", cfg.reference)
+    if cfg.batch_size < need:
+        raise UserError(f"--batch-size {cfg.batch_size} with reference {cfg.reference!r} and --sample sequence: a "
+                        f"batch needs {need} sequences (a lone sample has no other to draw, and is its own mean); "
+                        f"use --batch-size >= {need}, or --sample token")
 
 
 def _model_record(spec: str) -> str:

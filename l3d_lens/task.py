@@ -21,6 +21,13 @@ from .references import references
 from .selection import Selected
 
 
+def min_batch(token_mode: bool, reference: str) -> int:
+    """Fewest samples (rows) a batch needs: 'random' draws another sample of the batch, and
+    against 'mean' a lone row is its own reference (every gradient zero); a token-mode row holds
+    many samples."""
+    return 1 if token_mode or reference not in ("random", "mean") else 2
+
+
 @dataclasses.dataclass
 class Task:
     adapter: Adapter
@@ -64,11 +71,10 @@ class Task:
 
     @property
     def min_batch(self) -> int:
-        """Fewest samples (rows) a batch needs; a smaller last batch joins the one before.
-        'random' draws another sample of the batch, and against 'mean' a lone row is its own
-        reference (every gradient zero). The same with or without torch.distributed, so that
-        both see the same batches."""
-        return 1 if self.token_mode or self.cfg.reference not in ("random", "mean") else 2
+        """Fewest samples (rows) a batch needs (module ``min_batch``); a smaller last batch joins
+        the one before. The same with or without torch.distributed, so that both see the same
+        batches."""
+        return min_batch(self.token_mode, self.cfg.reference)
 
     def n_samples(self, inputs: torch.Tensor) -> int:
         return inputs.shape[0] * inputs.shape[1] if self.token_mode else inputs.shape[0]
