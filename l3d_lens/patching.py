@@ -686,27 +686,18 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     floor = max(nf * abs(m_clean - m_corr), resolution(adapter.model_dtype, m_clean, m_corr))
     frames: dict[str, Optional[pd.DataFrame]] = {"heads": None, "mlp": None, "neurons": None}
     rows: list[dict[str, Any]] = []
-    if head_list:
-        idx = pd.DataFrame(head_list, columns=["layer", "head"])
-        sc = torch.stack([l3d["heads"][lay, h] for lay, h in head_list])
-        share = torch.stack([l3d["heads_share"][lay, h] for lay, h in head_list])
-        frames["heads"] = _frame(idx, {"patching": effects["heads"], "attribution": estimates["heads"], "l3d": sc,
-                                       "l3d_share": share}, truth, floor)
-        rows += _agreement("head", frames["heads"], min(top_k, len(head_list)), floor)
-    if mlp_layers:
-        idx = pd.DataFrame({"layer": mlp_layers})
-        sc = torch.stack([l3d["mlp"][lay] for lay in mlp_layers])
-        share = torch.stack([l3d["mlp_share"][lay] for lay in mlp_layers])
-        frames["mlp"] = _frame(idx, {"patching": effects["mlp"], "attribution": estimates["mlp"], "l3d": sc,
-                                     "l3d_share": share}, None, floor)
-        rows += _agreement("mlp", frames["mlp"], min(top_k, len(mlp_layers)), floor)
-    if neuron_list:
-        idx = pd.DataFrame(neuron_list, columns=["layer", "neuron"])
-        sc = torch.stack([l3d["neurons"][lay, n] for lay, n in neuron_list])
-        share = torch.stack([l3d["neurons_share"][lay, n] for lay, n in neuron_list])
-        frames["neurons"] = _frame(idx, {"patching": effects["neurons"], "attribution": estimates["neurons"],
-                                         "l3d": sc, "l3d_share": share}, None, floor)
-        rows += _agreement("neuron", frames["neurons"], min(top_k, len(neuron_list)), floor)
+    for level, unit, listed, columns in (("heads", "head", head_list, ["layer", "head"]),
+                                         ("mlp", "mlp", mlp_layers, ["layer"]),
+                                         ("neurons", "neuron", neuron_list, ["layer", "neuron"])):
+        if not listed:
+            continue
+        keys = [u if isinstance(u, tuple) else (u,) for u in listed]
+        idx = pd.DataFrame(keys, columns=columns)
+        sc = torch.stack([l3d[level][key] for key in keys])
+        share = torch.stack([l3d[f"{level}_share"][key] for key in keys])
+        frames[level] = _frame(idx, {"patching": effects[level], "attribution": estimates[level], "l3d": sc,
+                                     "l3d_share": share}, truth if level == "heads" else None, floor)
+        rows += _agreement(unit, frames[level], min(top_k, len(listed)), floor)
     aurocs = None
     if truth is not None:
         df = frames["heads"]
