@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from .build import DELTAS, Options, Report, ToStr, build, html_path
+from .build import DELTAS, Options, Report, ToStr, build, writable_html_path
 
 __all__ = ["report", "show", "build", "Report", "Options", "DELTAS"]
 
@@ -40,9 +40,11 @@ def report(dec, data, path="l3d_report.html", *, comparison: Any = None, to_str:
         subnetwork), n_heads=4 (attention patterns shown), n_logits=10, n_neurons=16,
         subnetworks=None (default: all live, by P_act), deltas (intervention curve), title (no
         lone surrogate).
-    Same inputs give a byte-identical file.
+    Same inputs give a byte-identical file, replaced whole: a failed write leaves an earlier one
+    intact. The path (an .html file, not a folder, in a folder where a file can be made) and the
+    CircuitsVis bundle are checked before any analysis.
     """
-    path = html_path(path)  # before any analysis
+    path = writable_html_path(path)  # before any analysis
     return build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference,
                  progress=progress, **options).save(path)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -19,7 +21,7 @@ import torch
 from ..checks import is_int, is_number
 from . import charts, tables
 from .attention import head_patterns
-from .html import Views, esc, fragment, page
+from .html import Views, circuitsvis_bundle, esc, fragment, page
 
 ToStr = Callable[[torch.Tensor], list[str]]
 
@@ -75,6 +77,47 @@ def html_path(path) -> Path:
     return path
 
 
+def writable_html_path(path) -> Path:
+    """``path`` as for ``html_path``, checked as a place to write the report before any analysis:
+    not a folder, its nearest existing ancestor a folder (the missing ones are made) in which a
+    file can be made (one is made and deleted: ``os.access`` misses read-only mounts and says
+    yes to root). An OSError subclass naming the path and the problem otherwise."""
+    path = html_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"report path {str(path)!r} is a folder; name the .html file to write")
+    base = next((p for p in path.parents if p.exists()), Path("."))
+    if not base.is_dir():
+        raise NotADirectoryError(f"report path {str(path)!r}: {str(base)!r} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".l3d-lens-check-", dir=base)
+    except OSError as e:
+        raise PermissionError(f"report path {str(path)!r} is not writable: cannot create a file in {str(base)!r} "
+                              f"({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+    return path
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a new file in the same folder,
+    flushed to the disk, then renamed onto ``path``. A failed write (disk full, a file size
+    limit, an interrupt) leaves an earlier file as it was and removes the new one. The new file
+    is made with ``os.open`` mode 0o666, so it gets the umask's mode, as ``open`` would give. A
+    symlink at ``path`` stays one: its target is replaced, as a plain write would."""
+    path = Path(os.path.realpath(path))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def default_to_str(model: torch.nn.Module) -> ToStr:
     """Decode one token at a time with the model's tokenizer, or print the ids."""
     tokenizer = getattr(model, "tokenizer", None)
@@ -99,6 +142,33 @@ def checked_to_str(to_str: ToStr) -> ToStr:
         return [SURROGATE.sub("\ufffd", str(t)) for t in out]
 
     return wrapped
+
+
+def decomposed_heads(dec) -> torch.Tensor:
+    """[n_layers, n_heads] bool: the heads with a decomposed weight of their own (W_Q, W_K,
+    W_V, W_O or a head bias; inside the head slice where the selection has one, as
+    ``Decomposition.effects`` reads it)."""
+    a = dec.adapter
+    out = torch.zeros(a.n_layers, a.n_heads, dtype=torch.bool)
+    for s in dec._task.selected:
+        site = s.site
+        if site.layer is None or "head" not in site.modes:
+            continue
+        heads = s.indices if s.axis is not None else range(site.shape[site.modes.index("head")])
+        out[site.layer, [h for h in heads if h < a.n_heads]] = True
+    return out
+
+
+def head_maps(dec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [n_subnetworks, n_layers, n_heads] maps of the report: share of squared norm per head
+    and share of effect through each head's output. A head the decomposition leaves out is NaN
+    (drawn "–", not as a real 0): one with no decomposed weight in the first, one whose output
+    (W_O or W_V) is not decomposed in the second."""
+    from ..analysis.effects import shares
+
+    norm = dec.head_attribution(as_tensor=True).masked_fill(~decomposed_heads(dec), math.nan)
+    effects = dec.head_effects(as_tensor=True)
+    return norm, shares(effects).masked_fill(effects.isnan(), math.nan)
 
 
 def report_data(dec, data: Any, max_sequences: int) -> torch.Tensor:
@@ -175,10 +245,9 @@ class Builder:
         self.impacts = impacts.detach().to("cpu", torch.float64)
         self.order_impacts = torch.nan_to_num(self.impacts, nan=0.0, posinf=1e30, neginf=0.0)
         self.p_act = dec.fraction_active.double()
-        self.heads = dec.head_attribution(as_tensor=True) if dec.adapter.n_heads else None
-        self.head_effects = dec.head_effects(as_tensor=True, share=True) if dec.adapter.n_heads else None
         attribution = dec.attribution()
         self.attribution = attribution
+        self.heads, self.head_effects = head_maps(dec) if dec.adapter.n_heads else (None, None)
         self.neurons = dec.neuron_attribution() if attribution["neuron"].notna().any() else None
         live = [k for k in range(K) if self.p_act[k] > 0]
         self.all_dead = not live and options.subnetworks is None
@@ -199,7 +268,7 @@ class Builder:
     def top_heads(self, k: int, n: int, min_share: float = 0.02) -> list[tuple[int, int, float]]:
         if self.heads is None:
             return []
-        flat = self.heads[k].flatten()
+        flat = torch.nan_to_num(self.heads[k].flatten(), nan=0.0)
         order = torch.argsort(flat, descending=True, stable=True)[:n].tolist()
         H = self.heads.shape[2]
         out = [(i // H, i % H, float(flat[i])) for i in order if float(flat[i]) >= min_share]
@@ -228,15 +297,15 @@ class Builder:
 
         # where it lives
         out.append('<div class="row">')
-        if self.heads is not None and self.heads[k].sum() > 0:
+        if self.heads is not None and self.heads[k].nansum() > 0:
             L, H = self.heads.shape[1:]
             out.append("<div><h3>Share of squared norm per head</h3>" + charts.heatmap(
                 self.heads[k].tolist(), [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)]) + "</div>")
-        if self.head_effects is not None and self.head_effects[k].sum() > 0:
+        if self.head_effects is not None and self.head_effects[k].nansum() > 0:
             L, H = self.head_effects.shape[1:]
             out.append("<div><h3>Share of effect through each head's output</h3>" + charts.heatmap(
                 self.head_effects[k].tolist(), [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)]) + "</div>")
-            flat = self.head_effects[k].flatten()
+            flat = torch.nan_to_num(self.head_effects[k].flatten(), nan=0.0)
             i = int(torch.argmax(flat))
             info["top head by output effect"] = f"{self.head_label(i // H, i % H)} {float(flat[i]):.2f}"
         if self.neurons is not None:
@@ -436,7 +505,8 @@ class Builder:
         return "\n".join(out)
 
     def head_maps(self, df) -> str:
-        """A heat map per numeric score column of a (layer, head) table (colour: |value|)."""
+        """A heat map per numeric score column of a (layer, head) table (colour: |value|); a
+        head with no row (not patched) is NaN, drawn as "–"."""
         import pandas as pd
 
         if not {"layer", "head"} <= set(df.columns) or not len(df):
@@ -453,7 +523,7 @@ class Builder:
         for col in df.columns:
             if col in ("layer", "head") or str(col).startswith("rank_") or not pd.api.types.is_float_dtype(df[col]):
                 continue
-            grid = [[0.0] * H for _ in range(L)]
+            grid = [[math.nan] * H for _ in range(L)]
             for lay, h, v in zip(layers, heads, df[col]):
                 grid[lay][h] = float(v)
             maps.append("<div>" + charts.heatmap(grid, [f"L{i}" for i in range(L)], [f"H{j}" for j in range(H)],
@@ -509,12 +579,16 @@ class Report:
         return page(self.title, self._body("l3d-cv-"))
 
     def save(self, path) -> Path:
-        path = html_path(path)
+        """Write the page to ``path`` (an .html file; missing folders are made) and return it. The
+        file is replaced whole (``replace_file``): a failed write leaves an earlier report intact."""
+        path = writable_html_path(path)
+        html = self.html  # the page (and the bundle) before any folder is made
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html, encoding="utf-8")
+        replace_file(path, html.encode("utf-8"))
         return path
 
     def _repr_html_(self) -> str:
+        """Without the CircuitsVis bundle the report is still shown, a note in place of each view."""
         return fragment(self._body(f"l3d-{uuid.uuid4().hex[:12]}-cv-"))
 
     def __repr__(self) -> str:
@@ -530,6 +604,7 @@ def build(dec, data, *, comparison=None, to_str: Optional[ToStr] = None, impacts
     if unknown:
         raise TypeError(f"unknown report option(s) {sorted(unknown)}; valid: {valid}")
     opt = Options(**options)
+    circuitsvis_bundle()  # a missing bundle is reported now, not after the analyses
     prefix = f"l3d-{uuid.uuid4().hex}-cv-"
     b = Builder(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, options=opt,
                 progress=progress, prefix=prefix)

@@ -2,10 +2,11 @@
 page shell.
 
 Rules kept here (see CIRCUITSVIS_NOTES): the CircuitsVis bundle is inlined once as a classic
-script (``CircuitsVis`` becomes a global) and every view is a closed ``<div>`` plus a small
-module script calling ``CircuitsVis.render``; ids are numbered, never random; every string
-from a tokenizer or a user is HTML-escaped, and JSON props escape ``<``, ``>`` and ``&`` so
-nothing inside them can close a script element. Non-finite numbers never reach a view.
+script (``CircuitsVis`` becomes a global) and every view is a closed ``<div>``, a note shown
+while it is empty (``NOTE``) and a small module script calling ``CircuitsVis.render``; ids are
+numbered, never random; every string from a tokenizer or a user is HTML-escaped, and JSON props
+escape ``<``, ``>`` and ``&`` so nothing inside them can close a script element. Non-finite
+numbers never reach a view.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import html
 import json
 import math
+import re
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -80,6 +82,10 @@ def json_props(props: dict[str, Any]) -> str:
     return text
 
 
+class BundleError(RuntimeError):
+    """The CircuitsVis bundle cannot be inlined (missing, or with markup that would break the page)."""
+
+
 @functools.lru_cache(maxsize=1)
 def circuitsvis_bundle() -> str:
     """The CircuitsVis browser bundle (``circuitsvis/dist/cdn/iife.js``), made safe to inline
@@ -88,20 +94,27 @@ def circuitsvis_bundle() -> str:
     try:
         path = resources.files("circuitsvis") / "dist" / "cdn" / "iife.js"
         text = path.read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError) as e:  # pragma: no cover - circuitsvis is a dependency
-        raise RuntimeError(f"the CircuitsVis JavaScript bundle is missing ({e}); pip install circuitsvis") from None
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise BundleError(f"the CircuitsVis JavaScript bundle is missing ({e}); pip install circuitsvis") from None
     lines = [line for line in text.splitlines() if not line.startswith("//# sourceMappingURL=")]
     text = "\n".join(lines)
     for variant in ("</script", "</SCRIPT", "</Script"):
         text = text.replace(variant, "<\\/script")
     if "</script" in text.lower() or "<!--" in text:
-        raise RuntimeError("the CircuitsVis bundle contains markup that cannot be inlined safely")
+        raise BundleError("the CircuitsVis bundle contains markup that cannot be inlined safely")
     return text
 
 
+# Shown after each view until CircuitsVis draws into it (STYLE hides it then): where scripts do
+# not run (an untrusted notebook, a viewer without JavaScript) the reader sees why it is blank.
+NOTE = ('<div class="l3d-cv-note muted">interactive view: needs JavaScript (in Jupyter: a trusted '
+        "notebook)</div>")
+RENDER = re.compile(r'<script type="module">CircuitsVis\.render\(.*?\);</script>\n')
+
+
 class Views:
-    """Numbered CircuitsVis mount points: ``<div id="{prefix}{i}" class="l3d-cv"></div>`` and a
-    module script rendering into it. Same calls in the same order give the same HTML."""
+    """Numbered CircuitsVis mount points: ``<div id="{prefix}{i}" class="l3d-cv"></div>``, the
+    ``NOTE`` and a module script rendering into it. Same calls in the same order give the same HTML."""
 
     def __init__(self, prefix: str = "l3d-cv-"):
         self.prefix = prefix
@@ -112,7 +125,7 @@ class Views:
             raise ValueError(f"not a CircuitsVis component name: {component!r}")
         mount = f"{self.prefix}{self.count}"
         self.count += 1
-        return (f'<div id="{mount}" class="l3d-cv" data-component="{component}"></div>\n'
+        return (f'<div id="{mount}" class="l3d-cv" data-component="{component}"></div>{NOTE}\n'
                 f'<script type="module">CircuitsVis.render("{mount}", CircuitsVis.{component}, '
                 f"{json_props(props)});</script>\n")
 
@@ -148,6 +161,7 @@ max-width:1100px;margin:0 auto;padding:16px 24px;font-size:14px;line-height:1.45
 .l3d-report .card strong{display:block;font-size:20px}
 .l3d-report .row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .l3d-report .sample{margin:4px 0 10px}.l3d-report .l3d-cv{margin:4px 0}
+.l3d-report .l3d-cv:not(:empty)+.l3d-cv-note{display:none}.l3d-report .l3d-cv-missing{color:#cf222e}
 .l3d-report svg text{font-family:inherit;font-size:11px;fill:#1f2328}
 .l3d-report section.subnet{border-top:3px solid #0969da;margin-top:28px}
 """
@@ -164,5 +178,17 @@ def page(title: str, body: str) -> str:
 
 def fragment(body: str) -> str:
     """The same views for inline display (Jupyter): style (scoped to the report), bundle and
-    body in one block."""
-    return f"<div class=\"l3d-inline\"><style>{STYLE}</style>\n<script>{circuitsvis_bundle()}</script>\n{body}</div>\n"
+    body in one block. Without the bundle (``BundleError``) the rest of the report is still
+    shown, each view replaced by a note saying why it is missing."""
+    try:
+        bundle = f"<script>{circuitsvis_bundle()}</script>\n"
+    except BundleError as e:
+        bundle, body = "", without_views(body, str(e))
+    return f"<div class=\"l3d-inline\"><style>{STYLE}</style>\n{bundle}{body}</div>\n"
+
+
+def without_views(body: str, reason: str) -> str:
+    """``body`` with no CircuitsVis script and, after each (empty) view, ``reason`` in red in
+    place of ``NOTE``."""
+    note = f'<div class="l3d-cv-note l3d-cv-missing">CircuitsVis view not drawn: {esc(reason)}</div>'
+    return RENDER.sub("", body).replace(NOTE, note)
