@@ -66,8 +66,8 @@ def head_tensor(df: pd.DataFrame, n_subnetworks: int, n_layers: int, n_heads: in
     """[n_subnetworks, n_layers, n_heads] share per head (every decomposed Q/K/V/O weight and
     head bias: under grouped-query attention with fewer key/value heads than query heads K and V
     are not decomposed, so only Q, O and b_Q),
-    laid out like TransformerLens patching results."""
-    out = torch.zeros(n_subnetworks, n_layers, n_heads)
+    laid out like TransformerLens patching results; float64, as the shares are."""
+    out = torch.zeros(n_subnetworks, n_layers, n_heads, dtype=torch.float64)
     heads = head_attribution(df).groupby(["subnetwork", "layer", "head"], as_index=False)["share"].sum()
     for row in heads.itertuples(index=False):
         out[int(row.subnetwork), int(row.layer), int(row.head)] = row.share

@@ -92,6 +92,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
     """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
     tokens leading up to that position."""
     subnetwork, k = check_subnetwork(subnetwork, dec.n_subnetworks), check_k(k)
+    context = check_context(context)
     data, reference = as_samples(data), as_samples(reference, "reference")
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     token = imp.dim() == 2
@@ -136,19 +137,57 @@ def check_k(k) -> int:
     return n
 
 
+def check_context(context) -> int:
+    """How many tokens ``top_samples`` shows up to a sample's position: an int >= 1 (0 or a
+    negative count gave empty strings, and a float an obscure TypeError)."""
+    n = as_index(context)
+    if n is None or n < 1:
+        raise ValueError(f"context must be an int >= 1 (how many tokens to show, ending at the sample's position), "
+                         f"got {context!r}")
+    return n
+
+
+def checked_samples(dec, data) -> torch.Tensor:
+    """``data`` as one tensor of samples the model takes (checked as ``coefficients`` checks it)."""
+    data = as_samples(data)
+    check_data(dec.adapter, data, None, False)
+    check_dtype(dec.adapter, data)
+    return data
+
+
+def direction(dec, subnetwork: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The decomposed weights W0 and subnetwork ``subnetwork``'s v_k in their dtype: a JVP's
+    primal and tangent."""
+    subs = dec.subnetworks()
+    base = {n: dec.adapter.weight(n) for n in subs}
+    return base, {n: subs[n][subnetwork].to(base[n].dtype) for n in subs}
+
+
+def derivative(adapter, weights: tuple[dict, dict], data: torch.Tensor,
+               select: Callable[[torch.Tensor], torch.Tensor] = lambda out: out) -> torch.Tensor:
+    """d/d delta select(f(x; W0 + delta v)) at delta = 0 (forward mode, one JVP) on checked
+    ``data``, with ``weights`` = ``direction(...)``; ``select`` cuts the outputs down inside the
+    JVP, so only its part is kept."""
+    base, tangent = weights
+    with adapter.session(), torch.no_grad():
+        _, dout = jvp(lambda p: select(adapter.functional_forward(p, data.to(adapter.device))), (base,), (tangent,))
+    return dout
+
+
 def output_derivative(dec, data: torch.Tensor, subnetwork: int) -> torch.Tensor:
     """d/d delta f(x; W0 + delta v_k) at delta = 0, for every output (forward mode, one JVP)."""
     subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
-    data = as_samples(data)
-    adapter = dec.adapter
-    check_data(adapter, data, None, False)
-    check_dtype(adapter, data)
-    subs = dec.subnetworks()
-    base = {n: adapter.weight(n) for n in subs}
-    tangent = {n: subs[n][subnetwork].to(base[n].dtype) for n in subs}
-    with adapter.session(), torch.no_grad():
-        _, dout = jvp(lambda p: adapter.functional_forward(p, data.to(adapter.device)), (base,), (tangent,))
-    return dout
+    data = checked_samples(dec, data)
+    return derivative(dec.adapter, direction(dec, subnetwork), data)
+
+
+def logit_rows(out: torch.Tensor, positions: Optional[list[int]]) -> torch.Tensor:
+    """Outputs [n, pos, V] as rows [n * len(positions), V] of the chosen positions (all if None);
+    other outputs as they are, one row per sample."""
+    if out.dim() != 3:
+        return out
+    out = out[:, positions] if positions is not None else out
+    return out.reshape(-1, out.shape[-1])
 
 
 def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
@@ -157,17 +196,24 @@ def top_logits(dec, data: torch.Tensor, subnetwork: int, k: int = 10,
     """The k output logits that moving along ``subnetwork`` changes most (mean |d logit / d delta|
     over the samples and ``positions``), with the signed mean; signs are relative (v ~ -v).
     ``positions`` defaults to all of them in token mode and with position="all", else to the
-    decomposed ``cfg.position``."""
+    decomposed ``cfg.position``. The samples go in ``cfg.batch_size`` chunks (as for
+    ``impact``), each reduced to its sums (float64) before the next, so that memory does not
+    grow with the data."""
     k, data = check_k(k), as_samples(data)
     positions = check_positions(dec, data, positions)
-    d = output_derivative(dec, data, subnetwork).cpu()
+    subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
+    data = checked_samples(dec, data)
     if positions is None and dec.adapter.is_language_model and not dec._task.token_mode \
             and dec.cfg.position != "all":
         positions = [dec.cfg.position]
-    if d.dim() == 3:
-        d = d[:, list(positions)] if positions is not None else d
-        d = d.reshape(-1, d.shape[-1])
-    mean_abs, mean = d.abs().mean(0), d.mean(0)
+    weights = direction(dec, subnetwork)
+    total_abs, total, rows = 0.0, 0.0, 0
+    for chunk in data.split(dec.cfg.batch_size):
+        d = derivative(dec.adapter, weights, chunk, lambda out: logit_rows(out, positions))
+        total_abs = total_abs + d.abs().sum(0, dtype=torch.float64).cpu()
+        total = total + d.sum(0, dtype=torch.float64).cpu()
+        rows += d.shape[0]
+    mean_abs, mean = total_abs / rows, total / rows
     order = torch.argsort(mean_abs, descending=True)[:k]
     tokens = to_str(order) if to_str else [str(i) for i in order.tolist()]
     return pd.DataFrame({"token_id": order.tolist(), "token": tokens, "mean_abs_dlogit": mean_abs[order].tolist(),
@@ -210,6 +256,31 @@ def ratio(on: float, off: float) -> float:
     return float("inf") if on > 0 and off == 0 else float("nan")
 
 
+def sample_changes(dec, data: torch.Tensor, subnetwork: int, deltas: list[float], sample_dims: int) -> torch.Tensor:
+    """[len(deltas), samples] output change of each sample (``output_change``; summed over
+    positions for position="all") at W0 + delta v_k, flattened as the impacts are. The data go
+    in ``cfg.batch_size`` chunks, each reduced to its changes before the next, so that the
+    outputs of all the data are never held at once."""
+    adapter = dec.adapter
+    view = dec._task.view
+    subs = dec.subnetworks()
+    out = torch.empty(len(deltas), curve_samples(dec, data), dtype=torch.float64)
+    start = 0
+    for chunk in data.split(dec.cfg.batch_size):
+        end = start + curve_samples(dec, chunk)
+        x = chunk.to(adapter.device)
+        with adapter.session(), torch.no_grad():
+            before = view(adapter.forward(x))
+        for i, delta in enumerate(deltas):
+            after = perturbed_forward(adapter, weight_changes(adapter, subs, [subnetwork], [delta]), x)
+            change = output_change(before, view(after), adapter.is_language_model)
+            if change.dim() > sample_dims:
+                change = change.sum(-1)
+            out[i, start:end] = change.reshape(-1)  # in place: kept small pieces fragmented the heap
+        start = end
+    return out
+
+
 def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[float, Sequence[float]],
                        top_fraction: float = 0.1, impacts: Optional[torch.Tensor] = None,
                        reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
@@ -227,22 +298,12 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[f
         raise ValueError(f"intervention_curve compares a subnetwork's top-impact samples with the rest, so it needs "
                          f"at least 2 samples; these data have {n}")
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
-    adapter = dec.adapter
-    x = data.to(adapter.device)
-    with adapter.session(), torch.no_grad():
-        before = adapter.forward(x)
-    view = dec._task.view  # for position="all" the changes are summed over positions below
     n_top = min(max(1, int(round(top_fraction * n))), n - 1)  # both groups non-empty
     top = torch.zeros(imp.numel(), dtype=torch.bool)
     top[torch.argsort(imp.reshape(-1), descending=True)[:n_top]] = True
-    subs = dec.subnetworks()
+    changes = sample_changes(dec, data, subnetwork, deltas, imp.dim())
     rows = []
-    for delta in deltas:
-        after = perturbed_forward(adapter, weight_changes(adapter, subs, [subnetwork], [delta]), x)
-        change = output_change(view(before), view(after), adapter.is_language_model)
-        if change.dim() > imp.dim():
-            change = change.sum(-1)
-        change = change.reshape(-1).cpu()
+    for delta, change in zip(deltas, changes):
         on, off = change[top].mean().item(), change[~top].mean().item()
         rows.append({"delta": delta, "change_top": on, "change_rest": off, "selectivity": ratio(on, off)})
     return pd.DataFrame(rows)
