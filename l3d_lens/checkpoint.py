@@ -6,12 +6,14 @@ checkpoint uses yet (``step-<n>/``, or ``step-<n>-<i>/`` when step n was saved b
 end does after a save on its last batch), then ``latest.json`` is replaced atomically to point
 at it, then older folders and leftovers of killed saves are removed: no folder latest.json names
 is touched before latest.json names another, so a process killed at any moment leaves the
-previous checkpoint readable. Only folders a save made are removed: a name of that pattern
-holding nothing but a save's files, and for ``step-*`` the marker file every save writes first
-(a ``step-*`` folder of an l3d_lens that wrote no marker is left in place). Reading checks the
-pointer, the state's keys and types and that the tensors file reads; ``training`` checks the rest
-against the run before restoring anything. A run holds its folder's lock (``FolderLock``) while
-it trains, so that a second run cannot remove its unfinished saves or overwrite its checkpoints.
+previous checkpoint readable; every file and rename is flushed to the disk (``io.fsync``) before
+the next step relies on it, so that a power loss does too. Only folders a save made are
+removed: a name of that pattern holding nothing but a save's files, and for ``step-*`` the
+marker file every save writes first (a ``step-*`` folder of an l3d_lens that wrote no marker is
+left in place). Reading checks the pointer, the state's keys and types and that the tensors file
+reads; ``training`` checks the rest against the run before restoring anything. A run holds its
+folder's lock (``FolderLock``) while it trains, so that a second run cannot remove its
+unfinished saves or overwrite its checkpoints.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .io import write_safetensors
+from .io import fsync, write_safetensors
 
 try:
     import fcntl
@@ -40,6 +42,10 @@ except ImportError:  # Windows: checkpoint folders are not locked
 
 LATEST = "latest.json"
 VERSION = 1
+#: the rules by which ``data.batches`` gathers an iterable's batches of fewer than min_batch rows,
+#: saved in every state; one without it was written by an l3d_lens before rules 2 (a short batch
+#: joined the one before), where a position can mean other rows (``training.check_batching``)
+BATCHING = 2
 STATE, TENSORS = "state.json", "tensors.safetensors"
 LOCK = ".l3d_lens-lock"  # "<host> <pid>" of the run that saves into the folder
 MARKER = ".l3d_lens-checkpoint"  # written first into every save's folder: the folders a save may remove
@@ -137,6 +143,10 @@ def is_a(value: Any, kind: Any) -> bool:
 
 
 def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write a checkpoint of ``state`` (with this l3d_lens's ``VERSION`` and ``BATCHING``) and
+    ``tensors`` into ``path`` as the module docstring says, each file and rename on the disk
+    (``fsync``) before the next step relies on it: a power loss leaves the previous checkpoint
+    or this one, never a pointer to empty files with the older folders gone."""
     path.mkdir(parents=True, exist_ok=True)
     step = state["step"]
     # a name no earlier save used: a recovered leftover of a killed save (``load``) may hold this
@@ -145,16 +155,21 @@ def save(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     tmp.mkdir()
     (tmp / MARKER).write_text("l3d_lens checkpoint: removed by l3d_lens once a newer checkpoint is in place\n")
     write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / TENSORS)
-    (tmp / STATE).write_text(json.dumps({"version": VERSION, **state}))
+    (tmp / STATE).write_text(json.dumps({"version": VERSION, "batching": BATCHING, **state}))
+    for written in (tmp / MARKER, tmp / STATE, tmp):
+        fsync(written)
     # never over an existing folder: the one latest.json names may have this step's name
     name, i = f"step-{step}", 0
     while (path / name).exists():
         i += 1
         name = f"step-{step}-{i}"
     os.replace(tmp, path / name)
+    fsync(path)  # the folder is in place before the pointer names it
     pointer = path / f".{LATEST}.tmp"
     pointer.write_text(json.dumps({"folder": name, "step": step}))
+    fsync(pointer)
     os.replace(pointer, path / LATEST)
+    fsync(path)  # the pointer names the new folder for good: only now may the older go
     for old in sorted(path.iterdir()):  # older checkpoints, leftovers of killed saves
         if old.name != name and _made_by_save(old):
             shutil.rmtree(old, ignore_errors=True)
@@ -217,6 +232,8 @@ def read(path: Path) -> Optional[tuple[Path, dict[str, Any], dict[str, torch.Ten
     for k, kind in STATE_TYPES.items():
         if not is_a(state[k], kind):
             raise damaged(path, folder / STATE, f"{k!r} must be {TYPE_WORDS[kind]}, got {reprlib.repr(state[k])}")
+    if not is_a(state.get("batching", 1), int):
+        raise damaged(path, folder / STATE, f"'batching' must be an int, got {reprlib.repr(state['batching'])}")
     if state["step"] != latest["step"]:
         raise damaged(path, folder / STATE, f"holds step {state['step']}; {LATEST} names it step {latest['step']}")
     if not (folder / TENSORS).is_file():

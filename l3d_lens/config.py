@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -199,11 +200,14 @@ class L3DConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; a callable divergence is stored by its qualified name."""
+        """JSON-ready dict; a callable divergence is stored by its qualified name, or a partial or
+        callable object (which has none) by its repr less any memory address (" at 0x..."), which
+        would differ in every process, so that a checkpoint of it never resumed."""
         d = dataclasses.asdict(self)
         d["components"] = list(self.components)
         if callable(self.divergence):
-            d["divergence"] = "callable:" + getattr(self.divergence, "__qualname__", repr(self.divergence))
+            name = getattr(self.divergence, "__qualname__", None)
+            d["divergence"] = "callable:" + (name or re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.divergence)))
         if isinstance(self.rank, dict):
             d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
         d["resample_epochs"] = list(self.resample_epochs)
@@ -223,8 +227,9 @@ class L3DConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], divergence: Union[Callable, None] = None) -> "L3DConfig":
         """The config ``to_dict`` gave; ``divergence``: the callable a saved "callable:<name>" stands
-        for, the same function again (a function's qualified name must be <name>), and only for
-        such a save."""
+        for, the same function again (a function's qualified name must be <name>; a partial or
+        callable object, saved by its repr with or without a memory address, is not compared), and
+        only for such a save."""
         d = dict(d)
         saved = d.get("divergence")
         if isinstance(saved, str) and saved.startswith("callable:"):

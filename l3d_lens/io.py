@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -52,7 +53,8 @@ def save(dec, path) -> None:
     """Write ``path/`` (factors.safetensors, decomposition.json) so that a failed save leaves an
     earlier one there as it was: both go to temporary names first, then replace the old files, the
     JSON first (its old text is put back if the factors' replace fails). The JSON records the
-    factors' SHA-256, so a kill between the two replaces loads as an error, never as a mix."""
+    factors' SHA-256, so a kill between the two replaces loads as an error, never as a mix. Both
+    files are on the disk (``fsync``) before they replace the old ones, and the replaces after."""
     from .training import model_fingerprint
 
     path = Path(path)
@@ -77,6 +79,7 @@ def save(dec, path) -> None:
     try:
         write_safetensors(tensors, tmp_factors, {"format_version": str(FORMAT_VERSION)})
         tmp_meta.write_text(text)
+        fsync(tmp_meta)
         os.replace(tmp_meta, path / META)
         try:
             os.replace(tmp_factors, path / FACTORS)
@@ -85,6 +88,7 @@ def save(dec, path) -> None:
                 tmp_meta.write_bytes(old_meta)
                 os.replace(tmp_meta, path / META)
             raise
+        fsync(path)
     finally:
         for tmp in (tmp_factors, tmp_meta):
             with contextlib.suppress(OSError):
@@ -94,9 +98,35 @@ def save(dec, path) -> None:
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     """A safetensors file with the permissions any new file gets (safetensors' save_file creates
     it readable by its owner only, whatever the umask: ranks or users sharing a folder could not
-    read it, while the JSON beside it they could)."""
+    read it, while the JSON beside it they could), on the disk when this returns (``fsync``)."""
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~umask())
+    fsync(path)
+
+
+def fsync(path: Path) -> None:
+    """Flush ``path`` to the disk: a file's data, so that a rename of it after a power loss does
+    not name an empty file, or a folder's entries, so that the renames made in it persist. A
+    folder that cannot be opened or flushed (Windows, some network file systems) is left as is:
+    there the renames are as durable as the system makes them."""
+    folder = path.is_dir()
+    if folder:
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    else:  # Windows flushes only a file open for writing
+        flags = os.O_RDWR if os.name == "nt" else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def umask() -> int:

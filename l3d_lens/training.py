@@ -14,6 +14,7 @@ With ``cfg.resample_epochs``, dead subnetworks are re-initialised at the start o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -55,13 +56,15 @@ class EpochSums:
 
 def data_fingerprint(data: Data) -> str:
     """What a checkpoint must have been trained on: a tensor, or a list/tuple of batches, by its
-    bytes; a ``TokenStream`` by its settings, files and first batch (``TokenStream.fingerprint``);
-    another iterable (a DataLoader that may shuffle) by its type only."""
+    bytes as training reads them (``_as_read``: ``x.int()`` is the same token ids as ``x``); a
+    ``TokenStream`` by its settings, files and first batch (``TokenStream.fingerprint``); another
+    iterable (a DataLoader that may shuffle) by its type only."""
     def digest(tensors) -> str:
         h = hashlib.sha256()
         for t in tensors:
             h.update(str(list(t.shape)).encode())
-            h.update(_buffer(t))
+            for part in _as_read(t):
+                h.update(_buffer(part))
         return h.hexdigest()
 
     if isinstance(data, torch.Tensor):
@@ -71,6 +74,19 @@ def data_fingerprint(data: Data) -> str:
     if isinstance(data, TokenStream):
         return "tokenstream:" + data.fingerprint()
     return f"iterable:{type(data).__name__}"
+
+
+PART = 1 << 22  # elements of integer data converted to int64 at a time to fingerprint it
+
+
+def _as_read(t: torch.Tensor):
+    """``t`` in parts to fingerprint one after another, as training reads it: token ids of another
+    integer dtype as the int64 ``data.check_batch`` makes of them, a part at a time (the whole in
+    int64 could take many times the data's memory); any other tensor whole."""
+    if t.is_floating_point() or t.is_complex() or t.dtype in (torch.int64, torch.bool):
+        return [t]
+    flat = t.detach().reshape(-1)
+    return (flat[i:i + PART].long() for i in range(0, flat.numel(), PART))
 
 
 def _buffer(t: torch.Tensor):
@@ -99,6 +115,29 @@ def older_stream(saved: Optional[str], now: Optional[str]) -> bool:
     """A TokenStream recorded by an earlier l3d_lens, by its type only: it cannot be checked
     against this one (``train`` warns and resumes, as for other parts it did not record)."""
     return saved == "iterable:TokenStream" and isinstance(now, str) and now.startswith("tokenstream:")
+
+
+def without_address(text: str) -> str:
+    """``text`` without the memory addresses (" at 0x...") a repr holds, which differ between
+    processes: a callable by its name, not where it lies."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
+def comparable(config: dict[str, Any], model_device: torch.device) -> dict[str, Any]:
+    """A config (``to_dict`` form) as resuming compares it: its device as training resolves it
+    (None: the model's, ``model_device``), so that device='cpu' and None on a CPU model are one
+    run, and a callable divergence without the memory address an earlier l3d_lens saved a partial
+    or callable object with (``L3DConfig.to_dict``)."""
+    out = dict(config)
+    device = out.get("device")
+    if device is None:
+        out["device"] = str(model_device)
+    elif isinstance(device, str):
+        with contextlib.suppress(RuntimeError, ValueError):  # one this torch cannot parse: compared as saved
+            out["device"] = str(torch.device(device))
+    if isinstance(out.get("divergence"), str):
+        out["divergence"] = without_address(out["divergence"])
+    return out
 
 
 def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -152,6 +191,58 @@ def check_identity(path: Path, folder: Path, identity: dict[str, Any]) -> None:
                                                       f"null) as a save writes them, got {reprlib.repr(identity)}")
 
 
+def batch_rows(data: Data) -> Optional[list[int]]:
+    """Rows of each batch of a list or tuple of batches (of a (data, reference) pair, its data's),
+    which are in memory; None for another iterable, or where a batch is no tensor with a row axis
+    (``data.batches`` refuses it)."""
+    if not isinstance(data, (list, tuple)):
+        return None
+    firsts = [b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b for b in data]
+    if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in firsts):
+        return None
+    return [x.shape[0] for x in firsts]
+
+
+def n_merged(data: Data, batch_size: int, min_batch: int) -> Optional[int]:
+    """How many batches ``data.batches`` makes of ``data`` an epoch, where that is known without
+    reading it: a tensor's (``batch_starts``), a list's or tuple's, whose batches gather rows until
+    they have ``min_batch`` (a short tail joins the last); None for other iterables, or where
+    ``batches`` makes none (it refuses data of too few rows)."""
+    if isinstance(data, torch.Tensor):
+        return len(batch_starts(data.shape[0], batch_size, min_batch))
+    if (rows := batch_rows(data)) is None:
+        return None
+    n = held = 0
+    for r in rows:
+        held += r
+        if held >= min_batch:
+            n, held = n + 1, 0
+    return n or None
+
+
+def check_batching(path: Path, folder: Path, state: dict[str, Any], data: Data, min_batch: int) -> None:
+    """Refuse, before anything is restored, a checkpoint of an iterable batched by other rules
+    than this l3d_lens's (``ckpt.BATCHING``): its position would name other rows here, and the
+    run would mix both batchings. One without the marker (an l3d_lens before the rules of 2) is
+    refused only where the rules can differ: not for a tensor (cut as before), nor for batches of
+    which none but the last is short (known of a list or tuple, and of a ``TokenStream``)."""
+    saved = state.get("batching", 1)
+    if saved == ckpt.BATCHING or isinstance(data, torch.Tensor):
+        return
+    if saved == 1:
+        rows = batch_rows(data)
+        if (data.batch_size >= min_batch if isinstance(data, TokenStream)
+                else rows is not None and all(r >= min_batch for r in rows[:-1])):
+            return
+    writer = "an earlier l3d_lens" if saved < ckpt.BATCHING else f"another l3d_lens (batching rules {saved})"
+    raise ValueError(f"{folder / ckpt.STATE}: this checkpoint was written by {writer}, whose batching of an iterable's "
+                     f"short batches (fewer than the {min_batch} rows a batch needs) differs from this one's: its "
+                     f"position (step {state['step']}, epoch {state['epoch']}, batch {state['batch']}) would mean "
+                     f"other rows of this data, and the rest of the run would be batched otherwise; remove the folder "
+                     f"{path} (or pass another checkpoint folder) to start this run afresh, or resume it with the "
+                     f"l3d_lens version that wrote it")
+
+
 def check_resumable(path: Path, folder: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], fresh: Fresh,
                     cfg: L3DConfig, data: Data, min_batch: int) -> None:
     """Refuse, before anything is restored, a checkpoint of this run that cannot be resumed as
@@ -166,7 +257,7 @@ def check_resumable(path: Path, folder: Path, state: dict[str, Any], tensors: di
     n_steps, epoch, batch, k = state["step"], state["epoch"], state["batch"], cfg.n_subnetworks
     if not 0 <= epoch <= cfg.epochs:
         raise bad(f"'epoch' is {epoch}; this run's epochs are 0 to {cfg.epochs}")
-    n_batches = len(batch_starts(data.shape[0], cfg.batch_size, min_batch)) if isinstance(data, torch.Tensor) else None
+    n_batches = n_merged(data, cfg.batch_size, min_batch)
     if batch < 0 or n_steps < batch or (epoch == cfg.epochs and batch != 0) or (
             n_batches is not None and (batch > n_batches or n_steps != epoch * n_batches + batch)):
         raise bad(f"step {n_steps} at batch {batch} of epoch {epoch} is no position of this run "
@@ -232,17 +323,20 @@ class Resumed:
 
 
 def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, data: Data,
-           min_batch: int) -> Optional[Resumed]:
+           min_batch: int, model_device: torch.device) -> Optional[Resumed]:
     """Restore the checkpoint in ``path`` into ``fresh`` (factors, Adam, schedule, generator) once
-    it is checked to be this run's and resumable; None (nothing restored) if there is none."""
+    it is checked to be this run's and resumable; None (nothing restored) if there is none. The
+    configs are compared as ``comparable`` gives them (``model_device``: the model's device)."""
     if (saved := ckpt.read(path)) is None:
         return None
     folder, state, tensors = saved
     check_identity(path, folder, state["identity"])
     saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"]["config"])}
-    if differ := identity_mismatch(saved_identity, identity):
+    compared = [{**i, "config": comparable(i["config"], model_device)} for i in (saved_identity, identity)]
+    if differ := identity_mismatch(*compared):
         raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
                          f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
+    check_batching(path, folder, state, data, min_batch)
     check_resumable(path, folder, state, tensors, fresh, cfg, data, min_batch)
     unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
     unrecorded += [f"{part} (a TokenStream, known then by its type only)" for part in ("data", "reference")
@@ -345,7 +439,7 @@ def check_same_run(fingerprints: dict[str, Any], device: torch.device) -> None:
             continue
         for field, value in v.items():  # by field, to name it; a callable by its name, not its address
             if field != "device":  # each rank's own GPU ('cuda:0', 'cuda:1') is the usual setup
-                parts[f"config {field}"] = re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(value, sort_keys=True))
+                parts[f"config {field}"] = without_address(json.dumps(value, sort_keys=True))
     differ = distributed.differing(parts, device)
     if differ:
         what = "; ".join(f"{k} (rank {', '.join(map(str, r))} unlike rank 0)" for k, r in differ.items())
@@ -471,7 +565,8 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     try:
         if path is not None and distributed.rank() == 0:  # only rank 0 saves
             lock.take(path)
-        resumed = None if path is None else resume(path, identity, Fresh(f, opt, sched, gen), cfg, data, min_batch)
+        resumed = None if path is None else resume(path, identity, Fresh(f, opt, sched, gen), cfg, data, min_batch,
+                                                        task.adapter.device)
     except Exception as e:
         if not task.sharded:
             raise
