@@ -4,10 +4,14 @@ fails at once with the numbers, instead of after minutes (or an OOM kill).
 The estimate adds: factors with their gradients and Adam moments; the Gram matrix's per-mode
 factor products; the captured activations and output gradients (token mode: one output
 gradient per target position); the model's own forward/backward activations (token mode: the
-backward is batched over positions); and, for the exact engine, the materialised per-sample
-gradients. It is a guide, measured in BENCHMARKS.md ("Memory estimate"): on one attention block
-it errs high by up to 2.1x, and low on the smallest step (4 x 16 tokens: 0.86x, fixed costs it
-leaves out); on every weight of a 6-layer model, 0.85x in token mode and 1.3x in sequence mode.
+backward is batched over positions; a plain module: its leaf modules' outputs for one row, times
+the batch); under torch.distributed, the outputs every rank gathers for the references; and, for
+the exact engine, the materialised per-sample gradients. It is a guide, measured in
+BENCHMARKS.md ("Memory estimate"): on one attention block it errs high by up to 2.1x, and low on
+the smallest step (4 x 16 tokens: 0.86x, fixed costs it leaves out); on every weight of a
+6-layer model, 0.85x in token mode and 1.3x in sequence mode; with a 20000-token vocabulary and
+position="all", 0.96x; on MLPs (fast engine) 1.0-1.4x; at 2 ranks, 1.06-1.09x per rank. A plain
+module under engine="exact" still errs low (0.2-0.5x: torch.func's working set is not counted).
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
+from . import distributed
 from .adapters import POSITIONS, TOKENS
 from .subnetworks import resolve_ranks
 from .task import Task
 
 GiB = 1024**3
+#: copies of the logits live at the peak where the divergence reads every position, or one
+ALL_POSITIONS_LOGITS, ONE_POSITION_LOGITS = 6, 3
+#: copies of the global batch's outputs each rank holds while drawing references under torch.distributed
+GATHERED_COPIES = 1
 
 
 def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
@@ -57,29 +67,109 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
     # contraction intermediates: about one more captured-size tensor per factor side
     contraction = 2 * tokens * fbytes * per_target * cfg.n_subnetworks * max(1, max(
         (max(ranks[s.name]) for s in task.selected), default=1))
-    model = 0
-    if lm:
-        c = task.adapter.cfg
-        d_mlp = getattr(c, "d_mlp", None) or 0
-        per_layer = 16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp
-        per_token = c.n_layers * per_layer + 2 * c.d_vocab
-        if task.token_mode and cfg.engine == "fast":
-            # the backward per target position is batched (is_grads_batched) and frees each
-            # block's gradients as it goes down: its working set is a few of the widest
-            # activations per target, whichever blocks it walks (12 of them covers the measured
-            # peaks, BENCHMARKS.md "Memory estimate"), plus the logits' gradient without a head point
-            widest = max(c.d_model, d_mlp, c.n_heads * seq_len)
-            batched = 12 * widest + (0 if task.adapter.head_point else 2 * c.d_vocab)
-            model = tokens * abytes * (per_token + per_target * batched)
-        else:
-            model = tokens * per_token * abytes * (1 + per_target)
+    model = _model_lm(task, tokens, seq_len, abytes) if lm else _model_module(task, batch_size, abytes)
     exact = 0
     if cfg.engine == "exact":
         n_samples = batch_size * (seq_len if task.token_mode else 1)
         exact = n_samples * sum(math.prod(s.shape) for s in task.selected) * fbytes * 2
     return {"factors and Adam state": factors, "Gram matrix factor products": gram,
             "captured activations and gradients": captured,
-            "contractions": contraction, "model forward/backward": model, "per-sample gradients (exact)": exact}
+            "contractions": contraction, "model forward/backward": model, "per-sample gradients (exact)": exact,
+            "outputs gathered from every rank": _gathered(task, batch_size, seq_len, abytes)}
+
+
+def _model_lm(task: Task, tokens: int, seq_len: int, abytes: int) -> int:
+    """A language model's forward/backward activations. The logits [tokens, d_vocab] come in
+    several copies: where the divergence reads every position (token mode, position="all") the
+    logits, log-probs, references, the divergence's terms and the logits' gradient are live
+    together, ``ALL_POSITIONS_LOGITS`` of them (measured 6.3-6.6 at vocab 20000); reading one
+    position, ``ONE_POSITION_LOGITS`` (measured 2.4)."""
+    c, cfg = task.adapter.cfg, task.cfg
+    d_mlp = getattr(c, "d_mlp", None) or 0
+    layers = c.n_layers * (16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp)
+    per_target = seq_len if task.token_mode else 1
+    if cfg.engine != "fast":
+        return tokens * (layers + 2 * c.d_vocab) * abytes * (1 + per_target)
+    if task.token_mode:
+        # the backward per target position is batched (is_grads_batched) and frees each
+        # block's gradients as it goes down: its working set is a few of the widest
+        # activations per target, whichever blocks it walks (12 of them covers the measured
+        # peaks, BENCHMARKS.md "Memory estimate"), plus the logits' gradient without a head
+        # point; it runs after the logits' own peak, with two copies of them still live
+        widest = max(c.d_model, d_mlp, c.n_heads * seq_len)
+        batched = 12 * widest + (0 if task.adapter.head_point else 2 * c.d_vocab)
+        logits = max(ALL_POSITIONS_LOGITS * c.d_vocab, 2 * c.d_vocab + per_target * batched)
+        return tokens * abytes * (layers + logits)
+    copies = ALL_POSITIONS_LOGITS if cfg.position == "all" else ONE_POSITION_LOGITS
+    return tokens * abytes * (2 * layers + copies * c.d_vocab)
+
+
+def _model_module(task: Task, batch_size: int, abytes: int) -> int:
+    """A plain module's forward/backward activations: every leaf module's output is kept for the
+    backward (the model's parameters require grad), the backward adds a few of the widest, and
+    the divergence a few copies of the output (references, log-probs, its terms); measured
+    1.0-1.2x of this on MLPs (BENCHMARKS.md "Memory estimate")."""
+    kept, widest, out = row_activations(task.adapter)
+    return batch_size * abytes * (kept + 3 * widest + 4 * out)
+
+
+def row_activations(adapter) -> tuple[int, int, int]:
+    """(elements of every leaf module's output, of the widest one, of the model's output) for one
+    row of a plain module. Found by a forward of one zero row under no_grad and in eval mode (the
+    model's RNG, buffers and modes are kept) when its first leaf module with weights is an
+    nn.Linear; otherwise, or if that forward fails, from its Linear layers' widths (each taken
+    as followed by an elementwise activation)."""
+    model = adapter.model
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    first = next((m for m in leaves if any(True for _ in m.parameters(recurse=False))), None)
+    if isinstance(first, nn.Linear):
+        sizes: list[int] = []
+
+        def hook(module, args, kwargs, output):
+            sizes.append(sum(t[0].numel() for t in _tensors(output) if t.dim() > 0))
+
+        row = torch.zeros(1, first.in_features, dtype=adapter.model_dtype, device=adapter.device)
+        devices = [adapter.device] if adapter.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), adapter.session(), torch.no_grad(), \
+                    adapter.forward_hooks({m: hook for m in leaves}):
+                output = adapter.forward(row)
+            if sizes:
+                return sum(sizes), max(sizes), output[0].numel()
+        except Exception:  # noqa: BLE001 - a model that needs other inputs: fall back to its widths
+            pass
+    widths = [m.out_features for m in leaves if isinstance(m, nn.Linear)]
+    if not widths:
+        return 0, 0, 0
+    return 2 * sum(widths), max(widths), widths[-1]
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _tensors(o)]
+    return []
+
+
+def _gathered(task: Task, batch_size: int, seq_len: int, abytes: int) -> int:
+    """Under torch.distributed every rank gathers the whole batch's target-space outputs to draw
+    references (``Task.references``): the gathered parts, their concatenation and the global
+    references come on top of the local copies counted in the model's part, measured as about
+    ``GATHERED_COPIES`` of the global batch's outputs (1.06-1.09x at 2 ranks), and as many again
+    for the paired outputs. ``batch_size`` is this rank's share."""
+    world = distributed.world()
+    if world == 1:
+        return 0
+    cfg = task.cfg
+    if task.adapter.is_language_model:
+        width = (seq_len if task.token_mode or cfg.position == "all" else 1) * task.adapter.cfg.d_vocab
+        rows = batch_size * (seq_len if task.token_mode else 1)
+    else:
+        width, rows = row_activations(task.adapter)[2], batch_size
+    tbytes = max(abytes, 4) if cfg.divergence == "kl" else abytes
+    copies = GATHERED_COPIES * (2 if cfg.reference == "paired" else 1)
+    return world * rows * width * tbytes * copies
 
 
 def available(device: torch.device) -> Optional[int]:
