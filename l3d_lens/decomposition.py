@@ -83,20 +83,58 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     Launched with torchrun (torch.distributed initialised), each rank trains on its shard of
     every global batch. The model is left exactly as it was: same weights, same mode, no hooks.
     """
+    from . import distributed
     from .checkpoint import check_folder
     from .training import train
 
-    check_folder(checkpoint)
-    if not is_int(checkpoint_every) or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
-    if checkpoint_every and checkpoint is None:
-        raise ValueError(f"checkpoint_every={checkpoint_every} saves a checkpoint every {checkpoint_every} steps "
-                         f"into the checkpoint folder, but checkpoint is None; pass checkpoint=<folder> or leave "
-                         f"checkpoint_every at 0")
-    task = build_task(model, cfg)
-    check_run(task, data, reference)
+    task, error = None, None
+    try:  # under torch.distributed, a rank that fails here alone must not leave the others waiting
+        check_folder(checkpoint)
+        if not is_int(checkpoint_every) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at epoch ends), got {checkpoint_every!r}")
+        if checkpoint_every and checkpoint is None:
+            raise ValueError(f"checkpoint_every={checkpoint_every} saves a checkpoint every {checkpoint_every} steps "
+                             f"into the checkpoint folder, but checkpoint is None; pass checkpoint=<folder> or leave "
+                             f"checkpoint_every at 0")
+        task = build_task(model, cfg)
+        check_run(task, data, reference)
+    except Exception as e:
+        if not distributed.active():
+            raise
+        error = e
+    if distributed.active():
+        stop_together(task, model, cfg, error)
     factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
     return Decomposition(task, factors, history)
+
+
+def stop_together(task: Optional[Task], model: Any, cfg: Any, error: Optional[Exception]) -> None:
+    """Under torch.distributed, after each rank ran ``decompose``'s checks (``error``: what this
+    rank's raised): one collective, so that no rank trains on, or waits until the process-group
+    timeout (30 minutes with gloo, then an error that names no cause) in training's first
+    collective, for a rank that stopped. Configs that differ are named first (what usually makes
+    one rank's checks fail); otherwise a rank that failed raises its own error and the others a
+    ValueError naming each failed rank and its reason."""
+    from . import distributed
+    from .training import config_parts, different_runs
+
+    device = task.adapter.device if task is not None else parameter_device(model)
+    parts = config_parts(cfg.to_dict() if isinstance(cfg, L3DConfig) else None)
+    differ, failed = distributed.differing_or_failed(
+        parts, None if error is None else f"{type(error).__name__}: {error}", device)
+    if differ:
+        raise different_runs(differ) from error
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError("; ".join(f"rank {r} failed its checks before training ({why})" for r, why in failed.items())
+                         + "; every rank stops")
+
+
+def parameter_device(model: Any) -> torch.device:
+    """The device of ``model``'s first parameter (as ``Adapter.device``), the CPU for anything else."""
+    p = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
 
 
 def check_autograd(what: str = "L3D") -> None:

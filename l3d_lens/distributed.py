@@ -6,7 +6,10 @@ contiguous shard. What makes the result equal to one process
 on the global batch: references are drawn over the gathered global batch, batch top-k runs on
 the gathered coefficients, the loss is normalised by the global sum of ||g||^2, and factor
 gradients are summed over ranks before the (identical) Adam step. Every tensor handed to a
-collective lives on the data's device (NCCL moves CUDA tensors only; gloo takes either).
+collective lives on the data's device (NCCL moves CUDA tensors only; gloo takes either). A rank
+that fails alone in work with no collective of its own says so in the next ``gather_cat``
+(``announce``), where the others raise ``RankFailed`` at once instead of waiting for it until the
+process-group timeout.
 """
 
 from __future__ import annotations
@@ -45,20 +48,69 @@ def shard(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x[a:b]
 
 
+class RankFailed(RuntimeError):
+    """Another rank failed in work that has no collective of its own (``announce``): this rank
+    stops with it rather than wait for it in a collective until the process-group timeout."""
+
+
+FAILED = -1  # the row count ``announce`` sends in place of a rank's in ``gather_cat``
+
+
 def gather_cat(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
     """Every rank's tensor concatenated along dim 0 in rank order (sizes may differ), and the
-    rows of the result that are this rank's."""
+    rows of the result that are this rank's. Raises ``RankFailed`` if a rank ``announce``d it
+    failed before this collective."""
     if not active():
         return x, slice(0, x.shape[0])
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-    counts = torch.cat(sizes).tolist()
+    counts = row_counts(x.shape[0], x.device)
     padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded.contiguous())
     start = sum(counts[: rank()])
     return torch.cat([p[:n] for p, n in zip(parts, counts)]), slice(start, start + x.shape[0])
+
+
+def row_counts(n: int, device: Union[str, torch.device], failure: Optional[str] = None) -> list[int]:
+    """Every rank's row count ``n`` (``FAILED`` from a rank that failed, with its ``failure``);
+    if any rank failed, every rank then gathers the reasons and, unless it failed too, raises
+    ``RankFailed`` naming each failed rank and why."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    counts = torch.cat(sizes).tolist()
+    if FAILED in counts:
+        failed = failures(gather_ints(reason_words(failure), device))
+        if failure is None:
+            raise RankFailed("; ".join(f"rank {r} failed {why}" for r, why in failed.items()) + "; every rank stops")
+    return counts
+
+
+def announce(failure: str, device: Union[str, torch.device]) -> None:
+    """Tell the other ranks, waiting in (or on their way to) a ``gather_cat``, that this rank
+    failed (``failure``: where and why, e.g. "at step 3 (epoch 0): ValueError: ..."), so that
+    they raise ``RankFailed`` at once; the caller then raises its own error."""
+    row_counts(FAILED, device, failure)
+
+
+REASON_BYTES = 512  # of a failed rank's reason sent to the others (a longer one is cut)
+
+
+def reason_words(reason: Optional[str]) -> list[int]:
+    """``reason`` (None: this rank did not fail) as 1 + REASON_BYTES int64s for ``gather_ints``:
+    a failed flag and the reason's UTF-8 bytes, cut to REASON_BYTES and padded with zeros."""
+    if reason is None:
+        return [0] * (1 + REASON_BYTES)
+    raw = reason.encode()
+    if len(raw) > REASON_BYTES:
+        raw = raw[:REASON_BYTES - 3] + b"..."
+    return [1, *raw, *[0] * (REASON_BYTES - len(raw))]
+
+
+def failures(rows: list[list[int]]) -> dict[int, str]:
+    """The ranks whose ``reason_words`` (leading each gathered row) say they failed, each with its
+    reason."""
+    return {r: bytes(row[1:1 + REASON_BYTES]).rstrip(b"\0").decode(errors="ignore")
+            for r, row in enumerate(rows) if row[0]}
 
 
 def all_reduce_(*tensors: torch.Tensor) -> None:
@@ -100,8 +152,23 @@ def gather_ints(values: list[int], device: Union[str, torch.device] = "cpu") -> 
 def differing(parts: dict[str, Optional[str]], device: Union[str, torch.device] = "cpu") -> dict[str, list[int]]:
     """The names of ``parts`` (the same names on every rank) whose value is not the same on every
     rank, each with the ranks whose value differs from rank 0's; every rank gets the same answer."""
-    names = list(parts)
-    rows = gather_ints([w for name in names for w in digest_words(parts[name])], device)
+    return compare(list(parts), gather_ints(part_words(parts), device))
+
+
+def differing_or_failed(parts: dict[str, Optional[str]], failure: Optional[str],
+                        device: Union[str, torch.device] = "cpu") -> tuple[dict[str, list[int]], dict[int, str]]:
+    """``differing(parts)`` and the ranks that failed (``failure``: this rank's reason, None if it
+    did not), each with its reason, in one collective; every rank gets the same answer."""
+    rows = gather_ints(reason_words(failure) + part_words(parts), device)
+    return compare(list(parts), [row[1 + REASON_BYTES:] for row in rows]), failures(rows)
+
+
+def part_words(parts: dict[str, Optional[str]]) -> list[int]:
+    return [w for value in parts.values() for w in digest_words(value)]
+
+
+def compare(names: list[str], rows: list[list[int]]) -> dict[str, list[int]]:
+    """``differing``'s answer from every rank's ``part_words`` of ``names``."""
     out = {}
     for i, name in enumerate(names):
         words = [row[5 * i:5 * i + 5] for row in rows]

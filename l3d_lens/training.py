@@ -367,6 +367,22 @@ def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, d
     return Resumed(n_steps, start_epoch, skip, state["history"], sums, tensors.get("order"))
 
 
+# errors of torch.distributed itself, or another rank's failure: no rank is left waiting to be told
+PASSED_ON = (distributed.RankFailed, getattr(torch.distributed, "DistError", distributed.RankFailed))
+
+
+def shard_stats(task: Task, f: Factors, x: torch.Tensor, gen: torch.Generator, paired: Optional[torch.Tensor],
+                step_index: int, epoch: int):
+    """``batch_stats`` of this rank's shard, a non-finite gradient raised as a FloatingPointError
+    that names the step."""
+    try:
+        return batch_stats(task, f, x, gen, paired)
+    except NonFiniteGradient as e:
+        raise FloatingPointError(
+            f"non-finite (NaN/inf) per-sample gradient for weight {e.name} at step {step_index} (epoch {epoch}); "
+            f"check the model's outputs and the data of this batch") from None
+
+
 def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, paired: Optional[torch.Tensor],
          gen: torch.Generator, sums: EpochSums, step_index: int, epoch: int) -> None:
     """One optimisation step on one global batch (this rank's shard of it)."""
@@ -376,11 +392,13 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
                          f"{step_index}, epoch {epoch}); give every batch at least one row per rank")
     x, paired = distributed.shard(x), distributed.shard(paired)
     try:
-        stats = batch_stats(task, f, x, gen, paired)
-    except NonFiniteGradient as e:
-        raise FloatingPointError(
-            f"non-finite (NaN/inf) per-sample gradient for weight {e.name} at step {step_index} (epoch {epoch}); "
-            f"check the model's outputs and the data of this batch") from None
+        stats = shard_stats(task, f, x, gen, paired, step_index, epoch)
+    except PASSED_ON:
+        raise
+    except Exception as e:
+        if task.sharded:  # the others wait in a gather_cat (this step's, or a reference draw's): stop them
+            distributed.announce(f"at step {step_index} (epoch {epoch}): {type(e).__name__}: {e}", x.device)
+        raise
     coef_all, local = distributed.gather_cat(stats.A.detach())
     mask_all = topk_mask(coef_all, cfg.top_k)
     mask = mask_all[local]
@@ -434,16 +452,29 @@ def check_same_run(fingerprints: dict[str, Any], device: torch.device) -> None:
     words = {"model": "model (its parameters)", "data": "data", "reference": "reference data"}
     parts = {}
     for k, v in fingerprints.items():
-        if k != "config":
+        if k == "config":
+            parts.update(config_parts(v))
+        else:
             parts[words[k]] = json.dumps(v, sort_keys=True)
-            continue
-        for field, value in v.items():  # by field, to name it; a callable by its name, not its address
-            if field != "device":  # each rank's own GPU ('cuda:0', 'cuda:1') is the usual setup
-                parts[f"config {field}"] = without_address(json.dumps(value, sort_keys=True))
     differ = distributed.differing(parts, device)
     if differ:
-        what = "; ".join(f"{k} (rank {', '.join(map(str, r))} unlike rank 0)" for k, r in differ.items())
-        raise ValueError(f"the ranks of this torch.distributed run were given different {what}; {SAME_DATA}")
+        raise different_runs(differ)
+
+
+def config_parts(config: Optional[dict[str, Any]]) -> dict[str, Optional[str]]:
+    """A config (``to_dict`` form; None for a rank whose cfg is no L3DConfig) as the ranks compare
+    it: by field, to name the one that differs, every field on every rank; a callable by its name,
+    not its address; the device left out (each rank's own GPU, 'cuda:0', 'cuda:1', is the usual
+    setup)."""
+    return {f"config {f.name}": None if config is None else without_address(json.dumps(config[f.name], sort_keys=True))
+            for f in dataclasses.fields(L3DConfig) if f.name != "device"}
+
+
+def different_runs(differ: dict[str, list[int]]) -> ValueError:
+    """The error every rank raises when the ranks were given different ``differ`` (what differs,
+    with the ranks unlike rank 0: ``distributed.differing``)."""
+    what = "; ".join(f"{k} (rank {', '.join(map(str, r))} unlike rank 0)" for k, r in differ.items())
+    return ValueError(f"the ranks of this torch.distributed run were given different {what}; {SAME_DATA}")
 
 
 def batch_digest(x: torch.Tensor, paired: Optional[torch.Tensor]) -> str:

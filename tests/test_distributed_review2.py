@@ -1,0 +1,135 @@
+"""A rank that fails alone, in decompose's checks or in its share of a training step, stops
+every rank at once with one error naming it and why, instead of leaving the others waiting in a
+collective until the process-group timeout (30 minutes with gloo, then an error naming no cause).
+Ranks are 2 gloo processes with a 20 s process-group timeout and a join deadline, so that a
+regression fails rather than hangs."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import l3d_lens
+from l3d_lens import distributed
+
+
+class Breakable(nn.Module):
+    """A small MLP whose forward raises on the rank where ``broken`` is set: a failure of one
+    rank's share of a batch before the reference draw's collective."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.broken = False
+
+    def forward(self, x):
+        if self.broken:
+            raise ValueError("this rank's forward is broken")
+        return self.net(x)
+
+
+def setup(case: str, rank: int):
+    """The model, data and config rank ``rank`` passes in ``case``."""
+    torch.manual_seed(0)
+    model = Breakable().double()
+    data = torch.randn(16, 4, dtype=torch.float64)
+    cfg = l3d_lens.L3DConfig(components=["net.0.weight"], n_subnetworks=3, rank=1, epochs=1, batch_size=16,
+                             dtype="float64", reference="zero")
+    if case == "dtype" and rank == 1:  # only rank 1's check_run fails
+        data = data.float()
+    if case == "component" and rank == 1:  # rank 1's config differs, and its selection fails
+        cfg = cfg.replace(components=["net.7.weight"])
+    if case == "nan_row":  # the same data on every rank: the rank that holds the NaN row fails its step
+        data[5] = float("nan")
+    if case == "forward":  # rank 0 waits in the reference draw's gather
+        model.broken = rank == 1
+        cfg = cfg.replace(reference="mean")
+    return model, data, cfg
+
+
+def worker(rank: int, world: int, init_file: str, out: str, case: str) -> None:
+    """One rank: decompose ``case``; what it raises goes to ``out.<rank>`` ("ok" if nothing), then a
+    final barrier, as a script that goes on after catching the error would reach."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        try:
+            l3d_lens.decompose(*setup(case, rank), progress=False)
+            result = "ok"
+        except Exception as e:
+            result = f"{type(e).__name__}: {e}"
+        Path(f"{out}.{rank}").write_text(result)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path: Path, case: str) -> list[str]:
+    """What each of 2 ranks raised in ``case``; a rank that wrote nothing (it hung, or died) fails."""
+    out = str(tmp_path / "out")
+    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "init"), out, case), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 90
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks of {case!r} did not finish within 90 s")
+    except mp.ProcessRaisedException as e:
+        pytest.fail(f"a rank of {case!r} crashed: {e}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return [Path(f"{out}.{rank}").read_text() for rank in (0, 1)]
+
+
+def test_a_rank_that_fails_its_checks_stops_every_rank(tmp_path):
+    """Rank 1's data does not suit the model: it raised its own error and rank 0 waited in
+    training's first collective until the timeout."""
+    rank0, rank1 = run_ranks(tmp_path, "dtype")
+    assert rank1.startswith("TypeError: data is torch.float32 but the model's parameters are torch.float64"), rank1
+    assert rank0.startswith("ValueError: rank 1 failed its checks before training (TypeError: data is torch.float32 "
+                            "but the model's parameters are torch.float64"), rank0
+    assert rank0.endswith("); every rank stops"), rank0
+
+
+def test_a_config_that_differs_is_named_rather_than_its_consequence(tmp_path):
+    """Rank 1 selects a weight the model lacks: every rank names the differing config field."""
+    errors = run_ranks(tmp_path, "component")
+    message = ("ValueError: the ranks of this torch.distributed run were given different config components (rank 1 "
+               "unlike rank 0); every rank must pass the same config, model and whole data")
+    assert all(e.startswith(message) for e in errors), errors
+
+
+@pytest.mark.parametrize("case", ["nan_row", "forward"])
+def test_a_rank_that_fails_its_share_of_a_step_stops_every_rank(tmp_path, case):
+    """nan_row: the rank holding the NaN row raises FloatingPointError; forward: rank 1's forward
+    raises before the reference draw. The other rank waited in a gather until the timeout."""
+    errors = run_ranks(tmp_path, case)
+    if case == "nan_row":
+        failed = next(r for r, e in enumerate(errors) if e.startswith("FloatingPointError"))
+        reason = "FloatingPointError: non-finite (NaN/inf) per-sample gradient for weight net.0.weight at step 0"
+    else:
+        failed, reason = 1, "ValueError: this rank's forward is broken"
+    assert errors[failed].startswith(reason), errors
+    other = errors[1 - failed]
+    assert other.startswith(f"RankFailed: rank {failed} failed at step 0 (epoch 0): {reason}"), other
+    assert other.endswith("; every rank stops"), other
+
+
+def test_a_long_reason_is_cut_to_fit_its_fixed_size():
+    """Every rank sends as many words, whatever its reason; a cut multi-byte character is dropped."""
+    words = distributed.reason_words("é" * 1000)
+    assert len(words) == len(distributed.reason_words(None)) == 1 + distributed.REASON_BYTES
+    reason = distributed.failures([distributed.reason_words(None), words])[1]
+    assert reason.endswith("...") and set(reason[:-3]) == {"é"} and len(reason.encode()) <= distributed.REASON_BYTES
+    assert distributed.failures([distributed.reason_words("short")]) == {0: "short"}
