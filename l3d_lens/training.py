@@ -560,6 +560,19 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         return _train(task, data, reference, progress, checkpoint, checkpoint_every, lock)
 
 
+def check_finite(epoch: int, loss: float, f: dict[str, torch.Tensor], lr: float) -> None:
+    """Stop a run that diverged (the same on every rank: the loss is summed over them and the
+    factors are shared), before its factors are recorded: a decomposition with non-finite
+    factors cannot be saved and loaded again, nor means anything."""
+    bad = [k for k, t in f.items() if not bool(torch.isfinite(t).all())]
+    if math.isfinite(loss) and not bad:
+        return
+    what = f"factors {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf" if bad else \
+        "the factors are finite"
+    raise FloatingPointError(f"L3D diverged in epoch {epoch}: the reconstruction loss is {loss} and {what}; lower the "
+                             f"learning rate (lr was {lr:g} this epoch)")
+
+
 def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, checkpoint: Union[str, Path, None],
            checkpoint_every: int, lock: ckpt.FolderLock) -> tuple[Factors, list[dict[str, Any]]]:
     """``train``'s work; rank 0 takes ``lock`` on the checkpoint folder before reading it."""
@@ -654,6 +667,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
                           f"{'aux_epochs' if cfg.aux_epochs is not None and cfg.aux_epochs < cfg.epochs else 'epochs'}",
                           stacklevel=4)
         p_act = sums.active / max(sums.n_seen, 1)
+        check_finite(epoch, sums.loss_num / max(sums.loss_den, 1e-300), f, lr)
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum()), "n_resampled": sums.n_resampled}
         history.append(record)
@@ -663,4 +677,8 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
             save_checkpoint(epoch + 1, 0)
     for t in f.values():
         t.requires_grad_(False)
+    if history and history[-1]["loss"] > 1:
+        warnings.warn(f"the last epoch's reconstruction loss is {history[-1]['loss']:.4g}, above 1: the subnetworks "
+                      f"reconstruct the gradients worse than none would; the learning rate (lr={cfg.lr:g}) may be too "
+                      f"high for these gradients, try a lower one", stacklevel=3)
     return f, history
