@@ -7,6 +7,7 @@ print one line ``l3d-lens <command>: error: ...`` and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,9 +47,27 @@ def _has_hooked() -> bool:
     return True
 
 
-def load_model(spec: str, model_class: str = "auto", device: Optional[str] = None) -> torch.nn.Module:
+#: how ``load_model`` finds a model: the embedded one, a local folder, or a TransformerLens / hub name
+MODEL_SOURCES = ("embedded", "local", "named")
+
+
+def model_source(spec: str) -> str:
+    """How ``load_model`` finds ``spec`` now: the embedded model's name wins over a folder of
+    that name, then an existing path is a local folder, else it is a model name. Decided before
+    anything is written, as a folder written later may take a model name's place."""
+    if spec in EMBEDDED:
+        return "embedded"
+    return "local" if Path(spec).exists() else "named"
+
+
+def load_model(spec: str, model_class: str = "auto", device: Optional[str] = None,
+               source: Optional[str] = None) -> torch.nn.Module:
     """``induction`` (the embedded default model), a local Hugging Face directory, or a
-    TransformerLens model name. model_class: auto | hooked | bridge."""
+    TransformerLens model name. model_class: auto | hooked | bridge. ``source`` (one of
+    MODEL_SOURCES, as a record keeps it): how to read ``spec``; None: ``model_source(spec)``."""
+    source = source or model_source(spec)
+    if source not in MODEL_SOURCES:
+        raise UserError(f"model source {source!r}: choose one of {', '.join(MODEL_SOURCES)}")
     if model_class not in ("auto", "hooked", "bridge"):
         raise UserError(f"--model-class {model_class!r}: choose auto, hooked or bridge")
     if model_class == "hooked" and not _has_hooked():
@@ -55,7 +75,9 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
                         "use --model-class bridge")
     if device:
         _check_device(device)
-    if spec in EMBEDDED:
+    if source == "embedded":
+        if spec not in EMBEDDED:
+            raise UserError(f"model {spec!r} is not an embedded model ({', '.join(EMBEDDED)})")
         from .zoo import induction
 
         kind = None if model_class == "auto" else model_class
@@ -64,8 +86,10 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
         except (RuntimeError, NotImplementedError) as e:
             raise UserError(f"could not load the embedded model: {_first_line(e)}") from None
         model._l3d_embedded = True  # marks the embedded task's data and vocabulary
-    elif Path(spec).exists():
+    elif source == "local":
         path = Path(spec)
+        if not path.exists():
+            raise UserError(f"model directory {spec} does not exist")
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserError(f"{spec} is not a Hugging Face model directory (needs config.json)")
         model = _load_local(path, model_class)
@@ -105,7 +129,10 @@ def _load_local(path: Path, model_class: str) -> torch.nn.Module:
             return _boot_local(path, model_class)
     except (OSError, ValueError, KeyError, AttributeError, ImportError, NotImplementedError) as e:
         # NotImplementedError: an architecture this TransformerLens does not support
-        raise UserError(f"could not load the model in {path}: {_first_line(e)}") from None
+        hint = ""
+        if model_class == "hooked" and isinstance(e, AttributeError):  # a field TL's conversion reads, missing here
+            hint = " (HookedTransformer's conversion of this config failed; --model-class bridge loads it as saved)"
+        raise UserError(f"could not load the model in {path}: {_first_line(e)}{hint}") from None
 
 
 def _boot_local(path: Path, model_class: str) -> torch.nn.Module:
@@ -116,13 +143,31 @@ def _boot_local(path: Path, model_class: str) -> torch.nn.Module:
 
         hf = AutoModelForCausalLM.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        cfg = get_pretrained_model_config(str(path), hf_cfg=hf.config.to_dict(), fold_ln=True)
+        with _config_for_hooked(path, hf.config) as config_dir:
+            cfg = get_pretrained_model_config(str(config_dir), hf_cfg=hf.config.to_dict(), fold_ln=True)
+        cfg.model_name = str(path).split(os.sep)[-1]  # as TransformerLens names it from path, not the copy
         model = HookedTransformer(cfg, tokenizer)
         model.load_and_process_state_dict(get_pretrained_state_dict(str(path), cfg, hf), fold_ln=True)
         return model
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(str(path))
+
+
+@contextlib.contextmanager
+def _config_for_hooked(path: Path, config):
+    """The folder whose config.json TransformerLens's HookedTransformer conversion reads: ``path``
+    itself, or, for a GPT-2 config saved without ``n_ctx`` (current transformers write only
+    ``n_positions``, the same number, and TL 3 reads ``n_ctx``), a temporary folder of the same
+    name holding the loaded ``config`` with ``n_ctx`` set; the user's files are left alone."""
+    if getattr(config, "model_type", None) != "gpt2" or hasattr(config, "n_ctx") or not hasattr(config, "n_positions"):
+        yield path
+        return
+    config.n_ctx = config.n_positions
+    with tempfile.TemporaryDirectory(prefix="l3d-lens-config-") as tmp:
+        folder = Path(tmp) / (path.resolve().name or "model")
+        config.save_pretrained(folder)
+        yield folder
 
 
 def _load_named(name: str, model_class: str) -> torch.nn.Module:
@@ -170,6 +215,7 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
     if body < 1:
         raise UserError(f"--seq-len {seq_len} is too short")
     stream: list[int] = []
+    n_text = 0  # tokens the texts themselves gave (not the end-of-text ones added)
     for text in texts:
         if _blank(text):
             continue
@@ -178,10 +224,15 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
         except TypeError:  # a tokenizer without the option adds none
             ids = tok(text)["input_ids"]
         stream.extend(int(i) for i in ids)
+        n_text += len(ids)
         if eos is not None:
             stream.append(int(eos))
         if len(stream) >= body * max_sequences:
             break
+    if n_text == 0 and any(not _blank(t) for t in texts):
+        raise UserError(f"the model's tokenizer ({_tokenizer_size(tok)}) turns the text into no tokens: does the model "
+                        f"folder have its tokenizer files (tokenizer.json, or vocab.json and merges.txt)? Or pass "
+                        f"token ids (.pt)")
     n = min(max_sequences, len(stream) // body)
     if n == 0:
         raise UserError(f"the data give {len(stream)} tokens, fewer than one sequence of {seq_len}")
@@ -189,6 +240,14 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
     if bos is not None:
         x = torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), x], 1)
     return x
+
+
+def _tokenizer_size(tok) -> str:
+    """``a tokenizer of N entries``, or its class name where it has no length."""
+    try:
+        return f"a {type(tok).__name__} of {len(tok)} entries"
+    except TypeError:
+        return f"a {type(tok).__name__}"
 
 
 def _short(value: Any) -> str:
@@ -291,6 +350,72 @@ def _blank(text: Any) -> bool:
     return text is None or (isinstance(text, str) and not text.strip())
 
 
+NEEDS_DATA = "--data is required for this model (text files, .jsonl, .json, .pt token ids or a saved dataset)"
+
+
+def check_seq_len(seq_len: Optional[int]) -> None:
+    """--seq-len's lower bound, checked before the model loads (its upper one is the model's n_ctx)."""
+    if seq_len is not None and seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (and at most the model's n_ctx), got {seq_len}")
+
+
+@dataclass
+class RawData:
+    """Data files read and checked without the model, so that a bad file stops a command before
+    the model loads; what needs the model (tokenizing, its n_ctx and vocabulary) comes in
+    ``tokens_from``. ``ids``: token ids in the files' order, each a tensor (a .pt file) or a
+    saved dataset's ``(path, rows)``, cut to the sequence length once it is known."""
+
+    paths: list[str]
+    texts: list[str] = field(default_factory=list)
+    ids: list = field(default_factory=list)
+
+
+def read_data(paths: list[str], *, text_column: Optional[str] = None, split: Optional[str] = None) -> RawData:
+    """Read and check ``paths`` (see ``load_data``) without a model: each file once."""
+    column = text_column or "text"
+    raw = RawData(list(paths))
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise UserError(f"data {p} does not exist")
+        if path.is_dir():
+            col, ids = _texts_from_dataset(path, text_column, split)
+            if col is not None:
+                raw.texts.extend(col)
+            else:
+                raw.ids.append((path, ids))
+        elif path.suffix == ".pt":
+            raw.ids.append(_token_ids_file(path))
+        elif path.suffix == ".jsonl":
+            raw.texts.extend(_texts_from_jsonl(path, column))
+        elif path.suffix == ".json":
+            raw.texts.extend(_texts_from_json(path, column))
+        else:
+            try:
+                raw.texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .json, .pt token ids or a saved "
+                                f"dataset)") from None
+    return raw
+
+
+def _token_ids_file(path: Path) -> torch.Tensor:
+    """The integer tensor [n, seq] of token ids a .pt file holds."""
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot read token ids ({_first_line(e)})") from None
+    if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype == torch.bool or t.is_floating_point()
+            or t.is_complex()):
+        got = (f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor)
+               else f"a {type(t).__name__}")
+        raise UserError(f"{path}: expected an integer tensor of token ids [n, seq], got {got}")
+    if t.numel() == 0:
+        raise UserError(f"{path}: holds no token ids (shape {list(t.shape)})")
+    return t.long()
+
+
 def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int], max_sequences: int,
               text_column: Optional[str] = None, split: Optional[str] = None, seed: int = 0) -> torch.Tensor:
     """Token ids [n, seq] from: nothing (the embedded model's own task), .pt files of token
@@ -300,63 +425,52 @@ def load_data(model: torch.nn.Module, paths: list[str], *, seq_len: Optional[int
     ``input_ids``/``tokens`` column)."""
     from .adapters import make_adapter
 
+    _data_limits(make_adapter(model), seq_len, max_sequences)  # before reading the files
+    return tokens_from(model, read_data(paths, text_column=text_column, split=split), seq_len=seq_len,
+                       max_sequences=max_sequences, seed=seed)
+
+
+def _data_limits(adapter, seq_len: Optional[int], max_sequences: int) -> int:
+    """Check ``max_sequences`` and ``seq_len`` against the model (its adapter); its n_ctx (1024
+    where unknown)."""
     if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
         raise UserError(f"max_sequences must be an int >= 1, got {max_sequences!r}")
-    adapter = make_adapter(model)
     n_ctx = adapter.n_ctx or 1024
     if seq_len is not None and not 2 <= seq_len <= n_ctx:
         raise UserError(f"--seq-len must be between 2 and the model's n_ctx={n_ctx}, got {seq_len}")
-    if not paths:
+    return n_ctx
+
+
+def tokens_from(model: torch.nn.Module, raw: RawData, *, seq_len: Optional[int], max_sequences: int,
+                seed: int = 0) -> torch.Tensor:
+    """``load_data``'s token ids from data ``read_data`` has read: texts tokenized by the model,
+    dataset rows cut to ``seq_len`` (default min(32, n_ctx)), all checked against its n_ctx
+    and vocabulary."""
+    from .adapters import make_adapter
+
+    adapter = make_adapter(model)
+    n_ctx = _data_limits(adapter, seq_len, max_sequences)
+    if not raw.paths:
         if _is_embedded(model):
             from .zoo import induction
 
             return induction.repeated_sequences(max_sequences, seed=seed)
-        raise UserError("--data is required for this model (text files, .jsonl, .json, .pt token ids or a saved "
-                        "dataset)")
+        raise UserError(NEEDS_DATA)
     seq_len = seq_len or min(32, n_ctx)
-    column = text_column or "text"
-    texts: list[str] = []
     tensors: list[torch.Tensor] = []
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise UserError(f"data {p} does not exist")
-        if path.is_dir():
-            col, ids = _texts_from_dataset(path, text_column, split)
-            if col is not None:
-                texts.extend(col)
-            else:
-                rows = [list(r)[:seq_len] for r in ids if len(r) >= seq_len]
-                if not rows:
-                    raise UserError(f"{path}: no token row has {seq_len} tokens (lower --seq-len)")
-                tensors.append(torch.tensor(rows, dtype=torch.long))
-        elif path.suffix == ".pt":
-            try:
-                t = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"{path}: cannot read token ids ({_first_line(e)})") from None
-            if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype == torch.bool or t.is_floating_point()
-                    or t.is_complex()):
-                got = (f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor)
-                       else f"a {type(t).__name__}")
-                raise UserError(f"{path}: expected an integer tensor of token ids [n, seq], got {got}")
-            if t.numel() == 0:
-                raise UserError(f"{path}: holds no token ids (shape {list(t.shape)})")
-            tensors.append(t.long())
-        elif path.suffix == ".jsonl":
-            texts.extend(_texts_from_jsonl(path, column))
-        elif path.suffix == ".json":
-            texts.extend(_texts_from_json(path, column))
-        else:
-            try:
-                texts.append(path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                raise UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .json, .pt token ids or a saved "
-                                f"dataset)") from None
-    if texts:
-        tensors.append(_pack(model, texts, seq_len, max_sequences))
+    for item in raw.ids:
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+            continue
+        path, ids = item
+        rows = [list(r)[:seq_len] for r in ids if len(r) >= seq_len]
+        if not rows:
+            raise UserError(f"{path}: no token row has {seq_len} tokens (lower --seq-len)")
+        tensors.append(torch.tensor(rows, dtype=torch.long))
+    if raw.texts:
+        tensors.append(_pack(model, raw.texts, seq_len, max_sequences))
     if not tensors:
-        raise UserError(f"the data ({', '.join(paths)}) hold no text or token ids")
+        raise UserError(f"the data ({', '.join(raw.paths)}) hold no text or token ids")
     lengths = {t.shape[1] for t in tensors}
     if len(lengths) > 1:
         raise UserError(f"the data give sequences of different lengths {sorted(lengths)}; use one kind of data")
@@ -797,6 +911,7 @@ def _decomposition_files(folder: Path) -> list[Path]:
 #: the fields of a RECORD that ``_load_saved`` reads: field -> (check, what it must be)
 _RECORD_FIELDS = {
     "model": (lambda v: isinstance(v, str) and v != "", "a non-empty string (the model's name or folder)"),
+    "model_source": (lambda v: v in MODEL_SOURCES, f"one of {', '.join(map(repr, MODEL_SOURCES))}"),
     "model_class": (lambda v: v in ("auto", "hooked", "bridge"), "one of 'auto', 'hooked', 'bridge'"),
     "data": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths (strings)"),
     "seed": (is_int, "an integer (the data seed)"),
@@ -842,19 +957,18 @@ def _decompose(args: argparse.Namespace) -> int:
     _check_outputs(_decomposition_files(out) + ([report_path] if report_path else []), args.overwrite)
     if cfg.device is not None and cfg.device != args.device:  # from --config or --set (--device: checked above)
         _check_device(cfg.device, "--set/--config device")
-    missing = [p for p in args.data or () if not Path(p).exists()]
-    if missing:  # before the model loads (a hub model downloads first)
-        raise UserError(f"data {missing[0]} does not exist")
-    model = load_model(args.model, args.model_class, cfg.device)
-    data = load_data(model, args.data, seq_len=args.seq_len, max_sequences=args.max_sequences,
-                     text_column=args.text_column, split=args.split, seed=args.data_seed)
+    source = model_source(args.model)  # now: the output folder, made later, may take a model name's place
+    check_seq_len(args.seq_len)  # a missing --data is named once the model loads, after its own load errors
+    raw = read_data(args.data, text_column=args.text_column, split=args.split)  # before the model loads
+    model = load_model(args.model, args.model_class, cfg.device)  # finds it as ``source`` says: nothing written yet
+    data = tokens_from(model, raw, seq_len=args.seq_len, max_sequences=args.max_sequences, seed=args.data_seed)
     _note_unused_data_flags(args, args.data)
     if not args.quiet:
         print(f"l3d-lens decompose: {type(model).__name__}, data {tuple(data.shape)}, components "
               f"{list(cfg.components)}, {cfg.n_subnetworks} subnetworks")
     dec = decompose(model, data, cfg, progress=not args.quiet)
     dec.save(out)
-    _write_record(out, {"model": _model_record(args.model),
+    _write_record(out, {"model": _model_record(args.model, source), "model_source": source,
                         "model_class": args.model_class, "data": [str(Path(p).resolve()) for p in args.data],
                         "seq_len": args.seq_len, "max_sequences": args.max_sequences, "text_column": args.text_column,
                         "split": args.split, "seed": args.data_seed})
@@ -886,24 +1000,29 @@ def _check_batch_size(cfg) -> None:
                         f"use --batch-size >= {need}, or --sample token")
 
 
-def _model_record(spec: str) -> str:
-    """How ``load_model`` found ``spec``: the embedded model's name wins over a folder of that
-    name; another existing path is recorded absolute."""
-    if spec in EMBEDDED:
-        return spec
-    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+def _model_record(spec: str, source: str) -> str:
+    """``spec`` as the record keeps it, by how ``load_model`` found it (its ``model_source``):
+    a local folder absolute, a name as given."""
+    return str(Path(spec).resolve()) if source == "local" else spec
 
 
 def _saved_config(folder: Path) -> dict:
     """The config a saved decomposition records, for the checks made before any model loads;
     {} where the file cannot be read that way (``Decomposition.load`` then says what is wrong)."""
+    config = _saved_meta(folder).get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def _saved_meta(folder: Path) -> dict:
+    """A saved decomposition's JSON metadata; {} where it cannot be read (``Decomposition.load``
+    then says what is wrong)."""
     from .io import META
 
     try:
-        config = json.loads((folder / META).read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _saved_device(folder: Path, config: dict, given: Optional[str]) -> Optional[str]:
@@ -936,8 +1055,6 @@ def _saved_device(folder: Path, config: dict, given: Optional[str]) -> Optional[
 def _load_saved(args: argparse.Namespace):
     """Model, decomposition and data for ``report`` / ``compare``, defaulting to what
     ``decompose`` recorded next to the decomposition."""
-    from .decomposition import Decomposition
-
     folder = Path(args.decomposition)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder holding a saved decomposition")
@@ -950,24 +1067,75 @@ def _load_saved(args: argparse.Namespace):
         raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
     if args.compare and spec not in EMBEDDED:  # before loading it
         raise UserError(COMPARE_EMBEDDED_ONLY)
+    # the recorded model is read as it was found then (a folder made since may bear its name)
+    source = model_source(spec) if args.model else record.get("model_source") or model_source(spec)
     paths = args.data if args.data else record.get("data", [])
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         where = "" if args.data else f" (recorded in {folder / RECORD}; pass --data to use other data)"
         raise UserError(f"data {missing[0]} does not exist{where}")
-    model = load_model(spec, args.model_class or record.get("model_class", "auto"), device)
+    seq_len, text_column, split = _data_settings(args, record)
+    check_seq_len(seq_len)
+    if not paths and source != "embedded":  # e.g. --model of a decomposition of the embedded model
+        raise UserError(NEEDS_DATA)
+    raw = read_data(paths, text_column=text_column, split=split)  # before the model loads
+    model = load_model(spec, args.model_class or record.get("model_class", "auto"), device, source=source)
     device = device or str(next(model.parameters()).device)  # the factors go where the model is
-    try:
-        dec = Decomposition.load(folder, model, check_weights=not args.no_check_weights, device=device)
-    except ValueError as e:
-        raise UserError(_first_line(e).replace("pass check_weights=False", "pass --no-check-weights")) from None
+    dec = _load_decomposition(folder, model, args.no_check_weights, device)
     seed = record.get("seed", 0) + (1 if not args.data and not paths else 0)  # embedded task: fresh sequences
-    recorded_column = record.get("text_column")  # "text" was also the recorded default: it may fall back
-    data = load_data(model, paths, seq_len=args.seq_len or record.get("seq_len"), max_sequences=args.max_sequences,
-                     text_column=args.text_column or (None if recorded_column in (None, "text") else recorded_column),
-                     split=args.split or record.get("split"), seed=seed)
+    data = tokens_from(model, raw, seq_len=seq_len, max_sequences=args.max_sequences, seed=seed)
     _note_unused_data_flags(args, paths)
     return model, dec, data
+
+
+def _data_settings(args: argparse.Namespace, record: dict) -> tuple[Optional[int], Optional[str], Optional[str]]:
+    """--seq-len, --text-column and --split, each defaulting to the one recorded with the
+    decomposition's data only while that data is used: with --data, the flags alone."""
+    if args.data:
+        return args.seq_len, args.text_column, args.split
+    recorded_column = record.get("text_column")  # "text" was also the recorded default: it may fall back
+    return (args.seq_len or record.get("seq_len"),
+            args.text_column or (None if recorded_column in (None, "text") else recorded_column),
+            args.split or record.get("split"))
+
+
+#: the --model-class that loads a model as each adapter kind a decomposition records
+MODEL_CLASS_OF = {"hooked_transformer": "hooked", "transformer_bridge": "bridge"}
+
+
+def _load_decomposition(folder: Path, model: torch.nn.Module, no_check_weights: bool, device: str):
+    """``Decomposition.load`` with one-line errors. A decomposition computed on another model
+    class than ``model``'s (a HookedTransformer folds LayerNorm into its weights, a bridge
+    does not) has its weights checked even with --no-check-weights: where they differ, the
+    fix is the --model-class it was computed with, not a report on other weights."""
+    from .adapters import make_adapter
+    from .decomposition import Decomposition
+
+    saved, now = _saved_meta(folder).get("adapter"), make_adapter(model).kind
+    other_class = saved != now and saved in MODEL_CLASS_OF and now in MODEL_CLASS_OF
+    if other_class and no_check_weights:  # the check tells a wrong --model-class from a changed model
+        try:
+            return Decomposition.load(folder, model, check_weights=True, device=device)
+        except ValueError as e:
+            _refuse_other_class(folder, saved, now, e)
+    try:
+        return Decomposition.load(folder, model, check_weights=not no_check_weights, device=device)
+    except ValueError as e:
+        if other_class:
+            _refuse_other_class(folder, saved, now, e)
+        raise UserError(_first_line(e).replace("pass check_weights=False", "pass --no-check-weights")) from None
+
+
+def _refuse_other_class(folder: Path, saved: str, now: str, error: ValueError) -> None:
+    """UserError naming the --model-class to pass where ``error`` says the weights differ from
+    those of a decomposition computed on a ``saved`` model, loaded as a ``now`` model."""
+    if "differ from those the decomposition was computed on" not in _first_line(error):
+        return
+    need = MODEL_CLASS_OF[saved]
+    lacks = "" if need != "hooked" or _has_hooked() else (
+        ", which this TransformerLens lacks (removed in 4.0): report it where HookedTransformer exists")
+    raise UserError(f"{folder} was computed on a {saved} model and this is a {now} model, whose weights differ (a "
+                    f"HookedTransformer folds LayerNorm into them): pass --model-class {need}{lacks}") from None
 
 
 def _refuse_paired(folder: Path, config: dict) -> None:
@@ -1070,15 +1238,20 @@ def _model_args(p: argparse.ArgumentParser, default_class: Optional[str] = "auto
     p.add_argument("--device", default=None, help="torch device for the model (default: where it loads)")
 
 
-def _data_args(p: argparse.ArgumentParser, max_sequences: int, required_help: str, column_help: str) -> None:
+def _data_args(p: argparse.ArgumentParser, max_sequences: int, required_help: str, recorded: str = "") -> None:
+    """The data flags; ``recorded``: how their defaults begin (report: the values recorded with
+    the decomposition's data)."""
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help=f"text files, .jsonl, .json (an array of texts), .pt token ids [n, seq] or Hugging Face "
                         f"datasets saved with save_to_disk; {required_help}")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence for text data (default min(32, n_ctx))")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence for text data (default: {recorded}min(32, n_ctx))")
     p.add_argument("--max-sequences", type=_count, default=max_sequences,
                    help=f"use at most this many sequences (default {max_sequences})")
-    p.add_argument("--text-column", default=None, help=f"text field of .jsonl / .json / dataset rows ({column_help})")
-    p.add_argument("--split", default=None, help="dataset split (default train, else the first)")
+    p.add_argument("--text-column", default=None,
+                   help=f"text field of .jsonl / .json / dataset rows (default: {recorded}text; a dataset without a "
+                        f"text column may give an input_ids or tokens column instead)")
+    p.add_argument("--split", default=None, help=f"dataset split (default: {recorded}train, else the first)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1117,8 +1290,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with L3DConfig fields), then the flags below, then --set.")
     dec.add_argument("model", help="TransformerLens model name, local HF model directory, or 'induction'")
     dec.add_argument("--out", required=True, help="folder to save the decomposition in")
-    _data_args(dec, 2048, "required except for the embedded model",
-               "default text; a dataset without a text column may give an input_ids or tokens column instead")
+    _data_args(dec, 2048, "required except for the embedded model")
     dec.add_argument("--data-seed", type=int, default=0, help="seed of the embedded model's generated data")
     dec.add_argument("--config", help="YAML or JSON file of L3DConfig fields")
     g = dec.add_argument_group("L3D settings (override --config)")
@@ -1155,7 +1327,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="l3d_report.html", help="HTML file to write (default l3d_report.html)")
     rep.add_argument("--model", help="model (default: the one recorded with the decomposition)")
     _data_args(rep, 128, "default: the data recorded with the decomposition",
-               "default: the one recorded with the decomposition, else text")
+               "the one recorded with the decomposition's data unless --data replaces it, else ")
     rep.add_argument("--n-references", type=_count, default=4, help="references averaged for impact (default 4)")
     rep.add_argument("--title", default=None)
     rep.add_argument("--compare", action="store_true", help="add the activation-patching comparison (embedded model)")
