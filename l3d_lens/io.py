@@ -57,6 +57,12 @@ def save(dec, path) -> None:
     files are on the disk (``fsync``) before they replace the old ones, and the replaces after."""
     from .training import model_fingerprint
 
+    bad = [k for k, v in dec.factors.items() if not bool(torch.isfinite(v).all())]
+    if bad:  # before anything is written: load would refuse them
+        raise FloatingPointError(f"factor {bad[0]!r} holds NaN or inf: this decomposition's training diverged "
+                                 f"(its history's loss: {dec.history[-1]['loss'] if dec.history else None}), so it "
+                                 f"cannot be saved and loaded again; decompose again with a lower learning rate "
+                                 f"(lr={dec.cfg.lr:g})")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in dec.factors.items()}

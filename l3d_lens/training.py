@@ -560,17 +560,18 @@ def train(task: Task, data: Data, reference: Optional[Data], progress: bool = Tr
         return _train(task, data, reference, progress, checkpoint, checkpoint_every, lock)
 
 
-def check_finite(epoch: int, loss: float, f: dict[str, torch.Tensor], lr: float) -> None:
-    """Stop a run that diverged (the same on every rank: the loss is summed over them and the
-    factors are shared), before its factors are recorded: a decomposition with non-finite
-    factors cannot be saved and loaded again, nor means anything."""
+def warn_diverged(epoch: int, loss: float, f: dict[str, torch.Tensor], lr: float) -> bool:
+    """Warn, once (returns True when it did), that the run diverged: its loss or factors are
+    non-finite. The run goes on, so that ``best_of`` and ``sweep`` rank it last by its NaN
+    loss; ``Decomposition.save`` refuses its factors, which could not be loaded again."""
     bad = [k for k, t in f.items() if not bool(torch.isfinite(t).all())]
     if math.isfinite(loss) and not bad:
-        return
+        return False
     what = f"factors {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf" if bad else \
         "the factors are finite"
-    raise FloatingPointError(f"L3D diverged in epoch {epoch}: the reconstruction loss is {loss} and {what}; lower the "
-                             f"learning rate (lr was {lr:g} this epoch)")
+    warnings.warn(f"L3D diverged in epoch {epoch}: the reconstruction loss is {loss} and {what}; lower the learning "
+                  f"rate (lr was {lr:g} this epoch)", stacklevel=4)
+    return True
 
 
 def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, checkpoint: Union[str, Path, None],
@@ -635,6 +636,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
                          "optimizer": opt_meta, "scheduler": sched.state_dict()}, tensors)
 
     resample_at = set(cfg.resample_epochs)
+    diverged = False
     bar = tqdm(range(start_epoch, cfg.epochs), desc="L3D", disable=not progress or distributed.rank() != 0,
                unit="epoch", initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
@@ -667,7 +669,8 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
                           f"{'aux_epochs' if cfg.aux_epochs is not None and cfg.aux_epochs < cfg.epochs else 'epochs'}",
                           stacklevel=4)
         p_act = sums.active / max(sums.n_seen, 1)
-        check_finite(epoch, sums.loss_num / max(sums.loss_den, 1e-300), f, lr)
+        if not diverged:
+            diverged = warn_diverged(epoch, sums.loss_num / max(sums.loss_den, 1e-300), f, lr)
         record = {"epoch": epoch, "loss": sums.loss_num / max(sums.loss_den, 1e-300), "lr": lr, "steps": n_steps,
                   "p_act": p_act.tolist(), "n_dead": int((p_act == 0).sum()), "n_resampled": sums.n_resampled}
         history.append(record)
@@ -679,6 +682,6 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
         t.requires_grad_(False)
     if history and history[-1]["loss"] > 1:
         warnings.warn(f"the last epoch's reconstruction loss is {history[-1]['loss']:.4g}, above 1: the subnetworks "
-                      f"reconstruct the gradients worse than none would; the learning rate (lr={cfg.lr:g}) may be too "
-                      f"high for these gradients, try a lower one", stacklevel=3)
+                      f"reconstruct the gradients worse than none would (too few steps, or a learning rate, "
+                      f"lr={cfg.lr:g}, too high or too low for these gradients)", stacklevel=3)
     return f, history
