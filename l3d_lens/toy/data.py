@@ -1,7 +1,9 @@
 """Seeded data for the toy models, as in the paper: every feature is active with probability
 ``p_active`` (0.05) and then takes a value uniform in [0, 1] (in [-1, 1] for the x^2 model);
 rows where nothing is active carry no signal and are dropped, and sampling continues until
-``n`` rows are left. Everything random comes from one ``torch.Generator`` seeded by ``seed``.
+``n`` rows are left. Everything random comes from one ``torch.Generator`` seeded by ``seed``,
+drawn in float32 whatever ``torch.get_default_dtype()`` says (a float64 draw would give other
+values, not only other precision): ``Toy.to(torch.float64)`` is the way to float64.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def sparse_features(n: int, n_features: int, p_active: float = 0.05, seed: int =
     _check(p_active, n_features)
 
     def draw(m: int, gen: torch.Generator) -> torch.Tensor:
-        value = torch.rand(m, n_features, generator=gen, device="cpu")
+        value = torch.rand(m, n_features, generator=gen, dtype=torch.float32, device="cpu")
         if signed:
             value = 2 * value - 1
-        return value * (torch.rand(m, n_features, generator=gen, device="cpu") < p_active)
+        return value * (torch.rand(m, n_features, generator=gen, dtype=torch.float32, device="cpu") < p_active)
 
     return _keep_nonzero(draw, n, torch.Generator().manual_seed(seed))
 
@@ -73,9 +75,9 @@ def grouped_features(n: int, n_features: int = 25, group_size: int = 5, p_active
     n_groups = n_features // group_size
 
     def draw(m: int, gen: torch.Generator) -> torch.Tensor:
-        value = torch.rand(m, n_features, generator=gen, device="cpu")
-        active = (torch.rand(m, n_groups, generator=gen, device="cpu") < p_active).repeat_interleave(group_size, dim=1)
-        return value * active
+        value = torch.rand(m, n_features, generator=gen, dtype=torch.float32, device="cpu")
+        active = torch.rand(m, n_groups, generator=gen, dtype=torch.float32, device="cpu") < p_active
+        return value * active.repeat_interleave(group_size, dim=1)
 
     return _keep_nonzero(draw, n, torch.Generator().manual_seed(seed))
 
@@ -83,7 +85,8 @@ def grouped_features(n: int, n_features: int = 25, group_size: int = 5, p_active
 def circuit_matrix(n_in: int, n_out: int, max_coefficient: float = 3.0,
                    seed: int = 0) -> Float[torch.Tensor, "n_out n_in"]:
     """TMCS's ground truth A (y = A x): entries uniform in [0, max_coefficient]."""
-    return torch.rand(n_out, n_in, generator=torch.Generator().manual_seed(seed), device="cpu") * max_coefficient
+    return torch.rand(n_out, n_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float32,
+                      device="cpu") * max_coefficient
 
 
 def check_group_size(group_size: Any, width: int) -> None:

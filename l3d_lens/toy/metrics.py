@@ -21,6 +21,10 @@ circuit-superposition model's W_in or W_out take the weights' names (``w_in=``, 
 - ``feature_activity``, ``group_of_subnetworks``, ``live_per_group``, ``dead_fraction``.
 - ``perturbed`` (weights at W0 + delta * v, restored bit-identically), ``intervention_change``
   and ``selectivity``: does moving along a subnetwork change only its own outputs?
+
+The metrics that run the model run it in eval mode (``eval_mode``: every module's own mode comes
+back after), as L3D does: a model left in train mode would otherwise apply dropout and update its
+BatchNorm statistics, so that even delta = 0 changed the outputs.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def feature_r2(model: nn.Module, x: Float[torch.Tensor, "n f"], y: Float[torch.T
     learned scores <= 0, a constant output for it). NaN for a feature that is never active or
     whose target is constant there."""
     _check_inputs(model, x)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         fx = model(x)
     if y.shape != fx.shape:
         raise ValueError(f"y must have the model's output shape {tuple(fx.shape)}, got {tuple(y.shape)}")
@@ -241,7 +245,7 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"weights {missing} are not in the model (it has {sorted(params)})")
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         ref = model(x).mean(0) if reference == "mean" else 0.0
     single = single_feature_rows(x, group_size, sign=sign)
     xs = x[single]
@@ -251,7 +255,8 @@ def gradient_directions(model: nn.Module, x: Float[torch.Tensor, "n f"], names: 
         def divergence(p, xi):
             return 0.5 * (functional_call(model, p, (xi[None],)) - ref).pow(2).sum()
 
-        g = vmap(grad(divergence), in_dims=(None, 0))(params, xs)
+        with eval_mode(model):
+            g = vmap(grad(divergence), in_dims=(None, 0))(params, xs)
         flat = torch.cat([g[n].reshape(xs.shape[0], -1) for n in names], 1).double()
         act = active_features(xs, group_size)
         for f in range(n_groups):
@@ -342,14 +347,15 @@ def output_effects(model: nn.Module, subnetworks: Directions, x: Float[torch.Ten
                          f"{sorted(params)}); pass subnetworks of this model, e.g. dec.subnetworks()")
     _check_subnetwork_shapes(subnetworks, params)
     ks = range(subnetworks[names[0]].shape[0]) if which is None else which
+
+    def f(*ws):
+        return functional_call(model, {**params, **dict(zip(names, ws))}, (x,))
+
     out = []
-    for k in ks:
-        tangent = tuple(subnetworks[n][k].to(device=params[n].device, dtype=params[n].dtype) for n in names)
-
-        def f(*ws):
-            return functional_call(model, {**params, **dict(zip(names, ws))}, (x,))
-
-        out.append(jvp(f, tuple(params[n] for n in names), tangent)[1])
+    with eval_mode(model):
+        for k in ks:
+            tangent = tuple(subnetworks[n][k].to(device=params[n].device, dtype=params[n].dtype) for n in names)
+            out.append(jvp(f, tuple(params[n] for n in names), tangent)[1])
     return torch.stack(out)
 
 
@@ -391,7 +397,7 @@ def model_circuit_matrix(model: nn.Module, *, w_in: str = "encoder.weight") -> F
     it, for hand-made subnetworks that map each W_in column to its column of A)."""
     enc = _model_weight(model, w_in, "w_in")
     n_in, like = enc.shape[1], dict(dtype=enc.dtype, device=enc.device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         return (model(torch.eye(n_in, **like)) - model(torch.zeros(1, n_in, **like))).T
 
 
@@ -595,11 +601,12 @@ def intervention_change(model: nn.Module, direction: Mapping[str, torch.Tensor],
 def _changes(model: nn.Module, direction: Mapping[str, torch.Tensor], x: torch.Tensor,
              deltas: list[float]) -> torch.Tensor:
     """``intervention_change`` on inputs already checked (``selectivity`` calls it per chunk)."""
-    base = model(x)
     out = []
-    for d in deltas:
-        with perturbed(model, direction, d):
-            out.append((model(x) - base).abs())
+    with eval_mode(model):
+        base = model(x)
+        for d in deltas:
+            with perturbed(model, direction, d):
+                out.append((model(x) - base).abs())
     return torch.stack(out)
 
 
@@ -625,11 +632,12 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
         raise ValueError(f"fraction must be a positive finite number (of the relevant outputs' mean |value|), "
                          f"got {fraction!r}")
     fraction = float(fraction)
-    deltas = torch.logspace(-3, 2, 251, device="cpu").tolist() if deltas is None else [float(d) for d in deltas]
+    deltas = (torch.logspace(-3, 2, 251, dtype=torch.float32, device="cpu").tolist() if deltas is None
+              else [float(d) for d in deltas])
     if not deltas or not all(math.isfinite(d) for d in deltas):
         raise ValueError(f"deltas must be a non-empty list of finite step sizes, got {deltas!r}")
     _check_inputs(model, x)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         base = model(x)
     other = ~relevant if other is None else other
     for name, mask in (("relevant", relevant), ("other", other)):

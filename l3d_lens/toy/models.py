@@ -8,6 +8,10 @@ fast engine, with readable parameter names (``encoder.weight``, ``decoder.bias``
   W_out W_in; tying would make one weight serve two layers, which the fast engine cannot see).
 - ``SquareMLP``: a GeLU MLP (4 hidden layers of 5 by default) trained on x_i -> x_i^2.
 
+Every model is built in float32 whatever ``torch.get_default_dtype()`` says (the seeded init
+draws other values in float64, not only more digits), so that a seed gives the same weights in
+any session; ``.to(torch.float64)`` after building, for float64.
+
 Initialisation follows the paper's code by default (``init="paper"``: N(0, 1) weights for the
 superposition models, U(0, 1) weights for the MLP, zero biases). PyTorch's default init
 (``init="torch"``) gives the ReLU outputs negative biases, and about half the TMCS and
@@ -72,8 +76,8 @@ class SuperpositionModel(nn.Module):
                  init: str = "paper"):
         super().__init__()
         with _built_on_cpu():
-            self.encoder = nn.Linear(n_in, n_hidden, bias=False)
-            self.decoder = nn.Linear(n_hidden, n_in if n_out is None else n_out)
+            self.encoder = nn.Linear(n_in, n_hidden, bias=False, dtype=torch.float32)
+            self.decoder = nn.Linear(n_hidden, n_in if n_out is None else n_out, dtype=torch.float32)
         _seeded_init_(self, seed, init, lambda w, g: w.normal_(0.0, 1.0, generator=g))
 
     def forward(self, x: Float[torch.Tensor, "batch n_in"]) -> Float[torch.Tensor, "batch n_out"]:
@@ -90,7 +94,7 @@ class SquareMLP(nn.Module):
         super().__init__()
         dims = [n_features, *hidden, n_features]
         with _built_on_cpu():
-            self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+            self.layers = nn.ModuleList(nn.Linear(a, b, dtype=torch.float32) for a, b in zip(dims[:-1], dims[1:]))
         _seeded_init_(self, seed, init, lambda w, g: w.uniform_(0.0, 1.0, generator=g))
 
     def forward(self, x: Float[torch.Tensor, "batch n_features"]) -> Float[torch.Tensor, "batch n_features"]:

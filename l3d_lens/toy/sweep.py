@@ -168,7 +168,7 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     (never by a ground-truth metric). On TMCS a single run with ``loss_norm="sample"`` for the
     first half of its epochs (``loss_norm_epochs``) ends where this keeps it, for a third of the
     time; on x² it does not (BENCHMARKS.md, "Toy models: per-sample, then batch"). ``seeds``:
-    L3D seeds, e.g. ``range(3)``."""
+    L3D seeds, e.g. ``range(3)``, each given once."""
     if isinstance(seeds, (int, str)) or not hasattr(seeds, "__iter__"):
         raise TypeError(f"seeds must be an iterable of L3D seeds, e.g. range(3), got {seeds!r}")
     seeds = list(seeds)
@@ -180,6 +180,9 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
         raise TypeError(f"seeds must be integers, e.g. range(3), got {seeds!r}") from None
     if not seeds:
         raise ValueError("best_of needs at least one seed")
+    repeated = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if repeated is not None:  # as ``sweep`` refuses a seed given twice
+        raise ValueError(f"seeds gives {repeated!r} twice in {seeds!r}: that run would repeat another; give each once")
     losses: list[float] = []
     for seed in seeds:
         dec = decompose(model, data, cfg.replace(seed=seed), progress=progress)

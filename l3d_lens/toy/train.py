@@ -76,15 +76,23 @@ def _seed(seed: int, stream: int) -> int:
     return 1000 * seed + stream
 
 
+#: the stream ``Toy.inputs(n, seed)`` draws from, ``_seed(seed, _INPUTS)``: torch's CPU generator
+#: reads only the low 32 bits of a seed, where these seeds are 5 mod 8 and those of every toy's
+#: training, L3D and held-out data and circuit are 1-4 mod 8 (1000 is a multiple of 8), so no
+#: ``inputs`` seed gives back a toy's own data
+_INPUTS = 5
+
+
 def check_toy_name(name: str) -> None:
     """ValueError naming the toy models unless ``name`` is one of them."""
     if name not in TOY_NAMES:
         raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_NAMES}")
 
 
-#: the largest seed ``make_toy`` takes: the seeds derived from it (``_seed``) must fit torch's
-#: 64-bit generator seed
-MAX_SEED = (2**63 - 1) // 1000 - 1000
+#: the largest seed ``make_toy`` takes. torch's CPU generator reads only the low 32 bits of a
+#: seed, where the derived seeds 1000 * seed + stream (``_seed``) repeat with period 2**29 in
+#: ``seed``: seeds 0 .. 2**29 - 1 give distinct toys, seed and seed + 2**29 would give one toy
+MAX_SEED = 2**29 - 1
 
 
 def _check_int(arg: str, value: Any, minimum: int, what: str, maximum: Optional[int] = None) -> int:
@@ -161,14 +169,16 @@ def _step(model: nn.Module, opt: torch.optim.AdamW, x: torch.Tensor, y: torch.Te
 
 class _TiedTMS(nn.Module):
     """Training-time TMS with the decoder tied to the encoder, x -> ReLU(W^T W x + b), as in
-    the paper's code (``AutoencoderSymmetric``, Xavier-normal W, zero b)."""
+    the paper's code (``AutoencoderSymmetric``, Xavier-normal W, zero b); float32 whatever the
+    default dtype, as ``models``' layers."""
 
     def __init__(self, n_features: int, n_hidden: int, seed: int):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         std = (2.0 / (n_features + n_hidden)) ** 0.5
-        self.W = nn.Parameter(torch.randn(n_hidden, n_features, generator=gen, device="cpu") * std)
-        self.b = nn.Parameter(torch.zeros(n_features, device="cpu"))
+        w = torch.randn(n_hidden, n_features, generator=gen, dtype=torch.float32, device="cpu")
+        self.W = nn.Parameter(w * std)
+        self.b = nn.Parameter(torch.zeros(n_features, dtype=torch.float32, device="cpu"))
 
     def forward(self, x: Float[torch.Tensor, "batch f"]) -> Float[torch.Tensor, "batch f"]:
         return torch.relu(x @ self.W.T @ self.W + self.b)
@@ -260,8 +270,9 @@ class Toy:
     """A trained toy model with its data and what L3D should recover.
 
     ``inputs(n, seed)`` draws more inputs from the model's distribution (on the CPU, in
-    float32); ``truth`` holds the ground truth (``"A"`` [d_out, d_in] for TMCS and the
-    higher-rank model, and ``"group_size"`` for the latter)."""
+    float32; ``seed`` in 0..``MAX_SEED``) from random streams apart from the toy's own: no seed
+    gives back its training, L3D or held-out data. ``truth`` holds the ground truth (``"A"``
+    [d_out, d_in] for TMCS and the higher-rank model, and ``"group_size"`` for the latter)."""
 
     name: str
     model: nn.Module
@@ -311,19 +322,33 @@ class Toy:
 
 def _task(name: str, seed: int) -> tuple[Callable[[int], nn.Module], Callable[[int, int], torch.Tensor],
                                          Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
-    """(build, inputs, target, truth) of toy ``name`` from ``seed``: the model builder, the input
-    distribution ``inputs(n, seed)``, the training target of an input batch, and the ground truth."""
+    """(build, inputs, target, truth) of toy ``name`` from ``seed``: the model builder,
+    ``Toy.inputs(n, seed)`` (``_draw``'s distribution on the stream ``_INPUTS``), the training
+    target of an input batch, and the ground truth."""
     check_toy_name(name)
+    draw = _draw(name)
+
+    def inputs(n: int, s: int) -> torch.Tensor:
+        return draw(n, _seed(_check_int("seed", s, 0, "of the inputs' random stream", MAX_SEED), _INPUTS))
+
     if name == "tms":
-        return models.tms, lambda n, s: toy_data.sparse_features(n, 5, seed=s), lambda x: x, {}
+        return models.tms, inputs, lambda x: x, {}
     if name == "tmcs":
         A = toy_data.circuit_matrix(10, 10, seed=_seed(seed, _CIRCUIT))
-        return models.tmcs, lambda n, s: toy_data.sparse_features(n, 10, seed=s), lambda x: x @ A.T, {"A": A}
+        return models.tmcs, inputs, lambda x: x @ A.T, {"A": A}
     if name == "higher_rank":
         A = toy_data.circuit_matrix(25, 10, seed=_seed(seed, _CIRCUIT))
-        return (models.higher_rank, lambda n, s: toy_data.grouped_features(n, 25, 5, seed=s), lambda x: x @ A.T,
-                {"A": A, "group_size": 5})
-    return models.square_mlp, lambda n, s: toy_data.sparse_features(n, 5, seed=s, signed=True), lambda x: x ** 2, {}
+        return models.higher_rank, inputs, lambda x: x @ A.T, {"A": A, "group_size": 5}
+    return models.square_mlp, inputs, lambda x: x ** 2, {}
+
+
+def _draw(name: str) -> Callable[[int, int], torch.Tensor]:
+    """The input distribution of toy ``name``: ``draw(n, s)`` gives ``n`` inputs from generator
+    seed ``s`` (the toy's own data: ``s`` derived by ``_seed``)."""
+    if name == "higher_rank":
+        return lambda n, s: toy_data.grouped_features(n, 25, 5, seed=s)
+    width = 10 if name == "tmcs" else 5
+    return lambda n, s: toy_data.sparse_features(n, width, seed=s, signed=name == "square")
 
 
 def training_data(name: str, seed: int = 0, n_train: int = 10_000) -> tuple[Float[torch.Tensor, "n d_in"],
@@ -332,12 +357,12 @@ def training_data(name: str, seed: int = 0, n_train: int = 10_000) -> tuple[Floa
     check_toy_name(name)
     seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from", MAX_SEED)
     n_train = _check_int("n_train", n_train, 1, "samples")
-    return _training_data(_task(name, seed), seed, n_train)
+    return _training_data(name, _task(name, seed)[2], seed, n_train)
 
 
-def _training_data(task, seed: int, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _, inputs, target, _ = task
-    x = inputs(n_train, _seed(seed, _TRAIN_DATA))
+def _training_data(name: str, target: Callable[[torch.Tensor], torch.Tensor], seed: int,
+                   n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _draw(name)(n_train, _seed(seed, _TRAIN_DATA))
     return x, target(x)
 
 
@@ -350,7 +375,9 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     from fresh starts if not, and a RuntimeError says so after ``fit_best_of``'s last block
     (likely with a few epochs); ``check_learned=False`` keeps the best start however it did, for
     a quick look. Under no_grad or set_grad_enabled(False) it trains the same (``fit``); under
-    torch.inference_mode() it stops before any work."""
+    torch.inference_mode() it stops before any work. The model and data are float32 whatever
+    ``torch.get_default_dtype()`` says, the same toy in every session: ``Toy.to(torch.float64)``
+    after, for float64."""
     check_autograd("make_toy (it trains the toy model)")
     check_toy_name(name)
     seed = _check_int("seed", seed, 0, "the seed every model, data and circuit seed derives from", MAX_SEED)
@@ -364,9 +391,8 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
     lr = LR[name] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number (AdamW learning rate), got {lr!r}")
-    task = _task(name, seed)
-    build, inputs, _, truth = task
-    x, y = _training_data(task, seed, n_train)
+    build, inputs, target, truth = _task(name, seed)
+    x, y = _training_data(name, target, seed, n_train)
     restarts, probe = RESTARTS[name]
     blocks = 1
     if name == "tms":
@@ -382,5 +408,6 @@ def make_toy(name: str, seed: int = 0, *, epochs: Optional[int] = None, lr: Opti
                 give_up = (GIVE_UP[0], lambda m: worst_r2(m) >= GIVE_UP[1])
         model, losses, blocks = fit_best_of(build, x, y, epochs=epochs, seed=seed, restarts=restarts,
                                             probe_epochs=probe, lr=lr, learned=learned, give_up=give_up)
-    return Toy(name, model, losses, inputs(n_l3d, _seed(seed, _L3D_DATA)), inputs(n_eval, _seed(seed, _EVAL_DATA)),
+    draw = _draw(name)
+    return Toy(name, model, losses, draw(n_l3d, _seed(seed, _L3D_DATA)), draw(n_eval, _seed(seed, _EVAL_DATA)),
                inputs, truth, blocks=blocks, seed=seed)
