@@ -2,13 +2,16 @@
 subnetwork is re-initialised toward what the live ones fail to reconstruct, the residual
 g_i - g_hat_i of a high-error sample, projected to the subnetwork's ranks (``cfg.resample_epochs``,
 ``cfg.resample_max``). Random draws use the run's generator on errors gathered from every rank,
-so data-parallel runs stay identical to one process."""
+so data-parallel runs stay identical to one process. A rank that fails its own share of that work
+says so in the next collective (``announced``), so that no rank waits for it until the
+process-group timeout."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -25,6 +28,30 @@ from .task import Task
 
 Gradients = dict[str, torch.Tensor]  # weight name -> [n_rows, *selected shape]
 RowGradients = Callable[[list[int]], Gradients]  # rows of this rank's batch -> their gradients
+
+# errors of torch.distributed itself, or another rank's failure: no rank is left waiting to be told
+# (the same as ``training.PASSED_ON``, which cannot be imported here: training imports this module)
+PASSED_ON = (distributed.RankFailed, getattr(torch.distributed, "DistError", distributed.RankFailed))
+
+
+@contextmanager
+def announced(task: Task, step_index: int, device: Union[str, torch.device]) -> Iterator[None]:
+    """Under torch.distributed, an error in this rank's own work is told to the other ranks
+    (``distributed.announce``) before it is raised, so that they raise ``RankFailed`` in the next
+    collective instead of waiting there for this rank until the process-group timeout, as
+    ``training.step`` does; another rank's failure, or torch.distributed's own error, passes on
+    as it is. In one process, nothing is added."""
+    if not task.sharded:
+        yield
+        return
+    try:
+        yield
+    except PASSED_ON:
+        raise
+    except Exception as e:
+        distributed.announce(f"while resampling dead subnetworks before step {step_index}: {type(e).__name__}: {e}",
+                             device)
+        raise
 
 
 def captured_gradient(task: Task, s: Selected, cap: Captured, row: int,
@@ -84,7 +111,7 @@ def tucker(t: Float[torch.Tensor, "*shape"], ranks: tuple[int, ...]) -> tuple[to
 def residuals(task: Task, f: Factors, coef: Float[torch.Tensor, "s k"], rows_of: RowGradients, picks: list[int],
               local: slice) -> Gradients:
     """g_i - V_out c_i for the picked global rows of the batch (``coef``: this rank's rows).
-    Each rank forms the rows it holds; a sum over ranks fills in the rest."""
+    Each rank forms the rows it holds, zeros in the others; ``sum_over_ranks_`` fills them in."""
     dtype = next(iter(f.values())).dtype
     mine = [(j, p - local.start) for j, p in enumerate(picks) if local.start <= p < local.stop]
     out = {s.name: torch.zeros((len(picks), *s.shape), dtype=dtype, device=coef.device) for s in task.selected}
@@ -95,8 +122,16 @@ def residuals(task: Task, f: Factors, coef: Float[torch.Tensor, "s k"], rows_of:
             for s in task.selected:
                 fit = (coef[rows] @ dense(f, "out", s).flatten(1)).view(len(rows), *s.shape)
                 out[s.name][[j for j, _ in mine]] = grads[s.name] - fit
-    distributed.all_reduce_(*out.values())
     return out
+
+
+def sum_over_ranks_(task: Task, parts: Gradients, device: Union[str, torch.device]) -> None:
+    """Sum ``parts`` over ranks in place. Under torch.distributed a row-count exchange comes first,
+    in which a rank that failed its share (``announced``) stops the others: an all-reduce cannot
+    carry a failure as ``gather_cat`` does."""
+    if task.sharded:
+        distributed.row_counts(0, device)
+    distributed.all_reduce_(*parts.values())
 
 
 @torch.no_grad()
@@ -156,17 +191,21 @@ def resample_dead(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.T
     dead = (step_index - last_active) >= cfg.dead_steps
     if not bool(dead.any()):
         return 0
-    stats, rows_of = gradient_batch(task, f, distributed.shard(x), gen, distributed.shard(paired))
-    live = ~dead.to(stats.A.device)
-    coef = stats.A * live
-    with torch.no_grad():
-        G = gram({k: v for k, v in f.items() if k.startswith("out/")}, task.selected)
-        errors_all, local = distributed.gather_cat(sample_errors(stats.A, stats.B, stats.gsq, G, live.expand_as(coef)))
+    with announced(task, step_index, x.device):
+        stats, rows_of = gradient_batch(task, f, distributed.shard(x), gen, distributed.shard(paired))
+        live = ~dead.to(stats.A.device)
+        coef = stats.A * live
+        with torch.no_grad():
+            G = gram({k: v for k, v in f.items() if k.startswith("out/")}, task.selected)
+            errors = sample_errors(stats.A, stats.B, stats.gsq, G, live.expand_as(coef))
+    errors_all, local = distributed.gather_cat(errors)
     which = dead.nonzero().squeeze(1).tolist()[:cfg.resample_max]
     picks = pick_rows(errors_all, len(which), gen)
     if picks is None:
         return 0
-    targets = residuals(task, f, coef, rows_of, picks, local)
+    with announced(task, step_index, x.device):
+        targets = residuals(task, f, coef, rows_of, picks, local)
+    sum_over_ranks_(task, targets, x.device)
     in_norms = sq_norms(f, task.selected, "in").detach().sqrt()
     in_scale = float(in_norms[live].mean() if bool(live.any()) else in_norms.mean())
     set_subnetworks_(f, task, resolve_ranks(task.selected, cfg.rank), which, targets, in_scale)
