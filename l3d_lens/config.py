@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -202,12 +203,15 @@ class L3DConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; a callable divergence is stored by its qualified name, or a partial or
         callable object (which has none) by its repr less any memory address (" at 0x..."), which
-        would differ in every process, so that a checkpoint of it never resumed."""
+        would differ in every process, so that a checkpoint of it never resumed; an object whose
+        repr is the default one also by a digest of its attributes, so that two instances of one
+        class with other settings are not one run."""
         d = dataclasses.asdict(self)
         d["components"] = list(self.components)
         if callable(self.divergence):
             name = getattr(self.divergence, "__qualname__", None)
-            d["divergence"] = "callable:" + (name or re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.divergence)))
+            d["divergence"] = "callable:" + (name or re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.divergence))
+                                             + _settings(self.divergence))
         if isinstance(self.rank, dict):
             d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
         d["resample_epochs"] = list(self.resample_epochs)
@@ -252,6 +256,15 @@ class L3DConfig:
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(known)}")
         return cls(**d)
+
+
+def _settings(obj: object) -> str:
+    """" settings <digest>" of a callable object's attributes where its repr is the default one
+    (which shows none of them), else "": ScaledMSE(1) and ScaledMSE(1000) differ."""
+    if type(obj).__repr__ is not object.__repr__ or not hasattr(obj, "__dict__"):
+        return ""
+    text = repr(sorted(vars(obj).items(), key=lambda kv: kv[0]))
+    return " settings " + hashlib.sha256(re.sub(r" at 0x[0-9a-fA-F]+", "", text).encode()).hexdigest()[:16]
 
 
 def _check_device(device: object) -> None:

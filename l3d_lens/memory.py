@@ -35,8 +35,9 @@ ALL_POSITIONS_LOGITS, ONE_POSITION_LOGITS = 6, 3
 GATHERED_COPIES = 1
 
 
-def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
-    """Bytes per component of one training step's peak."""
+def estimate(task: Task, batch_size: int, seq_len: int, row: Optional[torch.Tensor] = None) -> dict[str, int]:
+    """Bytes per component of one training step's peak; ``row``: one row of the data (a plain
+    module's activations are measured on it, ``row_activations``)."""
     cfg = task.cfg
     fbytes = torch.finfo(cfg.torch_dtype).bits // 8
     abytes = torch.finfo(task.adapter.model_dtype).bits // 8 if task.adapter.model_dtype.is_floating_point else 4
@@ -67,7 +68,7 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
     # contraction intermediates: about one more captured-size tensor per factor side
     contraction = 2 * tokens * fbytes * per_target * cfg.n_subnetworks * max(1, max(
         (max(ranks[s.name]) for s in task.selected), default=1))
-    model = _model_lm(task, tokens, seq_len, abytes) if lm else _model_module(task, batch_size, abytes)
+    model = _model_lm(task, tokens, seq_len, abytes) if lm else _model_module(task, batch_size, abytes, row)
     exact = 0
     if cfg.engine == "exact":
         n_samples = batch_size * (seq_len if task.token_mode else 1)
@@ -75,7 +76,7 @@ def estimate(task: Task, batch_size: int, seq_len: int) -> dict[str, int]:
     return {"factors and Adam state": factors, "Gram matrix factor products": gram,
             "captured activations and gradients": captured,
             "contractions": contraction, "model forward/backward": model, "per-sample gradients (exact)": exact,
-            "outputs gathered from every rank": _gathered(task, batch_size, seq_len, abytes)}
+            "outputs gathered from every rank": _gathered(task, batch_size, seq_len, abytes, row)}
 
 
 def _model_lm(task: Task, tokens: int, seq_len: int, abytes: int) -> int:
@@ -104,31 +105,34 @@ def _model_lm(task: Task, tokens: int, seq_len: int, abytes: int) -> int:
     return tokens * abytes * (2 * layers + copies * c.d_vocab)
 
 
-def _model_module(task: Task, batch_size: int, abytes: int) -> int:
+def _model_module(task: Task, batch_size: int, abytes: int, row: Optional[torch.Tensor] = None) -> int:
     """A plain module's forward/backward activations: every leaf module's output is kept for the
     backward (the model's parameters require grad), the backward adds a few of the widest, and
     the divergence a few copies of the output (references, log-probs, its terms); measured
     1.0-1.2x of this on MLPs (BENCHMARKS.md "Memory estimate")."""
-    kept, widest, out = row_activations(task.adapter)
+    kept, widest, out = row_activations(task.adapter, row)
     return batch_size * abytes * (kept + 3 * widest + 4 * out)
 
 
-def row_activations(adapter) -> tuple[int, int, int]:
+def row_activations(adapter, row: Optional[torch.Tensor] = None) -> tuple[int, int, int]:
     """(elements of every leaf module's output, of the widest one, of the model's output) for one
-    row of a plain module. Found by a forward of one zero row under no_grad and in eval mode (the
-    model's RNG, buffers and modes are kept) when its first leaf module with weights is an
-    nn.Linear; otherwise, or if that forward fails, from its Linear layers' widths (each taken
-    as followed by an elementwise activation)."""
+    row of a plain module. Found by a forward of ``row`` (one row of the data: a [1, T, d] input
+    counts its T positions), or without it of one zero row when the first leaf module with
+    weights is an nn.Linear, under no_grad and in eval mode (the model's RNG, buffers and modes
+    are kept); otherwise, or if that forward fails, from its Linear layers' widths (each taken as
+    followed by an elementwise activation)."""
     model = adapter.model
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     first = next((m for m in leaves if any(True for _ in m.parameters(recurse=False))), None)
-    if isinstance(first, nn.Linear):
+    if row is not None or isinstance(first, nn.Linear):
         sizes: list[int] = []
 
         def hook(module, args, kwargs, output):
             sizes.append(sum(t[0].numel() for t in _tensors(output) if t.dim() > 0))
 
-        row = torch.zeros(1, first.in_features, dtype=adapter.model_dtype, device=adapter.device)
+        if row is None:
+            row = torch.zeros(1, first.in_features, dtype=adapter.model_dtype, device=adapter.device)
+        row = row.to(adapter.device)
         devices = [adapter.device] if adapter.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), adapter.session(), torch.no_grad(), \
@@ -152,7 +156,7 @@ def _tensors(output) -> list[torch.Tensor]:
     return []
 
 
-def _gathered(task: Task, batch_size: int, seq_len: int, abytes: int) -> int:
+def _gathered(task: Task, batch_size: int, seq_len: int, abytes: int, row: Optional[torch.Tensor] = None) -> int:
     """Under torch.distributed every rank gathers the whole batch's target-space outputs to draw
     references (``Task.references``): the gathered parts, their concatenation and the global
     references come on top of the local copies counted in the model's part, measured as about
@@ -166,7 +170,7 @@ def _gathered(task: Task, batch_size: int, seq_len: int, abytes: int) -> int:
         width = (seq_len if task.token_mode or cfg.position == "all" else 1) * task.adapter.cfg.d_vocab
         rows = batch_size * (seq_len if task.token_mode else 1)
     else:
-        width, rows = row_activations(task.adapter)[2], batch_size
+        width, rows = row_activations(task.adapter, row)[2], batch_size
     tbytes = max(abytes, 4) if cfg.divergence == "kl" else abytes
     copies = GATHERED_COPIES * (2 if cfg.reference == "paired" else 1)
     return world * rows * width * tbytes * copies
@@ -184,8 +188,9 @@ def available(device: torch.device) -> Optional[int]:
     return None
 
 
-def check(task: Task, batch_size: int, seq_len: int, device: torch.device) -> None:
-    parts = estimate(task, batch_size, seq_len)
+def check(task: Task, batch_size: int, seq_len: int, device: torch.device,
+          row: Optional[torch.Tensor] = None) -> None:
+    parts = estimate(task, batch_size, seq_len, row)
     need = sum(parts.values())
     free = available(device)
     if free is not None and need > free:

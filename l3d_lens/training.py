@@ -14,7 +14,6 @@ With ``cfg.resample_epochs``, dead subnetworks are re-initialised at the start o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -123,20 +122,35 @@ def without_address(text: str) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
-def comparable(config: dict[str, Any], model_device: torch.device) -> dict[str, Any]:
-    """A config (``to_dict`` form) as resuming compares it: its device as training resolves it
-    (None: the model's, ``model_device``), so that device='cpu' and None on a CPU model are one
-    run, and a callable divergence without the memory address an earlier l3d_lens saved a partial
-    or callable object with (``L3DConfig.to_dict``)."""
-    out = dict(config)
-    device = out.get("device")
+def resolved_device(device: Any, model_device: torch.device) -> Any:
+    """A config's device as training uses it: None is the model's (``model_device``), and a CUDA
+    device without an index the current one; a string this torch cannot parse stays as saved."""
     if device is None:
-        out["device"] = str(model_device)
-    elif isinstance(device, str):
-        with contextlib.suppress(RuntimeError, ValueError):  # one this torch cannot parse: compared as saved
-            out["device"] = str(torch.device(device))
-    if isinstance(out.get("divergence"), str):
-        out["divergence"] = without_address(out["divergence"])
+        return str(model_device)
+    if not isinstance(device, str):
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return device
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def comparable(saved: dict[str, Any], now: dict[str, Any], model_device: torch.device) -> list[dict[str, Any]]:
+    """Two configs (``to_dict`` form) as resuming compares them: a device given as None both
+    times is the model's both times (the model may have moved since: the user's choice), else
+    each as ``resolved_device`` gives it, so that device='cpu' and None on a CPU model are one run;
+    a callable divergence without the memory address an earlier l3d_lens saved a partial or
+    callable object with (``L3DConfig.to_dict``)."""
+    out = [dict(saved), dict(now)]
+    if not (saved.get("device") is None and now.get("device") is None):
+        for c in out:
+            c["device"] = resolved_device(c.get("device"), model_device)
+    for c in out:
+        if isinstance(c.get("divergence"), str):
+            c["divergence"] = without_address(c["divergence"])
     return out
 
 
@@ -223,24 +237,29 @@ def n_merged(data: Data, batch_size: int, min_batch: int) -> Optional[int]:
 def check_batching(path: Path, folder: Path, state: dict[str, Any], data: Data, min_batch: int) -> None:
     """Refuse, before anything is restored, a checkpoint of an iterable batched by other rules
     than this l3d_lens's (``ckpt.BATCHING``): its position would name other rows here, and the
-    run would mix both batchings. One without the marker (an l3d_lens before the rules of 2) is
-    refused only where the rules can differ: not for a tensor (cut as before), nor for batches of
-    which none but the last is short (known of a list or tuple, and of a ``TokenStream``)."""
-    saved = state.get("batching", 1)
-    if saved == ckpt.BATCHING or isinstance(data, torch.Tensor):
+    run would mix both batchings. One without the marker was written by an l3d_lens before it,
+    under these rules or (before they came) under rules where a short batch joined the one
+    before; where the two can cut the batches differently (an iterable with a short batch before
+    its last, min_batch > 1) it warns, as it cannot tell which."""
+    saved = state.get("batching")
+    if saved == ckpt.BATCHING or isinstance(data, torch.Tensor) or min_batch <= 1:
         return
-    if saved == 1:
-        rows = batch_rows(data)
-        if (data.batch_size >= min_batch if isinstance(data, TokenStream)
-                else rows is not None and all(r >= min_batch for r in rows[:-1])):
-            return
-    writer = "an earlier l3d_lens" if saved < ckpt.BATCHING else f"another l3d_lens (batching rules {saved})"
-    raise ValueError(f"{folder / ckpt.STATE}: this checkpoint was written by {writer}, whose batching of an iterable's "
-                     f"short batches (fewer than the {min_batch} rows a batch needs) differs from this one's: its "
-                     f"position (step {state['step']}, epoch {state['epoch']}, batch {state['batch']}) would mean "
-                     f"other rows of this data, and the rest of the run would be batched otherwise; remove the folder "
-                     f"{path} (or pass another checkpoint folder) to start this run afresh, or resume it with the "
-                     f"l3d_lens version that wrote it")
+    where = (f"its position (step {state['step']}, epoch {state['epoch']}, batch {state['batch']}) would mean other "
+             f"rows of this data, and the rest of the run would be batched otherwise")
+    if saved is not None:
+        raise ValueError(f"{folder / ckpt.STATE}: this checkpoint was written by another l3d_lens (batching rules "
+                         f"{saved}, this one's {ckpt.BATCHING}), whose batching of an iterable's short batches (fewer "
+                         f"than the {min_batch} rows a batch needs) differs: {where}; remove the folder {path} (or "
+                         f"pass another checkpoint folder) to start this run afresh, or resume it with the l3d_lens "
+                         f"version that wrote it")
+    rows = batch_rows(data)
+    if (data.batch_size >= min_batch if isinstance(data, TokenStream)
+            else rows is not None and all(r >= min_batch for r in rows[:-1])):
+        return
+    warnings.warn(f"{folder / ckpt.STATE} records no batching rules: an l3d_lens before the gathering of short "
+                  f"batches (fewer than the {min_batch} rows a batch needs) into batches of at least that many "
+                  f"joined each to the one before, and if that one wrote this checkpoint, {where}; start afresh "
+                  f"(remove the folder {path}) if you cannot tell", stacklevel=5)
 
 
 def check_resumable(path: Path, folder: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], fresh: Fresh,
@@ -332,7 +351,8 @@ def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, d
     folder, state, tensors = saved
     check_identity(path, folder, state["identity"])
     saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"]["config"])}
-    compared = [{**i, "config": comparable(i["config"], model_device)} for i in (saved_identity, identity)]
+    configs = comparable(saved_identity["config"], identity["config"], model_device)
+    compared = [{**i, "config": c} for i, c in zip((saved_identity, identity), configs)]
     if differ := identity_mismatch(*compared):
         raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
                          f"call's; use a fresh checkpoint folder (or remove this one) to start this run")
@@ -570,7 +590,7 @@ def warn_diverged(epoch: int, loss: float, f: dict[str, torch.Tensor], lr: float
     what = f"factors {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf" if bad else \
         "the factors are finite"
     warnings.warn(f"L3D diverged in epoch {epoch}: the reconstruction loss is {loss} and {what}; lower the learning "
-                  f"rate (lr was {lr:g} this epoch)", stacklevel=4)
+                  f"rate (lr was {lr:g} this epoch)", stacklevel=6)
     return True
 
 
@@ -623,7 +643,8 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
         history, sums, order = resumed.history, resumed.sums, resumed.order
 
     def save_checkpoint(epoch: int, batch: int) -> None:
-        if path is None or distributed.rank() != 0:
+        # a diverged run keeps its last finite checkpoint (``warn_diverged`` says why)
+        if path is None or distributed.rank() != 0 or not all(bool(torch.isfinite(t).all()) for t in f.values()):
             return
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
         tensors = {**{f"factor/{k}": v for k, v in f.items()}, **opt_tensors, "rng": gen.get_state(),
@@ -683,5 +704,5 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     if history and history[-1]["loss"] > 1:
         warnings.warn(f"the last epoch's reconstruction loss is {history[-1]['loss']:.4g}, above 1: the subnetworks "
                       f"reconstruct the gradients worse than none would (too few steps, or a learning rate, "
-                      f"lr={cfg.lr:g}, too high or too low for these gradients)", stacklevel=3)
+                      f"lr={cfg.lr:g}, too high or too low for these gradients)", stacklevel=5)
     return f, history

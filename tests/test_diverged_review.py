@@ -63,3 +63,33 @@ def test_a_good_run_neither_warns_nor_stops(model):
         dec = l3d_lens.decompose(model, data, small(lr=0.01), progress=False)
     assert dec.history[-1]["loss"] < 1 and torch.isfinite(dec.history[-1]["loss"] * torch.ones(1)).all()
     assert not [w for w in caught if "worse than none" in str(w.message)]
+
+
+def test_the_warnings_point_at_the_callers_line(model):
+    data = induction.repeated_sequences(8, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        l3d_lens.decompose(model, data, small(lr=1e30), progress=False)
+    ours = [w for w in caught if "L3D diverged" in str(w.message) or "worse than none" in str(w.message)]
+    assert ours and all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)[:40]) for w in ours]
+
+
+def test_a_diverged_run_keeps_its_last_finite_checkpoint(model, tmp_path):
+    """Checkpoints stop once the factors are non-finite: the folder keeps the last finite state,
+    which a rerun reads and resumes (and diverges again, warning), instead of calling the folder
+    damaged (its NaN factors could not be read)."""
+    from l3d_lens import checkpoint as ckpt
+
+    data = induction.repeated_sequences(8, seed=0)
+    cfg = small(lr=1e30, epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    assert dec.history[-1]["loss"] != dec.history[-1]["loss"]
+    saved = ckpt.read(tmp_path)
+    assert saved is not None, "no finite checkpoint was kept (the first step's factors are finite)"
+    folder, state, tensors = saved
+    assert state["step"] < 6 and all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    with pytest.warns(UserWarning, match="L3D diverged"):
+        again = l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=tmp_path, checkpoint_every=1)
+    assert len(again.history) == 3

@@ -103,3 +103,27 @@ def test_a_plain_module_under_torch_distributed_gathers_its_outputs(monkeypatch)
     task = build_task(mlp(), l3d_lens.L3DConfig(components=["0.weight"], n_subnetworks=4, rank=2))
     monkeypatch.setattr(distributed, "world", lambda: 2)
     assert memory.estimate(task, 32, 1)[GATHERED] >= 2 * 32 * 8 * 4
+
+
+def test_a_plain_module_is_sized_on_a_row_of_its_data(monkeypatch):
+    """A model applied per position to [B, T, d] inputs keeps T positions' activations a row: the
+    estimate measures them on a row of the data, where a zero [1, d] row saw one position
+    (about 65x low at T = 128)."""
+    model = mlp()
+    x = torch.randn(64, 32, 16)  # 32 positions a row
+    cfg = l3d_lens.L3DConfig(components=["0.weight"], n_subnetworks=4, rank=2, reference="mean", divergence="mse",
+                             batch_size=64)
+    task = build_task(model, cfg)
+    with_row = memory.estimate(task, 64, 1, x[:1])[MODEL]
+    assert with_row >= held_by_a_forward(model.eval(), x)
+    assert with_row > 16 * memory.estimate(task, 64, 1)[MODEL]
+    seen = []
+    real = memory.check
+
+    def spy(task, batch_size, seq_len, device, row=None):
+        seen.append(row)
+        return real(task, batch_size, seq_len, device, row)
+
+    monkeypatch.setattr(memory, "check", spy)
+    l3d_lens.decompose(model, x, cfg.replace(epochs=1), progress=False)
+    assert seen and seen[0] is not None and torch.equal(seen[0], x[:1])
