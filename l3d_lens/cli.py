@@ -91,7 +91,10 @@ def load_model(spec: str, model_class: str = "auto", device: Optional[str] = Non
         if not path.exists():
             raise UserError(f"model directory {spec} does not exist")
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise UserError(f"{spec} is not a Hugging Face model directory (needs config.json)")
+            shadow = "" if os.sep in spec or spec.startswith(".") else (
+                f"; a folder named {spec} here is taken for a local model before the model name (e.g. an --out of "
+                f"that name): run from another folder, or name the output otherwise")
+            raise UserError(f"{spec} is not a Hugging Face model directory (needs config.json){shadow}")
         model = _load_local(path, model_class)
     else:
         if "/" in spec and (spec.startswith((".", "~")) or spec.startswith(os.sep)):
@@ -146,6 +149,8 @@ def _boot_local(path: Path, model_class: str) -> torch.nn.Module:
         with _config_for_hooked(path, hf.config) as config_dir:
             cfg = get_pretrained_model_config(str(config_dir), hf_cfg=hf.config.to_dict(), fold_ln=True)
         cfg.model_name = str(path).split(os.sep)[-1]  # as TransformerLens names it from path, not the copy
+        if getattr(cfg, "tokenizer_name", None) == str(config_dir):  # the user's folder, not the deleted copy
+            cfg.tokenizer_name = str(path)
         model = HookedTransformer(cfg, tokenizer)
         model.load_and_process_state_dict(get_pretrained_state_dict(str(path), cfg, hf), fold_ln=True)
         return model

@@ -108,6 +108,7 @@ def test_hooked_loads_a_gpt2_config_saved_without_n_ctx(tmp_path, hf_dir):  # no
     model = cli.load_model(str(folder), "hooked")
     assert type(model).__name__ == "HookedTransformer"
     assert model.cfg.n_ctx == config["n_positions"] and model.cfg.model_name == "gpt2-no-n-ctx"
+    assert model.cfg.tokenizer_name == str(folder)  # not the deleted temporary copy of the config
     assert (folder / "config.json").read_text() == written  # the user's files are left alone
     reference = cli.load_model(str(hf_dir), "hooked")
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
@@ -233,3 +234,12 @@ def test_a_report_on_another_model_class_names_the_one_it_needs(capsys, tmp_path
     code, _, err = run(capsys, "report", dec, "--model-class", computed, "--max-sequences", "4", "--out",
                        tmp_path / "r.html", "--quiet")
     assert code == 0, err
+
+
+def test_a_folder_named_like_a_hub_model_says_it_shadows_the_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    code = cli.main(["decompose", "gpt2", "--components", "blocks.0.attn", "--out", "o", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "gpt2 is not a Hugging Face model directory" in err
+    assert "a folder named gpt2 here is taken for a local model before the model name" in err

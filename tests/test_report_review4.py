@@ -251,3 +251,47 @@ def test_a_symlinked_report_is_written_through_the_link(tmp_path):
     link.symlink_to(target)
     replace_file(link, b"new")
     assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_a_replaced_report_keeps_its_mode(tmp_path):
+    import stat
+
+    from l3d_lens.viz.build import replace_file
+
+    private = tmp_path / "private.html"
+    private.write_text("old")
+    private.chmod(0o600)
+    replace_file(private, b"new")
+    assert private.read_text() == "new" and stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def test_a_read_only_report_is_refused_before_any_analysis(tmp_path, monkeypatch):
+    import os
+
+    from l3d_lens.viz.build import replace_file, writable_html_path
+
+    locked = tmp_path / "locked.html"
+    locked.write_text("old")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    with pytest.raises(PermissionError, match="is read-only"):
+        writable_html_path(locked)
+    with pytest.raises(PermissionError, match="is read-only"):
+        replace_file(locked, b"new")
+    assert locked.read_text() == "old"
+
+
+def test_show_in_a_kernel_without_the_bundle_displays_the_report(dec, x, no_bundle, monkeypatch):
+    """build() checks the bundle first for a saved page; show() in Jupyter has its fallback, so
+    it goes on and displays the report with a note per view (it raised before)."""
+    import IPython.display
+
+    import l3d_lens.viz as viz
+
+    shown = []
+    monkeypatch.setattr(viz, "in_kernel", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj._repr_html_()))
+    assert viz.show(dec, x, n_top=1, n_references=1, subnetworks=[0]) is None
+    assert len(shown) == 1 and "CircuitsVis view not drawn" in shown[0] and "Subnetwork 0" in shown[0]
+    with pytest.raises(RuntimeError, match="bundle is missing"):
+        viz.report(dec, x, "unused.html", n_top=1, n_references=1, subnetworks=[0])

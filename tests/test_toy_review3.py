@@ -143,3 +143,20 @@ def test_seeds_past_the_generators_period_are_refused():
     assert MAX_SEED == 2**29 - 1
     with pytest.raises(ValueError, match="seed"):
         make_toy("tms", 2**29)
+
+
+def test_a_toy_saved_with_a_seed_past_the_new_bound_still_loads(tmp_path):
+    """make_toy took seeds up to about 9.2e15 before; a toy saved then (its weights are in the
+    file) loads, and its inputs draw as before."""
+    import dataclasses
+
+    from l3d_lens.toy import load_toy
+    from l3d_lens.toy.train import MAX_SEED
+
+    toy = make_toy("tms", 0, **QUICK)
+    old = dataclasses.replace(toy, seed=1_700_000_000)
+    assert old.seed > MAX_SEED
+    old.save(tmp_path / "toy")
+    back = load_toy(tmp_path / "toy")
+    assert back.seed == 1_700_000_000 and all(torch.equal(p, q) for p, q in zip(back.model.parameters(),
+                                                                             toy.model.parameters()))

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from l3d_lens.toy import load_toy, saving
-from l3d_lens.toy.train import MAX_SEED, make_toy
+from l3d_lens.toy.train import MAX_SAVED_SEED, make_toy
 
 torch.set_num_threads(1)
 
@@ -51,10 +51,10 @@ DAMAGED = [
     (_without("sha256"), r"lacks the keys \['sha256'\]"),
     (_with(format_version=True), r"toy format version True; this l3d_lens reads 1"),
     (_with(name=["tmcs"]), r"unknown toy model \['tmcs'\]; choose one of"),
-    (_with(seed="zero"), rf"seed must be an integer in 0\.\.{MAX_SEED} \(make_toy's seed; null for a toy made by "
+    (_with(seed="zero"), rf"seed must be an integer in 0\.\.{MAX_SAVED_SEED} \(make_toy's seed; null for a toy made by "
                          r"hand\), got 'zero'"),
     (_with(seed=-5), r"seed must be an integer in 0\.\.\d+ .*got -5"),
-    (_with(seed=MAX_SEED + 1), rf"seed must be an integer in 0\.\.\d+ .*got {MAX_SEED + 1}"),
+    (_with(seed=MAX_SAVED_SEED + 1), rf"seed must be an integer in 0\.\.\d+ .*got {MAX_SAVED_SEED + 1}"),
     (_with(seed=0.0), r"seed must be an integer .*got 0\.0"),
     (_with(seed=False), r"seed must be an integer .*got False"),
     (_with(blocks="x"), r"blocks must be an integer >= 1 \(blocks of starts trained\), got 'x'"),
@@ -118,7 +118,7 @@ def test_saving_refuses_fields_that_loading_would_refuse(tmp_path, tmcs_toy):
     folder = tmp_path / "toy"
     for bad, message in ((dict(seed=-5), r"seed must be an integer in 0\.\.\d+ .*got -5"),
                          (dict(seed=1.5), r"seed must be an integer in 0\.\.\d+ .*got 1\.5"),
-                         (dict(seed=MAX_SEED + 1), rf"seed must be an integer .*got {MAX_SEED + 1}"),
+                         (dict(seed=MAX_SAVED_SEED + 1), rf"seed must be an integer .*got {MAX_SAVED_SEED + 1}"),
                          (dict(blocks=0), r"blocks must be an integer >= 1 .*got 0")):
         with pytest.raises(ValueError, match="cannot save this toy: " + message):
             dataclasses.replace(tmcs_toy, **bad).save(folder)

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..io import read_json_object, versions, write_safetensors
-from .train import MAX_SEED, Toy, _check_int, _task, check_toy_name
+from .train import MAX_SAVED_SEED, Toy, _check_int, _task, check_toy_name
 
 FORMAT_VERSION = 1
 TENSORS = "toy.safetensors"
@@ -53,7 +53,7 @@ def _checked(meta: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         check_toy_name(meta["name"])
         seed = None if meta["seed"] is None else _check_int(
-            "seed", meta["seed"], 0, "make_toy's seed; null for a toy made by hand", MAX_SEED)
+            "seed", meta["seed"], 0, "make_toy's seed; null for a toy made by hand", MAX_SAVED_SEED)
         blocks = _check_int("blocks", meta["blocks"], 1, "blocks of starts trained")
         losses = meta["train_losses"]
         if not isinstance(losses, list):

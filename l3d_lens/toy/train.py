@@ -91,8 +91,11 @@ def check_toy_name(name: str) -> None:
 
 #: the largest seed ``make_toy`` takes. torch's CPU generator reads only the low 32 bits of a
 #: seed, where the derived seeds 1000 * seed + stream (``_seed``) repeat with period 2**29 in
-#: ``seed``: seeds 0 .. 2**29 - 1 give distinct toys, seed and seed + 2**29 would give one toy
+#: ``seed``: seed and seed + 2**29 would share their training, L3D and held-out data and circuit
 MAX_SEED = 2**29 - 1
+#: the largest seed a saved toy may record: what ``make_toy`` took before MAX_SEED (its weights
+#: are in the file; its data streams are rebuilt from the seed as it made them)
+MAX_SAVED_SEED = (2**63 - 1) // 1000 - 1000
 
 
 def _check_int(arg: str, value: Any, minimum: int, what: str, maximum: Optional[int] = None) -> int:

@@ -55,7 +55,8 @@ def show(dec, data, *, comparison: Any = None, to_str: Optional[ToStr] = None,
     report once and returns None; elsewhere (a script, a terminal IPython, which cannot draw
     HTML) it returns the ``Report`` (``.html``, ``.save(path)``, ``_repr_html_``), so the
     computed report is kept. Arguments as for ``report``."""
-    rep = build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, **options)
+    rep = build(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference,
+                inline=in_kernel(), **options)
     if not in_kernel():
         return rep
     from IPython.display import display

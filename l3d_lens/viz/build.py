@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -83,8 +84,11 @@ def writable_html_path(path) -> Path:
     file can be made (one is made and deleted: ``os.access`` misses read-only mounts and says
     yes to root). An OSError subclass naming the path and the problem otherwise."""
     path = html_path(path)
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path  # written where the link points
     if path.is_dir():
         raise IsADirectoryError(f"report path {str(path)!r} is a folder; name the .html file to write")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise PermissionError(f"report path {str(path)!r} is read-only; make it writable or name another file")
     base = next((p for p in path.parents if p.exists()), Path("."))
     if not base.is_dir():
         raise NotADirectoryError(f"report path {str(path)!r}: {str(base)!r} is not a folder")
@@ -101,14 +105,20 @@ def writable_html_path(path) -> Path:
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all: into a new file in the same folder,
     flushed to the disk, then renamed onto ``path``. A failed write (disk full, a file size
-    limit, an interrupt) leaves an earlier file as it was and removes the new one. The new file
-    is made with ``os.open`` mode 0o666, so it gets the umask's mode, as ``open`` would give. A
-    symlink at ``path`` stays one: its target is replaced, as a plain write would."""
+    limit, an interrupt) leaves an earlier file as it was and removes the new one. A new file
+    gets the umask's mode, as ``open`` would give; one that replaces a report keeps that
+    report's mode, and a read-only report is refused, as a plain write would. A symlink at
+    ``path`` stays one: its target is replaced (a hard link to the old file keeps the old text)."""
     path = Path(os.path.realpath(path))
+    old = path.stat() if path.is_file() else None
+    if old is not None and not os.access(path, os.W_OK):
+        raise PermissionError(f"report path {str(path)!r} is read-only; make it writable or name another file")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
+            if old is not None:  # the report it replaces keeps its mode (a private one stays private)
+                os.chmod(f.fileno() if os.chmod in os.supports_fd else tmp, stat.S_IMODE(old.st_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -596,15 +606,17 @@ class Report:
 
 
 def build(dec, data, *, comparison=None, to_str: Optional[ToStr] = None, impacts: Optional[torch.Tensor] = None,
-          reference: Any = None, progress: bool = False, **options: Any) -> Report:
+          reference: Any = None, progress: bool = False, inline: bool = False, **options: Any) -> Report:
     """Compute every view of the report; see ``l3d_lens.report`` for the arguments. Every
-    option is checked before any analysis runs."""
+    option is checked before any analysis runs, and so is the CircuitsVis bundle a saved page
+    needs, unless ``inline`` (``show``: its display notes each view it cannot draw)."""
     valid = sorted(f.name for f in dataclasses.fields(Options))
     unknown = set(options) - set(valid)
     if unknown:
         raise TypeError(f"unknown report option(s) {sorted(unknown)}; valid: {valid}")
     opt = Options(**options)
-    circuitsvis_bundle()  # a missing bundle is reported now, not after the analyses
+    if not inline:
+        circuitsvis_bundle()  # a missing bundle is reported now, not after the analyses
     prefix = f"l3d-{uuid.uuid4().hex}-cv-"
     b = Builder(dec, data, comparison=comparison, to_str=to_str, impacts=impacts, reference=reference, options=opt,
                 progress=progress, prefix=prefix)
