@@ -251,6 +251,8 @@ def _json_object(path: Path, file: Path) -> dict[str, Any]:
         out = json.loads(file.read_text())
     except ValueError as e:  # not JSON, or not UTF-8
         raise damaged(path, file, f"is not valid JSON ({e})") from None
+    except RecursionError:  # nested deeper than the parser goes: no file a save writes
+        raise damaged(path, file, "is nested too deep to be the JSON a save writes") from None
     if not isinstance(out, dict):
         raise damaged(path, file, f"holds a JSON {type(out).__name__}, not the object a save writes")
     return out

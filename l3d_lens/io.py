@@ -364,6 +364,8 @@ def read_json_object(file: Path, writer: str) -> dict:
         meta = json.loads(file.read_text())
     except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{file} is not valid JSON ({e})") from None
+    except RecursionError:  # nested deeper than the parser goes: no file a save writes
+        raise ValueError(f"{file} is not the JSON {writer} writes (nested too deep to read)") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not the object {writer} writes")
     return meta

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import reprlib
+import secrets
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..io import read_json_object, versions, write_safetensors
+from ..io import fsync, read_json_object, versions, write_safetensors
 from .train import MAX_SAVED_SEED, Toy, _check_int, _task, check_toy_name
 
 FORMAT_VERSION = 1
@@ -99,7 +100,14 @@ def _check_not_edited(path: Path, meta: dict[str, Any], header: Optional[str]) -
     saved before they were recorded there) is not compared."""
     if header is None:
         return
-    saved = json.loads(header)
+    try:
+        saved = json.loads(header)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path / TENSORS}: its header's 'toy' entry is not JSON ({type(e).__name__}); the file "
+                         f"was not written by save_toy") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path / TENSORS}: its header's 'toy' entry is a JSON {type(saved).__name__}, not the "
+                         f"object save_toy writes")
     edited = {k: saved.get(k) for k in TOY_FIELDS
               if json.dumps(saved.get(k), sort_keys=True) != json.dumps(meta[k], sort_keys=True)}
     if edited:
@@ -190,14 +198,17 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     _check_tensors(toy.name, meta["seed"], tensors, _d_in(built), "cannot save this toy")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp_tensors, tmp_meta = path / (TENSORS + ".tmp"), path / (META + ".tmp")
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # two saves into one folder do not share temporary files
+    tmp_tensors, tmp_meta = path / f".{TENSORS}.{tag}", path / f".{META}.{tag}"
     try:
         write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp_tensors,
                           {"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
         meta["sha256"] = _sha256(tmp_tensors)
         tmp_meta.write_text(json.dumps(meta, indent=1))
+        fsync(tmp_meta)
         os.replace(tmp_tensors, path / TENSORS)
         os.replace(tmp_meta, path / META)
+        fsync(path)
     finally:
         tmp_tensors.unlink(missing_ok=True)
         tmp_meta.unlink(missing_ok=True)
