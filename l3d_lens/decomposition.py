@@ -433,6 +433,9 @@ class Decomposition:
             if fp != mine:
                 raise ValueError(f"model's decomposed weights have shapes {fp}, the decomposition's are {mine}")
             check_untied(adapter, self.weight_names)
+        if deltas is None:  # an ablation projects the weights as they are on entering the block
+            subnetworks = self.subnetworks()
+            return edit_weights(adapter, lambda: weight_changes(adapter, subnetworks, ks, None))
         return edit_weights(adapter, weight_changes(adapter, self.subnetworks(), ks, deltas))
 
     def intervention_curve(self, data, subnetwork: int, deltas=(-4, -2, -1, -0.5, 0.5, 1, 2, 4), *,

@@ -144,11 +144,16 @@ def span_basis(vectors: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def edit_weights(adapter: Adapter, changes: dict[str, torch.Tensor]) -> Iterator[None]:
+def edit_weights(adapter: Adapter, changes: Union[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]
+                 ) -> Iterator[None]:
     """Add TL-layout changes to the model's parameters for the body; restore exactly after,
-    even if the body raises. Names can share one Parameter (tied weights, e.g. W_E and W_U):
-    each Parameter is saved once before any change, gets the sum of its names' changes (each
-    converted to the native layout), and is restored from that first snapshot."""
+    even if the body raises. ``changes`` may be a function giving them, called on entering the
+    block (an ablation projects the weights as they are then, not when the context was made).
+    Names can share one Parameter (tied weights, e.g. W_E and W_U): each Parameter is saved once
+    before any change, gets the sum of its names' changes (each converted to the native
+    layout), and is restored from that first snapshot."""
+    if callable(changes):
+        changes = changes()
     params: dict[int, torch.nn.Parameter] = {}
     names: dict[int, list[str]] = {}
     for name in changes:

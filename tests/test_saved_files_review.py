@@ -60,3 +60,28 @@ def test_a_toy_header_that_is_no_json_object_is_named(tmp_path, header):
     (folder / "toy.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"toy\.safetensors: its header's 'toy' entry is"):
         load_toy(folder)
+
+
+def test_an_ablation_projects_the_weights_it_finds_on_entering(tmp_path):
+    """An ablation made before a weight change and entered after it projected the weights of
+    its creation: span{v} was not out of the weights inside the block."""
+    import l3d_lens
+    from l3d_lens.zoo import induction
+
+    model = induction.load()
+    cfg = l3d_lens.L3DConfig(components=["blocks.0.attn.W_V"], n_subnetworks=2, rank=1, epochs=1, batch_size=4,
+                             seed=0, dtype="float64")
+    dec = l3d_lens.decompose(model, induction.repeated_sequences(8, seed=0), cfg, progress=False)
+    v = dec.subnetworks()["blocks.0.attn.W_V"][1].double()
+
+    def along_v() -> float:
+        return float((dec.adapter.weight("blocks.0.attn.W_V").double() * v).sum())
+
+    before = model.blocks[0].attn.W_V.detach().clone()
+    base = along_v()
+    ablation = dec.intervene(subnetwork=1, ablate=True)  # made here, entered below
+    with dec.intervene(subnetwork=1, delta=3.0):
+        with ablation:
+            assert abs(along_v()) < 1e-5
+        assert abs(along_v() - (base + 3.0)) < 1e-5
+    assert torch.equal(model.blocks[0].attn.W_V, before)
