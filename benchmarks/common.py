@@ -590,10 +590,16 @@ def _memory_main(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_memory(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Peak RSS of one step, in a fresh subprocess (see the module docstring)."""
+    return measure_in_subprocess(["-m", "benchmarks.common", json.dumps(spec)], spec, timeout)
+
+
+def measure_in_subprocess(args: list[str], spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """The JSON a fresh ``python <args>`` prints last, run with the allocator and thread settings
+    memory is measured under (``spec["threads"]``); {"error": ...} if it fails or times out."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(spec.get("threads", 1)),
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.common", json.dumps(spec)], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}

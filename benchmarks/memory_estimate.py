@@ -15,8 +15,6 @@ the estimate passes may still run out of memory).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (PAPER, L3DStep, build_model, environment, l3d_cfg, measure_memory,  # noqa: E402
-                               peak_rss_mib, reset_peak_rss, rss_mib, setup_threads, write_section)
+from benchmarks.common import (PAPER, L3DStep, build_model, environment, l3d_cfg, measure_in_subprocess,  # noqa: E402
+                               measure_memory, peak_rss_mib, reset_peak_rss, rss_mib, setup_threads, write_section)
 from l3d_lens import memory  # noqa: E402
 from l3d_lens.decomposition import build_task  # noqa: E402
 
@@ -90,18 +88,8 @@ def _plain_main(spec: dict) -> dict:
 
 
 def measure_plain(spec: dict, timeout: float = 1800) -> dict:
-    """``_plain_main`` in a fresh subprocess, with the environment of ``common.measure_memory``."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(spec.get("threads", 1)),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--plain", json.dumps(spec)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """``_plain_main`` in a fresh subprocess, as ``common.measure_memory`` measures."""
+    return measure_in_subprocess([__file__, "--plain", json.dumps(spec)], spec, timeout)
 
 
 def plain_row(batch: int, label: str, components: list[str], threads: int) -> tuple[list[str], dict, dict]:

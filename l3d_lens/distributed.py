@@ -15,6 +15,8 @@ process-group timeout.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
@@ -90,6 +92,29 @@ def announce(failure: str, device: Union[str, torch.device]) -> None:
     failed (``failure``: where and why, e.g. "at step 3 (epoch 0): ValueError: ..."), so that
     they raise ``RankFailed`` at once; the caller then raises its own error."""
     row_counts(FAILED, device, failure)
+
+
+# errors of torch.distributed itself, or another rank's failure: no rank is left waiting to be told
+PASSED_ON = (RankFailed, getattr(dist, "DistError", RankFailed))
+
+
+@contextmanager
+def announced(sharded: bool, where: str, device: Union[str, torch.device]) -> Iterator[None]:
+    """Under ``sharded`` training, an error in the body (this rank's own work before a
+    ``gather_cat``) is told to the other ranks (``announce``, as "<where>: <Error>: <message>")
+    before it is raised, so that they raise ``RankFailed`` there instead of waiting for this rank
+    until the process-group timeout; another rank's failure, or torch.distributed's own error
+    (``PASSED_ON``), passes on as it is. Unsharded, nothing is added."""
+    if not sharded:
+        yield
+        return
+    try:
+        yield
+    except PASSED_ON:
+        raise
+    except Exception as e:
+        announce(f"{where}: {type(e).__name__}: {e}", device)
+        raise
 
 
 REASON_BYTES = 512  # of a failed rank's reason sent to the others (a longer one is cut)

@@ -9,8 +9,7 @@ process-group timeout."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
@@ -28,31 +27,6 @@ from .task import Task
 
 Gradients = dict[str, torch.Tensor]  # weight name -> [n_rows, *selected shape]
 RowGradients = Callable[[list[int]], Gradients]  # rows of this rank's batch -> their gradients
-
-# errors of torch.distributed itself, or another rank's failure: no rank is left waiting to be told
-# (the same as ``training.PASSED_ON``, which cannot be imported here: training imports this module)
-PASSED_ON = (distributed.RankFailed, getattr(torch.distributed, "DistError", distributed.RankFailed))
-
-
-@contextmanager
-def announced(task: Task, step_index: int, device: Union[str, torch.device]) -> Iterator[None]:
-    """Under torch.distributed, an error in this rank's own work is told to the other ranks
-    (``distributed.announce``) before it is raised, so that they raise ``RankFailed`` in the next
-    collective instead of waiting there for this rank until the process-group timeout, as
-    ``training.step`` does; another rank's failure, or torch.distributed's own error, passes on
-    as it is. In one process, nothing is added."""
-    if not task.sharded:
-        yield
-        return
-    try:
-        yield
-    except PASSED_ON:
-        raise
-    except Exception as e:
-        distributed.announce(f"while resampling dead subnetworks before step {step_index}: {type(e).__name__}: {e}",
-                             device)
-        raise
-
 
 def captured_gradient(task: Task, s: Selected, cap: Captured, row: int,
                       dtype: torch.dtype) -> Float[torch.Tensor, "*shape"]:
@@ -191,7 +165,8 @@ def resample_dead(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.T
     dead = (step_index - last_active) >= cfg.dead_steps
     if not bool(dead.any()):
         return 0
-    with announced(task, step_index, x.device):
+    where = f"while resampling dead subnetworks before step {step_index}"  # told the others if this rank fails
+    with distributed.announced(task.sharded, where, x.device):
         stats, rows_of = gradient_batch(task, f, distributed.shard(x), gen, distributed.shard(paired))
         live = ~dead.to(stats.A.device)
         coef = stats.A * live
@@ -203,7 +178,7 @@ def resample_dead(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.T
     picks = pick_rows(errors_all, len(which), gen)
     if picks is None:
         return 0
-    with announced(task, step_index, x.device):
+    with distributed.announced(task.sharded, where, x.device):
         targets = residuals(task, f, coef, rows_of, picks, local)
     sum_over_ranks_(task, targets, x.device)
     in_norms = sq_norms(f, task.selected, "in").detach().sqrt()

@@ -387,10 +387,6 @@ def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, d
     return Resumed(n_steps, start_epoch, skip, state["history"], sums, tensors.get("order"))
 
 
-# errors of torch.distributed itself, or another rank's failure: no rank is left waiting to be told
-PASSED_ON = (distributed.RankFailed, getattr(torch.distributed, "DistError", distributed.RankFailed))
-
-
 def shard_stats(task: Task, f: Factors, x: torch.Tensor, gen: torch.Generator, paired: Optional[torch.Tensor],
                 step_index: int, epoch: int):
     """``batch_stats`` of this rank's shard, a non-finite gradient raised as a FloatingPointError
@@ -411,14 +407,9 @@ def step(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.Tensor, pa
         raise ValueError(f"a batch of {x.shape[0]} rows cannot be split over {distributed.world()} ranks (step "
                          f"{step_index}, epoch {epoch}); give every batch at least one row per rank")
     x, paired = distributed.shard(x), distributed.shard(paired)
-    try:
+    # the others wait in a gather_cat (this step's, or a reference draw's): a failure here stops them
+    with distributed.announced(task.sharded, f"at step {step_index} (epoch {epoch})", x.device):
         stats = shard_stats(task, f, x, gen, paired, step_index, epoch)
-    except PASSED_ON:
-        raise
-    except Exception as e:
-        if task.sharded:  # the others wait in a gather_cat (this step's, or a reference draw's): stop them
-            distributed.announce(f"at step {step_index} (epoch {epoch}): {type(e).__name__}: {e}", x.device)
-        raise
     coef_all, local = distributed.gather_cat(stats.A.detach())
     mask_all = topk_mask(coef_all, cfg.top_k)
     mask = mask_all[local]

@@ -140,3 +140,43 @@ def hf_bridge(folder: Path, model_cls, config):
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers(str(folder), hf_model=hf, dtype=torch.float32,
                                                    tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
+
+
+def run_ranks(worker, tmp_path, case: str) -> list[str]:
+    """What each of 2 gloo ranks running ``worker(rank, 2, init_file, out, case)`` wrote to
+    ``out.<rank>``; a rank that wrote nothing (it hung, or died) fails the test."""
+    import time
+    from pathlib import Path
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "out")
+    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "init"), out, case), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 90
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks of {case!r} did not finish within 90 s")
+    except mp.ProcessRaisedException as e:
+        pytest.fail(f"a rank of {case!r} crashed: {e}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return [Path(f"{out}.{rank}").read_text() for rank in (0, 1)]
+
+
+def killed_at_step(monkeypatch, at: int) -> None:
+    """Training stops with KeyboardInterrupt (as Ctrl-C would) when it reaches its step ``at``."""
+    from l3d_lens import training
+
+    real = training.step
+
+    def step(task, f, opt, x, paired, gen, sums, i, epoch):
+        if i == at:
+            raise KeyboardInterrupt
+        return real(task, f, opt, x, paired, gen, sums, i, epoch)
+
+    monkeypatch.setattr(training, "step", step)

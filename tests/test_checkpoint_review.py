@@ -19,7 +19,7 @@ import l3d_lens
 from l3d_lens import checkpoint as ckpt
 from l3d_lens import training
 
-from .helpers import TinyMLP, tiny_lm, tokens
+from .helpers import TinyMLP, killed_at_step, tiny_lm, tokens
 
 torch.set_num_threads(1)
 
@@ -207,17 +207,6 @@ def test_a_pointer_to_a_missing_folder_is_named(tmp_path):
 
 
 # --- 4. streams --------------------------------------------------------------------------------
-
-
-def killed_at_step(monkeypatch, at):
-    real = training.step
-
-    def step(task, f, opt, x, paired, gen, sums, i, epoch):
-        if i == at:
-            raise KeyboardInterrupt
-        return real(task, f, opt, x, paired, gen, sums, i, epoch)
-
-    monkeypatch.setattr(training, "step", step)
 
 
 def stream_warnings(record):

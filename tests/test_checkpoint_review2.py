@@ -21,7 +21,7 @@ from l3d_lens import checkpoint as ckpt
 from l3d_lens import training
 from l3d_lens.data import batches
 
-from .helpers import LM_KINDS, TinyMLP, tiny_lm, tokens
+from .helpers import LM_KINDS, TinyMLP, killed_at_step, tiny_lm, tokens
 
 torch.set_num_threads(1)
 
@@ -48,14 +48,7 @@ def same(a, b) -> bool:
 
 def interrupted(monkeypatch, model, data, cfg, folder, at):
     """A checkpoint in ``folder`` of the run stopped at its step ``at`` (saved every step)."""
-    real = training.step
-
-    def step(task, f, opt, x, paired, gen, sums, i, epoch):
-        if i == at:
-            raise KeyboardInterrupt
-        return real(task, f, opt, x, paired, gen, sums, i, epoch)
-
-    monkeypatch.setattr(training, "step", step)
+    killed_at_step(monkeypatch, at)
     with pytest.raises(KeyboardInterrupt):
         l3d_lens.decompose(model, data, cfg, progress=False, checkpoint=folder, checkpoint_every=1)
     monkeypatch.undo()

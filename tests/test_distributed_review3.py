@@ -9,17 +9,17 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import l3d_lens
 from l3d_lens import resampling
+
+from . import helpers
 
 BROKEN = "this rank's share of the resampling is broken"
 
@@ -83,22 +83,7 @@ def worker(rank: int, world: int, init_file: str, out: str, case: str) -> None:
 
 
 def run_ranks(tmp_path: Path, case: str) -> list[str]:
-    """What each of 2 ranks raised in ``case``; a rank that wrote nothing (it hung, or died) fails."""
-    out = str(tmp_path / "out")
-    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "init"), out, case), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 90
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks of {case!r} did not finish within 90 s")
-    except mp.ProcessRaisedException as e:
-        pytest.fail(f"a rank of {case!r} crashed: {e}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    return [Path(f"{out}.{rank}").read_text() for rank in (0, 1)]
+    return helpers.run_ranks(worker, tmp_path, case)
 
 
 @pytest.mark.parametrize("case", ["gradients", "residuals"])
