@@ -7,8 +7,8 @@ shape (or batches of (data, reference) pairs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Optional, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Optional, TypeVar, Union
 
 import torch
 
@@ -16,6 +16,7 @@ from .adapters import Adapter
 from .config import autocast_context
 
 Data = Union[torch.Tensor, Iterable]
+T = TypeVar("T")
 
 
 def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor:
@@ -144,6 +145,27 @@ def batch_starts(n: int, batch_size: int, min_batch: int = 1) -> list[int]:
     return starts
 
 
+def gather(items: Iterable[T], rows: Callable[[T], int], join: Callable[[T, T], T],
+           min_batch: int) -> Iterator[T]:
+    """The batching rule for batches read as they come: ``items`` shorter than ``min_batch`` rows
+    ``join`` the next until they have that many, and a short tail joins the batch before (one
+    batch is held back to allow it); too few rows in all is a ValueError. ``batches`` batches an
+    iterable by it, and the count of a list's batches is taken by it, so the two cannot part."""
+    ready = short = None
+    for item in items:
+        short = item if short is None else join(short, item)
+        if rows(short) >= min_batch:
+            if ready is not None:
+                yield ready
+            ready, short = short, None
+    if short is not None:
+        if ready is None:  # nothing to join
+            raise _too_few(rows(short), min_batch)
+        ready = join(ready, short)
+    if ready is not None:
+        yield ready
+
+
 def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size: int,
             order: Optional[torch.Tensor] = None, min_batch: int = 1, skip: int = 0, *,
             position: Union[int, str] = "all") -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -201,21 +223,11 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
     def merged():
         # short batches gather until they reach min_batch (so a stream of short batches stays
         # short batches, not one batch of everything); a short tail joins the last full batch
-        ready = short = None
-        i = -1
-        for i, item in enumerate(data):
-            x = read(i, item)
-            short = x if short is None else joined(i, short, x)
-            if short[0].shape[0] >= min_batch:
-                if ready is not None:
-                    yield ready
-                ready, short = short, None
-        if short is not None:
-            if ready is None:  # nothing to join
-                raise _too_few(short[0].shape[0], min_batch)
-            ready = joined(i, ready, short)
-        if ready is not None:
-            yield ready
+        def join(a, b):
+            return b[0], joined(b[0], a[1], b[1])
+        items = ((i, read(i, item)) for i, item in enumerate(data))
+        for _, batch in gather(items, lambda item: item[1][0].shape[0], join, min_batch):
+            yield batch
 
     n_read = 0
     for n_read, batch in enumerate(merged(), 1):

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import re
 import reprlib
 import warnings
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import L3DConfig
-from .data import Data, batch_starts, batches
+from .data import Data, batch_starts, batches, gather
 from .decomposition import check_autograd
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
@@ -226,12 +227,10 @@ def n_merged(data: Data, batch_size: int, min_batch: int) -> Optional[int]:
         return len(batch_starts(data.shape[0], batch_size, min_batch))
     if (rows := batch_rows(data)) is None:
         return None
-    n = held = 0
-    for r in rows:
-        held += r
-        if held >= min_batch:
-            n, held = n + 1, 0
-    return n or None
+    try:
+        return sum(1 for _ in gather(rows, int, operator.add, min_batch)) or None
+    except ValueError:
+        return None
 
 
 def check_batching(path: Path, folder: Path, state: dict[str, Any], data: Data, min_batch: int) -> None:
