@@ -210,7 +210,7 @@ class L3DConfig:
         d["components"] = list(self.components)
         if callable(self.divergence):
             name = getattr(self.divergence, "__qualname__", None)
-            d["divergence"] = "callable:" + (name or re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.divergence))
+            d["divergence"] = "callable:" + (name or without_address(repr(self.divergence))
                                              + _settings(self.divergence))
         if isinstance(self.rank, dict):
             d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
@@ -258,13 +258,19 @@ class L3DConfig:
         return cls(**d)
 
 
+def without_address(text: str) -> str:
+    """``text`` without the memory addresses (" at 0x...") a repr holds, which differ between
+    processes: a callable by its name, not where it lies."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
 def _settings(obj: object) -> str:
     """" settings <digest>" of a callable object's attributes where its repr is the default one
     (which shows none of them), else "": ScaledMSE(1) and ScaledMSE(1000) differ."""
     if type(obj).__repr__ is not object.__repr__ or not hasattr(obj, "__dict__"):
         return ""
     text = repr(sorted(vars(obj).items(), key=lambda kv: kv[0]))
-    return " settings " + hashlib.sha256(re.sub(r" at 0x[0-9a-fA-F]+", "", text).encode()).hexdigest()[:16]
+    return " settings " + hashlib.sha256(without_address(text).encode()).hexdigest()[:16]
 
 
 def _check_device(device: object) -> None:

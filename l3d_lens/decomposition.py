@@ -192,7 +192,7 @@ def check_memory(task: Task, data: Data) -> None:
     first = first[0] if isinstance(first, (tuple, list)) else first
     seq_len = first.shape[1] if task.adapter.is_language_model else 1
     batch = min(task.cfg.batch_size, first.shape[0]) if isinstance(data, torch.Tensor) else first.shape[0]
-    device = torch.device(task.cfg.device) if task.cfg.device else task.adapter.device
+    device = task.device
     row = None if task.adapter.is_language_model else first[:1]  # a plain module's activations are measured on it
     memory.check(task, max(1, batch // distributed.world()), seq_len, device, row)
 

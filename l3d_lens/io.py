@@ -237,7 +237,7 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     if check_weights and not others:
         warnings.warn(f"{path / META} was saved by an earlier l3d_lens that did not fingerprint the model's other "
                       f"parameters: only the decomposed weights were checked", stacklevel=3)
-    target = torch.device(cfg.device) if cfg.device else task.adapter.device
+    target = task.device
     factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"])

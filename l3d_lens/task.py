@@ -36,6 +36,11 @@ class Task:
     sharded: bool = False  # training under torch.distributed: each rank holds a shard of the batch
 
     @property
+    def device(self) -> torch.device:
+        """Where the factors live and the gradients are taken: the config's device, else the model's."""
+        return torch.device(self.cfg.device) if self.cfg.device else self.adapter.device
+
+    @property
     def token_mode(self) -> bool:
         return self.adapter.is_language_model and self.cfg.sample == "token"
 

@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 import operator
-import re
 import reprlib
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import L3DConfig
+from .config import L3DConfig, without_address
 from .data import Data, batch_starts, batches, gather
 from .decomposition import check_autograd
 from .engine import NonFiniteGradient, batch_stats
@@ -115,12 +114,6 @@ def older_stream(saved: Optional[str], now: Optional[str]) -> bool:
     """A TokenStream recorded by an earlier l3d_lens, by its type only: it cannot be checked
     against this one (``train`` warns and resumes, as for other parts it did not record)."""
     return saved == "iterable:TokenStream" and isinstance(now, str) and now.startswith("tokenstream:")
-
-
-def without_address(text: str) -> str:
-    """``text`` without the memory addresses (" at 0x...") a repr holds, which differ between
-    processes: a callable by its name, not where it lies."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
 def resolved_device(device: Any, model_device: torch.device) -> Any:
@@ -605,7 +598,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
             raise ValueError(f"with {n} rows and batch_size={cfg.batch_size}, a batch of {smallest} rows cannot be "
                              f"split over {distributed.world()} ranks; choose them so every batch has a row per rank")
     identity = None if path is None else {**fingerprints, "world": distributed.world()}
-    device = torch.device(cfg.device) if cfg.device else task.adapter.device
+    device = task.device
     gen = torch.Generator().manual_seed(cfg.seed)
     ranks = resolve_ranks(task.selected, cfg.rank)
     f = init_factors(task.selected, ranks, cfg.n_subnetworks, gen, cfg.torch_dtype, device)
