@@ -122,9 +122,11 @@ class TokenStream:
     an HF dataset saved with ``save_to_disk`` (read with memory mapping, column ``text_column``;
     a DatasetDict needs ``split=``).
 
-    Texts: each line of a text file is one text and keeps its newline, so with the default
-    ``separator=()`` a file streams as its own text; each ``.jsonl`` record and each dataset row
-    is one text. Blank lines and blank or missing (None) texts are skipped.
+    Texts: each line of a text file is one text and keeps its newline, and blank lines are
+    skipped, so with the default ``separator=()`` a file streams as its text less its blank lines
+    (paragraph breaks; ``l3d-lens decompose --data``, which reads a file whole, keeps them); each
+    ``.jsonl`` record and each dataset row is one text, and blank or missing (None) ones are
+    skipped. Sequences are packed, never padded.
 
     Texts are tokenised one at a time and joined with ``separator`` ids (nothing by default: pass
     e.g. ``[tokenizer.eos_token_id]`` to mark where one document ends and the next begins), then
