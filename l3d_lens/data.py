@@ -27,7 +27,9 @@ def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor
     if adapter.is_language_model:
         if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"{what} must hold token ids (an integer tensor [n, seq]), got dtype {x.dtype}; "
-                            f"tokenize text first, e.g. model.to_tokens(...)")
+                            f"tokenize text first, unpadded: model.to_tokens(text) for one text, "
+                            f"l3d_lens.streaming.TokenStream to pack many (to_tokens pads a list of texts, and the "
+                            f"padding would be decomposed)")
         if x.dim() != 2:
             raise ValueError(f"{what} must be token ids of shape [n, seq], got shape {tuple(x.shape)}")
         if adapter.n_ctx is not None and x.shape[1] > adapter.n_ctx:
@@ -67,10 +69,18 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
     if paired_mode:
         if not (isinstance(first, (tuple, list)) and len(first) == 2):
             raise TypeError("with reference='paired', an iterable must yield (data, reference) pairs")
-        check_batch(adapter, first[0])
-        check_batch(adapter, first[1], "reference")
+        check_pair(check_batch(adapter, first[0]), check_batch(adapter, first[1], "reference"), 0)
     else:
         check_batch(adapter, first)
+
+
+def check_pair(x: torch.Tensor, ref: torch.Tensor, i: int) -> None:
+    """ValueError unless batch ``i``'s (data, reference) pair has one shape: each sample is
+    compared with its reference sample (token mode: position by position), so a reference of
+    other rows or sequence length would pair samples with unrelated ones, or drop some."""
+    if ref.shape != x.shape:
+        raise ValueError(f"batch {i} of the data: reference has shape {tuple(ref.shape)}, data has "
+                         f"{tuple(x.shape)}; they must match")
 
 
 def first_batch(data: Data) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -176,7 +186,8 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
     are read as they come, each batch checked against ``position`` as ``check_position`` checks
     the first; their batches smaller than ``min_batch`` gather with the next until they have
     that many rows, and a short last one joins the batch before (one batch is held back to
-    allow it)."""
+    allow it). Batches come detached from any autograd graph of the user's (float data that
+    requires grad): training must backpropagate into the factors only."""
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
         if n < min_batch:
@@ -190,16 +201,17 @@ def batches(adapter: Adapter, data: Data, reference: Optional[Data], batch_size:
                 continue
             b = starts[i + 1] if i + 1 < len(starts) else n
             idx = order[a:b]
-            x = check_batch(adapter, data[idx])
-            yield x, (check_batch(adapter, reference[idx], "reference") if reference is not None else None)
+            x = check_batch(adapter, data[idx]).detach()
+            yield x, (check_batch(adapter, reference[idx], "reference").detach() if reference is not None else None)
         return
     first: list[torch.Tensor] = []
 
     def read(i: int, item) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if reference is None and isinstance(item, (tuple, list)) and len(item) == 2:
-            x, ref = check_batch(adapter, item[0]), check_batch(adapter, item[1], "reference")
+            x, ref = check_batch(adapter, item[0]).detach(), check_batch(adapter, item[1], "reference").detach()
+            check_pair(x, ref, i)
         else:
-            x, ref = check_batch(adapter, item), None
+            x, ref = check_batch(adapter, item).detach(), None
         if not first:
             first.append(x)
         elif not adapter.is_language_model and (x.dtype, x.shape[1:]) != (first[0].dtype, first[0].shape[1:]):

@@ -577,6 +577,28 @@ def warn_diverged(epoch: int, loss: float, f: dict[str, torch.Tensor], lr: float
     return True
 
 
+def check_epoch_batches(epoch: int, n_batches: int, first: Optional[tuple[int, int]]) -> tuple[int, int]:
+    """(epoch, batch count) of this call's first epoch, once ``epoch`` read ``n_batches`` (a
+    resumed epoch's skipped batches counted) and ``first`` is that of the epochs before (None in
+    the first). An epoch of no batch would record loss 0 and every
+    subnetwork dead, which ``best_of`` and ``sweep`` would rank first: a ValueError. Fewer
+    batches than the first epoch's is a warning, as a stream may legitimately vary (a filtered
+    or randomly drawn one), but data that only partly restarts would train on less than asked."""
+    if n_batches == 0:
+        raise ValueError(f"epoch {epoch} read no batch: the data gives no batches on a new pass (it is not "
+                         f"re-iterable, e.g. a DataLoader over a one-shot IterableDataset or a generator, which "
+                         f"the checks before training or the epochs before read up); pass a tensor, a list of "
+                         f"batches, or an iterable that restarts on each iter(), e.g. l3d_lens.streaming.TokenStream")
+    if first is None:
+        return epoch, n_batches
+    if n_batches < first[1]:
+        warnings.warn(f"epoch {epoch} read {n_batches} batches, fewer than the {first[1]} of epoch {first[0]}: the "
+                      f"data changed between passes (a source that does not restart fully on each iter()); "
+                      f"pass a tensor, a list of batches, or an iterable that yields the same batches on each "
+                      f"pass, e.g. l3d_lens.streaming.TokenStream", stacklevel=6)
+    return first
+
+
 def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, checkpoint: Union[str, Path, None],
            checkpoint_every: int, lock: ckpt.FolderLock) -> tuple[Factors, list[dict[str, Any]]]:
     """``train``'s work; rank 0 takes ``lock`` on the checkpoint folder before reading it."""
@@ -641,6 +663,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
 
     resample_at = set(cfg.resample_epochs)
     diverged = False
+    first_count = None  # (epoch, batches) of this call's first epoch
     bar = tqdm(range(start_epoch, cfg.epochs), desc="L3D", disable=not progress or distributed.rank() != 0,
                unit="epoch", initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
@@ -665,6 +688,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
             batch_index += 1
             if checkpoint_every and n_steps % checkpoint_every == 0:
                 save_checkpoint(epoch, batch_index)
+        first_count = check_epoch_batches(epoch, batch_index, first_count)
         skip = 0
         sched.step()
         if cfg.aux_coef > 0 and epoch + 1 == min(cfg.aux_epochs or cfg.epochs, cfg.epochs) and n_steps <= cfg.dead_steps:
