@@ -5,7 +5,9 @@ Grammar: a glob over TransformerLens weight names, matching a weight or any weig
 prefix (``blocks.3`` = the whole block, ``blocks.*.mlp``, ``blocks.3.attn.W_Q``, ``embed``,
 ``unembed``), optionally followed by ``[i,j,a:b]``: heads of attention weights, or neurons
 (d_mlp) of MLP weights, never both from one list. Weights without that axis (b_O, b_out) drop
-out of a sliced selection.
+out of a sliced selection. A [..] after a '.' is a glob segment (``blocks.[0-1]``); right after
+a name a dash range could be either ('blocks.1[0-1]': units 0-1 of block 1, or blocks 10-11)
+and is refused where both readings select weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _SUBSET = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[-0-9,:\s]*)\]$")
 _TRAILING = re.compile(r"^(?P<pattern>.*?)\[(?P<items>[^\[\]]*)\]$")  # any last [..], index list or glob
 _SYNTAX = "write [i,j,a:b] of indices >= 0 right after the name, e.g. 'blocks.0.attn[0,2]', 'blocks.1.mlp[3:9,20]'"
 _LAYER = re.compile(r"^blocks\.(\d+)(\.|$)")
+_DASH = re.compile(r"\d\s*-")  # a dash range: a glob class ([0-1]); an index range is a:b
+_DASH_RANGE = re.compile(r"(\d+)\s*-\s*(\d+)")
 _BIAS_KINDS = ("bias", "ln_b")
 
 
@@ -74,10 +78,12 @@ def _is_bias(site: Site) -> bool:
     return site.kind.startswith("b_") or site.kind in _BIAS_KINDS
 
 
-def _parse_items(text: str, selector: str) -> list[int]:
+def _parse_items(text: str, selector: str) -> list[range]:
+    """The entries of an index list, each a range (i is i:i+1), not expanded: their bounds are
+    checked against the axis before any is (``blocks.0.attn[0:30000000]``)."""
     if not text.strip():
         raise ValueError(f"selector {selector!r}: empty index list []; {_SYNTAX}")
-    out: list[int] = []
+    out: list[range] = []
     for item in text.split(","):
         item = item.strip()
         if not item:
@@ -88,12 +94,58 @@ def _parse_items(text: str, selector: str) -> list[int]:
             a, _, b = item.partition(":")
             if not a.strip().isdigit() or not b.strip().isdigit() or int(b) <= int(a):
                 raise ValueError(f"selector {selector!r}: bad range {item!r}; write start:stop with stop > start")
-            out.extend(range(int(a), int(b)))
+            out.append(range(int(a), int(b)))
         elif item.isdigit():
-            out.append(int(item))
+            out.append(range(int(item), int(item) + 1))
         else:
             raise ValueError(f"selector {selector!r}: bad index {item!r} in [{text}]; {_SYNTAX}")
     return out
+
+
+def _first_out_of_range(items: list[range], size: int) -> Optional[int]:
+    """The first index of ``items`` (in the order written) that is >= ``size``, or None."""
+    return next((max(r.start, size) for r in items if r.stop > size), None)
+
+
+def _index_position(pattern: str) -> bool:
+    """Whether a [..] after ``pattern`` can be an index list: right after a name, not after a
+    '.' or at the start, where it is a glob segment (``blocks.[01]``)."""
+    return pattern[-1:] not in ("", ".")
+
+
+def _index_list(adapter: Adapter, selector: str, sel: str, saved: bool = False) -> Optional[re.Match]:
+    """The index list ``sel`` ends with, or None where its last [..] is a glob. A dash range
+    right after a name that also selects weights as a glob ('blocks.1[0-1]': units 0-1 of block
+    1, or blocks 10 and 11) is refused, naming both spellings, except in a selection ``saved`` by
+    an earlier l3d_lens, which read it as the glob (taken, with a warning); one that selects
+    nothing as a glob is reported as a bad index list."""
+    m = _SUBSET.match(sel)
+    if m is None or not _index_position(m.group("pattern")):
+        return None
+    if not _DASH.search(m.group("items")):
+        return m
+    globbed = _matching(adapter, sel)
+    heads, neurons = _units(_matching(adapter, m.group("pattern")))
+    if globbed and (heads or neurons):
+        items = m.group("items").strip()
+        ranges = _DASH_RANGE.sub(lambda d: f"{d[1]}:{int(d[2]) + 1}", items)
+        modules = _listed(list(dict.fromkeys(_glob_prefix(s.name, sel) for s in globbed)))
+        units = " or ".join(unit for sites, unit in ((heads, "heads"), (neurons, "neurons")) if sites)
+        forms = (f"write {_unit_forms(heads, neurons, ranges)} (an index range is start:stop with stop left out), "
+                 f"or '{sel}.*' for the glob")
+        if not saved:
+            raise ValueError(f"selector {selector!r} is ambiguous: [{items}] right after a name reads as {units} "
+                             f"[{items}] of {m.group('pattern')}, or as a glob over {modules}; {forms}")
+        warnings.warn(f"selector {selector!r} (saved by an earlier l3d_lens) is read as the glob over {modules} it "
+                      f"was computed on, but a new run refuses it as ambiguous: {forms}", stacklevel=5)
+    return None
+
+
+def _glob_prefix(name: str, pattern: str) -> str:
+    """The shortest leading part of a weight name that the glob matches ('blocks.10')."""
+    parts = name.split(".")
+    return next(".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                if fnmatch.fnmatchcase(".".join(parts[:k]), pattern))
 
 
 def available(adapter: Adapter) -> str:
@@ -165,13 +217,15 @@ def _no_match(adapter: Adapter, selector: str, sel: str, biases: list[Site]) -> 
             f"name them exactly (e.g. {biases[0].name!r}) or set include_biases=True"
         )
     last = _TRAILING.match(sel)
+    if last and not _index_position(last.group("pattern")):
+        last = None  # a glob segment (blocks.[5]), not an index list
     bad = _bad_item(last.group("items")) if last else None
     if bad is not None and _matching(adapter, last.group("pattern")):
         dash = re.fullmatch(r"(\d+)\s*-\s*(\d+)", bad)
         hint = f"; a range is start:stop with stop left out, here {dash[1]}:{int(dash[2]) + 1}" if dash else ""
         return ValueError(f"selector {selector!r}: bad index {bad!r} in [{last.group('items')}]{hint} "
                           f"(an index list: {_SYNTAX})")
-    hint = f" (an index list: {_SYNTAX})" if sel.endswith("]") else ""
+    hint = f" (an index list: {_SYNTAX})" if last else ""
     return ValueError(f"selector {selector!r} matches no weight{hint}; available: {available(adapter)}")
 
 
@@ -182,19 +236,32 @@ def _module_glob(sites: list[Site]) -> str:
     return modules[0] if len(modules) == 1 else folded[0]
 
 
+def _units(matched: list[Site]) -> tuple[list[Site], list[Site]]:
+    """The attention weights (a head axis) and the MLP weights (a neuron axis) among these."""
+    heads = [s for s in matched if "head" in s.modes]
+    neurons = [s for s in matched if "head" not in s.modes and "d_mlp" in s.modes]
+    return heads, neurons
+
+
+def _unit_forms(heads: list[Site], neurons: list[Site], text: str) -> str:
+    """The index lists that slice these heads and these neurons: "'blocks.1.attn[0]' for heads or ..."."""
+    forms = [f"'{_module_glob(sites)}[{text}]' for {unit}" for sites, unit in ((heads, "heads"), (neurons, "neurons"))
+             if sites]
+    return " or ".join(forms)
+
+
 def _sliceable(selector: str, text: str, matched: list[Site], saved: bool = False) -> list[Site]:
     """The matched weights an index list slices: all attention weights (by head) or all MLP
     weights (by neuron). One list over both would pick head i and neuron i at once: refused,
     except in a selection ``saved`` by an earlier l3d_lens, which took both (with a warning)."""
-    heads = [s for s in matched if "head" in s.modes]
-    neurons = [s for s in matched if "head" not in s.modes and "d_mlp" in s.modes]
+    heads, neurons = _units(matched)
     if not heads and not neurons:
         raise ValueError(
             f"selector {selector!r}: an index list [..] selects heads of attention weights or neurons of "
             f"MLP weights, and none of the matched weights has either axis"
         )
     if heads and neurons:
-        forms = f"'{_module_glob(heads)}[{text.strip()}]' for heads or '{_module_glob(neurons)}[{text.strip()}]' for neurons"
+        forms = _unit_forms(heads, neurons, text.strip())
         if not saved:
             raise ValueError(f"selector {selector!r}: one index list must address one kind of unit, but it covers "
                              f"attention weights (heads) and MLP weights (neurons); write {forms}")
@@ -211,9 +278,7 @@ def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = 
     chosen: dict[str, Optional[set[int]]] = {}
     for selector in selectors:
         sel = selector.strip()
-        m = _SUBSET.match(sel)
-        if m and re.search(r"\d\s*-", m.group("items")):  # a glob range (blocks.[0-1]), not an index list
-            m = None
+        m = _index_list(adapter, selector, sel, saved)
         pattern, items = (m.group("pattern"), _parse_items(m.group("items"), sel)) if m else (sel, None)
         if pattern != pattern.rstrip():
             raise ValueError(f"selector {selector!r}: space before the index list; {_SYNTAX}")
@@ -236,13 +301,13 @@ def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = 
                 continue
             mode = "head" if "head" in s.modes else "d_mlp"
             size = s.shape[s.modes.index(mode)]
-            bad = [i for i in items if i >= size]
-            if bad:
+            bad = _first_out_of_range(items, size)
+            if bad is not None:
                 what = "head" if mode == "head" else "neuron"
-                raise ValueError(f"selector {selector!r}: {what} {bad[0]} out of range for {s.name}; valid: 0..{size - 1}")
+                raise ValueError(f"selector {selector!r}: {what} {bad} out of range for {s.name}; valid: 0..{size - 1}")
             if s.name in chosen and chosen[s.name] is None:
                 continue
-            chosen[s.name] = (chosen.get(s.name) or set()) | set(items)
+            chosen[s.name] = (chosen.get(s.name) or set()).union(*items)
     out = []
     for name, site in adapter.sites.items():
         if name not in chosen:
