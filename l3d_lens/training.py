@@ -709,7 +709,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     for t in f.values():
         t.requires_grad_(False)
     if history and history[-1]["loss"] > 1:
-        warnings.warn(f"the last epoch's reconstruction loss is {history[-1]['loss']:.4g}, above 1: the subnetworks "
+        warnings.warn(f"the last epoch's reconstruction loss is {history[-1]['loss']:.6f}, above 1: the subnetworks "
                       f"reconstruct the gradients worse than none would (too few steps, or a learning rate, "
                       f"lr={cfg.lr:g}, too high or too low for these gradients)", stacklevel=5)
     return f, history
