@@ -83,7 +83,7 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
     """One axis of the grid: the values to try (a list, tuple, range ...), or ``[default]``; a
     number given as a 0-d tensor or numpy scalar is taken as the number, and a value given twice
     is an error (its run would repeat another's)."""
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+    if not _is_collection(values):
         raise TypeError(f"{name} must be a sequence of values to try, e.g. {name}=[{default!r}], got {values!r}; "
                         f"put a single value in a list")
     out = []
@@ -100,6 +100,14 @@ def _values(name: str, values: Any, default: Any) -> list[Any]:
             raise ValueError(f"{name} gives {v!r} twice in {values!r}: that run would repeat another; give each once")
         out.append(v)
     return out or [default]
+
+
+def _is_collection(values: Any) -> bool:
+    """Whether ``values`` is a collection of values to try (a list, tuple, range, 1-d tensor or
+    array ...): not a string, bytes or dict, and not one number, a 0-d tensor or numpy array
+    included (iterating one raises a bare 'iteration over a 0-d tensor')."""
+    return (not isinstance(values, (str, bytes, Mapping)) and isinstance(values, Iterable)
+            and getattr(values, "ndim", None) != 0)
 
 
 def _check_fits(task: Task, given: Data, name: str) -> None:
@@ -168,8 +176,9 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     (never by a ground-truth metric). On TMCS a single run with ``loss_norm="sample"`` for the
     first half of its epochs (``loss_norm_epochs``) ends where this keeps it, for a third of the
     time; on x² it does not (BENCHMARKS.md, "Toy models: per-sample, then batch"). ``seeds``:
-    L3D seeds, e.g. ``range(3)``, each given once."""
-    if isinstance(seeds, (int, str)) or not hasattr(seeds, "__iter__"):
+    L3D seeds, e.g. ``range(3)``, each given once; every seed is checked before the first run, so a
+    bad one late in the list costs no finished run."""
+    if not _is_collection(seeds):  # as ``sweep`` checks its axes
         raise TypeError(f"seeds must be an iterable of L3D seeds, e.g. range(3), got {seeds!r}")
     seeds = list(seeds)
     try:
@@ -183,9 +192,10 @@ def best_of(model, data, cfg: L3DConfig, seeds: Sequence[int], progress: bool = 
     repeated = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
     if repeated is not None:  # as ``sweep`` refuses a seed given twice
         raise ValueError(f"seeds gives {repeated!r} twice in {seeds!r}: that run would repeat another; give each once")
+    configs = [cfg.replace(seed=seed) for seed in seeds]  # L3DConfig checks every seed before the first run
     losses: list[float] = []
-    for seed in seeds:
-        dec = decompose(model, data, cfg.replace(seed=seed), progress=progress)
+    for run_cfg in configs:
+        dec = decompose(model, data, run_cfg, progress=progress)
         losses.append(dec.history[-1]["loss"])
         if kept_run(losses) == len(losses) - 1:
             kept = dec

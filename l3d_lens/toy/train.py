@@ -231,13 +231,14 @@ def _fit_block(build, x, y, *, epochs: int, seed: int, restarts: int, probe_epoc
                first: int, check=None) -> tuple[nn.Module, list[float]]:
     """One block of ``fit_best_of``: starts ``first`` .. ``first + restarts - 1`` (start 0 of
     a block without probes is ``build(seed)``, so block 0 is the plain best-of rule); the kept
-    start trains on under ``check`` (see ``fit``)."""
+    start (lowest probe loss, ``_rank``: a diverged one only if every start diverged) trains on
+    under ``check`` (see ``fit``)."""
     best = None
     if restarts > 1 and probe_epochs > 0:
         for r in range(first, first + restarts):
             cand = build(_seed(seed, 10 + r))
             losses = fit(cand, x, y, epochs=min(probe_epochs, epochs), seed=_seed(seed, 10 + r), lr=lr)
-            if best is None or losses[-1] < best[1][-1]:
+            if best is None or _rank(losses[-1]) < _rank(best[1][-1]):
                 best = (cand, losses)
     else:
         best = (build(seed if first == 0 else _seed(seed, 10 + first)), [])
@@ -245,6 +246,13 @@ def _fit_block(build, x, y, *, epochs: int, seed: int, restarts: int, probe_epoc
     if epochs > len(losses):
         losses = losses + fit(model, x, y, epochs=epochs - len(losses), seed=seed, lr=lr, check=check)
     return model, losses
+
+
+def _rank(loss: float) -> tuple[bool, float]:
+    """Sort key of a start's probe loss: the lowest first, NaN (a diverged start) last, as
+    ``sweep.kept_run`` ranks runs; ``_fit_block`` replaces its kept start only on a strictly
+    lower key, so ties go to the earlier start (among finite losses: plain ``<``, as before)."""
+    return math.isnan(loss), loss
 
 
 def fit_tms(x: Float[torch.Tensor, "n f"], *, epochs: int, seed: int = 0, n_hidden: int = 2, restarts: int = 4,
