@@ -56,8 +56,11 @@ VOCAB_CASES = [
 ]
 #: a plain nn.Module (no language model): its own activations, 64 -> 4096 -> 4096 -> 64 ReLU MLP
 MLP_WIDTHS = [64, 4096, 4096, 64]
+#: (batch, engine, widths, label, components)
 PLAIN_CASES = [
-    (2048, "first layer of a 64-4096-4096-64 MLP", ["0.weight"]),
+    (2048, "fast", MLP_WIDTHS, "first layer of a 64-4096-4096-64 MLP", ["0.weight"]),
+    (1024, "exact", [64, 1024, 1024, 64], "second layer of a 64-1024-1024-64 MLP", ["2.weight"]),
+    (256, "exact", [64, 1024, 1024, 64], "first layer of a 64-1024-1024-64 MLP", ["0.weight"]),
 ]
 PLAIN_CFG = {"n_subnetworks": 4, "rank": 2, "divergence": "mse", "reference": "mean"}
 
@@ -92,11 +95,13 @@ def measure_plain(spec: dict, timeout: float = 1800) -> dict:
     return measure_in_subprocess([__file__, "--plain", json.dumps(spec)], spec, timeout)
 
 
-def plain_row(batch: int, label: str, components: list[str], threads: int) -> tuple[list[str], dict, dict]:
+def plain_row(batch: int, engine: str, widths: list[int], label: str, components: list[str],
+              threads: int) -> tuple[list[str], dict, dict]:
     """(the row's first cells, the estimate's parts, the measurement) of a ``PLAIN_CASES`` row."""
-    spec = {"batch": batch, "widths": MLP_WIDTHS, "threads": threads, "cfg": {**PLAIN_CFG, "components": components}}
-    parts = memory.estimate(build_task(build_mlp(MLP_WIDTHS), l3d_cfg(spec)), batch, 1)
-    return [str(batch), "–", "row", "fast", label], parts, measure_plain(spec)
+    spec = {"batch": batch, "widths": widths, "threads": threads,
+            "cfg": {**PLAIN_CFG, "components": components, "engine": engine}}
+    parts = memory.estimate(build_task(build_mlp(widths), l3d_cfg(spec)), batch, 1)
+    return [str(batch), "–", "row", engine, label], parts, measure_plain(spec)
 
 
 def lm_row(models: dict, shape: str, overrides: dict, case: tuple, threads: int) -> tuple[list[str], dict, dict]:
@@ -132,8 +137,8 @@ def main() -> None:
     for shape, overrides, case in lm_cases:
         rows.append(cells(*lm_row(models, shape, overrides, case, threads)))
         print(rows[-1], flush=True)
-    for batch, label, components in PLAIN_CASES:
-        rows.append(cells(*plain_row(batch, label, components, threads)))
+    for case in PLAIN_CASES:
+        rows.append(cells(*plain_row(*case, threads)))
         print(rows[-1], flush=True)
     env = environment()
     text = "\n".join([

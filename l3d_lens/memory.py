@@ -25,6 +25,7 @@ from torch import nn
 
 from . import distributed
 from .adapters import POSITIONS, TOKENS
+from .engine.exact import chunk_rows
 from .subnetworks import resolve_ranks
 from .task import Task
 
@@ -71,8 +72,10 @@ def estimate(task: Task, batch_size: int, seq_len: int, row: Optional[torch.Tens
     model = _model_lm(task, tokens, seq_len, abytes) if lm else _model_module(task, batch_size, abytes, row)
     exact = 0
     if cfg.engine == "exact":
+        # one tensor of every sample's gradient, the chunk being computed and its copy into it
         n_samples = batch_size * (seq_len if task.token_mode else 1)
-        exact = n_samples * sum(math.prod(s.shape) for s in task.selected) * fbytes * 2
+        chunk = min(chunk_rows(task), n_samples)
+        exact = (n_samples + 2 * chunk) * sum(math.prod(s.shape) for s in task.selected) * fbytes
     return {"factors and Adam state": factors, "Gram matrix factor products": gram,
             "captured activations and gradients": captured,
             "contractions": contraction, "model forward/backward": model, "per-sample gradients (exact)": exact,
@@ -90,7 +93,13 @@ def _model_lm(task: Task, tokens: int, seq_len: int, abytes: int) -> int:
     layers = c.n_layers * (16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp)
     per_target = seq_len if task.token_mode else 1
     if cfg.engine != "fast":
-        return tokens * (layers + 2 * c.d_vocab) * abytes * (1 + per_target)
+        # the exact engine: a forward and backward of a chunk of samples at a time, each its whole
+        # sequence (``engine.exact.chunk_rows``), after a no-grad forward of the batch for the
+        # references (its logits and theirs)
+        n_samples = tokens // seq_len * per_target
+        chunk_tokens = min(chunk_rows(task), n_samples) * seq_len
+        copies = ALL_POSITIONS_LOGITS if task.token_mode or cfg.position == "all" else ONE_POSITION_LOGITS
+        return chunk_tokens * abytes * (2 * layers + copies * c.d_vocab) + tokens * abytes * 2 * c.d_vocab
     if task.token_mode:
         # the backward per target position is batched (is_grads_batched) and frees each
         # block's gradients as it goes down: its working set is a few of the widest

@@ -11,7 +11,7 @@ from ..subnetworks import Factors
 from ..task import Task
 from .exact import per_sample_gradients
 from .fast import Captured, capture
-from .stats import Stats, from_captured, from_gradients
+from .stats import Stats, all_finite, from_captured, from_gradients
 
 __all__ = ["Stats", "Captured", "batch_stats", "capture", "per_sample_gradients", "NonFiniteGradient"]
 
@@ -30,13 +30,13 @@ def batch_stats(task: Task, f: Factors, inputs: torch.Tensor, generator: Optiona
     if task.cfg.engine == "exact":
         grads = per_sample_gradients(task, inputs, generator, paired)
         for name, g in grads.items():
-            if not torch.isfinite(g).all():
+            if not all_finite(g):
                 raise NonFiniteGradient(name)
         return from_gradients(task, f, grads)
     cap = capture(task, inputs, generator, paired)
     for s in task.selected:
         site = s.site
         tensors = [cap.douts[site.output]] + ([cap.inputs[site.input]] if site.input in cap.inputs else [])
-        if not all(torch.isfinite(t).all() for t in tensors):
+        if not all(all_finite(t) for t in tensors):
             raise NonFiniteGradient(s.name)
     return from_captured(task, f, cap)

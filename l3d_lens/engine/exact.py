@@ -5,12 +5,16 @@ n_samples x n_params, so it is meant for small models and checks.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch.func import grad, vmap
 
 from ..task import Task
+
+#: about how many gradient entries one chunk of samples holds (64 MiB in float32)
+CHUNK_ELEMENTS = 2**24
 
 
 def _with_part(full: torch.Tensor, s, part: torch.Tensor) -> torch.Tensor:
@@ -28,9 +32,18 @@ def references_for(task: Task, inputs: torch.Tensor, generator: Optional[torch.G
         return task.references(outputs, generator, paired_outputs)
 
 
+def chunk_rows(task: Task) -> int:
+    """Samples per vmap call: 64, or fewer where their gradients would pass ``CHUNK_ELEMENTS``."""
+    per_sample = sum(math.prod(s.shape) for s in task.selected)
+    return max(1, min(64, CHUNK_ELEMENTS // max(1, per_sample)))
+
+
 def per_sample_gradients(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generator],
-                         paired: Optional[torch.Tensor] = None, chunk_size: int = 64) -> dict[str, torch.Tensor]:
-    """{weight name: [n_samples, *selected shape]} gradients of each sample's divergence."""
+                         paired: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None
+                         ) -> dict[str, torch.Tensor]:
+    """{weight name: [n_samples, *selected shape]} gradients of each sample's divergence, taken
+    ``chunk_size`` samples at a time (default ``chunk_rows``) and written into one tensor per
+    weight: the peak is about one copy of them and a chunk's."""
     adapter = task.adapter
     refs = references_for(task, inputs, generator, paired)
     base = {s.name: adapter.weight(s.name).detach() for s in task.selected}
@@ -44,20 +57,29 @@ def per_sample_gradients(task: Task, inputs: torch.Tensor, generator: Optional[t
         d = task.divergence(task.view(out), ref[None])[0]
         return (d * mask).sum() if token else d
 
-    if token:
-        n, t = inputs.shape[:2]
-        xs = inputs.repeat_interleave(t, 0)
-        rs = refs.repeat_interleave(t, 0)
-        masks = torch.eye(t, dtype=refs.dtype, device=refs.device).repeat(n, 1)
-    else:
-        xs, rs = inputs, refs
-        masks = torch.zeros(inputs.shape[0], dtype=refs.dtype, device=refs.device)
+    chunk_size = chunk_size or chunk_rows(task)
+    seq_len = inputs.shape[1] if token else 1
+    n_samples = inputs.shape[0] * seq_len
+    eye = torch.eye(seq_len, dtype=refs.dtype, device=refs.device)
+    grads: dict[str, torch.Tensor] = {}
     with adapter.session():
-        try:
-            return vmap(grad(one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(params, xs, rs, masks)
-        except RuntimeError as e:
-            if "setup_context" not in str(e) and "functorch" not in str(e):
-                raise
-            raise ValueError("engine='exact' cannot run this model: its forward uses an operation torch.func cannot "
-                             "transform (an autograd.Function without setup_context, e.g. a custom activation); "
-                             "use engine='fast'") from e
+        for a in range(0, n_samples, chunk_size):
+            # a chunk of samples at a time, written into one output: a token sample is
+            # (sequence, position), its sequence's input and references with a mask that keeps
+            # its position's divergence, so nothing of the batch is repeated per position
+            rows = torch.arange(a, min(a + chunk_size, n_samples), device=inputs.device)
+            seq = rows // seq_len
+            masks = eye[rows % seq_len] if token else eye.new_zeros(len(rows))
+            try:
+                chunk = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, inputs[seq], refs[seq], masks)
+            except RuntimeError as e:
+                if "setup_context" not in str(e) and "functorch" not in str(e):
+                    raise
+                raise ValueError("engine='exact' cannot run this model: its forward uses an operation torch.func "
+                                 "cannot transform (an autograd.Function without setup_context, e.g. a custom "
+                                 "activation); use engine='fast'") from e
+            for name, g in chunk.items():
+                if name not in grads:
+                    grads[name] = g.new_empty((n_samples, *g.shape[1:]))
+                grads[name][a:a + len(rows)] = g
+    return grads

@@ -12,6 +12,7 @@ materialising); ``from_gradients`` uses materialised per-sample gradients (the e
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from jaxtyping import Float
@@ -112,5 +113,18 @@ def from_gradients(task: Task, f: Factors, grads: dict[str, torch.Tensor]) -> St
         eq = f"S{big},k{big}->Sk"
         A = A + contract(eq, g, dense(f, "in", s))
         B = B + contract(eq, g, dense(f, "out", s))
-        gsq = gsq + g.reshape(g.shape[0], -1).pow(2).sum(-1)
+        gsq = gsq + torch.cat([c.reshape(c.shape[0], -1).pow(2).sum(-1) for c in row_chunks(g)])
     return Stats(A, B, gsq)
+
+
+def row_chunks(t: torch.Tensor, elements: int = 2**24) -> tuple[torch.Tensor, ...]:
+    """``t`` split along its first axis into views of about ``elements`` entries: an elementwise
+    pass over a per-sample gradient or a captured activation (its square, its finiteness) then
+    holds a temporary of one chunk, not of the whole tensor (``isfinite`` makes 1.75 copies)."""
+    per_row = max(1, math.prod(t.shape[1:]))
+    return t.split(max(1, elements // per_row)) if t.dim() else (t,)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, chunk by chunk (``row_chunks``)."""
+    return all(bool(torch.isfinite(c).all()) for c in row_chunks(t))
