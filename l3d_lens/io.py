@@ -31,6 +31,9 @@ from .config import L3DConfig
 from .subnetworks import SIDES, key, resolve_ranks
 
 FORMAT_VERSION = 1
+#: how ``others_sha256`` records the model's other parameters (a save's fingerprint 'others_tl_version';
+#: absent: 1, before weights kept in buffers, identity norms and unread copies were told apart)
+OTHERS_VERSION = 2
 FACTORS = "factors.safetensors"
 META = "decomposition.json"
 #: the model classes a save names (``Adapter.kind``); a decomposition loads onto any of them
@@ -64,6 +67,7 @@ def save(dec, path) -> None:
                                  f"cannot be saved and loaded again; decompose again with a lower learning rate "
                                  f"(lr={dec.cfg.lr:g})")
     path = Path(path)
+    check_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in dec.factors.items()}
     model = model_fingerprint(dec._task)
@@ -72,7 +76,8 @@ def save(dec, path) -> None:
         "config": dec.cfg.to_dict(),
         "adapter": dec.adapter.kind,
         "weights": dec.weight_names,
-        "fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(dec._task)},
+        "fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(dec._task),
+                        "others_tl_version": OTHERS_VERSION},
         "model_dtype": dtype_name(dec.adapter.model_dtype),
         "factors_sha256": tensors_sha256(tensors),
         "history": dec.history,
@@ -99,6 +104,17 @@ def save(dec, path) -> None:
         for tmp in (tmp_factors, tmp_meta):
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def check_folder(path: Path) -> None:
+    """Raise, before anything is written, if ``path`` or the nearest of its parents that exists
+    is not a folder: a save is a folder of two files."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"{existing} is a file, not a folder: Decomposition.save writes a folder ({FACTORS} "
+                                 f"and {META}); give the path of a new or existing folder")
+            return
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
@@ -147,13 +163,19 @@ def umask() -> int:
     return mask
 
 
-def others_sha256(task) -> str:
+def others_sha256(task, version: int = OTHERS_VERSION) -> str:
     """SHA-256 of the model's parameters outside the decomposed weights, as TransformerLens names
     and lays them out where the adapter has a site for them (a HookedTransformer and a
     TransformerBridge of the same weights agree), else by the model's own name; a bias of zeros
     counts as none (a HookedTransformer always has b_U, a bridge of a bias-free model has none).
     A parameter whose every byte the sites' parameters hold (a GPT-2 bridge's fused qkv, of
-    which W_Q, W_K and W_V are views) is covered by them."""
+    which W_Q, W_K and W_V are views) is covered by them.
+
+    ``version`` 2 also holds the weights the model keeps in buffers (a TransformerLens 4
+    compatibility-mode bridge's folded b_U, under that name), counts an identity norm (scale of
+    ones, bias of zeros) as none, as a folded HookedTransformer has none, and leaves out the
+    parameters the forward never reads (that bridge's stale fused qkv); 1 is the record of
+    saves before it."""
     from .training import _buffer
 
     adapter, chosen = task.adapter, {s.name for s in task.selected}
@@ -166,16 +188,30 @@ def others_sha256(task) -> str:
             parts.append((name, native.dtype, tuple(native.shape), None))
             continue
         w = adapter.weight(name).detach()
-        if not (adapter.sites[name].kind.startswith("b_") and not w.any()):
+        if not _absent(adapter.sites[name].kind, w, version):
             parts.append((name, w.dtype, tuple(w.shape), w))
+    unread = adapter.unread if version >= 2 else set()
     parts += [(f"native:{n}", p.dtype, tuple(p.shape), None if p.is_meta else p.detach())
-              for n, p in adapter.uncovered_parameters()]
+              for n, p in adapter.uncovered_parameters() if id(p) not in unread]
+    if version >= 2:
+        parts += [(n, w.dtype, tuple(w.shape), None if w.is_meta else w) for n, w in adapter.held_in_buffers().items()]
+        parts += [(f"native:{n}", b.dtype, tuple(b.shape), None if b.is_meta else b.detach())
+                  for n, b in adapter.uncovered_buffers()]
     h = hashlib.sha256()
     for name, dtype, shape, w in sorted(parts, key=lambda part: part[0]):
         h.update(f"{name}:{dtype}:{list(shape)}{'' if w is not None else ':meta'}".encode())
         if w is not None:
             h.update(_buffer(w))
     return h.hexdigest()
+
+
+def _absent(kind: str, w: torch.Tensor, version: int) -> bool:
+    """Whether a site's weight counts as none in ``others_sha256``: a bias of zeros, and from
+    version 2 a norm's scale of ones or bias of zeros (an identity norm, which a folded
+    HookedTransformer has no parameters for)."""
+    if version >= 2 and kind == "ln_w":
+        return bool((w == 1).all())
+    return (kind.startswith("b_") or (version >= 2 and kind == "ln_b")) and not w.any()
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -216,7 +252,7 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     others = check_weights and ("others_tl" in saved or "others" in saved)
     fp = task.adapter.fingerprint(names)
     if others and "others_tl" in saved:  # in TransformerLens layout: any model class or TL version
-        same_others = others_sha256(task) == saved["others_tl"]
+        same_others = _same_others(task, saved["others_tl"], saved.get("others_tl_version", 1))
     elif others:  # saved before others_tl: by the model's own names, which differ between classes
         from .training import model_fingerprint
 
@@ -241,6 +277,20 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"])
+
+
+def _same_others(task, saved: str, version: int) -> bool:
+    """Whether the model's other parameters are those a save recorded (``others_sha256`` of its
+    ``version``). A version-1 record also matches this model's version-2 one: the model it was
+    saved from then had no weight buffer, identity norm or unread copy to hold (a folded
+    HookedTransformer, loaded into its compatibility-mode bridge)."""
+    if version > OTHERS_VERSION:
+        raise ValueError(f"the saved decomposition records the model's other parameters in version {version} of its "
+                         f"fingerprint; this l3d_lens computes 1 to {OTHERS_VERSION} (upgrade l3d_lens, or pass "
+                         f"check_weights=False to load it unchecked)")
+    if version == 1:
+        return saved in (others_sha256(task, 1), others_sha256(task))
+    return saved == others_sha256(task, version)
 
 
 def _check_model_dtype(file: Path, saved: Any, now: torch.dtype) -> None:
@@ -390,6 +440,10 @@ def _read_meta(file: Path) -> dict:
     for k in ("others", "others_tl"):
         if not isinstance(fp.get(k, ""), str):
             raise ValueError(f"{file}: 'fingerprint'[{k!r}] must be a SHA-256 string, got {reprlib.repr(fp[k])}")
+    others_version = fp.get("others_tl_version", 1)
+    if not (is_int(others_version) and others_version >= 1):
+        raise ValueError(f"{file}: 'fingerprint'['others_tl_version'] must be an int >= 1, "
+                         f"got {reprlib.repr(others_version)}")
     if not isinstance(meta.get("factors_sha256", ""), str):
         raise ValueError(f"{file}: 'factors_sha256' must be a SHA-256 string, "
                          f"got {reprlib.repr(meta['factors_sha256'])}")

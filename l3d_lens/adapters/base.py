@@ -60,10 +60,22 @@ WRAPPERS = frozenset({"_original_component", "original_component"})
 NO_SITE = ("l3d_lens has no decomposition site for these (it decomposes W_E, W_pos, W_Q/K/V/O, W_in/W_gate/W_out, "
            "W_U, their biases and the ln1/ln2/ln_final scales and biases; not QK-norm or post-norm scales, an "
            "MLP's own LayerNorm or MoE experts)")
+#: the names of the buffers that hold weights (a module then has no Parameter of that name), not
+#: values computed from the config such as rotary caches or attention masks
+WEIGHT_BUFFERS = frozenset({"weight", "bias"})
+#: why a weight kept in a buffer is left out
+IN_BUFFER = ("a buffer, not an nn.Parameter (as a TransformerLens 4 bridge in compatibility mode keeps the folded "
+             "unembedding bias): l3d_lens decomposes parameters only; loading a saved decomposition checks its value")
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def zero_bias(name: str, t: torch.Tensor) -> bool:
+    """A buffer named ``bias`` that holds zeros: it counts as none (a TransformerLens 4 bridge adds
+    one where the checkpoint has no bias)."""
+    return name.rpartition(".")[2] == "bias" and not t.is_meta and not t.any()
 
 
 @contextlib.contextmanager
@@ -129,6 +141,11 @@ class Adapter:
         self._from_native: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._capture: dict[str, tuple[nn.Module, str]] = {}
         self.unsupported: dict[str, str] = {}  # weights the model has but no site exposes -> why
+        # TransformerLens names of weights the model keeps in a buffer (no site) -> (buffer path, native -> TL)
+        self._in_buffers: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        # ids of parameters with no fingerprint of their own: a bridge's fused qkv, split into q, k and v (a copy
+        # the forward never reads, as in compatibility mode, or the source of their views, which cover it)
+        self.unread: set[int] = set()
 
     # --- description -------------------------------------------------------------------
     @property
@@ -180,6 +197,23 @@ class Adapter:
         native = [self.native_parameter(n) for n in self.sites]
         ids, spans = {id(p) for p in native}, merged([span(p) for p in native if not p.is_meta])
         return [(n, p) for n, p in self.model.named_parameters() if id(p) not in ids and not inside(p, spans)]
+
+    def weight_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The model's floating-point buffers that hold weights (``WEIGHT_BUFFERS``), by
+        ``named_buffers`` name; a bias of zeros counts as none. Rotary caches, masks and other
+        buffers computed from the config are left out."""
+        return [(n, b) for n, b in self.model.named_buffers()
+                if n.rpartition(".")[2] in WEIGHT_BUFFERS and b.is_floating_point() and not zero_bias(n, b)]
+
+    def held_in_buffers(self) -> dict[str, torch.Tensor]:
+        """The weights with a TransformerLens name (``unembed.b_U``) that the model keeps in a
+        buffer, in TransformerLens layout: no site exposes them, so they are never decomposed."""
+        return {name: to_tl(self.model.get_buffer(path).detach()) for name, (path, to_tl) in self._in_buffers.items()}
+
+    def uncovered_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """``weight_buffers`` without those ``held_in_buffers`` names."""
+        named = {id(self.model.get_buffer(path)) for path, _ in self._in_buffers.values()}
+        return [(n, b) for n, b in self.weight_buffers() if id(b) not in named]
 
     def tied_paths(self, name: str) -> list[str]:
         """Every slot that holds the Parameter behind ``name``: more than one when the model ties
@@ -295,14 +329,14 @@ class TransformerLensAdapter(Adapter):
         sites (``uncovered_parameters``) that no reason given already covers (``explained``, by
         id): QK-norm and post-norm scales, an MLP's own LayerNorm, MoE experts. A selector that
         spans one then warns that it leaves it out, rather than silently decomposing less of the
-        block than it names."""
-        extra = [name for name, p in self.uncovered_parameters() if id(p) not in explained]
+        block than it names. A weight kept in a buffer outside ``held_in_buffers`` is recorded so too."""
+        extra = [(name, NO_SITE) for name, p in self.uncovered_parameters() if id(p) not in explained]
+        extra += [(name, IN_BUFFER) for name, _ in self.uncovered_buffers()]
         if extra:
             paths = self._readable_paths()
-            for name in extra:
+            for name, why in extra:
                 prefix, _, attr = name.rpartition(".")
-                self.unsupported.setdefault(f"{paths[id(self.model.get_submodule(prefix))]}.{attr}".lstrip("."),
-                                            NO_SITE)
+                self.unsupported.setdefault(f"{paths[id(self.model.get_submodule(prefix))]}.{attr}".lstrip("."), why)
 
     def _readable_paths(self) -> dict[int, str]:
         """Each module's shortest path with a bridge's wrapper segments (``_original_component``)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .base import POSITIONS, TOKENS, Site, TransformerLensAdapter, gqa_reason, identity
+from .base import IN_BUFFER, POSITIONS, TOKENS, Site, TransformerLensAdapter, gqa_reason, identity, zero_bias
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -73,8 +73,11 @@ class BridgeAdapter(TransformerLensAdapter):
             qkv = getattr(attn, "qkv", None) if attn is not None else None
             if isinstance(qkv, nn.Module) and all(f"{b}.attn.W_{X}" in self.sites for X in "QKV"):
                 # a fused qkv the bridge splits into q, k and v: their source, not read again
-                # (NeoX, BLOOM: a copy whose gradient is None; GPT-2: W_Q/W_K/W_V are views of it)
-                explained.update(id(p) for p in self._native(qkv).parameters(recurse=False))
+                # (NeoX, BLOOM, GPT-2 in compatibility mode: a copy whose gradient is None; GPT-2
+                # otherwise: W_Q/W_K/W_V are views of it)
+                fused = {id(p) for p in self._native(qkv).parameters(recurse=False)}
+                explained.update(fused)
+                self.unread.update(fused)
             o = getattr(attn, "o", None) if attn is not None else None
             if o is not None:
                 self._linear_site(f"{b}.attn.W_O", "W_O", i, o, "weight", ("head", "d_head", "d_model"),
@@ -136,10 +139,12 @@ class BridgeAdapter(TransformerLensAdapter):
                      heads: Optional[tuple[int, int]] = None):
         native = self._native(comp)
         param = getattr(native, attr, None)
-        if not isinstance(param, nn.Parameter):
-            return
         conv = _is_conv1d(native)
         to_tl, to_nat = _layout(layout, conv, heads)
+        if not isinstance(param, nn.Parameter):
+            if isinstance(native._buffers.get(attr), torch.Tensor):
+                self._buffer_weight(name, native, attr, to_tl)
+            return
         shape = tuple(to_tl(param.detach()).shape)
         fast = all(k in (None, TOKENS, POSITIONS) or k in self._hooks for k in (input, output))
         self.sites[name] = Site(name, kind, layer, modes, shape, in_modes, out_modes,
@@ -151,6 +156,18 @@ class BridgeAdapter(TransformerLensAdapter):
             for key in (input, output):
                 if key not in (None, TOKENS, POSITIONS):
                     self._capture[key] = (self._hooks[key], "out")
+
+    def _buffer_weight(self, name: str, native: nn.Module, attr: str, to_tl: Callable) -> None:
+        """A weight the module keeps in a buffer (TransformerLens 4's compatibility mode folds the
+        unembedding bias into one): no site, as l3d_lens decomposes parameters, but a selector
+        that covers it warns that it is left out, and the fingerprint of the other parameters
+        holds it under its TransformerLens name. A bias of zeros (the bridge's stand-in where the
+        checkpoint has none) counts as none."""
+        buffer = native._buffers[attr]
+        if not buffer.is_floating_point() or zero_bias(attr, buffer):
+            return
+        self._in_buffers[name] = (f"{self._paths[id(native)]}.{attr}", to_tl)
+        self.unsupported[name] = IN_BUFFER
 
     def _norm_sites(self, prefix: str, layer: Optional[int], comp: nn.Module) -> None:
         normalized = f"{prefix}.hook_normalized"
