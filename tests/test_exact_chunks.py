@@ -98,3 +98,17 @@ def test_squared_norms_sum_every_chunk():
     whole = g.reshape(50, -1).pow(2).sum(-1)
     chunked = torch.cat([c.reshape(c.shape[0], -1).pow(2).sum(-1) for c in stats.row_chunks(g, elements=60)])
     assert torch.equal(chunked, whole)
+
+
+def test_gradients_come_in_the_factors_dtype_without_a_cast_copy_after():
+    """A float32 model with float64 factors: the gradients are written in float64 as they come,
+    the values a cast of the model-dtype gradients would give."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
+    tasks = {d: build_task(mlp, l3d_lens.L3DConfig(components=["0.weight"], n_subnetworks=2, rank=1, engine="exact",
+                                                   divergence="mse", reference="mean", dtype=d))
+             for d in ("float32", "float64")}
+    g32 = exact.per_sample_gradients(tasks["float32"], x, None)["0.weight"]
+    g64 = exact.per_sample_gradients(tasks["float64"], x, None)["0.weight"]
+    assert g32.dtype == torch.float32 and g64.dtype == torch.float64
+    assert torch.equal(g64, g32.double())

@@ -41,9 +41,10 @@ def chunk_rows(task: Task) -> int:
 def per_sample_gradients(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generator],
                          paired: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None
                          ) -> dict[str, torch.Tensor]:
-    """{weight name: [n_samples, *selected shape]} gradients of each sample's divergence, taken
-    ``chunk_size`` samples at a time (default ``chunk_rows``) and written into one tensor per
-    weight: the peak is about one copy of them and a chunk's."""
+    """{weight name: [n_samples, *selected shape]} gradients of each sample's divergence in the
+    factors' dtype (``cfg.dtype``), taken ``chunk_size`` samples at a time (default
+    ``chunk_rows``) and written into one tensor per weight: the peak is about one copy of them
+    and a chunk's (no cast copy follows where the model's dtype is another)."""
     adapter = task.adapter
     refs = references_for(task, inputs, generator, paired)
     base = {s.name: adapter.weight(s.name).detach() for s in task.selected}
@@ -79,7 +80,7 @@ def per_sample_gradients(task: Task, inputs: torch.Tensor, generator: Optional[t
                                  "cannot transform (an autograd.Function without setup_context, e.g. a custom "
                                  "activation); use engine='fast'") from e
             for name, g in chunk.items():
-                if name not in grads:
-                    grads[name] = g.new_empty((n_samples, *g.shape[1:]))
+                if name not in grads:  # in the factors' dtype, which every use casts them to
+                    grads[name] = g.new_empty((n_samples, *g.shape[1:]), dtype=task.cfg.torch_dtype)
                 grads[name][a:a + len(rows)] = g
     return grads
