@@ -96,8 +96,10 @@ def _buffer(t: torch.Tensor):
 
 def model_fingerprint(task: Task) -> dict[str, Any]:
     """What a checkpoint must have been trained on, of the model: the decomposed weights as
-    ``Decomposition.load`` checks them (names, shapes, SHA-256), and a SHA-256 of every other
-    parameter (they shape every gradient too), by name, dtype, shape and bytes."""
+    ``Decomposition.load`` checks them (names, shapes, SHA-256), a SHA-256 of every other
+    parameter (they shape every gradient too), by name, dtype, shape and bytes, and one of the
+    weights it keeps in buffers (``Adapter.weight_buffers``: a compatibility-mode bridge's b_U,
+    BatchNorm statistics), where it has any."""
     names = [s.name for s in task.selected]
     decomposed = {id(task.adapter.native_parameter(n)) for n in names}
     h = hashlib.sha256()
@@ -107,7 +109,15 @@ def model_fingerprint(task: Task) -> dict[str, Any]:
         h.update(f"{name}:{p.dtype}:{list(p.shape)}".encode())
         if not p.is_meta:  # offloaded: no bytes to read here
             h.update(_buffer(p))
-    return {"weights": task.adapter.fingerprint(names), "others": h.hexdigest()}
+    out = {"weights": task.adapter.fingerprint(names), "others": h.hexdigest()}
+    if buffers := task.adapter.weight_buffers():  # recorded only where there are any: older checkpoints match
+        b = hashlib.sha256()
+        for name, t in buffers:
+            b.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+            if not t.is_meta:
+                b.update(_buffer(t))
+        out["buffers"] = b.hexdigest()
+    return out
 
 
 def older_stream(saved: Optional[str], now: Optional[str]) -> bool:
@@ -157,13 +167,18 @@ def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[s
                         if saved["config"].get(k) != identity["config"].get(k))
         out.append("config (" + ", ".join(f"{k}: {saved['config'].get(k)!r} in the checkpoint, "
                                           f"{identity['config'].get(k)!r} now" for k in fields) + ")")
-    if "model" in saved and saved["model"] != identity["model"]:
-        if saved["model"].get("weights") != identity["model"]["weights"]:
+    now = identity["model"]
+    if "model" in saved and "buffers" not in saved["model"]:  # written before buffers were recorded
+        now = {k: v for k, v in now.items() if k != "buffers"}
+    if "model" in saved and saved["model"] != now:
+        if saved["model"].get("weights") != now["weights"]:
             out.append("model weights (the decomposed weights: "
                        + ("their names or shapes" if saved["model"].get("weights", {}).get("shapes")
-                          != identity["model"]["weights"]["shapes"] else "their values") + ")")
-        else:
+                          != now["weights"]["shapes"] else "their values") + ")")
+        elif saved["model"].get("others") != now.get("others"):
             out.append("model weights (outside the decomposed weights)")
+        else:
+            out.append("model weights kept in buffers (e.g. BatchNorm statistics, a folded b_U)")
     if saved["data"] != identity["data"] and not older_stream(saved["data"], identity["data"]):
         out.append("data")
     if "reference" in saved and saved["reference"] != identity["reference"] and not older_stream(
@@ -351,6 +366,8 @@ def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, d
     check_batching(path, folder, state, data, min_batch)
     check_resumable(path, folder, state, tensors, fresh, cfg, data, min_batch)
     unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
+    if "model" in saved_identity and "buffers" in identity["model"] and "buffers" not in saved_identity["model"]:
+        unrecorded.append("model's weights kept in buffers")
     unrecorded += [f"{part} (a TokenStream, known then by its type only)" for part in ("data", "reference")
                    if older_stream(saved_identity.get(part), identity[part])]
     if unrecorded:

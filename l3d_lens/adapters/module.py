@@ -6,6 +6,7 @@ fast engine (input and output captured around the layer); any other parameter is
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import Adapter, Site, identity
@@ -40,3 +41,10 @@ class ModuleAdapter(Adapter):
             self._param_path[name] = name
             self._to_native[name] = identity
             self._from_native[name] = identity
+
+    def weight_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """Every floating-point buffer the model saves with its state (BatchNorm's running
+        statistics): l3d_lens runs the model in eval mode, where they set the forward and so every
+        gradient. Buffers left out of the state (caches) are left out here too."""
+        saved = set(self.model.state_dict(keep_vars=True))
+        return [(n, b) for n, b in self.model.named_buffers() if n in saved and b.is_floating_point()]
