@@ -6,8 +6,9 @@ prefix (``blocks.3`` = the whole block, ``blocks.*.mlp``, ``blocks.3.attn.W_Q``,
 ``unembed``), optionally followed by ``[i,j,a:b]``: heads of attention weights, or neurons
 (d_mlp) of MLP weights, never both from one list. Weights without that axis (b_O, b_out) drop
 out of a sliced selection. A [..] after a '.' is a glob segment (``blocks.[0-1]``); right after
-a name a dash range could be either ('blocks.1[0-1]': units 0-1 of block 1, or blocks 10-11)
-and is refused where both readings select weights.
+a name a dash range, or right after a number a list of indices, could be either
+('blocks.1[0-1]', 'blocks.1[01]': units of block 1, or blocks 10-11) and is refused where both
+readings select weights.
 """
 
 from __future__ import annotations
@@ -115,16 +116,21 @@ def _index_position(pattern: str) -> bool:
 
 def _index_list(adapter: Adapter, selector: str, sel: str, saved: bool = False) -> Optional[re.Match]:
     """The index list ``sel`` ends with, or None where its last [..] is a glob. A dash range
-    right after a name that also selects weights as a glob ('blocks.1[0-1]': units 0-1 of block
-    1, or blocks 10 and 11) is refused, naming both spellings, except in a selection ``saved`` by
-    an earlier l3d_lens, which read it as the glob (taken, with a warning); one that selects
-    nothing as a glob is reported as a bad index list."""
+    right after a name, or a list of single indices right after a number, that also selects
+    weights as a glob ('blocks.1[0-1]' or 'blocks.1[01]': units of block 1, or blocks 10 and 11)
+    is refused, naming both spellings, except in a selection ``saved`` by an earlier l3d_lens,
+    which read a dash range as the glob (taken, with a warning) and any other list as indices; a
+    dash range that selects nothing as a glob is reported as a bad index list."""
     m = _SUBSET.match(sel)
     if m is None or not _index_position(m.group("pattern")):
         return None
-    if not _DASH.search(m.group("items")):
+    dash = bool(_DASH.search(m.group("items")))
+    digits = m.group("pattern")[-1].isdigit() and ":" not in m.group("items")  # 'blocks.1[01]': blocks.10?
+    if not dash and (saved or not digits):  # an earlier l3d_lens read every list without a dash as indices
         return m
     globbed = _matching(adapter, sel)
+    if not dash and not globbed:
+        return m
     heads, neurons = _units(_matching(adapter, m.group("pattern")))
     if globbed and (heads or neurons):
         items = m.group("items").strip()

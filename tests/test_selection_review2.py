@@ -4,6 +4,9 @@ before it is expanded."""
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -106,3 +109,34 @@ def test_a_saved_dash_range_still_loads_as_the_glob_it_was_computed_on(deep):
                                          r"the glob over blocks.10, blocks.11 .*'blocks.1\[0-1\].\*' for the glob"):
         saved = select(deep, ("blocks.1[0-1]",), saved=True)
     assert saved == select(deep, ("blocks.10", "blocks.11"))
+
+
+# --- any list right after a name that also selects weights as a glob -----------------------------
+
+@pytest.mark.parametrize("selector, glob", [("blocks.1[01]", "blocks.10, blocks.11"), ("blocks.1[0]", "blocks.10"),
+                                            ("blocks.1[0,1]", "blocks.10, blocks.11")])
+def test_a_list_without_a_dash_that_also_globs_is_refused(selector, glob):
+    """'blocks.1[01]' read as head 1 of block 1 (int('01')) on an attention-only model of 12
+    layers, where blocks 10 and 11 may have been meant; refused now, naming both."""
+    adapter = make_adapter(tiny_lm("bridge", n_layers=12, attn_only=True))
+    items = selector[selector.index("[") + 1:-1]
+    pattern = (f"selector '{re.escape(selector)}' is ambiguous: .* reads as heads .* of blocks.1, or as a glob over "
+               f"{glob}; write 'blocks.1.attn{re.escape(f'[{items}]')}' for heads")
+    with pytest.raises(ValueError, match=pattern):
+        select(adapter, (selector,))
+    assert picked(adapter, f"blocks.1.attn[{items}]")  # the suggested spelling selects
+    assert blocks(adapter, f"{selector}.*") == [b.strip().split(".")[1] for b in glob.split(",")]
+
+
+def test_a_list_without_a_dash_that_globs_nothing_stays_an_index_list(deep):
+    assert picked(deep, "blocks.2.attn[1]")["blocks.2.attn.W_Q"] == (1,)
+    assert picked(make_adapter(tiny_lm("bridge", n_layers=2, attn_only=True)), "blocks.1[0]")["blocks.1.attn.W_Q"] == (0,)
+
+
+def test_a_saved_list_without_a_dash_keeps_its_index_reading():
+    """An earlier l3d_lens read 'blocks.1[01]' as indices: a saved selection keeps that, unwarned."""
+    adapter = make_adapter(tiny_lm("bridge", n_layers=12, attn_only=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        saved = {s.name: s.indices for s in select(adapter, ("blocks.1[01]",), saved=True)}
+    assert saved == picked(adapter, "blocks.1.attn[1]")
