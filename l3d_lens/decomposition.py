@@ -13,8 +13,8 @@ from torch import nn
 from .adapters import Adapter, make_adapter
 from .checks import as_index, as_number, is_int
 from .config import SEED_RANGE, L3DConfig
-from .data import Data, batches, check_data, check_dtype, check_position
-from .engine import batch_stats
+from .data import Data, batches, check_data, check_dtype, check_position, first_batch
+from .engine import batch_stats, check_shortcut
 from .objective import sample_errors, topk_mask
 from .selection import select
 from .subnetworks import Factors, dense, gram, resolve_ranks
@@ -182,6 +182,9 @@ def check_run(task: Task, data: Data, reference: Optional[Data] = None) -> None:
     check_position(task.adapter, data, task.cfg.position)  # token mode keeps -1 (resolve_config)
     check_dtype(task.adapter, data, reference, task.cfg.autocast)
     check_memory(task, data)
+    if task.cfg.engine == "fast":
+        first, paired = first_batch(data)
+        check_shortcut(task, first, reference[: first.shape[0]] if isinstance(reference, torch.Tensor) else paired)
 
 
 def check_memory(task: Task, data: Data) -> None:

@@ -32,6 +32,37 @@ def references_for(task: Task, inputs: torch.Tensor, generator: Optional[torch.G
         return task.references(outputs, generator, paired_outputs)
 
 
+def sample_divergence(task: Task):
+    """(one, params): ``one(params, x, ref, mask)`` is one sample's divergence as a function of
+    the selected weights (their selected parts, ``params`` at the model's values), through a
+    functional forward of its sequence ``x`` against its references ``ref``; in token mode
+    ``mask`` [pos] picks the position."""
+    adapter = task.adapter
+    base = {s.name: adapter.weight(s.name).detach() for s in task.selected}
+    params = {s.name: s.take(base[s.name]).clone() for s in task.selected}
+    by_name = {s.name: s for s in task.selected}
+    token = task.token_mode
+
+    def one(p, x, ref, mask):
+        overrides = {n: _with_part(base[n], by_name[n], v) for n, v in p.items()}
+        out = adapter.functional_forward(overrides, x[None])
+        d = task.divergence(task.view(out), ref[None])[0]
+        return (d * mask).sum() if token else d
+
+    return one, params
+
+
+def sample_gradient(task: Task, inputs: torch.Tensor, refs: torch.Tensor, row: int) -> dict[str, torch.Tensor]:
+    """{weight name: selected shape} gradient of sample ``row`` (token mode: sequence-major, as
+    the engines number samples) of ``inputs`` against the references ``refs`` drawn for them."""
+    one, params = sample_divergence(task)
+    seq_len = inputs.shape[1] if task.token_mode else 1
+    n, t = divmod(row, seq_len)
+    mask = torch.eye(seq_len, dtype=refs.dtype, device=refs.device)[t]
+    with task.adapter.session():
+        return grad(one)(params, inputs[n], refs[n], mask)
+
+
 def chunk_rows(task: Task) -> int:
     """Samples per vmap call: 64, or fewer where their gradients would pass ``CHUNK_ELEMENTS``."""
     per_sample = sum(math.prod(s.shape) for s in task.selected)
@@ -47,17 +78,8 @@ def per_sample_gradients(task: Task, inputs: torch.Tensor, generator: Optional[t
     and a chunk's (no cast copy follows where the model's dtype is another)."""
     adapter = task.adapter
     refs = references_for(task, inputs, generator, paired)
-    base = {s.name: adapter.weight(s.name).detach() for s in task.selected}
-    params = {s.name: s.take(base[s.name]).clone() for s in task.selected}
-    by_name = {s.name: s for s in task.selected}
+    one, params = sample_divergence(task)
     token = task.token_mode
-
-    def one(p, x, ref, mask):
-        overrides = {n: _with_part(base[n], by_name[n], v) for n, v in p.items()}
-        out = adapter.functional_forward(overrides, x[None])
-        d = task.divergence(task.view(out), ref[None])[0]
-        return (d * mask).sum() if token else d
-
     chunk_size = chunk_size or chunk_rows(task)
     seq_len = inputs.shape[1] if token else 1
     n_samples = inputs.shape[0] * seq_len

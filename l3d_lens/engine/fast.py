@@ -28,10 +28,11 @@ class Captured:
     douts: dict[str, torch.Tensor]
     tokens: Optional[torch.Tensor]
     divergence: torch.Tensor
+    references: Optional[torch.Tensor] = None  # the references drawn, where asked for (``check_shortcut``)
 
 
 def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generator],
-            paired: Optional[torch.Tensor] = None) -> Captured:
+            paired: Optional[torch.Tensor] = None, keep_references: bool = False) -> Captured:
     adapter = task.adapter
     adapter.check_layout()
     sites = [s.site for s in task.selected]
@@ -65,9 +66,7 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         """The input activation of ``key``'s weights; a second call must see the same values
         (TL 3.x runs ln1 once each for q, k and v), else in_1 (x) (dout_1 + dout_2) is wrong."""
         if value.shape[:1] != inputs.shape[:1]:
-            raise ValueError(f"engine='fast' needs the batch axis first in every decomposed weight's activations, "
-                             f"but {key} saw shape {tuple(value.shape)} for a batch of {inputs.shape[0]} (the model "
-                             f"reshapes its samples before this layer); use engine='exact'")
+            raise batch_axis_error(key, value, inputs)
         if key not in store_in:
             store_in[key] = value.detach()
         elif store_in[key].shape != value.shape or not torch.allclose(store_in[key], value, rtol=0, atol=0,
@@ -82,6 +81,8 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         of the user's changes it (the gradient then flows back through theirs). Their hooks get
         a copy, which one editing in place (``t[:, :, h] = 0``) may change."""
         def hook(module, args, kwargs, output):
+            if output.shape[:1] != inputs.shape[:1]:  # a bias (no input captured) must be checked here
+                raise batch_axis_error(keys[0], output, inputs)
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
             for key in keys:
@@ -94,7 +95,10 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         def hook(module, args, kwargs, output):
             for key, role in entries:
                 if role == "in":
-                    keep_input(key, args[0])
+                    if not args and "input" not in kwargs:
+                        raise ValueError(f"engine='fast' cannot read the input of {key}: the layer was called without "
+                                         f"a positional input (keywords {sorted(kwargs)}); use engine='exact'")
+                    keep_input(key, args[0] if args else kwargs["input"])
                 elif role == "out":
                     keep_input(key, output)
                 elif role in kwargs:  # a keyword input, e.g. attention's query_input
@@ -159,7 +163,14 @@ def capture(task: Task, inputs: torch.Tensor, generator: Optional[torch.Generato
         parts = grads[i: i + len(store_out[k])]
         i += len(parts)
         douts[k] = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-    return Captured(store_in, douts, inputs if adapter.is_language_model else None, d.detach())
+    return Captured(store_in, douts, inputs if adapter.is_language_model else None, d.detach(),
+                    refs.detach() if keep_references else None)
+
+
+def batch_axis_error(key: str, value: torch.Tensor, inputs: torch.Tensor) -> ValueError:
+    return ValueError(f"engine='fast' needs the batch axis first in every decomposed weight's activations, but {key} "
+                      f"saw shape {tuple(value.shape)} for a batch of {inputs.shape[0]} (the model reshapes its "
+                      f"samples before this layer); use engine='exact'")
 
 
 def _check_gathered_rows(adapter, site, output: torch.Tensor, tokens: torch.Tensor) -> None:

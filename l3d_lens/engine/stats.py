@@ -67,6 +67,25 @@ def site_terms(task: Task, s: Selected, cap: Captured, dtype: torch.dtype):
     return x, y, x_lab, y_lab, u
 
 
+def captured_gradient(task: Task, s: Selected, cap: Captured, row: int,
+                      dtype: torch.dtype) -> Float[torch.Tensor, "*shape"]:
+    """The per-sample gradient of weight ``s`` for sample ``row`` of a captured batch (fast
+    engine), materialised from the captured input activations and output gradients: the sum
+    over positions of in (x) dout, with one-hot inputs for token and position embeddings."""
+    x, y, x_lab, y_lab, u = site_terms(task, s, cap, dtype)
+    n, t = divmod(row, y.shape[1]) if u else (row, None)
+    y_row = y[n, t] if u else y[n]  # [positions, *out sizes]
+    big, _ = mode_letters(len(s.site.modes))
+    if s.site.input == TOKENS:
+        return y_row.new_zeros(s.shape).index_add_(0, cap.tokens[n].to(y_row.device), y_row)
+    if s.site.input == POSITIONS:
+        pad = y_row.new_zeros((s.shape[0] - y_row.shape[0], *y_row.shape[1:]))
+        return torch.cat([y_row, pad])
+    if x is None:
+        return contract(f"s{y_lab}->{big}", y_row)
+    return contract(f"s{x_lab},s{y_lab}->{big}", x[n], y_row)
+
+
 def from_captured(task: Task, f: Factors, cap: Captured) -> Stats:
     K = next(iter(f.values())).shape[0]
     dtype = next(iter(f.values())).dtype
