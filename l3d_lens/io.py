@@ -268,7 +268,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
             f" (or only their names: it was saved from a {meta['adapter']} model by an l3d_lens that compared "
             f"them by the model's own names, and this is a {task.adapter.kind} model)")
         raise ValueError("this model's parameters outside the decomposed weights differ from those the decomposition "
-                         f"was computed on{kind}; they shape every gradient, so its coefficients would differ too "
+                         f"was computed on{kind} (or the weights it keeps in buffers do, e.g. BatchNorm running "
+                         f"statistics); they shape every gradient, so its coefficients would differ too "
                          "(pass check_weights=False to load it anyway)")
     if check_weights and not others:
         warnings.warn(f"{path / META} was saved by an earlier l3d_lens that did not fingerprint the model's other "

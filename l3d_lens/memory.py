@@ -208,5 +208,15 @@ def check(task: Task, batch_size: int, seq_len: int, device: torch.device,
         detail = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in parts.items() if v)
         raise MemoryError(
             f"this decomposition needs about {need / GiB:.1f} GiB at its peak but {free / GiB:.1f} GiB is available "
-            f"on {device} ({detail}); the largest part is {biggest}: reduce batch_size, n_subnetworks, rank or the "
-            f"selection, or use sample='sequence' / engine='fast'")
+            f"on {device} ({detail}); the largest part is {biggest}: {advice(task)}")
+
+
+def advice(task: Task) -> str:
+    """What would shrink a run that does not fit, of the choices this one has left."""
+    cfg = task.cfg
+    ways = ["reduce batch_size, n_subnetworks, rank or the selection"]
+    if task.token_mode:
+        ways.append("use sample='sequence' (one divergence per sequence, not one per token)")
+    if cfg.engine == "exact":
+        ways.append("use engine='fast' (no per-sample gradient is formed)")
+    return ", or ".join(ways)

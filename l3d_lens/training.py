@@ -99,7 +99,8 @@ def model_fingerprint(task: Task) -> dict[str, Any]:
     ``Decomposition.load`` checks them (names, shapes, SHA-256), a SHA-256 of every other
     parameter (they shape every gradient too), by name, dtype, shape and bytes, and one of the
     weights it keeps in buffers (``Adapter.weight_buffers``: a compatibility-mode bridge's b_U,
-    BatchNorm statistics), where it has any."""
+    BatchNorm statistics; ``NO_BUFFERS`` where it has none, which a checkpoint from before
+    buffers were recorded, without the key, is not compared on)."""
     names = [s.name for s in task.selected]
     decomposed = {id(task.adapter.native_parameter(n)) for n in names}
     h = hashlib.sha256()
@@ -109,15 +110,16 @@ def model_fingerprint(task: Task) -> dict[str, Any]:
         h.update(f"{name}:{p.dtype}:{list(p.shape)}".encode())
         if not p.is_meta:  # offloaded: no bytes to read here
             h.update(_buffer(p))
-    out = {"weights": task.adapter.fingerprint(names), "others": h.hexdigest()}
-    if buffers := task.adapter.weight_buffers():  # recorded only where there are any: older checkpoints match
-        b = hashlib.sha256()
-        for name, t in buffers:
-            b.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-            if not t.is_meta:
-                b.update(_buffer(t))
-        out["buffers"] = b.hexdigest()
-    return out
+    b = hashlib.sha256()
+    for name, t in task.adapter.weight_buffers():
+        b.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        if not t.is_meta:
+            b.update(_buffer(t))
+    return {"weights": task.adapter.fingerprint(names), "others": h.hexdigest(), "buffers": b.hexdigest()}
+
+
+#: ``model_fingerprint``'s "buffers" of a model that keeps no weight in a buffer
+NO_BUFFERS = hashlib.sha256().hexdigest()
 
 
 def older_stream(saved: Optional[str], now: Optional[str]) -> bool:
@@ -366,7 +368,8 @@ def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, d
     check_batching(path, folder, state, data, min_batch)
     check_resumable(path, folder, state, tensors, fresh, cfg, data, min_batch)
     unrecorded = [part for part in ("model", "reference") if part not in saved_identity and identity[part] is not None]
-    if "model" in saved_identity and "buffers" in identity["model"] and "buffers" not in saved_identity["model"]:
+    if ("model" in saved_identity and "buffers" not in saved_identity["model"]
+            and identity["model"]["buffers"] != NO_BUFFERS):
         unrecorded.append("model's weights kept in buffers")
     unrecorded += [f"{part} (a TokenStream, known then by its type only)" for part in ("data", "reference")
                    if older_stream(saved_identity.get(part), identity[part])]
@@ -469,7 +472,8 @@ def check_same_run(fingerprints: dict[str, Any], device: torch.device) -> None:
     and data (``fingerprints``, as a checkpoint records them), or the result would match no
     single-process run (and data of different lengths would hang in a collective). Every rank
     raises the same ValueError, naming what differs."""
-    words = {"model": "model (its parameters)", "data": "data", "reference": "reference data"}
+    words = {"model": "model (its parameters, or weights it keeps in buffers)", "data": "data",
+             "reference": "reference data"}
     parts = {}
     for k, v in fingerprints.items():
         if k == "config":

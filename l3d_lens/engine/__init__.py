@@ -57,6 +57,8 @@ def check_shortcut(task: Task, inputs: torch.Tensor, paired: Optional[torch.Tens
     cannot transform (a custom autograd.Function) is not checked: the fast engine is its only one."""
     task.adapter.check_no_backward_hooks()  # as batch_stats does first: their message, not torch.func's
     rows = inputs[: max(task.min_batch, 2)].to(task.adapter.device)  # two: a mean reference of one is itself
+    if rows.shape[0] < task.min_batch:  # an iterable's first batch too short to draw references in
+        return
     paired = None if paired is None else paired[: rows.shape[0]].to(task.adapter.device)
     cap = capture(task, rows, torch.Generator().manual_seed(0), paired, keep_references=True)
     row = rows.shape[1] - 1 if task.token_mode else 0  # the last position of the first sequence
