@@ -136,3 +136,27 @@ def test_a_model_torch_func_cannot_transform_still_runs_on_the_fast_engine():
     assert dec.gradient_norms(x).shape == (16,)
     with pytest.raises(ValueError, match="torch.func cannot transform"):
         l3d_lens.decompose(model, x, cfg(["fc"], engine="exact"), progress=False)
+
+
+def test_no_false_refusal_under_autocast_for_a_zero_gradient_or_in_half_precision():
+    """The check compares like with like: autograd under the same autocast (bf16 rounding alone
+    was 4-14% of the norm), round-off against the size of the gradient's terms (b_K's gradient
+    is exactly zero, the fast engine's ~1e-9), and not at all in a half-precision model."""
+    from l3d_lens.decomposition import build_task
+    from l3d_lens.engine import check_shortcut
+    from l3d_lens.zoo import induction
+
+    model = induction.load()
+    base = l3d_lens.L3DConfig(components=["blocks.0.attn", "blocks.1.attn"], n_subnetworks=8, rank=2, top_k=0.05)
+    for seed in range(10):
+        x = induction.repeated_sequences(4, seed=seed)
+        check_shortcut(build_task(model, base.replace(autocast="bf16", sample="sequence")), x)
+        check_shortcut(build_task(model, base.replace(autocast="bf16", sample="sequence", position="all",
+                                                      reference="mean")), x)
+    x = induction.repeated_sequences(4, seed=0)
+    for sample in ("token", "sequence"):
+        check_shortcut(build_task(model, base.replace(components=["blocks.0.attn.b_K", "blocks.1.attn.b_K"],
+                                                      sample=sample)), x)
+    half = induction.load().to(torch.float16)
+    check_shortcut(build_task(half, base.replace(components=["blocks.0.attn.W_Q", "blocks.0.attn.W_K"],
+                                                 sample="sequence")), x)

@@ -86,6 +86,17 @@ def captured_gradient(task: Task, s: Selected, cap: Captured, row: int,
     return contract(f"s{x_lab},s{y_lab}->{big}", x[n], y_row)
 
 
+def gradient_bound(task: Task, s: Selected, cap: Captured, row: int, dtype: torch.dtype) -> torch.Tensor:
+    """||in|| ||dout|| of sample ``row``'s positions for weight ``s`` (||dout|| where its input is
+    one-hot or none): a bound on its per-sample gradient's terms, the scale of their round-off."""
+    x, y, _, _, u = site_terms(task, s, cap, dtype)
+    n, t = divmod(row, y.shape[1]) if u else (row, None)
+    y_row = y[n, t] if u else y[n]
+    if x is None or s.site.input in (TOKENS, POSITIONS):
+        return y_row.norm()
+    return x[n].norm() * y_row.norm()
+
+
 def from_captured(task: Task, f: Factors, cap: Captured) -> Stats:
     K = next(iter(f.values())).shape[0]
     dtype = next(iter(f.values())).dtype
