@@ -20,6 +20,10 @@ __all__ = ["Stats", "Captured", "batch_stats", "capture", "check_shortcut", "per
 #: relative error of the fast engine's gradient against autograd's above which its shortcut
 #: does not hold (float32 and float64: round-off is ~1e-6; under autocast, ~2e-3 measured)
 SHORTCUT_RTOL, SHORTCUT_RTOL_HALF = 1e-3, 5e-2
+#: round-off allowed on top, in units of the compute dtype's eps times ``gradient_bound``: a
+#: gradient whose terms cancel (b_K's is exactly zero) is compared at the terms' scale, not its
+#: own; tied to eps, so cancellation cannot hide an error of the size sought
+ROUND_OFF = 100
 
 
 class NonFiniteGradient(FloatingPointError):
@@ -55,7 +59,8 @@ def check_shortcut(task: Task, inputs: torch.Tensor, paired: Optional[torch.Tens
     a decomposed weight is also read outside its layer (a decoder tied by
     ``F.linear(h, W.weight.T)``) or the model moves the batch axis (sequence-first layers, a batch
     as long as the sequence) the shortcut is wrong, with no other sign: a ValueError naming
-    ``engine='exact'``. Not checked: a half-precision model (its own round-off, near underflow,
+    ``engine='exact'``. Tolerance: ``SHORTCUT_RTOL`` of the gradient's norm (``SHORTCUT_RTOL_HALF``
+    under autocast) plus ``ROUND_OFF`` eps of the terms' scale. Not checked: a half-precision model (its own round-off, near underflow,
     is of the size of the errors sought), and one torch.func cannot transform (a custom
     autograd.Function: the fast engine is its only one)."""
     adapter = task.adapter
@@ -78,10 +83,12 @@ def check_shortcut(task: Task, inputs: torch.Tensor, paired: Optional[torch.Tens
     err = sum(float((fast[n] - exact[n].to(dtype)).pow(2).sum()) for n in fast) ** 0.5
     size = sum(float(exact[n].to(dtype).pow(2).sum()) for n in fast) ** 0.5
     # round-off of a sum of in (x) dout terms that cancel (b_K's gradient is exactly zero) is
-    # relative to the terms, not to the sum: |in| |dout| bounds them
+    # relative to the terms, not to the sum: |in| |dout| bounds them (``ROUND_OFF``)
     bound = sum(float(gradient_bound(task, s, cap, row, dtype)) ** 2 for s in task.selected) ** 0.5
+    compute = torch.bfloat16 if task.cfg.autocast == "bf16" else (
+        torch.float16 if task.cfg.autocast is not None else adapter.model_dtype)
     rtol = SHORTCUT_RTOL_HALF if task.cfg.autocast is not None else SHORTCUT_RTOL
-    if err > rtol * max(size, bound / 2):
+    if err > rtol * size + ROUND_OFF * torch.finfo(compute).eps * bound:
         raise ValueError(f"engine='fast' cannot decompose {[s.name for s in task.selected]} on this model: the "
                          f"gradient it builds from their layers' activations differs from autograd's by "
                          f"{err / max(size, 1e-300):.2g} of its norm on the data's first sample (a decomposed weight "
