@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import l3d_lens
-from l3d_lens import distributed
+from l3d_lens import decomposition, distributed
 
 from . import helpers
 
@@ -48,9 +48,13 @@ def setup(case: str, rank: int):
         cfg = cfg.replace(components=["net.7.weight"])
     if case == "nan_row":  # the same data on every rank: the rank that holds the NaN row fails its step
         data[5] = float("nan")
-    if case == "forward":  # rank 0 waits in the reference draw's gather
+    if case in ("forward", "forward_checked"):  # rank 0 waits in the reference draw's gather
         model.broken = rank == 1
         cfg = cfg.replace(reference="mean")
+    if case == "forward":
+        # the fast engine's check before training runs the broken forward first ("forward_checked"):
+        # this case is about a step, so that check is left out (in the spawned rank's process only)
+        decomposition.check_shortcut = lambda *args, **kwargs: None
     return model, data, cfg
 
 
@@ -87,6 +91,14 @@ def test_a_rank_that_fails_its_checks_stops_every_rank(tmp_path):
     assert rank0.startswith("ValueError: rank 1 failed its checks before training (TypeError: data is torch.float32 "
                             "but the model's parameters are torch.float64"), rank0
     assert rank0.endswith("); every rank stops"), rank0
+
+
+def test_a_forward_that_fails_in_the_checks_before_training_stops_every_rank(tmp_path):
+    rank0, rank1 = run_ranks(tmp_path, "forward_checked")
+    assert rank1.startswith("ValueError: this rank's forward is broken"), rank1
+    assert rank0.startswith("ValueError: rank 1 failed its checks before training (ValueError: this rank's forward "
+                            "is broken)"), rank0
+    assert rank0.endswith("; every rank stops"), rank0
 
 
 def test_a_config_that_differs_is_named_rather_than_its_consequence(tmp_path):
