@@ -54,9 +54,7 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
     if isinstance(data, torch.Tensor):
         check_batch(adapter, data)
         if reference is not None:
-            ref = check_batch(adapter, reference, "reference")
-            if ref.shape != data.shape:
-                raise ValueError(f"reference has shape {tuple(ref.shape)}, data has {tuple(data.shape)}; they must match")
+            check_pair(data, check_batch(adapter, reference, "reference"))
         return
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(f"data must be a tensor or an iterable of tensor batches, got {type(data).__name__}")
@@ -74,13 +72,14 @@ def check_data(adapter: Adapter, data: Data, reference: Optional[Data], paired_m
         check_batch(adapter, first)
 
 
-def check_pair(x: torch.Tensor, ref: torch.Tensor, i: int) -> None:
-    """ValueError unless batch ``i``'s (data, reference) pair has one shape: each sample is
-    compared with its reference sample (token mode: position by position), so a reference of
-    other rows or sequence length would pair samples with unrelated ones, or drop some."""
+def check_pair(x: torch.Tensor, ref: torch.Tensor, i: Optional[int] = None) -> None:
+    """ValueError unless the (data, reference) pair (batch ``i`` of an iterable; None: tensors)
+    has one shape: each sample is compared with its reference sample (token mode: position by
+    position), so a reference of other rows or sequence length would pair samples with unrelated
+    ones, or drop some."""
     if ref.shape != x.shape:
-        raise ValueError(f"batch {i} of the data: reference has shape {tuple(ref.shape)}, data has "
-                         f"{tuple(x.shape)}; they must match")
+        where = "" if i is None else f"batch {i} of the data: "
+        raise ValueError(f"{where}reference has shape {tuple(ref.shape)}, data has {tuple(x.shape)}; they must match")
 
 
 def first_batch(data: Data) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -191,8 +191,7 @@ def check_memory(task: Task, data: Data) -> None:
     """Fail before training if the estimated peak memory exceeds what the device has."""
     from . import distributed, memory
 
-    first = data if isinstance(data, torch.Tensor) else next(iter(data))
-    first = first[0] if isinstance(first, (tuple, list)) else first
+    first = first_batch(data)[0]
     seq_len = first.shape[1] if task.adapter.is_language_model else 1
     batch = min(task.cfg.batch_size, first.shape[0]) if isinstance(data, torch.Tensor) else first.shape[0]
     device = task.device

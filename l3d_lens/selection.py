@@ -134,7 +134,7 @@ def _index_list(adapter: Adapter, selector: str, sel: str, saved: bool = False) 
     heads, neurons = _units(_matching(adapter, m.group("pattern")))
     if globbed and (heads or neurons):
         items = m.group("items").strip()
-        ranges = _DASH_RANGE.sub(lambda d: f"{d[1]}:{int(d[2]) + 1}", items)
+        ranges = _colon_ranges(items)
         modules = _listed(list(dict.fromkeys(_glob_prefix(s.name, sel) for s in globbed)))
         units = " or ".join(unit for sites, unit in ((heads, "heads"), (neurons, "neurons")) if sites)
         forms = (f"write {_unit_forms(heads, neurons, ranges)} (an index range is start:stop with stop left out), "
@@ -145,6 +145,11 @@ def _index_list(adapter: Adapter, selector: str, sel: str, saved: bool = False) 
         warnings.warn(f"selector {selector!r} (saved by an earlier l3d_lens) is read as the glob over {modules} it "
                       f"was computed on, but a new run refuses it as ambiguous: {forms}", stacklevel=5)
     return None
+
+
+def _colon_ranges(text: str) -> str:
+    """``text`` with each dash range written as an index range: '0-1' -> '0:2'."""
+    return _DASH_RANGE.sub(lambda d: f"{d[1]}:{int(d[2]) + 1}", text)
 
 
 def _glob_prefix(name: str, pattern: str) -> str:
@@ -227,8 +232,8 @@ def _no_match(adapter: Adapter, selector: str, sel: str, biases: list[Site]) -> 
         last = None  # a glob segment (blocks.[5]), not an index list
     bad = _bad_item(last.group("items")) if last else None
     if bad is not None and _matching(adapter, last.group("pattern")):
-        dash = re.fullmatch(r"(\d+)\s*-\s*(\d+)", bad)
-        hint = f"; a range is start:stop with stop left out, here {dash[1]}:{int(dash[2]) + 1}" if dash else ""
+        dash = _DASH_RANGE.fullmatch(bad)
+        hint = f"; a range is start:stop with stop left out, here {_colon_ranges(bad)}" if dash else ""
         return ValueError(f"selector {selector!r}: bad index {bad!r} in [{last.group('items')}]{hint} "
                           f"(an index list: {_SYNTAX})")
     hint = f" (an index list: {_SYNTAX})" if last else ""

@@ -103,23 +103,24 @@ def model_fingerprint(task: Task) -> dict[str, Any]:
     buffers were recorded, without the key, is not compared on)."""
     names = [s.name for s in task.selected]
     decomposed = {id(task.adapter.native_parameter(n)) for n in names}
+    others = ((name, p) for name, p in task.adapter.model.named_parameters() if id(p) not in decomposed)
+    return {"weights": task.adapter.fingerprint(names), "others": named_sha256(others),
+            "buffers": named_sha256(task.adapter.weight_buffers())}
+
+
+def named_sha256(named) -> str:
+    """SHA-256 of (name, tensor) pairs by name, dtype, shape and bytes (an offloaded, meta
+    tensor by the first three: it has no bytes to read here)."""
     h = hashlib.sha256()
-    for name, p in task.adapter.model.named_parameters():
-        if id(p) in decomposed:
-            continue
-        h.update(f"{name}:{p.dtype}:{list(p.shape)}".encode())
-        if not p.is_meta:  # offloaded: no bytes to read here
-            h.update(_buffer(p))
-    b = hashlib.sha256()
-    for name, t in task.adapter.weight_buffers():
-        b.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+    for name, t in named:
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
         if not t.is_meta:
-            b.update(_buffer(t))
-    return {"weights": task.adapter.fingerprint(names), "others": h.hexdigest(), "buffers": b.hexdigest()}
+            h.update(_buffer(t))
+    return h.hexdigest()
 
 
 #: ``model_fingerprint``'s "buffers" of a model that keeps no weight in a buffer
-NO_BUFFERS = hashlib.sha256().hexdigest()
+NO_BUFFERS = named_sha256([])
 
 
 def older_stream(saved: Optional[str], now: Optional[str]) -> bool:

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
+from ..config import AUTOCASTS, autocast_context
 from ..subnetworks import Factors
-from ..config import autocast_context
 from ..task import Task
 from .exact import per_sample_gradients, sample_gradient
 from .fast import Captured, capture
@@ -60,9 +60,9 @@ def check_shortcut(task: Task, inputs: torch.Tensor, paired: Optional[torch.Tens
     ``F.linear(h, W.weight.T)``) or the model moves the batch axis (sequence-first layers, a batch
     as long as the sequence) the shortcut is wrong, with no other sign: a ValueError naming
     ``engine='exact'``. Tolerance: ``SHORTCUT_RTOL`` of the gradient's norm (``SHORTCUT_RTOL_HALF``
-    under autocast) plus ``ROUND_OFF`` eps of the terms' scale. Not checked: a half-precision model (its own round-off, near underflow,
-    is of the size of the errors sought), and one torch.func cannot transform (a custom
-    autograd.Function: the fast engine is its only one)."""
+    under autocast) plus ``ROUND_OFF`` eps of the terms' scale. Not checked: a half-precision
+    model (its own round-off, near underflow, is of the size of the errors sought), and one
+    torch.func cannot transform (a custom autograd.Function: the fast engine is its only one)."""
     adapter = task.adapter
     adapter.check_no_backward_hooks()  # as batch_stats does first: their message, not torch.func's
     if adapter.model_dtype.is_floating_point and torch.finfo(adapter.model_dtype).bits < 32:
@@ -85,8 +85,7 @@ def check_shortcut(task: Task, inputs: torch.Tensor, paired: Optional[torch.Tens
     # round-off of a sum of in (x) dout terms that cancel (b_K's gradient is exactly zero) is
     # relative to the terms, not to the sum: |in| |dout| bounds them (``ROUND_OFF``)
     bound = sum(float(gradient_bound(task, s, cap, row, dtype)) ** 2 for s in task.selected) ** 0.5
-    compute = torch.bfloat16 if task.cfg.autocast == "bf16" else (
-        torch.float16 if task.cfg.autocast is not None else adapter.model_dtype)
+    compute = AUTOCASTS[task.cfg.autocast] if task.cfg.autocast is not None else adapter.model_dtype
     rtol = SHORTCUT_RTOL_HALF if task.cfg.autocast is not None else SHORTCUT_RTOL
     if err > rtol * size + ROUND_OFF * torch.finfo(compute).eps * bound:
         raise ValueError(f"engine='fast' cannot decompose {[s.name for s in task.selected]} on this model: the "

@@ -67,34 +67,38 @@ def site_terms(task: Task, s: Selected, cap: Captured, dtype: torch.dtype):
     return x, y, x_lab, y_lab, u
 
 
+def _row_terms(task: Task, s: Selected, cap: Captured, row: int, dtype: torch.dtype):
+    """Sample ``row``'s share of ``site_terms``: (its inputs [positions, *in sizes] or None, its
+    output gradients [positions, *out sizes], their labels, its sequence)."""
+    x, y, x_lab, y_lab, u = site_terms(task, s, cap, dtype)
+    n, t = divmod(row, y.shape[1]) if u else (row, None)
+    return (None if x is None else x[n]), (y[n, t] if u else y[n]), x_lab, y_lab, n
+
+
 def captured_gradient(task: Task, s: Selected, cap: Captured, row: int,
                       dtype: torch.dtype) -> Float[torch.Tensor, "*shape"]:
     """The per-sample gradient of weight ``s`` for sample ``row`` of a captured batch (fast
     engine), materialised from the captured input activations and output gradients: the sum
     over positions of in (x) dout, with one-hot inputs for token and position embeddings."""
-    x, y, x_lab, y_lab, u = site_terms(task, s, cap, dtype)
-    n, t = divmod(row, y.shape[1]) if u else (row, None)
-    y_row = y[n, t] if u else y[n]  # [positions, *out sizes]
+    x_row, y_row, x_lab, y_lab, n = _row_terms(task, s, cap, row, dtype)
     big, _ = mode_letters(len(s.site.modes))
     if s.site.input == TOKENS:
         return y_row.new_zeros(s.shape).index_add_(0, cap.tokens[n].to(y_row.device), y_row)
     if s.site.input == POSITIONS:
         pad = y_row.new_zeros((s.shape[0] - y_row.shape[0], *y_row.shape[1:]))
         return torch.cat([y_row, pad])
-    if x is None:
+    if x_row is None:
         return contract(f"s{y_lab}->{big}", y_row)
-    return contract(f"s{x_lab},s{y_lab}->{big}", x[n], y_row)
+    return contract(f"s{x_lab},s{y_lab}->{big}", x_row, y_row)
 
 
 def gradient_bound(task: Task, s: Selected, cap: Captured, row: int, dtype: torch.dtype) -> torch.Tensor:
     """||in|| ||dout|| of sample ``row``'s positions for weight ``s`` (||dout|| where its input is
     one-hot or none): a bound on its per-sample gradient's terms, the scale of their round-off."""
-    x, y, _, _, u = site_terms(task, s, cap, dtype)
-    n, t = divmod(row, y.shape[1]) if u else (row, None)
-    y_row = y[n, t] if u else y[n]
-    if x is None or s.site.input in (TOKENS, POSITIONS):
+    x_row, y_row, _, _, _ = _row_terms(task, s, cap, row, dtype)
+    if x_row is None or s.site.input in (TOKENS, POSITIONS):
         return y_row.norm()
-    return x[n].norm() * y_row.norm()
+    return x_row.norm() * y_row.norm()
 
 
 def from_captured(task: Task, f: Factors, cap: Captured) -> Stats:
