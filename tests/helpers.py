@@ -142,6 +142,32 @@ def hf_bridge(folder: Path, model_cls, config):
                                                    tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
 
 
+def in_process_group(rank: int, world: int, init_file: str, out: str, body) -> None:
+    """One gloo rank (20 s process-group timeout) running ``body()``: what it raises goes to
+    ``out.<rank>`` ("ok" if nothing), then a final barrier, as a script that goes on after
+    catching the error would reach; then an exit past the interpreter's teardown, where gloo's
+    threads at times abort the process (SIGABRT)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        try:
+            body()
+            result = "ok"
+        except Exception as e:
+            result = f"{type(e).__name__}: {e}"
+        Path(f"{out}.{rank}").write_text(result)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
 def run_ranks(worker, tmp_path, case: str) -> list[str]:
     """What each of 2 gloo ranks running ``worker(rank, 2, init_file, out, case)`` wrote to
     ``out.<rank>``; a rank that wrote nothing (it hung, or died) fails the test."""

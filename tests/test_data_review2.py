@@ -56,6 +56,16 @@ def epoch_warnings(record):
     return [str(w.message) for w in record if "fewer than the" in str(w.message)]
 
 
+def resumed_without_epoch_warnings(x, cfg, folder):
+    """The run of ``x`` in batches of 3 resumed from ``folder``'s checkpoint, asserting that no
+    epoch warned of fewer batches."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dec = l3d_lens.decompose(TinyMLP(), Stream(x.split(3)), cfg, progress=False, checkpoint=folder)
+    assert not epoch_warnings(record)
+    return dec
+
+
 def test_a_dataloader_over_a_one_shot_dataset_is_refused_when_an_epoch_reads_no_batch():
     loader = DataLoader(OneShot(rows(24)), batch_size=3)
     with pytest.raises(ValueError, match=r"epoch 1 read no batch: the data gives no batches on a new pass \(it is "
@@ -99,10 +109,7 @@ def test_resuming_at_the_end_of_an_epoch_reads_no_new_batch_and_is_no_error(tmp_
         l3d_lens.decompose(TinyMLP(), Stream(x.split(3)), cfg, progress=False, checkpoint=tmp_path,
                            checkpoint_every=1)
     monkeypatch.undo()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        dec = l3d_lens.decompose(TinyMLP(), Stream(x.split(3)), cfg, progress=False, checkpoint=tmp_path)
-    assert not epoch_warnings(record)
+    dec = resumed_without_epoch_warnings(x, cfg, tmp_path)
     assert [h["steps"] for h in dec.history] == [4, 8]
 
 
@@ -113,10 +120,7 @@ def test_resuming_mid_epoch_counts_the_skipped_batches(tmp_path, monkeypatch):
         l3d_lens.decompose(TinyMLP(), Stream(x.split(3)), cfg, progress=False, checkpoint=tmp_path,
                            checkpoint_every=1)
     monkeypatch.undo()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        dec = l3d_lens.decompose(TinyMLP(), Stream(x.split(3)), cfg, progress=False, checkpoint=tmp_path)
-    assert not epoch_warnings(record)
+    dec = resumed_without_epoch_warnings(x, cfg, tmp_path)
     assert [h["steps"] for h in dec.history] == [4, 8, 12]
 
 

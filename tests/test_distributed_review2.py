@@ -6,8 +6,6 @@ regression fails rather than hangs."""
 
 from __future__ import annotations
 
-import datetime
-import os
 from pathlib import Path
 
 import pytest
@@ -59,24 +57,9 @@ def setup(case: str, rank: int):
 
 
 def worker(rank: int, world: int, init_file: str, out: str, case: str) -> None:
-    """One rank: decompose ``case``; what it raises goes to ``out.<rank>`` ("ok" if nothing), then a
-    final barrier, as a script that goes on after catching the error would reach."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
-        try:
-            l3d_lens.decompose(*setup(case, rank), progress=False)
-            result = "ok"
-        except Exception as e:
-            result = f"{type(e).__name__}: {e}"
-        Path(f"{out}.{rank}").write_text(result)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # past the interpreter's teardown, where gloo's threads at times abort the process (SIGABRT)
+    """One rank: decompose ``case`` (``helpers.in_process_group`` writes what it raised)."""
+    helpers.in_process_group(rank, world, init_file, out,
+                             lambda: l3d_lens.decompose(*setup(case, rank), progress=False))
 
 
 def run_ranks(tmp_path: Path, case: str) -> list[str]:

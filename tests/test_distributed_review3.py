@@ -6,9 +6,7 @@ process-group timeout and a join deadline, so that a regression fails rather tha
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -58,28 +56,16 @@ def break_rank(case: str, rank: int) -> None:
 
 
 def worker(rank: int, world: int, init_file: str, out: str, case: str) -> None:
-    """One rank: decompose with rank 1 broken in ``case``; what it raises goes to ``out.<rank>``
-    ("ok" if nothing, with the factors in ``out.<rank>.safetensors`` and the history in ``out.<rank>.json``), then a final barrier, as
-    a script that goes on after catching the error would reach; then an exit with no teardown."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
+    """One rank: decompose with rank 1 broken in ``case`` (``helpers.in_process_group`` writes
+    what it raised, "ok" if nothing), the factors to ``out.<rank>.safetensors`` and the history to
+    ``out.<rank>.json``."""
+    def body():
         break_rank(case, rank)
-        try:
-            dec = l3d_lens.decompose(*setup(), progress=False)
-            save_file({k: v.contiguous() for k, v in dec.factors.items()}, f"{out}.{rank}.safetensors")
-            Path(f"{out}.{rank}.json").write_text(json.dumps(dec.history))
-            result = "ok"
-        except Exception as e:
-            result = f"{type(e).__name__}: {e}"
-        Path(f"{out}.{rank}").write_text(result)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # past the interpreter's teardown, where gloo's threads at times abort the process (SIGABRT)
+        dec = l3d_lens.decompose(*setup(), progress=False)
+        save_file({k: v.contiguous() for k, v in dec.factors.items()}, f"{out}.{rank}.safetensors")
+        Path(f"{out}.{rank}.json").write_text(json.dumps(dec.history))
+
+    helpers.in_process_group(rank, world, init_file, out, body)
 
 
 def run_ranks(tmp_path: Path, case: str) -> list[str]:
