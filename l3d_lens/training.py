@@ -36,6 +36,7 @@ from .decomposition import check_autograd
 from .engine import NonFiniteGradient, batch_stats
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
+from .selection import Selected, select
 from .streaming import TokenStream
 from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
@@ -159,6 +160,26 @@ def comparable(saved: dict[str, Any], now: dict[str, Any], model_device: torch.d
         if isinstance(c.get("divergence"), str):
             c["divergence"] = without_address(c["divergence"])
     return out
+
+
+def same_selection(saved: dict[str, Any], now: dict[str, Any], task: Task) -> dict[str, Any]:
+    """``saved`` (a checkpoint's config, ``to_dict`` form) with ``now``'s components where the two
+    spell one selection of ``task``'s model (its selectors read as the l3d_lens that saved them
+    read them): a selector a new run refuses as ambiguous ('blocks.1[0]' on a model of 12 layers)
+    resumes under the spelling the refusal names, and 'blocks.0.attn' under 'blocks.0.attn.*'."""
+    if saved.get("components") == now.get("components") or saved.get("include_biases") != now.get("include_biases"):
+        return saved
+    try:
+        with warnings.catch_warnings():  # a dash range's reading is the one it was computed on: said at load
+            warnings.simplefilter("ignore")
+            theirs = select(task.adapter, tuple(saved["components"]), bool(saved["include_biases"]), saved=True)
+    except (ValueError, TypeError, KeyError):
+        return saved  # no selection of this model: the configs differ, as ``identity_mismatch`` says
+
+    def key(sel: list[Selected]) -> list[tuple[str, Optional[int], Optional[tuple[int, ...]]]]:
+        return [(s.name, s.axis, s.indices) for s in sel]
+
+    return {**saved, "components": now["components"]} if key(theirs) == key(task.selected) else saved
 
 
 def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -351,17 +372,20 @@ class Resumed:
     order: Optional[torch.Tensor]
 
 
-def resume(path: Path, identity: dict[str, Any], fresh: Fresh, cfg: L3DConfig, data: Data,
-           min_batch: int, model_device: torch.device) -> Optional[Resumed]:
+def resume(path: Path, identity: dict[str, Any], fresh: Fresh, task: Task, data: Data,
+           min_batch: int) -> Optional[Resumed]:
     """Restore the checkpoint in ``path`` into ``fresh`` (factors, Adam, schedule, generator) once
-    it is checked to be this run's and resumable; None (nothing restored) if there is none. The
-    configs are compared as ``comparable`` gives them (``model_device``: the model's device)."""
+    it is checked to be this run of ``task``'s and resumable; None (nothing restored) if there is
+    none. The configs are compared as ``comparable`` gives them, selectors by the weights and
+    units they select (``same_selection``)."""
+    cfg = task.cfg
     if (saved := ckpt.read(path)) is None:
         return None
     folder, state, tensors = saved
     check_identity(path, folder, state["identity"])
     saved_identity = {**state["identity"], "config": L3DConfig.with_defaults(state["identity"]["config"])}
-    configs = comparable(saved_identity["config"], identity["config"], model_device)
+    configs = comparable(saved_identity["config"], identity["config"], task.adapter.device)
+    configs[0] = same_selection(configs[0], configs[1], task)
     compared = [{**i, "config": c} for i, c in zip((saved_identity, identity), configs)]
     if differ := identity_mismatch(*compared):
         raise ValueError(f"checkpoint in {path} belongs to another run: {'; '.join(differ)} differ from this "
@@ -657,8 +681,7 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     try:
         if path is not None and distributed.rank() == 0:  # only rank 0 saves
             lock.take(path)
-        resumed = None if path is None else resume(path, identity, Fresh(f, opt, sched, gen), cfg, data, min_batch,
-                                                        task.adapter.device)
+        resumed = None if path is None else resume(path, identity, Fresh(f, opt, sched, gen), task, data, min_batch)
     except Exception as e:
         if not task.sharded:
             raise
