@@ -41,12 +41,12 @@ if SPARSITY[args.variant] and kind != "hooked":
     parser.error(f"--variant {args.variant} trains with a head penalty that needs HookedTransformer "
                  f"(TransformerLens 2 or 3), which this TransformerLens no longer has; use --variant redundant, "
                  f"or install transformer-lens<4")
-out = None if args.replace_shipped else (args.out or Path(f"induction_{args.variant}"))
-if out is not None and out.exists() and not out.is_dir():
+out = induction.asset_dir(args.variant) if args.replace_shipped else (args.out or Path(f"induction_{args.variant}"))
+if out.exists() and not out.is_dir():
     parser.error(f"--out {out} is a file")
 torch.set_num_threads(1)
 model = induction.train(kind=kind, head_sparsity=SPARSITY[args.variant])
-path = induction.save(model, out, variant=args.variant)
+path = induction.save(model, out)
 print("saved to", path, "loss first half / repeated half:", induction.induction_loss(model))
 truth, table = induction.identify_circuit(model)
 print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), "\ncircuit:", sorted(truth))

@@ -22,7 +22,7 @@ print(f"trained in {time.perf_counter() - t:.0f} s")
 for variant in ("unpruned", "default"):
     if variant == "default":
         two_tasks.prune_unused_heads(model)
-    path = two_tasks.save(model, variant=variant)
+    path = two_tasks.save(model, two_tasks.asset_dir(variant))
     print(f"{variant}: saved to {path}")
     print(two_tasks.evaluate(model))
     print(two_tasks.head_ablation(model).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -9,7 +9,8 @@ fewer, in their shapes, floating point and finite). The toy comes back on the CP
 was saved in, and its input distribution ``inputs`` is rebuilt from the saved seed (a ``Toy``
 made by hand, without one, loads with ``inputs=None``). Only a model of the architecture
 ``make_toy`` builds for the toy's name can be saved. A save writes both files under temporary
-names before it moves them over an older toy's (``save_toy``).
+names before it moves them over an older toy's, and puts the older JSON back if the second move
+fails (``save_toy``).
 """
 
 from __future__ import annotations
@@ -174,10 +175,12 @@ def _check_tensors(name: str, seed: Optional[int], tensors: dict[str, torch.Tens
 def save_toy(toy: Toy, path: PathLike) -> Path:
     """Write ``toy`` to the folder ``path`` (created if needed) and return it. Everything is
     checked before a file is touched (the JSON fields and the tensors as ``load_toy`` checks
-    them). Both files are written under temporary names first, then moved over an older toy's:
-    a save that fails leaves the older toy as it was, and one killed between the two moves
-    leaves the new tensors with the old JSON, which loading refuses (the JSON's sha256 is that
-    of its own tensors file). Other files in the folder are left alone."""
+    them). Both files are written under temporary names first, then moved over an older toy's,
+    the JSON first: if the tensors' move fails (an OSError, a KeyboardInterrupt), the older
+    JSON's bytes go back, so a save that fails leaves the older toy as it was. One killed
+    between the two moves leaves the new JSON with the old tensors, which loading refuses (the
+    JSON's sha256 is that of its own tensors file), never a mix. Other files in the folder are
+    left alone."""
     truth: dict[str, Any] = {k: v for k, v in toy.truth.items() if not isinstance(v, torch.Tensor)}
     meta = _checked({"name": toy.name, "seed": toy.seed, "blocks": toy.blocks,
                      "train_losses": [float(v) for v in toy.train_losses], "truth": truth,
@@ -200,14 +203,21 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # two saves into one folder do not share temporary files
     tmp_tensors, tmp_meta = path / f".{TENSORS}.{tag}", path / f".{META}.{tag}"
+    old_meta = (path / META).read_bytes() if (path / META).is_file() else None
     try:
         write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp_tensors,
                           {"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
         meta["sha256"] = _sha256(tmp_tensors)
         tmp_meta.write_text(json.dumps(meta, indent=1))
         fsync(tmp_meta)
-        os.replace(tmp_tensors, path / TENSORS)
         os.replace(tmp_meta, path / META)
+        try:
+            os.replace(tmp_tensors, path / TENSORS)
+        except BaseException:
+            if old_meta is not None:
+                tmp_meta.write_bytes(old_meta)
+                os.replace(tmp_meta, path / META)
+            raise
         fsync(path)
     finally:
         tmp_tensors.unlink(missing_ok=True)

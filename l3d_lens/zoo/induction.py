@@ -9,8 +9,11 @@ TransformerBridge (TL 3/4).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import random
+import secrets
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
@@ -21,7 +24,7 @@ from jaxtyping import Int
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import write_safetensors
+from ..io import fsync, write_safetensors
 
 # shipped variants: "default" was trained with head_sparsity=0.1 (one previous-token head, one
 # induction head), "redundant" without it (one previous-token head, four redundant induction heads)
@@ -78,6 +81,64 @@ def variant_dir(variants: dict[str, str], variant: str) -> Path:
 
 def _asset_dir(variant: str = "default") -> Path:
     return variant_dir(VARIANTS, variant)
+
+
+def asset_dir(variant: str = "default") -> Path:
+    """The installed package's folder of the shipped model ``variant`` (one of ``VARIANTS``): the
+    ``path`` to give ``save`` to write over it on purpose (scripts/train_default_model.py
+    --replace-shipped)."""
+    return _asset_dir(variant)
+
+
+def save_folder(path: Union[str, Path, None], module: str, variants: dict[str, str], variant: str) -> Path:
+    """``path`` as a Path; a TypeError naming the choices when it is None: ``module``.save writes
+    only where it is told to, since the shipped model's folder (``variant``'s, of ``variants``)
+    is inside the installed package, which a save there would overwrite for every later load."""
+    if path is None:
+        shipped = variant_dir(variants, variant)
+        raise TypeError(f"{module}.save needs path=, the folder to write (load it back with {module}.load(path=...)); "
+                        f"to write over the shipped {variant!r} model on purpose, pass "
+                        f"path={module}.asset_dir({variant!r}) ({shipped})")
+    return Path(path)
+
+
+def write_model(path: Path, weights: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``path/`` (model.safetensors, meta.json) so that a failed save leaves an earlier one
+    there loadable: both go to temporary names first, then replace the old files, the JSON first
+    (its old text is put back if the weights' replace fails). The JSON records the weights file's
+    sha256 (``check_model_file``), so a kill between the two replaces loads as an error, never as
+    a mix."""
+    path.mkdir(parents=True, exist_ok=True)
+    old_meta = (path / "meta.json").read_bytes() if (path / "meta.json").is_file() else None
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # two saves into one folder do not share temporary files
+    tmp_model, tmp_meta = path / f".model.safetensors.{tag}", path / f".meta.json.{tag}"
+    try:
+        write_safetensors(weights, tmp_model)
+        meta = {**meta, "model_sha256": hashlib.sha256(tmp_model.read_bytes()).hexdigest()}
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        fsync(tmp_meta)
+        os.replace(tmp_meta, path / "meta.json")
+        try:
+            os.replace(tmp_model, path / "model.safetensors")
+        except BaseException:
+            if old_meta is not None:
+                tmp_meta.write_bytes(old_meta)
+                os.replace(tmp_meta, path / "meta.json")
+            raise
+        fsync(path)
+    finally:
+        for tmp in (tmp_model, tmp_meta):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def check_model_file(path: Path, meta: dict) -> None:
+    """RuntimeError unless ``path``/model.safetensors is the file ``meta`` was saved with (its
+    ``model_sha256``, where it has one: a save cut off between its two replaces)."""
+    saved = meta.get("model_sha256")
+    if saved is not None and hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() != saved:
+        raise RuntimeError(f"{path}: model.safetensors is not the file meta.json was saved with (its sha256 differs); "
+                           f"a save into this folder was cut off, so save the model again")
 
 
 #: the seed CUDA's generators start from when nothing was queued for them (c10's default_rng_seed_val)
@@ -305,11 +366,11 @@ def identify_circuit(model: nn.Module, n: int = 256, seed: int = 12345, pattern:
 
 
 def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "default") -> Path:
-    """Write the model and a probe of its logits (checked on load) to ``path`` or the variant's
-    asset folder."""
-    path = Path(path) if path is not None else _asset_dir(variant)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(state_dict_tl(model), path / "model.safetensors")
+    """Write the model and a probe of its logits (checked on load) to the folder ``path`` and
+    return it (``write_model``: a failed save leaves an earlier one loadable). ``path`` is
+    required: the shipped ``variant``'s folder, ``asset_dir(variant)``, is written over only
+    when given as ``path``; without one the TypeError names it."""
+    path = save_folder(path, "induction", VARIANTS, variant)
     probe = repeated_sequences(4, seed=7)
     with torch.no_grad():
         logits = model(probe)
@@ -317,7 +378,7 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
     meta = {"config": CONFIG, "vocab": list(VOCAB), "half": HALF, "format_version": 1,
             "probe_tokens": probe.tolist(), "probe_logits_sum": float(logits.double().sum()),
             "probe_logits_first": logits[0, -1].tolist(), "loss_first_half": first, "loss_second_half": second}
-    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_model(path, state_dict_tl(model), meta)
     return path
 
 
@@ -329,7 +390,8 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant
     ``path``: a folder ``save`` wrote instead (a retrained model; not with ``variant``).
 
     Checked on load: the weights' names and shapes (``load_tl_weights``, ValueError), the stored
-    config and vocabulary, and the stored probe logits (one forward of the 4 stored probe
+    config and vocabulary, the weights file's sha256 where stored (``check_model_file``), and the
+    stored probe logits (one forward of the 4 stored probe
     sequences; the last position of the first, and the sum of all, must match within a tolerance
     scaled to ``dtype``); a mismatch of these raises RuntimeError."""
     if path is not None and variant is not None:
@@ -343,6 +405,7 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant
     meta = json.loads((path / "meta.json").read_text())
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
         raise RuntimeError(f"{path}: {what} model does not match this l3d_lens version's default architecture")
+    check_model_file(path, meta)
     model = load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
     _check_probe(model, meta, path, dtype)
     return model

@@ -38,8 +38,8 @@ from jaxtyping import Int
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import write_safetensors
-from .induction import _check_probe, global_rngs_kept, load_tl_weights, state_dict_tl, variant_dir
+from .induction import (_check_probe, check_model_file, global_rngs_kept, load_tl_weights, save_folder, state_dict_tl,
+                        variant_dir, write_model)
 
 #: shipped variants -> asset folder (see the module docstring)
 VARIANTS = {"default": "two_tasks", "unpruned": "two_tasks_unpruned"}
@@ -131,6 +131,12 @@ def allowed_heads(tokens: torch.Tensor) -> torch.Tensor:
 
 def _asset_dir(variant: str = "default") -> Path:
     return variant_dir(VARIANTS, variant)
+
+
+def asset_dir(variant: str = "default") -> Path:
+    """The installed package's folder of the shipped model ``variant`` (one of ``VARIANTS``): the
+    ``path`` to give ``save`` to write over it on purpose (scripts/train_two_tasks.py)."""
+    return _asset_dir(variant)
 
 
 @global_rngs_kept()
@@ -273,11 +279,11 @@ def head_ablation(model: nn.Module, n: int = 512, seed: int = 12345) -> pd.DataF
 
 
 def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "default") -> Path:
-    """Write the model, a probe of its logits and its checks to ``path`` or the variant's
-    asset folder."""
-    path = Path(path) if path is not None else _asset_dir(variant)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(state_dict_tl(model), path / "model.safetensors")
+    """Write the model, a probe of its logits and its checks to the folder ``path`` and return it
+    (``induction.write_model``: a failed save leaves an earlier one loadable). ``path`` is
+    required: the shipped ``variant``'s folder, ``asset_dir(variant)``, is written over only
+    when given as ``path``; without one the TypeError names it."""
+    path = save_folder(path, "two_tasks", VARIANTS, variant)
     probe = sequences(4, "mixed", seed=7)
     with torch.no_grad():
         logits, _ = _forward_masked(model, probe, None)
@@ -287,21 +293,32 @@ def save(model: nn.Module, path: Union[str, Path, None] = None, variant: str = "
             "format_version": 1, "probe_tokens": probe.tolist(), "probe_logits_sum": float(logits.double().sum()),
             "evaluation": evaluate(model),
             "ablation": ablation.round(5).to_dict(orient="records")}
-    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_model(path, state_dict_tl(model), meta)
     return path
 
 
-def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: str = "default") -> nn.Module:
+def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant: Optional[str] = None,
+         path: Union[str, Path, None] = None) -> nn.Module:
     """The shipped trained model as a HookedTransformer (TL 2/3) or TransformerBridge;
-    ``variant="unpruned"``: with the unused heads' W_O as trained (see the module docstring).
+    ``variant="unpruned"``: with the unused heads' W_O as trained (see the module docstring);
+    ``path``: a folder ``save`` wrote instead (a retrained model; not with ``variant``).
 
-    Checked on load: the stored config, vocabulary and task heads, and the sum of the stored
-    probe's logits (as in ``induction.load``). A mismatch raises RuntimeError."""
-    path = _asset_dir(variant)
+    Checked on load: the stored config, vocabulary and task heads, the weights file's sha256
+    where stored, and the sum of the stored probe's logits (as in ``induction.load``). A
+    mismatch raises RuntimeError."""
+    if path is not None and variant is not None:
+        raise ValueError(f"load takes either variant= (a shipped model) or path= (a saved one), got variant={variant!r} "
+                         f"and path={str(path)!r}")
+    what = "saved" if path is not None else "shipped"
+    path = Path(path) if path is not None else _asset_dir(variant or "default")
+    if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} holds no saved two-task model (meta.json and model.safetensors, as "
+                                f"two_tasks.save writes them)")
     meta = json.loads((path / "meta.json").read_text())
     task_heads = {k: tuple(tuple(h) for h in v) for k, v in meta["task_heads"].items()}
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB) or task_heads != TASK_HEADS:
-        raise RuntimeError(f"{path}: shipped model does not match this l3d_lens version's two-task architecture")
+        raise RuntimeError(f"{path}: {what} model does not match this l3d_lens version's two-task architecture")
+    check_model_file(path, meta)
     model = load_tl_weights(build(kind, dtype), load_file(str(path / "model.safetensors")))
     _check_probe(model, meta, path, dtype)
     return model
