@@ -3,6 +3,7 @@ alike, never a bool (True is an int to Python, not a subnetwork, a seed or a del
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import Optional
@@ -33,11 +34,15 @@ def as_index(value: object) -> Optional[int]:
 
 def as_number(value: object) -> Optional[float]:
     """``float(value)`` for a real number (int, float, numpy scalar, 0-d tensor or numpy array),
-    else None."""
+    else None. A number beyond float's range (``10**400``) is +-inf, so a finiteness check
+    refuses it as it refuses ``1e400``, rather than an OverflowError escaping."""
     if isinstance(value, bool):
         return None
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
         try:
             t = torch.as_tensor(value)

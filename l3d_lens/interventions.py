@@ -5,9 +5,9 @@ raises; ``perturbed_forward`` does the same computation functionally, without ed
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
 import torch
@@ -96,13 +96,21 @@ def check_intervention(subnetwork: Subnets, delta: Optional[Deltas], ablate: boo
     return ks, None
 
 
+def moved(weight: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """``weight + change`` summed in float64 and rounded once to the weight's dtype: rounding
+    the change to the dtype and then the sum (twice) missed the nearest bfloat16 to W0 + delta v
+    in ~1 entry of 10. ``intervene`` and ``perturbed_forward`` both move weights so, and agree
+    bit for bit."""
+    return (weight.double() + change.to(weight.device, torch.float64)).to(weight.dtype)
+
+
 def check_finite(adapter: Adapter, changes: dict[str, torch.Tensor], deltas: list[float]) -> None:
     """Refuse changes that take a finite weight out of its dtype's range (W0 + change inf or NaN,
     e.g. delta=1e40 on a float32 model). Only the weights are checked: a delta that leaves them
     finite can still overflow the forward pass."""
     for name, change in changes.items():
         w = adapter.weight(name)
-        if (torch.isfinite(w) & ~torch.isfinite(w + change.to(w.device, w.dtype))).any():
+        if (torch.isfinite(w) & ~torch.isfinite(moved(w, change))).any():
             shown = deltas[0] if len(deltas) == 1 else deltas
             raise ValueError(f"delta {shown} makes {name} non-finite in {w.dtype} (W0 + delta v overflows); "
                              f"use a smaller |delta|")
@@ -143,40 +151,84 @@ def span_basis(vectors: torch.Tensor, eps: float) -> torch.Tensor:
     return u[:, s > tol]
 
 
-@contextlib.contextmanager
+#: id(Parameter) -> the WeightEdits active on it, in the order they were entered
+ACTIVE: dict[int, list["WeightEdit"]] = {}
+
+
+class WeightEdit:
+    """Context manager: TL-layout changes added to the model's parameters for the body, and
+    restored exactly after, even if the body raises. ``changes`` may be a function giving
+    them, called on each entering of the block (an ablation projects the weights as they are
+    then, not when the context was made). Reusable: each entering takes a fresh snapshot; one
+    already active cannot be entered again.
+    Names can share one Parameter (tied weights, e.g. W_E and W_U): each Parameter is saved
+    once before any change, gets the sum of its names' changes (each converted to the native
+    layout), and is restored from that snapshot.
+    Edits exited out of order (``a`` entered, then ``b``, then ``a`` exited first) warn
+    "interventions exited out of order": each exit still restores its own snapshot, and
+    hands it on to the edit entered just after it, so the weights from before the first edit
+    are what remains once all have exited."""
+
+    def __init__(self, adapter: Adapter,
+                 changes: Union[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]):
+        self.adapter = adapter
+        self.changes = changes
+        self.params: dict[int, torch.nn.Parameter] = {}
+        self.saved: dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> None:
+        if self.params:
+            raise RuntimeError("this intervention is already active: exit it before entering it again")
+        changes = self.changes() if callable(self.changes) else self.changes
+        names: dict[int, list[str]] = {}
+        params: dict[int, torch.nn.Parameter] = {}
+        for name in changes:
+            param = self.adapter.native_parameter(name)
+            params[id(param)] = param
+            names.setdefault(id(param), []).append(name)
+        with torch.no_grad():
+            saved = {key: param.detach().clone() for key, param in params.items()}
+            self.params, self.saved = params, saved
+            for key in params:
+                ACTIVE.setdefault(key, []).append(self)
+            try:
+                for key, param in params.items():
+                    total = sum(self.adapter.to_native(n, changes[n].to(param.device, torch.float64))
+                                for n in names[key])
+                    param.copy_(moved(param, total))
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        late = []
+        with torch.no_grad():
+            for key, param in self.params.items():
+                stack = ACTIVE[key]
+                i = stack.index(self)
+                param.copy_(self.saved[key])
+                if i + 1 < len(stack):  # an edit entered after this one is still active on it
+                    stack[i + 1].saved[key] = self.saved[key]
+                    late.append(key)
+                del stack[i]
+                if not stack:
+                    del ACTIVE[key]
+        self.params, self.saved = {}, {}
+        if late:
+            warnings.warn("interventions exited out of order: one entered after this one is still active. The "
+                          "weights both touch are back as they were before this one (the later one's change is "
+                          "gone too), and the later one's exit leaves them so; exit interventions in the reverse "
+                          "order of entering them (nest the with blocks)", RuntimeWarning, stacklevel=2)
+
+
 def edit_weights(adapter: Adapter, changes: Union[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]
-                 ) -> Iterator[None]:
-    """Add TL-layout changes to the model's parameters for the body; restore exactly after,
-    even if the body raises. ``changes`` may be a function giving them, called on entering the
-    block (an ablation projects the weights as they are then, not when the context was made).
-    Names can share one Parameter (tied weights, e.g. W_E and W_U): each Parameter is saved once
-    before any change, gets the sum of its names' changes (each converted to the native
-    layout), and is restored from that first snapshot."""
-    if callable(changes):
-        changes = changes()
-    params: dict[int, torch.nn.Parameter] = {}
-    names: dict[int, list[str]] = {}
-    for name in changes:
-        param = adapter.native_parameter(name)
-        params[id(param)] = param
-        names.setdefault(id(param), []).append(name)
-    saved = {}
-    try:
-        with torch.no_grad():
-            for key, param in params.items():
-                saved[key] = param.detach().clone()
-            for key, param in params.items():
-                total = sum(adapter.to_native(n, changes[n].to(param.device)) for n in names[key])
-                param.add_(total.to(param.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for key, value in saved.items():
-                params[key].copy_(value)
+                 ) -> WeightEdit:
+    """A ``WeightEdit``: ``changes`` added to the model's weights for the body of a ``with``."""
+    return WeightEdit(adapter, changes)
 
 
 def perturbed_forward(adapter: Adapter, changes: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
     """Outputs at W0 + changes, computed functionally (the model is not edited)."""
-    overrides = {n: adapter.weight(n) + c.to(adapter.weight(n).dtype) for n, c in changes.items()}
+    overrides = {n: moved(adapter.weight(n), c) for n, c in changes.items()}
     with adapter.session(), torch.no_grad():
         return adapter.functional_forward(overrides, inputs)

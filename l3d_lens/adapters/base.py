@@ -117,6 +117,25 @@ def merged(spans: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
+def overlap(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``p`` and ``q`` share a byte of memory (a weight tied by ``nn.Parameter(w.data.T)``,
+    or one of them a view of the other). Spans that overlap are checked element by element on
+    a mask of their bytes, so interleaved views (a fused qkv's columns) count as disjoint;
+    elements of different sizes that meet count as shared."""
+    if p.is_meta or q.is_meta or p.numel() == 0 or q.numel() == 0:
+        return False
+    (dp, a, b), (dq, c, d) = span(p), span(q)
+    if dp != dq or b <= c or d <= a:
+        return False
+    size = p.element_size()
+    if q.element_size() != size or (c - a) % size:
+        return True
+    start = min(a, c)
+    mask = torch.zeros((max(b, d) - start) // size, dtype=torch.bool)
+    mask.as_strided(p.shape, p.stride(), (a - start) // size).fill_(True)
+    return bool(mask.as_strided(q.shape, q.stride(), (c - start) // size).any())
+
+
 def inside(p: torch.Tensor, spans: list[tuple[str, int, int]]) -> bool:
     """Whether every byte of ``p`` lies in the sites' parameters (a fused weight they are views of)."""
     if p.is_meta or p.numel() == 0:
@@ -216,10 +235,13 @@ class Adapter:
         return [(n, b) for n, b in self.weight_buffers() if id(b) not in named]
 
     def tied_paths(self, name: str) -> list[str]:
-        """Every slot that holds the Parameter behind ``name``: more than one when the model ties
-        it to another weight."""
+        """Every slot that holds the Parameter behind ``name`` or a Parameter sharing its memory
+        (``dec.weight = nn.Parameter(enc.weight.data.T)``): more than one when the model ties it
+        to another weight. A bridge's fused qkv (``unread``), the source of W_Q/W_K/W_V views
+        that the forward reads through them, is not a tie."""
         target = self.native_parameter(name)
-        return [path for path, param in self._parameter_slots().values() if param is target]
+        return [path for path, param in self._parameter_slots().values()
+                if param is target or (id(param) not in self.unread and overlap(param, target))]
 
     def weight(self, name: str) -> torch.Tensor:
         """The weight in TransformerLens layout (a detached tensor, not a copy where a view works)."""

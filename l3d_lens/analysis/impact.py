@@ -242,6 +242,24 @@ def check_curve_deltas(deltas) -> list[float]:
     return finite_floats(ds, lambda d: f"deltas must be a non-empty list of finite numbers, got {d!r} in {deltas!r}")
 
 
+def check_top_fraction(top_fraction) -> float:
+    """The share of samples ``intervention_curve`` ranks top by impact: a number in (0, 1) (an
+    int, float, numpy scalar or 0-d tensor; a string or a bool is not one)."""
+    fraction = as_number(top_fraction)
+    if fraction is None or not 0 < fraction < 1:
+        raise ValueError(f"top_fraction must be a number in (0, 1) (the share of samples ranked top by impact), "
+                         f"got {top_fraction!r}")
+    return fraction
+
+
+def check_curve_finite(dec, subnetwork: int, deltas: list[float]) -> None:
+    """Refuse, before any impact or forward pass, a delta that takes a weight out of its
+    dtype's range (``weight_changes`` checks each)."""
+    subs = dec.subnetworks()
+    for delta in deltas:
+        weight_changes(dec.adapter, subs, [subnetwork], [delta])
+
+
 def curve_samples(dec, data: torch.Tensor) -> int:
     """How many samples ``intervention_curve`` ranks by impact: (sequence, position) pairs in
     token mode, else sequences (or rows of a non-language model)."""
@@ -288,9 +306,9 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[f
     the mean change on the rest, running the model at W0 + delta v_k (``reference``: the paired
     data a contrastive decomposition's impacts are taken against)."""
     subnetwork = check_subnetwork(subnetwork, dec.n_subnetworks)
-    if not 0 < top_fraction < 1:
-        raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    top_fraction = check_top_fraction(top_fraction)
     deltas = check_curve_deltas(deltas)
+    check_curve_finite(dec, subnetwork, deltas)
     data, reference = as_samples(data), as_samples(reference, "reference")
     check_dtype(dec.adapter, data, reference)
     n = curve_samples(dec, data)
