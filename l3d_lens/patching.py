@@ -25,8 +25,10 @@ references). Effects are ``metric(patched base run) - metric(base run)``; method
 by ``|effect|``, ``|estimate|`` and the (non-negative) L3D score, rank 1 = most important.
 An effect or estimate within ``noise_floor`` of the metric's clean-corrupted gap, or within one
 rounding step of the metric at the model's precision (eps x |metric|: the larger in bfloat16),
-counts as none: a head that does nothing scores float round-off (about 1e-7 of the gap in
-float32), and ranking those would let noise decide the ranks, the agreement and the AUROC.
+counts as none: effects that small are treated as negligible (a head that does nothing scores
+float round-off in float32, and in float64 a real but tiny effect, which attribution reproduces),
+so that they do not decide the ranks, the agreement and the AUROC; the rounding step is there
+for what low precision (bfloat16, float16) cannot resolve at all.
 
 The model is left exactly as it was: same weights, train/eval mode restored, every hook this
 module adds removed (even on error); bad input fails before any expensive work.
@@ -38,6 +40,8 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
@@ -63,11 +67,11 @@ NOISE_FLOOR = 1e-4
 # --- statistics (no scipy / sklearn) ---------------------------------------------------------
 
 
-def _vector(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A flat CPU copy of a tensor, array or sequence."""
+def _vector(x: Any) -> torch.Tensor:
+    """A flat float64 CPU copy of a tensor, array or sequence."""
     if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", dtype).flatten().clone()
-    return torch.tensor(np.array(x, dtype=np.float64 if dtype == torch.float64 else bool)).to(dtype).flatten()
+        return x.detach().to("cpu", torch.float64).flatten().clone()
+    return torch.tensor(np.array(x, dtype=np.float64)).flatten()
 
 
 def rankdata(x: Sequence[float]) -> torch.Tensor:
@@ -91,11 +95,16 @@ def rankdata(x: Sequence[float]) -> torch.Tensor:
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     """Area under the ROC curve of ``scores`` for recovering ``labels`` (True = positive):
     the probability that a random positive scores above a random negative, ties counting
-    one half (Mann-Whitney U from average ranks)."""
+    one half (Mann-Whitney U from average ranks). Labels are bools or 0/1; anything else (a
+    class index 2, a NaN) is refused rather than read as True."""
     s = _vector(scores)
-    y = _vector(labels, torch.bool)
+    y = _vector(labels)
     if s.shape != y.shape:
         raise ValueError(f"auroc: {s.numel()} scores but {y.numel()} labels")
+    odd = y[(y != 0) & (y != 1)]
+    if odd.numel():
+        raise ValueError(f"auroc: labels must be bools or 0/1 (1 = positive), got {odd[0].item():g}")
+    y = y.bool()
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"auroc needs at least one positive and one negative, got {n_pos} and {n_neg}")
@@ -122,7 +131,14 @@ def top_k_indices(scores: Sequence[float], k: int) -> list[int]:
 
 
 def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
-    """|top-k(a) & top-k(b)| / k."""
+    """|top-k(a) & top-k(b)| / k, for two score vectors of the same units (same length n) and
+    1 <= k <= n. A k above n is refused, not capped: the k - n missing units would count as
+    misses, so identical rankings would score below 1."""
+    n_a, n_b = len(_vector(a)), len(_vector(b))
+    if n_a != n_b:
+        raise ValueError(f"top_k_overlap: {n_a} vs {n_b} scores; both must score the same units")
+    if as_index(k) is None or not 1 <= k <= n_a:
+        raise ValueError(f"top_k_overlap: k must be an int in 1..{n_a} (the number of scores), got {k!r}")
     return len(set(top_k_indices(a, k)) & set(top_k_indices(b, k))) / k
 
 
@@ -168,71 +184,143 @@ class PatchingComparison:
         if self.auroc:
             lines.append("AUROC: " + ", ".join(f"{m} {v:.3f}" for m, v in self.auroc.items()))
         lines.append(self.agreement.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        if self.heads is not None:
-            lines.append(self.heads.sort_values("rank_patching").head(self.top_k).to_string(
-                index=False, float_format=lambda v: f"{v:.4g}"))
+        for level, df in (("heads", self.heads), ("MLP layers", self.mlp), ("neurons", self.neurons)):
+            if df is not None:
+                lines.append(f"top {min(self.top_k, len(df))} {level} by activation patching:")
+                lines.append(df.sort_values("rank_patching").head(self.top_k).to_string(
+                    index=False, float_format=lambda v: f"{v:.4g}"))
         return "\n".join(lines)
 
 
 # --- validation -----------------------------------------------------------------------------
 
 
+def _pair(item: Any) -> Optional[tuple[int, int]]:
+    """``item`` as two ints if it is a length-2 sequence or 1-d array of integers (Python,
+    numpy or torch; a row of ``np.argwhere`` or ``tensor.nonzero()``), else None (also for
+    bools, floats and strings)."""
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        if item.ndim != 1 or item.shape[0] != 2:
+            return None
+        item = item.tolist()  # ints from an integer array; bools and floats, refused below, from others
+    elif isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+        return None
+    pair = tuple(as_index(i) for i in item)
+    return None if None in pair else pair
+
+
 def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str]) -> list[tuple[int, int]]:
-    """True -> every (a, b); False/None -> []; an iterable of (a, b) pairs -> validated list."""
+    """True -> every (a, b); False/None -> []; an iterable of (a, b) pairs or a [k, 2] integer
+    array (e.g. ``np.argwhere(mask)``) -> validated, sorted list without repeats."""
     n_a, n_b = sizes
     if value is True:
         return list(itertools.product(range(n_a), range(n_b)))
     if value is False or value is None:
         return []
-    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim != 2:
+        raise TypeError(f"{name}: an array must be [k, 2] ({what[0]}, {what[1]}) pairs of ints (e.g. "
+                        f"np.argwhere(mask)), got shape {tuple(value.shape)}")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be True/False or an iterable of ({what[0]}, {what[1]}) pairs, "
                         f"got {type(value).__name__}")
-    out = []
+    out = set()
     for item in value:
-        pair = [as_index(i) for i in item] if isinstance(item, (tuple, list)) and len(item) == 2 else [None]
-        if None in pair:
+        pair = _pair(item)
+        if pair is None:
             hint = f" (one pair goes in a list: [({what[0]}, {what[1]})])" if as_index(item) is not None else ""
             raise TypeError(f"{name}: each entry must be a ({what[0]}, {what[1]}) pair of ints, got {item!r}{hint}")
         a, b = pair
         if not (0 <= a < n_a and 0 <= b < n_b):
             raise ValueError(f"{name}: ({what[0]} {a}, {what[1]} {b}) does not exist; the model has {n_a} "
                              f"{what[0]}s of {n_b} {what[1]}s")
-        if (a, b) not in out:
-            out.append((a, b))
+        out.add(pair)
     if not out:
         raise ValueError(f"{name} is empty; pass True for all, False for none, or some ({what[0]}, {what[1]}) pairs")
     return sorted(out)
 
 
-def _layers(value: Units, n_layers: int) -> list[int]:
+def _layers(value: Units, n_layers: int, name: str = "mlp") -> list[int]:
     if value is True:
         return list(range(n_layers))
     if value is False or value is None:
         return []
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
-        raise TypeError(f"mlp must be True/False or an iterable of layer indices, got {type(value).__name__}")
+        raise TypeError(f"{name} must be True/False or an iterable of layer indices, got {type(value).__name__}")
     out = set()
     for layer in value:
         index = as_index(layer)
         if index is None or not 0 <= index < n_layers:
-            raise ValueError(f"mlp: layer {layer!r} does not exist; the model has {n_layers} layers")
+            raise ValueError(f"{name}: layer {layer!r} does not exist; the model has {n_layers} layers")
         out.add(index)
     out = sorted(out)
     if not out:
-        raise ValueError("mlp is empty; pass True for all layers, False for none, or some layer indices")
+        raise ValueError(f"{name} is empty; pass True for all layers, False for none, or some layer indices")
     return out
 
 
-def _check_tokens(adapter: Adapter, clean: Any, corrupted: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    clean = check_batch(adapter, clean, "clean")
-    corrupted = check_batch(adapter, corrupted, "corrupted")
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean has shape {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)}; patching "
+def _units(adapter: Adapter, heads: Units, mlp: Units, neurons: Units, mlp_name: str = "mlp",
+           what: str = "compare") -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int]]]:
+    """The validated (heads, MLP layers, neurons) to score; an error if there are none, or if
+    MLP units are asked of an attention-only model."""
+    n_layers, n_heads, d_mlp = adapter.n_layers, adapter.n_heads, adapter.d_mlp
+    head_list = _pairs(heads, "heads", (n_layers, n_heads), ("layer", "head"))
+    if (mlp is not False and mlp is not None) or (neurons is not False and neurons is not None):
+        if not d_mlp or not any(s.kind == "W_in" for s in adapter.sites.values()):
+            raise ValueError(f"{mlp_name}/neurons were asked for but this model has no MLPs (attention-only)")
+    mlp_layers = _layers(mlp, n_layers, mlp_name)
+    neuron_list = _pairs(neurons, "neurons", (n_layers, d_mlp), ("layer", "neuron")) if d_mlp else []
+    if not (head_list or mlp_layers or neuron_list):
+        raise ValueError(f"nothing to {what}: heads, {mlp_name} and neurons are all off; pass True (all) or a "
+                         f"list of units for at least one")
+    return head_list, mlp_layers, neuron_list
+
+
+def _none_if_empty(units: Units) -> Units:
+    """An empty list or tuple as False: the public helpers' old way to leave a level out."""
+    return False if isinstance(units, (list, tuple)) and not units else units
+
+
+def _patchable(model: Any, what: str) -> Adapter:
+    """The adapter of a HookedTransformer or TransformerBridge (or an adapter of one)."""
+    adapter = model if isinstance(model, Adapter) else make_adapter(model)
+    if adapter.kind not in ("hooked_transformer", "transformer_bridge"):
+        raise TypeError(f"{what} needs a HookedTransformer or TransformerBridge (activation patching "
+                        f"works on hook points), got {type(adapter.model).__name__}")
+    return adapter
+
+
+#: more patched forward passes than this get a warning before the sweep starts
+MANY_FORWARDS = 10_000
+
+
+def _warn_if_long(heads: list, mlp_layers: list, neurons: list) -> None:
+    """Activation patching runs one forward pass per unit; warn before a sweep that long."""
+    n = len(heads) + len(mlp_layers) + len(neurons)
+    if n > MANY_FORWARDS:
+        warnings.warn(f"activation patching will run {n:,} patched forward passes, one per unit ({len(heads)} heads, "
+                      f"{len(mlp_layers)} MLP layers, {len(neurons):,} neurons); to reduce it, select neurons "
+                      f"(neurons=[(layer, neuron), ...]) rather than neurons=True", stacklevel=3)
+
+
+def _check_pair(adapter: Adapter, a: Any, b: Any, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids the model takes, of the same shape, on the model's device."""
+    a, b = check_batch(adapter, a, names[0]), check_batch(adapter, b, names[1])
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} has shape {tuple(a.shape)} and {names[1]} {tuple(b.shape)}; patching "
                          f"needs pairs of the same shape (same number of sequences and positions)")
+    return a.to(adapter.device), b.to(adapter.device)
+
+
+def _check_tokens(adapter: Adapter, clean: Any, corrupted: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    clean, corrupted = _check_pair(adapter, clean, corrupted, ("clean", "corrupted"))
     if torch.equal(clean, corrupted):
         raise ValueError("clean and corrupted are identical: there is nothing to patch")
-    device = adapter.device
-    return clean.to(device), corrupted.to(device)
+    return clean, corrupted
+
+
+def _check_callable(metric: Any) -> None:
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable logits -> scalar tensor, got {type(metric).__name__}")
 
 
 def _metric_value(metric: Metric, logits: torch.Tensor, what: str) -> torch.Tensor:
@@ -259,8 +347,7 @@ def _metric_value(metric: Metric, logits: torch.Tensor, what: str) -> torch.Tens
 def _check_metric(adapter: Adapter, metric: Metric, clean: torch.Tensor,
                   corrupted: torch.Tensor) -> tuple[float, float]:
     """Two plain forwards: the metric is a finite scalar on both, and differentiable."""
-    if not callable(metric):
-        raise TypeError(f"metric must be a callable logits -> scalar tensor, got {type(metric).__name__}")
+    _check_callable(metric)
     with torch.no_grad():
         logits_clean = adapter.forward(clean)
         logits_corr = adapter.forward(corrupted)
@@ -353,12 +440,36 @@ def _neuron_setter(corrupted_activation, index, clean_activation):
     return corrupted_activation
 
 
-def activation_patching(model: nn.Module, base: torch.Tensor, source_cache, metric: Metric, heads, mlp_layers,
-                        neurons) -> dict[str, torch.Tensor]:
+def activation_patching(model: nn.Module, base: torch.Tensor, source_cache, metric: Metric, heads: Units = False,
+                        mlp_layers: Units = False, neurons: Units = False) -> dict[str, torch.Tensor]:
     """metric(base run with one unit's activation taken from ``source_cache``) per unit, with
     transformer_lens.patching: heads via get_act_patch_attn_head_out_all_pos ("z"), MLPs and
     neurons via generic_activation_patch ("mlp_out" / "post", all positions). The values are
-    the metric's own, in its dtype (TransformerLens keeps them in a float32 tensor)."""
+    the metric's own, in its dtype (TransformerLens keeps them in a float32 tensor).
+    heads / neurons: True (all), False or (layer, head) / (layer, neuron) pairs; mlp_layers:
+    True, False or layers; returned in sorted order. source_cache: ``model.run_with_cache(source)``
+    holding the units' hook points. Runs in eval mode (dropout off); the model is left as it was."""
+    adapter = _patchable(model, "activation_patching")
+    heads, mlp_layers, neurons = _units(adapter, *map(_none_if_empty, (heads, mlp_layers, neurons)), "mlp_layers",
+                                        "patch")
+    base = check_batch(adapter, base, "base").to(adapter.device)
+    _check_callable(metric)
+    names = _hook_names(heads, mlp_layers, neurons)
+    if not hasattr(source_cache, "keys"):
+        raise TypeError(f"source_cache must be the ActivationCache of model.run_with_cache(source) (or a dict of "
+                        f"hook name -> activation), got {type(source_cache).__name__}")
+    missing = [n for n in names if n not in set(source_cache.keys())]
+    if missing:
+        raise ValueError(f"source_cache lacks the hook points {missing}; cache them, e.g. "
+                         f"model.run_with_cache(source, names_filter=lambda name: name in {names!r})")
+    _warn_if_long(heads, mlp_layers, neurons)
+    with _untouched(adapter.model):
+        return _activation_patching(adapter.model, base, source_cache, metric, heads, mlp_layers, neurons)
+
+
+def _activation_patching(model: nn.Module, base: torch.Tensor, source_cache, metric: Metric, heads: list,
+                         mlp_layers: list, neurons: list) -> dict[str, torch.Tensor]:
+    """``activation_patching`` on checked units, in the caller's model state."""
     from transformer_lens import patching
 
     def run(patch, *args) -> torch.Tensor:
@@ -418,11 +529,25 @@ def _run_with_probes(adapter: Adapter, tokens: torch.Tensor, names: Sequence[str
 
 
 def attribution_patching(model: Union[nn.Module, Adapter], base: torch.Tensor, source: torch.Tensor, metric: Metric,
-                         heads=(), mlp_layers=(), neurons=()) -> dict[str, torch.Tensor]:
+                         heads: Units = False, mlp_layers: Units = False, neurons: Units = False
+                         ) -> dict[str, torch.Tensor]:
     """First-order estimate of every activation-patching effect from one forward and backward:
     sum over batch and positions (and the unit's dims) of grad_base(metric) * (act_source - act_base).
-    heads / neurons: lists of (layer, head) / (layer, neuron); mlp_layers: list of layers."""
-    adapter = model if isinstance(model, Adapter) else make_adapter(model)
+    heads / neurons: True (all), False or (layer, head) / (layer, neuron) pairs; mlp_layers:
+    True, False or layers; returned in sorted order. Runs in eval mode (dropout off, so the same
+    call gives the same estimate); the model is left as it was."""
+    adapter = _patchable(model, "attribution_patching")
+    heads, mlp_layers, neurons = _units(adapter, *map(_none_if_empty, (heads, mlp_layers, neurons)), "mlp_layers",
+                                        "patch")
+    base, source = _check_pair(adapter, base, source, ("base", "source"))
+    _check_callable(metric)
+    with _untouched(adapter.model):
+        return _attribution_patching(adapter, base, source, metric, heads, mlp_layers, neurons)
+
+
+def _attribution_patching(adapter: Adapter, base: torch.Tensor, source: torch.Tensor, metric: Metric, heads: list,
+                          mlp_layers: list, neurons: list) -> dict[str, torch.Tensor]:
+    """``attribution_patching`` on checked units, in the caller's model state."""
     names = _hook_names(heads, mlp_layers, neurons)
     with torch.no_grad():
         source_acts = _capture(adapter, source, names)
@@ -598,6 +723,32 @@ def _agreement(level: str, df: pd.DataFrame, k: int, floor: float) -> list[dict[
     return rows
 
 
+def _build_task_once(model: nn.Module, cfg: L3DConfig):
+    """``build_task(model, cfg)`` and the warnings it gave, issued at the line that called
+    ``compare_with_patching`` and returned, so that ``_not_again`` keeps ``decompose``, which
+    builds the same task again, from repeating them."""
+    from .decomposition import build_task
+
+    shown: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            task = build_task(model, cfg)
+    finally:  # also when build_task then raised
+        for w in shown:
+            warnings.warn(w.message, stacklevel=3)
+    return task, shown
+
+
+@contextlib.contextmanager
+def _not_again(shown: list[warnings.WarningMessage]) -> Iterator[None]:
+    """Silence, for the body, the warnings listed in ``shown`` (and those only)."""
+    with warnings.catch_warnings():
+        for w in shown:
+            warnings.filterwarnings("ignore", message=re.escape(str(w.message)) + "$", category=w.category)
+        yield
+
+
 def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric, *,
                           cfg: Optional[L3DConfig] = None, heads: Units = True, mlp: Units = False,
                           neurons: Units = False, ground_truth: Optional[Iterable] = None, top_k: int = 5,
@@ -618,23 +769,13 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     rounding step of the metric in the model's dtype, ranks as no effect (tied with the others
     there) in the ranks, the agreement and the AUROC; 0 leaves only the rounding step.
     """
-    adapter = make_adapter(model)
-    if adapter.kind not in ("hooked_transformer", "transformer_bridge"):
-        raise TypeError(f"compare_with_patching needs a HookedTransformer or TransformerBridge (activation patching "
-                        f"works on hook points), got {type(model).__name__}")
+    adapter = _patchable(model, "compare_with_patching")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}; choose 'noise' (corrupted activations into the clean run) or "
                          f"'denoise' (clean activations into the corrupted run)")
     clean, corrupted = _check_tokens(adapter, clean, corrupted)
-    n_layers, n_heads, d_mlp = adapter.n_layers, adapter.n_heads, adapter.d_mlp
-    head_list = _pairs(heads, "heads", (n_layers, n_heads), ("layer", "head"))
-    if (mlp is not False and mlp is not None) or (neurons is not False and neurons is not None):
-        if not d_mlp or not any(s.kind == "W_in" for s in adapter.sites.values()):
-            raise ValueError("mlp/neurons were asked for but this model has no MLPs (attention-only)")
-    mlp_layers = _layers(mlp, n_layers)
-    neuron_list = _pairs(neurons, "neurons", (n_layers, d_mlp), ("layer", "neuron")) if d_mlp else []
-    if not (head_list or mlp_layers or neuron_list):
-        raise ValueError("nothing to compare: heads, mlp and neurons are all off")
+    n_layers, n_heads = adapter.n_layers, adapter.n_heads
+    head_list, mlp_layers, neuron_list = _units(adapter, heads, mlp, neurons)
     truth = None
     if ground_truth is not None:
         if not head_list:
@@ -658,12 +799,13 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     if cfg.reference != "paired":
         raise ValueError(f"cfg.reference={cfg.reference!r}; contrastive L3D needs reference='paired' (the other "
                          f"input of each pair is the reference)")
-    from .decomposition import build_task, check_run, decompose
+    from .decomposition import check_run, decompose
 
-    task = build_task(model, cfg)
+    task, shown = _build_task_once(model, cfg)
     _check_l3d_coverage(task, head_list, mlp_layers, neuron_list)
     base, source = (clean, corrupted) if direction == "noise" else (corrupted, clean)
     check_run(task, base, source)  # what decompose would refuse, before the patching sweeps
+    _warn_if_long(head_list, mlp_layers, neuron_list)
     with _untouched(model), _quiet(progress):
         m_clean, m_corr = _check_metric(adapter, metric, clean, corrupted)
         m_base = m_clean if direction == "noise" else m_corr
@@ -671,16 +813,17 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
         names = _hook_names(head_list, mlp_layers, neuron_list)
         with torch.no_grad():
             _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
-        patched = activation_patching(model, base, source_cache, metric, head_list, mlp_layers, neuron_list)
+        patched = _activation_patching(model, base, source_cache, metric, head_list, mlp_layers, neuron_list)
         del source_cache
         effects = {k: v - m_base for k, v in patched.items()}
         # (b) attribution patching
-        estimates = attribution_patching(adapter, base, source, metric, head_list, mlp_layers, neuron_list)
+        estimates = _attribution_patching(adapter, base, source, metric, head_list, mlp_layers, neuron_list)
         units = {"heads": head_list, "mlp": mlp_layers, "neurons": neuron_list}
         for method, scores in (("activation patching", effects), ("attribution patching", estimates)):
             _check_finite(method, scores, units)
         # (c) contrastive L3D
-        dec = decompose(model, base, cfg, reference=source, progress=progress)
+        with _not_again(shown):
+            dec = decompose(model, base, cfg, reference=source, progress=progress)
         l3d = l3d_scores(dec, base, source)
 
     floor = max(nf * abs(m_clean - m_corr), resolution(adapter.model_dtype, m_clean, m_corr))
