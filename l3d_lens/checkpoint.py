@@ -60,7 +60,7 @@ TYPE_WORDS = {dict: "an object", int: "an int", list: "a list", NUMBER: "a numbe
 
 def check_folder(checkpoint: Any) -> None:
     """Before any training: ``checkpoint`` is None or a path that is a folder or can be made one
-    (a save would otherwise fail after the first epoch)."""
+    (a save would otherwise fail after the first epoch): not a file, nor a symbolic link to nothing."""
     if checkpoint is None:
         return
     if not isinstance(checkpoint, (str, os.PathLike)):
@@ -68,6 +68,10 @@ def check_folder(checkpoint: Any) -> None:
                         f"{type(checkpoint).__name__}")
     path = Path(checkpoint)
     for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: {'it' if p == path else f'its parent {p}'} is a "
+                             f"symbolic link to {os.readlink(p)}, which does not exist, so no folder can be made "
+                             f"there; create its target, remove the link, or pass another folder")
         if p.is_dir():
             return
         if p.exists():

@@ -14,12 +14,13 @@ import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 
-from .checks import is_int, is_number
+from .checks import as_index, as_number, is_int, is_number
 
 Rank = Union[int, float, Mapping[str, Union[int, float, Sequence[int]]]]
 
@@ -32,6 +33,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: the seeds a torch generator takes (``torch.Generator().manual_seed`` overflows outside them)
 SEED_RANGE = (-2**63, 2**64 - 1)
+#: the fields that hold a number (or None, or a string choice such as position='all')
+NUMBER_FIELDS = ("n_subnetworks", "top_k", "position", "epochs", "batch_size", "lr", "lr_decay", "lr_step", "seed",
+                 "aux_coef", "dead_steps", "aux_epochs", "resample_max", "loss_norm_epochs")
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -47,7 +51,8 @@ class L3DConfig:
         "blocks.1.attn.W_Q", "blocks.0.attn[0,2]" for heads, "blocks.0.mlp[0:64]" for
         neurons, "embed", "unembed"); for a plain nn.Module, parameter-name patterns.
     rank: Tucker rank per mode: an int (clipped to each mode's size), a fraction of each
-        mode's size in (0, 1), or a dict weight-name -> int | fraction | tuple per mode.
+        mode's size in (0, 1), or a dict weight-name (or "default") -> int | fraction | tuple
+        per mode, kept as a read-only ``RankMap`` (the config is frozen and hashable).
     top_k: fraction of the batch's (sample, subnetwork) coefficients kept; 1.0 keeps all.
     sample: "token" (every sequence position is a sample, the paper's setting),
         "sequence" (one sample per sequence, the divergence at ``position``), or "auto".
@@ -120,6 +125,10 @@ class L3DConfig:
 
     def __post_init__(self) -> None:
         given = self.components
+        if isinstance(given, (set, frozenset)):  # its order changes between processes (PYTHONHASHSEED)
+            raise ValueError(f"components must be a list or tuple, not a set: their order is saved with the "
+                             f"decomposition and compared on resuming, and a set's changes between processes; "
+                             f"got {given!r}")
         comps = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, Iterable) else ()
         if not comps or not all(isinstance(c, str) and c.strip() for c in comps):
             raise ValueError(
@@ -127,10 +136,11 @@ class L3DConfig:
                 f"'blocks.0.attn', ['blocks.*.mlp', 'blocks.1.attn.W_Q'], 'blocks.0.attn[0,2]'; got {given!r}"
             )
         object.__setattr__(self, "components", comps)
-        if isinstance(self.rank, Mapping):  # a per-mode list (as read back from JSON) becomes a tuple
-            object.__setattr__(self, "rank", {k: tuple(v) if isinstance(v, list) else v for k, v in self.rank.items()})
+        for name in NUMBER_FIELDS:
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
+        object.__setattr__(self, "rank", _plain_rank(self.rank))
         if isinstance(self.resample_epochs, (list, tuple)):
-            object.__setattr__(self, "resample_epochs", tuple(self.resample_epochs))
+            object.__setattr__(self, "resample_epochs", tuple(plain_number(e) for e in self.resample_epochs))
         if isinstance(self.device, torch.device):  # kept as its string: the config is saved as JSON
             object.__setattr__(self, "device", str(self.device))
         if isinstance(self.dtype, torch.dtype):
@@ -166,6 +176,7 @@ class L3DConfig:
             if self.loss_norm == "batch":
                 raise ValueError("loss_norm_epochs switches from loss_norm='sample' to the batch form; "
                                  "with loss_norm='batch' there is nothing to switch, leave it None")
+            _check_within_epochs("loss_norm_epochs", self.loss_norm_epochs, self.epochs, "the per-sample loss")
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("autocast", self.autocast, (None, *AUTOCASTS))
         if self.autocast is not None and self.engine != "fast":
@@ -182,8 +193,14 @@ class L3DConfig:
             raise ValueError(f"aux_coef must be a finite number >= 0 (0 turns the dead-subnetwork loss off), got {self.aux_coef!r}")
         if not is_int(self.dead_steps) or self.dead_steps < 1:
             raise ValueError(f"dead_steps must be an int >= 1, got {self.dead_steps!r}")
-        if self.aux_epochs is not None and (not is_int(self.aux_epochs) or self.aux_epochs < 1):
-            raise ValueError(f"aux_epochs must be None (all epochs) or an int >= 1, got {self.aux_epochs!r}")
+        if self.aux_epochs is not None:
+            if not is_int(self.aux_epochs) or self.aux_epochs < 1:
+                raise ValueError(f"aux_epochs must be None (all epochs) or an int >= 1, got {self.aux_epochs!r}")
+            if self.aux_coef == 0:
+                warnings.warn(f"aux_epochs={self.aux_epochs} limits the auxiliary loss to its first epochs, but "
+                              f"aux_coef=0 turns that loss off, so it changes nothing; set aux_coef > 0 or leave "
+                              f"aux_epochs None", stacklevel=4)
+            _check_within_epochs("aux_epochs", self.aux_epochs, self.epochs, "the auxiliary loss")
         _check_resample_epochs(self.resample_epochs, self.epochs)
         if self.resample_max is not None and (not is_int(self.resample_max) or self.resample_max < 1):
             raise ValueError(f"resample_max must be None (every dead subnetwork) or an int >= 1, "
@@ -212,7 +229,7 @@ class L3DConfig:
             name = getattr(self.divergence, "__qualname__", None)
             d["divergence"] = "callable:" + (name or without_address(repr(self.divergence))
                                              + _settings(self.divergence))
-        if isinstance(self.rank, dict):
+        if isinstance(self.rank, Mapping):
             d["rank"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.rank.items()}
         d["resample_epochs"] = list(self.resample_epochs)
         return d
@@ -256,6 +273,59 @@ class L3DConfig:
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; valid fields: {sorted(known)}")
         return cls(**d)
+
+
+class RankMap(Mapping):
+    """A per-weight rank as a config keeps it: read-only (``cfg.rank["default"] = -5`` would
+    bypass validation) and hashable (a frozen config is), but equal to the dict it was given and
+    a copy or pickle of itself, which a ``types.MappingProxyType`` is not."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[Any, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RankMap, (self._items,)
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy scalar or 0-d tensor as the Python int (integer dtypes) or float it holds, and an
+    int or float subclass as the plain one, so that configs of equal values are equal, hash and
+    save alike; anything else (a bool, None, a string, an array) as it is, for validation to judge."""
+    if value is None or isinstance(value, (bool, str)) or getattr(value, "ndim", 0) != 0:
+        return value
+    if type(value) in (int, float):
+        return value
+    index = as_index(value)
+    if index is not None:
+        return index
+    number = as_number(value)
+    return value if number is None else number
+
+
+def _plain_rank(rank: Any) -> Any:
+    """``rank`` with its numbers plain (``plain_number``); a per-weight mapping as a ``RankMap``
+    of them, a per-mode list (as JSON gives it back) as a tuple."""
+    if not isinstance(rank, Mapping):
+        return plain_number(rank)
+    return RankMap({k: tuple(plain_number(x) for x in v) if isinstance(v, (list, tuple)) else plain_number(v)
+                    for k, v in rank.items()})
 
 
 def without_address(text: str) -> str:
@@ -309,6 +379,14 @@ def _check_resample_epochs(epochs_list: Any, epochs: int) -> None:
                          f"(e.g. (25, 50, 75)), or () for no resampling; got {epochs_list!r}")
 
 
+def _check_within_epochs(name: str, value: int, epochs: int, what: str) -> None:
+    """An epoch limit beyond the run's end changes nothing: a warning names it (not an error: a
+    sweep over epochs, or a saved run, may hold one)."""
+    if value > epochs:
+        warnings.warn(f"{name}={value} is beyond the run's epochs={epochs}: {what} applies in every epoch, as "
+                      f"{name}=None does", stacklevel=4)
+
+
 def _check_rank(rank: Rank) -> None:
     def one(r: Any, where: str) -> None:
         if isinstance(r, bool):
@@ -325,10 +403,13 @@ def _check_rank(rank: Rank) -> None:
         else:
             raise ValueError(f"rank{where} must be an int >= 1, a fraction in (0, 1) or (per weight) a tuple, got {r!r}")
 
-    if isinstance(rank, dict):
+    if isinstance(rank, Mapping):
         if not rank:
             raise ValueError("rank as a dict must name at least one weight (use 'default' for the rest)")
         for k, v in rank.items():
+            if not isinstance(k, str):  # JSON would give it back as a string, another config
+                raise ValueError(f"rank as a dict is keyed by weight names (strings, e.g. 'blocks.0.attn.W_Q') or "
+                                 f"'default' for the rest, got the key {k!r}")
             one(v, f"[{k!r}]")
     else:
         one(rank, "")

@@ -38,14 +38,16 @@ def resolve_config(adapter: Adapter, cfg: L3DConfig) -> L3DConfig:
 
 
 def check_untied(adapter: Adapter, names: list[str]) -> None:
-    """A weight tied to another (one Parameter in two modules) cannot be decomposed or moved
-    alone: both gradient engines see one of its uses, and an edit moves every use."""
+    """A weight tied to another (one Parameter in two modules, or two sharing memory) cannot be
+    decomposed or moved alone: both gradient engines see one of its uses, and an edit moves
+    every use."""
     for name in names:
         tied = adapter.tied_paths(name)
         if len(tied) > 1:
-            raise ValueError(f"{name} is one Parameter tied to other weights ({', '.join(tied)}): both gradient "
-                             f"engines see only this use of it, and an intervention would move every use. Untie "
-                             f"it (give each module its own nn.Parameter(p.detach().clone())) or leave it out")
+            raise ValueError(f"{name} is tied to other weights ({', '.join(tied)}: one Parameter, or Parameters "
+                             f"sharing its memory): both gradient engines see only this use of it, and an "
+                             f"intervention would move every use. Untie it (give each module its own "
+                             f"nn.Parameter(p.detach().clone())) or leave it out")
 
 
 def build_task(model: nn.Module, cfg: L3DConfig, *, saved: bool = False) -> Task:
@@ -85,6 +87,7 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     """
     from . import distributed
     from .checkpoint import check_folder
+    from .io import model_record
     from .training import train
 
     task, error = None, None
@@ -105,7 +108,7 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     if distributed.active():
         stop_together(task, model, cfg, error)
     factors, history = train(task, data, reference, progress, checkpoint, checkpoint_every)
-    return Decomposition(task, factors, history)
+    return Decomposition(task, factors, history, model_record=model_record(task))
 
 
 def stop_together(task: Optional[Task], model: Any, cfg: Any, error: Optional[Exception]) -> None:
@@ -199,13 +202,23 @@ def check_memory(task: Task, data: Data) -> None:
     memory.check(task, max(1, batch // distributed.world()), seq_len, device, row)
 
 
-class Decomposition:
-    """The result of ``decompose``: subnetworks of the selected weights and how they were found."""
+def check_flag(name: str, value: object) -> None:
+    """A TypeError unless ``value`` is True or False: a truthy string such as "no" is not."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
-    def __init__(self, task: Task, factors: Factors, history: list[dict[str, Any]]):
+
+class Decomposition:
+    """The result of ``decompose``: subnetworks of the selected weights and how they were found.
+    ``model_record`` (``io.model_record``): the model the factors were computed on, as a save
+    records it (None: the model as it is when saved)."""
+
+    def __init__(self, task: Task, factors: Factors, history: list[dict[str, Any]], *,
+                 model_record: Optional[dict[str, Any]] = None):
         self._task = task
         self._factors = factors
         self.history = history
+        self._model_record = model_record
 
     @property
     def cfg(self) -> L3DConfig:
@@ -314,13 +327,15 @@ class Decomposition:
         or bias, share), or with ``as_tensor`` a [n_subnetworks, n_layers, n_heads] tensor."""
         from .analysis import head_attribution, head_tensor
 
+        check_flag("as_tensor", as_tensor)
         df = self.attribution()
         if as_tensor:
             return head_tensor(df, self.n_subnetworks, self.adapter.n_layers, self.adapter.n_heads)
         return head_attribution(df)
 
     def neuron_attribution(self):
-        """Shares on MLP neurons (W_in, b_in and W_out together): subnetwork, layer, neuron, share."""
+        """Shares on MLP neurons (every decomposed weight with a neuron axis together: W_in, b_in,
+        W_out, and a gated MLP's W_gate and, in the bridge, b_gate): subnetwork, layer, neuron, share."""
         from .analysis import neuron_attribution
 
         return neuron_attribution(self.attribution())
@@ -362,8 +377,12 @@ class Decomposition:
         ``share``, as a fraction of the subnetwork's total over heads. A DataFrame (subnetwork,
         layer, head, effect) or, with ``as_tensor``, [n_subnetworks, n_layers, n_heads]. Unlike
         ``head_attribution`` (where the norm lies) this follows the unit's output, so it is
-        comparable with activation patching."""
+        comparable with activation patching. A head no decomposed weight covers has effect NaN
+        (not measured), and share 0.0 (so that shares sum to 1 over the heads measured)."""
         from .analysis.effects import shares
+
+        check_flag("as_tensor", as_tensor)
+        check_flag("share", share)
 
         t = self._unit_effects("heads", data, reference, seed)
         if share:
@@ -417,8 +436,7 @@ class Decomposition:
         """
         from .interventions import check_intervention, edit_weights, weight_changes
 
-        if not isinstance(ablate, bool):
-            raise TypeError(f"ablate must be True or False, got {ablate!r}")
+        check_flag("ablate", ablate)
         ks, deltas = check_intervention(subnetwork, delta, ablate, self.n_subnetworks)
         adapter = self.adapter
         if model is not None and model is not self.model:

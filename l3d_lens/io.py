@@ -1,9 +1,10 @@
 """Saving and loading decompositions: safetensors for the factors, JSON for the rest
 (config, history, library and TransformerLens versions, a fingerprint of the decomposed
-weights and one of the model's other parameters, a SHA-256 of the factors). Loading checks the
-format version, every key, history entry and factor the decomposition needs, that the factors
-are those the JSON was saved with, the model's shapes and, by default, its weights; a file from
-a newer l3d_lens loads with a warning."""
+weights and one of the model's other parameters as the decomposition was computed on them, a
+SHA-256 of the factors); the factors file's header holds a SHA-256 of the JSON's content. Loading
+checks the format version, every key, history entry and factor the decomposition needs, that the
+factors are those the JSON was saved with and the JSON unedited, the model's shapes and, by
+default, its weights; a file from a newer l3d_lens loads with a warning."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,6 +41,13 @@ META = "decomposition.json"
 ADAPTER_KINDS = ("hooked_transformer", "transformer_bridge", "module")
 META_TYPES = {"config": dict, "adapter": str, "weights": list, "fingerprint": dict, "history": list, "versions": dict}
 HISTORY_NEEDS = ("loss", "p_act", "n_dead")  # what the library reads of every epoch's record
+#: what of the JSON shapes what a load gives; the factors file's header holds its SHA-256 (``META_SHA256``)
+CONTENT = ("config", "adapter", "weights", "fingerprint", "model_dtype", "history", "factors_sha256")
+META_SHA256 = "decomposition_json_sha256"
+#: a dtype name as ``model_dtype`` records it (``dtype_name``), for messages
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
+#: the temporary files of a save (``save``'s tag: process id, random hex)
+LEFTOVER = re.compile(rf"\.(?:{re.escape(FACTORS)}|{re.escape(META)})\.(\d+)\.[0-9a-f]{{8}}\.tmp")
 
 
 def versions() -> dict[str, str]:
@@ -57,38 +65,45 @@ def save(dec, path) -> None:
     earlier one there as it was: both go to temporary names first, then replace the old files, the
     JSON first (its old text is put back if the factors' replace fails). The JSON records the
     factors' SHA-256, so a kill between the two replaces loads as an error, never as a mix. Both
-    files are on the disk (``fsync``) before they replace the old ones, and the replaces after."""
-    from .training import model_fingerprint
-
+    files are on the disk (``fsync``) before they replace the old ones, and the replaces after.
+    The factors file's header holds the SHA-256 of the JSON's content (``meta_sha256``), so that
+    a load refuses a JSON edited by hand. The model is recorded as the decomposition was computed
+    on it (``Decomposition``'s model record), with a warning if it changed since."""
     bad = [k for k, v in dec.factors.items() if not bool(torch.isfinite(v).all())]
     if bad:  # before anything is written: load would refuse them
         raise FloatingPointError(f"factor {bad[0]!r} holds NaN or inf: this decomposition's training diverged "
                                  f"(its history's loss: {dec.history[-1]['loss'] if dec.history else None}), so it "
                                  f"cannot be saved and loaded again; decompose again with a lower learning rate "
                                  f"(lr={dec.cfg.lr:g})")
+    problem = history_problem(dec.history, dec.cfg.n_subnetworks)
+    if problem:  # before anything is written: load would refuse it
+        raise ValueError(f"this decomposition's history cannot be saved (Decomposition.load would refuse it): "
+                         f"'history'{problem}")
     path = Path(path)
     check_folder(path)
+    record = recorded_model(dec)
     path.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in dec.factors.items()}
-    model = model_fingerprint(dec._task)
     meta = {
         "format_version": FORMAT_VERSION,
         "config": dec.cfg.to_dict(),
         "adapter": dec.adapter.kind,
         "weights": dec.weight_names,
-        "fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(dec._task),
-                        "others_tl_version": OTHERS_VERSION},
-        "model_dtype": dtype_name(dec.adapter.model_dtype),
+        "fingerprint": record["fingerprint"],
+        **({"model_dtype": record["model_dtype"]} if record.get("model_dtype") is not None else {}),
         "factors_sha256": tensors_sha256(tensors),
         "history": dec.history,
         "versions": versions(),
     }
     text = json.dumps(meta, indent=1)
+    header = {"format_version": str(FORMAT_VERSION), "factors_sha256": meta["factors_sha256"],
+              META_SHA256: meta_sha256(json.loads(text))}
     old_meta = (path / META).read_bytes() if (path / META).is_file() else None
     tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp_factors, tmp_meta = path / f".{FACTORS}.{tag}", path / f".{META}.{tag}"
     try:
-        write_safetensors(tensors, tmp_factors, {"format_version": str(FORMAT_VERSION)})
+        write_safetensors(tensors, tmp_factors, header)
         tmp_meta.write_text(text)
         fsync(tmp_meta)
         os.replace(tmp_meta, path / META)
@@ -106,10 +121,98 @@ def save(dec, path) -> None:
                 tmp.unlink()
 
 
+def model_record(task) -> dict[str, Any]:
+    """What a save records of the model: the fingerprint of the decomposed weights and of the
+    other parameters (by the model's own names, and as ``others_sha256`` lays them out), and the
+    model's dtype. ``decompose`` takes it when training ends and ``load`` keeps the saved one, so
+    that a save records the model the factors were computed on, whatever was done to it since."""
+    from .training import model_fingerprint
+
+    model = model_fingerprint(task)
+    return {"fingerprint": {**model["weights"], "others": model["others"], "others_tl": others_sha256(task),
+                            "others_tl_version": OTHERS_VERSION},
+            "model_dtype": dtype_name(task.adapter.model_dtype)}
+
+
+def recorded_model(dec) -> dict[str, Any]:
+    """``dec``'s model record (``model_record``), with a warning naming what of the model changed
+    since it was taken; the model as it is now for a Decomposition built without one."""
+    now = model_record(dec._task)
+    record = dec._model_record
+    if record is None:
+        return now
+    changed = _changes(dec._task, record, now)
+    if changed:
+        warnings.warn(f"the model changed since this decomposition was computed on it ({'; '.join(changed)}): the "
+                      f"save records the model as it was then, and loads onto that model (onto this one only with "
+                      f"check_weights=False); the analyses you run now run on the changed model, which the factors "
+                      f"were not computed on", stacklevel=4)
+    return record
+
+
+def _changes(task, record: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What of the model differs from ``record``, in words, given its record ``now``; parts the
+    record lacks (loaded from an earlier l3d_lens's save) or records in a version this l3d_lens
+    does not know are not compared."""
+    saved, fp, out = record["fingerprint"], now["fingerprint"], []
+    if record.get("model_dtype") not in (None, now["model_dtype"]):
+        out.append(f"its dtype: {record['model_dtype']} then, {now['model_dtype']} now")
+    if (saved["shapes"], saved["sha256"]) != (fp["shapes"], fp["sha256"]):
+        out.append("the decomposed weights")
+    version = saved.get("others_tl_version", 1)
+    if "others_tl" in saved and is_int(version) and 1 <= version <= OTHERS_VERSION:
+        same = saved["others_tl"] == fp["others_tl"] if version == OTHERS_VERSION else \
+            _same_others(task, saved["others_tl"], version)
+    else:
+        same = saved.get("others", fp["others"]) == fp["others"]
+    if not same:
+        out.append("the parameters outside the decomposed weights")
+    return out
+
+
+def meta_sha256(meta: dict[str, Any]) -> str:
+    """SHA-256 of the JSON's ``CONTENT`` as parsed (keys sorted; an absent one counts as null):
+    what the factors file's header vouches for. The config's device is left out: it says only
+    where the factors load (load's device= chooses another), not what they are."""
+    content = {k: meta.get(k) for k in CONTENT}
+    if isinstance(content["config"], dict):
+        content["config"] = {k: v for k, v in content["config"].items() if k != "device"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove the temporary files (``LEFTOVER``) of saves into ``path`` whose process is gone on
+    this machine (killed before it could remove them); those of a live process are its own. On
+    Windows, where os.kill cannot ask whether a process lives, none is removed."""
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError):
+        for file in path.iterdir():
+            m = LEFTOVER.fullmatch(file.name)
+            if m and not alive(int(m[1])):
+                with contextlib.suppress(OSError):
+                    file.unlink()
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user counts: it does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def check_folder(path: Path) -> None:
     """Raise, before anything is written, if ``path`` or the nearest of its parents that exists
-    is not a folder: a save is a folder of two files."""
+    is not a folder, or a symbolic link to nothing comes first: a save is a folder of two files."""
     for existing in (path, *path.parents):
+        if existing.is_symlink() and not existing.exists():
+            raise ValueError(f"{existing} is a symbolic link to {os.readlink(existing)}, which does not exist: "
+                             f"Decomposition.save cannot make the folder there; create its target, remove the "
+                             f"link, or give another path")
         if existing.exists():
             if not existing.is_dir():
                 raise ValueError(f"{existing} is a file, not a folder: Decomposition.save writes a folder ({FACTORS} "
@@ -243,7 +346,7 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     try:
         task = build_task(model, cfg, saved=True)
     except ValueError as e:
-        raise ValueError(f"the saved decomposition does not fit this model: {e}") from None
+        raise ValueError(f"{path / META}: the saved decomposition does not fit this model: {e}") from None
     task = _as_computed(path / META, task, meta["weights"])
     names = [s.name for s in task.selected]
     if check_weights:
@@ -259,7 +362,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
         same_others = model_fingerprint(task)["others"] == saved["others"]
     if fp["shapes"] != saved["shapes"]:
         diff = {n: (saved["shapes"].get(n), fp["shapes"].get(n)) for n in names if saved["shapes"].get(n) != fp["shapes"].get(n)}
-        raise ValueError(f"weight shapes differ from the saved decomposition's (saved, this model): {diff}")
+        raise ValueError(f"{path / META}: weight shapes differ from the saved decomposition's (saved, this model): "
+                         f"{diff}")
     if check_weights and fp["sha256"] != saved["sha256"]:
         raise ValueError("this model's weights differ from those the decomposition was computed on "
                          "(pass check_weights=False to load it anyway)")
@@ -274,10 +378,33 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
     if check_weights and not others:
         warnings.warn(f"{path / META} was saved by an earlier l3d_lens that did not fingerprint the model's other "
                       f"parameters: only the decomposed weights were checked", stacklevel=3)
+    _check_not_edited(path, meta)  # after the checks that name what is wrong with a field
     target = task.device
     factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
-    return Decomposition(task, factors, meta["history"])
+    return Decomposition(task, factors, meta["history"],
+                         model_record={"fingerprint": saved, "model_dtype": meta.get("model_dtype")})
+
+
+def _check_not_edited(path: Path, meta: dict[str, Any]) -> None:
+    """ValueError unless the JSON's content is that the factors file's header was saved with
+    (``meta_sha256``): an edited config, fingerprint or history would load silently and change
+    what the analyses give. A header without it (a save from before it was recorded there) is
+    not compared, nor one that cannot be read or of other factors than the JSON's (files of two
+    saves): ``_read_factors`` says why."""
+    try:
+        with safe_open(str(path / FACTORS), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return
+    saved = header.get(META_SHA256)
+    if header.get("factors_sha256", meta.get("factors_sha256")) != meta.get("factors_sha256"):
+        return
+    if saved is not None and saved != meta_sha256(meta):
+        raise ValueError(f"{path / META} is not the JSON {path / FACTORS} was saved with (its header records the "
+                         f"SHA-256 of the config, weights, fingerprint, model dtype and history): the JSON was "
+                         f"edited after saving, or belongs to other factors; use the two files of one save, or "
+                         f"decompose and save again")
 
 
 def _same_others(task, saved: str, version: int) -> bool:
@@ -300,8 +427,6 @@ def _check_model_dtype(file: Path, saved: Any, now: torch.dtype) -> None:
     differ too, which would otherwise read as other weights."""
     if saved is None:
         return
-    if not isinstance(saved, str):
-        raise ValueError(f"{file}: 'model_dtype' must be a dtype name such as 'float32', got {reprlib.repr(saved)}")
     here = dtype_name(now)
     if saved != here:
         raise ValueError(f"the decomposition was computed on a {saved} model and this one is {here}: its gradients, "
@@ -324,7 +449,8 @@ def _as_computed(file: Path, task, saved: list[str]):
         return task
     narrower = [s for s in task.selected if s.name in set(saved)]
     if [s.name for s in narrower] != saved:
-        raise ValueError(f"the saved decomposition covers {saved}, but on this model the selection gives {names}")
+        raise ValueError(f"{file}: the saved decomposition covers {saved}, but on this model the selection gives "
+                         f"{names}")
     extra = [n for n in names if n not in set(saved)]
     warnings.warn(f"{file}: on this model its components also select {extra}, which the l3d_lens that saved it did "
                   f"not decompose; loaded with the weights it was computed on", stacklevel=4)
@@ -448,6 +574,14 @@ def _read_meta(file: Path) -> dict:
     if not isinstance(meta.get("factors_sha256", ""), str):
         raise ValueError(f"{file}: 'factors_sha256' must be a SHA-256 string, "
                          f"got {reprlib.repr(meta['factors_sha256'])}")
+    if not all(isinstance(w, str) for w in meta["weights"]):
+        raise ValueError(f"{file}: 'weights' must be a list of weight names (strings), as a save writes it, got "
+                         f"{reprlib.repr(meta['weights'])}")
+    dtype = meta.get("model_dtype")
+    if dtype is not None and not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+                                  and dtype_name(getattr(torch, dtype)) == dtype):  # as a save writes it: no alias
+        raise ValueError(f"{file}: 'model_dtype' must be a dtype name such as {', '.join(map(repr, DTYPE_NAMES))}, "
+                         f"got {reprlib.repr(dtype)}")
     if meta["adapter"] not in ADAPTER_KINDS:
         raise ValueError(f"{file}: 'adapter' is {reprlib.repr(meta['adapter'])}; a save writes one of {ADAPTER_KINDS}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["versions"].items()):
@@ -467,8 +601,17 @@ def _major_minor(version) -> tuple[int, int]:
 
 
 def _check_history(file: Path, history: list, n_subnetworks: int) -> None:
-    """Every epoch's record is a dict with what the library reads of it, of the right type, and a
-    P_act per subnetwork; ValueError naming the file and entry otherwise."""
+    """Every epoch's record is as ``history_problem`` checks it; ValueError naming the file and
+    entry otherwise."""
+    problem = history_problem(history, n_subnetworks)
+    if problem:
+        raise ValueError(f"{file}: 'history'{problem}")
+
+
+def history_problem(history: list, n_subnetworks: int) -> Optional[str]:
+    """What is wrong with a history (from "[i]", the entry), None if nothing: every epoch's record
+    is a dict with what the library reads of it, of the right type, and a P_act per subnetwork
+    (a save checks it before writing, a resumed checkpoint before it trains on)."""
     def count(v: Any) -> bool:
         return is_int(v) and v >= 0
 
@@ -478,16 +621,18 @@ def _check_history(file: Path, history: list, n_subnetworks: int) -> None:
               "p_act": (lambda v: isinstance(v, list) and len(v) == n_subnetworks
                         and all(is_number(p) and 0 <= p <= 1 for p in v),
                         f"a list of {n_subnetworks} fractions in [0, 1], one per subnetwork")}
+    if not isinstance(history, list):
+        return f" must be a list (one record per epoch), got {reprlib.repr(history)}"
     for i, entry in enumerate(history):
-        where = f"{file}: 'history'[{i}]"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where} must be a dict (one epoch's record), got {reprlib.repr(entry)}")
+            return f"[{i}] must be a dict (one epoch's record), got {reprlib.repr(entry)}"
         missing = [k for k in HISTORY_NEEDS if k not in entry]
         if missing:
-            raise ValueError(f"{where} lacks the keys {missing}, which training records for every epoch")
+            return f"[{i}] lacks the keys {missing}, which training records for every epoch"
         for k, (ok, what) in checks.items():
             if k in entry and not ok(entry[k]):
-                raise ValueError(f"{where}[{k!r}] must be {what}, got {reprlib.repr(entry[k])}")
+                return f"[{i}][{k!r}] must be {what}, got {reprlib.repr(entry[k])}"
+    return None
 
 
 def _read_factors(file: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,

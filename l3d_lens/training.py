@@ -34,6 +34,7 @@ from .config import L3DConfig, without_address
 from .data import Data, batch_starts, batches, gather
 from .decomposition import check_autograd
 from .engine import NonFiniteGradient, batch_stats
+from .io import history_problem
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
 from .selection import Selected, select
@@ -315,6 +316,9 @@ def check_resumable(path: Path, folder: Path, state: dict[str, Any], tensors: di
     history = state["history"]
     if len(history) != epoch or any(not isinstance(h, dict) or h.get("epoch") != i for i, h in enumerate(history)):
         raise bad(f"'history' must hold the records of epochs 0 to {epoch - 1}, got {reprlib.repr(history)}")
+    problem = history_problem(history, k)
+    if problem:  # the result would save, then fail to load
+        raise bad(f"'history'{problem}")
     n_resampled = state.get("n_resampled", 0)
     if state["n_seen"] < 0 or not (ckpt.is_a(n_resampled, int) and 0 <= n_resampled <= k) or not (
             math.isfinite(state["loss_num"]) and math.isfinite(state["loss_den"]) and state["loss_den"] >= 0):

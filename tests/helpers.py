@@ -206,3 +206,18 @@ def killed_at_step(monkeypatch, at: int) -> None:
         return real(task, f, opt, x, paired, gen, sums, i, epoch)
 
     monkeypatch.setattr(training, "step", step)
+
+
+def as_earlier_save(folder) -> None:
+    """``folder``'s factors file rewritten without the header entry that records its JSON's
+    SHA-256, as an l3d_lens before that entry saved it: a test that edits the JSON to stand for
+    an earlier save (or its files) then loads it as that save would load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from l3d_lens.io import META_SHA256
+
+    file = str(Path(folder) / "factors.safetensors")
+    with safe_open(file, "pt") as f:
+        header = {k: v for k, v in (f.metadata() or {}).items() if k != META_SHA256}
+    save_file(load_file(file), file, metadata=header)

@@ -18,7 +18,7 @@ from l3d_lens import Decomposition, L3DConfig, decompose
 from l3d_lens import io as l3d_io
 from l3d_lens.decomposition import build_task
 
-from .helpers import HAS_HOOKED, TL_VERSION, TinyMLP, tiny_lm, tokens
+from .helpers import HAS_HOOKED, TL_VERSION, TinyMLP, as_earlier_save, tiny_lm, tokens
 
 torch.set_num_threads(1)
 
@@ -41,6 +41,7 @@ def as_version_1(folder, model):
     meta["fingerprint"]["others_tl"] = l3d_io.others_sha256(task, 1)
     del meta["fingerprint"]["others_tl_version"]
     (folder / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(folder)
 
 
 def unembed_bias(bridge) -> torch.Tensor:
@@ -203,6 +204,7 @@ def test_the_saved_fingerprint_version_is_checked(tmp_path, version, problem):
     assert meta["fingerprint"]["others_tl_version"] == l3d_io.OTHERS_VERSION
     meta["fingerprint"]["others_tl_version"] = version
     (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(tmp_path / "d")
     with pytest.raises(ValueError, match=problem):
         Decomposition.load(tmp_path / "d", model)
 

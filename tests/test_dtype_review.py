@@ -21,7 +21,7 @@ from l3d_lens.divergence import kl, target_space
 from l3d_lens.memory import estimate
 from l3d_lens.patching import resolution
 
-from .helpers import tiny_lm, tokens
+from .helpers import as_earlier_save, tiny_lm, tokens
 
 torch.set_num_threads(1)
 
@@ -92,6 +92,7 @@ def test_a_decomposition_loads_only_into_a_model_of_its_dtype(tmp_path):
     meta = json.loads((tmp_path / "d" / "decomposition.json").read_text())
     del meta["model_dtype"]  # as saved before it was recorded
     (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(tmp_path / "d")
     assert Decomposition.load(tmp_path / "d", model).n_subnetworks == 2
 
 

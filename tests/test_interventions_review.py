@@ -65,7 +65,7 @@ def test_intervene_refuses_a_model_with_tied_weights_before_touching_it():
     model, _ = tied_bridge()
     before = snapshot(model)
     for kw in (dict(delta=3.0), dict(ablate=True)):
-        with pytest.raises(ValueError, match=r"embed.W_E is one Parameter tied to other weights"):
+        with pytest.raises(ValueError, match=r"embed.W_E is tied to other weights"):
             with dec.intervene(model, subnetwork=0, **kw):
                 pass
         assert_restored(model, before)

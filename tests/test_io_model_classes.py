@@ -13,7 +13,7 @@ import torch
 from l3d_lens import Decomposition, L3DConfig, decompose
 from l3d_lens.zoo import induction
 
-from .helpers import HAS_HOOKED
+from .helpers import HAS_HOOKED, as_earlier_save
 
 pytestmark = pytest.mark.skipif(not HAS_HOOKED, reason="needs both model classes (TransformerLens 3.x)")
 
@@ -65,6 +65,7 @@ def test_an_earlier_save_loads_into_its_own_class_and_names_the_classes_when_ref
     meta = json.loads((old / "decomposition.json").read_text())
     del meta["fingerprint"]["others_tl"]  # as l3d_lens wrote it before this fingerprint
     (old / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(old)
     loaded = Decomposition.load(old, induction.load("hooked"))
     assert all(torch.equal(loaded.factors[k], dec.factors[k]) for k in dec.factors)
     with pytest.raises(ValueError, match=r"saved from a hooked_transformer model .* this is a transformer_bridge"):
@@ -128,11 +129,13 @@ def test_an_earlier_save_whose_selection_now_gives_more_weights_loads_as_compute
     meta = json.loads((tmp_path / "d" / "decomposition.json").read_text())
     meta["config"]["components"] = ["blocks.0.attn"]  # as the earlier l3d_lens saved it: its selection gave Q and O
     (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(tmp_path / "d")
     with pytest.warns(UserWarning, match=r"also select \['blocks.0.attn.W_K', 'blocks.0.attn.W_V'\].*computed on"):
         loaded = Decomposition.load(tmp_path / "d", model)
     assert loaded.weight_names == ["blocks.0.attn.W_Q", "blocks.0.attn.W_O"]
     torch.testing.assert_close(loaded.coefficients(x[:2]), dec.coefficients(x[:2]), rtol=0, atol=0)
     meta["weights"] = ["blocks.0.attn.W_O", "blocks.0.attn.W_Q"]  # not what the selection gives, in part or whole
     (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(tmp_path / "d")
     with pytest.raises(ValueError, match="the saved decomposition covers"):
         Decomposition.load(tmp_path / "d", model)

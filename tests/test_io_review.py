@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from l3d_lens import Decomposition, L3DConfig, decompose
 from l3d_lens import io as l3d_io
 
-from .helpers import TinyMLP
+from .helpers import TinyMLP, as_earlier_save
 
 torch.set_num_threads(1)
 
@@ -46,6 +46,7 @@ def edited(tmp_path: Path, dec, meta=None, tensors=None) -> Path:
         data = json.loads((folder / "decomposition.json").read_text())
         meta(data)
         (folder / "decomposition.json").write_text(json.dumps(data))
+        as_earlier_save(folder)
     if tensors is not None:
         factors = load_file(str(folder / "factors.safetensors"))
         save_file(tensors(factors), str(folder / "factors.safetensors"))
@@ -214,6 +215,7 @@ def test_a_saved_non_bool_include_biases_loads_as_the_run_counted_it(tmp_path):
     meta = json.loads((tmp_path / "d" / "decomposition.json").read_text())
     meta["config"]["include_biases"] = "False"
     (tmp_path / "d" / "decomposition.json").write_text(json.dumps(meta))
+    as_earlier_save(tmp_path / "d")
     with pytest.warns(UserWarning, match=r"include_biases is 'False', which the l3d_lens that saved it counted as True"):
         loaded = Decomposition.load(tmp_path / "d", model)
     assert loaded.cfg.include_biases is True and loaded.weight_names == dec.weight_names

@@ -16,13 +16,14 @@ COLUMNS = ["subnetwork", "weight", "kind", "layer", "head", "neuron", "share"]
 
 
 def _frames(subnetworks: dict[str, torch.Tensor], sites) -> list[pd.DataFrame]:
-    """One frame per weight: a row per (subnetwork, head or neuron, or the whole weight)."""
-    subnetworks = {k: v.detach().cpu() for k, v in subnetworks.items()}  # a GPU model's factors: for numpy
-    total = sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in subnetworks.values())
+    """One frame per weight: a row per (subnetwork, head or neuron, or the whole weight). The
+    squares and their total are taken in float64, so that the shares sum to 1 to float64
+    rounding whatever the factors' dtype (a float32 total left errors of ~1e-7)."""
+    squares = {k: v.detach().cpu().double().pow(2) for k, v in subnetworks.items()}  # a GPU model's: for numpy
+    total = sum(sq.reshape(sq.shape[0], -1).sum(1) for sq in squares.values())
     frames = []
-    for name, v in subnetworks.items():
+    for name, sq in squares.items():
         site = sites[name]
-        sq = v.detach().double().pow(2)
         k = sq.shape[0]
         unit = "head" if "head" in site.modes else "neuron" if "d_mlp" in site.modes else None
         if unit:
@@ -55,9 +56,10 @@ def head_attribution(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def neuron_attribution(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows on MLP neurons, summed over W_in, b_in and W_out: subnetwork, layer, neuron, share.
-    A gated MLP's b_in is HookedTransformer's (added after act(x W_gate) * (x W_in)) or the
-    bridge's (up_proj's bias, inside the product), so the two generations' sums differ by it."""
+    """Rows on MLP neurons, summed over every decomposed weight with a neuron axis (W_in, b_in,
+    W_out, and a gated MLP's W_gate and, in the bridge, b_gate): subnetwork, layer, neuron,
+    share. A gated MLP's b_in is HookedTransformer's (added after act(x W_gate) * (x W_in)) or
+    the bridge's (up_proj's bias, inside the product), so the two generations' sums differ by it."""
     neurons = df[df["neuron"].notna()]
     return neurons.groupby(["subnetwork", "layer", "neuron"], as_index=False)["share"].sum()
 

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch.func import jvp
 
 from ..checks import as_index, as_number
-from ..data import check_data, check_dtype
+from ..data import check_data, check_dtype, check_position
 from ..decomposition import analysis_seed, check_autograd
 from ..interventions import check_subnetwork, finite_floats, listed, perturbed_forward, weight_changes
 
@@ -71,18 +71,47 @@ def impact(dec, data: torch.Tensor, n_references: int = 10, reference: Optional[
 
 def _impacts(dec, data: torch.Tensor, impacts: Optional[torch.Tensor],
              reference: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``impacts`` if given (it must be ``impact(dec, data)``; its shape is checked), else
-    computed (against paired ``reference`` data for a contrastive decomposition)."""
+    """``impacts`` if given (it must be ``impact(dec, data)``; ``check_impacts``), else computed
+    (against paired ``reference`` data for a contrastive decomposition). The caller has checked
+    the data (``check_samples``)."""
     if impacts is None:
         if dec.cfg.reference == "paired" and reference is None:
             raise ValueError("this decomposition is contrastive (reference='paired'): pass its reference=<tensor like "
                              "data>, or impacts=dec.impact(data, reference=...)")
         return impact(dec, data, reference=reference)
+    return check_impacts(dec, data, impacts)
+
+
+def check_samples(dec, data: torch.Tensor, reference: Optional[torch.Tensor]) -> None:
+    """The data of ``top_samples`` and ``intervention_curve``, checked up front as ``impact``
+    checks them (token ids in the vocabulary, the position in the sequences, a dtype the model
+    takes), whether or not impacts are given: precomputed impacts stand in for computing them,
+    not for the checks, as the data are still indexed and run (out-of-vocab tokens gave a raw
+    IndexError). A paired reference is optional here: given impacts already include it, and
+    without them ``_impacts`` asks for it."""
+    task = dec._task
+    check_data(task.adapter, data, reference, task.cfg.reference == "paired" and reference is not None)
+    check_position(task.adapter, data, task.cfg.position)
+    check_dtype(task.adapter, data, reference, task.cfg.autocast)
+
+
+def check_impacts(dec, data: torch.Tensor, impacts) -> torch.Tensor:
+    """``impacts`` as ``impact(dec, data)`` gives them: a real tensor of the shape for these data,
+    finite (a NaN sorts first, so it was ranked the top sample). Anything else is refused rather
+    than converted: a list or array is not what ``impact`` returns, so it is likely not impacts."""
+    if not isinstance(impacts, torch.Tensor):
+        raise TypeError(f"impacts must be a tensor (dec.impact(data) of the same data), got {type(impacts).__name__}")
+    if impacts.is_complex() or impacts.dtype == torch.bool:
+        raise TypeError(f"impacts must be a real tensor (dec.impact(data) of the same data), got dtype {impacts.dtype}")
     n, K = data.shape[0], dec.n_subnetworks
     want = (n, data.shape[1], K) if dec._task.token_mode else (n, K)
     if tuple(impacts.shape) != want:
         raise ValueError(f"impacts has shape {tuple(impacts.shape)}; for these data it must be {want} "
                          f"(pass dec.impact(data) of the same data)")
+    bad = int((~torch.isfinite(impacts)).sum())
+    if bad:
+        raise ValueError(f"impacts has {bad} NaN or infinite entries; impacts must be finite (pass dec.impact(data) "
+                         f"of the same data)")
     return impacts
 
 
@@ -94,6 +123,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
     subnetwork, k = check_subnetwork(subnetwork, dec.n_subnetworks), check_k(k)
     context = check_context(context)
     data, reference = as_samples(data), as_samples(reference, "reference")
+    check_samples(dec, data, reference)
     imp = _impacts(dec, data, impacts, reference)[..., subnetwork].cpu()
     token = imp.dim() == 2
     flat = imp.reshape(-1)
@@ -310,7 +340,8 @@ def intervention_curve(dec, data: torch.Tensor, subnetwork: int, deltas: Union[f
     deltas = check_curve_deltas(deltas)
     check_curve_finite(dec, subnetwork, deltas)
     data, reference = as_samples(data), as_samples(reference, "reference")
-    check_dtype(dec.adapter, data, reference)
+    check_samples(dec, data, reference)
+    check_dtype(dec.adapter, data, reference)  # the curve runs the model without autocast
     n = curve_samples(dec, data)
     if n < 2:
         raise ValueError(f"intervention_curve compares a subnetwork's top-impact samples with the rest, so it needs "

@@ -53,7 +53,8 @@ def sweep(model, data, cfg: L3DConfig, *, top_k: Sequence[float] = (), rank: Seq
     If a run or ``score`` fails (or is interrupted), the exception carries the finished rows as
     ``.sweep_rows``. ``error`` draws random references from seed 0 at every grid point (as
     ``evaluate`` does), so rows of different L3D seeds are scored on the same references."""
-    axes = {"top_k": _values("top_k", top_k, cfg.top_k), "rank": _values("rank", rank, cfg.rank),
+    plain_rank = dict(cfg.rank) if isinstance(cfg.rank, Mapping) else cfg.rank  # rows hold plain JSON-able values
+    axes = {"top_k": _values("top_k", top_k, cfg.top_k), "rank": _values("rank", rank, plain_rank),
             "n_subnetworks": _values("n_subnetworks", n_subnetworks, cfg.n_subnetworks),
             "seed": _values("seeds", seeds, cfg.seed)}
     if score is not None and not callable(score):

@@ -39,7 +39,8 @@ def report(dec, data, path="l3d_report.html", *, comparison: Any = None, to_str:
         ``impacts``, how many references those averaged, for the caption), n_top=4 (samples per
         subnetwork), n_heads=4 (attention patterns shown), n_logits=10, n_neurons=16,
         subnetworks=None (default: all live, by P_act), deltas (intervention curve), title (no
-        lone surrogate).
+        lone surrogate), attention_window=128 (positions per attention view, ending at the top
+        sample's peak; a longer sequence is cropped, with a note; 0 or None: no attention views).
     Same inputs give a byte-identical file, replaced whole: a failed write leaves an earlier one
     intact. The path (an .html file, not a folder, in a folder where a file can be made) and the
     CircuitsVis bundle are checked before any analysis.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import stat
 import tempfile
 import uuid
@@ -22,13 +21,12 @@ import torch
 from ..checks import is_int, is_number
 from . import charts, tables
 from .attention import head_patterns
-from .html import Views, circuitsvis_bundle, esc, fragment, page
+from .html import SURROGATE, Views, circuitsvis_bundle, esc, fragment, page
 
 ToStr = Callable[[torch.Tensor], list[str]]
 
 DELTAS = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0)
 N_REFERENCES = 4  # random references per impact when the report computes the impacts
-SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +36,10 @@ class Options:
     n_references: random references per impact. None (the default) means ``N_REFERENCES`` (4)
     when the report computes the impacts; with precomputed ``impacts=`` the report cannot know
     how many they averaged, so its caption states a number only when n_references is given.
-    title: a str with no lone surrogate (it could not be written as UTF-8)."""
+    title: a str with no lone surrogate (it could not be written as UTF-8).
+    attention_window: the attention views show at most this many positions (queries and keys),
+    the window ending at the top sample's peak: a view holds heads x window^2 numbers, so a
+    whole long sequence would make the page tens of MB. 0 or None: no attention views."""
 
     max_sequences: int = 128
     n_references: Optional[int] = None
@@ -49,6 +50,7 @@ class Options:
     subnetworks: Optional[Sequence[int]] = None
     deltas: Sequence[float] = DELTAS
     title: Optional[str] = None
+    attention_window: Optional[int] = 128
 
     def __post_init__(self):
         for name in ("max_sequences", "n_references", "n_top", "n_heads", "n_logits", "n_neurons"):
@@ -62,6 +64,10 @@ class Options:
                 or not all(is_number(d) and math.isfinite(d) for d in deltas)):
             raise ValueError(f"report option deltas must be a non-empty sequence of finite numbers (the intervention "
                              f"curve's steps along each subnetwork), got {deltas!r}")
+        window = self.attention_window
+        if window is not None and (not is_int(window) or window < 0):
+            raise ValueError(f"report option attention_window must be an int >= 0 (positions per attention view) or "
+                             f"None (0 or None: no attention views), got {window!r}")
         if self.title is not None and not isinstance(self.title, str):
             raise TypeError(f"report option title must be a str or None, got {type(self.title).__name__}")
         bad = SURROGATE.search(self.title or "")
@@ -85,6 +91,7 @@ def writable_html_path(path) -> Path:
     yes to root). An OSError subclass naming the path and the problem otherwise."""
     path = html_path(path)
     path = Path(os.path.realpath(path)) if path.is_symlink() else path  # written where the link points
+    dangling_link(path)
     if path.is_dir():
         raise IsADirectoryError(f"report path {str(path)!r} is a folder; name the .html file to write")
     if path.is_file() and not os.access(path, os.W_OK):
@@ -100,6 +107,16 @@ def writable_html_path(path) -> Path:
     os.close(fd)
     os.unlink(name)
     return path
+
+
+def dangling_link(path: Path) -> None:
+    """FileNotFoundError if ``path`` or a folder above it is a symlink to nothing (a missing
+    target, or a loop): the check of the nearest existing folder would pass over it, and
+    making the missing folders would fail only after the analyses."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise FileNotFoundError(f"report path {str(path)!r}: {str(p)!r} is a symlink to {os.readlink(p)!r}, "
+                                    f"which does not exist; create the target or name another path")
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -126,6 +143,16 @@ def replace_file(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def attention_window(n: int, end: int, width: int) -> range:
+    """The positions an attention view shows: all ``n`` where ``n <= width``, else ``width``
+    consecutive ones ending at ``end`` (the peak: later positions cannot affect it), or the
+    first ``width`` where ``end`` is earlier than that."""
+    if n <= width:
+        return range(n)
+    start = min(max(end - width + 1, 0), n - width)
+    return range(start, start + width)
 
 
 def default_to_str(model: torch.nn.Module) -> ToStr:
@@ -369,17 +396,8 @@ class Builder:
             out.append(tables.table(["sample", "impact"], [[s, v] for s, _, v in top]))
 
         # attention of its top heads on its top sample
-        if self.lm and top:
-            heads_a = self.top_heads(k, opt.n_heads)
-            seq = top[0][0]
-            patterns = head_patterns(dec, self.x[seq], [(l_, h) for l_, h, _ in heads_a]) if heads_a else None
-            if patterns is not None:
-                names = [f"{self.head_label(l_, h)} (share {s:.2f})" for l_, h, s in heads_a]
-                toks = self.to_str(self.x[seq])
-                note = (' <span class="muted">(in this view &lt; and &gt; in tokens are drawn as &#x2039; and '
-                        "&#x203a;)</span>") if any(c in t for t in toks for c in "<>") else ""
-                out.append(f"<h3>Attention patterns of its top heads on sequence {seq}{note}</h3>"
-                           + self.views.attention_heads(patterns, toks, names))
+        if self.lm and top and opt.attention_window:
+            out.append(self.attention_html(k, top[0]))
 
         # what it does to the outputs
         out.append(self.logits_html(k, top))
@@ -387,6 +405,35 @@ class Builder:
         out.append("</section>\n")
         self.summary[k] = info
         return "\n".join(out)
+
+    def attention_html(self, k: int, top: tuple[int, Optional[int], float]) -> str:
+        """The attention patterns of subnetwork k's top heads on its top sequence, cropped to
+        ``attention_window`` positions (queries and keys) ending at the peak, with a note
+        naming the positions shown where the sequence is longer."""
+        seq, pos, _ = top
+        heads_a = self.top_heads(k, self.opt.n_heads)
+        patterns = head_patterns(self.dec, self.x[seq], [(l_, h) for l_, h, _ in heads_a]) if heads_a else None
+        if patterns is None:
+            return ""
+        names = [f"{self.head_label(l_, h)} (share {s:.2f})" for l_, h, s in heads_a]
+        toks = self.to_str(self.x[seq])
+        n, width = len(toks), self.opt.attention_window
+        p = self.sample_position()
+        end, peak = ((pos, f"the peak at position {pos}") if pos is not None
+                     else (p, f"the decomposed position {p}") if p is not None else (n - 1, "the last position"))
+        shown = attention_window(n, end, width)
+        a, b = shown.start, shown.stop
+        patterns, toks = patterns[:, a:b, a:b], toks[a:b]
+        note = (' <span class="muted">(in this view &lt; and &gt; in tokens are drawn as &#x2039; and '
+                "&#x203a;)</span>") if any(c in t for t in toks for c in "<>") else ""
+        where = ""
+        if len(shown) < n:
+            which = (f"the first {width}, which hold {peak}" if a == 0 else
+                     f"the {width} ending at {peak}; attention to positions 0&ndash;{a - 1} is not drawn")
+            where = (f'<p class="muted">positions {a}&ndash;{b - 1} of {n} (0-based), {which} '
+                     f"(attention_window={width})</p>")
+        return (f"<h3>Attention patterns of its top heads on sequence {seq}{note}</h3>{where}"
+                + self.views.attention_heads(patterns, toks, names))
 
     def curve_html(self, k: int, info: dict[str, Any]) -> str:
         """The intervention curve of subnetwork k (selectivity at delta = 1 goes into ``info``);

@@ -26,18 +26,22 @@ import torch
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
        "font-src data:; connect-src 'none'; worker-src 'none'")
 
+# A lone surrogate cannot be written as UTF-8: any string that becomes HTML shows it as U+FFFD.
+SURROGATE = re.compile("[\ud800-\udfff]")
+
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
 def esc(text: Any) -> str:
-    """Text for HTML element content or a quoted attribute value."""
-    return html.escape(str(text), quote=True)
+    """Text for HTML element content or a quoted attribute value (a lone surrogate, which
+    could not be written as UTF-8, becomes U+FFFD)."""
+    return html.escape(SURROGATE.sub("\ufffd", str(text)), quote=True)
 
 
 def token_html(token: Any) -> str:
     """A token string as CircuitsVis needs it: CircuitsVis inserts tokens as HTML, so the
     escaped text shows the token literally (``<b>`` stays text, ``</script>`` is inert)."""
-    return html.escape(str(token), quote=True)
+    return esc(token)
 
 
 _LOOKALIKE = str.maketrans({"<": "\u2039", ">": "\u203a"})
@@ -47,7 +51,7 @@ def token_inert(token: Any) -> str:
     """A token for views that draw it both as HTML and as canvas text (attention heads):
     ``<`` and ``>`` become single guillemets, inert in both (without ``<`` no markup can
     form; an ``&`` can at most decode to text)."""
-    return str(token).translate(_LOOKALIKE)
+    return SURROGATE.sub("\ufffd", str(token)).translate(_LOOKALIKE)
 
 
 _BIG = 1e30
@@ -75,8 +79,10 @@ def clean(values: Any, fill: float = 0.0, lo: float | None = None, hi: float | N
 
 
 def json_props(props: dict[str, Any]) -> str:
-    """JSON for a script element: sorted keys, no NaN (raises), ``<``/``>``/``&`` escaped."""
+    """JSON for a script element: sorted keys, no NaN (raises), ``<``/``>``/``&`` escaped, a
+    lone surrogate as U+FFFD."""
     text = json.dumps(props, allow_nan=False, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    text = SURROGATE.sub("\ufffd", text)
     for ch, rep in _JSON_ESCAPES.items():
         text = text.replace(ch, rep)
     return text
