@@ -199,7 +199,8 @@ def check_memory(task: Task, data: Data) -> None:
     batch = min(task.cfg.batch_size, first.shape[0]) if isinstance(data, torch.Tensor) else first.shape[0]
     device = task.device
     row = None if task.adapter.is_language_model else first[:1]  # a plain module's activations are measured on it
-    memory.check(task, max(1, batch // distributed.world()), seq_len, device, row)
+    memory.check(task, max(1, batch // distributed.world()), seq_len, device, row,
+                 iterable=not isinstance(data, torch.Tensor))
 
 
 def check_flag(name: str, value: object) -> None:

@@ -6,13 +6,16 @@ factor products; the captured activations and output gradients (token mode: one 
 gradient per target position); the model's own forward/backward activations (token mode: the
 backward is batched over positions; a plain module: its leaf modules' outputs for one row, times
 the batch); under torch.distributed, the outputs every rank gathers for the references; and, for
-the exact engine, the materialised per-sample gradients. It is a guide, measured in
-BENCHMARKS.md ("Memory estimate"): on one attention block it errs high by up to 2.1x, and low on
-the smallest step (4 x 16 tokens: 0.86x, fixed costs it leaves out); on every weight of a
-6-layer model, 0.85x in token mode and 1.3x in sequence mode; with a 20000-token vocabulary and
-position="all", 0.96x; on MLPs (fast engine) 1.0-1.4x; at 2 ranks, 1.06-1.09x per rank. A plain
-module under engine="exact", 0.99x (a 4 GiB step), and low on a small one (0.4x: a fixed cost of
-about 150 MiB is not counted); a language model under engine="exact", 1.4x.
+the exact engine, the materialised per-sample gradients. Parts that peak at different moments
+are added, so it errs high more often than low. It is a guide, measured in BENCHMARKS.md
+("Memory estimate", one step after a warm-up, RSS): on one attention block of TinyStories-8M
+(fast engine) 1.2-1.5x high, and low on the smallest step (4 x 16 tokens: 0.87x, fixed costs it
+leaves out); on every weight of a 6-layer model, 0.93x in token mode and 1.3x in sequence mode;
+with a 20000-token vocabulary and position="all", 0.96x; at 2 ranks, 1.06-1.09x per rank. On a
+2-layer model (d_model 128, vocab 5000), token mode 1.3-1.5x, and under engine="exact" reading
+one position 1.7-1.9x. A plain module: 1.04x on an MLP (fast engine); under engine="exact",
+0.99x (a 4 GiB step) and low on a small one (0.4x: a fixed cost of about 150 MiB is not
+counted); a language model under engine="exact" in token mode, 1.35x.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ from .task import Task
 GiB = 1024**3
 #: copies of the logits live at the peak where the divergence reads every position, or one
 ALL_POSITIONS_LOGITS, ONE_POSITION_LOGITS = 6, 3
+#: copies of the logits of the exact engine's forward of a chunk that reads one position: the
+#: logits at every position (measured: about half of one, vocab 5000)
+EXACT_ONE_POSITION_LOGITS = 1
+#: the fast token mode's batched backward: its working set per target position, in widest activations
+BATCHED_WIDEST = 3
 #: copies of the global batch's outputs each rank holds while drawing references under torch.distributed
 GATHERED_COPIES = 1
 
@@ -66,7 +74,10 @@ def estimate(task: Task, batch_size: int, seq_len: int, row: Optional[torch.Tens
     # the engine contracts them in the factors' dtype: where the model's differs, a copy of each
     # (kept for the backward) comes on top
     copy = fbytes if cfg.torch_dtype != task.adapter.model_dtype else 0
-    captured = tokens * (abytes + copy) * (sum(keys_in.values()) + per_target * sum(keys_out.values()))
+    # the fast token mode's output gradients come out of the batched backward target-major: the
+    # contraction takes a contiguous copy of each, kept for the factors' backward
+    douts = (2 if task.token_mode and cfg.engine == "fast" else 1) * per_target * sum(keys_out.values())
+    captured = tokens * (abytes + copy) * (sum(keys_in.values()) + douts)
     # contraction intermediates: about one more captured-size tensor per factor side
     contraction = 2 * tokens * fbytes * per_target * cfg.n_subnetworks * max(1, max(
         (max(ranks[s.name]) for s in task.selected), default=1))
@@ -94,21 +105,24 @@ def _model_lm(task: Task, tokens: int, seq_len: int, abytes: int) -> int:
     layers = c.n_layers * (16 * c.d_model + 3 * c.n_heads * seq_len + 2 * d_mlp)
     per_target = seq_len if task.token_mode else 1
     if cfg.engine != "fast":
-        # the exact engine: a forward and backward of a chunk of samples at a time, each its whole
-        # sequence (``engine.exact.chunk_rows``), after a no-grad forward of the batch for the
-        # references (its logits and theirs)
+        # the exact engine: a no-grad forward of the batch for the references (its logits and
+        # theirs), then, with the references kept, a forward and backward of a chunk of samples
+        # at a time, each its whole sequence (``engine.exact.chunk_rows``): the larger of the two
+        every = task.token_mode or cfg.position == "all"
         n_samples = tokens // seq_len * per_target
         chunk_tokens = min(chunk_rows(task), n_samples) * seq_len
-        copies = ALL_POSITIONS_LOGITS if task.token_mode or cfg.position == "all" else ONE_POSITION_LOGITS
-        return chunk_tokens * abytes * (2 * layers + copies * c.d_vocab) + tokens * abytes * 2 * c.d_vocab
+        copies = ALL_POSITIONS_LOGITS if every else EXACT_ONE_POSITION_LOGITS
+        references = (tokens if every else tokens // seq_len) * c.d_vocab
+        chunk = chunk_tokens * (2 * layers + copies * c.d_vocab) + references
+        return abytes * max(tokens * 2 * c.d_vocab, chunk)
     if task.token_mode:
         # the backward per target position is batched (is_grads_batched) and frees each
         # block's gradients as it goes down: its working set is a few of the widest
-        # activations per target, whichever blocks it walks (12 of them covers the measured
-        # peaks, BENCHMARKS.md "Memory estimate"), plus the logits' gradient without a head
-        # point; it runs after the logits' own peak, with two copies of them still live
+        # activations per target, whichever blocks it walks (``BATCHED_WIDEST``), plus the
+        # logits' gradient without a head point; it runs after the logits' own peak, with two
+        # copies of them still live
         widest = max(c.d_model, d_mlp, c.n_heads * seq_len)
-        batched = 12 * widest + (0 if task.adapter.head_point else 2 * c.d_vocab)
+        batched = BATCHED_WIDEST * widest + (0 if task.adapter.head_point else 2 * c.d_vocab)
         logits = max(ALL_POSITIONS_LOGITS * c.d_vocab, 2 * c.d_vocab + per_target * batched)
         return tokens * abytes * (layers + logits)
     copies = ALL_POSITIONS_LOGITS if cfg.position == "all" else ONE_POSITION_LOGITS
@@ -199,7 +213,9 @@ def available(device: torch.device) -> Optional[int]:
 
 
 def check(task: Task, batch_size: int, seq_len: int, device: torch.device,
-          row: Optional[torch.Tensor] = None) -> None:
+          row: Optional[torch.Tensor] = None, iterable: bool = False) -> None:
+    """Raise MemoryError, with the estimate's parts and ``advice``, where the estimate exceeds the
+    device's free memory; ``iterable``: the data is an iterable of batches (see ``advice``)."""
     parts = estimate(task, batch_size, seq_len, row)
     need = sum(parts.values())
     free = available(device)
@@ -208,13 +224,21 @@ def check(task: Task, batch_size: int, seq_len: int, device: torch.device,
         detail = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in parts.items() if v)
         raise MemoryError(
             f"this decomposition needs about {need / GiB:.1f} GiB at its peak but {free / GiB:.1f} GiB is available "
-            f"on {device} ({detail}); the largest part is {biggest}: {advice(task)}")
+            f"on {device} ({detail}); the largest part is {biggest}: {advice(task, iterable)}")
 
 
-def advice(task: Task) -> str:
-    """What would shrink a run that does not fit, of the choices this one has left."""
+def advice(task: Task, iterable: bool = False) -> str:
+    """What would shrink a run that does not fit, of the choices this one has left. An iterable
+    of batches (a TokenStream, a DataLoader, a list) brings its own batch size, which the
+    estimate uses and cfg.batch_size does not change: the advice names the stream's instead."""
     cfg = task.cfg
-    ways = ["reduce batch_size, n_subnetworks, rank or the selection"]
+    if iterable:
+        seq = (" or their sequence length (token mode holds an output gradient per position per target "
+               "position)" if task.token_mode else "")
+        ways = [f"reduce the data's own batch size (TokenStream(batch_size=...), DataLoader(batch_size=...); "
+                f"cfg.batch_size does not apply to an iterable){seq}, n_subnetworks, rank or the selection"]
+    else:
+        ways = ["reduce batch_size, n_subnetworks, rank or the selection"]
     if task.token_mode:
         ways.append("use sample='sequence' (one divergence per sequence, not one per token)")
     if cfg.engine == "exact":
