@@ -120,9 +120,9 @@ def test_a_plain_module_is_sized_on_a_row_of_its_data(monkeypatch):
     seen = []
     real = memory.check
 
-    def spy(task, batch_size, seq_len, device, row=None):
+    def spy(task, batch_size, seq_len, device, row=None, **kw):
         seen.append(row)
-        return real(task, batch_size, seq_len, device, row)
+        return real(task, batch_size, seq_len, device, row, **kw)
 
     monkeypatch.setattr(memory, "check", spy)
     l3d_lens.decompose(model, x, cfg.replace(epochs=1), progress=False)
