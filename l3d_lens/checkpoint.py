@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .io import fsync, write_safetensors
@@ -247,6 +247,21 @@ def read(path: Path) -> Optional[tuple[Path, dict[str, Any], dict[str, torch.Ten
     except (SafetensorError, OSError) as e:
         raise damaged(path, folder / TENSORS, f"is not a readable safetensors file ({e})") from None
     return folder, state, tensors
+
+
+def factor_shapes(path: Path) -> Optional[dict[str, tuple[int, ...]]]:
+    """The shapes of the factors (``factor/<key>``) of the latest checkpoint in ``path``, read
+    from its tensors file's header without the tensors; None where there is none or it cannot
+    be read (``read`` then says why)."""
+    try:
+        latest = json.loads((path / LATEST).read_text())
+        folder = path / latest["folder"]
+        if not (folder / STATE).is_file():
+            folder = _unmoved_save(path, latest["step"])
+        with safe_open(str(folder / TENSORS), "pt") as f:
+            return {k[len("factor/"):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("factor/")}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
 
 
 def _json_object(path: Path, file: Path) -> dict[str, Any]:

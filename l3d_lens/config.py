@@ -1,10 +1,11 @@
 """L3DConfig: every setting of one decomposition, frozen and validated on construction.
 
 The defaults take the paper's language-model choices of method (token samples, a random other
-sample as reference, KL divergence, k = 0.1, rank a tenth of each dimension) but a smaller,
-quicker run than its (20 subnetworks, 10 epochs and lr 0.01 with no decay within them; the
-paper: 100 subnetworks, 100 epochs, lr 0.005 decayed every 10). Fields marked "auto" resolve
-against the model at ``decompose`` time (language model vs. plain regression module).
+sample as reference, KL divergence, k = 0.1, rank a tenth of each dimension of a weight as the
+model stores it) but a smaller, quicker run than its (20 subnetworks, 10 epochs and lr 0.01
+with no decay within them; the paper: 100 subnetworks, 100 epochs, lr 0.005 decayed every 10).
+Fields marked "auto" resolve against the model at ``decompose`` time (language model vs. plain
+regression module).
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ class L3DConfig:
     components: TransformerLens-style selectors ("blocks.3.attn", "blocks.*.mlp",
         "blocks.1.attn.W_Q", "blocks.0.attn[0,2]" for heads, "blocks.0.mlp[0:64]" for
         neurons, "embed", "unembed"); for a plain nn.Module, parameter-name patterns.
-    rank: Tucker rank per mode: an int (clipped to each mode's size), a fraction of each
-        mode's size in (0, 1), or a dict weight-name (or "default") -> int | fraction | tuple
+    rank: Tucker rank per mode: an int (clipped to each mode's size), a fraction in (0, 1) of
+        each dimension of the weight as the model stores it (an attention weight's n_heads *
+        d_head is one dimension: rank 0.1 of W_Q [n_heads, d_model, d_head] holds every
+        d_model x n_heads*d_head matrix of rank a tenth of each, as the paper's 25 for 256;
+        ``subnetworks.fraction_ranks``), or a dict weight-name (or "default") -> int | fraction | tuple
         per mode, kept as a read-only ``RankMap`` (the config is frozen and hashable).
     top_k: fraction of the batch's (sample, subnetwork) coefficients kept; 1.0 keeps all.
     sample: "token" (every sequence position is a sample, the paper's setting),

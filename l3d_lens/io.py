@@ -29,7 +29,7 @@ from torch import nn
 
 from .checks import is_int, is_number
 from .config import L3DConfig
-from .subnetworks import SIDES, key, resolve_ranks
+from .subnetworks import RANK_RULE, SIDES, key, resolve_ranks
 
 FORMAT_VERSION = 1
 #: how ``others_sha256`` records the model's other parameters (a save's fingerprint 'others_tl_version';
@@ -380,7 +380,8 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
                       f"parameters: only the decomposed weights were checked", stacklevel=3)
     _check_not_edited(path, meta)  # after the checks that name what is wrong with a field
     target = task.device
-    factors = _read_factors(path / FACTORS, expected_shapes(task.selected, cfg), cfg.torch_dtype, target,
+    shapes = expected_shapes(task.selected, cfg, saved_rank_rule(path / FACTORS, task.selected, cfg))
+    factors = _read_factors(path / FACTORS, shapes, cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"],
                          model_record={"fingerprint": saved, "model_dtype": meta.get("model_dtype")})
@@ -522,9 +523,10 @@ def unavailable(dev: torch.device) -> Optional[str]:
     return None
 
 
-def expected_shapes(selected, cfg: L3DConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every factor ``init_factors`` builds for ``cfg``: core [K, *ranks], U<m> [K, I_m, R_m]."""
-    ranks = resolve_ranks(selected, cfg.rank)
+def expected_shapes(selected, cfg: L3DConfig, rule: int = RANK_RULE) -> dict[str, tuple[int, ...]]:
+    """Shape of every factor ``init_factors`` builds for ``cfg``: core [K, *ranks], U<m> [K, I_m, R_m]
+    (``rule``: how a fractional rank is read, ``subnetworks.RANK_RULE``)."""
+    ranks = resolve_ranks(selected, cfg.rank, rule)
     out = {}
     for side in SIDES:
         for s in selected:
@@ -533,6 +535,21 @@ def expected_shapes(selected, cfg: L3DConfig) -> dict[str, tuple[int, ...]]:
             for m, (dim, rm) in enumerate(zip(s.shape, r)):
                 out[key(side, s.name, f"U{m}")] = (cfg.n_subnetworks, dim, rm)
     return out
+
+
+def saved_rank_rule(file: Path, selected, cfg: L3DConfig) -> int:
+    """``RANK_RULE``, or 1 where the saved factors have the shapes an l3d_lens before rule 2 gave a
+    fractional rank (of each mode of the TransformerLens tensor), and not this one's: such a save
+    loads as it was computed. A file that cannot be read is left to ``_read_factors``."""
+    now, earlier = (expected_shapes(selected, cfg, rule) for rule in (RANK_RULE, 1))
+    if now == earlier:
+        return RANK_RULE
+    try:
+        with safe_open(str(file), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError):
+        return RANK_RULE
+    return 1 if shapes == earlier else RANK_RULE
 
 
 def read_json_object(file: Path, writer: str) -> dict:

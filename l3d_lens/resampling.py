@@ -19,7 +19,7 @@ from . import distributed
 from .engine import Stats, capture, per_sample_gradients
 from .engine.stats import captured_gradient, from_captured, from_gradients
 from .objective import sample_errors
-from .subnetworks import Factors, dense, factors_of, gram, resolve_ranks, sq_norms
+from .subnetworks import Factors, dense, factor_ranks, factors_of, gram, sq_norms
 from .task import Task
 
 
@@ -162,7 +162,7 @@ def resample_dead(task: Task, f: Factors, opt: torch.optim.Optimizer, x: torch.T
     sum_over_ranks_(task, targets, x.device)
     in_norms = sq_norms(f, task.selected, "in").detach().sqrt()
     in_scale = float(in_norms[live].mean() if bool(live.any()) else in_norms.mean())
-    set_subnetworks_(f, task, resolve_ranks(task.selected, cfg.rank), which, targets, in_scale)
+    set_subnetworks_(f, task, factor_ranks(f, task.selected), which, targets, in_scale)
     reset_adam_rows_(opt, f, which)
     last_active[which] = step_index
     return len(which)

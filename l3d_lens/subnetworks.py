@@ -27,8 +27,16 @@ def key(side: str, name: str, part: str) -> str:
     return f"{side}/{name}/{part}"
 
 
-def resolve_ranks(selected: Sequence[Selected], rank) -> dict[str, tuple[int, ...]]:
-    """Tucker rank per mode of every decomposed weight (see ``L3DConfig.rank``)."""
+#: how a fractional rank is read (``resolve_ranks``): 1, of each mode of the TransformerLens
+#: tensor (an l3d_lens before rule 2); 2, of each dimension of the weight as the model stores it
+RANK_RULE = 2
+#: modes that a model stores as one dimension (an attention weight's n_heads * d_head)
+JOINT_MODES = ("head", "d_head")
+
+
+def resolve_ranks(selected: Sequence[Selected], rank, rule: int = RANK_RULE) -> dict[str, tuple[int, ...]]:
+    """Tucker rank per mode of every decomposed weight (see ``L3DConfig.rank``); ``rule``: how a
+    fraction is read (``RANK_RULE``; 1 for factors an earlier l3d_lens saved)."""
     largest = max(max(s.shape) for s in selected)
     if isinstance(rank, int) and rank > largest:
         raise ValueError(f"rank {rank} is above every dimension of the selected weights (largest: {largest})")
@@ -49,13 +57,36 @@ def resolve_ranks(selected: Sequence[Selected], rank) -> dict[str, tuple[int, ..
             out[s.name] = tuple(int(x) for x in r)
             continue
         if isinstance(r, float):
-            ranks = [max(1, math.ceil(r * dim)) for dim in s.shape]
+            ranks = fraction_ranks(s, r) if rule >= 2 else [max(1, math.ceil(r * dim)) for dim in s.shape]
         else:
             if s.name in per and r > max(s.shape):
                 raise ValueError(f"rank {r} for {s.name} is above all its dimensions {s.shape}")
             ranks = [min(int(r), dim) for dim in s.shape]
         out[s.name] = _trim(ranks)
     return out
+
+
+def fraction_ranks(s: Selected, fraction: float) -> list[int]:
+    """Tucker ranks for a ``fraction`` of each dimension of the weight as the model stores it,
+    as the paper takes them (25 for 256): an attention weight's head and d_head modes are one
+    dimension there (W_Q is d_model x n_heads*d_head), so the fraction r of n_heads*d_head is a
+    matrix rank, and a Tucker tensor holds every matrix of rank r with head rank min(n_heads,
+    r*d_head) and d_head rank min(d_head, r*n_heads); a fraction of each mode alone gave a head
+    rank of 1 up to 10 heads, every head of a subnetwork one matrix scaled."""
+    modes = s.site.modes
+    joint = [m for m, mode in enumerate(modes) if mode in JOINT_MODES]
+    if len(joint) != len(JOINT_MODES):
+        return [max(1, math.ceil(fraction * dim)) for dim in s.shape]
+    size = math.prod(s.shape[m] for m in joint)
+    r = max(1, math.ceil(fraction * size))
+    return [min(dim, r * size // dim) if m in joint else max(1, math.ceil(fraction * dim))
+            for m, dim in enumerate(s.shape)]
+
+
+def factor_ranks(f: Factors, selected: Sequence[Selected]) -> dict[str, tuple[int, ...]]:
+    """The Tucker ranks the factors ``f`` hold per weight (their cores' shapes), whichever rule
+    gave them."""
+    return {s.name: tuple(f[key("out", s.name, "core")].shape[1:]) for s in selected}
 
 
 def _trim(ranks: list[int]) -> tuple[int, ...]:

@@ -22,8 +22,12 @@ def test_ranks():
     assert r["blocks.0.attn.W_Q"] == (2, 4, 4) and r["blocks.0.attn.b_Q"] == (2, 2)
     assert r["blocks.0.attn.b_O"] == (1,)  # a vector needs rank 1
     assert r["blocks.1.mlp.W_in"] == (4, 4)
-    # fraction 0.5 of (2, 16, 8) is (1, 8, 4); a mode rank above the product of the others' adds nothing
-    assert resolve_ranks(sel, 0.5)["blocks.0.attn.W_Q"] == (1, 4, 4)
+    # fraction 0.5 of W_Q as stored, 16 x (2 heads * 8): matrix rank 8, which needs every head and
+    # every d_head direction (``fraction_ranks``)
+    assert resolve_ranks(sel, 0.5)["blocks.0.attn.W_Q"] == (2, 8, 8)
+    # the earlier rule: 0.5 of each of (2, 16, 8) is (1, 8, 4); a mode rank above the product of the
+    # others' adds nothing
+    assert resolve_ranks(sel, 0.5, rule=1)["blocks.0.attn.W_Q"] == (1, 4, 4)
     assert resolve_ranks(sel, {"blocks.0.attn.W_Q": (2, 3, 1), "default": 1})["blocks.0.attn.W_Q"] == (2, 3, 1)
 
 
