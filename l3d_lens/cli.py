@@ -7,8 +7,10 @@ print one line ``l3d-lens <command>: error: ...`` and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import reprlib
@@ -18,11 +20,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
 from .checks import is_int
+from .config import SEED_RANGE
 
 EMBEDDED = ("induction", "default")
 RECORD = "cli_inputs.json"  # written next to a saved decomposition: how to rebuild model and data
@@ -208,11 +211,12 @@ def _tokenizer(model: torch.nn.Module):
     return tok
 
 
-def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences: int) -> torch.Tensor:
+def _pack(model: torch.nn.Module, texts: Iterable[str], seq_len: int, max_sequences: int) -> torch.Tensor:
     """Tokenize without the tokenizer's own special tokens, join documents with one
     end-of-text token each and cut into sequences of ``seq_len`` tokens, each starting with
     one BOS when the tokenizer has one. (TransformerLens makes its tokenizers prepend BOS, so
-    ``tok(text)`` alone would give two per document.)"""
+    ``tok(text)`` alone would give two per document.) ``texts`` are read only until
+    ``max_sequences`` sequences are full."""
     tok = _tokenizer(model)
     bos = getattr(tok, "bos_token_id", None)
     eos = getattr(tok, "eos_token_id", None)
@@ -221,9 +225,11 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
         raise UserError(f"--seq-len {seq_len} is too short")
     stream: list[int] = []
     n_text = 0  # tokens the texts themselves gave (not the end-of-text ones added)
+    any_text = False  # a text that is not blank
     for text in texts:
         if _blank(text):
             continue
+        any_text = True
         try:
             ids = tok(text, add_special_tokens=False)["input_ids"]
         except TypeError:  # a tokenizer without the option adds none
@@ -234,7 +240,7 @@ def _pack(model: torch.nn.Module, texts: list[str], seq_len: int, max_sequences:
             stream.append(int(eos))
         if len(stream) >= body * max_sequences:
             break
-    if n_text == 0 and any(not _blank(t) for t in texts):
+    if n_text == 0 and any_text:
         raise UserError(f"the model's tokenizer ({_tokenizer_size(tok)}) turns the text into no tokens: does the model "
                         f"folder have its tokenizer files (tokenizer.json, or vocab.json and merges.txt)? Or pass "
                         f"token ids (.pt)")
@@ -260,9 +266,42 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+class _Lazy:
+    """An iterable that calls ``make(*args)`` for each pass: data read only as far as it is used."""
+
+    def __init__(self, make: Callable[..., Iterator], *args: Any):
+        self.make, self.args = make, args
+
+    def __iter__(self) -> Iterator:
+        return iter(self.make(*self.args))
+
+
+def _first(source: Iterable) -> None:
+    """Read ``source`` up to its first item, so that a file of the wrong form is refused before
+    the model loads; the rest is checked as it is read."""
+    next(iter(source), None)
+
+
+def _column_values(ds, name: str) -> Iterator:
+    """A saved dataset's column, row by row, read in batches of that column alone (not the
+    whole column at once; row by row with every column is many times slower)."""
+    for rows in ds.select_columns([name]).iter(batch_size=1000):
+        yield from rows[name]
+
+
+def _dataset_texts(path: Path, ds, name: str) -> Iterator[str]:
+    for i, t in enumerate(_column_values(ds, name)):
+        if _blank(t):
+            continue  # blank or missing rows, as TokenStream skips them
+        if not isinstance(t, str):
+            raise UserError(f"{path}: row {i} of column {name!r} is {_short(t)}, not a string "
+                            f"(choose the text column with --text-column)")
+        yield t
+
+
 def _texts_from_dataset(path: Path, column: Optional[str], split: Optional[str]):
-    """(texts, None) or (None, token id rows). ``column`` None: the ``text`` column, else an
-    ``input_ids``/``tokens`` column; a column the user named must exist."""
+    """(texts, None) or (None, token id rows), each read lazily. ``column`` None: the ``text``
+    column, else an ``input_ids``/``tokens`` column; a column the user named must exist."""
     try:
         import datasets
     except ImportError:
@@ -279,21 +318,15 @@ def _texts_from_dataset(path: Path, column: Optional[str], split: Optional[str])
         ds = ds[split]
     name = column or "text"
     if name in ("input_ids", "tokens") and name in ds.column_names:
-        return None, ds[name]
+        return None, _Lazy(_column_values, ds, name)
     if name not in ds.column_names:
         if column is None:  # not named by the user: token ids will do
             for ids_col in ("input_ids", "tokens"):
                 if ids_col in ds.column_names:
-                    return None, ds[ids_col]
+                    return None, _Lazy(_column_values, ds, ids_col)
         raise UserError(f"{path}: no column {name!r}; it has {ds.column_names} (choose one with --text-column)")
-    texts = []
-    for i, t in enumerate(ds[name]):
-        if t is None or (isinstance(t, str) and not t.strip()):
-            continue  # blank or missing rows, as TokenStream skips them
-        if not isinstance(t, str):
-            raise UserError(f"{path}: row {i} of column {name!r} is {_short(t)}, not a string "
-                            f"(choose the text column with --text-column)")
-        texts.append(t)
+    texts = _Lazy(_dataset_texts, path, ds, name)
+    _first(texts)
     return texts, None
 
 
@@ -328,25 +361,49 @@ def _texts_from_json(path: Path, column: str) -> list[str]:
     return texts
 
 
-def _texts_from_jsonl(path: Path, column: str) -> list[str]:
-    texts = []
+def _texts_from_jsonl(path: Path, column: str) -> Iterator[str]:
+    """The texts of a .jsonl file, read a line at a time. Lines end at a line feed (or CR LF)
+    only: a JSON string may hold U+2028, U+2029 or U+0085, where ``str.splitlines`` splits too."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: not a UTF-8 JSON lines file") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)[column]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                raise UserError(f"{path}:{i + 1}: not a JSON object with a {column!r} field") from None
+            if _blank(value):
+                continue
+            if not isinstance(value, str):
+                raise UserError(f"{path}:{i + 1}: the {column!r} field is {_short(value)}, not a string")
+            yield value
+
+
+def _text_file(path: Path) -> Iterator[str]:
+    """A text file's content: one document."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 JSON lines file") from None
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)[column]
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-            raise UserError(f"{path}:{i + 1}: not a JSON object with a {column!r} field") from None
-        if _blank(value):
-            continue
-        if not isinstance(value, str):
-            raise UserError(f"{path}:{i + 1}: the {column!r} field is {_short(value)}, not a string")
-        texts.append(value)
-    return texts
+        raise _not_text(path) from None
+
+
+def _check_utf8_start(path: Path) -> None:
+    """A text file's first 64 KiB must be UTF-8 (a character cut at their end is no error), so
+    that another kind of file is refused before the model loads; the rest is read when used."""
+    with path.open("rb") as f:
+        start = f.read(1 << 16)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(start)
+    except UnicodeDecodeError:
+        raise _not_text(path) from None
+
+
+def _not_text(path: Path) -> UserError:
+    return UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .json, .pt token ids or a saved dataset)")
 
 
 def _blank(text: Any) -> bool:
@@ -366,42 +423,44 @@ def check_seq_len(seq_len: Optional[int]) -> None:
 
 @dataclass
 class RawData:
-    """Data files read and checked without the model, so that a bad file stops a command before
-    the model loads; what needs the model (tokenizing, its n_ctx and vocabulary) comes in
-    ``tokens_from``. ``ids``: token ids in the files' order, each a tensor (a .pt file) or a
-    saved dataset's ``(path, rows)``, cut to the sequence length once it is known."""
+    """Data files opened and checked without the model, so that a bad file stops a command
+    before the model loads; what needs the model (tokenizing, its n_ctx and vocabulary) comes in
+    ``tokens_from``. ``texts``: the text sources in the files' order, each an iterable of texts;
+    ``ids``: token ids in the files' order, each a tensor (a .pt file) or a saved dataset's
+    ``(path, rows)``, cut to the sequence length once it is known. Text files, .jsonl files and
+    saved datasets are read lazily, as far as ``tokens_from`` needs them (a corpus much larger
+    than --max-sequences is not read whole); their start is checked here."""
 
     paths: list[str]
-    texts: list[str] = field(default_factory=list)
+    texts: list[Iterable[str]] = field(default_factory=list)
     ids: list = field(default_factory=list)
 
 
 def read_data(paths: list[str], *, text_column: Optional[str] = None, split: Optional[str] = None) -> RawData:
-    """Read and check ``paths`` (see ``load_data``) without a model: each file once."""
+    """Open and check ``paths`` (see ``load_data``) without a model."""
     column = text_column or "text"
     raw = RawData(list(paths))
     for p in paths:
         path = Path(p)
         if not path.exists():
             raise UserError(f"data {p} does not exist")
+        suffix = path.suffix.lower()
         if path.is_dir():
             col, ids = _texts_from_dataset(path, text_column, split)
             if col is not None:
-                raw.texts.extend(col)
+                raw.texts.append(col)
             else:
                 raw.ids.append((path, ids))
-        elif path.suffix == ".pt":
+        elif suffix == ".pt":
             raw.ids.append(_token_ids_file(path))
-        elif path.suffix == ".jsonl":
-            raw.texts.extend(_texts_from_jsonl(path, column))
-        elif path.suffix == ".json":
-            raw.texts.extend(_texts_from_json(path, column))
+        elif suffix == ".jsonl":
+            raw.texts.append(_Lazy(_texts_from_jsonl, path, column))
+            _first(raw.texts[-1])
+        elif suffix == ".json":
+            raw.texts.append(_texts_from_json(path, column))
         else:
-            try:
-                raw.texts.append(path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                raise UserError(f"{path}: not a UTF-8 text file (text, .jsonl, .json, .pt token ids or a saved "
-                                f"dataset)") from None
+            _check_utf8_start(path)
+            raw.texts.append(_Lazy(_text_file, path))
     return raw
 
 
@@ -463,17 +522,17 @@ def tokens_from(model: torch.nn.Module, raw: RawData, *, seq_len: Optional[int],
         raise UserError(NEEDS_DATA)
     seq_len = seq_len or min(32, n_ctx)
     tensors: list[torch.Tensor] = []
+    n_rows = 0
     for item in raw.ids:
         if isinstance(item, torch.Tensor):
             tensors.append(item)
-            continue
-        path, ids = item
-        rows = [list(r)[:seq_len] for r in ids if len(r) >= seq_len]
-        if not rows:
-            raise UserError(f"{path}: no token row has {seq_len} tokens (lower --seq-len)")
-        tensors.append(torch.tensor(rows, dtype=torch.long))
-    if raw.texts:
-        tensors.append(_pack(model, raw.texts, seq_len, max_sequences))
+        else:
+            path, ids = item
+            tensors.append(_id_rows(path, ids, seq_len, max(1, max_sequences - n_rows)))
+        n_rows += len(tensors[-1])
+    texts = _all_texts(raw)
+    if texts is not None:
+        tensors.append(_pack(model, texts, seq_len, max_sequences))
     if not tensors:
         raise UserError(f"the data ({', '.join(raw.paths)}) hold no text or token ids")
     lengths = {t.shape[1] for t in tensors}
@@ -485,6 +544,28 @@ def tokens_from(model: torch.nn.Module, raw: RawData, *, seq_len: Optional[int],
     if x.shape[1] > n_ctx:
         raise UserError(f"the data have sequences of {x.shape[1]} tokens, more than the model's n_ctx={n_ctx}")
     return x
+
+
+def _id_rows(path: Path, ids: Iterable, seq_len: int, n: int) -> torch.Tensor:
+    """The first ``n`` rows of a saved dataset's token ids that have ``seq_len`` tokens, cut to
+    ``seq_len``; the rows after them are not read (only ``max_sequences`` rows are used)."""
+    rows = []
+    for r in ids:
+        if len(r) >= seq_len:
+            rows.append(list(r)[:seq_len])
+            if len(rows) == n:
+                break
+    if not rows:
+        raise UserError(f"{path}: no token row has {seq_len} tokens (lower --seq-len)")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _all_texts(raw: RawData) -> Optional[Iterator[str]]:
+    """The texts of all of ``raw``'s text sources in order, read as used; None where they hold
+    none at all (then there is nothing to pack)."""
+    texts = itertools.chain.from_iterable(raw.texts)
+    first = next(texts, None)  # texts are strings: None is the end
+    return None if first is None else itertools.chain([first], texts)
 
 
 def _is_embedded(model: torch.nn.Module) -> bool:
@@ -521,11 +602,32 @@ def _position(text: str):
     return "all" if text == "all" else _number(text)
 
 
+#: the L3DConfig fields that hold numbers (rank, position and the optional ones may hold others too)
+NUMBER_FIELDS = ("n_subnetworks", "rank", "top_k", "position", "epochs", "batch_size", "lr", "lr_decay", "lr_step",
+                 "seed", "aux_coef", "dead_steps", "aux_epochs", "resample_max", "loss_norm_epochs")
+
+
+def _as_number(name: str, value: Any) -> Any:
+    """A string that is a number (as the flags read it) as that number for a numeric field:
+    YAML reads 1e-3 (no dot) as a string, and --set .001 is no JSON."""
+    if name in NUMBER_FIELDS and isinstance(value, str):
+        try:
+            return _number(value.strip())
+        except argparse.ArgumentTypeError:
+            return value
+    return value
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {path} is a folder; name a YAML or JSON file")
     if not p.is_file():
         raise UserError(f"config file {path} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path}: not a UTF-8 text file (write the config as YAML or JSON)") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -542,7 +644,7 @@ def read_config_file(path: str) -> dict[str, Any]:
             raise UserError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the config must be a mapping of L3DConfig fields")
-    return data
+    return {name: _as_number(name, value) for name, value in data.items()}
 
 
 #: --set values written as Python writes them, read as JSON's true, false and null
@@ -566,7 +668,7 @@ def build_config(args: argparse.Namespace):
         try:
             settings[key.strip()] = _PYTHON_LITERALS[raw.strip()] if raw.strip() in _PYTHON_LITERALS else json.loads(raw)
         except json.JSONDecodeError:
-            settings[key.strip()] = raw
+            settings[key.strip()] = _as_number(key.strip(), raw)
     if "components" not in settings:
         raise UserError("no components to decompose: pass --components (e.g. blocks.0.attn) or a config file")
     if settings.get("reference") == "paired":
@@ -583,6 +685,27 @@ def _threads(args: argparse.Namespace) -> None:
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+
+
+#: the most the CLI adds to a seed for its other draws: the patching pairs' seed + 100, and + 1
+#: for their corruption (the report's data: the recorded data seed + 1)
+SEED_OFFSET = 101
+#: the seeds the --seed and --data-seed flags take: with every offset, seeds a torch generator takes
+CLI_SEEDS = (SEED_RANGE[0], SEED_RANGE[1] - SEED_OFFSET)
+CLI_SEEDS_TEXT = f"-2**63 .. 2**64 - {SEED_OFFSET + 1}"
+
+
+def _seed(text: str) -> int:
+    """argparse type of the seed flags: an int in CLI_SEEDS (argparse names the flag), so that
+    every seed derived from it is one a torch generator takes; checked before any work."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+    if not CLI_SEEDS[0] <= n <= CLI_SEEDS[1]:
+        raise argparse.ArgumentTypeError(f"must be an int in {CLI_SEEDS_TEXT} (the seeds a torch generator takes, "
+                                         f"less the {SEED_OFFSET} added for the command's other draws), got {text}")
+    return n
 
 
 def _count(text: str) -> int:
@@ -604,12 +727,21 @@ def _blocking_file(path: Path) -> Optional[Path]:
     return None
 
 
+def _dangling_link(path: Path, flag: str, itself: bool = True) -> None:
+    """UserError naming ``path`` (where ``itself``) or the folder above it that is a symbolic link
+    to nothing: no folder can be made there, and the check of the nearest existing folder passes
+    over it. (A report written through a link to a missing file makes that file.)"""
+    for p in ((path,) if itself else ()) + tuple(path.parents):
+        if p.is_symlink() and not p.exists():
+            where = "" if p == path else f": {p}"
+            raise UserError(f"{flag} {path}{where} is a symbolic link to {os.readlink(p)}, which does not exist")
+
+
 def _check_folder(path: Path, flag: str = "--out") -> Path:
     """An output folder that exists or can be made, checked before any work."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} exists and is not a folder")
-    if path.is_symlink() and not path.exists():  # a dangling link: no folder can be made there
-        raise UserError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+    _dangling_link(path, flag)
     blocking = _blocking_file(path)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is not a folder")
@@ -624,6 +756,7 @@ def _report_path(path: Any, flag: str = "--out") -> Path:
         raise UserError(f"report path must end in .html, got {path}")
     if p.is_dir():
         raise UserError(f"{flag} {path} is a folder; name the .html file to write")
+    _dangling_link(p, flag, itself=False)
     blocking = _blocking_file(p)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is not a folder")
@@ -889,7 +1022,7 @@ def _demo(args: argparse.Namespace) -> int:
         held_out = induction.repeated_sequences(args.report_sequences, seed=args.seed + 1)
         path = report(dec, held_out, out / "report.html", comparison=comparison, to_str=to_str_for(model),
                       progress=not args.quiet, title="L3D report: the embedded induction model")
-        _record_outputs([path])
+        _record_outputs([out / "report.html"])  # the name checked before (``path``: where a symlink there points)
         print(f"\nreport: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
     skipped = {out / "comparison_heads.csv": "--no-compare" if args.no_compare else None,
                out / "report.html": "--no-report" if args.no_report else None}
@@ -945,6 +1078,8 @@ def _read_record(folder: Path) -> dict[str, Any]:
     for key, (ok, what) in _RECORD_FIELDS.items():
         if key in record and not ok(record[key]):
             raise UserError(f"{path}: {key!r} must be {what}, got {reprlib.repr(record[key])}; {fix}")
+    if not CLI_SEEDS[0] <= record.get("seed", 0) <= CLI_SEEDS[1]:  # report draws from seed + 1
+        raise UserError(f"{path}: 'seed' must be in {CLI_SEEDS_TEXT}, as --data-seed, got {record['seed']}; {fix}")
     return record
 
 
@@ -957,6 +1092,7 @@ def _decompose(args: argparse.Namespace) -> int:
         _check_device(args.device)
     cfg = build_config(args)
     _check_batch_size(cfg)
+    _check_language_model_settings(cfg)
     out = _check_folder(Path(args.out))
     report_path = _report_path(args.report, "--report") if args.report else None
     _check_outputs(_decomposition_files(out) + ([report_path] if report_path else []), args.overwrite)
@@ -986,7 +1122,7 @@ def _decompose(args: argparse.Namespace) -> int:
         from .viz import report
 
         path = report(dec, data, report_path, to_str=to_str_for(model), progress=not args.quiet)
-        _record_outputs([path])
+        _record_outputs([report_path])  # the name checked before (``path``: where a symlink there points)
         print(f"report: {path}")
     if not args.quiet:
         print(f"wall time {time.perf_counter() - start:.1f} s")
@@ -1005,10 +1141,36 @@ def _check_batch_size(cfg) -> None:
                         f"use --batch-size >= {need}, or --sample token")
 
 
+class _LanguageModel:
+    """What ``resolve_config`` reads of an adapter, for the models the CLI loads: all are
+    language models."""
+
+    is_language_model = True
+
+
+def _check_language_model_settings(cfg) -> None:
+    """``resolve_config``'s checks before the model loads: on a language model sample 'auto' is
+    token mode (so --position needs --sample sequence) and divergence 'auto' is KL (so
+    reference 'zero' needs --divergence mse); the same messages as after loading it."""
+    from .decomposition import resolve_config
+
+    resolve_config(_LanguageModel(), cfg)
+
+
 def _model_record(spec: str, source: str) -> str:
     """``spec`` as the record keeps it, by how ``load_model`` found it (its ``model_source``):
     a local folder absolute, a name as given."""
     return str(Path(spec).resolve()) if source == "local" else spec
+
+
+def _check_saved_files(folder: Path) -> None:
+    """``folder`` holds the two files of a saved decomposition and its JSON reads as an object:
+    checked before the model loads, with ``Decomposition.load``'s messages."""
+    from .io import FACTORS, META, read_json_object
+
+    if not (folder / META).is_file() or not (folder / FACTORS).is_file():
+        raise UserError(f"{folder} is not a saved decomposition (needs {META} and {FACTORS})")
+    read_json_object(folder / META, "Decomposition.save")
 
 
 def _saved_config(folder: Path) -> dict:
@@ -1069,6 +1231,7 @@ def _load_saved(args: argparse.Namespace):
     device = _saved_device(folder, config, args.device)
     spec = args.model or record.get("model")
     if not spec:
+        _check_saved_files(folder)  # a folder that is none: said first
         raise UserError(f"--model is required ({folder} has no {RECORD} saying which model it was computed on)")
     if args.compare and spec not in EMBEDDED:  # before loading it
         raise UserError(COMPARE_EMBEDDED_ONLY)
@@ -1084,6 +1247,7 @@ def _load_saved(args: argparse.Namespace):
     if not paths and source != "embedded":  # e.g. --model of a decomposition of the embedded model
         raise UserError(NEEDS_DATA)
     raw = read_data(paths, text_column=text_column, split=split)  # before the model loads
+    _check_saved_files(folder)
     model = load_model(spec, args.model_class or record.get("model_class", "auto"), device, source=source)
     device = device or str(next(model.parameters()).device)  # the factors go where the model is
     dec = _load_decomposition(folder, model, args.no_check_weights, device)
@@ -1161,9 +1325,9 @@ def _note_unused_data_flags(args: argparse.Namespace, paths: list[str]) -> None:
         path = Path(p)
         if path.is_dir():
             used |= {"seq_len", "text_column", "split"}
-        elif path.suffix in (".jsonl", ".json"):
+        elif path.suffix.lower() in (".jsonl", ".json"):
             used |= {"seq_len", "text_column"}
-        elif path.suffix != ".pt":
+        elif path.suffix.lower() != ".pt":
             used.add("seq_len")
     data = ", ".join(paths) if paths else "the embedded model's generated sequences"
     for name in ("seq_len", "text_column", "split"):
@@ -1184,7 +1348,7 @@ def _report(args: argparse.Namespace) -> int:
         comparison = _comparison(model, data, args)
     path = report(dec, data, out, comparison=comparison, to_str=to_str_for(model), progress=not args.quiet,
                   n_references=args.n_references, title=args.title)
-    _record_outputs([path])
+    _record_outputs([out])  # the name checked before (``path``: where a symlink there points)
     print(f"report: {path}")
     return 0
 
@@ -1280,7 +1444,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-sequences", type=_count, default=512, help="number of training sequences (default 512)")
     demo.add_argument("--n-subnetworks", type=int, default=8, help="default 8")
     demo.add_argument("--epochs", type=int, default=10, help="default 10")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--n-pairs", type=_count, default=32, help="(clean, corrupted) pairs for the patching comparison")
     demo.add_argument("--report-sequences", type=_count, default=128, help="held-out sequences in the report (default 128)")
     demo.add_argument("--no-compare", action="store_true", help="skip the activation-patching comparison")
@@ -1296,13 +1460,13 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("model", help="TransformerLens model name, local HF model directory, or 'induction'")
     dec.add_argument("--out", required=True, help="folder to save the decomposition in")
     _data_args(dec, 2048, "required except for the embedded model")
-    dec.add_argument("--data-seed", type=int, default=0, help="seed of the embedded model's generated data")
+    dec.add_argument("--data-seed", type=_seed, default=0, help="seed of the embedded model's generated data")
     dec.add_argument("--config", help="YAML or JSON file of L3DConfig fields")
     g = dec.add_argument_group("L3D settings (override --config)")
     g.add_argument("--components", nargs="+", help="selectors: blocks.0.attn, 'blocks.*.mlp', blocks.1.attn.W_Q, "
                                                    "'blocks.0.attn[0,2]' (heads), 'blocks.0.mlp[0:64]' (neurons)")
     g.add_argument("--n-subnetworks", type=int)
-    g.add_argument("--rank", type=_number, help="Tucker rank: an int, or a fraction of each mode in (0, 1)")
+    g.add_argument("--rank", type=_number, help="Tucker rank: an int, or a fraction in (0, 1) of each dimension of a weight as the model stores it")
     g.add_argument("--top-k", type=float, help="fraction of coefficients kept per batch (1.0 keeps all)")
     g.add_argument("--divergence", choices=("auto", "kl", "mse"))
     g.add_argument("--sample", choices=("auto", "token", "sequence"))
@@ -1349,7 +1513,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "sequences vs a different first half); other models: use the Python API.")
     cmp_.add_argument("model", nargs="?", default="induction", help="'induction' (default)")
     cmp_.add_argument("--n-pairs", type=_count, default=32, help="(clean, corrupted) pairs (default 32)")
-    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--seed", type=_seed, default=0)
     cmp_.add_argument("--out", help="folder for heads.csv, agreement.csv, ...")
     _model_args(cmp_)
     _common(cmp_)
@@ -1357,8 +1521,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: MemoryError: ``memory.check``'s refusal of a run that cannot fit (raised before training)
 USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, FloatingPointError)
+               PermissionError, FloatingPointError, MemoryError)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -15,7 +15,8 @@ def test_a_one_sequence_batch_is_refused_before_the_model_loads(capsys, tmp_path
 
 
 @pytest.mark.parametrize("extra", [["--sample", "token"], ["--sample", "auto"], ["--sample", "sequence", "--set",
-                                                                                     "reference=zero"]])
+                                                                                     "reference=zero", "--divergence",
+                                                                                     "mse"]])
 def test_one_row_batches_that_can_train_pass_the_check(capsys, tmp_path, no_model_loading, extra):
     """Token mode (auto on a language model) and a fixed reference train on one row: the
     check lets them through to the model load (which this fixture refuses)."""
