@@ -362,12 +362,16 @@ def _texts_from_json(path: Path, column: str) -> list[str]:
 
 
 def _texts_from_jsonl(path: Path, column: str) -> Iterator[str]:
-    """The texts of a .jsonl file, read a line at a time. Lines end at a line feed (or CR LF)
-    only: a JSON string may hold U+2028, U+2029 or U+0085, where ``str.splitlines`` splits too."""
-    with path.open("rb") as f:
-        for i, raw in enumerate(f):
+    """The texts of a .jsonl file, read a line at a time. Lines end at a line feed, CR LF or CR
+    (universal newlines) only: a JSON string may hold U+2028, U+2029 or U+0085, where
+    ``str.splitlines`` splits too."""
+    with path.open(encoding="utf-8") as f:
+        lines = enumerate(f)
+        while True:
             try:
-                line = raw.decode("utf-8")
+                i, line = next(lines)
+            except StopIteration:
+                return
             except UnicodeDecodeError:
                 raise UserError(f"{path}: not a UTF-8 JSON lines file") from None
             if not line.strip():

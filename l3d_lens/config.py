@@ -16,7 +16,7 @@ import hashlib
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -52,10 +52,10 @@ class L3DConfig:
         "blocks.1.attn.W_Q", "blocks.0.attn[0,2]" for heads, "blocks.0.mlp[0:64]" for
         neurons, "embed", "unembed"); for a plain nn.Module, parameter-name patterns.
     rank: Tucker rank per mode: an int (clipped to each mode's size), a fraction in (0, 1) of
-        each dimension of the weight as the model stores it (an attention weight's n_heads *
-        d_head is one dimension: rank 0.1 of W_Q [n_heads, d_model, d_head] holds every
-        d_model x n_heads*d_head matrix of rank a tenth of each, as the paper's 25 for 256;
-        ``subnetworks.fraction_ranks``), or a dict weight-name (or "default") -> int | fraction | tuple
+        each dimension of the weight as the model stores it, rounded up (an attention weight's
+        n_heads * d_head is one dimension: rank 0.1 of W_Q [n_heads, d_model, d_head] holds
+        every d_model x n_heads*d_head matrix of rank min(ceil(0.1 d_model), ceil(0.1 n_heads
+        d_head)), as the paper's 25 for 256; ``subnetworks.fraction_ranks``), or a dict weight-name (or "default") -> int | fraction | tuple
         per mode, kept as a read-only ``RankMap`` (the config is frozen and hashable).
     top_k: fraction of the batch's (sample, subnetwork) coefficients kept; 1.0 keeps all.
     sample: "token" (every sequence position is a sample, the paper's setting),
@@ -279,33 +279,25 @@ class L3DConfig:
         return cls(**d)
 
 
-class RankMap(Mapping):
-    """A per-weight rank as a config keeps it: read-only (``cfg.rank["default"] = -5`` would
-    bypass validation) and hashable (a frozen config is), but equal to the dict it was given and
-    a copy or pickle of itself, which a ``types.MappingProxyType`` is not."""
+class RankMap(dict):
+    """A per-weight rank as a config keeps it: a dict (JSON, ``|`` and ``isinstance(r, dict)``
+    work as on the one given) that is read-only (``cfg.rank["default"] = -5`` would bypass
+    validation; ``copy()`` gives a plain one to edit) and hashable, as a frozen config is."""
 
-    __slots__ = ("_items",)
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a config's rank is read-only: make another config with cfg.replace(rank=...) (cfg.rank.copy() "
+                        "gives a dict to edit)")
 
-    def __init__(self, items: Mapping[Any, Any]) -> None:
-        self._items = dict(items)
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
 
-    def __getitem__(self, key: Any) -> Any:
-        return self._items[key]
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._items.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._items)
+    def copy(self) -> dict:  # type: ignore[override]
+        return dict(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return RankMap, (self._items,)
+        return RankMap, (dict(self),)
 
 
 def plain_number(value: Any) -> Any:
@@ -388,7 +380,7 @@ def _check_within_epochs(name: str, value: int, epochs: int, what: str) -> None:
     sweep over epochs, or a saved run, may hold one)."""
     if value > epochs:
         warnings.warn(f"{name}={value} is beyond the run's epochs={epochs}: {what} applies in every epoch, as "
-                      f"{name}=None does", stacklevel=4)
+                      f"{name}=None does", stacklevel=5)
 
 
 def _check_rank(rank: Rank) -> None:

@@ -167,7 +167,8 @@ class WeightEdit:
     Edits exited out of order (``a`` entered, then ``b``, then ``a`` exited first) warn
     "interventions exited out of order": each exit still restores its own snapshot, and
     hands it on to the edit entered just after it, so the weights from before the first edit
-    are what remains once all have exited."""
+    are what remains once all have exited. One entered by hand (``__enter__``) and never exited
+    leaves the weights edited (and stays in ``ACTIVE``): use ``with``."""
 
     def __init__(self, adapter: Adapter,
                  changes: Union[dict[str, torch.Tensor], Callable[[], dict[str, torch.Tensor]]]):

@@ -17,6 +17,7 @@ import os
 import re
 import reprlib
 import secrets
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -47,6 +48,7 @@ META_SHA256 = "decomposition_json_sha256"
 #: a dtype name as ``model_dtype`` records it (``dtype_name``), for messages
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 #: the temporary files of a save (``save``'s tag: process id, random hex)
+LEFTOVER_AGE = 3600  # seconds a temporary file of a save is left to it (``remove_leftovers``)
 LEFTOVER = re.compile(rf"\.(?:{re.escape(FACTORS)}|{re.escape(META)})\.(\d+)\.[0-9a-f]{{8}}\.tmp")
 
 
@@ -110,7 +112,7 @@ def save(dec, path) -> None:
         try:
             os.replace(tmp_factors, path / FACTORS)
         except BaseException:
-            if old_meta is not None:
+            if old_meta is not None and _holds(path / META, text):  # not another save's since
                 tmp_meta.write_bytes(old_meta)
                 os.replace(tmp_meta, path / META)
             raise
@@ -181,17 +183,28 @@ def meta_sha256(meta: dict[str, Any]) -> str:
 
 
 def remove_leftovers(path: Path) -> None:
-    """Remove the temporary files (``LEFTOVER``) of saves into ``path`` whose process is gone on
-    this machine (killed before it could remove them); those of a live process are its own. On
-    Windows, where os.kill cannot ask whether a process lives, none is removed."""
+    """Remove the temporary files (``LEFTOVER``) of saves into ``path`` that were killed before
+    they could: those untouched for ``LEFTOVER_AGE`` seconds whose process is gone on this
+    machine. A process id says nothing of other machines (a shared folder, every node of a job
+    saving), so a recent file is left to a save that may still be running there. On Windows,
+    where os.kill cannot ask whether a process lives, none is removed."""
     if os.name == "nt":
         return
+    now = time.time()
     with contextlib.suppress(OSError):
         for file in path.iterdir():
             m = LEFTOVER.fullmatch(file.name)
-            if m and not alive(int(m[1])):
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if m and now - file.stat().st_mtime > LEFTOVER_AGE and not alive(int(m[1])):
                     file.unlink()
+
+
+def _holds(file: Path, text: str) -> bool:
+    """Whether ``file`` still holds ``text``."""
+    try:
+        return file.read_text() == text
+    except (OSError, ValueError):
+        return False
 
 
 def alive(pid: int) -> bool:

@@ -211,7 +211,10 @@ def _pair(item: Any) -> Optional[tuple[int, int]]:
 
 def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str]) -> list[tuple[int, int]]:
     """True -> every (a, b); False/None -> []; an iterable of (a, b) pairs or a [k, 2] integer
-    array (e.g. ``np.argwhere(mask)``) -> validated, sorted list without repeats."""
+    array (e.g. ``np.argwhere(mask)``) -> validated list in the order given (the public helpers
+    return their values so; ``compare_with_patching`` sorts them and drops repeats). A tuple of two index arrays
+    (``np.nonzero(mask)``, ``torch.where(mask)``) is refused: with two hits it would read as two
+    pairs of other units."""
     n_a, n_b = sizes
     if value is True:
         return list(itertools.product(range(n_a), range(n_b)))
@@ -223,7 +226,10 @@ def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be True/False or an iterable of ({what[0]}, {what[1]}) pairs, "
                         f"got {type(value).__name__}")
-    out = set()
+    if isinstance(value, tuple) and value and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in value):
+        raise TypeError(f"{name}: a tuple of index arrays (np.nonzero(mask) or torch.where(mask)) is not a list "
+                        f"of ({what[0]}, {what[1]}) pairs; pass np.argwhere(mask) or mask.nonzero()")
+    out = []
     for item in value:
         pair = _pair(item)
         if pair is None:
@@ -233,10 +239,10 @@ def _pairs(value: Units, name: str, sizes: tuple[int, int], what: tuple[str, str
         if not (0 <= a < n_a and 0 <= b < n_b):
             raise ValueError(f"{name}: ({what[0]} {a}, {what[1]} {b}) does not exist; the model has {n_a} "
                              f"{what[0]}s of {n_b} {what[1]}s")
-        out.add(pair)
+        out.append(pair)
     if not out:
         raise ValueError(f"{name} is empty; pass True for all, False for none, or some ({what[0]}, {what[1]}) pairs")
-    return sorted(out)
+    return out
 
 
 def _layers(value: Units, n_layers: int, name: str = "mlp") -> list[int]:
@@ -246,13 +252,12 @@ def _layers(value: Units, n_layers: int, name: str = "mlp") -> list[int]:
         return []
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be True/False or an iterable of layer indices, got {type(value).__name__}")
-    out = set()
+    out = []
     for layer in value:
         index = as_index(layer)
         if index is None or not 0 <= index < n_layers:
             raise ValueError(f"{name}: layer {layer!r} does not exist; the model has {n_layers} layers")
-        out.add(index)
-    out = sorted(out)
+        out.append(index)
     if not out:
         raise ValueError(f"{name} is empty; pass True for all layers, False for none, or some layer indices")
     return out
@@ -447,7 +452,7 @@ def activation_patching(model: nn.Module, base: torch.Tensor, source_cache, metr
     neurons via generic_activation_patch ("mlp_out" / "post", all positions). The values are
     the metric's own, in its dtype (TransformerLens keeps them in a float32 tensor).
     heads / neurons: True (all), False or (layer, head) / (layer, neuron) pairs; mlp_layers:
-    True, False or layers; returned in sorted order. source_cache: ``model.run_with_cache(source)``
+    True, False or layers; returned in the order given. source_cache: ``model.run_with_cache(source)``
     holding the units' hook points. Runs in eval mode (dropout off); the model is left as it was."""
     adapter = _patchable(model, "activation_patching")
     heads, mlp_layers, neurons = _units(adapter, *map(_none_if_empty, (heads, mlp_layers, neurons)), "mlp_layers",
@@ -534,7 +539,7 @@ def attribution_patching(model: Union[nn.Module, Adapter], base: torch.Tensor, s
     """First-order estimate of every activation-patching effect from one forward and backward:
     sum over batch and positions (and the unit's dims) of grad_base(metric) * (act_source - act_base).
     heads / neurons: True (all), False or (layer, head) / (layer, neuron) pairs; mlp_layers:
-    True, False or layers; returned in sorted order. Runs in eval mode (dropout off, so the same
+    True, False or layers; returned in the order given. Runs in eval mode (dropout off, so the same
     call gives the same estimate); the model is left as it was."""
     adapter = _patchable(model, "attribution_patching")
     heads, mlp_layers, neurons = _units(adapter, *map(_none_if_empty, (heads, mlp_layers, neurons)), "mlp_layers",
@@ -775,7 +780,7 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
                          f"'denoise' (clean activations into the corrupted run)")
     clean, corrupted = _check_tokens(adapter, clean, corrupted)
     n_layers, n_heads = adapter.n_layers, adapter.n_heads
-    head_list, mlp_layers, neuron_list = _units(adapter, heads, mlp, neurons)
+    head_list, mlp_layers, neuron_list = (sorted(set(units)) for units in _units(adapter, heads, mlp, neurons))
     truth = None
     if ground_truth is not None:
         if not head_list:

@@ -24,7 +24,7 @@ def cfg_of(*components, **kw):
 @pytest.fixture(scope="module")
 def deep():
     """12 layers: 'blocks.1[0]' is head 0 of block 1 or, as a glob, block 10."""
-    return tiny_lm("hooked", n_layers=12, attn_only=True)
+    return tiny_lm("bridge", n_layers=12, attn_only=True)
 
 
 def spelt(components):
@@ -46,7 +46,7 @@ def test_a_checkpoint_of_a_now_ambiguous_selector_resumes_under_its_new_spelling
 
 
 def test_two_spellings_of_one_selection_are_one_run(tmp_path, monkeypatch):
-    model = tiny_lm("hooked", n_layers=2, attn_only=True)
+    model = tiny_lm("bridge", n_layers=2, attn_only=True)
     x = tokens(12, 5)
     interrupted(monkeypatch, model, x, cfg_of("blocks.0.attn.W_Q", "blocks.0.attn.W_K"), tmp_path, at=3)
     other = cfg_of("blocks.0.attn.W_[QK]")

@@ -220,3 +220,12 @@ def test_a_dangling_symlink_above_an_output_is_named_before_any_work(capsys, tmp
     line = one_line_error(capsys, "decompose", "induction", "--components", "blocks.0.attn", "--out",
                           tmp_path / "dl" / "sub" / "dec")
     assert f"{tmp_path / 'dl'} is a symbolic link" in line
+
+
+def test_a_jsonl_file_with_cr_line_ends_is_read_as_before(tmp_path):
+    """Lines split on line feeds only refused a CR-only file as one bad line 1."""
+    from l3d_lens.cli import _texts_from_jsonl
+
+    file = tmp_path / "cr.jsonl"
+    file.write_bytes(b'{"text": "doc 0"}\r{"text": "doc\\u2028 1 \xe2\x80\xa8"}\r\n{"text": "doc 2"}\n')
+    assert list(_texts_from_jsonl(file, "text")) == ["doc 0", "doc\u2028 1 \u2028", "doc 2"]

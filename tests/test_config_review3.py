@@ -162,3 +162,27 @@ def test_epoch_limits_up_to_the_run_are_kept():
     assert (cfg.aux_epochs, cfg.loss_norm_epochs) == (4, 4)
     with pytest.warns(UserWarning, match=r"aux_epochs=4 is beyond the run's epochs=3"):
         cfg.replace(epochs=3)
+
+
+def test_a_per_weight_rank_is_still_a_dict_to_read():
+    """A read-only Mapping broke what worked on the dict a config kept before: json.dumps,
+    ``|``, ``.copy()`` and isinstance(rank, dict)."""
+    cfg = L3DConfig("blocks.0.attn", rank={"default": 2, "blocks.0.attn.W_Q": (1, 2, 3)})
+    assert isinstance(cfg.rank, dict)
+    assert json.loads(json.dumps(cfg.rank)) == {"default": 2, "blocks.0.attn.W_Q": [1, 2, 3]}
+    assert cfg.rank | {"default": 3} == {"default": 3, "blocks.0.attn.W_Q": (1, 2, 3)}
+    mine = cfg.rank.copy()
+    mine["default"] = 4
+    assert type(mine) is dict and cfg.rank["default"] == 2
+    for edit in (lambda r: r.update(default=3), lambda r: r.pop("default"), lambda r: r.setdefault("x", 1),
+                 lambda r: r.clear(), lambda r: r.popitem(), lambda r: r.__ior__({"default": 3})):
+        with pytest.raises(TypeError, match="a config's rank is read-only"):
+            edit(cfg.rank)
+    assert cfg.rank == {"default": 2, "blocks.0.attn.W_Q": (1, 2, 3)}
+    assert hash(cfg) == hash(L3DConfig("blocks.0.attn", rank={"blocks.0.attn.W_Q": [1, 2, 3], "default": 2}))
+
+
+def test_an_epoch_limit_warning_points_at_the_callers_line():
+    with pytest.warns(UserWarning, match="is beyond the run's epochs") as record:
+        L3DConfig("blocks.0.attn", epochs=4, aux_coef=0.1, aux_epochs=5)
+    assert record[0].filename == __file__

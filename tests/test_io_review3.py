@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from l3d_lens import Decomposition, L3DConfig, decompose
+from l3d_lens import io
 
 from .helpers import TinyMLP
 
@@ -208,10 +210,42 @@ def test_a_save_removes_the_temporary_files_of_a_killed_save_only(pair, tmp_path
     stale = [f".factors.safetensors.{dead}.0123abcd.tmp", f".decomposition.json.{dead}.deadbeef.tmp"]
     kept = [f".factors.safetensors.{live}.0123abcd.tmp", f".factors.safetensors.{dead}.tmp", "notes.tmp",
             f"factors.safetensors.{dead}.0123abcd.tmp"]
-    for name in stale + kept:
+    recent = [f".factors.safetensors.{dead}.89abcdef.tmp"]  # a save on another machine may still write it
+    old = time.time() - io.LEFTOVER_AGE - 60
+    for name in stale + kept + recent:
         (folder / name).write_text("x")
+        if name not in recent:
+            os.utime(folder / name, (old, old))
     dec.save(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + ["decomposition.json", "factors.safetensors"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + recent + ["decomposition.json",
+                                                                               "factors.safetensors"])
+
+
+def test_a_failed_save_does_not_put_back_its_old_json_over_another_saves(pair, tmp_path, monkeypatch):
+    """Save A's JSON is in when save B (another process) writes both its files, then A's factors'
+    move fails: A put back the JSON from before both, beside B's factors, and the folder no longer
+    loaded; now it leaves B's save, which loads."""
+    model, dec = pair
+    other = Decomposition(dec._task, {k: v * 2 for k, v in dec.factors.items()}, dec.history,
+                          model_record=dec._model_record)
+    folder = tmp_path / "d"
+    dec.save(folder)
+    real, moves = io.os.replace, []
+
+    def replace(src, dst):
+        moves.append(Path(dst).name)
+        if moves == ["decomposition.json", "factors.safetensors"]:
+            monkeypatch.setattr(io.os, "replace", real)
+            other.save(folder)  # B, all of it, between A's two moves
+            raise OSError("disk full (simulated)")
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        dec.save(folder)
+    monkeypatch.undo()
+    loaded = Decomposition.load(folder, model)
+    assert all(torch.equal(loaded.factors[k], other.factors[k]) for k in other.factors)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")

@@ -134,8 +134,38 @@ def test_array_units_give_the_same_scores():
     clean, corrupted = pairs()
     listed = attribution_patching(model, clean, corrupted, metric, heads=[(0, 1), (1, 0)])["heads"]
     mask = np.array([[False, True], [True, False]])
-    for heads in (np.argwhere(mask), torch.from_numpy(mask).nonzero(), [torch.tensor([1, 0]), np.array([0, 1])]):
+    for heads in (np.argwhere(mask), torch.from_numpy(mask).nonzero(), [np.array([0, 1]), torch.tensor([1, 0])]):
         assert torch.equal(attribution_patching(model, clean, corrupted, metric, heads=heads)["heads"], listed)
+
+
+def test_public_helpers_return_values_in_the_order_given():
+    """They returned their units sorted: a caller zipping the values with its own list labelled
+    the wrong units (the order given, as before the helpers were checked)."""
+    model = tiny_lm("bridge", dtype=torch.float64)
+    clean, corrupted = pairs()
+    names = [f"blocks.{i}.{hook}" for i in range(2) for hook in ("attn.hook_z", "hook_mlp_out", "mlp.hook_post")]
+    cache = source_cache(model, corrupted, names)
+    units = dict(heads=[(1, 0), (0, 1)], mlp_layers=[1, 0], neurons=[(1, 3), (0, 2)])
+    backwards = {k: v[::-1] for k, v in units.items()}
+    for helper, source in ((attribution_patching, corrupted), (activation_patching, cache)):
+        given, reversed_ = helper(model, clean, source, metric, **units), helper(model, clean, source, metric,
+                                                                               **backwards)
+        for level in ("heads", "mlp", "neurons"):
+            assert torch.equal(given[level], reversed_[level].flip(0)), (helper.__name__, level)
+            assert not torch.equal(given[level], reversed_[level])
+
+
+def test_a_tuple_of_index_arrays_is_refused():
+    """``np.nonzero(mask)`` with two hits is two index arrays of length 2, which read as the pairs
+    (rows) and (columns): heads L0H1 and L1H0 were scored as L0H1 and L1H0 only by chance."""
+    model = tiny_lm("bridge", dtype=torch.float64)
+    clean, corrupted = pairs()
+    mask = np.array([[False, True], [False, True]])  # heads (0, 1) and (1, 1)
+    for heads in (np.nonzero(mask), torch.where(torch.from_numpy(mask))):
+        with pytest.raises(TypeError, match=r"heads: a tuple of index arrays \(np.nonzero\(mask\) or "
+                                            r"torch.where\(mask\)\) is not a list of \(layer, head\) pairs; pass "
+                                            r"np.argwhere\(mask\)"):
+            attribution_patching(model, clean, corrupted, metric, heads=heads)
 
 
 @pytest.mark.parametrize("heads, match", [

@@ -44,10 +44,25 @@ def test_a_fraction_of_an_attention_weight_is_one_of_its_stored_dimensions(selec
     assert resolve_ranks(selected, 0.1, rule=1)["blocks.0.attn.W_Q"] == (1, 2, 2)
 
 
+def wide():
+    """n_heads * d_head (64) above d_model (32), as Gemma-7B and Qwen3 have."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(n_layers=1, d_model=32, n_heads=8, d_head=8, d_vocab=20, n_ctx=8, attn_only=True,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    return select(make_adapter(TransformerBridge.boot_native(cfg)), ("blocks.0.attn",), True)
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.3])
-def test_every_stored_matrix_of_the_fractions_rank_fits_the_tucker_ranks(selected, fraction):
-    """A random d_model x n_heads*d_head matrix of rank ceil(fraction * size), laid out as the
-    TransformerLens tensor, has mode ranks within the resolved ones (so the subnetwork can be it)."""
+@pytest.mark.parametrize("model", ["induction", "wide"])
+def test_every_stored_matrix_of_the_fractions_rank_fits_the_tucker_ranks(selected, fraction, model):
+    """A random d_model x n_heads*d_head matrix of rank min(ceil(fraction * d_model),
+    ceil(fraction * n_heads*d_head)), laid out as the TransformerLens tensor, has mode ranks
+    within the resolved ones (so a subnetwork can be it), and the head and d_head ranks are no
+    larger than such matrices need."""
+    if model == "wide":
+        selected = wide()
     gen = torch.Generator().manual_seed(0)
     for s in selected:
         if "head" not in s.site.modes or len(s.shape) != 3:
@@ -56,16 +71,19 @@ def test_every_stored_matrix_of_the_fractions_rank_fits_the_tucker_ranks(selecte
         h, dh = s.shape[s.site.modes.index("head")], s.shape[s.site.modes.index("d_head")]
         d_model = s.shape[s.site.modes.index("d_model")]
         r = min(math.ceil(fraction * d_model), math.ceil(fraction * h * dh))
-        matrix = torch.randn(d_model, r, generator=gen, dtype=torch.float64) @ torch.randn(
-            r, h * dh, generator=gen, dtype=torch.float64)
-        t = matrix.reshape(d_model, h, dh).permute(1, 0, 2)  # [head, d_model, d_head]
-        if s.site.modes == ("head", "d_head", "d_model"):
-            t = t.permute(0, 2, 1)
-        assert all(mode_rank(t, m) <= ranks[m] for m in range(3)), (s.name, ranks)
+        assert ranks[s.site.modes.index("head")] == min(h, r * dh)
+        assert ranks[s.site.modes.index("d_head")] == min(dh, r * h)
+        for _ in range(3):
+            matrix = torch.randn(d_model, r, generator=gen, dtype=torch.float64) @ torch.randn(
+                r, h * dh, generator=gen, dtype=torch.float64)
+            t = matrix.reshape(d_model, h, dh).permute(1, 0, 2)  # [head, d_model, d_head]
+            if s.site.modes == ("head", "d_head", "d_model"):
+                t = t.permute(0, 2, 1)
+            assert all(mode_rank(t, m) <= ranks[m] for m in range(3)), (s.name, ranks)
 
 
 def test_a_subnetwork_of_the_default_rank_can_use_two_heads_differently():
-    model = tiny_lm("hooked", n_layers=1, attn_only=True)
+    model = tiny_lm("bridge", n_layers=1, attn_only=True)
     x = tokens(16, 6)
     cfg = l3d_lens.L3DConfig(components=["blocks.0.attn.W_Q"], n_subnetworks=2, epochs=1, batch_size=8)
     with warnings.catch_warnings():
@@ -81,7 +99,7 @@ def earlier(monkeypatch):
 
 
 def test_a_save_of_the_earlier_rule_loads_as_it_was_computed(tmp_path, monkeypatch):
-    model = tiny_lm("hooked", n_layers=1, attn_only=True)
+    model = tiny_lm("bridge", n_layers=1, attn_only=True)
     x = tokens(16, 6)
     cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=2, epochs=1, batch_size=8)
     earlier(monkeypatch)
@@ -97,7 +115,7 @@ def test_a_save_of_the_earlier_rule_loads_as_it_was_computed(tmp_path, monkeypat
 
 
 def test_a_checkpoint_of_the_earlier_rule_resumes_with_its_ranks(tmp_path, monkeypatch):
-    model = tiny_lm("hooked", n_layers=1, attn_only=True)
+    model = tiny_lm("bridge", n_layers=1, attn_only=True)
     x = tokens(16, 6)
     cfg = l3d_lens.L3DConfig(components=["blocks.0.attn"], n_subnetworks=2, epochs=2, batch_size=8,
                              resample_epochs=(1,))
