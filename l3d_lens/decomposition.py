@@ -84,6 +84,8 @@ def decompose(model: nn.Module, data: Data, cfg: L3DConfig, *, reference: Option
     one of the same run, training resumes from it, bit-identically.
     Launched with torchrun (torch.distributed initialised), each rank trains on its shard of
     every global batch. The model is left exactly as it was: same weights, same mode, no hooks.
+    At the end the model's weights are fingerprinted (SHA-256; about 0.8 s for 160M parameters
+    on one CPU thread), so that a save records the weights the result was computed on.
     """
     from . import distributed
     from .checkpoint import check_folder
