@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import l3d_lens
+from l3d_lens.analysis import impact
 from l3d_lens.viz import build
 from l3d_lens.zoo import induction
 
@@ -51,7 +52,11 @@ def page(tmp_path_factory, chromium):
     impacts[:, 3] = float("nan")  # every sequence, every subnetwork: position 3 is NaN
     impacts[0, 5, 0] = float("inf")
     impacts[1, 6, :] = float("-inf")
-    rep = build(dec, x, to_str=hostile_to_str, impacts=impacts, n_top=2, title=f"browser test {HOSTILE}")
+    # as a diverged decomposition's own impacts hold them; impacts= given are checked finite
+    # (``check_impacts``), so that check is stepped around to plant them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(impact, "check_impacts", lambda dec, data, impacts: impacts)
+        rep = build(dec, x, to_str=hostile_to_str, impacts=impacts, n_top=2, title=f"browser test {HOSTILE}")
     folder = tmp_path_factory.mktemp("report")
     path = rep.save(folder / "report.html")
     run = browser.run(chromium, path)
