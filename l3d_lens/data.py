@@ -20,12 +20,15 @@ T = TypeVar("T")
 
 
 def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor:
+    """``x`` checked as a batch for the model: token ids [n, seq] for a language model, as an
+    int64 tensor (of any integer dtype, signed or not, as a nanoGPT-style uint16 memmap; a copy
+    where ``x`` has another: never ``x`` changed in place), else float samples [n, ...] as given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor (or an iterable of tensors), got {type(x).__name__}")
     if x.numel() == 0 or x.shape[0] == 0:
         raise ValueError(f"{what} is empty (shape {tuple(x.shape)})")
     if adapter.is_language_model:
-        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{what} must hold token ids (an integer tensor [n, seq]), got dtype {x.dtype}; "
                             f"tokenize text first, unpadded: model.to_tokens(text) for one text, "
                             f"l3d_lens.streaming.TokenStream to pack many (to_tokens pads a list of texts, and the "
@@ -34,9 +37,10 @@ def check_batch(adapter: Adapter, x: object, what: str = "data") -> torch.Tensor
             raise ValueError(f"{what} must be token ids of shape [n, seq], got shape {tuple(x.shape)}")
         if adapter.n_ctx is not None and x.shape[1] > adapter.n_ctx:
             raise ValueError(f"{what} has sequences of length {x.shape[1]}, longer than the model's n_ctx={adapter.n_ctx}")
-        if adapter.d_vocab is not None and (x.min() < 0 or x.max() >= adapter.d_vocab):
+        ids = x.long()  # before min/max: torch has none for uint16/32/64
+        if adapter.d_vocab is not None and (ids.min() < 0 or ids.max() >= adapter.d_vocab):
             raise ValueError(f"{what} holds token ids outside [0, {adapter.d_vocab}) (d_vocab of the model)")
-        return x.long()
+        return ids
     if not x.is_floating_point():
         raise TypeError(f"{what} for a non-language model must be a float tensor [n, ...], got dtype {x.dtype}")
     if x.dim() < 2:

@@ -13,7 +13,7 @@ from torch import nn
 from .adapters import Adapter, make_adapter
 from .checks import as_index, as_number, is_int
 from .config import SEED_RANGE, L3DConfig
-from .data import Data, batches, check_data, check_dtype, check_position, first_batch
+from .data import Data, batches, check_batch, check_data, check_dtype, check_position, first_batch
 from .engine import batch_stats, check_shortcut
 from .objective import sample_errors, topk_mask
 from .selection import select
@@ -189,7 +189,10 @@ def check_run(task: Task, data: Data, reference: Optional[Data] = None) -> None:
     check_memory(task, data)
     if task.cfg.engine == "fast":
         first, paired = first_batch(data)
-        check_shortcut(task, first, reference[: first.shape[0]] if isinstance(reference, torch.Tensor) else paired)
+        paired = reference[: first.shape[0]] if isinstance(reference, torch.Tensor) else paired
+        rows = max(task.min_batch, 2)  # the rows check_shortcut runs, as training gets them (int64 token ids)
+        check_shortcut(task, check_batch(task.adapter, first[:rows]),
+                       None if paired is None else check_batch(task.adapter, paired[:rows], "reference"))
 
 
 def check_memory(task: Task, data: Data) -> None:

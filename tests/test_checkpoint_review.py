@@ -563,14 +563,14 @@ def test_a_saved_dataset_stream_is_known_by_the_files_it_reads(tmp_path):
 
 
 def test_a_token_stream_fingerprint_reads_a_json_source_as_text_not_whole(tmp_path, monkeypatch):
-    """A single-file source named *.json (read as text) was read whole for the fingerprint; only a
+    """A single-file source named *.json was read whole for the fingerprint; only a
     saved dataset's metadata files are. And prefix=7 (not a list) names the argument."""
     from pathlib import Path
 
     from l3d_lens.streaming import TokenStream
 
     source = tmp_path / "corpus.json"
-    source.write_text("a line of text\n" * 20_000)
+    source.write_text(json.dumps(["a line of text\n"] * 20_000))
     real = Path.read_bytes
     read = []
     monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self) or real(self))
