@@ -17,15 +17,20 @@ CAPTURED, MODEL = "captured activations and gradients", "model forward/backward"
 
 
 def small_lm(d_vocab=5000, n_layers=2):
-    """The reviewer's model: 2 layers, d_model 128, LayerNorm, MLPs (random weights)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """The reviewer's model: 2 layers, d_model 128, LayerNorm, MLPs (random weights); a
+    TransformerBridge, which both TransformerLens generations build."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = HookedTransformerConfig(n_layers=n_layers, d_model=128, n_heads=4, d_head=32, d_mlp=512,
+        cfg = TransformerBridgeConfig(n_layers=n_layers, d_model=128, n_heads=4, d_head=32, d_mlp=512,
                                       d_vocab=d_vocab, n_ctx=128, act_fn="gelu", normalization_type="LN")
-        return HookedTransformer(cfg).eval()
+        model = TransformerBridge.boot_native(cfg).eval()
+        with torch.no_grad():  # the bridge installs some of its hooks on a first forward
+            model(torch.zeros(1, 2, dtype=torch.long))
+        return model
 
 
 def token_task(model, batch, components="blocks.0.mlp"):
