@@ -21,6 +21,7 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import torch
@@ -64,10 +65,7 @@ def versions() -> dict[str, str]:
 
 def save(dec, path) -> None:
     """Write ``path/`` (factors.safetensors, decomposition.json) so that a failed save leaves an
-    earlier one there as it was: both go to temporary names first, then replace the old files, the
-    JSON first (its old text is put back if the factors' replace fails). The JSON records the
-    factors' SHA-256, so a kill between the two replaces loads as an error, never as a mix. Both
-    files are on the disk (``fsync``) before they replace the old ones, and the replaces after.
+    earlier one there as it was (``write_pair``; the JSON records the factors' SHA-256).
     The factors file's header holds the SHA-256 of the JSON's content (``meta_sha256``), so that
     a load refuses a JSON edited by hand. The model is recorded as the decomposition was computed
     on it (``Decomposition``'s model record), with a warning if it changed since."""
@@ -101,24 +99,37 @@ def save(dec, path) -> None:
     text = json.dumps(meta, indent=1)
     header = {"format_version": str(FORMAT_VERSION), "factors_sha256": meta["factors_sha256"],
               META_SHA256: meta_sha256(json.loads(text))}
-    old_meta = (path / META).read_bytes() if (path / META).is_file() else None
-    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp_factors, tmp_meta = path / f".{FACTORS}.{tag}", path / f".{META}.{tag}"
+    write_pair(path, FACTORS, lambda tmp: write_safetensors(tensors, tmp, header), META, lambda tmp: text)
+
+
+def write_pair(path: Path, tensors_name: str, write_tensors: Callable[[Path], None], meta_name: str,
+               meta_text: Callable[[Path], str]) -> None:
+    """Write a save's two files into the folder ``path`` so that a failed save leaves an earlier
+    one there as it was: the tensors (``write_tensors(tmp)``) and the JSON (``meta_text(tmp)`` of
+    the written tensors file, which may record its hash) go to temporary names first, on the
+    disk (``fsync``), then replace the old files, the JSON first. If the tensors' replace fails,
+    the old JSON is put back, unless another save has replaced it since. Saves keep a hash of
+    their tensors in the JSON, so one killed between the two replaces loads as an error, never
+    as a mix. The temporary names (process id, random part) are ``LEFTOVER``'s."""
+    old_meta = (path / meta_name).read_bytes() if (path / meta_name).is_file() else None
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # two saves into one folder do not share temporary files
+    tmp_tensors, tmp_meta = path / f".{tensors_name}.{tag}", path / f".{meta_name}.{tag}"
     try:
-        write_safetensors(tensors, tmp_factors, header)
+        write_tensors(tmp_tensors)
+        text = meta_text(tmp_tensors)
         tmp_meta.write_text(text)
         fsync(tmp_meta)
-        os.replace(tmp_meta, path / META)
+        os.replace(tmp_meta, path / meta_name)
         try:
-            os.replace(tmp_factors, path / FACTORS)
+            os.replace(tmp_tensors, path / tensors_name)
         except BaseException:
-            if old_meta is not None and _holds(path / META, text):  # not another save's since
+            if old_meta is not None and _holds(path / meta_name, text):  # not another save's since
                 tmp_meta.write_bytes(old_meta)
-                os.replace(tmp_meta, path / META)
+                os.replace(tmp_meta, path / meta_name)
             raise
         fsync(path)
     finally:
-        for tmp in (tmp_factors, tmp_meta):
+        for tmp in (tmp_tensors, tmp_meta):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -393,7 +404,7 @@ def load(path, model: nn.Module, divergence=None, check_weights: bool = True,
                       f"parameters: only the decomposed weights were checked", stacklevel=3)
     _check_not_edited(path, meta)  # after the checks that name what is wrong with a field
     target = task.device
-    shapes = expected_shapes(task.selected, cfg, saved_rank_rule(path / FACTORS, task.selected, cfg))
+    shapes = expected_shapes(task.selected, cfg, rank_rule(tensor_shapes(path / FACTORS), task.selected, cfg))
     factors = _read_factors(path / FACTORS, shapes, cfg.torch_dtype, target,
                             meta.get("factors_sha256"), path / META)
     return Decomposition(task, factors, meta["history"],
@@ -550,19 +561,24 @@ def expected_shapes(selected, cfg: L3DConfig, rule: int = RANK_RULE) -> dict[str
     return out
 
 
-def saved_rank_rule(file: Path, selected, cfg: L3DConfig) -> int:
-    """``RANK_RULE``, or 1 where the saved factors have the shapes an l3d_lens before rule 2 gave a
-    fractional rank (of each mode of the TransformerLens tensor), and not this one's: such a save
-    loads as it was computed. A file that cannot be read is left to ``_read_factors``."""
-    now, earlier = (expected_shapes(selected, cfg, rule) for rule in (RANK_RULE, 1))
-    if now == earlier:
-        return RANK_RULE
+def tensor_shapes(file: Path) -> Optional[dict[str, tuple[int, ...]]]:
+    """The shape of every tensor of a safetensors file, read from its header without the
+    tensors; None where it cannot be read (the reading that follows says why)."""
     try:
         with safe_open(str(file), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError):
+        return None
+
+
+def rank_rule(shapes: Optional[dict[str, tuple[int, ...]]], selected, cfg: L3DConfig) -> int:
+    """``RANK_RULE``, or 1 where factors of ``shapes`` are those an l3d_lens before rule 2 gave a
+    fractional rank (of each mode of the TransformerLens tensor), and not this one's: such a save
+    loads, and such a checkpoint resumes, as it was computed. None (nothing read) is this rule."""
+    if shapes is None:
         return RANK_RULE
-    return 1 if shapes == earlier else RANK_RULE
+    now, earlier = (expected_shapes(selected, cfg, rule) for rule in (RANK_RULE, 1))
+    return 1 if now != earlier and shapes == earlier else RANK_RULE
 
 
 def read_json_object(file: Path, writer: str) -> dict:

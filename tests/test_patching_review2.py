@@ -6,6 +6,7 @@ refuse inputs they used to misread; a sweep of over 10,000 patched forwards warn
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -22,17 +23,13 @@ from l3d_lens.patching import (
     top_k_overlap,
 )
 
+from . import test_patching
 from .helpers import tiny_lm
 
 torch.set_num_threads(1)
 
 
-def pairs(n=4, seq=6, d_vocab=20, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, d_vocab, (n, seq), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, : seq // 2] = torch.randint(0, d_vocab, (n, seq // 2), generator=g)
-    return clean, corrupted
+pairs = functools.partial(test_patching.pairs, n=4)
 
 
 def metric(logits):

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import reprlib
-import secrets
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -28,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..io import fsync, read_json_object, versions, write_safetensors
+from ..io import read_json_object, versions, write_pair, write_safetensors
 from .train import MAX_SAVED_SEED, Toy, _check_int, _task, check_toy_name
 
 FORMAT_VERSION = 1
@@ -201,27 +200,14 @@ def save_toy(toy: Toy, path: PathLike) -> Path:
     _check_tensors(toy.name, meta["seed"], tensors, _d_in(built), "cannot save this toy")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # two saves into one folder do not share temporary files
-    tmp_tensors, tmp_meta = path / f".{TENSORS}.{tag}", path / f".{META}.{tag}"
-    old_meta = (path / META).read_bytes() if (path / META).is_file() else None
-    try:
-        write_safetensors({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp_tensors,
-                          {"format_version": str(FORMAT_VERSION), "toy": _toy_json(meta)})
-        meta["sha256"] = _sha256(tmp_tensors)
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        fsync(tmp_meta)
-        os.replace(tmp_meta, path / META)
-        try:
-            os.replace(tmp_tensors, path / TENSORS)
-        except BaseException:
-            if old_meta is not None:
-                tmp_meta.write_bytes(old_meta)
-                os.replace(tmp_meta, path / META)
-            raise
-        fsync(path)
-    finally:
-        tmp_tensors.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+    cpu = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+
+    def meta_text(tmp: Path) -> str:
+        meta["sha256"] = _sha256(tmp)
+        return json.dumps(meta, indent=1)
+
+    write_pair(path, TENSORS, lambda tmp: write_safetensors(cpu, tmp, {"format_version": str(FORMAT_VERSION),
+                                                                      "toy": _toy_json(meta)}), META, meta_text)
     return path
 
 

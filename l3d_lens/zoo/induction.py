@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
-import secrets
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
@@ -24,7 +23,7 @@ from jaxtyping import Int
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import fsync, write_safetensors
+from ..io import write_pair, write_safetensors
 
 # shipped variants: "default" was trained with head_sparsity=0.1 (one previous-token head, one
 # induction head), "redundant" without it (one previous-token head, four redundant induction heads)
@@ -104,32 +103,30 @@ def save_folder(path: Union[str, Path, None], module: str, variants: dict[str, s
 
 def write_model(path: Path, weights: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``path/`` (model.safetensors, meta.json) so that a failed save leaves an earlier one
-    there loadable: both go to temporary names first, then replace the old files, the JSON first
-    (its old text is put back if the weights' replace fails). The JSON records the weights file's
-    sha256 (``check_model_file``), so a kill between the two replaces loads as an error, never as
-    a mix."""
+    there loadable (``io.write_pair``). The JSON records the weights file's sha256
+    (``check_model_file``), so a kill between the two replaces loads as an error, never as a mix."""
     path.mkdir(parents=True, exist_ok=True)
-    old_meta = (path / "meta.json").read_bytes() if (path / "meta.json").is_file() else None
-    tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # two saves into one folder do not share temporary files
-    tmp_model, tmp_meta = path / f".model.safetensors.{tag}", path / f".meta.json.{tag}"
-    try:
-        write_safetensors(weights, tmp_model)
-        meta = {**meta, "model_sha256": hashlib.sha256(tmp_model.read_bytes()).hexdigest()}
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        fsync(tmp_meta)
-        os.replace(tmp_meta, path / "meta.json")
-        try:
-            os.replace(tmp_model, path / "model.safetensors")
-        except BaseException:
-            if old_meta is not None:
-                tmp_meta.write_bytes(old_meta)
-                os.replace(tmp_meta, path / "meta.json")
-            raise
-        fsync(path)
-    finally:
-        for tmp in (tmp_model, tmp_meta):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+
+    def meta_text(tmp: Path) -> str:
+        return json.dumps({**meta, "model_sha256": hashlib.sha256(tmp.read_bytes()).hexdigest()}, indent=1)
+
+    write_pair(path, "model.safetensors", lambda tmp: write_safetensors(weights, tmp), "meta.json", meta_text)
+
+
+def saved_model(path: Union[str, Path, None], variant: Optional[str], asset_dir: Callable[[str], Path],
+                module: str, noun: str) -> tuple[Path, str, dict]:
+    """The folder, "saved" or "shipped", and meta.json of the ``noun`` model ``module``.load
+    reads: the folder ``path`` (one ``save`` wrote) or the shipped ``variant``'s (``asset_dir``),
+    not both."""
+    if path is not None and variant is not None:
+        raise ValueError(f"load takes either variant= (a shipped model) or path= (a saved one), got variant={variant!r} "
+                         f"and path={str(path)!r}")
+    what = "saved" if path is not None else "shipped"
+    path = Path(path) if path is not None else asset_dir(variant or "default")
+    if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} holds no saved {noun} model (meta.json and model.safetensors, as "
+                                f"{module}.save writes them)")
+    return path, what, json.loads((path / "meta.json").read_text())
 
 
 def check_model_file(path: Path, meta: dict) -> None:
@@ -394,15 +391,7 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant
     stored probe logits (one forward of the 4 stored probe
     sequences; the last position of the first, and the sum of all, must match within a tolerance
     scaled to ``dtype``); a mismatch of these raises RuntimeError."""
-    if path is not None and variant is not None:
-        raise ValueError(f"load takes either variant= (a shipped model) or path= (a saved one), got variant={variant!r} "
-                         f"and path={str(path)!r}")
-    what = "saved" if path is not None else "shipped"
-    path = Path(path) if path is not None else _asset_dir(variant or "default")
-    if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} holds no saved induction model (meta.json and model.safetensors, as "
-                                f"induction.save writes them)")
-    meta = json.loads((path / "meta.json").read_text())
+    path, what, meta = saved_model(path, variant, _asset_dir, "induction", "induction")
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB):
         raise RuntimeError(f"{path}: {what} model does not match this l3d_lens version's default architecture")
     check_model_file(path, meta)

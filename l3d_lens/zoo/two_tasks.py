@@ -38,8 +38,8 @@ from jaxtyping import Int
 from safetensors.torch import load_file
 from torch import nn
 
-from .induction import (_check_probe, check_model_file, global_rngs_kept, load_tl_weights, save_folder, state_dict_tl,
-                        variant_dir, write_model)
+from .induction import (_check_probe, check_model_file, global_rngs_kept, load_tl_weights, save_folder, saved_model,
+                        state_dict_tl, variant_dir, write_model)
 
 #: shipped variants -> asset folder (see the module docstring)
 VARIANTS = {"default": "two_tasks", "unpruned": "two_tasks_unpruned"}
@@ -306,15 +306,7 @@ def load(kind: Optional[str] = None, dtype: torch.dtype = torch.float32, variant
     Checked on load: the stored config, vocabulary and task heads, the weights file's sha256
     where stored, and the sum of the stored probe's logits (as in ``induction.load``). A
     mismatch raises RuntimeError."""
-    if path is not None and variant is not None:
-        raise ValueError(f"load takes either variant= (a shipped model) or path= (a saved one), got variant={variant!r} "
-                         f"and path={str(path)!r}")
-    what = "saved" if path is not None else "shipped"
-    path = Path(path) if path is not None else _asset_dir(variant or "default")
-    if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} holds no saved two-task model (meta.json and model.safetensors, as "
-                                f"two_tasks.save writes them)")
-    meta = json.loads((path / "meta.json").read_text())
+    path, what, meta = saved_model(path, variant, _asset_dir, "two_tasks", "two-task")
     task_heads = {k: tuple(tuple(h) for h in v) for k, v in meta["task_heads"].items()}
     if meta["config"] != CONFIG or meta["vocab"] != list(VOCAB) or task_heads != TASK_HEADS:
         raise RuntimeError(f"{path}: {what} model does not match this l3d_lens version's two-task architecture")
