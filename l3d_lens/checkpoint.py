@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .io import fsync, write_safetensors
+from .io import fsync, tensor_shapes, write_safetensors
 
 try:
     import fcntl
@@ -258,10 +258,10 @@ def factor_shapes(path: Path) -> Optional[dict[str, tuple[int, ...]]]:
         folder = path / latest["folder"]
         if not (folder / STATE).is_file():
             folder = _unmoved_save(path, latest["step"])
-        with safe_open(str(folder / TENSORS), "pt") as f:
-            return {k[len("factor/"):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("factor/")}
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        shapes = tensor_shapes(folder / TENSORS)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return None if shapes is None else {k[len("factor/"):]: v for k, v in shapes.items() if k.startswith("factor/")}
 
 
 def _json_object(path: Path, file: Path) -> dict[str, Any]:

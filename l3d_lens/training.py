@@ -34,12 +34,12 @@ from .config import L3DConfig, without_address
 from .data import Data, batch_starts, batches, gather
 from .decomposition import check_autograd
 from .engine import NonFiniteGradient, batch_stats
-from .io import history_problem
+from .io import history_problem, rank_rule
 from .objective import aux_errors, loss_terms, sample_errors, topk_mask
 from .resampling import resample_dead
 from .selection import Selected, select
 from .streaming import TokenStream
-from .subnetworks import RANK_RULE, Factors, gram, init_factors, key, normalize_, resolve_ranks
+from .subnetworks import Factors, gram, init_factors, normalize_, resolve_ranks
 from .task import Task
 
 
@@ -181,17 +181,6 @@ def same_selection(saved: dict[str, Any], now: dict[str, Any], task: Task) -> di
         return [(s.name, s.axis, s.indices) for s in sel]
 
     return {**saved, "components": now["components"]} if units(theirs) == units(task.selected) else saved
-
-
-def checkpoint_rank_rule(path: Optional[Path], task: Task) -> int:
-    """``RANK_RULE``, or 1 where the checkpoint in ``path`` holds factors of the shapes an l3d_lens
-    before rule 2 gave a fractional rank (and not this one's): it resumes with those ranks."""
-    shapes = None if path is None else ckpt.factor_shapes(path)
-    if not shapes:
-        return RANK_RULE
-    now, earlier = (resolve_ranks(task.selected, task.cfg.rank, rule) for rule in (RANK_RULE, 1))
-    cores = {s.name: shapes.get(key("out", s.name, "core"), (None,))[1:] for s in task.selected}
-    return 1 if now != earlier and cores == earlier else RANK_RULE
 
 
 def identity_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -683,7 +672,8 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
     identity = None if path is None else {**fingerprints, "world": distributed.world()}
     device = task.device
     gen = torch.Generator().manual_seed(cfg.seed)
-    ranks = resolve_ranks(task.selected, cfg.rank, checkpoint_rank_rule(path, task))
+    shapes = None if path is None else ckpt.factor_shapes(path)  # a checkpoint's: of an earlier rank rule?
+    ranks = resolve_ranks(task.selected, cfg.rank, rank_rule(shapes, task.selected, cfg))
     f = init_factors(task.selected, ranks, cfg.n_subnetworks, gen, cfg.torch_dtype, device)
     for t in f.values():
         t.requires_grad_(True)
