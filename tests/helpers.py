@@ -3,11 +3,12 @@ generation (HookedTransformer exists in 2.x/3.x only; TransformerBridge in 3.x/4
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -142,30 +143,39 @@ def hf_bridge(folder: Path, model_cls, config):
                                                    tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
 
 
-def in_process_group(rank: int, world: int, init_file: str, out: str, body) -> None:
-    """One gloo rank (20 s process-group timeout) running ``body()``: what it raises goes to
-    ``out.<rank>`` ("ok" if nothing), then a final barrier, as a script that goes on after
-    catching the error would reach; then an exit past the interpreter's teardown, where gloo's
-    threads at times abort the process (SIGABRT)."""
+@contextlib.contextmanager
+def process_group(rank: int, world: int, init_file: str, seconds: int = 120, backend: str = "gloo") -> Iterator[None]:
+    """One rank's process group (``seconds`` timeout) around a block. A block that ends cleanly is
+    followed by a final barrier (no rank tears gloo down while another still sends), the group's
+    teardown, and an exit past the interpreter's teardown, where gloo's threads at times abort the
+    process (SIGABRT, seen in CI). What the block raises reaches torch's spawn as usual."""
     import datetime
     import os
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=seconds))
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def in_process_group(rank: int, world: int, init_file: str, out: str, body) -> None:
+    """One gloo rank (20 s process-group timeout) running ``body()``: what it raises goes to
+    ``out.<rank>`` ("ok" if nothing), then ``process_group``'s barrier, as a script that goes on
+    after catching the error would reach."""
+    with process_group(rank, world, init_file, seconds=20):
         try:
             body()
             result = "ok"
         except Exception as e:
             result = f"{type(e).__name__}: {e}"
         Path(f"{out}.{rank}").write_text(result)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
 
 
 def run_ranks(worker, tmp_path, case: str) -> list[str]:

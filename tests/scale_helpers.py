@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 
@@ -10,7 +9,7 @@ import torch
 
 import l3d_lens
 
-from .helpers import tiny_lm, tokens
+from .helpers import process_group, tiny_lm, tokens
 
 
 def slow_kl(out, ref):
@@ -42,14 +41,9 @@ def ddp_setup(sample: str):
 
 def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str, backend: str = "gloo") -> None:
     """One rank of a data-parallel run; with NCCL, rank r's model (so its data) is on GPU r."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with process_group(rank, world, init_file, backend=backend):
         model, data, cfg = ddp_setup(sample)
         if backend == "nccl":
             model.to(f"cuda:{rank}")
@@ -62,26 +56,15 @@ def ddp_worker(rank: int, world: int, init_file: str, out: str, sample: str, bac
                 import json
 
                 json.dump(dec.history, fh)
-        dist.barrier()  # no rank tears gloo down while another still sends or writes (a SIGABRT in CI)
-    finally:
-        dist.destroy_process_group()
 
 
 def ddp_small_batch_worker(rank: int, world: int, init_file: str, out: str) -> None:
     """25 sequences in batches of 8 leave a last batch of 1 for 2 ranks: every rank must stop
     before training with the same error (it used to crash after an epoch, one rank empty)."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with process_group(rank, world, init_file):
         model, _, cfg = ddp_setup("token")
         try:
             l3d_lens.decompose(model, tokens(25, 6), cfg, progress=False)
         except ValueError as e:
             with open(f"{out}.{rank}", "w") as fh:
                 fh.write(str(e))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()

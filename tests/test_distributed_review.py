@@ -5,7 +5,6 @@ gloo processes with a process-group timeout, so that no test can hang."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import functools
@@ -20,7 +19,7 @@ import l3d_lens
 from l3d_lens.checkpoint import LOCK, FolderLock
 from l3d_lens.divergence import mse
 
-from .helpers import tokens
+from .helpers import process_group, tokens
 from .scale_helpers import ddp_setup
 
 
@@ -63,12 +62,7 @@ def case_config(case: str, rank: int, cfg):
 def worker(rank: int, world: int, init_file: str, out: str, case: str, checkpoint: str = "") -> None:
     """One rank: decompose the data of ``case``; the ValueError or TypeError it raises goes to ``out.<rank>``,
     rank 0's factors to ``out``."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with process_group(rank, world, init_file, seconds=60):
         model, _, cfg = ddp_setup("token")
         cfg = case_config(case, rank, cfg)
         try:
@@ -79,9 +73,6 @@ def worker(rank: int, world: int, init_file: str, out: str, case: str, checkpoin
         else:
             if rank == 0:
                 save_file({k: v.contiguous() for k, v in dec.factors.items()}, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run_ranks(tmp_path: Path, case: str, checkpoint: str = "", name: str = "init") -> str:

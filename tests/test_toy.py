@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import itertools
 import json
 import math
@@ -17,7 +16,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,6 +26,8 @@ from l3d_lens.toy import data, metrics, models
 from l3d_lens.toy.reproduce import evaluate, paper_config, recommended_config
 from l3d_lens.toy.sweep import best, best_of, kept_run, sweep
 from l3d_lens.toy.train import Toy, fit, fit_best_of, fit_tms, make_toy
+
+from .helpers import process_group
 
 torch.set_num_threads(1)
 
@@ -1053,19 +1053,13 @@ def _ddp_resample_setup():
 
 
 def _ddp_resample_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with process_group(rank, world, init_file):
         model, x, cfg = _ddp_resample_setup()
         dec = l3d_lens.decompose(model, x, cfg, progress=False)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in dec.factors.items()}, out)
             with open(out + ".history", "w") as fh:
                 json.dump(dec.history, fh)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_resampling_in_two_gloo_ranks_equals_one_process(tmp_path):
