@@ -71,18 +71,17 @@ def fraction_ranks(s: Selected, fraction: float) -> list[int]:
     as the paper takes them (its 25 for 256; rounded up here, 26): an attention weight's head
     and d_head modes are one dimension there (W_Q is d_model x n_heads*d_head), so its subnetwork
     is a matrix of rank r = min(ceil(fraction * d_model), ceil(fraction * n_heads*d_head)), and
-    a Tucker tensor holds every such matrix with d_model rank ceil(fraction * d_model), head rank
-    min(n_heads, r*d_head) and d_head rank min(d_head, r*n_heads) (a bias, stored as one vector,
-    takes r of n_heads*d_head alone); a fraction of each mode alone gave a head rank of 1 up to 10
-    heads, every head of a subnetwork one matrix scaled."""
+    a Tucker tensor holds every such matrix, and no matrix of higher rank, with d_model rank r,
+    head rank min(n_heads, r*d_head) and d_head rank min(d_head, r*n_heads) (a bias, stored as one
+    vector, takes r of n_heads*d_head alone); a fraction of each mode alone gave a head rank of 1
+    up to 10 heads, every head of a subnetwork one matrix scaled."""
     joint = [m for m, mode in enumerate(s.site.modes) if mode in JOINT_MODES]
     if len(joint) != len(JOINT_MODES):
         return [max(1, math.ceil(fraction * dim)) for dim in s.shape]
     size = math.prod(s.shape[m] for m in joint)
     own = [max(1, math.ceil(fraction * dim)) for m, dim in enumerate(s.shape) if m not in joint]
     r = min([math.ceil(fraction * size), *own])
-    return [min(dim, r * size // dim) if m in joint else max(1, math.ceil(fraction * dim))
-            for m, dim in enumerate(s.shape)]
+    return [min(dim, r * size // dim) if m in joint else r for m, dim in enumerate(s.shape)]
 
 
 def factor_ranks(f: Factors, selected: Sequence[Selected]) -> dict[str, tuple[int, ...]]:

@@ -55,14 +55,17 @@ def wide():
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.3])
-@pytest.mark.parametrize("model", ["induction", "wide"])
+@pytest.mark.parametrize("model", ["induction", "wide", "heads"])
 def test_every_stored_matrix_of_the_fractions_rank_fits_the_tucker_ranks(selected, fraction, model):
     """A random d_model x n_heads*d_head matrix of rank min(ceil(fraction * d_model),
     ceil(fraction * n_heads*d_head)), laid out as the TransformerLens tensor, has mode ranks
-    within the resolved ones (so a subnetwork can be it), and the head and d_head ranks are no
-    larger than such matrices need."""
+    within the resolved ones (so a subnetwork can be it), and no rank is larger than such
+    matrices need: the d_model rank of two heads of four was ceil(fraction * d_model), so a
+    subnetwork of them could be a matrix of up to that rank."""
     if model == "wide":
         selected = wide()
+    if model == "heads":  # two of four heads: n_heads*d_head 32 below d_model 64
+        selected = select(make_adapter(induction.load()), ("blocks.1.attn[0,2]",), True)
     gen = torch.Generator().manual_seed(0)
     for s in selected:
         if "head" not in s.site.modes or len(s.shape) != 3:
@@ -73,6 +76,7 @@ def test_every_stored_matrix_of_the_fractions_rank_fits_the_tucker_ranks(selecte
         r = min(math.ceil(fraction * d_model), math.ceil(fraction * h * dh))
         assert ranks[s.site.modes.index("head")] == min(h, r * dh)
         assert ranks[s.site.modes.index("d_head")] == min(dh, r * h)
+        assert ranks[s.site.modes.index("d_model")] == r
         for _ in range(3):
             matrix = torch.randn(d_model, r, generator=gen, dtype=torch.float64) @ torch.randn(
                 r, h * dh, generator=gen, dtype=torch.float64)
