@@ -29,6 +29,7 @@ _SYNTAX = "write [i,j,a:b] of indices >= 0 right after the name, e.g. 'blocks.0.
 _LAYER = re.compile(r"^blocks\.(\d+)(\.|$)")
 _DASH = re.compile(r"\d\s*-")  # a dash range: a glob class ([0-1]); an index range is a:b
 _DASH_RANGE = re.compile(r"(\d+)\s*-\s*(\d+)")
+_LEADING_ZERO = re.compile(r"(?<![\d:])0\d+(?![\d:])")  # '01', a glob class (0 or 1), not a range bound
 _BIAS_KINDS = ("bias", "ln_b")
 
 
@@ -79,9 +80,11 @@ def _is_bias(site: Site) -> bool:
     return site.kind.startswith("b_") or site.kind in _BIAS_KINDS
 
 
-def _parse_items(text: str, selector: str) -> list[range]:
+def _parse_items(text: str, selector: str, saved: bool = False) -> list[range]:
     """The entries of an index list, each a range (i is i:i+1), not expanded: their bounds are
-    checked against the axis before any is (``blocks.0.attn[0:30000000]``)."""
+    checked against the axis before any is (``blocks.0.attn[0:30000000]``). A number with a
+    leading zero is refused (``[01]`` reads as "0 or 1" where a glob may stand), except in a
+    selection ``saved`` by an earlier l3d_lens, which read it as the number."""
     if not text.strip():
         raise ValueError(f"selector {selector!r}: empty index list []; {_SYNTAX}")
     out: list[range] = []
@@ -100,6 +103,11 @@ def _parse_items(text: str, selector: str) -> list[range]:
             out.append(range(int(item), int(item) + 1))
         else:
             raise ValueError(f"selector {selector!r}: bad index {item!r} in [{text}]; {_SYNTAX}")
+        zero = next((n for n in item.split(":") if len(n.strip()) > 1 and n.strip().startswith("0")), None)
+        if zero is not None and not saved:
+            raise ValueError(f"selector {selector!r}: index {zero.strip()!r} has a leading zero, which a glob reads "
+                             f"as a set of digits ([01]: 0 or 1); write several indices as 0,1 or a range as 0:2, "
+                             f"and each number without leading zeros")
     return out
 
 
@@ -148,8 +156,10 @@ def _index_list(adapter: Adapter, selector: str, sel: str, saved: bool = False) 
 
 
 def _colon_ranges(text: str) -> str:
-    """``text`` with each dash range written as an index range: '0-1' -> '0:2'."""
-    return _DASH_RANGE.sub(lambda d: f"{d[1]}:{int(d[2]) + 1}", text)
+    """``text`` with each glob class written as index list: a dash range as an index range
+    ('0-1' -> '0:2'), digits with a leading zero as single indices ('01' -> '0,1')."""
+    text = _DASH_RANGE.sub(lambda d: f"{d[1]}:{int(d[2]) + 1}", text)
+    return _LEADING_ZERO.sub(lambda d: ",".join(dict.fromkeys(d[0])), text)
 
 
 def _glob_prefix(name: str, pattern: str) -> str:
@@ -290,7 +300,7 @@ def select(adapter: Adapter, selectors: tuple[str, ...], include_biases: bool = 
     for selector in selectors:
         sel = selector.strip()
         m = _index_list(adapter, selector, sel, saved)
-        pattern, items = (m.group("pattern"), _parse_items(m.group("items"), sel)) if m else (sel, None)
+        pattern, items = (m.group("pattern"), _parse_items(m.group("items"), sel, saved)) if m else (sel, None)
         if pattern != pattern.rstrip():
             raise ValueError(f"selector {selector!r}: space before the index list; {_SYNTAX}")
         layer = _LAYER.match(pattern)

@@ -113,13 +113,14 @@ def test_a_saved_dash_range_still_loads_as_the_glob_it_was_computed_on(deep):
 
 # --- any list right after a name that also selects weights as a glob -----------------------------
 
-@pytest.mark.parametrize("selector, glob", [("blocks.1[01]", "blocks.10, blocks.11"), ("blocks.1[0]", "blocks.10"),
-                                            ("blocks.1[0,1]", "blocks.10, blocks.11")])
-def test_a_list_without_a_dash_that_also_globs_is_refused(selector, glob):
+@pytest.mark.parametrize("selector, glob, items", [("blocks.1[01]", "blocks.10, blocks.11", "0,1"),
+                                                   ("blocks.1[0]", "blocks.10", "0"),
+                                                   ("blocks.1[0,1]", "blocks.10, blocks.11", "0,1")])
+def test_a_list_without_a_dash_that_also_globs_is_refused(selector, glob, items):
     """'blocks.1[01]' read as head 1 of block 1 (int('01')) on an attention-only model of 12
-    layers, where blocks 10 and 11 may have been meant; refused now, naming both."""
+    layers, where blocks 10 and 11 may have been meant; refused now, naming both (the heads as
+    an index list that selects: [01], the glob's 0 or 1, is 0,1)."""
     adapter = make_adapter(tiny_lm("bridge", n_layers=12, attn_only=True))
-    items = selector[selector.index("[") + 1:-1]
     pattern = (f"selector '{re.escape(selector)}' is ambiguous: .* reads as heads .* of blocks.1, or as a glob over "
                f"{glob}; write 'blocks.1.attn{re.escape(f'[{items}]')}' for heads")
     with pytest.raises(ValueError, match=pattern):
