@@ -1106,6 +1106,7 @@ def _decompose(args: argparse.Namespace) -> int:
     check_seq_len(args.seq_len)  # a missing --data is named once the model loads, after its own load errors
     raw = read_data(args.data, text_column=args.text_column, split=args.split)  # before the model loads
     model = load_model(args.model, args.model_class, cfg.device)  # finds it as ``source`` says: nothing written yet
+    _check_task(model, cfg)
     data = tokens_from(model, raw, seq_len=args.seq_len, max_sequences=args.max_sequences, seed=args.data_seed)
     _note_unused_data_flags(args, args.data)
     if not args.quiet:
@@ -1159,6 +1160,18 @@ def _check_language_model_settings(cfg) -> None:
     from .decomposition import resolve_config
 
     resolve_config(_LanguageModel(), cfg)
+
+
+def _check_task(model: torch.nn.Module, cfg) -> None:
+    """``decompose``'s checks that need the model but no data (``build_task``: the selectors,
+    ranks, tied weights and the fast engine's sites), once it loads and before the data are
+    tokenized: a typo in --components stops the command before --max-sequences of text are
+    read, with ``decompose``'s message. Its warnings are left to ``decompose``, said once."""
+    from .decomposition import build_task
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_task(model, cfg)
 
 
 def _model_record(spec: str, source: str) -> str:
