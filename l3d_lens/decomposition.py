@@ -495,7 +495,11 @@ class Decomposition:
         return load(path, model, divergence=divergence, check_weights=check_weights, device=device)
 
     def __repr__(self) -> str:
+        """One line: sizes, what a sample is, the last loss and dead count. A plain module's
+        samples are the rows of its input (its config says sample='sequence', which for it only
+        means not 'token'), so it shows sample=row."""
         last = self.history[-1] if self.history else {}
+        sample = repr(self.cfg.sample) if self.adapter.is_language_model else "row"
         return (f"Decomposition({self.n_subnetworks} subnetworks of {len(self.weight_names)} weights, "
-                f"sample={self.cfg.sample!r}, loss={last.get('loss', float('nan')):.4f}, "
+                f"sample={sample}, loss={last.get('loss', float('nan')):.4f}, "
                 f"dead={last.get('n_dead', '?')})")

@@ -178,6 +178,31 @@ class PatchingComparison:
     decomposition: Any = dataclasses.field(repr=False, default=None)
     cfg: Optional[L3DConfig] = dataclasses.field(repr=False, default=None)
 
+    def __repr__(self) -> str:
+        """One line: the direction, the metric on both inputs, how many units of each level
+        were scored, and each method's agreement with activation patching (the whole tables
+        are in the fields and ``summary()``)."""
+        sizes = [f"{len(df)} {name}" for name, df in (("heads", self.heads), ("MLP layers", self.mlp),
+                                                       ("neurons", self.neurons)) if df is not None]
+        parts = [f"direction={self.direction!r}", f"metric clean {self.metric_clean:.4g}, "
+                 f"corrupted {self.metric_corrupted:.4g}", " + ".join(sizes) or "no units", f"top_k={self.top_k}"]
+        versus = self._versus_patching()
+        if versus:
+            parts.append("vs patching: " + " | ".join(versus))
+        if self.auroc:
+            parts.append("AUROC " + ", ".join(f"{m} {v:.3f}" for m, v in self.auroc.items()))
+        return f"PatchingComparison({'; '.join(parts)})"
+
+    def _versus_patching(self) -> list[str]:
+        """The agreement of activation patching with each other method, per level: "level
+        method rho <Spearman>, top-k overlap <overlap> (chance <its chance level>)"."""
+        if not isinstance(self.agreement, pd.DataFrame):
+            return []
+        return [f"{r.get('level')} {r.get('method_b')} rho {r.get('spearman', float('nan')):.3f}, "
+                f"top-{r.get('top_k')} overlap {r.get('top_k_overlap', float('nan')):.3f} "
+                f"(chance {r.get('top_k_chance', float('nan')):.3f})"
+                for r in self.agreement.to_dict("records") if r.get("method_a") == "patching"]
+
     def summary(self) -> str:
         lines = [f"metric clean {self.metric_clean:.4f}, corrupted {self.metric_corrupted:.4f} "
                  f"(direction={self.direction!r}; |effect| <= {self.noise_floor:.3g} ranks as none)"]

@@ -119,7 +119,7 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
                 to_str: Optional[Callable[[torch.Tensor], list[str]]] = None, context: int = 8,
                 reference: Optional[torch.Tensor] = None) -> pd.DataFrame:
     """The k samples (sequence, position) where ``subnetwork`` has the most impact, with the
-    tokens leading up to that position."""
+    tokens leading up to that position (``context_text``)."""
     subnetwork, k = check_subnetwork(subnetwork, dec.n_subnetworks), check_k(k)
     context = check_context(context)
     data, reference = as_samples(data), as_samples(reference, "reference")
@@ -135,9 +135,17 @@ def top_samples(dec, data: torch.Tensor, subnetwork: int, k: int = 10, impacts: 
         if dec.adapter.is_language_model:
             end = (pos if pos is not None else (dec.cfg.position if dec.cfg.position != "all" else -1) % data.shape[1])
             ids = data[seq, max(0, end - context + 1): end + 1]
-            row["context"] = " ".join(to_str(ids)) if to_str else " ".join(map(str, ids.tolist()))
+            row["context"] = context_text(ids, to_str)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def context_text(ids: torch.Tensor, to_str: Optional[Callable[[torch.Tensor], list[str]]]) -> str:
+    """The tokens ``ids`` as one string: ``to_str``'s strings joined as they are, since token
+    strings carry their own spaces (``model.to_str_tokens``: "Hel", "lo", " world"; a space
+    between them split words and doubled the spaces); without ``to_str``, the ids with a space
+    between them."""
+    return "".join(to_str(ids)) if to_str else " ".join(map(str, ids.tolist()))
 
 
 def check_positions(dec, data: torch.Tensor, positions) -> Optional[list[int]]:
