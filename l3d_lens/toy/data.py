@@ -16,11 +16,19 @@ from jaxtyping import Bool, Float
 from ..checks import as_index
 
 
+def _check_n(n: Any) -> int:
+    """``n`` as an int (numpy integers and 0-d integer tensors too, ``checks.as_index``), or
+    ValueError: a row count is an integer >= 1, never a float or a bool (True would draw one row)."""
+    count = as_index(n)
+    if count is None or count < 1:
+        raise ValueError(f"n must be an integer >= 1 (rows to draw), got {n!r}")
+    return count
+
+
 def _keep_nonzero(draw, n: int, gen: torch.Generator) -> torch.Tensor:
     """Call ``draw(m, gen)`` for chunks of rows and keep the rows that are not all zero, until
     there are ``n`` of them (the paper drops all-zero rows and tops the data set up again)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n = _check_n(n)
     kept, total = [], 0
     while total < n:
         x = draw(max(n, 64), gen)

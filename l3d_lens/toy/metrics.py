@@ -610,6 +610,14 @@ def _changes(model: nn.Module, direction: Mapping[str, torch.Tensor], x: torch.T
     return torch.stack(out)
 
 
+def _check_mask(name: str, mask: Any, shape: torch.Size) -> None:
+    """ValueError unless ``mask`` is a bool tensor of the model output's ``shape``; ``selectivity``
+    checks ``relevant`` before inverting it for the default ``other``."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != shape:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool mask of the output's shape {tuple(shape)}; got {got}")
+
+
 def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Float[torch.Tensor, "n d_in"],
                 relevant: Bool[torch.Tensor, "n d_out"], fraction: float = 0.5,
                 deltas: Optional[Sequence[float]] = None,
@@ -639,11 +647,9 @@ def selectivity(model: nn.Module, direction: Mapping[str, torch.Tensor], x: Floa
     _check_inputs(model, x)
     with torch.no_grad(), eval_mode(model):
         base = model(x)
+    _check_mask("relevant", relevant, base.shape)
     other = ~relevant if other is None else other
-    for name, mask in (("relevant", relevant), ("other", other)):
-        if mask.dtype != torch.bool or mask.shape != base.shape:
-            raise ValueError(f"{name} must be a bool mask of the output's shape {tuple(base.shape)}; "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+    _check_mask("other", other, base.shape)
     relevant, other = relevant.to(base.device), other.to(base.device)
     if (other & relevant).any():
         raise ValueError("an entry cannot be both relevant and other")

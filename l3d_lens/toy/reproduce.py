@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..checks import as_index
 from ..config import L3DConfig
 from . import metrics
 from .data import active_features
@@ -20,23 +21,34 @@ PAPER_SHAPES = {"tms": (5, 1), "tmcs": (10, 1), "higher_rank": (10, 2), "square"
 
 def scaled_lr_step(epochs: int) -> int:
     """The paper's decay step (x0.8 every 100 of 1,000 epochs) scaled to a run of ``epochs``:
-    the same ten steps, at least one epoch apart."""
+    ``epochs / 10`` rounded by Python's ``round`` (halves to even), at least 1. The run then has
+    about ten decays, ``epochs // step`` of them (the last may fall after the final epoch), not
+    always ten: 7 for 15 epochs (step 2), 12 for 25 (2.5 rounds to 2), 8 for 35 (3.5 rounds to 4).
+    Runs of record use these numbers as they are."""
     return max(1, round(100 * epochs / 1000))
+
+
+def _given_epochs(overrides: dict[str, Any]) -> Optional[int]:
+    """``overrides["epochs"]`` as an int when it is one (a numpy integer or 0-d integer tensor
+    too, as ``L3DConfig`` reads it, so the schedule follows them alike), else None (absent, or
+    not an integer: ``L3DConfig`` says what is wrong with it)."""
+    return as_index(overrides.get("epochs"))
 
 
 def paper_config(name: str, **overrides: Any) -> L3DConfig:
     """L3D on all parameter tensors (biases too), k = 0.1, batch 32, 1,000 epochs, Adam lr 0.01
     decayed x0.8 every 100 epochs, MSE against another random sample of the batch. Given
-    ``epochs`` and no ``lr_step``, the decay is scaled to them (``scaled_lr_step``: the same ten
-    steps); ``cfg.replace(epochs=...)`` keeps the step as it was. The reference is the one the
+    ``epochs`` and no ``lr_step``, the decay is scaled to them (``scaled_lr_step``: about ten
+    decays); ``cfg.replace(epochs=...)`` keeps the step as it was. The reference is the one the
     paper states; its public scripts use zero or the batch mean instead (``recommended_config``,
     BENCHMARKS.md "Toy models"), so these runs show the stated method, not the scripts' runs."""
     check_toy_name(name)
     n_sub, rank = PAPER_SHAPES[name]
     cfg = dict(components="*", n_subnetworks=n_sub, rank=rank, top_k=0.1, divergence="mse", reference="random",
                include_biases=True, epochs=1000, batch_size=32, lr=0.01, lr_decay=0.8, lr_step=100, seed=0)
-    if isinstance(overrides.get("epochs"), int) and "lr_step" not in overrides:
-        cfg["lr_step"] = scaled_lr_step(overrides["epochs"])
+    epochs = _given_epochs(overrides)
+    if epochs is not None and "lr_step" not in overrides:
+        cfg["lr_step"] = scaled_lr_step(epochs)
     cfg.update(overrides)
     return L3DConfig(**cfg)
 
@@ -74,8 +86,8 @@ def recommended_config(name: str, **overrides: Any) -> L3DConfig:
                                aux_coef=0.0 if name == "higher_rank" else 0.03)
     if name == "square":
         cfg.update(n_subnetworks=10, rank=1)
-    epochs = overrides.get("epochs", paper_config(name).epochs)
-    if name == "higher_rank" and isinstance(epochs, int) and epochs > 1:
+    epochs = paper_config(name).epochs if "epochs" not in overrides else _given_epochs(overrides)
+    if name == "higher_rank" and epochs is not None and epochs > 1:
         cfg.update(resample_epochs=(min(epochs - 1, max(1, round(epochs / 12))),), resample_max=1)
     cfg.update(overrides)
     return paper_config(name, **cfg)

@@ -108,6 +108,17 @@ def _check_int(arg: str, value: Any, minimum: int, what: str, maximum: Optional[
     return number
 
 
+def _check_data(x: Any, y: Any) -> None:
+    """ValueError unless ``x`` and ``y`` are tensors with the same number of rows (samples), at
+    least one: ``fit`` draws each batch's inputs and targets by the same row indices."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 1 and y.dim() >= 1):
+        raise ValueError(f"x and y must be tensors of samples (rows) x features, got {type(x).__name__} and "
+                         f"{type(y).__name__}")
+    if x.shape[0] != y.shape[0] or x.shape[0] < 1:
+        raise ValueError(f"x and y must have the same number of rows (samples), at least 1; got x {tuple(x.shape)} "
+                         f"and y {tuple(y.shape)}")
+
+
 @torch.enable_grad()  # the caller's grad mode comes back on return
 def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tensor, "n d_out"], *,
         epochs: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
@@ -123,8 +134,12 @@ def fit(model: nn.Module, x: Float[torch.Tensor, "n d_in"], y: Float[torch.Tenso
     without it. Batches go to the model's device; the model comes back in eval mode with no
     ``.grad`` left from training. Training runs under torch.enable_grad(), so a caller under
     no_grad or set_grad_enabled(False) trains the same and gets its mode back; torch.inference_mode()
-    is refused before any work."""
+    is refused before any work, as are ``epochs`` or ``batch_size`` below 1 and ``x``, ``y`` of
+    different numbers of rows."""
     check_autograd("fit (it trains the model)")
+    epochs = _check_int("epochs", epochs, 1, "training epochs")
+    batch_size = _check_int("batch_size", batch_size, 1, "samples per batch")
+    _check_data(x, y)
     gen = torch.Generator().manual_seed(seed)
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
@@ -213,7 +228,9 @@ def fit_best_of(build: Callable[[int], nn.Module], x: Float[torch.Tensor, "n d_i
     (or after each of the epochs ``e``, as in ``fit``) and drops it early when ``ok`` fails (a
     model already far from passing ``learned`` is not trained to the end); a model that passes
     ``ok`` trains exactly as without it. Raises RuntimeError when no block passes."""
+    epochs = _check_int("epochs", epochs, 1, "training epochs")
     max_blocks = _check_int("max_blocks", max_blocks, 1, "blocks of starts to try")
+    _check_data(x, y)
     if give_up is not None and learned is None:
         raise ValueError("give_up drops a model early that would fail the learned check; pass learned too")
     for block in range(max_blocks if learned is not None else 1):
@@ -264,7 +281,11 @@ def fit_tms(x: Float[torch.Tensor, "n f"], *, epochs: int, seed: int = 0, n_hidd
     Why tied, and why restarts: trained untied, 5-into-2 TMS settles in a minimum with two
     antipodal pairs and one feature dropped (loss ~0.016 here, most seeds); tied training
     finds the pentagon (loss ~0.0077) from most initialisations but still not all (about 5 in
-    8 here; the others keep 4 features at loss ~0.013), hence ``fit_best_of``."""
+    8 here; the others keep 4 features at loss ~0.013), hence ``fit_best_of``. An ``x`` that is
+    not a [samples, features] tensor with a sample, or ``epochs`` below 1, is refused before training."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 1:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a [samples, features] tensor with at least one sample, got {got}")
     n_features = x.shape[1]
     tied, losses, _ = fit_best_of(lambda s: _TiedTMS(n_features, n_hidden, s), x, x, epochs=epochs, seed=seed,
                                   restarts=restarts, probe_epochs=probe_epochs, lr=lr)
