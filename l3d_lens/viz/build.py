@@ -14,14 +14,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
-from ..checks import is_int, is_number
+from ..checks import as_index, is_int, is_number
 from . import charts, tables
 from .attention import head_patterns
-from .html import SURROGATE, Views, circuitsvis_bundle, esc, fragment, page
+from .html import SURROGATE, Views, circuitsvis_bundle, esc, fragment, lookalike_note, page
 
 ToStr = Callable[[torch.Tensor], list[str]]
 
@@ -39,7 +39,9 @@ class Options:
     title: a str with no lone surrogate (it could not be written as UTF-8).
     attention_window: the attention views show at most this many positions (queries and keys),
     the window ending at the top sample's peak: a view holds heads x window^2 numbers, so a
-    whole long sequence would make the page tens of MB. 0 or None: no attention views."""
+    whole long sequence would make the page tens of MB. 0 or None: no attention views.
+    subnetworks: an int or a non-empty sequence of distinct ints (kept as a tuple); whether
+    they are in range is checked against the decomposition when the report is built."""
 
     max_sequences: int = 128
     n_references: Optional[int] = None
@@ -47,7 +49,7 @@ class Options:
     n_heads: int = 4
     n_logits: int = 10
     n_neurons: int = 16
-    subnetworks: Optional[Sequence[int]] = None
+    subnetworks: Optional[Union[int, Sequence[int]]] = None
     deltas: Sequence[float] = DELTAS
     title: Optional[str] = None
     attention_window: Optional[int] = 128
@@ -68,12 +70,30 @@ class Options:
         if window is not None and (not is_int(window) or window < 0):
             raise ValueError(f"report option attention_window must be an int >= 0 (positions per attention view) or "
                              f"None (0 or None: no attention views), got {window!r}")
+        if self.subnetworks is not None:
+            object.__setattr__(self, "subnetworks", subnetwork_option(self.subnetworks))
         if self.title is not None and not isinstance(self.title, str):
             raise TypeError(f"report option title must be a str or None, got {type(self.title).__name__}")
         bad = SURROGATE.search(self.title or "")
         if bad:
             raise ValueError(f"report option title has a lone surrogate {bad.group()!r} at index {bad.start()} "
                              f"(it cannot be written as UTF-8): {self.title!r}")
+
+
+def subnetwork_option(value: Any) -> tuple[int, ...]:
+    """The subnetworks option as a tuple of distinct ints: one int (an int, numpy integer or
+    integer tensor, as ``intervene`` takes) or a non-empty iterable of them."""
+    one = as_index(value)
+    try:
+        ks = [one] if one is not None else [as_index(k) for k in value]
+    except TypeError:  # not an index and not iterable (a float, a bool)
+        ks = []
+    if not ks or None in ks:
+        raise ValueError(f"report option subnetworks must be an int or a non-empty sequence of ints (subnetwork "
+                         f"indices) or None (all live subnetworks), got {value!r}")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"report option subnetworks {ks} repeats an index")
+    return tuple(ks)
 
 
 def html_path(path) -> Path:
@@ -155,12 +175,19 @@ def attention_window(n: int, end: int, width: int) -> range:
     return range(start, start + width)
 
 
-def default_to_str(model: torch.nn.Module) -> ToStr:
-    """Decode one token at a time with the model's tokenizer, or print the ids."""
+def model_tokenizer(model: torch.nn.Module) -> Any:
+    """The model's tokenizer if it has one that decodes, else None."""
     tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "decode"):
+    return tokenizer if tokenizer is not None and hasattr(tokenizer, "decode") else None
+
+
+def default_to_str(model: torch.nn.Module) -> ToStr:
+    """Decode one token at a time with the model's tokenizer, or print the ids, each after a
+    space (ids shown in a row would run together: "0", "17" as "017")."""
+    tokenizer = model_tokenizer(model)
+    if tokenizer is not None:
         return lambda ids: [tokenizer.decode([int(i)]) for i in ids.reshape(-1).tolist()]
-    return lambda ids: [str(int(i)) for i in ids.reshape(-1).tolist()]
+    return lambda ids: [f" {int(i)}" for i in ids.reshape(-1).tolist()]
 
 
 def checked_to_str(to_str: ToStr) -> ToStr:
@@ -206,6 +233,20 @@ def head_maps(dec) -> tuple[torch.Tensor, torch.Tensor]:
     norm = dec.head_attribution(as_tensor=True).masked_fill(~decomposed_heads(dec), math.nan)
     effects = dec.head_effects(as_tensor=True)
     return norm, shares(effects).masked_fill(effects.isnan(), math.nan)
+
+
+def given_impacts(impacts: Any) -> torch.Tensor:
+    """The report's ``impacts=`` checked as ``dec.impact(data)`` gives them: a real tensor with
+    no negative entry (an impact is a mean of absolute values). Non-finite entries are left to
+    the analyses' ``check_impacts``."""
+    if not isinstance(impacts, torch.Tensor) or impacts.is_complex() or impacts.dtype == torch.bool:
+        what = f"dtype {impacts.dtype}" if isinstance(impacts, torch.Tensor) else type(impacts).__name__
+        raise TypeError(f"impacts must be a real tensor (dec.impact(data) of the same data), got {what}")
+    negative = int((torch.isfinite(impacts) & (impacts < 0)).sum())
+    if negative:
+        raise ValueError(f"impacts has {negative} negative entries; impacts are never negative (pass dec.impact(data) "
+                         f"of the same data)")
+    return impacts
 
 
 def report_data(dec, data: Any, max_sequences: int) -> torch.Tensor:
@@ -259,6 +300,8 @@ class Builder:
             raise ValueError(f"reference has shape {tuple(self.reference.shape)} after taking max_sequences, data "
                              f"has {tuple(self.x.shape)}; they must match")
         self.to_str = checked_to_str(to_str if to_str is not None else default_to_str(dec.model))
+        # tokens that are only their ids (no to_str, no tokenizer): tables need no token column
+        self.ids_only = to_str is None and model_tokenizer(dec.model) is None
         self.comparison = comparison
         self.progress = progress
         self.views = Views(prefix)
@@ -275,7 +318,7 @@ class Builder:
             self.n_references = options.n_references or N_REFERENCES
             impacts = dec.impact(self.x, n_references=self.n_references, reference=self.reference)
         else:
-            impacts = impacts[:n]
+            impacts = given_impacts(impacts)[:n]
         want = (n, self.x.shape[1], K) if self.token_mode else (n, K)
         if tuple(impacts.shape) != want:
             raise ValueError(f"impacts has shape {tuple(impacts.shape)}; for these data it must be {want}")
@@ -374,13 +417,13 @@ class Builder:
         else:
             how = f"|V_in &middot; g| against the {esc(dec.cfg.reference)} reference"
         unit = "per token" if self.token_mode else "per sequence"
+        top_toks = [self.to_str(self.x[seq]) for seq, _, _ in top] if self.lm else []
+        note = lookalike_note((t for toks in top_toks for t in toks), "the coloured tokens")
         out.append(f'<h3>Top samples <span class="muted">(impact {unit}: {how}; colour scale 0 to the '
-                   "subnetwork's largest impact here)</span></h3>")
+                   f"subnetwork's largest impact here)</span>{note}</h3>")
         if self.lm:
             vmax = float(self.order_impacts[..., k].clamp(max=1e30).max()) if self.impacts.numel() else 1.0
-            for seq, pos, value in top:
-                ids = self.x[seq]
-                toks = self.to_str(ids)
+            for (seq, pos, value), toks in zip(top, top_toks):
                 if pos is not None:
                     values = self.impacts[seq, :, k].tolist()
                     where = f"peak at position {pos} (token {esc(repr(toks[pos]))})"
@@ -424,8 +467,7 @@ class Builder:
         shown = attention_window(n, end, width)
         a, b = shown.start, shown.stop
         patterns, toks = patterns[:, a:b, a:b], toks[a:b]
-        note = (' <span class="muted">(in this view &lt; and &gt; in tokens are drawn as &#x2039; and '
-                "&#x203a;)</span>") if any(c in t for t in toks for c in "<>") else ""
+        note = lookalike_note(toks)
         where = ""
         if len(shown) < n:
             which = (f"the first {width}, which hold {peak}" if a == 0 else
@@ -473,13 +515,16 @@ class Builder:
         d = torch.nan_to_num(d, nan=0.0)
         mean_abs, mean = d.abs().mean(0), d.mean(0)
         order = torch.argsort(mean_abs, descending=True, stable=True)[: self.opt.n_logits]
-        names = self.to_str(order) if self.lm else [str(i) for i in order.tolist()]
         what = "logits" if self.lm else "outputs"
-        rows = [[int(i), name, float(mean_abs[i]), float(mean[i])] for i, name in zip(order.tolist(), names)]
+        columns = ["id", "mean |d/d delta|", "mean d/d delta"]
+        rows = [[int(i), float(mean_abs[i]), float(mean[i])] for i in order.tolist()]
+        if self.lm and not self.ids_only:  # a token column, unless it would repeat the id
+            columns.insert(1, "token")
+            rows = [[r[0], name, *r[1:]] for r, name in zip(rows, self.to_str(order))]
         self.summary.setdefault(k, {})
         return (f"<h3>Most affected {what} at its top samples <span class=\"muted\">(d {what[:-1]} / d delta at "
                 f"delta = 0, forward mode; the sign is relative: v and -v are equivalent)</span></h3>"
-                + tables.table(["id", "token" if self.lm else "output", "mean |d/d delta|", "mean d/d delta"], rows))
+                + tables.table(columns, rows))
 
     def overview_html(self) -> str:
         dec = self.dec

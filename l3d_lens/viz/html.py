@@ -2,11 +2,12 @@
 page shell.
 
 Rules kept here (see CIRCUITSVIS_NOTES): the CircuitsVis bundle is inlined once as a classic
-script (``CircuitsVis`` becomes a global) and every view is a closed ``<div>``, a note shown
-while it is empty (``NOTE``) and a small module script calling ``CircuitsVis.render``; ids are
-numbered, never random; every string from a tokenizer or a user is HTML-escaped, and JSON props
-escape ``<``, ``>`` and ``&`` so nothing inside them can close a script element. Non-finite
-numbers never reach a view.
+script (``CircuitsVis`` becomes a global) in a page that has a view, and every view is a
+closed ``<div>``, a note shown while it is empty (``NOTE``) and a small module script calling
+``CircuitsVis.render``; ids are numbered, never random; every string from a tokenizer or a
+user is HTML-escaped (a token in a view also has look-alikes for ``<``, ``>`` and ``&``:
+``token_inert``), and JSON props escape ``<``, ``>`` and ``&`` so nothing inside them can
+close a script element. Non-finite numbers never reach a view.
 """
 
 from __future__ import annotations
@@ -38,20 +39,30 @@ def esc(text: Any) -> str:
     return html.escape(SURROGATE.sub("\ufffd", str(text)), quote=True)
 
 
-def token_html(token: Any) -> str:
-    """A token string as CircuitsVis needs it: CircuitsVis inserts tokens as HTML, so the
-    escaped text shows the token literally (``<b>`` stays text, ``</script>`` is inert)."""
-    return esc(token)
-
-
-_LOOKALIKE = str.maketrans({"<": "\u2039", ">": "\u203a"})
+_LOOKALIKE = str.maketrans({"<": "\u2039", ">": "\u203a", "&": "\uff06"})
 
 
 def token_inert(token: Any) -> str:
-    """A token for views that draw it both as HTML and as canvas text (attention heads):
-    ``<`` and ``>`` become single guillemets, inert in both (without ``<`` no markup can
-    form; an ``&`` can at most decode to text)."""
+    """A token as the CircuitsVis views show it: they draw it both as HTML and as plain text
+    (the tooltip of a coloured token, the canvas of attention heads), where an entity would
+    show literally. So it keeps no character HTML reads differently from text: ``<``, ``>``
+    and ``&`` become look-alikes (single guillemets, a fullwidth ampersand), inert in both;
+    quotes are plain text in element content."""
     return SURROGATE.sub("\ufffd", str(token)).translate(_LOOKALIKE)
+
+
+def token_html(token: Any) -> str:
+    """A token for ColoredTokens, which inserts it as HTML: ``token_inert``, escaped for
+    element content all the same, so that no markup can form whatever the look-alikes are."""
+    return html.escape(token_inert(token), quote=False)
+
+
+def lookalike_note(tokens: Iterable[str], where: str = "this view") -> str:
+    """A heading's note where ``tokens`` hold a character that ``token_inert`` replaces."""
+    if not any(c in t for t in tokens for c in "<>&"):
+        return ""
+    return (f' <span class="muted">(in {esc(where)} &lt;, &gt; and &amp; in tokens are drawn as &#x2039;, '
+            "&#x203a; and &#xff06;)</span>")
 
 
 _BIG = 1e30
@@ -173,21 +184,28 @@ max-width:1100px;margin:0 auto;padding:16px 24px;font-size:14px;line-height:1.45
 """
 
 
+def bundle_script(body: str) -> str:
+    """The bundle as a classic script element where ``body`` has a view, else nothing (1.3 MB
+    that a page of tables and charts would never run)."""
+    return f"<script>{circuitsvis_bundle()}</script>\n" if RENDER.search(body) else ""
+
+
 def page(title: str, body: str) -> str:
-    """A complete, self-contained HTML document: the bundle once in the head, then the body."""
+    """A complete, self-contained HTML document: the bundle once in the head (where the body
+    has a view), then the body."""
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{esc(title)}</title>\n<style>{PAGE_STYLE}{STYLE}</style>\n"
-            f"<script>{circuitsvis_bundle()}</script>\n</head>\n<body>\n{body}</body>\n</html>\n")
+            f"{bundle_script(body)}</head>\n<body>\n{body}</body>\n</html>\n")
 
 
 def fragment(body: str) -> str:
-    """The same views for inline display (Jupyter): style (scoped to the report), bundle and
-    body in one block. Without the bundle (``BundleError``) the rest of the report is still
-    shown, each view replaced by a note saying why it is missing."""
+    """The same views for inline display (Jupyter): style (scoped to the report), bundle (where
+    the body has a view) and body in one block. Without the bundle (``BundleError``) the rest
+    of the report is still shown, each view replaced by a note saying why it is missing."""
     try:
-        bundle = f"<script>{circuitsvis_bundle()}</script>\n"
+        bundle = bundle_script(body)
     except BundleError as e:
         bundle, body = "", without_views(body, str(e))
     return f"<div class=\"l3d-inline\"><style>{STYLE}</style>\n{bundle}{body}</div>\n"
