@@ -58,8 +58,9 @@ def test_report_tokens_show_as_text_in_both_views(dec):
     assert colored and heads
     for row in colored + heads:
         assert row == [SHOWN[i % len(SHOWN)] for i in range(len(row))]
-    assert html.count("(in the coloured tokens &lt;, &gt; and &amp; in tokens are drawn as") == 1
-    assert html.count("(in this view &lt;, &gt; and &amp; in tokens are drawn as") == 1
+    note = "(&lt;, &gt; and &amp; in tokens are drawn as &#x2039;, &#x203a; and &#xff06; in "
+    assert html.count(note + "the coloured tokens)") == 1
+    assert html.count(note + "this view)") == 1
     outside = re.sub(r"<script>.*?</script>", "", html, flags=re.S)
     assert "<b>" not in outside  # no raw markup
     assert "&lt;b&gt;" in outside  # the top samples table shows the token itself

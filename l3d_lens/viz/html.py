@@ -61,8 +61,8 @@ def lookalike_note(tokens: Iterable[str], where: str = "this view") -> str:
     """A heading's note where ``tokens`` hold a character that ``token_inert`` replaces."""
     if not any(c in t for t in tokens for c in "<>&"):
         return ""
-    return (f' <span class="muted">(in {esc(where)} &lt;, &gt; and &amp; in tokens are drawn as &#x2039;, '
-            "&#x203a; and &#xff06;)</span>")
+    return (f' <span class="muted">(&lt;, &gt; and &amp; in tokens are drawn as &#x2039;, &#x203a; and &#xff06; '
+            f"in {esc(where)})</span>")
 
 
 _BIG = 1e30
