@@ -191,7 +191,8 @@ def _gathered(task: Task, batch_size: int, seq_len: int, abytes: int, row: Optio
         return 0
     cfg = task.cfg
     if task.adapter.is_language_model:
-        width = (seq_len if task.token_mode or cfg.position == "all" else 1) * task.adapter.cfg.d_vocab
+        # token mode gathers a row of d_vocab per position, sequence mode one row per sequence
+        width = (seq_len if not task.token_mode and cfg.position == "all" else 1) * task.adapter.cfg.d_vocab
         rows = batch_size * (seq_len if task.token_mode else 1)
     else:
         width, rows = row_activations(task.adapter, row)[2], batch_size
