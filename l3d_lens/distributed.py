@@ -17,14 +17,34 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
 
+_LOCAL: ContextVar[bool] = ContextVar("l3d_lens_local", default=False)
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether l3d_lens works data-parallel here: a process group of more than one rank is
+    initialised, outside ``local()``."""
+    return not _LOCAL.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local() -> Iterator[None]:
+    """l3d_lens calls in this block run in this process alone, as without torch.distributed:
+    under an initialised group ``decompose`` (and what calls it: ``compare_with_patching``,
+    ``toy.sweep``) is collective, every rank must call it, and a call on one rank only (the
+    analysis on rank 0 after training under torchrun) waited for the others until the
+    process-group timeout."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
 
 
 def rank() -> int:

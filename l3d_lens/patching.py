@@ -798,6 +798,9 @@ def compare_with_patching(model: nn.Module, clean: torch.Tensor, corrupted: torc
     |estimate| at most this fraction of |metric_clean - metric_corrupted|, or at most one
     rounding step of the metric in the model's dtype, ranks as no effect (tied with the others
     there) in the ranks, the agreement and the AUROC; 0 leaves only the rounding step.
+
+    Under an initialised torch.distributed group its ``decompose`` is collective (every rank
+    calls it); on one rank only, call it inside ``with l3d_lens.distributed.local():``.
     """
     adapter = _patchable(model, "compare_with_patching")
     if direction not in DIRECTIONS:

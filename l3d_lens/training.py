@@ -579,21 +579,28 @@ def same_batches(items, device: torch.device, epoch: int, first: int):
 
 
 def check_same_resume(path: Optional[Path], resumed: Optional[Resumed], f: Factors, error: Optional[Exception],
-                      device: torch.device) -> None:
+                      device: torch.device, every: int = 0) -> None:
     """Under torch.distributed, after each rank took up the checkpoint (or found none): all did
     the same. A folder some ranks do not see (a node-local disk, a relative path from another
     working directory) would have one rank resume and another start afresh, their gradients
-    summed anyway. A rank that failed re-raises its error; the others raise a ValueError."""
+    summed anyway. The ranks also save alike (a folder or none, every ``every`` steps): each save
+    is a collective (``save_checkpoint``), where a rank that saves no checkpoint would leave the
+    others waiting. A rank that failed re-raises its error; the others raise a ValueError."""
     digest = None
     if resumed is not None:
         h = hashlib.sha256(f"{resumed.n_steps}:{resumed.start_epoch}:{resumed.skip}".encode())
         for t in f.values():
             h.update(_buffer(t))
         digest = h.hexdigest()
-    rows = gather_or_stop([resumed.n_steps if resumed else -1] + distributed.digest_words(digest), error, device,
-                          f"could not take up the checkpoint in {path}")
+    rows = gather_or_stop([int(path is not None), every, resumed.n_steps if resumed else -1]
+                          + distributed.digest_words(digest), error, device, f"could not take up the checkpoint in {path}")
+    if any(row[:2] != rows[0][:2] for row in rows):
+        what = ", ".join(f"rank {r} {f'checkpoint_every={row[1]}' if row[0] else 'checkpoint=None'}"
+                         for r, row in enumerate(rows))
+        raise ValueError(f"the ranks of this torch.distributed run were given different checkpoint settings ({what}); "
+                         f"every rank must pass the same checkpoint folder (shared storage) and checkpoint_every")
     if any(row != rows[0] for row in rows):
-        what = ", ".join(f"rank {r} {'resumes step ' + str(row[0]) if row[1] else 'finds no checkpoint'}"
+        what = ", ".join(f"rank {r} {'resumes step ' + str(row[2]) if row[3] else 'finds no checkpoint'}"
                          for r, row in enumerate(rows))
         raise ValueError(f"the ranks of this torch.distributed run took up different checkpoints from {path} ({what}); "
                          f"the checkpoint folder must be shared storage that every rank sees at the same path (an "
@@ -692,24 +699,33 @@ def _train(task: Task, data: Data, reference: Optional[Data], progress: bool, ch
             raise
         error = e  # every rank stops with it (``check_same_resume``), none waits in a collective
     if task.sharded:
-        check_same_resume(path, resumed, f, error, task.adapter.device)
+        check_same_resume(path, resumed, f, error, task.adapter.device, checkpoint_every)
     if resumed is not None:
         n_steps, start_epoch, skip = resumed.n_steps, resumed.start_epoch, resumed.skip
         history, sums, order = resumed.history, resumed.sums, resumed.order
 
     def save_checkpoint(epoch: int, batch: int) -> None:
         # a diverged run keeps its last finite checkpoint (``warn_diverged`` says why)
-        if path is None or distributed.rank() != 0 or not all(bool(torch.isfinite(t).all()) for t in f.values()):
+        if path is None or not all(bool(torch.isfinite(t).all()) for t in f.values()):
             return
-        opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
-        tensors = {**{f"factor/{k}": v for k, v in f.items()}, **opt_tensors, "rng": gen.get_state(),
-                   "active": sums.active, "last_active": sums.last_active}
-        if order is not None:
-            tensors["order"] = order
-        ckpt.save(path, {"identity": identity, "step": n_steps, "epoch": epoch, "batch": batch, "history": history,
-                         "n_seen": sums.n_seen, "loss_num": sums.loss_num, "loss_den": sums.loss_den,
-                         "n_resampled": sums.n_resampled,
-                         "optimizer": opt_meta, "scheduler": sched.state_dict()}, tensors)
+        error = None
+        if distributed.rank() == 0:  # rank 0 saves; the others learn below whether it could
+            try:
+                opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
+                tensors = {**{f"factor/{k}": v for k, v in f.items()}, **opt_tensors, "rng": gen.get_state(),
+                           "active": sums.active, "last_active": sums.last_active}
+                if order is not None:
+                    tensors["order"] = order
+                ckpt.save(path, {"identity": identity, "step": n_steps, "epoch": epoch, "batch": batch,
+                                 "history": history, "n_seen": sums.n_seen, "loss_num": sums.loss_num,
+                                 "loss_den": sums.loss_den, "n_resampled": sums.n_resampled,
+                                 "optimizer": opt_meta, "scheduler": sched.state_dict()}, tensors)
+            except Exception as e:  # a full disk, a quota: the others must not wait in the next collective
+                error = e
+        if task.sharded:
+            gather_or_stop([], error, task.adapter.device, f"failed to save the checkpoint at step {n_steps}")
+        elif error is not None:
+            raise error
 
     resample_at = set(cfg.resample_epochs)
     diverged = False
