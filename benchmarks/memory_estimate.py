@@ -14,6 +14,7 @@ the estimate passes may still run out of memory).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (PAPER, L3DStep, build_model, environment, l3d_cfg, measure_in_subprocess,  # noqa: E402
+from benchmarks.common import (BENCHMARKS_MD, PAPER, L3DStep, build_model, environment, l3d_cfg, measure_in_subprocess,  # noqa: E402
                                measure_memory, peak_rss_mib, reset_peak_rss, rss_mib, setup_threads, write_section)
 from l3d_lens import memory  # noqa: E402
 from l3d_lens.decomposition import build_task  # noqa: E402
@@ -126,7 +127,11 @@ def cells(first: list[str], parts: dict, measured: dict) -> str:
     return "| " + " | ".join(row) + " |"
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=BENCHMARKS_MD, help="the file whose section is rewritten")
+    args = ap.parse_args(argv)
     threads = setup_threads(1)
     start = time.perf_counter()
     models = {"tinystories": build_model(MODEL), "small": build_model(MODEL, **SMALL),
@@ -154,8 +159,8 @@ def main() -> None:
         "| batch | seq | sample | engine | selection | estimate MiB (largest part MiB) | measured MiB | estimate / measured |",
         "|---|---|---|---|---|---|---|---|",
         *rows, ""])
-    write_section(SECTION, text)
-    print(f"wrote {SECTION!r}")
+    write_section(SECTION, text, args.out)
+    print(f"wrote {SECTION!r} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,13 @@ the gradient already says.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -357,7 +359,11 @@ def induction_section(variant: str, about: str, found: dict, results: dict, runs
     ]
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=BENCHMARKS_MD, help="the file whose section is rewritten")
+    args = ap.parse_args(argv)
     threads = setup_threads(1)
     env = environment()
     t0 = time.perf_counter()
@@ -507,8 +513,8 @@ def main() -> None:
         "through those unused heads as well.",
         "",
     ]
-    write_section(SECTION, "\n".join(out))
-    print(f"wrote {SECTION!r} to {BENCHMARKS_MD} ({wall:.0f} s)")
+    write_section(SECTION, "\n".join(out), args.out)
+    print(f"wrote {SECTION!r} to {args.out} ({wall:.0f} s)")
 
 
 if __name__ == "__main__":

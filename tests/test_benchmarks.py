@@ -207,3 +207,19 @@ def test_the_gpu_toy_check_runs_its_path_on_the_cpu_and_refuses_a_missing_device
     monkeypatch.setattr(gpu_toy, "run", lost)
     assert gpu_toy.main(["--device", "cpu", "--toys", "tms"]) == 1
     assert "tms: FAILED: RuntimeError: device lost" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["memory_estimate", "patching"])
+def test_help_and_out_are_read_before_any_run(name, tmp_path, monkeypatch, capsys):
+    """``--help`` ran the whole benchmark (10 minutes) and rewrote the repository's BENCHMARKS.md;
+    an unknown flag is refused before any run, and ``--out`` names the file to rewrite."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(module, "setup_threads", lambda *a: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        module.main(["--bogus"])
+    assert e.value.code == 2
