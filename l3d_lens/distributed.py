@@ -39,7 +39,8 @@ def local() -> Iterator[None]:
     under an initialised group ``decompose`` (and what calls it: ``compare_with_patching``,
     ``toy.sweep``) is collective, every rank must call it, and a call on one rank only (the
     analysis on rank 0 after training under torchrun) waited for the others until the
-    process-group timeout."""
+    process-group timeout. It holds in the thread (or asyncio task) that enters it: a thread
+    started inside the block does not inherit it, so enter it in the thread that calls l3d_lens."""
     token = _LOCAL.set(True)
     try:
         yield

@@ -107,7 +107,8 @@ def _parse_items(text: str, selector: str, saved: bool = False) -> list[range]:
         if zero is not None and not saved:
             raise ValueError(f"selector {selector!r}: index {zero.strip()!r} has a leading zero, which a glob reads "
                              f"as a set of digits ([01]: 0 or 1); write several indices as 0,1 or a range as 0:2, "
-                             f"and each number without leading zeros")
+                             f"and each number without leading zeros (an earlier l3d_lens read {zero.strip()!r} as "
+                             f"{int(zero)}: write {int(zero)} to resume a run of it)")
     return out
 
 

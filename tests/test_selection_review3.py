@@ -54,3 +54,10 @@ def test_the_ambiguity_message_suggests_index_lists_that_select():
                                          "glob"):
         select(deep, ("blocks.1[01]",))
     assert {s.indices for s in select(deep, ("blocks.1.attn[0,1]",))} == {None}  # both of 2 heads
+
+
+def test_the_refusal_names_the_number_an_earlier_l3d_lens_read(adapter):
+    """A checkpoint of 'blocks.1.attn[01]' (head 1) resumes under 'blocks.1.attn[1]'; the advice
+    '0,1' alone led to a checkpoint of another run."""
+    with pytest.raises(ValueError, match=r"\(an earlier l3d_lens read '01' as 1: write 1 to resume a run of it\)$"):
+        select(adapter, ("blocks.1.attn[01]",))
