@@ -230,6 +230,7 @@ def test_public_api_names():
     assert {"L3DConfig", "decompose", "Decomposition"} <= set(l3d_lens.__all__)
 
 
+@pytest.mark.slow  # about 30 s; CI runs it (.ci/run: pytest -m slow)
 def test_aux_loss_revives_dead_subnetworks():
     """16 subnetworks at k = 0.05 on the induction model's tokens: more than half die without the
     AuxK loss, which brings most of them back."""

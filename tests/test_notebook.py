@@ -38,6 +38,7 @@ def test_quickstart_notebook_runs(tmp_path):
     assert (tmp_path / "quickstart_report.html").is_file()
 
 
+@pytest.mark.slow  # about 30 s; CI runs it (.ci/run: pytest -m slow)
 def test_toy_notebook_runs_and_shows_the_scorecard_as_a_table(tmp_path):
     """demos/toy_models.ipynb: TMCS trained, decomposed, scored (the scorecard renders as the
     report-styled HTML table), matched and saved, top to bottom on CPU."""
